@@ -1,0 +1,175 @@
+"""The ``cxr`` command: a thin shell over the library and the Dagster definitions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cxr_platform.errors import CxrError
+from cxr_platform.settings import CxrSettings, load_settings
+
+EXIT_USAGE = 2
+EXIT_CHECKS_FAILED = 3
+
+DAGSTER_YAML = """\
+# Written by `cxr`: local Dagster storage lives in this folder (SQLite).
+telemetry:
+  enabled: false
+"""
+
+
+def _fail_cleanly(command):
+    """Typed platform errors become one clear line on stderr and a non-zero exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CxrError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for all local state (default: $CXR_HOME or ./.cxr).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
+    """cxr_platform: chest X-ray Normal/Pneumonia classifier, from data to PACS."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"home": home, "verbose": verbose}
+
+
+def _settings(ctx: click.Context, **overrides: object) -> CxrSettings:
+    return load_settings(home=ctx.obj.get("home"), **overrides)
+
+
+def prepare_dagster_home(settings: CxrSettings) -> Path:
+    """Create the home folder and a Dagster instance folder that `dagster dev` can share."""
+    settings.ensure_dirs()
+    config = settings.dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    return settings.dagster_home
+
+
+@cli.command()
+@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).")
+@click.pass_context
+@_fail_cleanly
+def demo(ctx: click.Context, data_dir: Path | None) -> None:
+    """Run the platform's main job through Dagster on the embedded default."""
+    import dagster as dg
+
+    from cxr_platform.data.splits import read_manifest, split_summary
+    from cxr_platform.defs.definitions import DEMO_JOB, build_definitions
+
+    settings = _settings(ctx, data_dir=data_dir)
+    dagster_home = prepare_dagster_home(settings)
+    # The run is recorded in the persistent instance so `dagster dev` shows it afterwards.
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    source = str(settings.data_dir) if settings.data_dir else "synthetic demo dataset"
+    click.echo(f"Running Dagster job '{DEMO_JOB}' on {source} (home: {settings.home})")
+    job = build_definitions(settings).resolve_job_def(DEMO_JOB)
+    # Full step logs stay in the run's event log (the UI); the terminal gets the summary.
+    log_level = "INFO" if ctx.obj.get("verbose") else "WARNING"
+    result = job.execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+
+    for event in result.get_asset_check_evaluations():
+        mark = "PASS" if event.passed else "FAIL"
+        click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name}: {mark}")
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        click.secho(f"demo failed in {', '.join(failed) or 'a step'}; see the run "
+                    f"{result.run_id} in the Dagster UI", fg="red", err=True)
+        sys.exit(1)
+
+    profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
+    click.echo(f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
+               f"unreadable, {profile_json['n_patients']} patients, per class {profile_json['per_class']}")
+    manifest = read_manifest(settings.home / "splits" / "patient_splits.csv")
+    click.echo("\n" + split_summary(manifest).to_string(index=False, float_format="%.3f"))
+    click.echo(
+        f"\nRun {result.run_id} succeeded. To browse it:\n"
+        f"  DAGSTER_HOME={dagster_home} CXR_HOME={settings.home} "
+        f"dagster dev -w workspace.yaml -p {settings.dagster_port}"
+    )
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the profile as JSON here.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
+@click.pass_context
+@_fail_cleanly
+def profile(ctx: click.Context, data_dir: Path, json_path: Path | None, workers: int | None) -> None:
+    """Profile a dataset: classes, sizes, modes, patients, unreadable files, duplicates."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.sources import discover_images
+
+    settings = _settings(ctx, data_dir=data_dir, workers=workers)
+    index = discover_images(data_dir)
+    profiled = pipeline.profile(index, settings, progress=sys.stderr.isatty())
+    click.echo(profiled.profile.to_markdown())
+    if json_path:
+        profiled.profile.write_json(json_path)
+        click.echo(f"\nwrote {json_path}")
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest CSV to write (path,label,patient_id,split,...).")
+@click.option("--seed", type=int, default=None, help="Split seed (default: $CXR_SEED or 1337).")
+@click.option("--ratios", nargs=3, type=float, default=(0.70, 0.15, 0.15), show_default=True,
+              help="train val test fractions.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
+@click.pass_context
+@_fail_cleanly
+def split(ctx: click.Context, data_dir: Path, out_path: Path, seed: int | None,
+          ratios: tuple[float, float, float], workers: int | None) -> None:
+    """Write a patient-level, label-stratified train/val/test split of DATA_DIR."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.sources import discover_images
+    from cxr_platform.data.splits import split_summary, write_manifest
+
+    settings = _settings(ctx, data_dir=data_dir, workers=workers, seed=seed)
+    index = discover_images(data_dir)
+    profiled = pipeline.profile(index, settings, progress=sys.stderr.isatty())
+    if profiled.profile.n_unreadable:
+        click.echo(f"left out {profiled.profile.n_unreadable} unreadable files "
+                   f"(run `cxr profile` for reasons)", err=True)
+    manifest, checks = pipeline.split(profiled, ratios=ratios, seed=settings.seed)
+    write_manifest(manifest, out_path)
+    click.echo(split_summary(manifest).to_string(index=False, float_format="%.3f"))
+    click.echo(f"\nwrote {len(manifest)} rows to {out_path}")
+    failed = {name: outcome for name, outcome in checks.items() if not outcome.passed}
+    for name, outcome in checks.items():
+        click.echo(f"  check {name}: {'PASS' if outcome.passed else 'FAIL'} - {outcome.description}")
+    if failed:
+        click.secho(f"{len(failed)} split checks failed: {', '.join(failed)}", fg="red", err=True)
+        sys.exit(EXIT_CHECKS_FAILED)
+
+
+def main() -> None:
+    cli(prog_name="cxr")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: sources, image reading, profiling, patient-level splits, cache, transforms."""

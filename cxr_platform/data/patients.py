@@ -1,0 +1,44 @@
+"""Patient identity from file names (Kaggle conventions) with an explicit fallback.
+
+Images of one patient must never land in two splits, so the patient is derived from the name
+alone, never from the folder it sits in: the Kaggle copy re-uses the same person numbers in
+its train/val/test folders, and treating equal names as one patient can only prevent leakage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+
+# Order matters: NORMAL2-IM-... must be tried before the plain IM-... rule.
+_PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE),
+    re.compile(r"^(?P<patient>NORMAL2-IM-\d+)-\d+$", re.IGNORECASE),
+    re.compile(r"^(?P<patient>IM-\d+)-\d+(?:-\d+)?$", re.IGNORECASE),
+)
+
+FALLBACK_PREFIX = "image:"
+
+
+@dataclass(frozen=True, slots=True)
+class PatientIdentity:
+    patient_id: str
+    from_filename: bool  # False: the name matched no known rule; one patient per image
+
+
+def patient_from_filename(name: str | PurePath) -> PatientIdentity:
+    """``person12_virus_3.jpeg`` -> ``person12``; unknown names -> one patient per image."""
+    path = PurePath(name)
+    stem = path.name.split(".", 1)[0]
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            patient = match.group("patient")
+            # Canonical case so "PERSON1" and "person1" are the same patient.
+            if patient.lower().startswith("person"):
+                patient = "person" + patient[len("person"):]
+            else:
+                patient = patient.upper()
+            return PatientIdentity(patient, True)
+    return PatientIdentity(FALLBACK_PREFIX + path.as_posix(), False)

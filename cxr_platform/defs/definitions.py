@@ -1,0 +1,33 @@
+"""The platform's single Dagster ``Definitions`` (loaded by ``workspace.yaml``)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from cxr_platform.defs.data_assets import data_assets, split_checks
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.settings import CxrSettings, load_settings
+
+DATA_JOB = "data_pipeline"
+# The job `cxr demo` runs; each stage of the platform adds its assets to it.
+DEMO_JOB = "demo"
+
+
+def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
+    settings = settings or load_settings()
+    data = dg.AssetSelection.groups("data")
+    return dg.Definitions(
+        assets=data_assets,
+        asset_checks=split_checks,
+        jobs=[
+            dg.define_asset_job(DATA_JOB, selection=data, description="Discover, profile, split, cache."),
+            dg.define_asset_job(DEMO_JOB, selection=data, description="Everything `cxr demo` runs."),
+        ],
+        resources={
+            "platform": PlatformSettings.from_settings(settings),
+            "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,116 @@
+"""The platform's one settings object.
+
+Everything local lives under ``home`` (env ``CXR_HOME``, default ``./.cxr``): Dagster storage,
+MLflow's SQLite backend and artifacts, caches, reports, the inference log. Every store is a path
+or URL derived here, so moving to PostgreSQL or object storage is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
+
+
+class CxrSettings(BaseSettings):
+    """Typed settings, read from ``CXR_*`` environment variables (and an optional ``.env``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    home: Path = Field(default=Path(".cxr"), description="Root of all local state.")
+    data_dir: Path | None = Field(
+        default=None,
+        description="Image source; when unset the synthetic demo dataset is generated and used.",
+    )
+    seed: int = Field(default=1337, description="Seed for splits and the synthetic dataset.")
+    split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS
+    synthetic_patients: int = Field(default=160, ge=4)
+    image_size: int = Field(default=224, ge=32)
+    workers: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        description="Processes used to decode images.",
+    )
+    max_image_pixels: int = Field(
+        default=100_000_000, description="Decompression-bomb guard: larger images are refused."
+    )
+    mlflow_tracking_uri: str | None = None
+    inference_log_url: str | None = None
+    dagster_port: int = 3000
+    # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
+    service_port: int = 3100
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> CxrSettings:
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) <= 0:
+            raise ValueError(f"split_ratios must be positive and sum to 1, got {self.split_ratios}")
+        return self
+
+    @cached_property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @cached_property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @cached_property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @cached_property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def inference_log_uri(self) -> str:
+        if self.inference_log_url:
+            return self.inference_log_url
+        return f"sqlite:///{self.home / 'inference_log.db'}"
+
+    def synthetic_dataset_dir(self) -> Path:
+        return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"
+
+    def ensure_dirs(self) -> None:
+        for path in (
+            self.home,
+            self.dagster_home,
+            self.datasets_dir,
+            self.cache_dir,
+            self.reports_dir,
+            self.mlflow_dir,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(**overrides: object) -> CxrSettings:
+    """Settings from the environment, with explicit overrides (CLI flags, Dagster config) on top."""
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    return CxrSettings(**clean)
