@@ -13,8 +13,10 @@ from pathlib import PurePath
 
 # Order matters: NORMAL2-IM-... must be tried before the plain IM-... rule.
 _PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE),
-    re.compile(r"^(?P<patient>NORMAL2-IM-\d+)-\d+$", re.IGNORECASE),
+    # One real file carries an extra suffix: person447_virus_921_1.
+    re.compile(r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+(?:_\d+)?$", re.IGNORECASE),
+    # The real data also has NORMAL2-IM-NNNN-NNNN-NNNN, like the IM- form below.
+    re.compile(r"^(?P<patient>NORMAL2-IM-\d+)-\d+(?:-\d+)?$", re.IGNORECASE),
     re.compile(r"^(?P<patient>IM-\d+)-\d+(?:-\d+)?$", re.IGNORECASE),
 )
 

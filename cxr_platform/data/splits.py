@@ -52,6 +52,7 @@ def assign_splits(
     *,
     ratios: Sequence[float] = (0.70, 0.15, 0.15),
     seed: int = 0,
+    restarts: int = 32,
 ) -> pd.Series:
     """Split name for every row of ``records`` (needs ``label`` and ``patient_id`` columns;
     ``content_hash`` is used when present). Deterministic for a given seed and record set."""
@@ -75,24 +76,52 @@ def assign_splits(
     group_table = pd.DataFrame({"size": sizes, "stratum": strata})
 
     rng = np.random.default_rng(seed)
+    best: dict[str, str] = {}
+    best_loss = np.inf
+    # Patients are indivisible, so one greedy pass can miss the ratios or class shares on small
+    # datasets. A few seeded restarts cost little and the best one is kept (still deterministic).
+    for _ in range(restarts):
+        assignment = _greedy_fill(group_table, ratio_array, rng)
+        loss = _assignment_loss(group_table, positives, assignment, ratio_array)
+        if not best or loss < best_loss - 1e-12:
+            best, best_loss = assignment, loss
+    assignment = best
+    return pd.Series(groups.map(assignment).values, index=records.index, name="split")
+
+
+def _greedy_fill(
+    group_table: pd.DataFrame, ratios: np.ndarray, rng: np.random.Generator
+) -> dict[str, str]:
+    """Per label stratum: shuffle, take largest groups first, give each to the split that is
+    furthest (relatively) below its target. Large patients land first, small ones even out."""
     assignment: dict[str, str] = {}
     for stratum in sorted(group_table["stratum"].unique()):
         members = group_table[group_table["stratum"] == stratum]
-        order = members.index.to_numpy()
-        order = order[np.argsort(order, kind="stable")]  # canonical order before shuffling
+        order = np.sort(members.index.to_numpy())  # canonical order before shuffling
         order = order[rng.permutation(len(order))]
-        # Largest groups first, ties in random order: a greedy fill that keeps ratios close even
-        # when a few patients own many images.
-        member_sizes = members.loc[order, "size"].to_numpy()
-        order = order[np.argsort(-member_sizes, kind="stable")]
-        targets = ratio_array * members["size"].sum()
+        order = order[np.argsort(-members.loc[order, "size"].to_numpy(), kind="stable")]
+        targets = ratios * members["size"].sum()
         filled = np.zeros(len(SPLIT_NAMES))
-        for group in order:
-            deficits = (targets - filled) / targets
-            choice = int(np.argmax(deficits))
+        for group, size in zip(order, members.loc[order, "size"].to_numpy(), strict=True):
+            choice = int(np.argmax((targets - filled) / targets))
             assignment[group] = SPLIT_NAMES[choice]
-            filled[choice] += group_table.at[group, "size"]
-    return pd.Series(groups.map(assignment).values, index=records.index, name="split")
+            filled[choice] += size
+    return assignment
+
+
+def _assignment_loss(
+    group_table: pd.DataFrame, positives: pd.Series, assignment: dict[str, str], ratios: np.ndarray
+) -> float:
+    """Worst per-split gap to the overall pneumonia share, plus the deviation from the ratios."""
+    split_of = group_table.index.map(assignment)
+    sizes = group_table["size"].groupby(split_of).sum().reindex(SPLIT_NAMES, fill_value=0)
+    pos = positives.groupby(split_of).sum().reindex(SPLIT_NAMES, fill_value=0)
+    total, total_pos = sizes.sum(), pos.sum()
+    if (sizes == 0).any():
+        return np.inf
+    share_gap = np.abs(pos / sizes - total_pos / total).max()
+    ratio_gap = np.abs(sizes / total - ratios).sum()
+    return float(share_gap + 0.5 * ratio_gap)
 
 
 def make_manifest(

@@ -1,0 +1,61 @@
+"""The `cxr` command as operators use it: real subprocesses, exit codes, files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+
+def _cxr(*args, home, env=None):
+    full_env = {**os.environ, "CXR_HOME": str(home), **(env or {})}
+    full_env.pop("CXR_DATA_DIR", None)
+    return subprocess.run([sys.executable, "-m", "cxr_platform.cli", *args], capture_output=True,
+                          text=True, env=full_env, timeout=600)
+
+
+def test_help_for_every_command(tmp_path):
+    for command in ([], ["demo"], ["profile"], ["split"]):
+        result = _cxr(*command, "--help", home=tmp_path)
+        assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_profile_json_and_split_csv(tiny_synthetic, tmp_path):
+    out = tmp_path / "profile.json"
+    result = _cxr("profile", str(tiny_synthetic), "--json", str(out), home=tmp_path / "h")
+    assert result.returncode == 0, result.stderr
+    profile = json.loads(out.read_text())
+    labels = pd.read_csv(tiny_synthetic / "labels.csv")
+    assert profile["n_images"] == len(labels) and profile["n_unreadable"] == 0
+    assert profile["n_patients"] == labels["patient_id"].nunique()
+    assert profile["per_class"] == labels["label"].value_counts().to_dict()
+
+    csv = tmp_path / "split.csv"
+    result = _cxr("split", str(tiny_synthetic), "--out", str(csv), "--seed", "3",
+                  "--ratios", "0.6", "0.2", "0.2", home=tmp_path / "h")
+    assert result.returncode == 0, result.stderr + result.stdout
+    manifest = pd.read_csv(csv)
+    assert {"path", "label", "patient_id", "split"} <= set(manifest.columns)
+    assert manifest.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_bad_folder_exits_nonzero_with_the_accepted_layouts(tmp_path):
+    (tmp_path / "junk").mkdir()
+    result = _cxr("profile", str(tmp_path / "junk"), home=tmp_path / "h")
+    assert result.returncode == 2
+    assert "accepted layouts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
+    home = tmp_path / "home"
+    result = _cxr("demo", home=home, env={"CXR_SYNTHETIC_PATIENTS": "40"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no_patient_leakage: PASS" in result.stdout
+    import dagster as dg
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 1 and runs[0].job_name == "demo"
+        assert instance.get_latest_materialization_event(dg.AssetKey("preprocessed_cache")) is not None
