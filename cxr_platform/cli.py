@@ -39,14 +39,20 @@ def _fail_cleanly(command):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for all local state (default: $CXR_HOME or ./.cxr).")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for all local state (default: $CXR_HOME or ./.cxr).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
     """cxr_platform: chest X-ray Normal/Pneumonia classifier, from data to PACS."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     ctx.obj = {"home": home, "verbose": verbose}
 
 
@@ -64,8 +70,13 @@ def prepare_dagster_home(settings: CxrSettings) -> Path:
 
 
 @cli.command()
-@click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).",
+)
 @click.pass_context
 @_fail_cleanly
 def demo(ctx: click.Context, data_dir: Path | None) -> None:
@@ -86,7 +97,8 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     # Full step logs stay in the run's event log (the UI); the terminal gets the summary.
     log_level = "INFO" if ctx.obj.get("verbose") else "WARNING"
     result = job.execute_in_process(
-        instance=instance, raise_on_error=False,
+        instance=instance,
+        raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
 
@@ -95,13 +107,19 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name}: {mark}")
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        click.secho(f"demo failed in {', '.join(failed) or 'a step'}; see the run "
-                    f"{result.run_id} in the Dagster UI", fg="red", err=True)
+        click.secho(
+            f"demo failed in {', '.join(failed) or 'a step'}; see the run "
+            f"{result.run_id} in the Dagster UI",
+            fg="red",
+            err=True,
+        )
         sys.exit(1)
 
     profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
-    click.echo(f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
-               f"unreadable, {profile_json['n_patients']} patients, per class {profile_json['per_class']}")
+    click.echo(
+        f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
+        f"unreadable, {profile_json['n_patients']} patients, per class {profile_json['per_class']}"
+    )
     manifest = read_manifest(settings.home / "splits" / "patient_splits.csv")
     click.echo("\n" + split_summary(manifest).to_string(index=False, float_format="%.3f"))
     click.echo(
@@ -113,12 +131,19 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the profile as JSON here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the profile as JSON here.",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
 @click.pass_context
 @_fail_cleanly
-def profile(ctx: click.Context, data_dir: Path, json_path: Path | None, workers: int | None) -> None:
+def profile(
+    ctx: click.Context, data_dir: Path, json_path: Path | None, workers: int | None
+) -> None:
     """Profile a dataset: classes, sizes, modes, patients, unreadable files, duplicates."""
     from cxr_platform.data import pipeline
     from cxr_platform.data.sources import discover_images
@@ -134,16 +159,33 @@ def profile(ctx: click.Context, data_dir: Path, json_path: Path | None, workers:
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Manifest CSV to write (path,label,patient_id,split,...).")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Manifest CSV to write (path,label,patient_id,split,...).",
+)
 @click.option("--seed", type=int, default=None, help="Split seed (default: $CXR_SEED or 1337).")
-@click.option("--ratios", nargs=3, type=float, default=(0.70, 0.15, 0.15), show_default=True,
-              help="train val test fractions.")
+@click.option(
+    "--ratios",
+    nargs=3,
+    type=float,
+    default=(0.70, 0.15, 0.15),
+    show_default=True,
+    help="train val test fractions.",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
 @click.pass_context
 @_fail_cleanly
-def split(ctx: click.Context, data_dir: Path, out_path: Path, seed: int | None,
-          ratios: tuple[float, float, float], workers: int | None) -> None:
+def split(
+    ctx: click.Context,
+    data_dir: Path,
+    out_path: Path,
+    seed: int | None,
+    ratios: tuple[float, float, float],
+    workers: int | None,
+) -> None:
     """Write a patient-level, label-stratified train/val/test split of DATA_DIR."""
     from cxr_platform.data import pipeline
     from cxr_platform.data.sources import discover_images
@@ -153,15 +195,20 @@ def split(ctx: click.Context, data_dir: Path, out_path: Path, seed: int | None,
     index = discover_images(data_dir)
     profiled = pipeline.profile(index, settings, progress=sys.stderr.isatty())
     if profiled.profile.n_unreadable:
-        click.echo(f"left out {profiled.profile.n_unreadable} unreadable files "
-                   f"(run `cxr profile` for reasons)", err=True)
+        click.echo(
+            f"left out {profiled.profile.n_unreadable} unreadable files "
+            f"(run `cxr profile` for reasons)",
+            err=True,
+        )
     manifest, checks = pipeline.split(profiled, ratios=ratios, seed=settings.seed)
     write_manifest(manifest, out_path)
     click.echo(split_summary(manifest).to_string(index=False, float_format="%.3f"))
     click.echo(f"\nwrote {len(manifest)} rows to {out_path}")
     failed = {name: outcome for name, outcome in checks.items() if not outcome.passed}
     for name, outcome in checks.items():
-        click.echo(f"  check {name}: {'PASS' if outcome.passed else 'FAIL'} - {outcome.description}")
+        click.echo(
+            f"  check {name}: {'PASS' if outcome.passed else 'FAIL'} - {outcome.description}"
+        )
     if failed:
         click.secho(f"{len(failed)} split checks failed: {', '.join(failed)}", fg="red", err=True)
         sys.exit(EXIT_CHECKS_FAILED)

@@ -13,7 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_kaggle_dir() -> Path:
-    """``../shared/data/kaggle-chest-xray-224`` beside the checkout (override: CXR_SHARED_KAGGLE)."""
+    """``../shared/data/kaggle-chest-xray-224`` beside the checkout.
+
+    Override with CXR_SHARED_KAGGLE."""
     override = os.environ.get("CXR_SHARED_KAGGLE")
     if override:
         return Path(override)

@@ -13,8 +13,13 @@ import pandas as pd
 def _cxr(*args, home, env=None):
     full_env = {**os.environ, "CXR_HOME": str(home), **(env or {})}
     full_env.pop("CXR_DATA_DIR", None)
-    return subprocess.run([sys.executable, "-m", "cxr_platform.cli", *args], capture_output=True,
-                          text=True, env=full_env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_platform.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
+    )
 
 
 def test_help_for_every_command(tmp_path):
@@ -34,8 +39,19 @@ def test_profile_json_and_split_csv(tiny_synthetic, tmp_path):
     assert profile["per_class"] == labels["label"].value_counts().to_dict()
 
     csv = tmp_path / "split.csv"
-    result = _cxr("split", str(tiny_synthetic), "--out", str(csv), "--seed", "3",
-                  "--ratios", "0.6", "0.2", "0.2", home=tmp_path / "h")
+    result = _cxr(
+        "split",
+        str(tiny_synthetic),
+        "--out",
+        str(csv),
+        "--seed",
+        "3",
+        "--ratios",
+        "0.6",
+        "0.2",
+        "0.2",
+        home=tmp_path / "h",
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     manifest = pd.read_csv(csv)
     assert {"path", "label", "patient_id", "split"} <= set(manifest.columns)
@@ -55,7 +71,10 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no_patient_leakage: PASS" in result.stdout
     import dagster as dg
+
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
         assert len(runs) == 1 and runs[0].job_name == "demo"
-        assert instance.get_latest_materialization_event(dg.AssetKey("preprocessed_cache")) is not None
+        assert (
+            instance.get_latest_materialization_event(dg.AssetKey("preprocessed_cache")) is not None
+        )

@@ -62,7 +62,9 @@ def _split_key(config: PreprocessingConfig, hashes: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _decode_verified(item: tuple[str, str], config: PreprocessingConfig, max_pixels: int) -> np.ndarray:
+def _decode_verified(
+    item: tuple[str, str], config: PreprocessingConfig, max_pixels: int
+) -> np.ndarray:
     path, expected_hash = item
     data = Path(path).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
@@ -108,7 +110,9 @@ def build_cache(
         index_path = folder / f"{split}-{key}.csv"
         reused = images_path.exists() and index_path.exists()
         if not reused:
-            _write_split(part, images_path, index_path, config, workers, max_pixels, progress, split)
+            _write_split(
+                part, images_path, index_path, config, workers, max_pixels, progress, split
+            )
         splits[split] = CachedSplit(split, images_path, index_path, len(part), key, reused)
     return PreprocessedCache(root=folder, preprocessing=config.to_dict(), splits=splits)
 
@@ -125,8 +129,9 @@ def _write_split(
 ) -> None:
     size = config.image_size
     tmp_images = images_path.with_name(images_path.stem + f".{os.getpid()}.tmp.npy")
-    array = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
-                                      shape=(len(part), size, size))
+    array = np.lib.format.open_memmap(
+        tmp_images, mode="w+", dtype=np.uint8, shape=(len(part), size, size)
+    )
     try:
         known = _existing_rows(images_path.parent, exclude=images_path)
         to_decode: list[int] = []
@@ -141,8 +146,11 @@ def _write_split(
                 to_decode.append(row)
         items = [(part.at[row, "path"], part.at[row, "content_hash"]) for row in to_decode]
         decoded = parallel_map(
-            partial(_decode_verified, config=config, max_pixels=max_pixels), items,
-            workers=workers, description=f"caching {split}", progress=progress,
+            partial(_decode_verified, config=config, max_pixels=max_pixels),
+            items,
+            workers=workers,
+            description=f"caching {split}",
+            progress=progress,
         )
         for row, pixels in zip(to_decode, decoded, strict=True):
             array[row] = pixels

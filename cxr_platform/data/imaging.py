@@ -48,9 +48,25 @@ _NON_IMAGE_SOP_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.9.",  # Waveforms (ECG etc.)
 )
 
-_PIL_BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "PA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8,
-                  "YCbCr": 8, "LAB": 8, "HSV": 8, "I;16": 16, "I;16L": 16, "I;16B": 16,
-                  "I;16N": 16, "I": 32, "F": 32}
+_PIL_BIT_DEPTH = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "PA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "LAB": 8,
+    "HSV": 8,
+    "I;16": 16,
+    "I;16L": 16,
+    "I;16B": 16,
+    "I;16N": 16,
+    "I": 32,
+    "F": 32,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +353,9 @@ def _monochrome_to_unit(dataset: Dataset, stored: np.ndarray, window_index: int)
 
     voi_lut_sequence = dataset.get("VOILUTSequence")
     if voi_lut_sequence:
-        return _apply_voi_lut_item(values, voi_lut_sequence[min(window_index, len(voi_lut_sequence) - 1)])
+        return _apply_voi_lut_item(
+            values, voi_lut_sequence[min(window_index, len(voi_lut_sequence) - 1)]
+        )
 
     centers = _as_list(dataset.get("WindowCenter"))
     widths = _as_list(dataset.get("WindowWidth"))
@@ -351,7 +369,9 @@ def _monochrome_to_unit(dataset: Dataset, stored: np.ndarray, window_index: int)
     return _min_max(values)
 
 
-def window_to_unit(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+def window_to_unit(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 windowing, written to output [0, 1] instead of a display range.
 
     pydicom's ``apply_windowing`` maps to the stored-value range, whose bounds depend on header
@@ -366,7 +386,11 @@ def window_to_unit(values: np.ndarray, center: float, width: float, function: st
     else:
         if width < 1:
             width = 1.0
-        out = (values - (center - 0.5)) / (width - 1.0) + 0.5 if width > 1 else (values >= center) * 1.0
+        out = (
+            (values - (center - 0.5)) / (width - 1.0) + 0.5
+            if width > 1
+            else (values >= center) * 1.0
+        )
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

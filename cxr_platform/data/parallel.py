@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -24,16 +24,23 @@ def parallel_map(
     description: str,
     progress: bool = True,
     chunksize: int = 32,
+    backend: str = "thread",
 ) -> list[R]:
-    """``[function(item) for item in items]`` across processes, order preserved.
+    """``[function(item) for item in items]`` in parallel, order preserved.
 
-    ``function`` must be a module-level function. Workers start with ``forkserver`` because the
-    caller may be a threaded process (Dagster, a web server) where ``fork`` can deadlock.
+    Threads are the default: Pillow's decoders, resizing and hashlib release the GIL, and on
+    small images (the 224x224 Kaggle copy) process start-up costs more than it saves (see
+    benchmarks/data_pipeline.py). ``backend="process"`` suits large, decode-heavy files; its
+    workers start with ``forkserver`` because the caller may be threaded (Dagster, a web server)
+    where ``fork`` can deadlock, and ``function`` must then be a module-level function.
     """
     bar = tqdm(total=len(items), desc=description, unit="img", disable=not progress, leave=False)
     try:
         if workers <= 1 or len(items) < _MIN_ITEMS_FOR_POOL:
             return list(_with_progress(map(function, items), bar))
+        if backend == "thread":
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return list(_with_progress(pool.map(function, items), bar))
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             return list(_with_progress(pool.map(function, items, chunksize=chunksize), bar))

@@ -39,7 +39,7 @@ def patient_from_filename(name: str | PurePath) -> PatientIdentity:
             patient = match.group("patient")
             # Canonical case so "PERSON1" and "person1" are the same patient.
             if patient.lower().startswith("person"):
-                patient = "person" + patient[len("person"):]
+                patient = "person" + patient[len("person") :]
             else:
                 patient = patient.upper()
             return PatientIdentity(patient, True)

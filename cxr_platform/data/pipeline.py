@@ -35,7 +35,9 @@ def resolve_data_root(settings: CxrSettings, *, progress: bool = True) -> Path:
     spec = SyntheticSpec(n_patients=settings.synthetic_patients, seed=settings.seed)
     root = settings.synthetic_dataset_dir()
     root.parent.mkdir(parents=True, exist_ok=True)
-    log.info("no data folder configured (CXR_DATA_DIR): using the synthetic demo dataset at %s", root)
+    log.info(
+        "no data folder configured (CXR_DATA_DIR): using the synthetic demo dataset at %s", root
+    )
     return generate_synthetic_dataset(root, spec, workers=settings.workers, progress=progress)
 
 
@@ -62,8 +64,14 @@ def preprocessing_config(settings: CxrSettings) -> PreprocessingConfig:
     return PreprocessingConfig(image_size=settings.image_size)
 
 
-def cache(manifest: pd.DataFrame, settings: CxrSettings, *, progress: bool = True) -> PreprocessedCache:
+def cache(
+    manifest: pd.DataFrame, settings: CxrSettings, *, progress: bool = True
+) -> PreprocessedCache:
     return build_cache(
-        manifest, settings.cache_dir, preprocessing_config(settings),
-        workers=settings.workers, max_pixels=settings.max_image_pixels, progress=progress,
+        manifest,
+        settings.cache_dir,
+        preprocessing_config(settings),
+        workers=settings.workers,
+        max_pixels=settings.max_image_pixels,
+        progress=progress,
     )

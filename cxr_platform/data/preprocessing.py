@@ -37,7 +37,9 @@ class PreprocessingConfig:
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("stretch", "letterbox"):
-            raise ValueError(f"resize_mode must be 'stretch' or 'letterbox', not {self.resize_mode!r}")
+            raise ValueError(
+                f"resize_mode must be 'stretch' or 'letterbox', not {self.resize_mode!r}"
+            )
         if self.interpolation not in _FILTERS:
             raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}")
         if self.std <= 0 or self.image_size < 8:
@@ -76,7 +78,7 @@ def to_square_uint8(pixels: np.ndarray, config: PreprocessingConfig) -> np.ndarr
         side = max(height, width)
         canvas = np.zeros((side, side), dtype=np.float32)
         top, left = (side - height) // 2, (side - width) // 2
-        canvas[top:top + height, left:left + width] = pixels
+        canvas[top : top + height, left : left + width] = pixels
         pixels = canvas
     size = config.image_size
     if pixels.shape != (size, size):

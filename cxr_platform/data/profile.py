@@ -22,7 +22,15 @@ from cxr_platform.data.sources import ImageIndex
 from cxr_platform.errors import ImageReadError
 
 INSPECTION_COLUMNS = [
-    "path", "readable", "reason", "error", "content_hash", "format", "width", "height", "mode",
+    "path",
+    "readable",
+    "reason",
+    "error",
+    "content_hash",
+    "format",
+    "width",
+    "height",
+    "mode",
     "bit_depth",
 ]
 
@@ -54,14 +62,20 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, 
 
 
 def inspect_images(
-    index: ImageIndex, *, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
+    index: ImageIndex,
+    *,
+    workers: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> pd.DataFrame:
     """The index's records joined with one inspection row per file."""
     paths = index.records["path"].tolist()
     rows = parallel_map(
-        partial(inspect_image, max_pixels=max_pixels), paths, workers=workers,
-        description="profiling images", progress=progress,
+        partial(inspect_image, max_pixels=max_pixels),
+        paths,
+        workers=workers,
+        description="profiling images",
+        progress=progress,
     )
     inspections = pd.DataFrame(rows, columns=INSPECTION_COLUMNS).drop(columns=["path"])
     return pd.concat([index.records.reset_index(drop=True), inspections], axis=1)
@@ -121,17 +135,23 @@ class DataProfile:
             lines.append(
                 f"| {label} | {count} | {self.patients_per_class.get(label, 0)} | {share:.1%} |"
             )
-        lines += ["", "| source folder | " + " | ".join(self.per_class) + " |",
-                  "| --- |" + " ---: |" * len(self.per_class)]
+        lines += [
+            "",
+            "| source folder | " + " | ".join(self.per_class) + " |",
+            "| --- |" + " ---: |" * len(self.per_class),
+        ]
         for folder, counts in self.per_source_folder.items():
-            lines.append(f"| {folder} | " + " | ".join(str(counts.get(k, 0)) for k in self.per_class) + " |")
+            lines.append(
+                f"| {folder} | " + " | ".join(str(counts.get(k, 0)) for k in self.per_class) + " |"
+            )
         ipp = self.images_per_patient
         lines += [
             "",
             f"Images per patient: min {ipp.get('min', 0):.0f}, median {ipp.get('median', 0):.0f}, "
             f"mean {ipp.get('mean', 0):.2f}, max {ipp.get('max', 0):.0f}; "
             f"{self.n_images_without_patient_id} images had no recognisable patient id "
-            f"(one patient per image); {self.patients_with_mixed_labels} patients have both labels.",
+            f"(one patient per image); {self.patients_with_mixed_labels} patients have "
+            "both labels.",
             "",
             "| property | distribution |",
             "| --- | --- |",
@@ -212,8 +232,11 @@ def build_profile(index: ImageIndex, inspected: pd.DataFrame) -> DataProfile:
         for _, group in list(duplicates.groupby("content_hash"))[:20]
     ]
 
-    sizes_text = (readable["width"].astype("Int64").astype(str) + "x"
-                  + readable["height"].astype("Int64").astype(str))
+    sizes_text = (
+        readable["width"].astype("Int64").astype(str)
+        + "x"
+        + readable["height"].astype("Int64").astype(str)
+    )
     common_sizes = dict(list(_counts(sizes_text).items())[:8])
 
     return DataProfile(
@@ -242,8 +265,11 @@ def build_profile(index: ImageIndex, inspected: pd.DataFrame) -> DataProfile:
         aspect_ratio=_describe(readable["width"].astype(float) / readable["height"].astype(float)),
         common_sizes=common_sizes,
         unreadable=[
-            {"relative_path": str(row.relative_path), "reason": str(row.reason),
-             "error": str(row.error)}
+            {
+                "relative_path": str(row.relative_path),
+                "reason": str(row.reason),
+                "error": str(row.error),
+            }
             for row in unreadable.itertuples()
         ],
         unreadable_reasons=_counts(unreadable["reason"]),
@@ -255,7 +281,10 @@ def build_profile(index: ImageIndex, inspected: pd.DataFrame) -> DataProfile:
 
 
 def profile_dataset(
-    index: ImageIndex, *, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
+    index: ImageIndex,
+    *,
+    workers: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> tuple[DataProfile, pd.DataFrame]:
     """Inspect every image and aggregate: ``(profile, per-image inspections)``."""

@@ -43,12 +43,23 @@ LAYOUT_HELP = (
 )
 
 _LABEL_ALIASES = {
-    "normal": "NORMAL", "0": "NORMAL", "negative": "NORMAL", "false": "NORMAL",
-    "pneumonia": "PNEUMONIA", "1": "PNEUMONIA", "positive": "PNEUMONIA", "true": "PNEUMONIA",
+    "normal": "NORMAL",
+    "0": "NORMAL",
+    "negative": "NORMAL",
+    "false": "NORMAL",
+    "pneumonia": "PNEUMONIA",
+    "1": "PNEUMONIA",
+    "positive": "PNEUMONIA",
+    "true": "PNEUMONIA",
 }
 
 RECORD_COLUMNS = [
-    "path", "relative_path", "label", "patient_id", "patient_source", "source_folder",
+    "path",
+    "relative_path",
+    "label",
+    "patient_id",
+    "patient_source",
+    "source_folder",
 ]
 
 
@@ -84,7 +95,9 @@ def discover_images(root: str | Path) -> ImageIndex:
     if (root / LABELS_CSV).is_file():
         layout, rows = "labels-csv", _from_labels_csv(root, root / LABELS_CSV)
     else:
-        split_dirs = [root / name for name in KAGGLE_SPLIT_FOLDERS if _has_class_folders(root / name)]
+        split_dirs = [
+            root / name for name in KAGGLE_SPLIT_FOLDERS if _has_class_folders(root / name)
+        ]
         if split_dirs:
             layout = "kaggle-splits"
             rows = [row for split_dir in split_dirs for row in _from_class_folders(root, split_dir)]
@@ -113,7 +126,9 @@ def _class_dir(folder: Path, label: str) -> Path | None:
 
 def _visible_files(folder: Path) -> Iterable[Path]:
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+        if path.is_file() and not any(
+            part.startswith(".") for part in path.relative_to(folder).parts
+        ):
             yield path
 
 
@@ -165,7 +180,9 @@ def _from_labels_csv(root: Path, csv_path: Path) -> list[dict]:
                 raise LabelsFileError(f"{csv_path}:{line_number}: empty file name")
             path = (root / relative).resolve()
             if not path.is_relative_to(root):
-                raise LabelsFileError(f"{csv_path}:{line_number}: {relative!r} points outside {root}")
+                raise LabelsFileError(
+                    f"{csv_path}:{line_number}: {relative!r} points outside {root}"
+                )
         else:
             uid = (row[uid_column] or "").strip()
             if uid not in uid_to_path:
@@ -173,15 +190,19 @@ def _from_labels_csv(root: Path, csv_path: Path) -> list[dict]:
                     f"{csv_path}:{line_number}: no DICOM file under {root} has SOPInstanceUID {uid}"
                 )
             path = uid_to_path[uid]
-        patient, source = _patient_for(path, (row.get(patient_column) or "").strip() if patient_column else "")
-        records.append({
-            "path": str(path),
-            "relative_path": path.relative_to(root).as_posix(),
-            "label": label,
-            "patient_id": patient,
-            "patient_source": source,
-            "source_folder": path.parent.relative_to(root).as_posix() or ".",
-        })
+        patient, source = _patient_for(
+            path, (row.get(patient_column) or "").strip() if patient_column else ""
+        )
+        records.append(
+            {
+                "path": str(path),
+                "relative_path": path.relative_to(root).as_posix(),
+                "label": label,
+                "patient_id": patient,
+                "patient_source": source,
+                "source_folder": path.parent.relative_to(root).as_posix() or ".",
+            }
+        )
     return records
 
 

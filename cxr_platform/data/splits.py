@@ -64,7 +64,7 @@ def assign_splits(
     if records.empty:
         raise SplitError("no readable images to split")
 
-    hashes = records["content_hash"] if "content_hash" in records else None
+    hashes = records.get("content_hash")
     groups = _group_ids(records["patient_id"].astype(str), hashes)
     frame = pd.DataFrame({"group": groups.values, "label": records["label"].values})
 
@@ -137,7 +137,8 @@ def make_manifest(
             manifest[column] = None
     order = {name: i for i, name in enumerate(SPLIT_NAMES)}
     manifest = manifest.sort_values(
-        ["split", "relative_path"], key=lambda col: col.map(order) if col.name == "split" else col,
+        ["split", "relative_path"],
+        key=lambda col: col.map(order) if col.name == "split" else col,
         kind="stable",
     )
     return manifest[MANIFEST_COLUMNS].reset_index(drop=True)
@@ -169,18 +170,23 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 def split_summary(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images, patients and positive share per split (rows: train/val/test/all)."""
     rows = []
-    for name, part in [*((s, manifest[manifest["split"] == s]) for s in SPLIT_NAMES), ("all", manifest)]:
+    for name, part in [
+        *((s, manifest[manifest["split"] == s]) for s in SPLIT_NAMES),
+        ("all", manifest),
+    ]:
         n = len(part)
         positives = int((part["label"] == POSITIVE_LABEL).sum())
-        rows.append({
-            "split": name,
-            "images": n,
-            "patients": int(part["patient_id"].nunique()),
-            "NORMAL": n - positives,
-            "PNEUMONIA": positives,
-            "pneumonia_share": positives / n if n else float("nan"),
-            "image_share": n / len(manifest) if len(manifest) else float("nan"),
-        })
+        rows.append(
+            {
+                "split": name,
+                "images": n,
+                "patients": int(part["patient_id"].nunique()),
+                "NORMAL": n - positives,
+                "PNEUMONIA": positives,
+                "pneumonia_share": positives / n if n else float("nan"),
+                "image_share": n / len(manifest) if len(manifest) else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -201,8 +207,11 @@ def check_no_patient_leakage(manifest: pd.DataFrame) -> CheckOutcome:
     leaked = sorted(splits_per_patient[splits_per_patient > 1].index.astype(str))
     return CheckOutcome(
         passed=not leaked,
-        description=(f"{len(leaked)} patients appear in more than one split" if leaked
-                     else "every patient is in exactly one split"),
+        description=(
+            f"{len(leaked)} patients appear in more than one split"
+            if leaked
+            else "every patient is in exactly one split"
+        ),
         metadata={"leaked_patients": len(leaked), "examples": ", ".join(leaked[:10])},
     )
 
@@ -214,8 +223,11 @@ def check_no_content_leakage(manifest: pd.DataFrame) -> CheckOutcome:
     examples = hashed[hashed["content_hash"].isin(leaked)]["relative_path"].astype(str).head(10)
     return CheckOutcome(
         passed=len(leaked) == 0,
-        description=(f"{len(leaked)} identical images appear in more than one split" if len(leaked)
-                     else "no identical image content in two splits"),
+        description=(
+            f"{len(leaked)} identical images appear in more than one split"
+            if len(leaked)
+            else "no identical image content in two splits"
+        ),
         metadata={"leaked_images": int(len(leaked)), "examples": ", ".join(examples)},
     )
 
@@ -225,7 +237,9 @@ def check_both_classes_per_split(manifest: pd.DataFrame) -> CheckOutcome:
     labels = sorted(manifest["label"].unique())
     for name in SPLIT_NAMES:
         present = set(manifest.loc[manifest["split"] == name, "label"])
-        missing += [f"{name}: no {label}" for label in ("NORMAL", POSITIVE_LABEL) if label not in present]
+        missing += [
+            f"{name}: no {label}" for label in ("NORMAL", POSITIVE_LABEL) if label not in present
+        ]
     return CheckOutcome(
         passed=not missing,
         description="; ".join(missing) if missing else "both classes in every split",
@@ -244,10 +258,14 @@ def check_class_balance(manifest: pd.DataFrame, *, max_points: float = 5.0) -> C
     passed = all(gap <= max_points for gap in gaps.values())
     return CheckOutcome(
         passed=passed,
-        description=(f"pneumonia share per split within {max_points:g} points of the overall "
-                     f"{overall:.1%} (worst: {worst}, {gaps[worst]:.2f} points)"),
-        metadata={"overall_pneumonia_share": overall,
-                  **{f"{name}_gap_points": round(gap, 3) for name, gap in gaps.items()}},
+        description=(
+            f"pneumonia share per split within {max_points:g} points of the overall "
+            f"{overall:.1%} (worst: {worst}, {gaps[worst]:.2f} points)"
+        ),
+        metadata={
+            "overall_pneumonia_share": overall,
+            **{f"{name}_gap_points": round(gap, 3) for name, gap in gaps.items()},
+        },
     )
 
 

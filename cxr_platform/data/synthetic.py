@@ -115,10 +115,26 @@ def _anatomy(rng: np.random.Generator, spec: SyntheticSpec) -> _Anatomy:
 
 def _lung_masks(x, y, anatomy: _Anatomy, shift: tuple[float, float], tilt: float):
     sx, sy = shift
-    right = _soft_ellipse(x, y, 0.5 - anatomy.lung_dx + sx, anatomy.lung_cy + sy,
-                          anatomy.lung_rx, anatomy.lung_ry, edge=0.06, angle=tilt + 0.08)
-    left = _soft_ellipse(x, y, 0.5 + anatomy.lung_dx + sx, anatomy.lung_cy + sy,
-                         anatomy.lung_rx * 0.95, anatomy.lung_ry * 0.97, edge=0.06, angle=tilt - 0.08)
+    right = _soft_ellipse(
+        x,
+        y,
+        0.5 - anatomy.lung_dx + sx,
+        anatomy.lung_cy + sy,
+        anatomy.lung_rx,
+        anatomy.lung_ry,
+        edge=0.06,
+        angle=tilt + 0.08,
+    )
+    left = _soft_ellipse(
+        x,
+        y,
+        0.5 + anatomy.lung_dx + sx,
+        anatomy.lung_cy + sy,
+        anatomy.lung_rx * 0.95,
+        anatomy.lung_ry * 0.97,
+        edge=0.06,
+        angle=tilt - 0.08,
+    )
     return right, left
 
 
@@ -132,8 +148,9 @@ def _render(
     tilt = float(rng.uniform(-0.05, 0.05))
     sx, sy = shift
 
-    body = _soft_ellipse(x, y, 0.5 + sx, 0.58 + sy, anatomy.thorax_rx, anatomy.thorax_ry,
-                         edge=0.05, angle=tilt)
+    body = _soft_ellipse(
+        x, y, 0.5 + sx, 0.58 + sy, anatomy.thorax_rx, anatomy.thorax_ry, edge=0.05, angle=tilt
+    )
     image = 0.04 + 0.50 * body
     right, left = _lung_masks(x, y, anatomy, shift, tilt)
     lungs = np.maximum(right, left)
@@ -144,8 +161,16 @@ def _render(
     hilum = np.exp(-(((x - 0.5 - sx) / 0.22) ** 2))
     image += 0.035 * texture * lungs * (0.5 + hilum)
 
-    heart = _soft_ellipse(x, y, anatomy.heart_cx + sx, anatomy.heart_cy + sy,
-                          anatomy.heart_rx, anatomy.heart_ry, edge=0.10, angle=-0.3)
+    heart = _soft_ellipse(
+        x,
+        y,
+        anatomy.heart_cx + sx,
+        anatomy.heart_cy + sy,
+        anatomy.heart_rx,
+        anatomy.heart_ry,
+        edge=0.10,
+        angle=-0.3,
+    )
     image += 0.20 * heart * body
     spine = np.exp(-(((x - 0.5 - sx) / 0.035) ** 2)) * body
     image += 0.16 * spine
@@ -157,7 +182,9 @@ def _render(
         for side in (-1.0, 1.0):
             dx = (x - 0.5 - sx) * side
             curve = y0 + anatomy.rib_curve * 0.9 * dx**2 + 0.04 * dx
-            band = np.exp(-(((y - curve) / thickness) ** 2)) * (dx > 0.03) * (dx < anatomy.thorax_rx)
+            band = (
+                np.exp(-(((y - curve) / thickness) ** 2)) * (dx > 0.03) * (dx < anatomy.thorax_rx)
+            )
             image += 0.055 * band * body
     # Clavicles.
     for side in (-1.0, 1.0):
@@ -228,13 +255,21 @@ def _patient_rows(
         suffix = ".jpeg" if rng.random() < spec.jpeg_share else ".png"
         relative = Path(label) / f"{patient}-{k + 1:02d}{suffix}"
         image = Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
-        image.save(root / relative, quality=92) if suffix == ".jpeg" else image.save(root / relative)
+        image.save(root / relative, quality=92) if suffix == ".jpeg" else image.save(
+            root / relative
+        )
         mask_relative = ""
         if pneumonia:
             mask_relative = (Path("masks") / f"{patient}-{k + 1:02d}.png").as_posix()
             Image.fromarray(mask.astype(np.uint8) * 255).save(root / mask_relative)
-        rows.append({"file": relative.as_posix(), "label": label, "patient_id": patient,
-                     "mask": mask_relative})
+        rows.append(
+            {
+                "file": relative.as_posix(),
+                "label": label,
+                "patient_id": patient,
+                "mask": mask_relative,
+            }
+        )
     return rows
 
 
@@ -262,8 +297,11 @@ def generate_synthetic_dataset(
     n_normal = spec.n_normal_patients()
     per_patient = parallel_map(
         partial(_patient_rows, spec=spec, root=tmp, n_normal=n_normal),
-        list(range(spec.n_patients)), workers=workers, description="rendering synthetic X-rays",
-        progress=progress, chunksize=4,
+        list(range(spec.n_patients)),
+        workers=workers,
+        description="rendering synthetic X-rays",
+        progress=progress,
+        chunksize=4,
     )
     rows = [row for patient_rows in per_patient for row in patient_rows]
     with (tmp / "labels.csv").open("w", newline="") as handle:
@@ -271,8 +309,9 @@ def generate_synthetic_dataset(
         writer.writeheader()
         writer.writerows(rows)
     counts = {label: sum(r["label"] == label for r in rows) for label in ("NORMAL", "PNEUMONIA")}
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(
-        {"spec": _jsonable(spec), "images": len(rows), "per_class": counts}, indent=2))
+    (tmp / COMPLETE_MARKER).write_text(
+        json.dumps({"spec": _jsonable(spec), "images": len(rows), "per_class": counts}, indent=2)
+    )
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)

@@ -31,7 +31,9 @@ class AugmentationConfig:
         return asdict(self)
 
 
-def train_transforms(preprocessing: PreprocessingConfig, augmentation: AugmentationConfig) -> v2.Compose:
+def train_transforms(
+    preprocessing: PreprocessingConfig, augmentation: AugmentationConfig
+) -> v2.Compose:
     size = preprocessing.image_size
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=augmentation.crop_scale, antialias=True),
@@ -40,7 +42,9 @@ def train_transforms(preprocessing: PreprocessingConfig, augmentation: Augmentat
     if augmentation.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     if augmentation.brightness or augmentation.contrast:
-        steps.append(v2.ColorJitter(brightness=augmentation.brightness, contrast=augmentation.contrast))
+        steps.append(
+            v2.ColorJitter(brightness=augmentation.brightness, contrast=augmentation.contrast)
+        )
     steps += [
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize([preprocessing.mean], [preprocessing.std]),
@@ -49,11 +53,13 @@ def train_transforms(preprocessing: PreprocessingConfig, augmentation: Augmentat
 
 
 def eval_transforms(preprocessing: PreprocessingConfig) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize((preprocessing.image_size, preprocessing.image_size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize([preprocessing.mean], [preprocessing.std]),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize((preprocessing.image_size, preprocessing.image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([preprocessing.mean], [preprocessing.std]),
+        ]
+    )
 
 
 class CachedImageDataset(Dataset):
@@ -81,8 +87,9 @@ def class_balanced_sampler(labels: np.ndarray, *, seed: int) -> WeightedRandomSa
     counts = np.bincount(labels, minlength=2).astype(np.float64)
     weights = 1.0 / counts[labels]
     generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels),
-                                 replacement=True, generator=generator)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights), num_samples=len(labels), replacement=True, generator=generator
+    )
 
 
 def build_dataloader(
@@ -98,8 +105,11 @@ def build_dataloader(
 ) -> DataLoader:
     """Training split: augmented and shuffled (or class-balanced); others: deterministic order."""
     training = split == "train"
-    transform = (train_transforms(preprocessing, augmentation or AugmentationConfig())
-                 if training else eval_transforms(preprocessing))
+    transform = (
+        train_transforms(preprocessing, augmentation or AugmentationConfig())
+        if training
+        else eval_transforms(preprocessing)
+    )
     dataset = CachedImageDataset(cache, split, transform)
     sampler = class_balanced_sampler(dataset.labels, seed=seed) if training and balanced else None
     generator = torch.Generator().manual_seed(seed)

@@ -1,7 +1,6 @@
 """Group "data": source_images -> data_profile -> patient_splits -> preprocessed_cache."""
 # No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
 
-
 import dagster as dg
 import pandas as pd
 
@@ -29,17 +28,22 @@ class SplitConfig(dg.Config):
 
 
 @dg.asset(group_name=GROUP, kinds={"python"})
-def source_images(context: dg.AssetExecutionContext, platform: PlatformSettings) -> dg.Output[ImageIndex]:
+def source_images(
+    context: dg.AssetExecutionContext, platform: PlatformSettings
+) -> dg.Output[ImageIndex]:
     """Every labelled image in the configured data folder (the synthetic set when none is set)."""
     index = pipeline.discover(platform.settings(), progress=False)
     counts = index.records["label"].value_counts().to_dict()
     context.log.info("found %d images (%s) in %s", index.n_images, counts, index.root)
-    return dg.Output(index, metadata={
-        "root": dg.MetadataValue.path(str(index.root)),
-        "layout": index.layout,
-        "n_images": index.n_images,
-        **{f"n_{label.lower()}": int(n) for label, n in counts.items()},
-    })
+    return dg.Output(
+        index,
+        metadata={
+            "root": dg.MetadataValue.path(str(index.root)),
+            "layout": index.layout,
+            "n_images": index.n_images,
+            **{f"n_{label.lower()}": int(n) for label, n in counts.items()},
+        },
+    )
 
 
 @dg.asset(group_name=GROUP, kinds={"python"})
@@ -52,20 +56,27 @@ def data_profile(
     report = profiled.profile
     json_path = report.write_json(settings.reports_dir / "data_profile.json")
     for item in report.unreadable:
-        context.log.warning("unreadable: %s (%s: %s)", item["relative_path"], item["reason"], item["error"])
-    return dg.Output(profiled, metadata={
-        "profile": dg.MetadataValue.md(report.to_markdown()),
-        "json": dg.MetadataValue.path(str(json_path)),
-        "n_images": report.n_images,
-        "n_unreadable": report.n_unreadable,
-        "n_patients": report.n_patients,
-        "duplicate_groups": report.duplicate_groups,
-    })
+        context.log.warning(
+            "unreadable: %s (%s: %s)", item["relative_path"], item["reason"], item["error"]
+        )
+    return dg.Output(
+        profiled,
+        metadata={
+            "profile": dg.MetadataValue.md(report.to_markdown()),
+            "json": dg.MetadataValue.path(str(json_path)),
+            "n_images": report.n_images,
+            "n_unreadable": report.n_unreadable,
+            "n_patients": report.n_patients,
+            "duplicate_groups": report.duplicate_groups,
+        },
+    )
 
 
 @dg.asset(group_name=GROUP, kinds={"python"})
 def patient_splits(
-    context: dg.AssetExecutionContext, config: SplitConfig, platform: PlatformSettings,
+    context: dg.AssetExecutionContext,
+    config: SplitConfig,
+    platform: PlatformSettings,
     data_profile: ProfiledImages,
 ) -> dg.Output[pd.DataFrame]:
     """Patient-level, label-stratified train/val/test manifest (path,label,patient_id,split)."""
@@ -74,14 +85,17 @@ def patient_splits(
     manifest, _ = pipeline.split(data_profile, ratios=config.ratios, seed=seed)
     csv_path = write_manifest(manifest, settings.home / "splits" / "patient_splits.csv")
     summary = split_summary(manifest)
-    return dg.Output(manifest, metadata={
-        "summary": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f")),
-        "manifest": dg.MetadataValue.path(str(csv_path)),
-        "manifest_hash": manifest_hash(manifest),
-        "seed": seed,
-        "ratios": dg.MetadataValue.json(config.ratios),
-        **{f"n_{row.split}": int(row.images) for row in summary.itertuples()},
-    })
+    return dg.Output(
+        manifest,
+        metadata={
+            "summary": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f")),
+            "manifest": dg.MetadataValue.path(str(csv_path)),
+            "manifest_hash": manifest_hash(manifest),
+            "seed": seed,
+            "ratios": dg.MetadataValue.json(config.ratios),
+            **{f"n_{row.split}": int(row.images) for row in summary.itertuples()},
+        },
+    )
 
 
 def _split_check(name: str, check, description: str) -> dg.AssetChecksDefinition:
@@ -89,20 +103,33 @@ def _split_check(name: str, check, description: str) -> dg.AssetChecksDefinition
     def _run(patient_splits: pd.DataFrame) -> dg.AssetCheckResult:
         outcome = check(patient_splits)
         return dg.AssetCheckResult(
-            passed=outcome.passed, description=outcome.description, metadata=outcome.metadata,
+            passed=outcome.passed,
+            description=outcome.description,
+            metadata=outcome.metadata,
         )
+
     return _run
 
 
 split_checks = [
-    _split_check("no_patient_leakage", check_no_patient_leakage,
-                 "No patient appears in more than one split."),
-    _split_check("no_content_leakage", check_no_content_leakage,
-                 "No identical image (content hash) appears in more than one split."),
-    _split_check("both_classes_in_every_split", check_both_classes_per_split,
-                 "Every split holds both NORMAL and PNEUMONIA images."),
-    _split_check("class_share_balanced", check_class_balance,
-                 "Each split's pneumonia share is within 5 points of the overall share."),
+    _split_check(
+        "no_patient_leakage", check_no_patient_leakage, "No patient appears in more than one split."
+    ),
+    _split_check(
+        "no_content_leakage",
+        check_no_content_leakage,
+        "No identical image (content hash) appears in more than one split.",
+    ),
+    _split_check(
+        "both_classes_in_every_split",
+        check_both_classes_per_split,
+        "Every split holds both NORMAL and PNEUMONIA images.",
+    ),
+    _split_check(
+        "class_share_balanced",
+        check_class_balance,
+        "Each split's pneumonia share is within 5 points of the overall share.",
+    ),
 ]
 
 
@@ -113,15 +140,21 @@ def preprocessed_cache(
     """uint8 224x224 arrays per split (memory-mappable), reused when the input is unchanged."""
     cache = pipeline.cache(patient_splits, platform.settings(), progress=False)
     rows = "\n".join(
-        f"| {s.split} | {s.n_images} | {'reused' if s.reused else 'built'} | `{s.images_path.name}` |"
+        f"| {s.split} | {s.n_images} | {'reused' if s.reused else 'built'} "
+        f"| `{s.images_path.name}` |"
         for s in cache.splits.values()
     )
-    return dg.Output(cache, metadata={
-        "splits": dg.MetadataValue.md("| split | images | status | file |\n| --- | ---: | --- | --- |\n" + rows),
-        "root": dg.MetadataValue.path(str(cache.root)),
-        "preprocessing": dg.MetadataValue.json(cache.preprocessing),
-        "reused_all": all(s.reused for s in cache.splits.values()),
-    })
+    return dg.Output(
+        cache,
+        metadata={
+            "splits": dg.MetadataValue.md(
+                "| split | images | status | file |\n| --- | ---: | --- | --- |\n" + rows
+            ),
+            "root": dg.MetadataValue.path(str(cache.root)),
+            "preprocessing": dg.MetadataValue.json(cache.preprocessing),
+            "reused_all": all(s.reused for s in cache.splits.values()),
+        },
+    )
 
 
 data_assets = [source_images, data_profile, patient_splits, preprocessed_cache]

@@ -20,8 +20,12 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
         assets=data_assets,
         asset_checks=split_checks,
         jobs=[
-            dg.define_asset_job(DATA_JOB, selection=data, description="Discover, profile, split, cache."),
-            dg.define_asset_job(DEMO_JOB, selection=data, description="Everything `cxr demo` runs."),
+            dg.define_asset_job(
+                DATA_JOB, selection=data, description="Discover, profile, split, cache."
+            ),
+            dg.define_asset_job(
+                DEMO_JOB, selection=data, description="Everything `cxr demo` runs."
+            ),
         ],
         resources={
             "platform": PlatformSettings.from_settings(settings),

@@ -18,7 +18,10 @@ class PlatformSettings(dg.ConfigurableResource):
 
     def settings(self) -> CxrSettings:
         return load_settings(
-            home=self.home, data_dir=self.data_dir, seed=self.seed, workers=self.workers,
+            home=self.home,
+            data_dir=self.data_dir,
+            seed=self.seed,
+            workers=self.workers,
             synthetic_patients=self.synthetic_patients,
         )
 
@@ -27,6 +30,7 @@ class PlatformSettings(dg.ConfigurableResource):
         return cls(
             home=str(settings.home),
             data_dir=str(settings.data_dir) if settings.data_dir else None,
-            seed=settings.seed, workers=settings.workers,
+            seed=settings.seed,
+            workers=settings.workers,
             synthetic_patients=settings.synthetic_patients,
         )

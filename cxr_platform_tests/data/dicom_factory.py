@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     ExplicitVRLittleEndian,

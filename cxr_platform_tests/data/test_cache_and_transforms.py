@@ -47,8 +47,12 @@ def test_changed_split_reuses_rows_without_decoding(manifest, tmp_path, monkeypa
     moved = manifest.copy()
     moved.loc[moved.index[moved["split"] == "val"][0], "split"] = "train"
     import cxr_platform.data.cache as cache_module
-    monkeypatch.setattr(cache_module, "_decode_verified",
-                        lambda *a, **k: pytest.fail("decoded an image that was already cached"))
+
+    monkeypatch.setattr(
+        cache_module,
+        "_decode_verified",
+        lambda *a, **k: pytest.fail("decoded an image that was already cached"),
+    )
     rebuilt = build_cache(moved, tmp_path / "cache", config, progress=False)
     assert not rebuilt.splits["train"].reused
     assert len(rebuilt.images("train")) == (moved["split"] == "train").sum()
@@ -58,17 +62,22 @@ def test_cache_refuses_a_file_changed_after_profiling(manifest, tmp_path):
     changed = manifest.copy()
     changed.loc[0, "content_hash"] = "0" * 64
     with pytest.raises(CacheInputChangedError, match="changed after it was profiled"):
-        build_cache(changed, tmp_path / "cache2", PreprocessingConfig(image_size=32), progress=False)
+        build_cache(
+            changed, tmp_path / "cache2", PreprocessingConfig(image_size=32), progress=False
+        )
 
 
 def test_letterbox_keeps_aspect():
     wide = np.ones((10, 40), dtype=np.float32)
-    square = preprocess_from_pixels(wide, PreprocessingConfig(image_size=40, resize_mode="letterbox"))
+    square = preprocess_from_pixels(
+        wide, PreprocessingConfig(image_size=40, resize_mode="letterbox")
+    )
     assert square[:10].max() == 0 and square[20].min() == 255
 
 
 def preprocess_from_pixels(pixels, config):
     from cxr_platform.data.preprocessing import to_square_uint8
+
     return to_square_uint8(pixels, config)
 
 
@@ -82,8 +91,14 @@ def test_loaders_normalize_augment_and_balance(manifest, tmp_path):
     np.testing.assert_allclose(images[:, 0].numpy(), expected, atol=1e-5)
     assert set(labels.tolist()) <= {0.0, 1.0}
 
-    train = build_dataloader(cache, "train", preprocessing=config, batch_size=8, seed=0,
-                             augmentation=AugmentationConfig())
+    train = build_dataloader(
+        cache,
+        "train",
+        preprocessing=config,
+        batch_size=8,
+        seed=0,
+        augmentation=AugmentationConfig(),
+    )
     batch_a, _ = next(iter(train))
     batch_b, _ = next(iter(train))
     assert not torch.equal(batch_a, batch_b)  # random augmentation and shuffling

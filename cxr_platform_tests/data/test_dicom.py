@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    BasicTextSRStorage,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
-    BasicTextSRStorage,
     generate_uid,
 )
 
@@ -101,7 +101,9 @@ def test_legacy_file_without_part10_header():
 
 
 def test_zero_pixel_spacing_is_tolerated():
-    ds = make_dicom(RAMP12, bits_stored=12, extra={"PixelSpacing": [0, 0], "ImagerPixelSpacing": [0, 0]})
+    ds = make_dicom(
+        RAMP12, bits_stored=12, extra={"PixelSpacing": [0, 0], "ImagerPixelSpacing": [0, 0]}
+    )
     assert read_image(to_bytes(ds)).pixels.shape == (32, 64)
 
 

@@ -42,8 +42,12 @@ def test_rgb_rgba_palette_and_16bit_become_the_same_grayscale():
     rgba = Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)]))
     palette = rgb.quantize(colors=256)
     sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
-    for image, mode, tolerance in [(rgb, "RGB", 1e-5), (rgba, "RGBA", 1e-5),
-                                   (palette, "P", 2 / 255), (sixteen, None, 1e-5)]:
+    for image, mode, tolerance in [
+        (rgb, "RGB", 1e-5),
+        (rgba, "RGBA", 1e-5),
+        (palette, "P", 2 / 255),
+        (sixteen, None, 1e-5),
+    ]:
         decoded = read_image(_encode(image, "PNG"))
         if mode:
             assert decoded.mode == mode

@@ -45,7 +45,8 @@ def test_dicom_folder_with_labels_by_uid_and_patient_from_header(tmp_path):
         (tmp_path / "studies" / f"img{i}.dcm").write_bytes(to_bytes(ds))
         uids.append(ds.SOPInstanceUID)
     (tmp_path / "labels.csv").write_text(
-        "sop_instance_uid,label\n" + "".join(f"{u},{lab}\n" for u, lab in zip(uids, ["1", "1", "0"], strict=True))
+        "sop_instance_uid,label\n"
+        + "".join(f"{u},{lab}\n" for u, lab in zip(uids, ["1", "1", "0"], strict=True))
     )
     index = discover_images(tmp_path)
     assert index.layout == "labels-csv"
@@ -59,7 +60,11 @@ def test_labels_csv_by_file_name(tmp_path):
     _png(tmp_path / "x/person3_virus_1.png")
     (tmp_path / "labels.csv").write_text("file,label\nx/person3_virus_1.png,pneumonia\n")
     record = discover_images(tmp_path).records.iloc[0]
-    assert (record["label"], record["patient_id"], record["patient_source"]) == ("PNEUMONIA", "person3", "filename")
+    assert (record["label"], record["patient_id"], record["patient_source"]) == (
+        "PNEUMONIA",
+        "person3",
+        "filename",
+    )
 
 
 def test_bad_labels_are_reported_with_line_number(tmp_path):

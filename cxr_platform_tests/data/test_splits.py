@@ -24,8 +24,15 @@ def _records(patient_sizes: list[int], patient_labels: list[str], hashes=None) -
     rows = []
     for p, (size, label) in enumerate(zip(patient_sizes, patient_labels, strict=True)):
         for k in range(size):
-            rows.append({"path": f"/d/p{p}_{k}.png", "relative_path": f"p{p}_{k}.png",
-                         "label": label, "patient_id": f"p{p}", "content_hash": f"h{p}_{k}"})
+            rows.append(
+                {
+                    "path": f"/d/p{p}_{k}.png",
+                    "relative_path": f"p{p}_{k}.png",
+                    "label": label,
+                    "patient_id": f"p{p}",
+                    "content_hash": f"h{p}_{k}",
+                }
+            )
     frame = pd.DataFrame(rows)
     if hashes:
         for row, content_hash in hashes.items():
@@ -39,7 +46,8 @@ patients = st.lists(
         st.one_of(st.integers(1, 4), st.integers(20, 200)),
         st.sampled_from(["NORMAL", "PNEUMONIA"]),
     ),
-    min_size=1, max_size=80,
+    min_size=1,
+    max_size=80,
 )
 
 
@@ -51,7 +59,10 @@ def test_no_patient_or_content_ever_leaks(patients, seed, data):
     # Identical images shared between random rows (different patients) must stay together too.
     n_dupes = data.draw(st.integers(0, min(5, len(records) // 2)))
     for _ in range(n_dupes):
-        a, b = data.draw(st.integers(0, len(records) - 1)), data.draw(st.integers(0, len(records) - 1))
+        a, b = (
+            data.draw(st.integers(0, len(records) - 1)),
+            data.draw(st.integers(0, len(records) - 1)),
+        )
         records.loc[b, "content_hash"] = records.loc[a, "content_hash"]
     manifest = make_manifest(records, seed=seed)
     assert len(manifest) == len(records)
@@ -92,13 +103,15 @@ def test_three_patients_still_fill_three_splits():
 
 
 def test_balance_check_fails_when_a_split_is_skewed():
-    manifest = pd.DataFrame({
-        "patient_id": [f"p{i}" for i in range(20)],
-        "label": ["PNEUMONIA"] * 10 + ["NORMAL"] * 10,
-        "split": ["train"] * 10 + ["val"] * 5 + ["test"] * 5,
-        "content_hash": [f"h{i}" for i in range(20)],
-        "relative_path": [f"{i}.png" for i in range(20)],
-    })
+    manifest = pd.DataFrame(
+        {
+            "patient_id": [f"p{i}" for i in range(20)],
+            "label": ["PNEUMONIA"] * 10 + ["NORMAL"] * 10,
+            "split": ["train"] * 10 + ["val"] * 5 + ["test"] * 5,
+            "content_hash": [f"h{i}" for i in range(20)],
+            "relative_path": [f"{i}.png" for i in range(20)],
+        }
+    )
     assert not check_class_balance(manifest).passed
     leaked = manifest.assign(patient_id=["same"] * 20)
     assert not check_no_patient_leakage(leaked).passed

@@ -26,7 +26,9 @@ def test_deterministic_by_seed_and_independent_of_workers(tmp_path):
     spec = SyntheticSpec(n_patients=6, seed=11)
     a = generate_synthetic_dataset(tmp_path / "a", spec, progress=False)
     b = generate_synthetic_dataset(tmp_path / "b", spec, workers=2, progress=False)
-    c = generate_synthetic_dataset(tmp_path / "c", SyntheticSpec(n_patients=6, seed=12), progress=False)
+    c = generate_synthetic_dataset(
+        tmp_path / "c", SyntheticSpec(n_patients=6, seed=12), progress=False
+    )
     assert _digest(a) == _digest(b) != _digest(c)
 
 
@@ -57,20 +59,28 @@ def test_lesions_lie_inside_the_lung_fields(tiny_synthetic):
 
 
 def test_learnable_but_not_trivial(tmp_path):
-    root = generate_synthetic_dataset(tmp_path / "s", SyntheticSpec(n_patients=120, seed=5),
-                                      workers=2, progress=False)
+    root = generate_synthetic_dataset(
+        tmp_path / "s", SyntheticSpec(n_patients=120, seed=5), workers=2, progress=False
+    )
     labels = pd.read_csv(root / "labels.csv")
     y = (labels["label"] == "PNEUMONIA").to_numpy()
-    images = np.stack([
-        np.asarray(Image.open(root / f).convert("L").resize((32, 32)), dtype=np.float32) / 255
-        for f in labels["file"]
-    ])
+    images = np.stack(
+        [
+            np.asarray(Image.open(root / f).convert("L").resize((32, 32)), dtype=np.float32) / 255
+            for f in labels["file"]
+        ]
+    )
     # Not trivial: overall brightness alone does not separate the classes.
     brightness_auc = roc_auc_score(y, images.mean(axis=(1, 2)))
     assert max(brightness_auc, 1 - brightness_auc) < 0.8
     # Learnable: even a linear model on 32x32 pixels beats chance (patient-grouped CV).
     features = images.reshape(len(images), -1)
-    scores = cross_val_predict(LogisticRegression(C=0.1, max_iter=2000), features, y,
-                               groups=labels["patient_id"], cv=GroupKFold(4),
-                               method="predict_proba")[:, 1]
+    scores = cross_val_predict(
+        LogisticRegression(C=0.1, max_iter=2000),
+        features,
+        y,
+        groups=labels["patient_id"],
+        cv=GroupKFold(4),
+        method="predict_proba",
+    )[:, 1]
     assert roc_auc_score(y, scores) > 0.6

@@ -27,12 +27,18 @@ def test_data_job_materializes_reports_corruption_and_checks_pass(tiny_synthetic
 
     settings = load_settings(home=tmp_path / "home", data_dir=data, workers=1)
     instance = dg.DagsterInstance.ephemeral()
-    result = build_definitions(settings).resolve_job_def(DATA_JOB).execute_in_process(instance=instance)
+    result = (
+        build_definitions(settings).resolve_job_def(DATA_JOB).execute_in_process(instance=instance)
+    )
     assert result.success
 
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"no_patient_leakage": True, "no_content_leakage": True,
-                      "both_classes_in_every_split": True, "class_share_balanced": True}
+    assert checks == {
+        "no_patient_leakage": True,
+        "no_content_leakage": True,
+        "both_classes_in_every_split": True,
+        "class_share_balanced": True,
+    }
 
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"source_images", "data_profile", "patient_splits", "preprocessed_cache"}
@@ -47,7 +53,9 @@ def test_data_job_materializes_reports_corruption_and_checks_pass(tiny_synthetic
     assert (settings.reports_dir / "data_profile.json").exists()
 
     # Same input again: the cache is reused, not rebuilt.
-    rerun = build_definitions(settings).resolve_job_def(DATA_JOB).execute_in_process(instance=instance)
+    rerun = (
+        build_definitions(settings).resolve_job_def(DATA_JOB).execute_in_process(instance=instance)
+    )
     assert all(s.reused for s in rerun.output_for_node("preprocessed_cache").splits.values())
 
 
@@ -61,8 +69,11 @@ def test_failing_blocking_check_stops_the_cache(tmp_path, tiny_synthetic):
         shutil.copy(tiny_synthetic / file, data / file)
     keep[["file", "label", "patient_id"]].to_csv(data / "labels.csv", index=False)
     settings = load_settings(home=tmp_path / "home", data_dir=data, workers=1)
-    result = build_definitions(settings).resolve_job_def(DATA_JOB).execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    result = (
+        build_definitions(settings)
+        .resolve_job_def(DATA_JOB)
+        .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    )
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["both_classes_in_every_split"] is False
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}

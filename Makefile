@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  then  `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CXR_HOME ?= $(CURDIR)/.cxr
+export CXR_HOME
+
+.PHONY: demo test setup ui bench lint clean
+
+# The venv is rebuilt only when pyproject.toml changes.
+$(BIN)/cxr: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/cxr
+
+setup: $(BIN)/cxr
+
+demo: setup
+	$(BIN)/cxr demo
+
+test: setup
+	$(BIN)/python -m pytest -n 2 cxr_platform_tests
+
+ui: setup
+	DAGSTER_HOME=$(CXR_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -p 3000
+
+bench: setup
+	$(BIN)/python benchmarks/data_pipeline.py
+
+lint: setup
+	$(BIN)/ruff check cxr_platform cxr_platform_tests benchmarks
+
+clean:
+	rm -rf $(CXR_HOME)
