@@ -297,8 +297,10 @@ def _read_dicom(
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if stored.ndim == 3 and stored.shape[-1] in (3, 4):
         # Colour secondary captures: pydicom has already converted YBR to RGB.
-        pixels = _min_max(_luma(stored[..., :3].astype(np.float32)))
         bit_depth = int(dataset.get("BitsStored", 8))
+        # Scale by the stored range, as for 8-bit PNG/JPEG, not by this image's own min/max.
+        top = float(2**bit_depth - 1)
+        pixels = np.clip(_luma(stored[..., :3].astype(np.float32)) / top, 0.0, 1.0)
     elif stored.ndim == 2:
         pixels = _monochrome_to_unit(dataset, stored, window_index)
         if photometric == "MONOCHROME1":

@@ -129,3 +129,15 @@ def test_multi_frame_is_rejected():
 
 def test_sop_instance_uid_is_unique_per_file():
     assert make_dicom(RAMP12).SOPInstanceUID != make_dicom(RAMP12).SOPInstanceUID != generate_uid()
+
+
+def test_rgb_secondary_capture_matches_the_same_png():
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    gray = np.tile(np.linspace(40, 200, 64), (16, 1)).astype(np.uint8)
+    rgb = np.stack([gray] * 3, axis=-1)
+    ds = make_dicom(gray, sop_class=SecondaryCaptureImageStorage)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.tobytes()
+    decoded = read_image(to_bytes(ds))
+    np.testing.assert_allclose(decoded.pixels, gray / 255.0, atol=1e-5)  # not stretched to 0..1
