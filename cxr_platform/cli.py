@@ -129,6 +129,21 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     )
 
 
+def _profile_folder(ctx: click.Context, data_dir: Path, **overrides: object):
+    """Settings for DATA_DIR, then discovery and a full profile (progress bar on a terminal)."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.sources import discover_images
+
+    settings = _settings(ctx, data_dir=data_dir, **overrides)
+    index = discover_images(data_dir)
+    return settings, pipeline.profile(index, settings, progress=sys.stderr.isatty())
+
+
+WORKERS_OPTION = click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Parallel decode workers."
+)
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -138,19 +153,14 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     default=None,
     help="Also write the profile as JSON here.",
 )
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
+@WORKERS_OPTION
 @click.pass_context
 @_fail_cleanly
 def profile(
     ctx: click.Context, data_dir: Path, json_path: Path | None, workers: int | None
 ) -> None:
     """Profile a dataset: classes, sizes, modes, patients, unreadable files, duplicates."""
-    from cxr_platform.data import pipeline
-    from cxr_platform.data.sources import discover_images
-
-    settings = _settings(ctx, data_dir=data_dir, workers=workers)
-    index = discover_images(data_dir)
-    profiled = pipeline.profile(index, settings, progress=sys.stderr.isatty())
+    _, profiled = _profile_folder(ctx, data_dir, workers=workers)
     click.echo(profiled.profile.to_markdown())
     if json_path:
         profiled.profile.write_json(json_path)
@@ -175,7 +185,7 @@ def profile(
     show_default=True,
     help="train val test fractions.",
 )
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode processes.")
+@WORKERS_OPTION
 @click.pass_context
 @_fail_cleanly
 def split(
@@ -188,12 +198,9 @@ def split(
 ) -> None:
     """Write a patient-level, label-stratified train/val/test split of DATA_DIR."""
     from cxr_platform.data import pipeline
-    from cxr_platform.data.sources import discover_images
     from cxr_platform.data.splits import split_summary, write_manifest
 
-    settings = _settings(ctx, data_dir=data_dir, workers=workers, seed=seed)
-    index = discover_images(data_dir)
-    profiled = pipeline.profile(index, settings, progress=sys.stderr.isatty())
+    settings, profiled = _profile_folder(ctx, data_dir, workers=workers, seed=seed)
     if profiled.profile.n_unreadable:
         click.echo(
             f"left out {profiled.profile.n_unreadable} unreadable files "
