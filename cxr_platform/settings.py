@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
 
@@ -42,6 +43,20 @@ class CxrSettings(BaseSettings):
         default=100_000_000, description="Decompression-bomb guard: larger images are refused."
     )
     mlflow_tracking_uri: str | None = None
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("baseline_cnn", "resnet18"),
+        description="Architectures the Dagster code location trains (one asset chain each).",
+    )
+    training_profile: Literal["auto", "demo", "full"] = Field(
+        default="auto", description="auto: demo on the synthetic set, full on real data."
+    )
+    device: str = Field(default="auto", description="torch device; auto = CUDA, then CPU.")
+    pretrained: Literal["auto", "required", "none"] = "auto"
+    threshold_rule: Literal["sensitivity_target", "youden"] = "sensitivity_target"
+    target_sensitivity: float = Field(default=0.95, gt=0, le=1)
+    # Blocking floors on test AUC / sensitivity; unset means the profile's default.
+    min_test_auc: float | None = Field(default=None, ge=0, le=1)
+    min_test_sensitivity: float | None = Field(default=None, ge=0, le=1)
     inference_log_url: str | None = None
     dagster_port: int = 3000
     # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
@@ -56,6 +71,14 @@ class CxrSettings(BaseSettings):
     @classmethod
     def _absolute_data_dir(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_separated_models(cls, value: object) -> object:
+        # CXR_MODELS=baseline_cnn,resnet18,densenet121 reads more naturally than a JSON list.
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> CxrSettings:
@@ -95,6 +118,34 @@ class CxrSettings(BaseSettings):
             return self.inference_log_url
         return f"sqlite:///{self.home / 'inference_log.db'}"
 
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def uses_synthetic_data(self) -> bool:
+        return self.data_dir is None
+
+    @property
+    def resolved_training_profile(self) -> str:
+        if self.training_profile != "auto":
+            return self.training_profile
+        return "demo" if self.uses_synthetic_data else "full"
+
+    @property
+    def evaluation_floors(self) -> tuple[float, float]:
+        """(test AUC, test sensitivity) a model must reach before anything ships it.
+
+        The demo profile trains from scratch for a few CPU minutes, so its floors only say
+        "clearly better than chance"; real-data floors are what a screening tool needs.
+        """
+        demo = self.resolved_training_profile == "demo"
+        auc = self.min_test_auc if self.min_test_auc is not None else (0.6 if demo else 0.85)
+        sensitivity = self.min_test_sensitivity
+        if sensitivity is None:
+            sensitivity = 0.75 if demo else 0.90
+        return auc, sensitivity
+
     def synthetic_dataset_dir(self) -> Path:
         return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"
 
@@ -106,6 +157,7 @@ class CxrSettings(BaseSettings):
             self.cache_dir,
             self.reports_dir,
             self.mlflow_dir,
+            self.models_dir,
         ):
             path.mkdir(parents=True, exist_ok=True)
 

@@ -1,25 +1,29 @@
-"""torchvision v2 transforms and DataLoaders over the preprocessed cache.
+"""Batched augmentation and batching over the preprocessed uint8 cache, on any torch device.
 
-Inputs are uint8 tensors ``(1, H, W)`` straight from the cache; normalization uses the
+Every sample in a batch draws its own crop, rotation, flip, brightness and contrast. Crop, rotation
+and flip are composed into one affine matrix per sample and applied with a single ``grid_sample``,
+so each image is resampled once (sequential per-op transforms would interpolate three times) and
+the whole batch is one kernel call on CPU or GPU. Normalization uses the
 :class:`PreprocessingConfig` constants so evaluation and serving see identical inputs.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from torchvision.transforms import v2
+import torch.nn.functional as F
 
-from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 
 
 @dataclass(frozen=True)
 class AugmentationConfig:
-    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # share of the image area kept by the crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     rotation_degrees: float = 15.0
     # Flipping mirrors the heart to the right side; kept on by default (it regularizes small
     # datasets) and switchable for teams that prefer anatomically plausible inputs only.
@@ -30,96 +34,166 @@ class AugmentationConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def train_transforms(
-    preprocessing: PreprocessingConfig, augmentation: AugmentationConfig
-) -> v2.Compose:
-    size = preprocessing.image_size
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=augmentation.crop_scale, antialias=True),
-        v2.RandomRotation(augmentation.rotation_degrees),
-    ]
-    if augmentation.horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if augmentation.brightness or augmentation.contrast:
-        steps.append(
-            v2.ColorJitter(brightness=augmentation.brightness, contrast=augmentation.contrast)
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentationConfig:
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # JSON lists
         )
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize([preprocessing.mean], [preprocessing.std]),
-    ]
-    return v2.Compose(steps)
 
 
-def eval_transforms(preprocessing: PreprocessingConfig) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.Resize((preprocessing.image_size, preprocessing.image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([preprocessing.mean], [preprocessing.std]),
-        ]
+NO_AUGMENTATION = AugmentationConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    rotation_degrees=0.0,
+    horizontal_flip=False,
+    brightness=0.0,
+    contrast=0.0,
+)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> float32 in [0, 1]."""
+    return images.to(torch.float32).div_(255.0)
+
+
+def normalize(unit_images: torch.Tensor, preprocessing: PreprocessingConfig) -> torch.Tensor:
+    """The torch twin of :func:`preprocessing.normalize_uint8` (same constants, same order)."""
+    return (unit_images - preprocessing.mean) / preprocessing.std
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+
+def affine_matrices(
+    n: int, config: AugmentationConfig, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """(n, 2, 3) matrices mapping output to input coordinates, in ``affine_grid``'s [-1, 1] space.
+
+    Random resized crop: area share ``s`` and aspect ratio ``r`` give a crop of half-widths
+    ``sqrt(s*r)`` by ``sqrt(s/r)`` (clipped to the image), centred where it still fits; then a
+    rotation about the crop centre and an optional mirror.
+    """
+    scale = _uniform(n, *config.crop_scale, generator, device)
+    log_ratio = _uniform(n, *(math.log(r) for r in config.crop_ratio), generator, device)
+    ratio = torch.exp(log_ratio)
+    half_w = torch.sqrt(scale * ratio).clamp(max=1.0)
+    half_h = torch.sqrt(scale / ratio).clamp(max=1.0)
+    centre_x = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - half_w)
+    centre_y = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - half_h)
+    angle = _uniform(
+        n, -config.rotation_degrees, config.rotation_degrees, generator, device
+    ) * (math.pi / 180)
+    flip = torch.ones(n, device=device)
+    if config.horizontal_flip:
+        flip = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -flip, flip)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    matrices = torch.empty(n, 2, 3, device=device)
+    matrices[:, 0, 0] = cos * half_w * flip
+    matrices[:, 0, 1] = -sin * half_h
+    matrices[:, 0, 2] = centre_x
+    matrices[:, 1, 0] = sin * half_w * flip
+    matrices[:, 1, 1] = cos * half_h
+    matrices[:, 1, 2] = centre_y
+    return matrices
+
+
+def augment(
+    unit_images: torch.Tensor, config: AugmentationConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-sample random crop/rotation/flip, then brightness and contrast; stays in [0, 1]."""
+    n, _, height, width = unit_images.shape
+    device = unit_images.device
+    matrices = affine_matrices(n, config, generator, device)
+    grid = F.affine_grid(matrices, [n, 1, height, width], align_corners=False)
+    # Zero padding: rotated corners are black, as in the field's standard RandomRotation.
+    images = F.grid_sample(
+        unit_images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
+    if config.brightness:
+        factor = _uniform(n, 1 - config.brightness, 1 + config.brightness, generator, device)
+        images = images * factor.view(n, 1, 1, 1)
+    if config.contrast:
+        factor = _uniform(n, 1 - config.contrast, 1 + config.contrast, generator, device)
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        images = (images - mean) * factor.view(n, 1, 1, 1) + mean
+    return images.clamp_(0.0, 1.0)
 
 
-class CachedImageDataset(Dataset):
-    """Images of one split from the memory-mapped cache, with float labels (1 = pneumonia)."""
+def balanced_indices(labels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's worth of indices drawn so that each class appears equally often."""
+    labels_t = torch.as_tensor(labels.astype(np.int64))
+    counts = torch.bincount(labels_t, minlength=2).to(torch.float64)
+    weights = (1.0 / counts)[labels_t]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
 
-    def __init__(self, cache: PreprocessedCache, split: str, transform: v2.Compose) -> None:
-        self.images_path = cache.splits[split].images_path
-        self.labels = cache.labels(split)
-        self.transform = transform
-        self._images: np.ndarray | None = None  # opened lazily: one memmap per worker process
+
+class TensorBatches:
+    """A split held as one uint8 tensor (on the training device) and served in batches.
+
+    With a 224x224 cache one image is 49 KiB, so the 5,216-image Kaggle training set is 256 MiB:
+    small enough for host or accelerator memory, which removes per-sample loading entirely.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        preprocessing: PreprocessingConfig,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise ValueError(f"expected uint8 (N, H, W) images, got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(self.device)
+        self.labels_np = labels.astype(np.float32)
+        self.labels = torch.from_numpy(self.labels_np).to(self.device)
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.labels_np)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._images is None:
-            self._images = np.load(self.images_path, mmap_mode="r")
-        image = torch.from_numpy(np.array(self._images[index], copy=True)).unsqueeze(0)
-        return self.transform(image), torch.tensor(self.labels[index])
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
 
+    def batch(
+        self,
+        indices: torch.Tensor,
+        *,
+        augmentation: AugmentationConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.device)
+        images = to_unit_float(self.images.index_select(0, indices))
+        if augmentation is not None and augmentation != NO_AUGMENTATION:
+            assert generator is not None
+            images = augment(images, augmentation, generator)
+        return normalize(images, self.preprocessing), self.labels.index_select(0, indices)
 
-def class_balanced_sampler(labels: np.ndarray, *, seed: int) -> WeightedRandomSampler:
-    """Draw each class equally often per epoch (with replacement)."""
-    labels = labels.astype(np.int64)
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    weights = 1.0 / counts[labels]
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(
-        torch.as_tensor(weights), num_samples=len(labels), replacement=True, generator=generator
-    )
+    def training_epoch(
+        self,
+        batch_size: int,
+        *,
+        augmentation: AugmentationConfig,
+        seed: int,
+        balanced: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled (or class-balanced) augmented batches, fully determined by ``seed``."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        order_generator = torch.Generator().manual_seed(seed)
+        if balanced:
+            order = balanced_indices(self.labels_np, order_generator)
+        else:
+            order = torch.randperm(len(self), generator=order_generator)
+        for start in range(0, len(order), batch_size):
+            yield self.batch(
+                order[start : start + batch_size], augmentation=augmentation, generator=generator
+            )
 
-
-def build_dataloader(
-    cache: PreprocessedCache,
-    split: str,
-    *,
-    preprocessing: PreprocessingConfig,
-    augmentation: AugmentationConfig | None = None,
-    batch_size: int = 32,
-    balanced: bool = False,
-    workers: int = 0,
-    seed: int = 0,
-) -> DataLoader:
-    """Training split: augmented and shuffled (or class-balanced); others: deterministic order."""
-    training = split == "train"
-    transform = (
-        train_transforms(preprocessing, augmentation or AugmentationConfig())
-        if training
-        else eval_transforms(preprocessing)
-    )
-    dataset = CachedImageDataset(cache, split, transform)
-    sampler = class_balanced_sampler(dataset.labels, seed=seed) if training and balanced else None
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=training and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        generator=generator,
-        drop_last=False,
-    )
+    def evaluation_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            indices = torch.arange(start, min(start + batch_size, len(self)))
+            yield self.batch(indices)

@@ -1,0 +1,332 @@
+"""Medical evaluation: threshold and calibration chosen on validation, then applied to test.
+
+Order matters and is enforced by the code path: validation logits -> temperature (NLL fit) ->
+operating threshold on calibrated validation probabilities -> only then are test predictions
+scored, with the threshold and temperature already frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from cxr_platform.errors import CxrError
+
+ThresholdRuleName = Literal["sensitivity_target", "youden"]
+THRESHOLD_RULES: tuple[str, ...] = ("sensitivity_target", "youden")
+
+
+class EvaluationError(CxrError):
+    pass
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    name: ThresholdRuleName = "sensitivity_target"
+    target_sensitivity: float = 0.95
+
+    def describe(self) -> str:
+        if self.name == "youden":
+            return "maximum Youden's J (sensitivity + specificity - 1) on validation"
+        return f"highest specificity with sensitivity >= {self.target_sensitivity:.2f} on validation"
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a deployed model needs besides its weights: calibration and the decision threshold."""
+
+    threshold: float  # on the calibrated probability; PNEUMONIA when probability >= threshold
+    temperature: float
+    rule: str
+    target_sensitivity: float | None
+    val_sensitivity: float
+    val_specificity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_binary(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels).astype(int).ravel()
+    if set(np.unique(labels)) != {0, 1}:
+        raise EvaluationError("evaluation needs both classes (0 = normal, 1 = pneumonia)")
+    return labels
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T > 0 minimizing the NLL of ``sigmoid(logit / T)`` (Guo et al. 2017)."""
+    labels = _check_binary(labels)
+    logits = np.asarray(logits, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        z = logits / math.exp(log_t)
+        # log(1 + exp(-|z|)) + max(z, 0) - y z: stable binary cross-entropy on logits
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def choose_threshold(
+    labels: np.ndarray, probabilities: np.ndarray, rule: ThresholdRule = ThresholdRule()
+) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) on the data given, which must be validation data.
+
+    Candidates are the distinct scores (``roc_curve`` without point dropping), so the chosen
+    threshold reproduces its validation sensitivity exactly under ``score >= threshold``.
+    """
+    labels = _check_binary(labels)
+    fpr, tpr, thresholds = roc_curve(labels, probabilities, drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if rule.name == "youden":
+        index = int(np.argmax(tpr - fpr))  # first maximum = highest threshold among ties
+    elif rule.name == "sensitivity_target":
+        # Thresholds descend, so fpr only grows: the first point reaching the target sensitivity
+        # has the highest specificity of all that reach it.
+        index = int(np.argmax(tpr >= rule.target_sensitivity - 1e-12))
+    else:
+        raise EvaluationError(f"unknown threshold rule {rule.name!r}; choose from {THRESHOLD_RULES}")
+    return float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index])
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def threshold_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    labels = np.asarray(labels).astype(int).ravel()
+    predicted = (np.asarray(probabilities) >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
+    sensitivity = _ratio(tp, tp + fn)
+    ppv = _ratio(tp, tp + fp)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "f1": f1,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+    }
+
+
+def bootstrap_auc_ci(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile CI of ROC AUC, resampling positives and negatives separately (stratified) so
+    every replicate keeps the observed prevalence and both classes."""
+    labels = _check_binary(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    rng = np.random.default_rng(seed)
+    pos = positives[rng.integers(0, len(positives), (n_bootstrap, len(positives)))]
+    neg = negatives[rng.integers(0, len(negatives), (n_bootstrap, len(negatives)))]
+    # AUC = P(score_pos > score_neg) + 0.5 P(tie), computed per replicate by ranking within it.
+    aucs = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        aucs[b] = _mann_whitney_auc(pos[b], neg[b])
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
+
+
+def _mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    negatives = np.sort(negatives)
+    below = np.searchsorted(negatives, positives, side="left")
+    below_or_equal = np.searchsorted(negatives, positives, side="right")
+    return float((below + below_or_equal).sum() / (2.0 * len(positives) * len(negatives)))
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15
+) -> float:
+    """Equal-width bins over the pneumonia probability; weighted |observed rate - mean prob|."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
+    bins = np.clip((probabilities * n_bins).astype(int), 0, n_bins - 1)
+    error = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
+    return float(error)
+
+
+def reliability_curve(
+    labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15
+) -> list[tuple[float, float, int]]:
+    """(mean predicted, observed rate, count) per non-empty bin, for the reliability plot."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
+    bins = np.clip((probabilities * n_bins).astype(int), 0, n_bins - 1)
+    return [
+        (float(probabilities[bins == b].mean()), float(labels[bins == b].mean()), int((bins == b).sum()))
+        for b in range(n_bins)
+        if (bins == b).any()
+    ]
+
+
+@dataclass
+class SplitEvaluation:
+    split: str
+    n: int
+    n_positive: int
+    auc: float
+    auc_ci_low: float
+    auc_ci_high: float
+    ece_uncalibrated: float
+    ece: float  # after temperature scaling
+    accuracy: float
+    sensitivity: float | None
+    specificity: float | None
+    ppv: float | None
+    npv: float | None
+    f1: float | None
+    tn: int
+    fp: int
+    fn: int
+    tp: int
+
+
+def evaluate_split(
+    split: str,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    operating_point: OperatingPoint,
+    *,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> SplitEvaluation:
+    labels = _check_binary(labels)
+    probabilities = calibrated_probabilities(logits, operating_point.temperature)
+    low, high = bootstrap_auc_ci(labels, logits, n_bootstrap=n_bootstrap, seed=seed)
+    return SplitEvaluation(
+        split=split,
+        n=len(labels),
+        n_positive=int(labels.sum()),
+        auc=float(roc_auc_score(labels, logits)),
+        auc_ci_low=low,
+        auc_ci_high=high,
+        ece_uncalibrated=expected_calibration_error(labels, expit(np.asarray(logits))),
+        ece=expected_calibration_error(labels, probabilities),
+        **threshold_metrics(labels, probabilities, operating_point.threshold),
+    )
+
+
+def fit_operating_point(
+    val_labels: np.ndarray, val_logits: np.ndarray, rule: ThresholdRule = ThresholdRule()
+) -> OperatingPoint:
+    """Temperature and threshold, from validation predictions only."""
+    temperature = fit_temperature(val_logits, val_labels)
+    threshold, sensitivity, specificity = choose_threshold(
+        val_labels, calibrated_probabilities(val_logits, temperature), rule
+    )
+    return OperatingPoint(
+        threshold=threshold,
+        temperature=temperature,
+        rule=rule.name,
+        target_sensitivity=rule.target_sensitivity if rule.name == "sensitivity_target" else None,
+        val_sensitivity=sensitivity,
+        val_specificity=specificity,
+    )
+
+
+@dataclass
+class EvaluationReport:
+    arch: str
+    model_name: str
+    operating_point: OperatingPoint
+    splits: dict[str, SplitEvaluation]
+    training: dict[str, Any] = field(default_factory=dict)
+    # Kept for plots; not written to JSON (one number per image would bloat the report).
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def headline(self, split: str = "test") -> dict[str, Any]:
+        s = self.splits[split]
+        return {
+            "auc": s.auc,
+            "auc_ci_low": s.auc_ci_low,
+            "auc_ci_high": s.auc_ci_high,
+            "accuracy": s.accuracy,
+            "sensitivity": s.sensitivity,
+            "specificity": s.specificity,
+            "ppv": s.ppv,
+            "npv": s.npv,
+            "f1": s.f1,
+            "ece": s.ece,
+            "threshold": self.operating_point.threshold,
+            f"n_{split}": s.n,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "model_name": self.model_name,
+            "operating_point": self.operating_point.to_dict(),
+            "splits": {name: asdict(s) for name, s in self.splits.items()},
+            "training": self.training,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def evaluate_predictions(
+    *,
+    arch: str,
+    model_name: str,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None,
+    rule: ThresholdRule = ThresholdRule(),
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    training: dict[str, Any] | None = None,
+) -> EvaluationReport:
+    """``val`` and ``test`` are (labels, logits). The operating point is fixed before test."""
+    val_labels, val_logits = val
+    operating_point = fit_operating_point(val_labels, val_logits, rule)
+    splits = {
+        "val": evaluate_split(
+            "val", val_labels, val_logits, operating_point, n_bootstrap=n_bootstrap, seed=seed
+        )
+    }
+    predictions = {"val": (np.asarray(val_labels), np.asarray(val_logits))}
+    if test is not None:
+        test_labels, test_logits = test
+        splits["test"] = evaluate_split(
+            "test", test_labels, test_logits, operating_point, n_bootstrap=n_bootstrap, seed=seed
+        )
+        predictions["test"] = (np.asarray(test_labels), np.asarray(test_logits))
+    return EvaluationReport(
+        arch=arch,
+        model_name=model_name,
+        operating_point=operating_point,
+        splits=splits,
+        training=training or {},
+        predictions=predictions,
+    )

@@ -1,0 +1,265 @@
+"""Training and evaluation as the platform runs them: tracked in MLflow, stored under the home.
+
+Shared by the Dagster assets and the ``cxr`` CLI so both produce identical runs and files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.data.transforms import TensorBatches
+from cxr_platform.errors import CxrError
+from cxr_platform.models.evaluation import EvaluationReport, ThresholdRule, evaluate_predictions
+from cxr_platform.models.reporting import plot_learning_curves, write_report_files
+from cxr_platform.models.training import (
+    TrainConfig,
+    TrainingData,
+    load_checkpoint,
+    model_from_checkpoint,
+    predict_logits,
+    select_device,
+    train,
+    training_profile,
+    with_epochs,
+)
+from cxr_platform.provenance import git_commit
+from cxr_platform.settings import CxrSettings
+from cxr_platform.tracking import ExperimentTracker, TrackedRun
+
+log = logging.getLogger(__name__)
+
+LATEST_POINTER = "latest.json"
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A finished training run: where its best checkpoint is and how it got there."""
+
+    model_name: str
+    arch: str
+    checkpoint: Path
+    mlflow_run_id: str
+    profile: str
+    best_epoch: int
+    best_val_auc: float
+    epochs_run: int
+    stopped_early: bool
+    pretrained: bool
+    weights_source: str | None
+    device: str
+    wall_seconds: float
+    train_images_per_s: float
+    manifest_hash: str | None
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("history")
+        values["checkpoint"] = str(self.checkpoint)
+        return values
+
+
+def tracker_for(settings: CxrSettings) -> ExperimentTracker:
+    settings.ensure_dirs()
+    return ExperimentTracker(settings.tracking_uri, artifact_root=settings.mlflow_dir / "artifacts")
+
+
+def train_config_for(settings: CxrSettings, arch: str, **overrides: Any) -> TrainConfig:
+    profile = overrides.pop("profile", None) or settings.resolved_training_profile
+    epochs = overrides.pop("epochs", None)
+    config = training_profile(
+        profile,
+        arch,
+        seed=settings.seed,
+        device=settings.device,
+        **({"pretrained": settings.pretrained} if arch != "baseline_cnn" else {}),
+        **overrides,
+    )
+    if epochs is not None:
+        config = with_epochs(config, epochs)
+    return config
+
+
+def train_tracked(
+    settings: CxrSettings,
+    cache: PreprocessedCache,
+    config: TrainConfig,
+    *,
+    profile: str,
+    manifest_hash: str | None = None,
+    dagster_run_id: str | None = None,
+    progress: bool = True,
+) -> TrainedModel:
+    """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow."""
+    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
+    device = select_device(config.device)
+    tracker = tracker_for(settings)
+    run = tracker.start_run(
+        run_name=f"{config.arch}-{profile}",
+        tags={
+            "cxr.model_name": config.arch,
+            "cxr.arch": config.arch,
+            "cxr.profile": profile,
+            "cxr.split_manifest_hash": manifest_hash,
+            "cxr.preprocessing_fingerprint": preprocessing.fingerprint(),
+            "dagster.run_id": dagster_run_id,
+            "mlflow.source.git.commit": git_commit(),
+        },
+    )
+    run.log_params({**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile})
+    out_dir = settings.models_dir / config.arch / run.run_id
+    try:
+        data = TrainingData.from_cache(cache, preprocessing, device)
+        run.log_params({"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)})
+        result = train(config, data, out_dir, metrics_sink=run, progress=progress)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    # Logged only once it is known: "auto" may have fallen back to random initialisation.
+    run.log_params({"pretrained_loaded": str(result.pretrained).lower()})
+    run.set_tags(
+        {
+            "cxr.pretrained": str(result.pretrained).lower(),
+            "cxr.weights_source": result.weights_source,
+        }
+    )
+    history = [asdict(record) for record in result.history]
+    run.log_metrics(
+        {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
+         "train_wall_seconds": result.wall_seconds}
+    )
+    curves = plot_learning_curves(history, out_dir / "learning_curves.png", config.arch)
+    preprocessing_file = preprocessing.write_json(out_dir / "preprocessing.json")
+    for path in (result.best_checkpoint, curves, preprocessing_file):
+        run.log_artifact(path)
+    trained = TrainedModel(
+        model_name=config.arch,
+        arch=config.arch,
+        checkpoint=result.best_checkpoint,
+        mlflow_run_id=run.run_id,
+        profile=profile,
+        best_epoch=result.best_epoch,
+        best_val_auc=result.best_val_auc,
+        epochs_run=len(result.history),
+        stopped_early=result.stopped_early,
+        pretrained=result.pretrained,
+        weights_source=result.weights_source,
+        device=result.device,
+        wall_seconds=result.wall_seconds,
+        train_images_per_s=result.train_images_per_s,
+        manifest_hash=manifest_hash,
+        history=history,
+    )
+    _write_latest(settings, trained)
+    run.finish()  # evaluation later adds its metrics to this same (finished) run
+    return trained
+
+
+def _write_latest(settings: CxrSettings, trained: TrainedModel) -> None:
+    pointer = settings.models_dir / LATEST_POINTER
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**trained.summary(), "history": trained.history}, indent=2))
+    tmp.replace(pointer)
+
+
+def latest_trained(settings: CxrSettings) -> TrainedModel:
+    """The most recently trained model (what ``cxr evaluate`` scores until a registry exists)."""
+    pointer = settings.models_dir / LATEST_POINTER
+    if not pointer.exists():
+        raise CxrError(f"no trained model under {settings.models_dir}; run `cxr train` first")
+    values = json.loads(pointer.read_text())
+    values["checkpoint"] = Path(values["checkpoint"])
+    return TrainedModel(**values)
+
+
+def _split_batches(cache: PreprocessedCache, split: str, device: torch.device) -> TensorBatches:
+    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
+    return TensorBatches(
+        cache.images(split, mmap=False), cache.labels(split), preprocessing, device=device
+    )
+
+
+def evaluate_trained(
+    settings: CxrSettings,
+    cache: PreprocessedCache,
+    trained: TrainedModel,
+    *,
+    out_dir: Path | None = None,
+    n_bootstrap: int = 2000,
+) -> tuple[EvaluationReport, dict[str, Path]]:
+    """Validation fixes temperature and threshold; test is scored with both frozen.
+
+    The operating point is written back into the checkpoint so the model carries it.
+    """
+    checkpoint = load_checkpoint(trained.checkpoint)
+    if checkpoint["preprocessing"] != cache.preprocessing:
+        raise CxrError(
+            f"{trained.checkpoint} was trained with other preprocessing than this cache; "
+            "rebuild the cache with the model's settings"
+        )
+    device = select_device(settings.device)
+    model = model_from_checkpoint(checkpoint).to(device)
+    val = _split_batches(cache, "val", device)
+    val_logits = predict_logits(model, val)
+    rule = ThresholdRule(settings.threshold_rule, settings.target_sensitivity)
+    test = _split_batches(cache, "test", device)
+    test_logits = predict_logits(model, test)
+    report = evaluate_predictions(
+        arch=trained.arch,
+        model_name=trained.model_name,
+        val=(val.labels_np, val_logits),
+        test=(test.labels_np, test_logits),
+        rule=rule,
+        n_bootstrap=n_bootstrap,
+        seed=settings.seed,
+        training={
+            "profile": trained.profile,
+            "pretrained": trained.pretrained,
+            "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            "best_val_auc": trained.best_val_auc,
+            "device": trained.device,
+            "train_images_per_s": trained.train_images_per_s,
+            "wall_seconds": trained.wall_seconds,
+            "mlflow_run_id": trained.mlflow_run_id,
+        },
+    )
+    checkpoint["operating_point"] = report.operating_point.to_dict()
+    tmp = trained.checkpoint.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(trained.checkpoint)
+
+    out_dir = out_dir or settings.reports_dir / "evaluation" / trained.model_name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    files = write_report_files(report, out_dir, trained.history)
+    _log_evaluation(settings, trained, report, files)
+    return report, files
+
+
+def _log_evaluation(
+    settings: CxrSettings, trained: TrainedModel, report: EvaluationReport, files: dict[str, Path]
+) -> None:
+    run = TrackedRun(tracker_for(settings).client, trained.mlflow_run_id)
+    metrics: dict[str, float | None] = {}
+    for split, evaluation in report.splits.items():
+        for key in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity",
+                    "ppv", "npv", "f1", "ece", "ece_uncalibrated"):
+            metrics[f"{split}_{key}"] = getattr(evaluation, key)
+    metrics["threshold"] = report.operating_point.threshold
+    metrics["temperature"] = report.operating_point.temperature
+    run.log_metrics(metrics)
+    run.set_tags({"cxr.threshold_rule": report.operating_point.rule})
+    run.log_artifact(trained.checkpoint)  # now carrying its operating point
+    for name, path in files.items():
+        if name != "learning_curves":
+            run.log_artifact(path, "evaluation")

@@ -1,0 +1,251 @@
+"""The model factory: every architecture the platform trains, with one input channel and one logit.
+
+Each entry knows how to build its network, which parameters form the classification head (what
+phase 1 of fine-tuning trains), where its torchvision ImageNet weights come from, and which layer
+Grad-CAM should read. Pretrained loading never pretends: the returned :class:`BuiltModel` says
+whether weights were actually loaded and from where.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from cxr_platform.errors import CxrError
+
+log = logging.getLogger(__name__)
+
+PretrainedMode = Literal["auto", "required", "none"]
+PRETRAINED_MODES: tuple[str, ...] = ("auto", "required", "none")
+
+
+class UnknownArchitectureError(CxrError):
+    pass
+
+
+class PretrainedWeightsUnavailableError(CxrError):
+    """`pretrained=required` but neither the torch cache, a download, nor a local file gave weights."""
+
+
+class BaselineCNN(nn.Module):
+    """A strided stem and three conv-BN-ReLU-pool stages (~0.1 GFLOP at 224x224, ResNet18 is 1.8).
+
+    Downsampling early keeps it fast enough to train on a laptop CPU, which is its job: a
+    sanity check that the data pipeline carries signal, and a floor the transfer models must beat.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.2) -> None:
+        super().__init__()
+        stem_width = widths[0] // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(1, stem_width, kernel_size=5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
+        in_channels = stem_width
+        for width in widths:
+            layers += [
+                nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(images)))
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    name: str
+    build: Callable[[], nn.Module]  # randomly initialized, 1 input channel, 1 output logit
+    head_prefix: str  # state-dict prefix of the classification head
+    stem_conv: str | None  # the RGB convolution to fold when loading ImageNet weights
+    gradcam_layer: str  # module path whose activations Grad-CAM weights
+    imagenet_weights: Callable[[], tv_models.WeightsEnum] | None = None
+
+
+def _resnet(factory: Callable[..., tv_models.ResNet]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        model = factory(weights=None, num_classes=1)
+        model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return model
+
+    return build
+
+
+def _densenet121() -> nn.Module:
+    model = tv_models.densenet121(weights=None, num_classes=1)
+    model.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchitectureSpec(
+            "baseline_cnn",
+            BaselineCNN,
+            head_prefix="classifier.",
+            stem_conv=None,
+            gradcam_layer="features.14",  # ReLU after the last convolution
+        ),
+        ArchitectureSpec(
+            "resnet18",
+            _resnet(tv_models.resnet18),
+            head_prefix="fc.",
+            stem_conv="conv1",
+            gradcam_layer="layer4",
+            imagenet_weights=lambda: tv_models.ResNet18_Weights.IMAGENET1K_V1,
+        ),
+        ArchitectureSpec(
+            "resnet50",
+            _resnet(tv_models.resnet50),
+            head_prefix="fc.",
+            stem_conv="conv1",
+            gradcam_layer="layer4",
+            imagenet_weights=lambda: tv_models.ResNet50_Weights.IMAGENET1K_V2,
+        ),
+        ArchitectureSpec(
+            "densenet121",
+            _densenet121,
+            head_prefix="classifier.",
+            stem_conv="features.conv0",
+            gradcam_layer="features.norm5",
+            imagenet_weights=lambda: tv_models.DenseNet121_Weights.IMAGENET1K_V1,
+        ),
+    )
+}
+
+
+def architecture(name: str) -> ArchitectureSpec:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"unknown architecture {name!r}; available: {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    arch: str
+    pretrained: bool  # True only when ImageNet weights were really loaded
+    weights_source: str | None  # torchvision enum name or local file, when pretrained
+
+
+def fold_rgb_to_gray(weight: torch.Tensor) -> torch.Tensor:
+    """(out, 3, k, k) -> (out, 1, k, k): a gray image equals R=G=B, so the sum is exact."""
+    return weight.sum(dim=1, keepdim=True)
+
+
+def _load_imagenet_state(
+    spec: ArchitectureSpec, weights_path: Path | None
+) -> tuple[dict[str, torch.Tensor], str]:
+    if weights_path is not None:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        return state, str(weights_path)
+    assert spec.imagenet_weights is not None
+    weights = spec.imagenet_weights()
+    # Reads the normal torch hub cache first and downloads only when the file is missing.
+    return weights.get_state_dict(progress=False, check_hash=True), f"torchvision:{weights}"
+
+
+def _adapt_imagenet_state(
+    spec: ArchitectureSpec, state: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    adapted = {k: v for k, v in state.items() if not k.startswith(spec.head_prefix)}
+    stem_key = f"{spec.stem_conv}.weight"
+    if stem_key in adapted and adapted[stem_key].shape[1] == 3:
+        adapted[stem_key] = fold_rgb_to_gray(adapted[stem_key])
+    # Old DenseNet checkpoints name layers "norm.1"; torchvision's loader renames them the same way.
+    expected = model.state_dict()
+    renamed = {}
+    for key, value in adapted.items():
+        if key not in expected and spec.name.startswith("densenet"):
+            key = key.replace("norm.1", "norm1").replace("norm.2", "norm2")
+            key = key.replace("conv.1", "conv1").replace("conv.2", "conv2")
+        renamed[key] = value
+    return renamed
+
+
+def build_model(
+    arch: str,
+    *,
+    pretrained: PretrainedMode = "none",
+    weights_path: str | Path | None = None,
+) -> BuiltModel:
+    """Build ``arch``; with ``auto`` fall back to random init (logged) when no weights exist."""
+    spec = architecture(arch)
+    if pretrained not in PRETRAINED_MODES:
+        raise CxrError(f"pretrained must be one of {PRETRAINED_MODES}, not {pretrained!r}")
+    model = spec.build()
+    if pretrained == "none":
+        return BuiltModel(model, arch, pretrained=False, weights_source=None)
+    if spec.imagenet_weights is None and weights_path is None:
+        if pretrained == "required":
+            raise PretrainedWeightsUnavailableError(
+                f"{arch} has no ImageNet weights; pass a weights file or use pretrained=none"
+            )
+        log.info("%s has no pretrained weights; training from scratch (pretrained=false)", arch)
+        return BuiltModel(model, arch, pretrained=False, weights_source=None)
+    try:
+        state, source = _load_imagenet_state(spec, Path(weights_path) if weights_path else None)
+    except (OSError, RuntimeError, ValueError) as error:
+        # URLError is an OSError: offline machines land here.
+        if pretrained == "required":
+            raise PretrainedWeightsUnavailableError(
+                f"pretrained weights for {arch} are required but could not be loaded: {error}. "
+                "Put the torchvision file in the torch hub cache or pass weights_path."
+            ) from error
+        log.warning(
+            "pretrained weights for %s unavailable (%s); training from scratch (pretrained=false)",
+            arch,
+            error,
+        )
+        return BuiltModel(model, arch, pretrained=False, weights_source=None)
+    missing, unexpected = model.load_state_dict(
+        _adapt_imagenet_state(spec, state, model), strict=False
+    )
+    head_only = all(key.startswith(spec.head_prefix) for key in missing)
+    if unexpected or not head_only:
+        raise PretrainedWeightsUnavailableError(
+            f"weights from {source} do not fit {arch}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return BuiltModel(model, arch, pretrained=True, weights_source=source)
+
+
+def head_parameters(model: nn.Module, arch: str) -> Iterator[tuple[str, nn.Parameter]]:
+    prefix = architecture(arch).head_prefix
+    return ((n, p) for n, p in model.named_parameters() if n.startswith(prefix))
+
+
+def backbone_parameters(model: nn.Module, arch: str) -> Iterator[tuple[str, nn.Parameter]]:
+    prefix = architecture(arch).head_prefix
+    return ((n, p) for n, p in model.named_parameters() if not n.startswith(prefix))
+
+
+def backbone_modules(model: nn.Module, arch: str) -> list[nn.Module]:
+    """Top-level children outside the head: put in eval mode so frozen BN statistics stay put."""
+    head_root = architecture(arch).head_prefix.split(".")[0]
+    return [module for name, module in model.named_children() if name != head_root]
+
+
+def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
+    return model.get_submodule(architecture(arch).gradcam_layer)
