@@ -106,6 +106,7 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         mark = "PASS" if event.passed else "FAIL"
         click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name}: {mark}")
     if not result.success:
+        _print_evaluations(settings)
         failed = [e.step_key for e in result.all_events if e.is_step_failure]
         click.secho(
             f"demo failed in {', '.join(failed) or 'a step'}; see the run "
@@ -115,6 +116,7 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         )
         sys.exit(1)
 
+    _print_evaluations(settings)
     profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
     click.echo(
         f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
@@ -127,6 +129,32 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         f"  DAGSTER_HOME={dagster_home} CXR_HOME={settings.home} "
         f"dagster dev -w workspace.yaml -p {settings.dagster_port}"
     )
+
+
+def _print_evaluations(settings: CxrSettings) -> None:
+    """The evaluation table of every model evaluated so far (test split)."""
+    folder = settings.reports_dir / "evaluation"
+    reports = sorted(folder.glob("*/evaluation.json")) if folder.exists() else []
+    if not reports:
+        return
+    click.echo("\nTest split (threshold chosen on validation):")
+    click.echo(
+        f"  {'model':<14} {'pretrained':<10} {'AUC (95% CI)':<22} {'sens':>6} {'spec':>6} "
+        f"{'PPV':>6} {'NPV':>6} {'thr':>6}"
+    )
+    for path in reports:
+        values = json.loads(path.read_text())
+        test = values["splits"]["test"]
+        click.echo(
+            f"  {values['model_name']:<14} {str(values['training'].get('pretrained')):<10} "
+            f"{test['auc']:.3f} ({test['auc_ci_low']:.3f}-{test['auc_ci_high']:.3f})  "
+            f"{_num(test['sensitivity'])} {_num(test['specificity'])} {_num(test['ppv'])} "
+            f"{_num(test['npv'])} {values['operating_point']['threshold']:6.3f}"
+        )
+
+
+def _num(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.3f}"
 
 
 def _profile_folder(ctx: click.Context, data_dir: Path, **overrides: object):
@@ -227,3 +255,129 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+DATA_OPTION = click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).",
+)
+
+
+@cli.command()
+@DATA_OPTION
+@click.option(
+    "--arch",
+    type=click.Choice(["baseline_cnn", "resnet18", "resnet50", "densenet121"]),
+    default="resnet18",
+    show_default=True,
+)
+@click.option(
+    "--profile",
+    "profile_name",
+    type=click.Choice(["demo", "full"]),
+    default=None,
+    help="Recipe defaults (default: demo on the synthetic set, full on real data).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Total epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--pretrained", type=click.Choice(["auto", "required", "none"]), default=None)
+@click.option(
+    "--weights",
+    "weights_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Local ImageNet weights file (torchvision state dict).",
+)
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: auto).")
+@click.option("--resume", is_flag=True, help="Continue from the newest last.pt of this arch.")
+@click.pass_context
+@_fail_cleanly
+def train(
+    ctx: click.Context,
+    data_dir: Path | None,
+    arch: str,
+    profile_name: str | None,
+    epochs: int | None,
+    batch_size: int | None,
+    pretrained: str | None,
+    weights_path: str | None,
+    device: str | None,
+    resume: bool,
+) -> None:
+    """Train one model on the patient split of the data and track it in MLflow."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.splits import manifest_hash
+    from cxr_platform.models import pipeline as model_pipeline
+
+    settings = _settings(ctx, data_dir=data_dir, device=device)
+    progress = sys.stderr.isatty()
+    manifest, cache = pipeline.prepare(settings, progress=progress)
+    profile_used = profile_name or settings.resolved_training_profile
+    config = model_pipeline.train_config_for(
+        settings,
+        arch,
+        profile=profile_used,
+        epochs=epochs,
+        batch_size=batch_size,
+        pretrained=pretrained,
+        weights_path=weights_path,
+    )
+    click.echo(
+        f"Training {arch} ({profile_used} profile: {config.frozen_epochs} frozen + "
+        f"{config.finetune_epochs} fine-tune epochs) on {len(cache.index('train'))} images"
+    )
+    trained = model_pipeline.train_tracked(
+        settings,
+        cache,
+        config,
+        profile=profile_used,
+        manifest_hash=manifest_hash(manifest),
+        progress=progress,
+        resume=resume,
+    )
+    click.echo(
+        f"best validation AUC {trained.best_val_auc:.4f} at epoch {trained.best_epoch} "
+        f"({trained.epochs_run} epochs, {trained.wall_seconds:.0f} s on {trained.device}, "
+        f"pretrained={str(trained.pretrained).lower()})\n"
+        f"checkpoint {trained.checkpoint}\nMLflow run {trained.mlflow_run_id} "
+        f"({settings.tracking_uri})\nnext: cxr evaluate"
+    )
+
+
+@cli.command()
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the test metrics as JSON here.",
+)
+@click.pass_context
+@_fail_cleanly
+def evaluate(ctx: click.Context, json_path: Path | None) -> None:
+    """Evaluate the most recently trained model on the test split.
+
+    The threshold and calibration are fitted on validation first; test only measures."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.splits import manifest_hash
+    from cxr_platform.models import pipeline as model_pipeline
+    from cxr_platform.models.reporting import report_markdown
+
+    home_settings = _settings(ctx)
+    trained = model_pipeline.latest_trained(home_settings)
+    settings = _settings(ctx, data_dir=trained.data_dir)
+    manifest, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
+    if trained.manifest_hash and manifest_hash(manifest) != trained.manifest_hash:
+        raise CxrError(
+            "the patient split differs from the one this model was trained on "
+            "(data or split settings changed); retrain before evaluating"
+        )
+    report, files = model_pipeline.evaluate_trained(settings, cache, trained)
+    click.echo(report_markdown(report))
+    click.echo(f"report: {files['markdown'].parent}")
+    if json_path:
+        json_path.write_text(json.dumps(report.headline("test"), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")

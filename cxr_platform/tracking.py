@@ -54,7 +54,9 @@ class ExperimentTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = artifact_root.resolve().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location
+            )
         else:
             self.experiment_id = found.experiment_id
 

@@ -15,6 +15,7 @@ from cxr_platform.data.profile import DataProfile, profile_dataset
 from cxr_platform.data.sources import ImageIndex, discover_images
 from cxr_platform.data.splits import CheckOutcome, make_manifest, run_split_checks
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.errors import CxrError
 from cxr_platform.settings import CxrSettings
 
 log = logging.getLogger(__name__)
@@ -75,3 +76,23 @@ def cache(
         max_pixels=settings.max_image_pixels,
         progress=progress,
     )
+
+
+class SplitChecksFailedError(CxrError):
+    pass
+
+
+def prepare(
+    settings: CxrSettings, *, progress: bool = True
+) -> tuple[pd.DataFrame, PreprocessedCache]:
+    """Every data stage in one call (what the CLI uses; Dagster runs them as separate assets).
+
+    Refuses to return a cache whose split fails a leakage or balance check.
+    """
+    profiled = profile(discover(settings, progress=progress), settings, progress=progress)
+    manifest, checks = split(profiled, ratios=settings.split_ratios, seed=settings.seed)
+    failed = [name for name, outcome in checks.items() if not outcome.passed]
+    if failed:
+        details = "; ".join(f"{name}: {checks[name].description}" for name in failed)
+        raise SplitChecksFailedError(f"split checks failed: {details}")
+    return manifest, cache(manifest, settings, progress=progress)

@@ -81,9 +81,9 @@ def affine_matrices(
     half_h = torch.sqrt(scale / ratio).clamp(max=1.0)
     centre_x = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - half_w)
     centre_y = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - half_h)
-    angle = _uniform(
-        n, -config.rotation_degrees, config.rotation_degrees, generator, device
-    ) * (math.pi / 180)
+    angle = _uniform(n, -config.rotation_degrees, config.rotation_degrees, generator, device) * (
+        math.pi / 180
+    )
     flip = torch.ones(n, device=device)
     if config.horizontal_flip:
         flip = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -flip, flip)

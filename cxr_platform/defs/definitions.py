@@ -6,9 +6,11 @@ import dagster as dg
 
 from cxr_platform.defs.data_assets import data_assets, split_checks
 from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.defs.training_assets import build_training_definitions
 from cxr_platform.settings import CxrSettings, load_settings
 
 DATA_JOB = "data_pipeline"
+TRAINING_JOB = "train_and_evaluate"
 # The job `cxr demo` runs; each stage of the platform adds its assets to it.
 DEMO_JOB = "demo"
 
@@ -16,15 +18,22 @@ DEMO_JOB = "demo"
 def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     data = dg.AssetSelection.groups("data")
+    training = dg.AssetSelection.groups("training")
+    training_assets, training_checks = build_training_definitions(settings.models)
     return dg.Definitions(
-        assets=data_assets,
-        asset_checks=split_checks,
+        assets=[*data_assets, *training_assets],
+        asset_checks=[*split_checks, *training_checks],
         jobs=[
             dg.define_asset_job(
                 DATA_JOB, selection=data, description="Discover, profile, split, cache."
             ),
             dg.define_asset_job(
-                DEMO_JOB, selection=data, description="Everything `cxr demo` runs."
+                TRAINING_JOB,
+                selection=data | training,
+                description="Data, then train, evaluate and compare every configured model.",
+            ),
+            dg.define_asset_job(
+                DEMO_JOB, selection=data | training, description="Everything `cxr demo` runs."
             ),
         ],
         resources={

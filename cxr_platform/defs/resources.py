@@ -15,6 +15,12 @@ class PlatformSettings(dg.ConfigurableResource):
     seed: int | None = None
     workers: int | None = None
     synthetic_patients: int | None = None
+    image_size: int | None = None
+    training_profile: str | None = None
+    device: str | None = None
+    mlflow_tracking_uri: str | None = None
+    min_test_auc: float | None = None
+    min_test_sensitivity: float | None = None
 
     def settings(self) -> CxrSettings:
         return load_settings(
@@ -23,6 +29,12 @@ class PlatformSettings(dg.ConfigurableResource):
             seed=self.seed,
             workers=self.workers,
             synthetic_patients=self.synthetic_patients,
+            image_size=self.image_size,
+            training_profile=self.training_profile,
+            device=self.device,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
+            min_test_auc=self.min_test_auc,
+            min_test_sensitivity=self.min_test_sensitivity,
         )
 
     @classmethod
@@ -33,4 +45,10 @@ class PlatformSettings(dg.ConfigurableResource):
             seed=settings.seed,
             workers=settings.workers,
             synthetic_patients=settings.synthetic_patients,
+            image_size=settings.image_size,
+            training_profile=settings.training_profile,
+            device=settings.device,
+            mlflow_tracking_uri=settings.mlflow_tracking_uri,
+            min_test_auc=settings.min_test_auc,
+            min_test_sensitivity=settings.min_test_sensitivity,
         )

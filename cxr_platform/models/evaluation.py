@@ -36,7 +36,9 @@ class ThresholdRule:
     def describe(self) -> str:
         if self.name == "youden":
             return "maximum Youden's J (sensitivity + specificity - 1) on validation"
-        return f"highest specificity with sensitivity >= {self.target_sensitivity:.2f} on validation"
+        return (
+            f"highest specificity with sensitivity >= {self.target_sensitivity:.2f} on validation"
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,9 @@ def choose_threshold(
         # has the highest specificity of all that reach it.
         index = int(np.argmax(tpr >= rule.target_sensitivity - 1e-12))
     else:
-        raise EvaluationError(f"unknown threshold rule {rule.name!r}; choose from {THRESHOLD_RULES}")
+        raise EvaluationError(
+            f"unknown threshold rule {rule.name!r}; choose from {THRESHOLD_RULES}"
+        )
     return float(thresholds[index]), float(tpr[index]), float(1.0 - fpr[index])
 
 
@@ -183,7 +187,11 @@ def reliability_curve(
     probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
     bins = np.clip((probabilities * n_bins).astype(int), 0, n_bins - 1)
     return [
-        (float(probabilities[bins == b].mean()), float(labels[bins == b].mean()), int((bins == b).sum()))
+        (
+            float(probabilities[bins == b].mean()),
+            float(labels[bins == b].mean()),
+            int((bins == b).sum()),
+        )
         for b in range(n_bins)
         if (bins == b).any()
     ]

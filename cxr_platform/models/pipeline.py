@@ -23,6 +23,7 @@ from cxr_platform.models.reporting import plot_learning_curves, write_report_fil
 from cxr_platform.models.training import (
     TrainConfig,
     TrainingData,
+    TrainingResult,
     load_checkpoint,
     model_from_checkpoint,
     predict_logits,
@@ -59,6 +60,7 @@ class TrainedModel:
     wall_seconds: float
     train_images_per_s: float
     manifest_hash: str | None
+    data_dir: str | None = None  # None: the synthetic demo set of the same settings
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -98,12 +100,47 @@ def train_tracked(
     manifest_hash: str | None = None,
     dagster_run_id: str | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> TrainedModel:
-    """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow."""
+    """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow.
+
+    ``resume`` continues the newest interrupted run of this architecture (same folder, same
+    MLflow run) from its ``last.pt``.
+    """
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     device = select_device(config.device)
     tracker = tracker_for(settings)
-    run = tracker.start_run(
+    if resume:
+        run = _resumable_run(settings, tracker, config.arch)
+    else:
+        run = _new_run(tracker, config, profile, manifest_hash, preprocessing, dagster_run_id)
+    run.log_params(
+        {**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile}
+    )
+    out_dir = settings.models_dir / config.arch / run.run_id
+    try:
+        data = TrainingData.from_cache(cache, preprocessing, device)
+        run.log_params(
+            {"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)}
+        )
+        result = train(config, data, out_dir, metrics_sink=run, progress=progress, resume=resume)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    return _finish_training(
+        settings, run, config, result, out_dir, preprocessing, profile, manifest_hash
+    )
+
+
+def _new_run(
+    tracker: ExperimentTracker,
+    config: TrainConfig,
+    profile: str,
+    manifest_hash: str | None,
+    preprocessing: PreprocessingConfig,
+    dagster_run_id: str | None,
+) -> TrackedRun:
+    return tracker.start_run(
         run_name=f"{config.arch}-{profile}",
         tags={
             "cxr.model_name": config.arch,
@@ -115,15 +152,29 @@ def train_tracked(
             "mlflow.source.git.commit": git_commit(),
         },
     )
-    run.log_params({**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile})
-    out_dir = settings.models_dir / config.arch / run.run_id
-    try:
-        data = TrainingData.from_cache(cache, preprocessing, device)
-        run.log_params({"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)})
-        result = train(config, data, out_dir, metrics_sink=run, progress=progress)
-    except BaseException:
-        run.finish("FAILED")
-        raise
+
+
+def _resumable_run(settings: CxrSettings, tracker: ExperimentTracker, arch: str) -> TrackedRun:
+    candidates = sorted(
+        (settings.models_dir / arch).glob("*/last.pt"), key=lambda p: p.stat().st_mtime
+    )
+    if not candidates:
+        raise CxrError(f"nothing to resume: no {arch} run under {settings.models_dir / arch}")
+    run_id = candidates[-1].parent.name
+    tracker.client.update_run(run_id, status="RUNNING")
+    return TrackedRun(tracker.client, run_id)
+
+
+def _finish_training(
+    settings: CxrSettings,
+    run: TrackedRun,
+    config: TrainConfig,
+    result: TrainingResult,
+    out_dir: Path,
+    preprocessing: PreprocessingConfig,
+    profile: str,
+    manifest_hash: str | None,
+) -> TrainedModel:
     # Logged only once it is known: "auto" may have fallen back to random initialisation.
     run.log_params({"pretrained_loaded": str(result.pretrained).lower()})
     run.set_tags(
@@ -134,8 +185,11 @@ def train_tracked(
     )
     history = [asdict(record) for record in result.history]
     run.log_metrics(
-        {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
-         "train_wall_seconds": result.wall_seconds}
+        {
+            "best_val_auc": result.best_val_auc,
+            "best_epoch": result.best_epoch,
+            "train_wall_seconds": result.wall_seconds,
+        }
     )
     curves = plot_learning_curves(history, out_dir / "learning_curves.png", config.arch)
     preprocessing_file = preprocessing.write_json(out_dir / "preprocessing.json")
@@ -157,6 +211,7 @@ def train_tracked(
         wall_seconds=result.wall_seconds,
         train_images_per_s=result.train_images_per_s,
         manifest_hash=manifest_hash,
+        data_dir=str(settings.data_dir) if settings.data_dir else None,
         history=history,
     )
     _write_latest(settings, trained)
@@ -252,8 +307,19 @@ def _log_evaluation(
     run = TrackedRun(tracker_for(settings).client, trained.mlflow_run_id)
     metrics: dict[str, float | None] = {}
     for split, evaluation in report.splits.items():
-        for key in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity",
-                    "ppv", "npv", "f1", "ece", "ece_uncalibrated"):
+        for key in (
+            "auc",
+            "auc_ci_low",
+            "auc_ci_high",
+            "accuracy",
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "npv",
+            "f1",
+            "ece",
+            "ece_uncalibrated",
+        ):
             metrics[f"{split}_{key}"] = getattr(evaluation, key)
     metrics["threshold"] = report.operating_point.threshold
     metrics["temperature"] = report.operating_point.temperature

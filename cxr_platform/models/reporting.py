@@ -106,8 +106,11 @@ def plot_confusion(report: EvaluationReport, path: Path, split: str = "test") ->
         ax.text(col, row, f"{count}\n{share:.0%}", ha="center", va="center", color=colour)
     ax.set_xticks([0, 1], ["normal", "pneumonia"])
     ax.set_yticks([0, 1], ["normal", "pneumonia"])
-    ax.set(xlabel="predicted", ylabel="truth", title=f"{split} at threshold "
-           f"{report.operating_point.threshold:.3f}")
+    ax.set(
+        xlabel="predicted",
+        ylabel="truth",
+        title=f"{split} at threshold {report.operating_point.threshold:.3f}",
+    )
     return _save(fig, path)
 
 
@@ -117,13 +120,20 @@ def plot_reliability(report: EvaluationReport, path: Path, split: str = "test") 
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     for name, probabilities in (
         ("uncalibrated", calibrated_probabilities(logits, 1.0)),
-        (f"T = {report.operating_point.temperature:.2f}", calibrated_probabilities(
-            logits, report.operating_point.temperature)),
+        (
+            f"T = {report.operating_point.temperature:.2f}",
+            calibrated_probabilities(logits, report.operating_point.temperature),
+        ),
     ):
         curve = reliability_curve(labels, probabilities)
         ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=name)
-    ax.set(xlabel="predicted probability of pneumonia", ylabel="observed rate",
-           title=f"Reliability ({split})", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="predicted probability of pneumonia",
+        ylabel="observed rate",
+        title=f"Reliability ({split})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left")
     return _save(fig, path)
 

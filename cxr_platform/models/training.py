@@ -112,7 +112,9 @@ def training_profile(profile: str, arch: str, **overrides: Any) -> TrainConfig:
     skip the frozen phase, which only makes sense on top of learned features, and train at 1e-3.
     """
     if profile not in TRAINING_PROFILES:
-        raise TrainingError(f"unknown training profile {profile!r}; choose from {TRAINING_PROFILES}")
+        raise TrainingError(
+            f"unknown training profile {profile!r}; choose from {TRAINING_PROFILES}"
+        )
     has_imagenet = architecture(arch).imagenet_weights is not None
     if profile == "full":
         values: dict[str, Any] = dict(frozen_epochs=5, finetune_epochs=25, patience=7)
@@ -143,7 +145,10 @@ class TrainingData:
     ) -> TrainingData:
         return cls(
             train=TensorBatches(
-                cache.images("train", mmap=False), cache.labels("train"), preprocessing, device=device
+                cache.images("train", mmap=False),
+                cache.labels("train"),
+                preprocessing,
+                device=device,
             ),
             val=TensorBatches(
                 cache.images("val", mmap=False), cache.labels("val"), preprocessing, device=device
@@ -366,7 +371,9 @@ def train(
             if cuda and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision):
+            with torch.autocast(
+                "cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision
+            ):
                 logits = model(images).float().flatten()
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)

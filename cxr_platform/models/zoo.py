@@ -31,7 +31,7 @@ class UnknownArchitectureError(CxrError):
 
 
 class PretrainedWeightsUnavailableError(CxrError):
-    """`pretrained=required` but neither the torch cache, a download, nor a local file gave weights."""
+    """`pretrained=required`, but no weights came from the torch cache, a download or a file."""
 
 
 class BaselineCNN(nn.Module):
@@ -61,7 +61,9 @@ class BaselineCNN(nn.Module):
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, 1))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_channels, 1)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(images)))

@@ -1,0 +1,223 @@
+"""Group "training": per architecture, trained_model -> evaluation_report; then model_comparison.
+
+Asset keys are prefixed by architecture (``resnet18/trained_model``) so each model has its own
+lineage and can be re-materialized alone. Which architectures exist is ``CXR_MODELS``.
+"""
+# No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
+
+import base64
+import json
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+import pandas as pd
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.splits import manifest_hash
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.models import pipeline as model_pipeline
+from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.reporting import comparison_markdown, report_markdown
+from cxr_platform.models.zoo import architecture
+
+GROUP = "training"
+
+
+class TrainingRunConfig(dg.Config):
+    """Launchpad overrides; unset values come from the profile (demo / full)."""
+
+    profile: Optional[str] = None  # noqa: UP045 - Dagster config needs typing.Optional here
+    epochs: Optional[int] = None  # noqa: UP045
+    batch_size: Optional[int] = None  # noqa: UP045
+    pretrained: Optional[str] = None  # noqa: UP045 - auto | required | none
+
+
+def png_markdown(path: Path, title: str) -> str:
+    """An inline image the Dagster UI renders inside Markdown metadata."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{title}](data:image/png;base64,{encoded})"
+
+
+def trained_model_key(arch: str) -> dg.AssetKey:
+    return dg.AssetKey([arch, "trained_model"])
+
+
+def evaluation_report_key(arch: str) -> dg.AssetKey:
+    return dg.AssetKey([arch, "evaluation_report"])
+
+
+def _training_assets(arch: str) -> list:
+    architecture(arch)  # unknown names fail when the code location loads
+
+    @dg.asset(
+        key=trained_model_key(arch),
+        group_name=GROUP,
+        kinds={"pytorch", "mlflow"},
+        ins={
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+            "patient_splits": dg.AssetIn(dg.AssetKey("patient_splits")),
+        },
+        description=f"{arch}: two-phase fine-tuning with early stopping on validation AUC; the "
+        "best checkpoint, tracked in MLflow.",
+    )
+    def trained_model(
+        context: dg.AssetExecutionContext,
+        config: TrainingRunConfig,
+        platform: PlatformSettings,
+        preprocessed_cache: PreprocessedCache,
+        patient_splits: pd.DataFrame,
+    ) -> dg.Output[model_pipeline.TrainedModel]:
+        settings = platform.settings()
+        profile = config.profile or settings.resolved_training_profile
+        train_config = model_pipeline.train_config_for(
+            settings,
+            arch,
+            profile=profile,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            **({"pretrained": config.pretrained} if config.pretrained else {}),
+        )
+        trained = model_pipeline.train_tracked(
+            settings,
+            preprocessed_cache,
+            train_config,
+            profile=profile,
+            manifest_hash=manifest_hash(patient_splits),
+            dagster_run_id=context.run_id,
+            progress=False,
+        )
+        curves = trained.checkpoint.parent / "learning_curves.png"
+        return dg.Output(
+            trained,
+            metadata={
+                "best_val_auc": trained.best_val_auc,
+                "best_epoch": trained.best_epoch,
+                "epochs_run": trained.epochs_run,
+                "stopped_early": trained.stopped_early,
+                "pretrained": trained.pretrained,
+                "profile": profile,
+                "device": trained.device,
+                "train_images_per_s": trained.train_images_per_s,
+                "wall_seconds": trained.wall_seconds,
+                "mlflow_run_id": trained.mlflow_run_id,
+                "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
+                "config": dg.MetadataValue.json(train_config.to_dict()),
+                "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
+            },
+        )
+
+    @dg.asset(
+        key=evaluation_report_key(arch),
+        group_name=GROUP,
+        kinds={"python"},
+        ins={
+            "trained_model": dg.AssetIn(trained_model_key(arch)),
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+        },
+        description=f"{arch}: threshold and temperature fixed on validation, then test metrics "
+        "with bootstrap CIs, ROC, confusion matrix and reliability plots.",
+    )
+    def evaluation_report(
+        context: dg.AssetExecutionContext,
+        platform: PlatformSettings,
+        trained_model: model_pipeline.TrainedModel,
+        preprocessed_cache: PreprocessedCache,
+    ) -> dg.Output[EvaluationReport]:
+        report, files = model_pipeline.evaluate_trained(
+            platform.settings(), preprocessed_cache, trained_model
+        )
+        test = report.splits["test"]
+        plots = "\n\n".join(
+            png_markdown(files[name], name) for name in ("roc", "confusion", "reliability")
+        )
+        return dg.Output(
+            report,
+            metadata={
+                "test_auc": test.auc,
+                "test_auc_ci": f"{test.auc_ci_low:.3f}-{test.auc_ci_high:.3f}",
+                "test_sensitivity": test.sensitivity,
+                "test_specificity": test.specificity,
+                "test_ppv": test.ppv,
+                "test_npv": test.npv,
+                "test_ece": test.ece,
+                "threshold": report.operating_point.threshold,
+                "temperature": report.operating_point.temperature,
+                "n_test": test.n,
+                "report": dg.MetadataValue.md(report_markdown(report)),
+                "plots": dg.MetadataValue.md(plots),
+                "json": dg.MetadataValue.path(str(files["json"])),
+            },
+        )
+
+    @dg.asset_check(
+        asset=evaluation_report_key(arch),
+        name="test_auc_floor",
+        blocking=True,
+        description="Test ROC AUC at or above the configured floor (CXR_MIN_TEST_AUC).",
+    )
+    def auc_floor(
+        platform: PlatformSettings, evaluation_report: EvaluationReport
+    ) -> dg.AssetCheckResult:
+        floor, _ = platform.settings().evaluation_floors
+        auc = evaluation_report.splits["test"].auc
+        return dg.AssetCheckResult(
+            passed=bool(auc >= floor), metadata={"test_auc": auc, "floor": floor}
+        )
+
+    @dg.asset_check(
+        asset=evaluation_report_key(arch),
+        name="test_sensitivity_floor",
+        blocking=True,
+        description="Test sensitivity at the validation-chosen threshold at or above the floor "
+        "(CXR_MIN_TEST_SENSITIVITY).",
+    )
+    def sensitivity_floor(
+        platform: PlatformSettings, evaluation_report: EvaluationReport
+    ) -> dg.AssetCheckResult:
+        _, floor = platform.settings().evaluation_floors
+        sensitivity = evaluation_report.splits["test"].sensitivity or 0.0
+        return dg.AssetCheckResult(
+            passed=bool(sensitivity >= floor),
+            metadata={"test_sensitivity": sensitivity, "floor": floor},
+        )
+
+    return [trained_model, evaluation_report, auc_floor, sensitivity_floor]
+
+
+def build_training_definitions(archs: tuple[str, ...]) -> tuple[list, list]:
+    """(assets, asset checks) for the given architectures plus their comparison."""
+    assets: list = []
+    checks: list = []
+    for arch in archs:
+        trained, report, *arch_checks = _training_assets(arch)
+        assets += [trained, report]
+        checks += arch_checks
+
+    @dg.asset(
+        group_name=GROUP,
+        kinds={"python"},
+        ins={f"report_{arch}": dg.AssetIn(evaluation_report_key(arch)) for arch in archs},
+        description="Baseline vs transfer models on the same test split, side by side.",
+    )
+    def model_comparison(
+        context: dg.AssetExecutionContext, platform: PlatformSettings, **reports: EvaluationReport
+    ) -> dg.Output[dict]:
+        ordered = [reports[f"report_{arch}"] for arch in archs]
+        table = comparison_markdown(ordered)
+        out_dir = platform.settings().reports_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model_comparison.md").write_text(table)
+        rows = {r.model_name: r.headline("test") for r in ordered}
+        (out_dir / "model_comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+        best = max(ordered, key=lambda r: r.splits["test"].auc)
+        return dg.Output(
+            rows,
+            metadata={
+                "comparison": dg.MetadataValue.md(table),
+                "highest_test_auc": best.model_name,
+                "json": dg.MetadataValue.path(str(out_dir / "model_comparison.json")),
+            },
+        )
+
+    return assets + [model_comparison], checks
