@@ -32,6 +32,7 @@ from cxr_platform.models.training import (
     training_profile,
     with_epochs,
 )
+from cxr_platform.models.zoo import architecture
 from cxr_platform.provenance import git_commit
 from cxr_platform.settings import CxrSettings
 from cxr_platform.tracking import ExperimentTracker, TrackedRun
@@ -78,14 +79,11 @@ def tracker_for(settings: CxrSettings) -> ExperimentTracker:
 def train_config_for(settings: CxrSettings, arch: str, **overrides: Any) -> TrainConfig:
     profile = overrides.pop("profile", None) or settings.resolved_training_profile
     epochs = overrides.pop("epochs", None)
-    config = training_profile(
-        profile,
-        arch,
-        seed=settings.seed,
-        device=settings.device,
-        **({"pretrained": settings.pretrained} if arch != "baseline_cnn" else {}),
-        **overrides,
-    )
+    values: dict[str, Any] = {"seed": settings.seed, "device": settings.device}
+    if architecture(arch).imagenet_weights is not None:
+        values["pretrained"] = settings.pretrained
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = training_profile(profile, arch, **values)
     if epochs is not None:
         config = with_epochs(config, epochs)
     return config
@@ -320,6 +318,8 @@ def _log_evaluation(
             "ece",
             "ece_uncalibrated",
         ):
+            if split == "val" and key == "auc":
+                continue  # val_auc is the per-epoch training curve; best_val_auc its peak
             metrics[f"{split}_{key}"] = getattr(evaluation, key)
     metrics["threshold"] = report.operating_point.threshold
     metrics["temperature"] = report.operating_point.temperature

@@ -161,6 +161,8 @@ def _load_imagenet_state(
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{weights_path} holds no state dict")
         return state, str(weights_path)
     assert spec.imagenet_weights is not None
     weights = spec.imagenet_weights()
@@ -208,8 +210,7 @@ def build_model(
         return BuiltModel(model, arch, pretrained=False, weights_source=None)
     try:
         state, source = _load_imagenet_state(spec, Path(weights_path) if weights_path else None)
-    except (OSError, RuntimeError, ValueError) as error:
-        # URLError is an OSError: offline machines land here.
+    except Exception as error:  # noqa: BLE001 - offline (URLError), unreadable or corrupt file
         if pretrained == "required":
             raise PretrainedWeightsUnavailableError(
                 f"pretrained weights for {arch} are required but could not be loaded: {error}. "
@@ -221,9 +222,14 @@ def build_model(
             error,
         )
         return BuiltModel(model, arch, pretrained=False, weights_source=None)
-    missing, unexpected = model.load_state_dict(
-        _adapt_imagenet_state(spec, state, model), strict=False
-    )
+    try:
+        missing, unexpected = model.load_state_dict(
+            _adapt_imagenet_state(spec, state, model), strict=False
+        )
+    except RuntimeError as error:  # shape mismatches: weights of another architecture
+        raise PretrainedWeightsUnavailableError(
+            f"weights from {source} do not fit {arch}: {str(error).splitlines()[0]}"
+        ) from error
     head_only = all(key.startswith(spec.head_prefix) for key in missing)
     if unexpected or not head_only:
         raise PretrainedWeightsUnavailableError(

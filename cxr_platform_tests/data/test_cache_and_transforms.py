@@ -10,9 +10,12 @@ from cxr_platform.data.imaging import read_image
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8, preprocess
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.transforms import (
+    NO_AUGMENTATION,
     AugmentationConfig,
-    build_dataloader,
-    class_balanced_sampler,
+    TensorBatches,
+    affine_matrices,
+    augment,
+    balanced_indices,
 )
 from cxr_platform.settings import load_settings
 
@@ -81,32 +84,61 @@ def preprocess_from_pixels(pixels, config):
     return to_square_uint8(pixels, config)
 
 
-def test_loaders_normalize_augment_and_balance(manifest, tmp_path):
+def test_batches_normalize_augment_and_balance(manifest, tmp_path):
     config = PreprocessingConfig(image_size=64)
     cache = build_cache(manifest, tmp_path / "cache", config, progress=False)
-    val = build_dataloader(cache, "val", preprocessing=config, batch_size=4)
-    images, labels = next(iter(val))
+    val = TensorBatches(cache.images("val", mmap=False), cache.labels("val"), config)
+    images, labels = next(val.evaluation_batches(4))
     assert images.shape == (4, 1, 64, 64) and images.dtype == torch.float32
-    expected = normalize_uint8(cache.images("val")[:4], config)
-    np.testing.assert_allclose(images[:, 0].numpy(), expected, atol=1e-5)
+    expected = normalize_uint8(cache.images("val")[:4], config)  # the serving formula
+    np.testing.assert_allclose(images[:, 0].numpy(), expected, atol=1e-6)
     assert set(labels.tolist()) <= {0.0, 1.0}
 
-    train = build_dataloader(
-        cache,
-        "train",
-        preprocessing=config,
-        batch_size=8,
-        seed=0,
-        augmentation=AugmentationConfig(),
-    )
-    batch_a, _ = next(iter(train))
-    batch_b, _ = next(iter(train))
-    assert not torch.equal(batch_a, batch_b)  # random augmentation and shuffling
+    train = TensorBatches(cache.images("train", mmap=False), cache.labels("train"), config)
+    augmentation = AugmentationConfig()
+    epoch_a = list(train.training_epoch(8, augmentation=augmentation, seed=0))
+    epoch_b = list(train.training_epoch(8, augmentation=augmentation, seed=0))
+    epoch_c = list(train.training_epoch(8, augmentation=augmentation, seed=1))
+    assert sum(len(batch) for batch, _ in epoch_a) == len(train)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(epoch_a, epoch_b, strict=True))
+    assert not torch.equal(epoch_a[0][0], epoch_c[0][0])
 
     labels_np = cache.labels("train")
-    drawn = np.array(list(iter(class_balanced_sampler(labels_np, seed=0))))
+    drawn = balanced_indices(labels_np, torch.Generator().manual_seed(0)).numpy()
     positive_share = labels_np[drawn].mean()
     assert 0.35 < positive_share < 0.65  # balanced, although the data is ~74% positive
+
+
+def test_identity_augmentation_is_the_identity():
+    images = torch.rand(3, 1, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    matrices = affine_matrices(3, NO_AUGMENTATION, generator, torch.device("cpu"))
+    torch.testing.assert_close(matrices, torch.eye(2, 3).expand(3, 2, 3))
+    torch.testing.assert_close(
+        augment(images, NO_AUGMENTATION, generator), images, atol=1e-5, rtol=0
+    )
+
+
+def test_augmentation_draws_per_sample_parameters_within_bounds():
+    config = AugmentationConfig(brightness=0.0, contrast=0.0)
+    generator = torch.Generator().manual_seed(0)
+    matrices = affine_matrices(4000, config, generator, torch.device("cpu"))
+    linear = matrices[:, :, :2]
+    # Columns are rotation x half-extent: their norms give the crop's half-width and half-height.
+    half_w, half_h = linear[:, :, 0].norm(dim=1), linear[:, :, 1].norm(dim=1)
+    area = half_w * half_h  # share of the image area; below 0.8 only where an edge clipped
+    assert area.min() >= 0.6 and area.max() <= 1.0 + 1e-5 and area.median() > 0.85
+    determinant = torch.linalg.det(linear)
+    flipped = (determinant < 0).float().mean()
+    assert 0.45 < flipped < 0.55  # horizontal flips in about half the samples
+    rotation = torch.rad2deg(torch.atan2(-linear[:, 0, 1], linear[:, 1, 1]))
+    assert rotation.abs().max() <= 15.0 + 1e-3 and rotation.abs().max() > 12.0
+    # Crops stay inside the image: centre +- half-extent within [-1, 1] (before rotation).
+    assert (matrices[:, 0, 2].abs() <= 1 - half_w + 1e-5).all()
+    assert (matrices[:, 1, 2].abs() <= 1 - half_h + 1e-5).all()
+    # Brightness and contrast keep pixels in [0, 1].
+    out = augment(torch.rand(64, 1, 16, 16), AugmentationConfig(), generator)
+    assert out.min() >= 0 and out.max() <= 1
 
 
 def test_jpeg_draft_decoding_matches_full_decoding(tiny_synthetic):
