@@ -249,14 +249,6 @@ def split(
         sys.exit(EXIT_CHECKS_FAILED)
 
 
-def main() -> None:
-    cli(prog_name="cxr")
-
-
-if __name__ == "__main__":
-    main()
-
-
 DATA_OPTION = click.option(
     "--data",
     "data_dir",
@@ -381,3 +373,11 @@ def evaluate(ctx: click.Context, json_path: Path | None) -> None:
     if json_path:
         json_path.write_text(json.dumps(report.headline("test"), indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+def main() -> None:
+    cli(prog_name="cxr")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ def _cxr(*args, home, env=None):
 
 
 def test_help_for_every_command(tmp_path):
-    for command in ([], ["demo"], ["profile"], ["split"]):
+    for command in ([], ["demo"], ["profile"], ["split"], ["train"], ["evaluate"]):
         result = _cxr(*command, "--help", home=tmp_path)
         assert result.returncode == 0 and "Usage" in result.stdout
 
@@ -67,9 +67,20 @@ def test_bad_folder_exits_nonzero_with_the_accepted_layouts(tmp_path):
 
 def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     home = tmp_path / "home"
-    result = _cxr("demo", home=home, env={"CXR_SYNTHETIC_PATIENTS": "40"})
+    # Small and fast: this checks the plumbing; model quality has its own tests. The floors are
+    # off because 6 test images per class cannot support a meaningful AUC floor.
+    env = {
+        "CXR_SYNTHETIC_PATIENTS": "40",
+        "CXR_IMAGE_SIZE": "64",
+        "CXR_MIN_TEST_AUC": "0",
+        "CXR_MIN_TEST_SENSITIVITY": "0",
+    }
+    result = _cxr("demo", home=home, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no_patient_leakage: PASS" in result.stdout
+    assert "resnet18/evaluation_report:test_auc_floor: PASS" in result.stdout
+    assert "Test split (threshold chosen on validation)" in result.stdout
+    assert "baseline_cnn" in result.stdout and "resnet18" in result.stdout
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
@@ -78,3 +89,44 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
         assert (
             instance.get_latest_materialization_event(dg.AssetKey("preprocessed_cache")) is not None
         )
+
+
+def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
+    home = tmp_path / "home"
+    env = {"CXR_IMAGE_SIZE": "64"}
+    data = ["--data", str(tiny_synthetic)]
+    trained = _cxr("train", *data, "--arch", "baseline_cnn", "--epochs", "2", home=home, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "best validation AUC" in trained.stdout
+
+    out = tmp_path / "metrics.json"
+    evaluated = _cxr("evaluate", "--json", str(out), home=home, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert {"auc", "accuracy", "sensitivity", "specificity", "threshold", "n_test"} <= set(metrics)
+    (test_index,) = home.glob("cache/*/test-*.csv")
+    manifest_test = pd.read_csv(test_index)
+    assert metrics["n_test"] == len(manifest_test)
+    assert 0.0 <= metrics["auc"] <= 1.0
+
+
+def test_evaluate_without_a_trained_model_says_what_to_do(tmp_path):
+    result = _cxr("evaluate", home=tmp_path / "empty")
+    assert result.returncode == 2
+    assert "run `cxr train` first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_required_pretraining_without_weights_fails_cleanly(tiny_synthetic, tmp_path):
+    result = _cxr(
+        "train",
+        "--data",
+        str(tiny_synthetic),
+        "--arch",
+        "baseline_cnn",
+        "--pretrained",
+        "required",
+        home=tmp_path / "h",
+        env={"CXR_IMAGE_SIZE": "64"},
+    )
+    assert result.returncode == 2
+    assert "no ImageNet weights" in result.stderr and "Traceback" not in result.stderr

@@ -84,7 +84,7 @@ def _training_assets(arch: str) -> list:
             train_config,
             profile=profile,
             manifest_hash=manifest_hash(patient_splits),
-            dagster_run_id=context.run_id,
+            dagster_run_id=context.run.run_id,
             progress=False,
         )
         curves = trained.checkpoint.parent / "learning_curves.png"
