@@ -478,6 +478,10 @@ def train(
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
-    """Keep the phase-1 length (capped) and give the rest to phase 2."""
-    frozen = min(config.frozen_epochs, max(epochs - 1, 0))
+    """Rescale to ``epochs`` in total, keeping the frozen phase's share (at least one epoch when
+    the profile has one, and always at least one epoch of full fine-tuning)."""
+    frozen = 0
+    if config.frozen_epochs and epochs > 1:
+        share = config.frozen_epochs / config.total_epochs
+        frozen = min(max(1, round(epochs * share)), epochs - 1)
     return replace(config, frozen_epochs=frozen, finetune_epochs=epochs - frozen)

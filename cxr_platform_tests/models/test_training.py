@@ -137,3 +137,14 @@ def test_pos_weight_auto_balances_the_classes(training_data):
     assert weight == pytest.approx((labels == 0).sum() / (labels == 1).sum())
     assert resolve_pos_weight(training_profile("demo", "baseline_cnn", pos_weight=2.0), labels) == 2
     assert np.isclose(weight * labels.sum(), (labels == 0).sum())
+
+
+@pytest.mark.parametrize(
+    ("epochs", "frozen", "finetune"), [(1, 0, 1), (3, 1, 2), (10, 2, 8), (30, 5, 25)]
+)
+def test_epoch_override_keeps_both_phases(epochs, frozen, finetune):
+    from cxr_platform.models.training import with_epochs
+
+    config = with_epochs(training_profile("full", "resnet18"), epochs)
+    assert (config.frozen_epochs, config.finetune_epochs) == (frozen, finetune)
+    assert with_epochs(training_profile("full", "baseline_cnn"), 3).frozen_epochs == 0
