@@ -8,7 +8,6 @@ lineage and can be re-materialized alone. Which architectures exist is ``CXR_MOD
 import base64
 import json
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import pandas as pd
@@ -27,10 +26,10 @@ GROUP = "training"
 class TrainingRunConfig(dg.Config):
     """Launchpad overrides; unset values come from the profile (demo / full)."""
 
-    profile: Optional[str] = None  # noqa: UP045 - Dagster config needs typing.Optional here
-    epochs: Optional[int] = None  # noqa: UP045
-    batch_size: Optional[int] = None  # noqa: UP045
-    pretrained: Optional[str] = None  # noqa: UP045 - auto | required | none
+    profile: str | None = None  # demo | full
+    epochs: int | None = None
+    batch_size: int | None = None
+    pretrained: str | None = None  # auto | required | none
 
 
 def png_markdown(path: Path, title: str) -> str:
