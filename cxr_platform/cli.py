@@ -69,14 +69,17 @@ def prepare_dagster_home(settings: CxrSettings) -> Path:
     return settings.dagster_home
 
 
-@cli.command()
-@click.option(
+DATA_OPTION = click.option(
     "--data",
     "data_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).",
 )
+
+
+@cli.command()
+@DATA_OPTION
 @click.pass_context
 @_fail_cleanly
 def demo(ctx: click.Context, data_dir: Path | None) -> None:
@@ -247,15 +250,6 @@ def split(
     if failed:
         click.secho(f"{len(failed)} split checks failed: {', '.join(failed)}", fg="red", err=True)
         sys.exit(EXIT_CHECKS_FAILED)
-
-
-DATA_OPTION = click.option(
-    "--data",
-    "data_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Data folder (default: $CXR_DATA_DIR, else the synthetic set).",
-)
 
 
 @cli.command()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 
 
@@ -152,6 +153,18 @@ class TensorBatches:
         self.labels_np = labels.astype(np.float32)
         self.labels = torch.from_numpy(self.labels_np).to(self.device)
         self.preprocessing = preprocessing
+
+    @classmethod
+    def from_cache(
+        cls, cache: PreprocessedCache, split: str, *, device: torch.device | str = "cpu"
+    ) -> TensorBatches:
+        """One split of the cache, normalized with the preprocessing the cache was built with."""
+        return cls(
+            cache.images(split, mmap=False),
+            cache.labels(split),
+            PreprocessingConfig.from_dict(cache.preprocessing),
+            device=device,
+        )
 
     def __len__(self) -> int:
         return len(self.labels_np)

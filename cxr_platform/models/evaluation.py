@@ -164,37 +164,28 @@ def _mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float((below + below_or_equal).sum() / (2.0 * len(positives) * len(negatives)))
 
 
-def expected_calibration_error(
-    labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15
-) -> float:
-    """Equal-width bins over the pneumonia probability; weighted |observed rate - mean prob|."""
-    labels = np.asarray(labels, dtype=np.float64).ravel()
-    probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
-    bins = np.clip((probabilities * n_bins).astype(int), 0, n_bins - 1)
-    error = 0.0
-    for b in range(n_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
-    return float(error)
-
-
 def reliability_curve(
     labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15
 ) -> list[tuple[float, float, int]]:
-    """(mean predicted, observed rate, count) per non-empty bin, for the reliability plot."""
+    """(mean predicted, observed rate, count) per non-empty equal-width bin of the pneumonia
+    probability: the points of the reliability plot."""
     labels = np.asarray(labels, dtype=np.float64).ravel()
     probabilities = np.asarray(probabilities, dtype=np.float64).ravel()
     bins = np.clip((probabilities * n_bins).astype(int), 0, n_bins - 1)
     return [
-        (
-            float(probabilities[bins == b].mean()),
-            float(labels[bins == b].mean()),
-            int((bins == b).sum()),
-        )
-        for b in range(n_bins)
-        if (bins == b).any()
+        (float(probabilities[in_bin].mean()), float(labels[in_bin].mean()), int(in_bin.sum()))
+        for in_bin in (bins == b for b in range(n_bins))
+        if in_bin.any()
     ]
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, *, n_bins: int = 15
+) -> float:
+    """Count-weighted |observed rate - mean probability| over the reliability curve's bins."""
+    curve = reliability_curve(labels, probabilities, n_bins=n_bins)
+    total = sum(count for _, _, count in curve)
+    return float(sum(count * abs(observed - mean) for mean, observed, count in curve) / total)
 
 
 @dataclass

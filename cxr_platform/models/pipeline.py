@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
@@ -27,6 +25,7 @@ from cxr_platform.models.training import (
     load_checkpoint,
     model_from_checkpoint,
     predict_logits,
+    save_checkpoint,
     select_device,
     train,
     training_profile,
@@ -117,7 +116,7 @@ def train_tracked(
     )
     out_dir = settings.models_dir / config.arch / run.run_id
     try:
-        data = TrainingData.from_cache(cache, preprocessing, device)
+        data = TrainingData.from_cache(cache, device)
         run.log_params(
             {"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)}
         )
@@ -234,13 +233,6 @@ def latest_trained(settings: CxrSettings) -> TrainedModel:
     return TrainedModel(**values)
 
 
-def _split_batches(cache: PreprocessedCache, split: str, device: torch.device) -> TensorBatches:
-    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    return TensorBatches(
-        cache.images(split, mmap=False), cache.labels(split), preprocessing, device=device
-    )
-
-
 def evaluate_trained(
     settings: CxrSettings,
     cache: PreprocessedCache,
@@ -261,10 +253,10 @@ def evaluate_trained(
         )
     device = select_device(settings.device)
     model = model_from_checkpoint(checkpoint).to(device)
-    val = _split_batches(cache, "val", device)
+    val = TensorBatches.from_cache(cache, "val", device=device)
     val_logits = predict_logits(model, val)
     rule = ThresholdRule(settings.threshold_rule, settings.target_sensitivity)
-    test = _split_batches(cache, "test", device)
+    test = TensorBatches.from_cache(cache, "test", device=device)
     test_logits = predict_logits(model, test)
     report = evaluate_predictions(
         arch=trained.arch,
@@ -287,9 +279,7 @@ def evaluate_trained(
         },
     )
     checkpoint["operating_point"] = report.operating_point.to_dict()
-    tmp = trained.checkpoint.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(trained.checkpoint)
+    save_checkpoint(checkpoint, trained.checkpoint)
 
     out_dir = out_dir or settings.reports_dir / "evaluation" / trained.model_name
     if out_dir.exists():

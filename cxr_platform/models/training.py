@@ -25,7 +25,6 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr_platform.data.cache import PreprocessedCache
-from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import AugmentationConfig, TensorBatches
 from cxr_platform.errors import CxrError
 from cxr_platform.models.zoo import (
@@ -140,19 +139,10 @@ class TrainingData:
     val: TensorBatches
 
     @classmethod
-    def from_cache(
-        cls, cache: PreprocessedCache, preprocessing: PreprocessingConfig, device: torch.device
-    ) -> TrainingData:
+    def from_cache(cls, cache: PreprocessedCache, device: torch.device | str) -> TrainingData:
         return cls(
-            train=TensorBatches(
-                cache.images("train", mmap=False),
-                cache.labels("train"),
-                preprocessing,
-                device=device,
-            ),
-            val=TensorBatches(
-                cache.images("val", mmap=False), cache.labels("val"), preprocessing, device=device
-            ),
+            train=TensorBatches.from_cache(cache, "train", device=device),
+            val=TensorBatches.from_cache(cache, "val", device=device),
         )
 
 
@@ -260,7 +250,8 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, floa
     return {"val_loss": float(loss), "val_auc": float(roc_auc_score(labels, logits))}
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """Write-then-rename: a crash mid-save never leaves a truncated checkpoint behind."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -453,8 +444,8 @@ def train(
             "epochs_without_improvement": stale_epochs,
         }
         if improved:
-            _atomic_save(checkpoint, best_path)
-        _atomic_save(checkpoint, last_path)
+            save_checkpoint(checkpoint, best_path)
+        save_checkpoint(checkpoint, last_path)
         if phase == "finetune" and stale_epochs >= config.patience:
             stopped_early = epoch < config.total_epochs
             log.info("%s: early stop at epoch %d (best %d)", config.arch, epoch, best_epoch)

@@ -87,14 +87,14 @@ def preprocess_from_pixels(pixels, config):
 def test_batches_normalize_augment_and_balance(manifest, tmp_path):
     config = PreprocessingConfig(image_size=64)
     cache = build_cache(manifest, tmp_path / "cache", config, progress=False)
-    val = TensorBatches(cache.images("val", mmap=False), cache.labels("val"), config)
+    val = TensorBatches.from_cache(cache, "val")
     images, labels = next(val.evaluation_batches(4))
     assert images.shape == (4, 1, 64, 64) and images.dtype == torch.float32
     expected = normalize_uint8(cache.images("val")[:4], config)  # the serving formula
     np.testing.assert_allclose(images[:, 0].numpy(), expected, atol=1e-6)
     assert set(labels.tolist()) <= {0.0, 1.0}
 
-    train = TensorBatches(cache.images("train", mmap=False), cache.labels("train"), config)
+    train = TensorBatches.from_cache(cache, "train")
     augmentation = AugmentationConfig()
     epoch_a = list(train.training_epoch(8, augmentation=augmentation, seed=0))
     epoch_b = list(train.training_epoch(8, augmentation=augmentation, seed=0))

@@ -9,6 +9,19 @@ from cxr_platform.defs.definitions import TRAINING_JOB, build_definitions
 from cxr_platform.settings import load_settings
 
 
+def _settings(data_dir, home, **overrides):
+    """Small and CPU-only: 64 px images and the demo profile."""
+    return load_settings(
+        home=home,
+        data_dir=data_dir,
+        image_size=64,
+        workers=1,
+        training_profile="demo",
+        device="cpu",
+        **overrides,
+    )
+
+
 def _run(settings):
     return (
         build_definitions(settings)
@@ -18,15 +31,8 @@ def _run(settings):
 
 
 def test_training_job_trains_evaluates_and_compares(tiny_synthetic, tmp_path):
-    settings = load_settings(
-        home=tmp_path / "home",
-        data_dir=tiny_synthetic,
-        image_size=64,
-        workers=1,
-        training_profile="demo",
-        device="cpu",
-        min_test_auc=0.0,
-        min_test_sensitivity=0.0,
+    settings = _settings(
+        tiny_synthetic, tmp_path / "home", min_test_auc=0.0, min_test_sensitivity=0.0
     )
     result = _run(settings)
     assert result.success
@@ -65,15 +71,8 @@ def test_training_job_trains_evaluates_and_compares(tiny_synthetic, tmp_path):
 
 
 def test_a_failed_floor_blocks_what_depends_on_the_model(tiny_synthetic, tmp_path):
-    settings = load_settings(
-        home=tmp_path / "home",
-        data_dir=tiny_synthetic,
-        image_size=64,
-        workers=1,
-        training_profile="demo",
-        device="cpu",
-        models=("baseline_cnn",),
-        min_test_auc=1.0,
+    settings = _settings(
+        tiny_synthetic, tmp_path / "home", models=("baseline_cnn",), min_test_auc=1.0
     )
     result = _run(settings)
     assert not result.success

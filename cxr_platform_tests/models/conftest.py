@@ -11,7 +11,6 @@ from cxr_platform.data.profile import profile_dataset
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.splits import make_manifest
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.models.training import TrainingData
 
 
@@ -28,16 +27,6 @@ def learnable_cache(tmp_path_factory) -> PreprocessedCache:
     )
 
 
-@pytest.fixture(scope="session")
-def preprocessing(learnable_cache) -> PreprocessingConfig:
-    return PreprocessingConfig.from_dict(learnable_cache.preprocessing)
-
-
 @pytest.fixture()
-def training_data(learnable_cache, preprocessing) -> TrainingData:
-    return TrainingData.from_cache(learnable_cache, preprocessing, "cpu")
-
-
-def split_batches(cache: PreprocessedCache, split: str) -> TensorBatches:
-    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    return TensorBatches(cache.images(split, mmap=False), cache.labels(split), preprocessing)
+def training_data(learnable_cache) -> TrainingData:
+    return TrainingData.from_cache(learnable_cache, "cpu")

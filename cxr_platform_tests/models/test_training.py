@@ -112,13 +112,13 @@ def test_phase_one_changes_the_head_only(training_data, tmp_path, arch):
     assert changed and all(k.startswith(head) for k in changed), sorted(changed)[:5]
 
 
-def test_training_never_touches_the_test_split(learnable_cache, preprocessing, tmp_path):
+def test_training_never_touches_the_test_split(learnable_cache, tmp_path):
     # Training data is built from train and val only; with the test array gone it still runs.
     test_file = learnable_cache.splits["test"].images_path
     backup = test_file.read_bytes()
     test_file.unlink()
     try:
-        data = TrainingData.from_cache(learnable_cache, preprocessing, "cpu")
+        data = TrainingData.from_cache(learnable_cache, "cpu")
         train(
             training_profile("demo", "baseline_cnn", finetune_epochs=1),
             data,
