@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
@@ -51,9 +51,19 @@ class OperatingPoint:
     target_sensitivity: float | None
     val_sensitivity: float
     val_specificity: float
+    # Platt intercept: p = sigmoid(logit / temperature + bias). Training with pos_weight shifts the
+    # logits' intercept, which a temperature alone cannot undo.
+    bias: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OperatingPoint:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return calibrated_probabilities(logits, self.temperature, self.bias)
 
 
 def _check_binary(labels: np.ndarray) -> np.ndarray:
@@ -77,8 +87,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(result.x))
 
 
-def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(temperature, bias) minimizing the NLL of ``sigmoid(logit / T + b)`` (Platt scaling).
+
+    Parameterized as a scale and an intercept on the logit, with the scale kept positive so the
+    ranking (and with it the AUC) never changes.
+    """
+    labels = _check_binary(labels)
+    logits = np.asarray(logits, dtype=np.float64)
+
+    def nll(params: np.ndarray) -> float:
+        z = logits * math.exp(-params[0]) + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+    start = np.array([math.log(fit_temperature(logits, labels)), 0.0])
+    bounds = [(math.log(0.05), math.log(20.0)), (-10.0, 10.0)]
+    result = minimize(nll, start, method="L-BFGS-B", bounds=bounds)
+    return float(math.exp(result.x[0])), float(result.x[1])
+
+
+def calibrated_probabilities(
+    logits: np.ndarray, temperature: float, bias: float = 0.0
+) -> np.ndarray:
+    return expit(np.asarray(logits, dtype=np.float64) / temperature + bias)
 
 
 def choose_threshold(
@@ -197,7 +228,7 @@ class SplitEvaluation:
     auc_ci_low: float
     auc_ci_high: float
     ece_uncalibrated: float
-    ece: float  # after temperature scaling
+    ece: float  # after Platt scaling
     accuracy: float
     sensitivity: float | None
     specificity: float | None
@@ -220,7 +251,7 @@ def evaluate_split(
     seed: int = 0,
 ) -> SplitEvaluation:
     labels = _check_binary(labels)
-    probabilities = calibrated_probabilities(logits, operating_point.temperature)
+    probabilities = operating_point.probabilities(logits)
     low, high = bootstrap_auc_ci(labels, logits, n_bootstrap=n_bootstrap, seed=seed)
     return SplitEvaluation(
         split=split,
@@ -238,10 +269,10 @@ def evaluate_split(
 def fit_operating_point(
     val_labels: np.ndarray, val_logits: np.ndarray, rule: ThresholdRule = ThresholdRule()
 ) -> OperatingPoint:
-    """Temperature and threshold, from validation predictions only."""
-    temperature = fit_temperature(val_logits, val_labels)
+    """Calibration (Platt) and threshold, from validation predictions only."""
+    temperature, bias = fit_platt(val_logits, val_labels)
     threshold, sensitivity, specificity = choose_threshold(
-        val_labels, calibrated_probabilities(val_logits, temperature), rule
+        val_labels, calibrated_probabilities(val_logits, temperature, bias), rule
     )
     return OperatingPoint(
         threshold=threshold,
@@ -250,6 +281,7 @@ def fit_operating_point(
         target_sensitivity=rule.target_sensitivity if rule.name == "sensitivity_target" else None,
         val_sensitivity=sensitivity,
         val_specificity=specificity,
+        bias=bias,
     )
 
 

@@ -241,7 +241,7 @@ def evaluate_trained(
     out_dir: Path | None = None,
     n_bootstrap: int = 2000,
 ) -> tuple[EvaluationReport, dict[str, Path]]:
-    """Validation fixes temperature and threshold; test is scored with both frozen.
+    """Validation fixes calibration and threshold; test is scored with both frozen.
 
     The operating point is written back into the checkpoint so the model carries it.
     """
@@ -313,6 +313,7 @@ def _log_evaluation(
             metrics[f"{split}_{key}"] = getattr(evaluation, key)
     metrics["threshold"] = report.operating_point.threshold
     metrics["temperature"] = report.operating_point.temperature
+    metrics["calibration_bias"] = report.operating_point.bias
     run.log_metrics(metrics)
     run.set_tags({"cxr.threshold_rule": report.operating_point.rule})
     run.log_artifact(trained.checkpoint)  # now carrying its operating point

@@ -36,7 +36,8 @@ def report_markdown(report: EvaluationReport) -> str:
         f"# Evaluation: {report.model_name} ({report.arch})",
         "",
         f"Operating threshold **{op.threshold:.4f}** on the calibrated probability "
-        f"(temperature {op.temperature:.3f}), chosen on validation: rule `{op.rule}`"
+        f"(Platt scaling: temperature {op.temperature:.3f}, bias {op.bias:+.3f}), "
+        "chosen on validation: rule `{op.rule}`"
         + (f", target sensitivity {op.target_sensitivity:.2f}" if op.target_sensitivity else "")
         + ". The test split was not used to choose anything.",
         "",
@@ -121,8 +122,9 @@ def plot_reliability(report: EvaluationReport, path: Path, split: str = "test") 
     for name, probabilities in (
         ("uncalibrated", calibrated_probabilities(logits, 1.0)),
         (
-            f"T = {report.operating_point.temperature:.2f}",
-            calibrated_probabilities(logits, report.operating_point.temperature),
+            f"Platt (T = {report.operating_point.temperature:.2f}, "
+            f"b = {report.operating_point.bias:+.2f})",
+            report.operating_point.probabilities(logits),
         ),
     ):
         curve = reliability_curve(labels, probabilities)

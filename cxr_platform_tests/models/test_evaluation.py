@@ -17,6 +17,7 @@ from cxr_platform.models.evaluation import (
     choose_threshold,
     evaluate_predictions,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     threshold_metrics,
 )
@@ -112,6 +113,22 @@ def test_temperature_scaling_recovers_a_known_overconfidence():
     raw = expected_calibration_error(labels, calibrated_probabilities(overconfident, 1.0))
     fixed = expected_calibration_error(labels, calibrated_probabilities(overconfident, temperature))
     assert fixed < 0.02 < raw
+
+
+def test_platt_scaling_undoes_the_intercept_shift_that_temperature_cannot():
+    # pos_weight > 1 trains logits that are shifted upwards as well as overconfident.
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 2, 20_000)
+    labels = (rng.random(20_000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    shifted = 2.0 * true_logits + 1.5
+    temperature, bias = fit_platt(shifted, labels)
+    assert temperature == pytest.approx(2.0, rel=0.05)
+    assert bias == pytest.approx(-0.75, abs=0.05)
+    platt = expected_calibration_error(labels, calibrated_probabilities(shifted, temperature, bias))
+    temperature_only = expected_calibration_error(
+        labels, calibrated_probabilities(shifted, fit_temperature(shifted, labels))
+    )
+    assert platt < 0.02 < temperature_only
 
 
 def test_test_predictions_never_change_the_operating_point():

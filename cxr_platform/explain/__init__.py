@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM heatmaps, overlays and their sanity checks."""
