@@ -57,6 +57,16 @@ class CxrSettings(BaseSettings):
     # Blocking floors on test AUC / sensitivity; unset means the profile's default.
     min_test_auc: float | None = Field(default=None, ge=0, le=1)
     min_test_sensitivity: float | None = Field(default=None, ge=0, le=1)
+    min_test_specificity: float | None = Field(
+        default=None, ge=0, le=1, description="Promotion floor; default depends on the profile."
+    )
+    gate_max_auc_drop: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="A candidate's AUC may be at most this much below production's.",
+    )
+    registry_model_name: str = "cxr-pneumonia-classifier"
     inference_log_url: str | None = None
     dagster_port: int = 3000
     # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
@@ -145,6 +155,18 @@ class CxrSettings(BaseSettings):
         if sensitivity is None:
             sensitivity = 0.75 if demo else 0.90
         return auc, sensitivity
+
+    @property
+    def specificity_floor(self) -> float:
+        """Specificity at the operating threshold a model needs for promotion. The threshold
+        buys 0.95 sensitivity, so the demo's briefly trained models pay for it here."""
+        if self.min_test_specificity is not None:
+            return self.min_test_specificity
+        return 0.2 if self.resolved_training_profile == "demo" else 0.7
+
+    @property
+    def registry_cache_dir(self) -> Path:
+        return self.home / "registry"
 
     def synthetic_dataset_dir(self) -> Path:
         return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"

@@ -1,0 +1,1 @@
+"""Export, the model registry and the promotion gate."""

@@ -1,0 +1,305 @@
+"""Export a trained checkpoint to ONNX and TorchScript that carry everything needed to serve it.
+
+The preprocessing config, the operating point (Platt calibration and threshold), the
+architecture and the training run id travel inside each file: ONNX ``metadata_props`` and a
+TorchScript extra file. A model file alone therefore reproduces the platform's predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.errors import CxrError
+from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.models.training import load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+METADATA_KEY = "cxr_metadata"
+TORCHSCRIPT_METADATA_FILE = "cxr_metadata.json"
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+WEIGHTS_FILE = "weights.pt"  # plain state dict: Grad-CAM needs the eager model
+METADATA_FILE = "metadata.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logit"
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+DEFAULT_PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(CxrError):
+    """A model could not be exported, or an exported file is not a cxr_platform model."""
+
+
+class ParityError(ExportError):
+    """An exported model's logits differ from PyTorch's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a serving process needs besides the network itself."""
+
+    model_name: str
+    arch: str
+    preprocessing: dict[str, Any]
+    operating_point: dict[str, Any]
+    mlflow_run_id: str | None
+    manifest_hash: str | None
+    git_commit: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    exported_at: str = ""
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    class_names: tuple[str, ...] = CLASS_NAMES
+    format: int = EXPORT_FORMAT
+
+    @property
+    def preprocessing_config(self) -> PreprocessingConfig:
+        return PreprocessingConfig.from_dict(self.preprocessing)
+
+    @property
+    def calibration(self) -> OperatingPoint:
+        return OperatingPoint.from_dict(self.operating_point)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.operating_point["threshold"])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"model metadata is not valid JSON: {exc}") from exc
+        if not isinstance(values, dict) or values.get("format") != EXPORT_FORMAT:
+            raise ExportError(f"unsupported model metadata format (expected {EXPORT_FORMAT})")
+        values["class_names"] = tuple(values.get("class_names", CLASS_NAMES))
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        return cls(**known)
+
+
+def metadata_for_checkpoint(
+    checkpoint: dict[str, Any],
+    *,
+    model_name: str,
+    mlflow_run_id: str | None,
+    manifest_hash: str | None,
+    git_commit: str | None,
+    metrics: dict[str, float] | None = None,
+) -> ModelMetadata:
+    if "operating_point" not in checkpoint:
+        raise ExportError(
+            "the checkpoint has no operating point: evaluate it (cxr evaluate) before exporting"
+        )
+    return ModelMetadata(
+        model_name=model_name,
+        arch=checkpoint["arch"],
+        preprocessing=dict(checkpoint["preprocessing"]),
+        operating_point=dict(checkpoint["operating_point"]),
+        mlflow_run_id=mlflow_run_id,
+        manifest_hash=manifest_hash,
+        git_commit=git_commit,
+        metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
+        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _example_input(metadata: ModelMetadata, batch: int = 2) -> torch.Tensor:
+    size = metadata.preprocessing_config.image_size
+    return torch.zeros(batch, 1, size, size)
+
+
+def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
+    """ONNX through the maintained ``torch.export`` based exporter, with a dynamic batch axis."""
+    model = model.eval().cpu()
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (_example_input(metadata),),
+            input_names=[metadata.input_name],
+            output_names=[metadata.output_name],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    program.save(str(tmp))
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    entries = {
+        METADATA_KEY: metadata.to_json(),
+        "cxr_model_name": metadata.model_name,
+        "cxr_arch": metadata.arch,
+        "cxr_threshold": repr(metadata.threshold),
+        "cxr_mlflow_run_id": metadata.mlflow_run_id or "",
+    }
+    for key, value in entries.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "cxr_platform"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def export_torchscript(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
+    model = model.eval().cpu()
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript is in maintenance mode; it still works
+        traced = torch.jit.trace(model, _example_input(metadata))
+        torch.jit.save(
+            traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: metadata.to_json()}
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def read_onnx_metadata(path: str | Path) -> ModelMetadata:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"{path}: not an ONNX model ({exc})") from exc
+    props = {entry.key: entry.value for entry in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise ExportError(f"{path}: ONNX model without {METADATA_KEY!r} metadata")
+    return ModelMetadata.from_json(props[METADATA_KEY])
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, ModelMetadata]:
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[TORCHSCRIPT_METADATA_FILE]:
+        raise ExportError(f"{path}: TorchScript model without {TORCHSCRIPT_METADATA_FILE}")
+    return module.eval(), ModelMetadata.from_json(extra[TORCHSCRIPT_METADATA_FILE])
+
+
+def onnx_session(path: str | Path, *, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    n_images: int
+    onnx_max_abs_diff: float
+    torchscript_max_abs_diff: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return max(self.onnx_max_abs_diff, self.torchscript_max_abs_diff) <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def parity_check(
+    model: nn.Module,
+    onnx_path: Path,
+    torchscript_path: Path,
+    images: torch.Tensor,
+    *,
+    tolerance: float = DEFAULT_PARITY_TOLERANCE,
+) -> ParityResult:
+    """Max |logit difference| of ONNX Runtime and TorchScript against eager PyTorch (CPU fp32)."""
+    model = model.eval().cpu()
+    images = images.float().cpu()
+    with torch.no_grad():
+        reference = model(images).numpy()
+        scripted, _ = load_torchscript(torchscript_path)
+        torchscript = scripted(images).numpy()
+    session = onnx_session(onnx_path)
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    return ParityResult(
+        n_images=len(images),
+        onnx_max_abs_diff=float(np.abs(onnx_logits - reference).max()),
+        torchscript_max_abs_diff=float(np.abs(torchscript - reference).max()),
+        tolerance=tolerance,
+    )
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    directory: Path
+    metadata: ModelMetadata
+    parity: ParityResult
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX_FILE
+
+    @property
+    def torchscript_path(self) -> Path:
+        return self.directory / TORCHSCRIPT_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / WEIGHTS_FILE
+
+
+def export_checkpoint(
+    checkpoint_path: Path,
+    out_dir: Path,
+    parity_images: torch.Tensor,
+    *,
+    model_name: str,
+    mlflow_run_id: str | None,
+    manifest_hash: str | None,
+    git_commit: str | None,
+    metrics: dict[str, float] | None = None,
+    tolerance: float = DEFAULT_PARITY_TOLERANCE,
+) -> ExportedModel:
+    """ONNX + TorchScript + state dict + metadata.json in ``out_dir``, then the parity check.
+
+    ``parity_images`` are normalized (N, 1, S, S) inputs; the issue's standard is 32 test images.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    metadata = metadata_for_checkpoint(
+        checkpoint,
+        model_name=model_name,
+        mlflow_run_id=mlflow_run_id,
+        manifest_hash=manifest_hash,
+        git_commit=git_commit,
+        metrics=metrics,
+    )
+    model = model_from_checkpoint(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, metadata, out_dir / ONNX_FILE)
+    export_torchscript(model, metadata, out_dir / TORCHSCRIPT_FILE)
+    torch.save(checkpoint["model"], out_dir / WEIGHTS_FILE)
+    (out_dir / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    parity = parity_check(
+        model, out_dir / ONNX_FILE, out_dir / TORCHSCRIPT_FILE, parity_images, tolerance=tolerance
+    )
+    log.info("exported %s to %s; parity %s", model_name, out_dir, parity.to_dict())
+    return ExportedModel(directory=out_dir, metadata=metadata, parity=parity)

@@ -1,0 +1,238 @@
+"""Export -> register -> gate -> promote, as the CLI and the Dagster assets both run it."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
+from cxr_platform.deployment.export import ExportedModel, ParityError, export_checkpoint
+from cxr_platform.deployment.gate import (
+    GateConfig,
+    GateDecision,
+    ModelScore,
+    decide,
+    score_predictions,
+)
+from cxr_platform.deployment.registry import (
+    PRODUCTION,
+    ModelRegistry,
+    ModelVersionInfo,
+    RegistryError,
+    RegistryEvent,
+)
+from cxr_platform.inference.predictor import Predictor
+from cxr_platform.models.pipeline import TrainedModel, tracker_for
+from cxr_platform.provenance import git_commit
+from cxr_platform.settings import CxrSettings
+
+PARITY_IMAGES = 32
+# Run metrics copied onto the model version (as cxr.metric.* tags) and into the model files.
+VERSION_METRICS = (
+    "best_val_auc",
+    "test_auc",
+    "test_auc_ci_low",
+    "test_auc_ci_high",
+    "test_sensitivity",
+    "test_specificity",
+    "test_ppv",
+    "test_npv",
+    "test_ece",
+    "val_sensitivity",
+    "val_specificity",
+)
+
+
+def cli_trigger() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in some containers
+        user = "unknown"
+    return f"cli:{user}"
+
+
+def registry_for(settings: CxrSettings) -> ModelRegistry:
+    settings.ensure_dirs()
+    return ModelRegistry(
+        settings.tracking_uri,
+        name=settings.registry_model_name,
+        cache_dir=settings.registry_cache_dir,
+    )
+
+
+def gate_config_for(settings: CxrSettings) -> GateConfig:
+    min_auc, min_sensitivity = settings.evaluation_floors
+    return GateConfig(
+        min_auc=min_auc,
+        min_sensitivity=min_sensitivity,
+        min_specificity=settings.specificity_floor,
+        max_auc_drop=settings.gate_max_auc_drop,
+    )
+
+
+def parity_inputs(cache: PreprocessedCache, n: int = PARITY_IMAGES) -> torch.Tensor:
+    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
+    images = cache.images("test", mmap=False)[:n]
+    return torch.from_numpy(normalize_uint8(images, preprocessing))[:, None]
+
+
+def run_metrics(settings: CxrSettings, run_id: str) -> dict[str, float]:
+    metrics = tracker_for(settings).client.get_run(run_id).data.metrics
+    return {key: float(metrics[key]) for key in VERSION_METRICS if key in metrics}
+
+
+def export_trained(
+    settings: CxrSettings, cache: PreprocessedCache, trained: TrainedModel
+) -> ExportedModel:
+    out_dir = trained.checkpoint.parent / "export"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    return export_checkpoint(
+        trained.checkpoint,
+        out_dir,
+        parity_inputs(cache),
+        model_name=trained.model_name,
+        mlflow_run_id=trained.mlflow_run_id,
+        manifest_hash=trained.manifest_hash,
+        git_commit=git_commit(),
+        metrics=run_metrics(settings, trained.mlflow_run_id),
+    )
+
+
+def register_exported(
+    settings: CxrSettings,
+    exported: ExportedModel,
+    *,
+    triggered_by: str,
+    shadow: bool = True,
+) -> ModelVersionInfo:
+    """A new registry version; with ``shadow`` it also becomes the shadow candidate."""
+    parity = exported.parity
+    if not parity.passed:
+        worst = max(parity.onnx_max_abs_diff, parity.torchscript_max_abs_diff)
+        raise ParityError(
+            f"{exported.metadata.model_name}: exported logits differ from PyTorch by "
+            f"{worst:.2e} (> {parity.tolerance:.0e}); refusing to register"
+        )
+    metadata = exported.metadata
+    if metadata.mlflow_run_id is None:
+        raise ParityError("an exported model without a training run cannot be registered")
+    registry = registry_for(settings)
+    tags: dict[str, Any] = {
+        "cxr.model_name": metadata.model_name,
+        "cxr.arch": metadata.arch,
+        "cxr.threshold": metadata.threshold,
+        "cxr.threshold_rule": metadata.operating_point.get("rule"),
+        "cxr.calibration": f"T={metadata.calibration.temperature:.4f} "
+        f"b={metadata.calibration.bias:+.4f}",
+        "cxr.preprocessing": json.dumps(metadata.preprocessing, sort_keys=True),
+        "cxr.data_version": metadata.manifest_hash,
+        "cxr.git_commit": metadata.git_commit,
+        "cxr.parity_onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
+        "cxr.parity_torchscript_max_abs_diff": exported.parity.torchscript_max_abs_diff,
+    }
+    tags.update({f"cxr.metric.{k}": v for k, v in metadata.metrics.items()})
+    info = registry.register(
+        exported,
+        run_id=metadata.mlflow_run_id,
+        tags=tags,
+        triggered_by=triggered_by,
+        description=f"{metadata.model_name} ({metadata.arch}), exported {metadata.exported_at}",
+    )
+    if shadow:
+        info = registry.set_shadow(info.version, triggered_by=triggered_by)
+    return info
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    images: np.ndarray  # uint8 (N, S, S)
+    labels: np.ndarray
+    description: dict[str, Any]
+
+
+def gate_evaluation_data(cache: PreprocessedCache) -> EvaluationData:
+    """The test split: never used to choose anything during training or thresholding."""
+    split = cache.splits["test"]
+    return EvaluationData(
+        images=cache.images("test", mmap=False),
+        labels=cache.labels("test"),
+        description={"split": "test", "cache_key": split.key, "n": split.n_images},
+    )
+
+
+def score_version(
+    registry: ModelRegistry, info: ModelVersionInfo, data: EvaluationData
+) -> ModelScore:
+    predictor = Predictor(registry.download(info.version), model_version=info.version)
+    size = predictor.preprocessing.image_size
+    if data.images.shape[1:] != (size, size):
+        raise ParityError(
+            f"version {info.version} expects {size}x{size} inputs; the evaluation data is "
+            f"{data.images.shape[1]}x{data.images.shape[2]}: rebuild the cache with its settings"
+        )
+    probabilities = np.concatenate(
+        [predictor.probabilities(data.images[i : i + 128]) for i in range(0, len(data.images), 128)]
+    )
+    return score_predictions(data.labels, probabilities, predictor.threshold, version=info.version)
+
+
+def run_gate(
+    settings: CxrSettings, cache: PreprocessedCache, candidate_ref: str | int
+) -> GateDecision:
+    registry = registry_for(settings)
+    candidate = registry.get(candidate_ref)
+    production = registry.find(PRODUCTION)
+    data = gate_evaluation_data(cache)
+    candidate_score = score_version(registry, candidate, data)
+    production_score = (
+        score_version(registry, production, data)
+        if production is not None and production.version != candidate.version
+        else None
+    )
+    evaluated_on = {
+        **data.description,
+        "candidate_data_version": candidate.tags.get("cxr.data_version"),
+        "production_data_version": production.tags.get("cxr.data_version") if production else None,
+    }
+    return decide(
+        candidate_score, production_score, gate_config_for(settings), evaluated_on=evaluated_on
+    )
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    decision: GateDecision
+    event: RegistryEvent | None  # None: the gate refused
+    production_version: str | None
+
+    @property
+    def promoted(self) -> bool:
+        return self.event is not None
+
+
+def promote_with_gate(
+    settings: CxrSettings, cache: PreprocessedCache, candidate_ref: str | int, *, triggered_by: str
+) -> PromotionOutcome:
+    registry = registry_for(settings)
+    candidate = registry.get(candidate_ref)
+    current = registry.find(PRODUCTION)
+    if current is not None and current.version == candidate.version:
+        raise RegistryError(f"version {candidate.version} is already production")
+    decision = run_gate(settings, cache, candidate.version)
+    if not decision.passed:
+        return PromotionOutcome(decision, None, current.version if current else None)
+    event = registry.promote(candidate.version, triggered_by=triggered_by, gate=decision.to_dict())
+    return PromotionOutcome(decision, event, candidate.version)
+
+
+def best_by_validation(candidates: list[tuple[TrainedModel, Any]]) -> tuple[TrainedModel, Any]:
+    """Model selection uses validation AUC only: the test split stays for the gate."""
+    return max(candidates, key=lambda pair: pair[0].best_val_auc)

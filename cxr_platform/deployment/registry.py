@@ -1,0 +1,338 @@
+"""The MLflow model registry, addressed by aliases (stages are deprecated in MLflow).
+
+- ``shadow``: the newest candidate; the service scores it alongside production, never returns it.
+- ``production``: what the service and the DICOM node answer with.
+- ``previous-production``: the version production replaced, kept addressable for rollback.
+
+Every promotion and rollback is recorded twice: as tags on the model version concerned and as
+an append-only event tag on the registered model (``cxr.event.<ms>``), so the history survives
+alias moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow.artifacts  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from cxr_platform.deployment.export import METADATA_FILE, ONNX_FILE, ExportedModel  # noqa: E402
+from cxr_platform.errors import CxrError  # noqa: E402
+
+DEFAULT_MODEL_NAME = "cxr-pneumonia-classifier"
+PRODUCTION = "production"
+SHADOW = "shadow"
+PREVIOUS_PRODUCTION = "previous-production"
+ALIASES = (PRODUCTION, SHADOW, PREVIOUS_PRODUCTION)
+EVENT_TAG_PREFIX = "cxr.event."
+MAX_TAG_LENGTH = 5000  # MLflow's limit for model version tag values
+
+
+class RegistryError(CxrError):
+    pass
+
+
+class ModelVersionNotFoundError(RegistryError):
+    pass
+
+
+class NothingToRollBackError(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str | None
+    source: str
+    created_at: datetime
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        prefix = "cxr.metric."
+        return {k[len(prefix) :]: float(v) for k, v in self.tags.items() if k.startswith(prefix)}
+
+    @property
+    def arch(self) -> str | None:
+        return self.tags.get("cxr.arch")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["created_at"] = self.created_at.isoformat(timespec="seconds")
+        values["metrics"] = self.metrics
+        return values
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    action: str  # registered | shadow | promoted | rollback
+    version: str
+    previous_version: str | None
+    triggered_by: str
+    at: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TAG_LENGTH else text[: MAX_TAG_LENGTH - 3] + "..."
+
+
+class ModelRegistry:
+    """One registered model in one MLflow tracking/registry store."""
+
+    def __init__(
+        self, tracking_uri: str, *, name: str = DEFAULT_MODEL_NAME, cache_dir: Path | None = None
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.name = name
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.cache_dir = cache_dir
+
+    # ------------------------------------------------------------------ reading
+
+    def _ensure_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(
+                    self.name,
+                    description="Chest X-ray Normal vs Pneumonia (one logit). ONNX + "
+                    "TorchScript with preprocessing and operating point inside.",
+                )
+            except MlflowException:
+                # Another process created it between our check and our create.
+                self.client.get_registered_model(self.name)
+
+    def aliases(self) -> dict[str, str]:
+        try:
+            return dict(self.client.get_registered_model(self.name).aliases)
+        except MlflowException:
+            return {}
+
+    def _info(self, mv: Any, aliases_by_version: Mapping[str, list[str]]) -> ModelVersionInfo:
+        return ModelVersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            aliases=tuple(sorted(aliases_by_version.get(str(mv.version), []))),
+            run_id=mv.run_id,
+            source=mv.source,
+            created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
+            tags=dict(mv.tags),
+        )
+
+    def _aliases_by_version(self) -> dict[str, list[str]]:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases().items():
+            by_version.setdefault(str(version), []).append(alias)
+        return by_version
+
+    def versions(self) -> list[ModelVersionInfo]:
+        """Every version, newest first, with its aliases filled in."""
+        try:
+            found = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            return []
+        by_version = self._aliases_by_version()
+        infos = [self._info(mv, by_version) for mv in found]
+        return sorted(infos, key=lambda info: int(info.version), reverse=True)
+
+    def get(self, ref: str | int) -> ModelVersionInfo:
+        """``production`` / ``shadow`` / ``previous-production``, ``3`` or ``v3``."""
+        ref = str(ref).strip()
+        try:
+            if ref in ALIASES:
+                mv = self.client.get_model_version_by_alias(self.name, ref)
+            else:
+                number = ref[1:] if ref.lower().startswith("v") else ref
+                if not number.isdigit():
+                    raise ModelVersionNotFoundError(
+                        f"{ref!r} is neither an alias ({', '.join(ALIASES)}) nor a version number"
+                    )
+                mv = self.client.get_model_version(self.name, number)
+        except MlflowException as exc:
+            raise ModelVersionNotFoundError(
+                f"model {self.name!r} has no version {ref!r}"
+                + (" (no model has been registered yet)" if not self.versions() else "")
+            ) from exc
+        return self._info(mv, self._aliases_by_version())
+
+    def find(self, ref: str) -> ModelVersionInfo | None:
+        try:
+            return self.get(ref)
+        except ModelVersionNotFoundError:
+            return None
+
+    def events(self) -> list[RegistryEvent]:
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException:
+            return []
+        events = [
+            RegistryEvent(**json.loads(value))
+            for key, value in sorted(tags.items(), key=lambda kv: kv[0])
+            if key.startswith(EVENT_TAG_PREFIX)
+        ]
+        return events
+
+    def download(self, ref: str | int) -> Path:
+        """A local folder with the version's files. Versions are immutable, so a downloaded copy
+        is reused; it appears atomically (download to a temporary folder, then rename)."""
+        info = self.get(ref)
+        if self.cache_dir is None:
+            raise RegistryError("this registry has no local cache folder to download into")
+        target = self.cache_dir / self.name / f"v{info.version}"
+        if (target / METADATA_FILE).exists() and (target / ONNX_FILE).exists():
+            return target
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tmp.mkdir(parents=True)
+        try:
+            downloaded = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=info.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+                )
+            )
+            if not (downloaded / ONNX_FILE).exists():
+                raise RegistryError(f"version {info.version} has no {ONNX_FILE} at {info.source}")
+            try:
+                downloaded.rename(target)
+            except OSError:
+                if not (target / ONNX_FILE).exists():  # not a concurrent download that won
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    # ------------------------------------------------------------------ writing
+
+    def _record(self, event: RegistryEvent) -> None:
+        key = f"{EVENT_TAG_PREFIX}{time.time_ns() // 1000:016d}.{event.action}"
+        self.client.set_registered_model_tag(self.name, key, _truncate(json.dumps(event.to_dict())))
+
+    def register(
+        self,
+        exported: ExportedModel,
+        *,
+        run_id: str,
+        tags: Mapping[str, str | float | None],
+        triggered_by: str,
+        description: str | None = None,
+    ) -> ModelVersionInfo:
+        """Upload the export folder to the training run and create a version pointing at it."""
+        self._ensure_model()
+        # A fresh artifact folder per export: a later re-export of the same run must never
+        # change the files under an existing version.
+        artifact_path = f"registry/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
+        self.client.log_artifacts(run_id, str(exported.directory), artifact_path)
+        run = self.client.get_run(run_id)
+        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+        mv = self.client.create_model_version(
+            self.name,
+            source=source,
+            run_id=run_id,
+            tags={k: _truncate(str(v)) for k, v in tags.items() if v is not None},
+            description=description,
+        )
+        version = str(mv.version)
+        self._record(
+            RegistryEvent("registered", version, None, triggered_by, _utc_now(), {"run_id": run_id})
+        )
+        return self.get(version)
+
+    def set_shadow(self, ref: str | int, *, triggered_by: str) -> ModelVersionInfo:
+        info = self.get(ref)
+        previous = self.aliases().get(SHADOW)
+        self.client.set_registered_model_alias(self.name, SHADOW, info.version)
+        self._record(
+            RegistryEvent(
+                "shadow",
+                info.version,
+                str(previous) if previous is not None else None,
+                triggered_by,
+                _utc_now(),
+            )
+        )
+        return self.get(info.version)
+
+    def promote(
+        self, ref: str | int, *, triggered_by: str, gate: Mapping[str, Any] | None = None
+    ) -> RegistryEvent:
+        """Move ``production`` to ``ref``; the replaced version becomes ``previous-production``.
+
+        The caller decides whether the gate allows it; ``gate`` is what it measured.
+        """
+        info = self.get(ref)
+        aliases = self.aliases()
+        current = aliases.get(PRODUCTION)
+        current = str(current) if current is not None else None
+        if current == info.version:
+            raise RegistryError(f"version {info.version} is already production")
+        now = _utc_now()
+        if current is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
+        self.client.set_registered_model_alias(self.name, PRODUCTION, info.version)
+        if str(aliases.get(SHADOW)) == info.version:
+            # Shadow scoring the production model would only double the work.
+            self.client.delete_registered_model_alias(self.name, SHADOW)
+        for key, value in {
+            "cxr.promoted_at": now,
+            "cxr.promoted_by": triggered_by,
+            "cxr.replaced_version": current or "",
+            "cxr.gate": json.dumps(gate) if gate is not None else "",
+        }.items():
+            self.client.set_model_version_tag(self.name, info.version, key, _truncate(value))
+        event = RegistryEvent(
+            "promoted", info.version, current, triggered_by, now, {"gate": dict(gate or {})}
+        )
+        self._record(event)
+        return event
+
+    def rollback(self, *, triggered_by: str) -> RegistryEvent:
+        """Production goes back to the version it replaced; repeated rollbacks walk further."""
+        current = self.find(PRODUCTION)
+        if current is None:
+            raise NothingToRollBackError("there is no production model to roll back")
+        target = current.tags.get("cxr.replaced_version") or self.aliases().get(PREVIOUS_PRODUCTION)
+        if not target or str(target) == current.version:
+            raise NothingToRollBackError(
+                f"production version {current.version} replaced no earlier version"
+            )
+        target_info = self.get(str(target))
+        now = _utc_now()
+        self.client.set_registered_model_alias(self.name, PRODUCTION, target_info.version)
+        before = target_info.tags.get("cxr.replaced_version")
+        if before:
+            self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, before)
+        else:
+            with contextlib.suppress(MlflowException):  # already absent
+                self.client.delete_registered_model_alias(self.name, PREVIOUS_PRODUCTION)
+        self.client.set_model_version_tag(self.name, current.version, "cxr.rolled_back_at", now)
+        self.client.set_model_version_tag(
+            self.name, current.version, "cxr.rolled_back_by", triggered_by
+        )
+        event = RegistryEvent("rollback", target_info.version, current.version, triggered_by, now)
+        self._record(event)
+        return event

@@ -1,0 +1,140 @@
+"""Score images with an exported ONNX model and the preprocessing stored inside it.
+
+Everything that turns bytes into a decision lives here, so the batch CLI, the HTTP service and
+the DICOM node cannot drift apart: decode (``read_image``) -> the model's own preprocessing ->
+ONNX Runtime -> Platt calibration -> the model's own threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
+from cxr_platform.data.preprocessing import normalize_uint8, to_square_uint8
+from cxr_platform.deployment.export import (
+    ONNX_FILE,
+    ModelMetadata,
+    onnx_session,
+    read_onnx_metadata,
+)
+from cxr_platform.errors import ImageReadError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float  # calibrated probability of pneumonia
+    label: str
+    logit: float
+    threshold: float
+    model_name: str
+    model_version: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # uint8 (S, S): what the network sees before normalization
+    decoded: DecodedImage
+
+
+class Predictor:
+    """One loaded model. Thread-safe: ONNX Runtime sessions may be run concurrently."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_version: str | None = None,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        path = Path(model_path)
+        self.onnx_path = path / ONNX_FILE if path.is_dir() else path
+        self.metadata: ModelMetadata = read_onnx_metadata(self.onnx_path)
+        self.session = onnx_session(self.onnx_path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.preprocessing = self.metadata.preprocessing_config
+        self.calibration = self.metadata.calibration
+        self.model_version = model_version
+        self.max_pixels = max_pixels
+
+    @property
+    def model_name(self) -> str:
+        return self.metadata.model_name
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    def prepare(self, source: ImageSource | DecodedImage) -> PreparedImage:
+        """Decode and bring to the model's square uint8 input. Raises :class:`ImageReadError`."""
+        decoded = (
+            source
+            if isinstance(source, DecodedImage)
+            else read_image(
+                source,
+                max_pixels=self.max_pixels,
+                draft_size=2 * self.preprocessing.image_size,
+            )
+        )
+        return PreparedImage(to_square_uint8(decoded.pixels, self.preprocessing), decoded)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S) -> raw logits (N,)."""
+        images = np.asarray(images)
+        size = self.preprocessing.image_size
+        if images.ndim != 3 or images.shape[1:] != (size, size) or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, {size}, {size})")
+        inputs = normalize_uint8(images, self.preprocessing)[:, None]
+        return self.session.run(None, {self.input_name: inputs})[0].reshape(-1).astype(np.float64)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.calibration.probabilities(self.logits(images))
+
+    def predict_prepared(self, images: np.ndarray) -> list[Prediction]:
+        logits = self.logits(images)
+        probabilities = self.calibration.probabilities(logits)
+        names = self.metadata.class_names
+        return [
+            Prediction(
+                probability=float(p),
+                label=names[1] if p >= self.threshold else names[0],
+                logit=float(z),
+                threshold=self.threshold,
+                model_name=self.model_name,
+                model_version=self.model_version,
+            )
+            for z, p in zip(logits, probabilities, strict=True)
+        ]
+
+    def predict(self, source: ImageSource | DecodedImage) -> Prediction:
+        return self.predict_prepared(self.prepare(source).pixels[None])[0]
+
+    def predict_many(
+        self, sources: Sequence[ImageSource], *, batch_size: int = 32
+    ) -> Iterable[tuple[ImageSource, Prediction | None, ImageReadError | None]]:
+        """(source, prediction, error) per input, in order; a bad file never stops the rest."""
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            prepared: list[tuple[int, np.ndarray]] = []
+            errors: dict[int, ImageReadError] = {}
+            for offset, source in enumerate(chunk):
+                try:
+                    prepared.append((offset, self.prepare(source).pixels))
+                except ImageReadError as exc:
+                    errors[offset] = exc
+            predictions: dict[int, Prediction] = {}
+            if prepared:
+                batch = np.stack([pixels for _, pixels in prepared])
+                for (offset, _), prediction in zip(
+                    prepared, self.predict_prepared(batch), strict=True
+                ):
+                    predictions[offset] = prediction
+            for offset, source in enumerate(chunk):
+                yield source, predictions.get(offset), errors.get(offset)
