@@ -129,9 +129,10 @@ class ModelRegistry:
 
     def aliases(self) -> dict[str, str]:
         try:
-            return dict(self.client.get_registered_model(self.name).aliases)
+            aliases = self.client.get_registered_model(self.name).aliases
         except MlflowException:
             return {}
+        return {alias: str(version) for alias, version in aliases.items()}
 
     def _info(self, mv: Any, aliases_by_version: Mapping[str, list[str]]) -> ModelVersionInfo:
         return ModelVersionInfo(
@@ -147,7 +148,7 @@ class ModelRegistry:
     def _aliases_by_version(self) -> dict[str, list[str]]:
         by_version: dict[str, list[str]] = {}
         for alias, version in self.aliases().items():
-            by_version.setdefault(str(version), []).append(alias)
+            by_version.setdefault(version, []).append(alias)
         return by_version
 
     def versions(self) -> list[ModelVersionInfo]:
@@ -270,7 +271,7 @@ class ModelRegistry:
             RegistryEvent(
                 "shadow",
                 info.version,
-                str(previous) if previous is not None else None,
+                previous,
                 triggered_by,
                 _utc_now(),
             )
@@ -287,14 +288,13 @@ class ModelRegistry:
         info = self.get(ref)
         aliases = self.aliases()
         current = aliases.get(PRODUCTION)
-        current = str(current) if current is not None else None
         if current == info.version:
             raise RegistryError(f"version {info.version} is already production")
         now = _utc_now()
         if current is not None:
             self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
         self.client.set_registered_model_alias(self.name, PRODUCTION, info.version)
-        if str(aliases.get(SHADOW)) == info.version:
+        if aliases.get(SHADOW) == info.version:
             # Shadow scoring the production model would only double the work.
             self.client.delete_registered_model_alias(self.name, SHADOW)
         for key, value in {

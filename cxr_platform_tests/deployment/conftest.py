@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_platform.deployment.export import ExportedModel, export_checkpoint
+from cxr_platform.deployment.pipeline import parity_inputs
+from cxr_platform.models.pipeline import tracker_for
+from cxr_platform.settings import CxrSettings, load_settings
+
+
+@pytest.fixture()
+def settings(tmp_path) -> CxrSettings:
+    # Fixed floors: these tests are about the mechanics, not the demo profile's defaults.
+    return load_settings(
+        home=tmp_path / "home",
+        min_test_auc=0.6,
+        min_test_sensitivity=0.5,
+        min_test_specificity=0.1,
+        gate_max_auc_drop=0.02,
+    )
+
+
+def export_for_registry(
+    settings: CxrSettings, checkpoint: Path, cache, out_dir: Path, name: str
+) -> ExportedModel:
+    run = tracker_for(settings).start_run(run_name=name, tags={"cxr.model_name": name})
+    run.finish()
+    return export_checkpoint(
+        checkpoint,
+        out_dir,
+        parity_inputs(cache),
+        model_name=name,
+        mlflow_run_id=run.run_id,
+        manifest_hash="manifest-under-test",
+        git_commit="0123abc",
+        metrics={"best_val_auc": 0.8},
+    )
