@@ -15,6 +15,7 @@ from cxr_platform.errors import CxrError
 from cxr_platform.settings import CxrSettings, load_settings
 
 EXIT_USAGE = 2
+PRODUCTION_ALIAS = "production"
 EXIT_CHECKS_FAILED = 3
 
 DAGSTER_YAML = """\
@@ -120,6 +121,8 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         sys.exit(1)
 
     _print_evaluations(settings)
+    _print_explanations(settings)
+    _print_registry(settings)
     profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
     click.echo(
         f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
@@ -154,6 +157,48 @@ def _print_evaluations(settings: CxrSettings) -> None:
             f"{_num(test['sensitivity'])} {_num(test['specificity'])} {_num(test['ppv'])} "
             f"{_num(test['npv'])} {values['operating_point']['threshold']:6.3f}"
         )
+
+
+def _print_explanations(settings: CxrSettings) -> None:
+    folder = settings.reports_dir / "explanations"
+    reports = sorted(folder.glob("*/explanations.json")) if folder.exists() else []
+    if not reports:
+        return
+    click.echo("\nGrad-CAM checks (test split):")
+    for path in reports:
+        values = json.loads(path.read_text())
+        game = values.get("pointing_game")
+        pointing = (
+            f"pointing game {game['hit_rate']:.2f} vs random point "
+            f"{game['random_point_hit_rate']:.2f} (p={game['p_value']:.1e})"
+            if game
+            else "pointing game n/a (no lesion masks)"
+        )
+        randomization = values["randomization"]
+        click.echo(
+            f"  {values['model_name']:<14} {pointing}; randomization |rho| "
+            f"{randomization['mean_abs_rank_correlation']:.2f} "
+            f"({'PASS' if randomization['passed'] else 'FAIL'}); gallery {values['gallery']}"
+        )
+
+
+def _print_registry(settings: CxrSettings) -> None:
+    from cxr_platform.deployment.pipeline import registry_for
+
+    registry = registry_for(settings)
+    events = registry.events()
+    if not events:
+        return
+    aliases = registry.aliases()
+    click.echo(f"\nRegistry {settings.registry_model_name}: aliases {aliases or '(none)'}")
+    for event in events[-4:]:
+        gate = event.details.get("gate") or {}
+        verdict = "" if not gate else f" (gate {'passed' if gate.get('passed') else 'refused'})"
+        click.echo(f"  {event.at}  {event.action:<10} v{event.version}{verdict}")
+    if PRODUCTION_ALIAS in aliases:
+        click.echo("  try: cxr predict <image or folder> --model production --out predictions.csv")
+    else:
+        click.echo("  no production model: the gate refused every candidate (see cxr models)")
 
 
 def _num(value: float | None) -> str:
@@ -367,6 +412,241 @@ def evaluate(ctx: click.Context, json_path: Path | None) -> None:
     if json_path:
         json_path.write_text(json.dumps(report.headline("test"), indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+def _record_in_dagster(settings: CxrSettings, event) -> None:
+    """CLI promotions and rollbacks appear in the Dagster UI as production_model events."""
+    import dagster as dg
+
+    from cxr_platform.defs.deployment_assets import record_registry_event
+
+    instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
+    record_registry_event(settings, event, instance)
+
+
+def _evaluation_settings(ctx: click.Context, data_dir: Path | None, version_tags: dict):
+    """Settings for the model's own data folder (unless --data) and preprocessing (image size),
+    so the gate scores it on the test split of the split it was trained with."""
+    preprocessing = json.loads(version_tags.get("cxr.preprocessing") or "{}")
+    return _settings(
+        ctx,
+        data_dir=data_dir or version_tags.get("cxr.data_dir"),
+        image_size=preprocessing.get("image_size"),
+    )
+
+
+@cli.command()
+@click.option(
+    "--no-shadow",
+    is_flag=True,
+    help="Register without moving the 'shadow' alias to the new version.",
+)
+@click.pass_context
+@_fail_cleanly
+def export(ctx: click.Context, no_shadow: bool) -> None:
+    """Export the latest evaluated model (ONNX + TorchScript), check parity, register it.
+
+    The new registry version gets the alias 'shadow' unless --no-shadow."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.deployment import pipeline as deployment
+    from cxr_platform.models import pipeline as model_pipeline
+
+    trained = model_pipeline.latest_trained(_settings(ctx))
+    settings = _settings(ctx, data_dir=trained.data_dir)
+    _, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
+    exported = deployment.export_trained(settings, cache, trained)
+    parity = exported.parity
+    click.echo(
+        f"exported {trained.model_name} to {exported.directory}\n"
+        f"parity on {parity.n_images} test images: ONNX {parity.onnx_max_abs_diff:.2e}, "
+        f"TorchScript {parity.torchscript_max_abs_diff:.2e} (tolerance {parity.tolerance:.0e})"
+    )
+    info = deployment.register_exported(
+        settings,
+        exported,
+        triggered_by=deployment.cli_trigger(),
+        shadow=not no_shadow,
+        data_dir=trained.data_dir,
+    )
+    aliases = f" ({', '.join(info.aliases)})" if info.aliases else ""
+    click.echo(
+        f"registered {settings.registry_model_name} version {info.version}{aliases}\n"
+        f"next: cxr promote {info.version}"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+@_fail_cleanly
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List registered model versions with their aliases and metrics."""
+    from cxr_platform.deployment.pipeline import registry_for
+
+    settings = _settings(ctx)
+    versions = registry_for(settings).versions()
+    if as_json:
+        click.echo(json.dumps([v.to_dict() for v in versions], indent=2))
+        return
+    if not versions:
+        click.echo(f"no versions of {settings.registry_model_name} yet; run `cxr export`")
+        return
+    click.echo(
+        f"{'version':>7}  {'aliases':<30} {'model':<14} {'test AUC':>8} {'sens':>6} {'spec':>6}"
+        f"  {'threshold':>9}  created"
+    )
+    for v in versions:
+        m = v.metrics
+        click.echo(
+            f"{v.version:>7}  {','.join(v.aliases) or '-':<30} "
+            f"{v.tags.get('cxr.model_name', '?'):<14} "
+            f"{_num(m.get('test_auc')):>8} {_num(m.get('test_sensitivity'))} "
+            f"{_num(m.get('test_specificity'))}  {float(v.tags.get('cxr.threshold', 'nan')):9.4f}"
+            f"  {v.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@cli.command()
+@click.argument("version")
+@DATA_OPTION
+@click.pass_context
+@_fail_cleanly
+def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
+    """Promote VERSION (a number or 'shadow') to production if it passes the gate.
+
+    The gate scores candidate and production on the same test split: by default that of the
+    data the candidate was trained on. Exit code 3 when the gate refuses."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.splits import manifest_hash
+    from cxr_platform.deployment import pipeline as deployment
+
+    registry = deployment.registry_for(_settings(ctx))
+    candidate = registry.get(version)
+    settings = _evaluation_settings(ctx, data_dir, candidate.tags)
+    manifest, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
+    trained_on = candidate.tags.get("cxr.data_version")
+    if trained_on and trained_on != manifest_hash(manifest):
+        click.secho(
+            "warning: the candidate was trained on another patient split than this evaluation "
+            "data; its test scores may include images it was trained on",
+            fg="yellow",
+            err=True,
+        )
+    outcome = deployment.promote_with_gate(
+        settings, cache, candidate.version, triggered_by=deployment.cli_trigger()
+    )
+    click.echo(outcome.decision.summary())
+    if not outcome.promoted:
+        click.secho(
+            f"refused: production stays at version {outcome.production_version or '(none)'}",
+            fg="red",
+            err=True,
+        )
+        sys.exit(EXIT_CHECKS_FAILED)
+    _record_in_dagster(settings, outcome.event)
+    previous = outcome.event.previous_version
+    click.echo(
+        f"production -> version {candidate.version}"
+        + (f" (previous-production: {previous})" if previous else "")
+    )
+
+
+@cli.command()
+@click.pass_context
+@_fail_cleanly
+def rollback(ctx: click.Context) -> None:
+    """Point production back at the version the current one replaced."""
+    from cxr_platform.deployment import pipeline as deployment
+
+    settings = _settings(ctx)
+    event = deployment.registry_for(settings).rollback(triggered_by=deployment.cli_trigger())
+    _record_in_dagster(settings, event)
+    click.echo(f"production -> version {event.version} (rolled back from {event.previous_version})")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_ref",
+    default="production",
+    show_default=True,
+    help="production, shadow, previous-production or a version number.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV file to write (default: standard output).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.pass_context
+@_fail_cleanly
+def predict(
+    ctx: click.Context, inputs: tuple[Path, ...], model_ref: str, out: Path | None, batch_size: int
+) -> None:
+    """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
+
+    Columns: path,probability,label,model_version,error. A file that cannot be read gets its
+    error in its row and the run continues; the exit code is then 1."""
+    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.inference.batch import expand_inputs, predict_to_csv
+    from cxr_platform.inference.predictor import Predictor
+
+    settings = _settings(ctx)
+    files = expand_inputs(inputs)
+    registry = registry_for(settings)
+    info = registry.get(model_ref)
+    predictor = Predictor(
+        registry.download(info.version),
+        model_version=info.version,
+        max_pixels=settings.max_image_pixels,
+    )
+    if out is None:
+        summary = predict_to_csv(predictor, files, sys.stdout, batch_size=batch_size)
+    else:
+        tmp = out.with_name(out.name + ".partial")
+        with tmp.open("w", newline="") as handle:
+            summary = predict_to_csv(predictor, files, handle, batch_size=batch_size)
+        tmp.replace(out)
+    click.echo(
+        f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
+        f"{summary.n_failed} failed, model {predictor.model_name} version {info.version}"
+        + (f"; wrote {out}" if out else ""),
+        err=True,
+    )
+    if summary.n_failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="PNG to write: the Grad-CAM overlay on the original image.",
+)
+@click.option("--model", "model_ref", default="production", show_default=True)
+@click.pass_context
+@_fail_cleanly
+def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
+    """Grad-CAM overlay for one image, with the prediction the service would return."""
+    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.explain.gradcam import png_bytes
+    from cxr_platform.inference.explainer import Explainer
+    from cxr_platform.inference.predictor import Predictor
+
+    registry = registry_for(_settings(ctx))
+    info = registry.get(model_ref)
+    folder = registry.download(info.version)
+    explanation = Explainer(folder, Predictor(folder, model_version=info.version)).explain(image)
+    out.write_bytes(png_bytes(explanation.overlay))
+    p = explanation.prediction
+    click.echo(
+        f"{image}: {p.label} (probability {p.probability:.3f}, threshold {p.threshold:.3f}, "
+        f"version {info.version}); overlay {out}"
+    )
 
 
 def main() -> None:

@@ -23,7 +23,21 @@ def _cxr(*args, home, env=None):
 
 
 def test_help_for_every_command(tmp_path):
-    for command in ([], ["demo"], ["profile"], ["split"], ["train"], ["evaluate"]):
+    commands = (
+        [],
+        ["demo"],
+        ["profile"],
+        ["split"],
+        ["train"],
+        ["evaluate"],
+        ["export"],
+        ["models"],
+        ["promote"],
+        ["rollback"],
+        ["predict"],
+        ["explain"],
+    )
+    for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)
         assert result.returncode == 0 and "Usage" in result.stdout
 
@@ -81,14 +95,23 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     assert "resnet18/evaluation_report:test_auc_floor: PASS" in result.stdout
     assert "Test split (threshold chosen on validation)" in result.stdout
     assert "baseline_cnn" in result.stdout and "resnet18" in result.stdout
+    for arch in ("baseline_cnn", "resnet18"):
+        assert f"{arch}/exported_model:parity: PASS" in result.stdout
+        assert f"{arch}/gradcam_gallery:randomization_sanity:" in result.stdout
+    assert "production_model:promotion_gate:" in result.stdout
+    assert (
+        "Grad-CAM checks" in result.stdout and "Registry cxr-pneumonia-classifier" in result.stdout
+    )
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
         assert len(runs) == 1 and runs[0].job_name == "demo"
-        assert (
-            instance.get_latest_materialization_event(dg.AssetKey("preprocessed_cache")) is not None
-        )
+        for key in ("preprocessed_cache", "registered_model_version", "production_model"):
+            assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
+    models = _cxr("models", "--json", home=home, env=env)
+    versions = json.loads(models.stdout)
+    assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
 
 
 def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
@@ -130,3 +153,83 @@ def test_required_pretraining_without_weights_fails_cleanly(tiny_synthetic, tmp_
     )
     assert result.returncode == 2
     assert "no ImageNet weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
+    home = tmp_path / "home"
+    # 40 patients: the floors would measure noise, so they are off; the gate's relative rule
+    # (AUC vs production) still applies.
+    env = {
+        "CXR_IMAGE_SIZE": "64",
+        "CXR_MIN_TEST_AUC": "0",
+        "CXR_MIN_TEST_SENSITIVITY": "0",
+        "CXR_MIN_TEST_SPECIFICITY": "0",
+    }
+    trained = _cxr(
+        "train",
+        "--data",
+        str(tiny_synthetic),
+        "--arch",
+        "baseline_cnn",
+        "--epochs",
+        "2",
+        home=home,
+        env=env,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert _cxr("evaluate", home=home, env=env).returncode == 0
+
+    nothing = _cxr("predict", str(tiny_synthetic), home=home, env=env)
+    assert nothing.returncode == 2 and "no version 'production'" in nothing.stderr
+
+    for expected_version in ("1", "2"):
+        exported = _cxr("export", home=home, env=env)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        assert f"version {expected_version} (shadow)" in exported.stdout
+        # Up to 32 test images; the tiny set's test split is smaller.
+        n_test = len(pd.read_csv(next(home.glob("cache/*/test-*.csv"))))
+        assert f"parity on {min(32, n_test)} test images" in exported.stdout
+        promoted = _cxr("promote", expected_version, home=home, env=env)
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr[-3000:]
+        assert f"production -> version {expected_version}" in promoted.stdout
+
+    listed = {v["version"]: v for v in json.loads(_cxr("models", "--json", home=home).stdout)}
+    assert listed["2"]["aliases"] == ["production"]
+    assert listed["1"]["aliases"] == ["previous-production"]
+    assert listed["2"]["tags"]["cxr.promoted_by"].startswith("cli:")
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "predictions.csv"
+    predicted = _cxr(
+        "predict", str(tiny_synthetic / "NORMAL"), str(bad), "--out", str(out), home=home
+    )
+    assert predicted.returncode == 1  # one file failed; all others were still predicted
+    rows = pd.read_csv(out, dtype={"model_version": str})
+    assert list(rows.columns) == ["path", "probability", "label", "model_version", "error"]
+    n_normal = len(list((tiny_synthetic / "NORMAL").iterdir()))
+    assert len(rows) == n_normal + 1
+    good = rows[rows["error"].isna()]
+    assert len(good) == n_normal and set(good["model_version"]) == {"2"}
+    assert good["probability"].between(0, 1).all()
+    assert set(good["label"]) <= {"NORMAL", "PNEUMONIA"}
+    failed = rows[rows["path"] == str(bad)].iloc[0]
+    assert pd.isna(failed["probability"]) and failed["error"]
+
+    overlay = tmp_path / "overlay.png"
+    first = sorted((tiny_synthetic / "PNEUMONIA").iterdir())[0]
+    explained = _cxr("explain", str(first), "--out", str(overlay), "--model", "1", home=home)
+    assert explained.returncode == 0, explained.stderr[-3000:]
+    assert overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rolled = _cxr("rollback", home=home)
+    assert rolled.returncode == 0 and "production -> version 1" in rolled.stdout
+    again = _cxr("rollback", home=home)
+    assert again.returncode == 2 and "replaced no earlier version" in again.stderr
+
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        events = instance.fetch_materializations(dg.AssetKey("production_model"), limit=10)
+        actions = sorted(e.asset_materialization.metadata["action"].value for e in events.records)
+        assert actions == ["promoted", "promoted", "rollback"]

@@ -80,8 +80,11 @@ class ModelMetadata:
     def threshold(self) -> float:
         return float(self.operating_point["threshold"])
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelMetadata:

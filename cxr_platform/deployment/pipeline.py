@@ -112,8 +112,11 @@ def register_exported(
     *,
     triggered_by: str,
     shadow: bool = True,
+    data_dir: str | None = None,
 ) -> ModelVersionInfo:
-    """A new registry version; with ``shadow`` it also becomes the shadow candidate."""
+    """A new registry version; with ``shadow`` it also becomes the shadow candidate.
+
+    ``data_dir`` (None: the synthetic set) is where the gate finds the model's test split."""
     parity = exported.parity
     if not parity.passed:
         worst = max(parity.onnx_max_abs_diff, parity.torchscript_max_abs_diff)
@@ -134,6 +137,7 @@ def register_exported(
         f"b={metadata.calibration.bias:+.4f}",
         "cxr.preprocessing": json.dumps(metadata.preprocessing, sort_keys=True),
         "cxr.data_version": metadata.manifest_hash,
+        "cxr.data_dir": data_dir,
         "cxr.git_commit": metadata.git_commit,
         "cxr.parity_onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
         "cxr.parity_torchscript_max_abs_diff": exported.parity.torchscript_max_abs_diff,

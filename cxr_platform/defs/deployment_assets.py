@@ -1,0 +1,280 @@
+"""Groups "explainability" and "deployment".
+
+Per architecture: ``<arch>/gradcam_gallery`` and ``<arch>/exported_model`` (blocking parity
+check). Then ``registered_model_version`` (every export becomes a registry version; the best by
+validation AUC becomes ``shadow``) and ``production_model`` (the promotion gate decides).
+"""
+# No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
+
+from typing import Any
+
+import dagster as dg
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.defs.training_assets import evaluation_report_key, png_markdown, trained_model_key
+from cxr_platform.deployment import pipeline as deployment
+from cxr_platform.deployment.registry import RegistryEvent
+from cxr_platform.explain.report import explain_checkpoint
+from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.pipeline import TrainedModel
+from cxr_platform.settings import CxrSettings
+
+EXPLAIN_GROUP = "explainability"
+DEPLOY_GROUP = "deployment"
+PRODUCTION_MODEL_KEY = dg.AssetKey("production_model")
+
+
+def gallery_key(arch: str) -> dg.AssetKey:
+    return dg.AssetKey([arch, "gradcam_gallery"])
+
+
+def exported_model_key(arch: str) -> dg.AssetKey:
+    return dg.AssetKey([arch, "exported_model"])
+
+
+def _per_architecture(arch: str) -> list:
+    @dg.asset(
+        key=gallery_key(arch),
+        group_name=EXPLAIN_GROUP,
+        kinds={"pytorch"},
+        ins={
+            "trained_model": dg.AssetIn(trained_model_key(arch)),
+            "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+        },
+        check_specs=[
+            dg.AssetCheckSpec(
+                "randomization_sanity",
+                asset=gallery_key(arch),
+                description="Grad-CAM maps of the trained model differ from those of the same "
+                "architecture with random weights (Adebayo et al. 2018).",
+            )
+        ],
+        description=f"{arch}: Grad-CAM overlays of the most confident true/false positives and "
+        "negatives on the test split, with the pointing game (synthetic lesion masks) and the "
+        "model-randomization check.",
+    )
+    def gradcam_gallery(
+        platform: PlatformSettings,
+        trained_model: TrainedModel,
+        evaluation_report: EvaluationReport,
+        preprocessed_cache: PreprocessedCache,
+    ):
+        settings = platform.settings()
+        report = explain_checkpoint(
+            trained_model.checkpoint,
+            preprocessed_cache,
+            settings.reports_dir / "explanations" / trained_model.model_name,
+            model_name=trained_model.model_name,
+            seed=settings.seed,
+        )
+        metadata: dict[str, Any] = {
+            "gallery": dg.MetadataValue.md(png_markdown(report.gallery, "Grad-CAM gallery")),
+            "randomization_mean_abs_spearman": report.randomization.mean_abs_rank_correlation,
+            "randomization_passed": report.randomization.passed,
+            "json": dg.MetadataValue.path(str(report.gallery.parent / "explanations.json")),
+        }
+        if report.pointing_game is not None:
+            game = report.pointing_game
+            metadata.update(
+                {
+                    "pointing_game_hit_rate": game.hit_rate,
+                    "pointing_game_random_point_rate": game.random_point_hit_rate,
+                    "pointing_game_p_value": game.p_value,
+                    "pointing_game_n": game.n,
+                }
+            )
+        yield dg.Output(report.to_dict(), metadata=metadata)
+        yield dg.AssetCheckResult(
+            check_name="randomization_sanity",
+            passed=report.randomization.passed,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=report.randomization.to_dict(),
+        )
+
+    @dg.asset(
+        key=exported_model_key(arch),
+        group_name=DEPLOY_GROUP,
+        kinds={"onnx", "pytorch"},
+        ins={
+            "trained_model": dg.AssetIn(trained_model_key(arch)),
+            "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+        },
+        check_specs=[
+            dg.AssetCheckSpec(
+                "parity",
+                asset=exported_model_key(arch),
+                blocking=True,
+                description="ONNX Runtime and TorchScript logits within 1e-4 of PyTorch on 32 "
+                "test images.",
+            )
+        ],
+        description=f"{arch}: ONNX (dynamic batch) and TorchScript with preprocessing, "
+        "operating point, architecture and run id inside the files.",
+    )
+    def exported_model(
+        platform: PlatformSettings,
+        trained_model: TrainedModel,
+        evaluation_report: EvaluationReport,
+        preprocessed_cache: PreprocessedCache,
+    ):
+        exported = deployment.export_trained(platform.settings(), preprocessed_cache, trained_model)
+        parity = exported.parity
+        yield dg.Output(
+            exported,
+            metadata={
+                "onnx": dg.MetadataValue.path(str(exported.onnx_path)),
+                "torchscript": dg.MetadataValue.path(str(exported.torchscript_path)),
+                "onnx_max_abs_diff": parity.onnx_max_abs_diff,
+                "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
+                "threshold": exported.metadata.threshold,
+                "model_metadata": dg.MetadataValue.json(exported.metadata.to_dict()),
+            },
+        )
+        yield dg.AssetCheckResult(
+            check_name="parity", passed=parity.passed, metadata=parity.to_dict()
+        )
+
+    return [gradcam_gallery, exported_model]
+
+
+def registry_event_metadata(event: RegistryEvent) -> dict[str, Any]:
+    return {
+        "action": event.action,
+        "version": event.version,
+        "previous_version": event.previous_version or "",
+        "triggered_by": event.triggered_by,
+        "at": event.at,
+    }
+
+
+def record_registry_event(settings: CxrSettings, event: RegistryEvent, instance) -> None:
+    """A promotion or rollback made outside a run (the CLI) as a ``production_model``
+    materialization, so the Dagster UI's history of that asset is complete."""
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=PRODUCTION_MODEL_KEY,
+            description=f"{event.action} to version {event.version} by {event.triggered_by}",
+            metadata={
+                **registry_event_metadata(event),
+                "gate": dg.MetadataValue.json(event.details.get("gate") or {}),
+                "registered_model": settings.registry_model_name,
+            },
+        )
+    )
+
+
+def build_deployment_definitions(archs: tuple[str, ...]) -> list:
+    assets: list = []
+    for arch in archs:
+        assets += _per_architecture(arch)
+
+    @dg.asset(
+        group_name=DEPLOY_GROUP,
+        kinds={"mlflow"},
+        ins={
+            **{f"exported_{arch}": dg.AssetIn(exported_model_key(arch)) for arch in archs},
+            **{f"trained_{arch}": dg.AssetIn(trained_model_key(arch)) for arch in archs},
+        },
+        description="Every exported model as a version of the registered model; the best by "
+        "validation AUC (never test) gets the alias 'shadow'.",
+    )
+    def registered_model_version(
+        context: dg.AssetExecutionContext, platform: PlatformSettings, **inputs: Any
+    ) -> dg.Output[dict]:
+        settings = platform.settings()
+        trigger = f"dagster:{context.run.run_id}"
+        versions = {}
+        for arch in archs:
+            info = deployment.register_exported(
+                settings,
+                inputs[f"exported_{arch}"],
+                triggered_by=trigger,
+                shadow=False,
+                data_dir=inputs[f"trained_{arch}"].data_dir,
+            )
+            versions[arch] = info.version
+        best, _ = deployment.best_by_validation(
+            [(inputs[f"trained_{arch}"], arch) for arch in archs]
+        )
+        candidate = versions[best.arch]
+        deployment.registry_for(settings).set_shadow(candidate, triggered_by=trigger)
+        table = "| architecture | version | best val AUC |\n| --- | ---: | ---: |\n" + "\n".join(
+            f"| {arch} | {versions[arch]} | {inputs[f'trained_{arch}'].best_val_auc:.4f} |"
+            for arch in archs
+        )
+        return dg.Output(
+            {"versions": versions, "candidate": candidate, "candidate_arch": best.arch},
+            metadata={
+                "registered_model": settings.registry_model_name,
+                "shadow_version": candidate,
+                "shadow_arch": best.arch,
+                "versions": dg.MetadataValue.md(table),
+            },
+        )
+
+    @dg.asset(
+        group_name=DEPLOY_GROUP,
+        kinds={"mlflow"},
+        ins={
+            "registered_model_version": dg.AssetIn(dg.AssetKey("registered_model_version")),
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+        },
+        check_specs=[
+            dg.AssetCheckSpec(
+                "promotion_gate",
+                asset=PRODUCTION_MODEL_KEY,
+                description="The shadow candidate against production on the same test split: "
+                "AUC floor and allowed drop, sensitivity and specificity floors.",
+            )
+        ],
+        description="The promotion gate moves 'production' to the shadow candidate when it "
+        "passes; the replaced version stays addressable as 'previous-production'.",
+    )
+    def production_model(
+        context: dg.AssetExecutionContext,
+        platform: PlatformSettings,
+        registered_model_version: dict,
+        preprocessed_cache: PreprocessedCache,
+    ):
+        settings = platform.settings()
+        candidate = registered_model_version["candidate"]
+        outcome = deployment.promote_with_gate(
+            settings,
+            preprocessed_cache,
+            candidate,
+            triggered_by=f"dagster:{context.run.run_id}",
+        )
+        decision = outcome.decision
+        checks = "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
+            f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
+            for c in decision.checks
+        )
+        production = outcome.production_version
+        yield dg.Output(
+            {
+                "production_version": production,
+                "promoted": outcome.promoted,
+                "candidate": candidate,
+                "decision": decision.to_dict(),
+            },
+            metadata={
+                "production_version": production or "none",
+                "candidate_version": candidate,
+                "promoted": outcome.promoted,
+                "decision": decision.summary(),
+                "gate": dg.MetadataValue.md(checks),
+                **(registry_event_metadata(outcome.event) if outcome.event else {}),
+            },
+        )
+        yield dg.AssetCheckResult(
+            check_name="promotion_gate",
+            passed=decision.passed,
+            # A refused candidate is the gate working, not the pipeline failing.
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"summary": decision.summary(), "failed": ", ".join(decision.failed_checks)},
+        )
+
+    return [*assets, registered_model_version, production_model]

@@ -1,0 +1,67 @@
+"""Grad-CAM for one image from a registry folder: the eager model rebuilt from ``weights.pt``.
+
+ONNX Runtime cannot give gradients, so explanations use the PyTorch weights exported alongside
+the ONNX file; the prediction itself still comes from the :class:`Predictor`, so the label shown
+with a heatmap is exactly the one served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_platform.data.imaging import DecodedImage, ImageSource
+from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
+from cxr_platform.deployment.export import WEIGHTS_FILE, ExportError
+from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
+from cxr_platform.inference.predictor import Prediction, Predictor
+from cxr_platform.models.zoo import build_model
+
+
+@dataclass(frozen=True)
+class Explanation:
+    prediction: Prediction
+    heatmap: np.ndarray  # float32 (S, S) in [0, 1], at the model's input resolution
+    overlay: np.ndarray  # RGB uint8 at the original image's resolution
+
+
+class Explainer:
+    def __init__(self, model_dir: str | Path, predictor: Predictor | None = None) -> None:
+        model_dir = Path(model_dir)
+        weights = model_dir / WEIGHTS_FILE
+        if not weights.exists():
+            raise ExportError(f"{model_dir} has no {WEIGHTS_FILE}: cannot compute Grad-CAM")
+        self.predictor = predictor or Predictor(model_dir)
+        self.arch = self.predictor.metadata.arch
+        self.model = build_model(self.arch, pretrained="none").model
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.eval()
+
+    def explain(self, source: ImageSource | DecodedImage) -> Explanation:
+        prepared = self.predictor.prepare(source)
+        prediction = self.predictor.predict_prepared(prepared.pixels[None])[0]
+        normalized = normalize_uint8(prepared.pixels[None], self.predictor.preprocessing)
+        heatmap = gradcam_heatmaps(self.model, self.arch, torch.from_numpy(normalized)[:, None])[0]
+        original = np.clip(np.rint(prepared.decoded.pixels * 255.0), 0, 255).astype(np.uint8)
+        content = content_region(heatmap, original.shape, self.predictor.preprocessing)
+        return Explanation(prediction, heatmap, overlay(original, content))
+
+
+def content_region(
+    heatmap: np.ndarray, original_shape: tuple[int, int], config: PreprocessingConfig
+) -> np.ndarray:
+    """The part of a model-resolution map that covers the original image: all of it when the
+    image was stretched, the unpadded centre when it was letterboxed."""
+    if config.resize_mode != "letterbox":
+        return heatmap
+    height, width = original_shape
+    side = max(height, width)
+    size = heatmap.shape[0]
+    top = round((side - height) // 2 * size / side)
+    left = round((side - width) // 2 * size / side)
+    rows = max(1, round(height * size / side))
+    cols = max(1, round(width * size / side))
+    return heatmap[top : top + rows, left : left + cols]
