@@ -201,10 +201,21 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, ModelMet
     return module.eval(), ModelMetadata.from_json(extra[TORCHSCRIPT_METADATA_FILE])
 
 
-def onnx_session(path: str | Path, *, threads: int | None = None) -> ort.InferenceSession:
+def onnx_session(
+    path: str | Path, *, threads: int | None = None, spinning: bool = False
+) -> ort.InferenceSession:
+    """A session on CUDA when ONNX Runtime has it, else CPU.
+
+    ``spinning`` off by default: ONNX Runtime's idle worker threads otherwise busy-wait between
+    requests, which halved the speed of a training job sharing two cores with intermittent
+    scoring (measured). A dedicated, always-busy server may turn it on for latency.
+    """
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [p for p in wanted if p in ort.get_available_providers()]

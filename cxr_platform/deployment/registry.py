@@ -192,11 +192,15 @@ class ModelRegistry:
             tags = self.client.get_registered_model(self.name).tags
         except MlflowException:
             return []
-        events = [
-            RegistryEvent(**json.loads(value))
-            for key, value in sorted(tags.items(), key=lambda kv: kv[0])
-            if key.startswith(EVENT_TAG_PREFIX)
-        ]
+        events = []
+        for key, value in sorted(tags.items()):
+            if not key.startswith(EVENT_TAG_PREFIX):
+                continue
+            try:
+                events.append(RegistryEvent(**json.loads(value)))
+            except (json.JSONDecodeError, TypeError):
+                # A hand-edited or foreign tag must not hide the rest of the history.
+                continue
         return events
 
     def download(self, ref: str | int) -> Path:
@@ -231,7 +235,13 @@ class ModelRegistry:
 
     def _record(self, event: RegistryEvent) -> None:
         key = f"{EVENT_TAG_PREFIX}{time.time_ns() // 1000:016d}.{event.action}"
-        self.client.set_registered_model_tag(self.name, key, _truncate(json.dumps(event.to_dict())))
+        text = json.dumps(event.to_dict(), separators=(",", ":"))
+        if len(text) > MAX_TAG_LENGTH:
+            # Truncated JSON would be unreadable: keep the event, drop the bulky details (the
+            # full gate result is also on the model version's cxr.gate tag).
+            slim = {**event.to_dict(), "details": {"truncated": True}}
+            text = json.dumps(slim, separators=(",", ":"))
+        self.client.set_registered_model_tag(self.name, key, text)
 
     def register(
         self,

@@ -38,6 +38,8 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise InputNotFoundError(f"{path}: no such file or folder")
+    if not files:
+        raise InputNotFoundError("no image files found in the given inputs")
     return files
 
 
