@@ -28,6 +28,7 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/inference_throughput.py
 
 lint: setup
 	$(BIN)/ruff check cxr_platform cxr_platform_tests benchmarks
