@@ -114,7 +114,7 @@ def _training_assets(arch: str) -> list:
             "trained_model": dg.AssetIn(trained_model_key(arch)),
             "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
         },
-        description=f"{arch}: threshold and temperature fixed on validation, then test metrics "
+        description=f"{arch}: threshold and Platt calibration fixed on validation, then test metrics "
         "with bootstrap CIs, ROC, confusion matrix and reliability plots.",
     )
     def evaluation_report(
@@ -142,6 +142,7 @@ def _training_assets(arch: str) -> list:
                 "test_ece": test.ece,
                 "threshold": report.operating_point.threshold,
                 "temperature": report.operating_point.temperature,
+                "calibration_bias": report.operating_point.bias,
                 "n_test": test.n,
                 "report": dg.MetadataValue.md(report_markdown(report)),
                 "plots": dg.MetadataValue.md(plots),

@@ -37,7 +37,7 @@ def report_markdown(report: EvaluationReport) -> str:
         "",
         f"Operating threshold **{op.threshold:.4f}** on the calibrated probability "
         f"(Platt scaling: temperature {op.temperature:.3f}, bias {op.bias:+.3f}), "
-        "chosen on validation: rule `{op.rule}`"
+        f"chosen on validation: rule `{op.rule}`"
         + (f", target sensitivity {op.target_sensitivity:.2f}" if op.target_sensitivity else "")
         + ". The test split was not used to choose anything.",
         "",

@@ -149,3 +149,19 @@ def test_test_predictions_never_change_the_operating_point():
     assert reports[0].operating_point == reports[1].operating_point == reports[2].operating_point
     assert reports[0].splits["val"] == reports[1].splits["val"]
     assert reports[0].operating_point.val_sensitivity >= 0.95
+
+
+def test_report_markdown_states_the_operating_point_and_every_split():
+    from cxr_platform.models.reporting import report_markdown
+
+    labels, scores = _fixed_vectors(seed=1)
+    logits = np.log(scores + 1e-3) - np.log(1 - scores + 1e-3)
+    report = evaluate_predictions(
+        arch="a", model_name="m", val=(labels, logits), test=(labels, logits), n_bootstrap=20
+    )
+    text = report_markdown(report)
+    op = report.operating_point
+    assert f"**{op.threshold:.4f}**" in text and "rule `sensitivity_target`" in text
+    assert f"temperature {op.temperature:.3f}, bias {op.bias:+.3f}" in text
+    assert "| val |" in text and "| test |" in text
+    assert "{" not in text  # no unformatted placeholders
