@@ -114,8 +114,8 @@ def _training_assets(arch: str) -> list:
             "trained_model": dg.AssetIn(trained_model_key(arch)),
             "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
         },
-        description=f"{arch}: threshold and Platt calibration fixed on validation, then test metrics "
-        "with bootstrap CIs, ROC, confusion matrix and reliability plots.",
+        description=f"{arch}: threshold and Platt calibration fixed on validation, then test "
+        "metrics with bootstrap CIs, ROC, confusion matrix and reliability plots.",
     )
     def evaluation_report(
         context: dg.AssetExecutionContext,
