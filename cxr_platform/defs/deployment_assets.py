@@ -34,15 +34,18 @@ def exported_model_key(arch: str) -> dg.AssetKey:
 
 
 def _per_architecture(arch: str) -> list:
+    # Both assets need the operating point, which the evaluation writes into the checkpoint.
+    evaluated_model_ins = {
+        "trained_model": dg.AssetIn(trained_model_key(arch)),
+        "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
+        "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+    }
+
     @dg.asset(
         key=gallery_key(arch),
         group_name=EXPLAIN_GROUP,
         kinds={"pytorch"},
-        ins={
-            "trained_model": dg.AssetIn(trained_model_key(arch)),
-            "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
-            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
-        },
+        ins=evaluated_model_ins,
         check_specs=[
             dg.AssetCheckSpec(
                 "randomization_sanity",
@@ -97,11 +100,7 @@ def _per_architecture(arch: str) -> list:
         key=exported_model_key(arch),
         group_name=DEPLOY_GROUP,
         kinds={"onnx", "pytorch"},
-        ins={
-            "trained_model": dg.AssetIn(trained_model_key(arch)),
-            "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
-            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
-        },
+        ins=evaluated_model_ins,
         check_specs=[
             dg.AssetCheckSpec(
                 "parity",

@@ -21,6 +21,9 @@ class PlatformSettings(dg.ConfigurableResource):
     mlflow_tracking_uri: str | None = None
     min_test_auc: float | None = None
     min_test_sensitivity: float | None = None
+    min_test_specificity: float | None = None
+    gate_max_auc_drop: float | None = None
+    registry_model_name: str | None = None
 
     def settings(self) -> CxrSettings:
         return load_settings(
@@ -35,6 +38,9 @@ class PlatformSettings(dg.ConfigurableResource):
             mlflow_tracking_uri=self.mlflow_tracking_uri,
             min_test_auc=self.min_test_auc,
             min_test_sensitivity=self.min_test_sensitivity,
+            min_test_specificity=self.min_test_specificity,
+            gate_max_auc_drop=self.gate_max_auc_drop,
+            registry_model_name=self.registry_model_name,
         )
 
     @classmethod
@@ -51,4 +57,7 @@ class PlatformSettings(dg.ConfigurableResource):
             mlflow_tracking_uri=settings.mlflow_tracking_uri,
             min_test_auc=settings.min_test_auc,
             min_test_sensitivity=settings.min_test_sensitivity,
+            min_test_specificity=settings.min_test_specificity,
+            gate_max_auc_drop=settings.gate_max_auc_drop,
+            registry_model_name=settings.registry_model_name,
         )

@@ -1,0 +1,58 @@
+"""Explainability and deployment groups in a real Dagster instance."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
+from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.settings import load_settings
+
+
+def test_release_job_registers_a_shadow_and_the_gate_can_refuse_production(
+    tiny_synthetic, tmp_path
+):
+    settings = load_settings(
+        home=tmp_path / "home",
+        data_dir=tiny_synthetic,
+        image_size=64,
+        workers=1,
+        training_profile="demo",
+        device="cpu",
+        models=("baseline_cnn",),
+        min_test_auc=0.0,
+        min_test_sensitivity=0.0,
+        # A briefly trained model at 0.95 sensitivity is far from perfect specificity.
+        min_test_specificity=1.0,
+    )
+    result = (
+        build_definitions(settings)
+        .resolve_job_def(RELEASE_JOB)
+        .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    )
+    assert result.success  # a refusal is the gate working, not a failed run
+    checks = {
+        f"{e.asset_key.to_user_string()}:{e.check_name}": e
+        for e in result.get_asset_check_evaluations()
+    }
+    assert checks["baseline_cnn/exported_model:parity"].passed
+    gate = checks["production_model:promotion_gate"]
+    assert not gate.passed and gate.severity == dg.AssetCheckSeverity.WARN, gate.metadata
+    assert "specificity_floor" in gate.metadata["failed"].value
+
+    materialized = {
+        e.asset_key.to_user_string(): e.materialization
+        for e in result.get_asset_materialization_events()
+    }
+    gallery = materialized["baseline_cnn/gradcam_gallery"].metadata
+    assert gallery["gallery"].value.startswith("![Grad-CAM gallery](data:image/png;base64,")
+    assert 0 <= gallery["pointing_game_hit_rate"].value <= 1  # synthetic data has masks
+    production = materialized["production_model"].metadata
+    assert production["promoted"].value is False
+    assert production["production_version"].value == "none"
+
+    registry = registry_for(settings)
+    assert registry.aliases() == {SHADOW: "1"}
+    assert PRODUCTION not in registry.aliases()
+    assert registry.get("1").tags["cxr.data_dir"] == str(tiny_synthetic)
