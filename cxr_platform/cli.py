@@ -580,17 +580,29 @@ def rollback(ctx: click.Context) -> None:
     help="CSV file to write (default: standard output).",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--no-log",
+    is_flag=True,
+    help="Do not record the predictions in the inference log (source 'batch').",
+)
 @click.pass_context
 @_fail_cleanly
 def predict(
-    ctx: click.Context, inputs: tuple[Path, ...], model_ref: str, out: Path | None, batch_size: int
+    ctx: click.Context,
+    inputs: tuple[Path, ...],
+    model_ref: str,
+    out: Path | None,
+    batch_size: int,
+    no_log: bool,
 ) -> None:
     """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
 
     Columns: path,probability,label,model_version,error. A file that cannot be read gets its
-    error in its row and the run continues; the exit code is then 1."""
+    error in its row and the run continues; the exit code is then 1. Predictions are recorded
+    in the inference log (features only, no pixels) unless --no-log."""
     from cxr_platform.deployment.pipeline import registry_for
     from cxr_platform.inference.batch import expand_inputs, predict_to_csv
+    from cxr_platform.inference.log import InferenceLog
     from cxr_platform.inference.predictor import Predictor
 
     settings = _settings(ctx)
@@ -602,17 +614,19 @@ def predict(
         model_version=info.version,
         max_pixels=settings.max_image_pixels,
     )
+    log = None if no_log else InferenceLog(settings.inference_log_uri)
     if out is None:
-        summary = predict_to_csv(predictor, files, sys.stdout, batch_size=batch_size)
+        summary = predict_to_csv(predictor, files, sys.stdout, batch_size=batch_size, log=log)
     else:
         tmp = out.with_name(out.name + ".partial")
         with tmp.open("w", newline="") as handle:
-            summary = predict_to_csv(predictor, files, handle, batch_size=batch_size)
+            summary = predict_to_csv(predictor, files, handle, batch_size=batch_size, log=log)
         tmp.replace(out)
     click.echo(
         f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
         f"{summary.n_failed} failed, model {predictor.model_name} version {info.version}"
-        + (f"; wrote {out}" if out else ""),
+        + (f"; wrote {out}" if out else "")
+        + ("" if no_log else f"; {summary.n_logged} logged"),
         err=True,
     )
     if summary.n_failed:

@@ -215,6 +215,15 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     assert set(good["label"]) <= {"NORMAL", "PNEUMONIA"}
     failed = rows[rows["path"] == str(bad)].iloc[0]
     assert pd.isna(failed["probability"]) and failed["error"]
+    # Every prediction, and only those, is in the inference log: features, no pixels, no paths.
+    from cxr_platform.inference.log import InferenceLog
+
+    logged = InferenceLog(f"sqlite:///{home / 'inference_log.db'}").records()
+    assert len(logged) == n_normal and set(logged["source"]) == {"batch"}
+    assert set(logged["model_version"]) == {"2"} and logged["request_id"].is_unique
+    assert sorted(logged["probability"].round(6)) == sorted(good["probability"].round(6))
+    assert logged["intensity_mean"].between(0, 1).all()
+    assert not any("path" in column for column in logged.columns)
 
     overlay = tmp_path / "overlay.png"
     first = sorted((tiny_synthetic / "PNEUMONIA").iterdir())[0]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.inference.log import InferenceLog, InferenceRecord, record_from_prediction
+from cxr_platform.inference.predictor import BatchItem, Predictor
 
 CSV_COLUMNS = ("path", "probability", "label", "model_version", "error")
 # Inside folders only: files named on the command line are always tried, whatever their name.
@@ -49,47 +51,67 @@ class BatchSummary:
     n_predicted: int = 0
     n_failed: int = 0
     n_pneumonia: int = 0
+    n_logged: int = 0
 
 
-def _rows(
-    predictor: Predictor, files: list[Path], batch_size: int, summary: BatchSummary
-) -> Iterator[dict[str, str]]:
-    for source, prediction, error in predictor.predict_many(files, batch_size=batch_size):
-        summary.n_files += 1
-        if prediction is None:
-            summary.n_failed += 1
-            reason = getattr(error, "reason", "error")
-            detail = getattr(error, "detail", str(error))
-            yield {
-                "path": str(source),
-                "probability": "",
-                "label": "",
-                "model_version": predictor.model_version or "",
-                "error": f"{reason}: {detail}",
-            }
-            continue
-        summary.n_predicted += 1
-        summary.n_pneumonia += prediction.label == "PNEUMONIA"
-        yield {
-            "path": str(source),
-            "probability": f"{prediction.probability:.6f}",
-            "label": prediction.label,
-            "model_version": prediction.model_version or "",
-            "error": "",
+def _row(item: BatchItem, model_version: str | None) -> dict[str, str]:
+    if item.prediction is None:
+        error = item.error
+        reason = getattr(error, "reason", "error")
+        detail = getattr(error, "detail", str(error))
+        return {
+            "path": str(item.source),
+            "probability": "",
+            "label": "",
+            "model_version": model_version or "",
+            "error": f"{reason}: {detail}",
         }
+    return {
+        "path": str(item.source),
+        "probability": f"{item.prediction.probability:.6f}",
+        "label": item.prediction.label,
+        "model_version": item.prediction.model_version or "",
+        "error": "",
+    }
+
+
+def _log_records(items: list[BatchItem]) -> list[InferenceRecord]:
+    return [
+        record_from_prediction(
+            item.prediction,
+            request_id=uuid.uuid4().hex,
+            source="batch",
+            features=item.features,
+        )
+        for item in items
+        if item.prediction is not None and item.features is not None
+    ]
 
 
 def predict_to_csv(
-    predictor: Predictor, files: list[Path], out: TextIO, *, batch_size: int = 32
+    predictor: Predictor,
+    files: list[Path],
+    out: TextIO,
+    *,
+    batch_size: int = 32,
+    log: InferenceLog | None = None,
 ) -> BatchSummary:
-    """Rows are written (and flushed) batch by batch: a long run can be watched and a crash
-    keeps what was done."""
+    """Rows are written and flushed batch by batch, so a long run can be watched and a crash
+    keeps what was done. With ``log``, every prediction is also an inference-log record
+    (source ``batch``), written in one transaction per batch."""
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for count, row in enumerate(_rows(predictor, files, batch_size, summary), start=1):
-        writer.writerow(row)
-        if count % batch_size == 0:
-            out.flush()
-    out.flush()
+    for items in predictor.predict_many(files, batch_size=batch_size):
+        for item in items:
+            summary.n_files += 1
+            if item.prediction is None:
+                summary.n_failed += 1
+            else:
+                summary.n_predicted += 1
+                summary.n_pneumonia += item.prediction.label == "PNEUMONIA"
+            writer.writerow(_row(item, predictor.model_version))
+        if log is not None:
+            summary.n_logged += log.write(_log_records(items))
+        out.flush()
     return summary

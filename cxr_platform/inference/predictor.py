@@ -7,7 +7,7 @@ ONNX Runtime -> Platt calibration -> the model's own threshold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from cxr_platform.deployment.export import (
     read_onnx_metadata,
 )
 from cxr_platform.errors import ImageReadError
+from cxr_platform.inference.features import ImageFeatures, image_features
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class BatchItem:
+    source: ImageSource
+    prediction: Prediction | None = None
+    error: ImageReadError | None = None
+    features: ImageFeatures | None = None  # what the inference log records
 
 
 @dataclass(frozen=True)
@@ -118,23 +127,23 @@ class Predictor:
 
     def predict_many(
         self, sources: Sequence[ImageSource], *, batch_size: int = 32
-    ) -> Iterable[tuple[ImageSource, Prediction | None, ImageReadError | None]]:
-        """(source, prediction, error) per input, in order; a bad file never stops the rest."""
+    ) -> Iterator[list[BatchItem]]:
+        """Lists of results, one list per batch, in input order; a bad file never stops the
+        rest (its item carries the error instead of a prediction)."""
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
-            prepared: list[tuple[int, np.ndarray]] = []
-            errors: dict[int, ImageReadError] = {}
-            for offset, source in enumerate(chunk):
+            items = [BatchItem(source) for source in chunk]
+            prepared: list[tuple[BatchItem, PreparedImage]] = []
+            for item in items:
                 try:
-                    prepared.append((offset, self.prepare(source).pixels))
+                    prepared.append((item, self.prepare(item.source)))
                 except ImageReadError as exc:
-                    errors[offset] = exc
-            predictions: dict[int, Prediction] = {}
+                    item.error = exc
             if prepared:
-                batch = np.stack([pixels for _, pixels in prepared])
-                for (offset, _), prediction in zip(
+                batch = np.stack([image.pixels for _, image in prepared])
+                for (item, image), prediction in zip(
                     prepared, self.predict_prepared(batch), strict=True
                 ):
-                    predictions[offset] = prediction
-            for offset, source in enumerate(chunk):
-                yield source, predictions.get(offset), errors.get(offset)
+                    item.prediction = prediction
+                    item.features = image_features(image.pixels, image.decoded)
+            yield items

@@ -1,0 +1,262 @@
+"""The inference log: one row per prediction, the input of drift and performance monitoring.
+
+SQLAlchemy Core over SQLite (WAL, the default, under the home folder) or PostgreSQL (by URL).
+Rows hold no pixels and no patient identifiers; DICOM UIDs only as salted HMAC-SHA256 hashes,
+so the same study can be recognised without being identifiable.
+
+Several processes may write at once: SQLite serializes writers (WAL lets readers continue, and a
+busy timeout makes writers wait instead of failing); PostgreSQL needs nothing special.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.features import ImageFeatures
+
+SOURCES = ("http", "dicom", "batch")
+LABELS = ("NORMAL", "PNEUMONIA")
+
+metadata = sa.MetaData()
+
+predictions_table = sa.Table(
+    "inference_records",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("label", sa.String(16), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("shadow_version", sa.String(32)),
+    sa.Column("shadow_probability", sa.Float),
+    sa.Column("shadow_label", sa.String(16)),
+    sa.Column("latency_ms", sa.Float),
+    sa.Column("intensity_mean", sa.Float),
+    sa.Column("intensity_std", sa.Float),
+    sa.Column("intensity_p01", sa.Float),
+    sa.Column("intensity_p05", sa.Float),
+    sa.Column("intensity_p50", sa.Float),
+    sa.Column("intensity_p95", sa.Float),
+    sa.Column("intensity_p99", sa.Float),
+    sa.Column("entropy", sa.Float),
+    sa.Column("original_width", sa.Integer),
+    sa.Column("original_height", sa.Integer),
+    sa.Column("bit_depth", sa.Integer),
+    sa.Column("source_format", sa.String(16)),
+    sa.Column("photometric_interpretation", sa.String(32)),
+    sa.Column("study_uid_hash", sa.String(64)),
+    sa.Column("sop_instance_uid_hash", sa.String(64)),
+)
+
+feedback_table = sa.Table(
+    "inference_feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "request_id",
+        sa.String(64),
+        sa.ForeignKey("inference_records.request_id"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("label", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reporter", sa.String(128)),
+)
+
+
+class InferenceLogError(CxrError):
+    pass
+
+
+class UnknownRequestError(InferenceLogError):
+    """Feedback for a request id the log has never seen."""
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    request_id: str
+    source: str
+    model_name: str
+    model_version: str | None
+    probability: float
+    label: str
+    threshold: float
+    features: ImageFeatures
+    shadow_version: str | None = None
+    shadow_probability: float | None = None
+    shadow_label: str | None = None
+    latency_ms: float | None = None
+    study_uid_hash: str | None = None
+    sop_instance_uid_hash: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InferenceLogError(f"source must be one of {SOURCES}, not {self.source!r}")
+        if self.label not in LABELS:
+            raise InferenceLogError(f"label must be one of {LABELS}, not {self.label!r}")
+
+    def row(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.update(values.pop("features"))
+        return values
+
+
+def uid_salt(home: Path, configured: str | None = None) -> bytes:
+    """The deployment's secret salt: configured, or created once under the home (mode 0600)."""
+    if configured:
+        return configured.encode()
+    path = home / "uid_salt"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"uid_salt.{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)  # atomic and never overwrites a salt another process made
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+def hash_uid(uid: str | None, salt: bytes) -> str | None:
+    if not uid:
+        return None
+    return hmac.new(salt, str(uid).strip().encode(), hashlib.sha256).hexdigest()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def create_log_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)  # idempotent: CREATE TABLE IF NOT EXISTS
+    return engine
+
+
+class InferenceLog:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_log_engine(url)
+
+    def write(self, records: Iterable[InferenceRecord]) -> int:
+        """One transaction for the batch: all rows land or none."""
+        rows = [record.row() for record in records]
+        if not rows:
+            return 0
+        with self.engine.begin() as connection:
+            connection.execute(predictions_table.insert(), rows)
+        return len(rows)
+
+    def add_feedback(self, request_id: str, label: str, *, reporter: str | None = None) -> None:
+        if label not in LABELS:
+            raise InferenceLogError(f"feedback label must be one of {LABELS}, not {label!r}")
+        with self.engine.begin() as connection:
+            known = connection.execute(
+                sa.select(predictions_table.c.id).where(
+                    predictions_table.c.request_id == request_id
+                )
+            ).first()
+            if known is None:
+                raise UnknownRequestError(f"no prediction with request id {request_id!r}")
+            connection.execute(
+                feedback_table.insert(),
+                {
+                    "request_id": request_id,
+                    "label": label,
+                    "created_at": datetime.now(UTC),
+                    "reporter": reporter,
+                },
+            )
+
+    def count(self, *, since_id: int = 0) -> int:
+        with self.engine.connect() as connection:
+            return int(
+                connection.execute(
+                    sa.select(sa.func.count()).where(predictions_table.c.id > since_id)
+                ).scalar_one()
+            )
+
+    def records(self, *, since_id: int = 0, limit: int | None = None) -> pd.DataFrame:
+        """Rows after ``since_id`` in insertion order, with the latest feedback label (if any)."""
+        latest_feedback = (
+            sa.select(
+                feedback_table.c.request_id,
+                sa.func.max(feedback_table.c.id).label("feedback_id"),
+            )
+            .group_by(feedback_table.c.request_id)
+            .subquery()
+        )
+        feedback = feedback_table.alias("feedback")
+        query = (
+            sa.select(predictions_table, feedback.c.label.label("feedback_label"))
+            .select_from(
+                predictions_table.outerjoin(
+                    latest_feedback,
+                    latest_feedback.c.request_id == predictions_table.c.request_id,
+                ).outerjoin(feedback, feedback.c.id == latest_feedback.c.feedback_id)
+            )
+            .where(predictions_table.c.id > since_id)
+            .order_by(predictions_table.c.id)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as connection:
+            return pd.read_sql(query, connection)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def record_from_prediction(
+    prediction: Mapping[str, Any] | Any,
+    *,
+    request_id: str,
+    source: str,
+    features: ImageFeatures,
+    **extra: Any,
+) -> InferenceRecord:
+    values = prediction if isinstance(prediction, Mapping) else prediction.to_dict()
+    return InferenceRecord(
+        request_id=request_id,
+        source=source,
+        model_name=values["model_name"],
+        model_version=values.get("model_version"),
+        probability=float(values["probability"]),
+        label=values["label"],
+        threshold=float(values["threshold"]),
+        features=features,
+        **extra,
+    )

@@ -1,0 +1,115 @@
+"""The inference log on SQLite (WAL) and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import stat
+import uuid
+
+import numpy as np
+import pytest
+
+from cxr_platform.inference.features import ImageFeatures, intensity_features
+from cxr_platform.inference.log import (
+    InferenceLog,
+    InferenceLogError,
+    InferenceRecord,
+    UnknownRequestError,
+    hash_uid,
+    uid_salt,
+)
+
+
+def _record(request_id: str, probability: float = 0.7, **extra) -> InferenceRecord:
+    pixels = np.full((8, 8), 128, dtype=np.uint8)
+    return InferenceRecord(
+        request_id=request_id,
+        source=extra.pop("source", "http"),
+        model_name="resnet18",
+        model_version="3",
+        probability=probability,
+        label="PNEUMONIA" if probability >= 0.5 else "NORMAL",
+        threshold=0.5,
+        features=ImageFeatures(**intensity_features(pixels), original_width=8, bit_depth=8),
+        **extra,
+    )
+
+
+def test_intensity_features_match_numpy():
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)
+    features = intensity_features(pixels)
+    assert features["intensity_mean"] == pytest.approx(pixels.mean() / 255)
+    assert features["intensity_std"] == pytest.approx(pixels.std() / 255)
+    for q in (1, 5, 50, 95, 99):
+        expected = np.percentile(pixels, q, method="inverted_cdf") / 255
+        assert features[f"intensity_p{q:02d}"] == pytest.approx(expected)
+    assert 7.9 < features["entropy"] <= 8.0  # near-uniform 8-bit noise
+    assert intensity_features(np.zeros((4, 4), dtype=np.uint8))["entropy"] == 0.0
+    with pytest.raises(ValueError):
+        intensity_features(pixels.astype(np.float32))
+
+
+def _exercise(log: InferenceLog) -> None:
+    log.write([_record("a", 0.9), _record("b", 0.2, shadow_version="4", shadow_probability=0.3)])
+    log.add_feedback("a", "NORMAL", reporter="dr-x")
+    log.add_feedback("a", "PNEUMONIA")  # a corrected label: the latest one counts
+    rows = log.records()
+    assert list(rows["request_id"]) == ["a", "b"]
+    assert list(rows["feedback_label"].fillna("")) == ["PNEUMONIA", ""]
+    assert rows.loc[1, "shadow_probability"] == pytest.approx(0.3)
+    assert rows.loc[0, "intensity_mean"] == pytest.approx(128 / 255)
+    assert log.count() == 2 and log.count(since_id=int(rows.loc[0, "id"])) == 1
+    with pytest.raises(UnknownRequestError):
+        log.add_feedback("never-seen", "NORMAL")
+    with pytest.raises(InferenceLogError):
+        log.add_feedback("a", "maybe")
+    with pytest.raises(InferenceLogError):
+        _record("c", source="email")
+
+
+def test_sqlite_log_round_trip(tmp_path):
+    _exercise(InferenceLog(f"sqlite:///{tmp_path / 'log.db'}"))
+
+
+def test_postgresql_log_round_trip(postgres_url):
+    log = InferenceLog(postgres_url)
+    try:
+        _exercise(log)
+    finally:
+        from cxr_platform.inference.log import metadata
+
+        metadata.drop_all(log.engine)
+        log.dispose()
+
+
+def _writer(url: str, worker: int, n: int) -> None:
+    log = InferenceLog(url)
+    for i in range(n):
+        log.write([_record(f"w{worker}-{i}-{uuid.uuid4().hex[:8]}", source="batch")])
+    log.dispose()
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    InferenceLog(url).dispose()  # create the tables once, as the service does at start-up
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(url, w, 60)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+        assert process.exitcode == 0
+    rows = InferenceLog(url).records()
+    assert len(rows) == 240 and rows["request_id"].is_unique
+
+
+def test_uids_are_salted_hashes_and_the_salt_is_private(tmp_path):
+    salt = uid_salt(tmp_path)
+    assert uid_salt(tmp_path) == salt  # created once, then reused
+    assert stat.S_IMODE((tmp_path / "uid_salt").stat().st_mode) == 0o600
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    hashed = hash_uid(uid, salt)
+    assert hashed == hash_uid(uid, salt) and uid not in hashed and len(hashed) == 64
+    assert hashed != hash_uid(uid, uid_salt(tmp_path / "other"))
+    assert hash_uid(None, salt) is None
+    assert uid_salt(tmp_path, configured="site-secret") == b"site-secret"
