@@ -1,0 +1,104 @@
+"""Production and shadow predictors that follow the registry's aliases, without a restart.
+
+A request takes one :class:`ServingModels` snapshot and uses it to the end, so an alias move
+never mixes two versions inside a request, and a swap never interrupts one: the new predictor
+is loaded (downloaded, session created) *before* the single reference assignment that publishes
+it, and the old one lives until the last request holding it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
+from cxr_platform.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingModels:
+    production: Predictor | None
+    shadow: Predictor | None
+
+    @property
+    def versions(self) -> dict[str, str | None]:
+        return {
+            PRODUCTION: self.production.model_version if self.production else None,
+            SHADOW: self.shadow.model_version if self.shadow else None,
+        }
+
+
+class LiveModels:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        threads: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.threads = threads
+        self.max_pixels = max_pixels
+        self._snapshot = ServingModels(None, None)
+        self._refresh_lock = threading.Lock()  # one loader at a time; readers never wait
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def current(self) -> ServingModels:
+        return self._snapshot
+
+    def _load(self, version: str) -> Predictor:
+        folder = self.registry.download(version)
+        options = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        return Predictor(folder, model_version=version, threads=self.threads, **options)
+
+    def refresh(self) -> bool:
+        """Load whatever the aliases point at now; True when anything changed."""
+        with self._refresh_lock:
+            aliases = self.registry.aliases()
+            old = self._snapshot
+            loaded: dict[str, Predictor | None] = {}
+            for alias, current in ((PRODUCTION, old.production), (SHADOW, old.shadow)):
+                wanted = aliases.get(alias)
+                if wanted is None:
+                    loaded[alias] = None
+                elif current is not None and current.model_version == wanted:
+                    loaded[alias] = current
+                elif wanted == aliases.get(PRODUCTION) and alias == SHADOW:
+                    loaded[alias] = None  # shadow scoring the production model adds nothing
+                else:
+                    reuse = loaded.get(PRODUCTION)
+                    if reuse is not None and reuse.model_version == wanted:
+                        loaded[alias] = reuse
+                    else:
+                        loaded[alias] = self._load(wanted)
+            new = ServingModels(loaded[PRODUCTION], loaded[SHADOW])
+            if new.versions == old.versions:
+                return False
+            self._snapshot = new  # the only publication point: one atomic reference store
+            log.info("serving models %s -> %s", old.versions, new.versions)
+            return True
+
+    def start_polling(self, interval_seconds: float) -> None:
+        """Refresh in a daemon thread; a failed refresh keeps the models already loaded."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_seconds):
+                try:
+                    self.refresh()
+                except Exception:  # registry unreachable, download failed, ...
+                    log.exception("model refresh failed; still serving %s", self.current().versions)
+
+        self._thread = threading.Thread(target=loop, name="cxr-model-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
