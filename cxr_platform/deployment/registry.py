@@ -12,6 +12,7 @@ alias moves.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -209,7 +210,10 @@ class ModelRegistry:
         info = self.get(ref)
         if self.cache_dir is None:
             raise RegistryError("this registry has no local cache folder to download into")
-        target = self.cache_dir / self.name / f"v{info.version}"
+        # Keyed by the artifact location too: a fresh tracking database (or another server)
+        # numbers its versions from 1 again, and must never be served a stale local copy.
+        location = hashlib.sha256(info.source.encode()).hexdigest()[:12]
+        target = self.cache_dir / self.name / f"v{info.version}-{location}"
         if (target / METADATA_FILE).exists() and (target / ONNX_FILE).exists():
             return target
         tmp = target.with_name(f"{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")

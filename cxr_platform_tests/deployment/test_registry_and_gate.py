@@ -161,3 +161,22 @@ def test_gate_scores_candidate_and_production_on_the_same_test_split(
     assert decision.evaluated_on["n"] == len(learnable_cache.labels("test"))
     assert decision.production.version == v1.version
     assert decision.production.auc > decision.candidate.auc
+
+
+def test_a_new_tracking_database_never_serves_a_stale_cached_version(
+    settings, trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path
+):
+    first = export_for_registry(settings, trained_checkpoint, learnable_cache, tmp_path / "a", "a")
+    assert register_exported(settings, first, triggered_by="test").version == "1"
+    old_folder = registry_for(settings).download("1")
+
+    # Same home (and so the same local download cache), a fresh MLflow database: numbering
+    # starts at 1 again, for a different model.
+    fresh = settings.model_copy(
+        update={"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    )
+    second = export_for_registry(fresh, untrained_checkpoint, learnable_cache, tmp_path / "b", "b")
+    assert register_exported(fresh, second, triggered_by="test").version == "1"
+    new_folder = registry_for(fresh).download("1")
+    assert new_folder != old_folder
+    assert Predictor(new_folder).model_name == "b" and Predictor(old_folder).model_name == "a"
