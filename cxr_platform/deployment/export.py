@@ -33,6 +33,7 @@ EXPORT_FORMAT = 1
 METADATA_KEY = "cxr_metadata"
 TORCHSCRIPT_METADATA_FILE = "cxr_metadata.json"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 WEIGHTS_FILE = "weights.pt"  # plain state dict: Grad-CAM needs the eager model
 METADATA_FILE = "metadata.json"
@@ -66,6 +67,7 @@ class ModelMetadata:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     class_names: tuple[str, ...] = CLASS_NAMES
+    precision: str = "fp32"  # "int8": statically quantized, calibrated on validation images
     format: int = EXPORT_FORMAT
 
     @property
@@ -148,8 +150,15 @@ def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     program.save(str(tmp))
-    proto = onnx.load(str(tmp))
-    del proto.metadata_props[:]
+    write_onnx_metadata(tmp, metadata)
+    onnx.checker.check_model(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def write_onnx_metadata(path: Path, metadata: ModelMetadata) -> None:
+    """Replace the platform metadata of an existing ONNX file (atomically)."""
+    proto = onnx.load(str(path))
     entries = {
         METADATA_KEY: metadata.to_json(),
         "cxr_model_name": metadata.model_name,
@@ -157,14 +166,14 @@ def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
         "cxr_threshold": repr(metadata.threshold),
         "cxr_mlflow_run_id": metadata.mlflow_run_id or "",
     }
-    for key, value in entries.items():
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.producer_name = "cxr_platform"
-    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
     onnx.save(proto, str(tmp))
     os.replace(tmp, path)
-    return path
 
 
 def export_torchscript(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:

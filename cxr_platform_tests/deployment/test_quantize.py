@@ -1,0 +1,41 @@
+"""INT8 static quantization keeps the model's metadata and (nearly) its ranking."""
+
+from __future__ import annotations
+
+from sklearn.metrics import roc_auc_score
+
+from cxr_platform.deployment.export import export_checkpoint, read_onnx_metadata
+from cxr_platform.deployment.pipeline import parity_inputs
+from cxr_platform.deployment.quantize import quantize_int8
+from cxr_platform.inference.predictor import Predictor
+
+
+def test_int8_model_serves_alone_with_nearly_the_same_predictions(
+    trained_checkpoint, learnable_cache, tmp_path
+):
+    exported = export_checkpoint(
+        trained_checkpoint,
+        tmp_path,
+        parity_inputs(learnable_cache),
+        model_name="baseline",
+        mlflow_run_id="run-1",
+        manifest_hash="m",
+        git_commit=None,
+    )
+    int8_path = quantize_int8(
+        exported.onnx_path, learnable_cache.images("val", mmap=False), tmp_path / "int8.onnx"
+    )
+    fp32_meta, int8_meta = read_onnx_metadata(exported.onnx_path), read_onnx_metadata(int8_path)
+    assert (fp32_meta.precision, int8_meta.precision) == ("fp32", "int8")
+    assert int8_meta.operating_point == fp32_meta.operating_point
+    assert int8_path.stat().st_size < exported.onnx_path.stat().st_size / 2
+
+    images = learnable_cache.images("test", mmap=False)
+    labels = learnable_cache.labels("test")
+    fp32 = Predictor(exported.onnx_path).predict_prepared(images)
+    int8 = Predictor(int8_path).predict_prepared(images)
+    auc32 = roc_auc_score(labels, [p.probability for p in fp32])
+    auc8 = roc_auc_score(labels, [p.probability for p in int8])
+    assert abs(auc32 - auc8) <= 0.02, (auc32, auc8)
+    agreement = sum(a.label == b.label for a, b in zip(fp32, int8, strict=True)) / len(fp32)
+    assert agreement >= 0.9
