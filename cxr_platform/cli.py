@@ -461,6 +461,12 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
         f"parity on {parity.n_images} test images: ONNX {parity.onnx_max_abs_diff:.2e}, "
         f"TorchScript {parity.torchscript_max_abs_diff:.2e} (tolerance {parity.tolerance:.0e})"
     )
+    if exported.int8 is not None:
+        int8 = exported.int8
+        click.echo(
+            f"INT8: validation AUC {int8.val_auc_fp32:.4f} -> {int8.val_auc_int8:.4f}: "
+            + ("kept (model.int8.onnx)" if int8.kept else f"not kept (drop > {int8.max_auc_drop})")
+        )
     info = deployment.register_exported(
         settings,
         exported,
@@ -581,6 +587,13 @@ def rollback(ctx: click.Context) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="int8: the statically quantized model, when the version has one.",
+)
+@click.option(
     "--no-log",
     is_flag=True,
     help="Do not record the predictions in the inference log (source 'batch').",
@@ -593,6 +606,7 @@ def predict(
     model_ref: str,
     out: Path | None,
     batch_size: int,
+    precision: str,
     no_log: bool,
 ) -> None:
     """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
@@ -613,6 +627,7 @@ def predict(
         registry.download(info.version),
         model_version=info.version,
         max_pixels=settings.max_image_pixels,
+        precision=precision,
     )
     log = None if no_log else InferenceLog(settings.inference_log_uri)
     if out is None:

@@ -67,6 +67,10 @@ class CxrSettings(BaseSettings):
         description="A candidate's AUC may be at most this much below production's.",
     )
     registry_model_name: str = "cxr-pneumonia-classifier"
+    export_int8: bool = Field(
+        default=True,
+        description="Also export an INT8 ONNX model when validation AUC drops <= 0.005.",
+    )
     inference_log_url: str | None = None
     dagster_port: int = 3000
     # BentoML also defaults to 3000; the service gets its own port so both can run side by side.

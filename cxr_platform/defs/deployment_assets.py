@@ -129,6 +129,7 @@ def _per_architecture(arch: str) -> list:
                 "onnx_max_abs_diff": parity.onnx_max_abs_diff,
                 "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
                 "threshold": exported.metadata.threshold,
+                "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
                 "model_metadata": dg.MetadataValue.json(exported.metadata.to_dict()),
             },
         )

@@ -276,6 +276,7 @@ class ExportedModel:
     directory: Path
     metadata: ModelMetadata
     parity: ParityResult
+    int8: Any = None  # quantize.Int8Decision when an INT8 variant was tried
 
     @property
     def onnx_path(self) -> Path:

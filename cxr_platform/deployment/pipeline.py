@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import shutil
@@ -21,6 +22,7 @@ from cxr_platform.deployment.gate import (
     decide,
     score_predictions,
 )
+from cxr_platform.deployment.quantize import add_int8_variant
 from cxr_platform.deployment.registry import (
     PRODUCTION,
     ModelRegistry,
@@ -94,7 +96,7 @@ def export_trained(
     out_dir = trained.checkpoint.parent / "export"
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    return export_checkpoint(
+    exported = export_checkpoint(
         trained.checkpoint,
         out_dir,
         parity_inputs(cache),
@@ -104,6 +106,12 @@ def export_trained(
         git_commit=git_commit(),
         metrics=run_metrics(settings, trained.mlflow_run_id),
     )
+    if not settings.export_int8:
+        return exported
+    decision = add_int8_variant(
+        out_dir, cache.images("val", mmap=False), cache.labels("val"), seed=settings.seed
+    )
+    return dataclasses.replace(exported, int8=decision)
 
 
 def register_exported(
@@ -142,6 +150,9 @@ def register_exported(
         "cxr.parity_onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
         "cxr.parity_torchscript_max_abs_diff": exported.parity.torchscript_max_abs_diff,
     }
+    if exported.int8 is not None:
+        tags["cxr.int8"] = "kept" if exported.int8.kept else "refused"
+        tags["cxr.int8_val_auc_change"] = exported.int8.val_auc_int8 - exported.int8.val_auc_fp32
     tags.update({f"cxr.metric.{k}": v for k, v in metadata.metrics.items()})
     info = registry.register(
         exported,

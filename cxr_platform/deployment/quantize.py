@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,15 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from sklearn.metrics import roc_auc_score
 
 from cxr_platform.data.preprocessing import normalize_uint8
-from cxr_platform.deployment.export import read_onnx_metadata, write_onnx_metadata
+from cxr_platform.deployment.export import (
+    INT8_ONNX_FILE,
+    ONNX_FILE,
+    read_onnx_metadata,
+    write_onnx_metadata,
+)
 
 
 class _Calibration(CalibrationDataReader):
@@ -66,3 +73,54 @@ def quantize_int8(
         staged.write_bytes(tmp.read_bytes())
         os.replace(staged, out_path)
     return out_path
+
+
+MAX_INT8_AUC_DROP = 0.005
+
+
+@dataclass(frozen=True)
+class Int8Decision:
+    """Whether the INT8 variant ships: judged on validation, like every other choice."""
+
+    val_auc_fp32: float
+    val_auc_int8: float
+    max_auc_drop: float
+    n_calibration: int
+
+    @property
+    def kept(self) -> bool:
+        return self.val_auc_fp32 - self.val_auc_int8 <= self.max_auc_drop
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "kept": self.kept}
+
+
+def add_int8_variant(
+    export_dir: Path,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    calibration_images: int = 256,
+    seed: int = 0,
+    max_auc_drop: float = MAX_INT8_AUC_DROP,
+) -> Int8Decision:
+    """Quantize ``export_dir/model.onnx`` next to it; keep the file only when validation AUC
+    drops by at most ``max_auc_drop``. Calibration only sets activation ranges (no labels), so
+    judging on the same validation split does not flatter the result."""
+    from cxr_platform.inference.predictor import Predictor  # the predictor imports export
+
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(val_images), min(calibration_images, len(val_images)), replace=False)
+    target = export_dir / INT8_ONNX_FILE
+    quantize_int8(export_dir / ONNX_FILE, val_images[np.sort(chosen)], target)
+    fp32 = Predictor(export_dir / ONNX_FILE).probabilities(val_images)
+    int8 = Predictor(target).probabilities(val_images)
+    decision = Int8Decision(
+        val_auc_fp32=float(roc_auc_score(val_labels, fp32)),
+        val_auc_int8=float(roc_auc_score(val_labels, int8)),
+        max_auc_drop=max_auc_drop,
+        n_calibration=len(chosen),
+    )
+    if not decision.kept:
+        target.unlink()
+    return decision

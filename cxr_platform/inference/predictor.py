@@ -16,7 +16,9 @@ import numpy as np
 from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
 from cxr_platform.data.preprocessing import normalize_uint8, to_square_uint8
 from cxr_platform.deployment.export import (
+    INT8_ONNX_FILE,
     ONNX_FILE,
+    ExportError,
     ModelMetadata,
     onnx_session,
     read_onnx_metadata,
@@ -62,9 +64,23 @@ class Predictor:
         model_version: str | None = None,
         threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        precision: str = "fp32",
     ) -> None:
         path = Path(model_path)
-        self.onnx_path = path / ONNX_FILE if path.is_dir() else path
+        if path.is_dir():
+            if precision not in ("fp32", "int8"):
+                raise ExportError(f"precision must be fp32 or int8, not {precision!r}")
+            path = path / (INT8_ONNX_FILE if precision == "int8" else ONNX_FILE)
+            if not path.exists():
+                raise ExportError(
+                    f"{path.parent} has no {precision} model"
+                    + (
+                        " (it was not kept: see the version's cxr.int8 tag)"
+                        if precision == "int8"
+                        else ""
+                    )
+                )
+        self.onnx_path = path
         self.metadata: ModelMetadata = read_onnx_metadata(self.onnx_path)
         self.session = onnx_session(self.onnx_path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name

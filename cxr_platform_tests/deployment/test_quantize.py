@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.deployment.export import export_checkpoint, read_onnx_metadata
@@ -39,3 +40,34 @@ def test_int8_model_serves_alone_with_nearly_the_same_predictions(
     assert abs(auc32 - auc8) <= 0.02, (auc32, auc8)
     agreement = sum(a.label == b.label for a, b in zip(fp32, int8, strict=True)) / len(fp32)
     assert agreement >= 0.9
+
+
+def test_the_int8_variant_ships_only_when_validation_auc_holds(
+    trained_checkpoint, learnable_cache, tmp_path
+):
+    from cxr_platform.deployment.export import ExportError
+    from cxr_platform.deployment.quantize import add_int8_variant
+
+    exported = export_checkpoint(
+        trained_checkpoint,
+        tmp_path,
+        parity_inputs(learnable_cache),
+        model_name="baseline",
+        mlflow_run_id=None,
+        manifest_hash=None,
+        git_commit=None,
+    )
+    val_images, val_labels = (
+        learnable_cache.images("val", mmap=False),
+        learnable_cache.labels("val"),
+    )
+    kept = add_int8_variant(tmp_path, val_images, val_labels, max_auc_drop=0.02)
+    assert kept.kept and (tmp_path / "model.int8.onnx").exists()
+    assert Predictor(tmp_path, precision="int8").metadata.precision == "int8"
+    assert Predictor(tmp_path).metadata.precision == "fp32"
+
+    # An impossible bar (AUC must rise by 1): the variant is judged, then not shipped.
+    refused = add_int8_variant(tmp_path, val_images, val_labels, max_auc_drop=-1.0)
+    assert not refused.kept and not (tmp_path / "model.int8.onnx").exists()
+    with pytest.raises(ExportError, match="no int8 model"):
+        Predictor(exported.directory, precision="int8")
