@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from cxr_platform.deployment.pipeline import register_exported, registry_for
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
@@ -87,10 +88,10 @@ def test_polling_picks_up_a_promotion_and_survives_registry_errors(
     registry.aliases = flaky_then_real  # the loop must log and carry on, not die
     live.start_polling(0.05)
     try:
-        for _ in range(200):
-            if live.current().versions[PRODUCTION] == v1.version:
-                break
-            threading.Event().wait(0.05)
+        # Waits until picked up (normally well under a second); generous for a loaded CI machine.
+        deadline = time.monotonic() + 60
+        while live.current().versions[PRODUCTION] != v1.version and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         live.stop()
     assert calls["n"] >= 2
