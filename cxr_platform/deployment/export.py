@@ -194,7 +194,15 @@ def read_onnx_metadata(path: str | Path) -> ModelMetadata:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ExportError(f"{path}: not an ONNX model ({exc})") from exc
-    props = {entry.key: entry.value for entry in proto.metadata_props}
+    return _metadata_from_props({e.key: e.value for e in proto.metadata_props}, path)
+
+
+def session_metadata(session: ort.InferenceSession, path: str | Path) -> ModelMetadata:
+    """The metadata of a model already loaded for scoring, without parsing the file again."""
+    return _metadata_from_props(session.get_modelmeta().custom_metadata_map, path)
+
+
+def _metadata_from_props(props: dict[str, str], path: str | Path) -> ModelMetadata:
     if METADATA_KEY not in props:
         raise ExportError(f"{path}: ONNX model without {METADATA_KEY!r} metadata")
     return ModelMetadata.from_json(props[METADATA_KEY])
@@ -228,7 +236,10 @@ def onnx_session(
     options.log_severity_level = 3  # errors only
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     providers = [p for p in wanted if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ONNX Runtime raises its own types for unreadable models
+        raise ExportError(f"{path}: not a loadable ONNX model ({exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def lesion_masks(
 
 def plot_gallery(
     images: np.ndarray,
-    heatmaps: np.ndarray,
+    heatmaps: dict[int, np.ndarray],
     cases: dict[str, np.ndarray],
     probabilities: np.ndarray,
     names: list[str],
@@ -167,7 +167,7 @@ def explain_checkpoint(
     model = model_from_checkpoint(checkpoint)  # Grad-CAM on CPU: a few dozen images
 
     test = TensorBatches.from_cache(cache, "test")
-    images = cache.images("test", mmap=False)
+    images = test.images[:, 0].numpy()  # the same uint8 memory, not a second load
     labels = test.labels_np
     probabilities = operating_point.probabilities(predict_logits(model, test))
     index = cache.index("test")
@@ -175,9 +175,11 @@ def explain_checkpoint(
 
     cases = select_gallery_cases(labels, probabilities, operating_point.threshold, per_group)
     chosen = np.unique(np.concatenate([v for v in cases.values()]).astype(int))
-    heatmaps = np.zeros((len(images),) + images.shape[1:], dtype=np.float32)
+    # Only the shown cases: a map per test image would be N x S x S floats for nothing.
+    heatmaps: dict[int, np.ndarray] = {}
     if len(chosen):
-        heatmaps[chosen] = heatmaps_for_uint8(model, arch, images[chosen], preprocessing)
+        maps = heatmaps_for_uint8(model, arch, images[chosen], preprocessing)
+        heatmaps = dict(zip(chosen.tolist(), maps, strict=True))
     gallery = plot_gallery(
         images,
         heatmaps,

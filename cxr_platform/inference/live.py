@@ -59,23 +59,16 @@ class LiveModels:
         """Load whatever the aliases point at now; True when anything changed."""
         with self._refresh_lock:
             aliases = self.registry.aliases()
+            production = aliases.get(PRODUCTION)
+            shadow = aliases.get(SHADOW)
+            if shadow == production:
+                shadow = None  # shadow scoring the production model adds nothing
             old = self._snapshot
-            loaded: dict[str, Predictor | None] = {}
-            for alias, current in ((PRODUCTION, old.production), (SHADOW, old.shadow)):
-                wanted = aliases.get(alias)
-                if wanted is None:
-                    loaded[alias] = None
-                elif current is not None and current.model_version == wanted:
-                    loaded[alias] = current
-                elif wanted == aliases.get(PRODUCTION) and alias == SHADOW:
-                    loaded[alias] = None  # shadow scoring the production model adds nothing
-                else:
-                    reuse = loaded.get(PRODUCTION)
-                    if reuse is not None and reuse.model_version == wanted:
-                        loaded[alias] = reuse
-                    else:
-                        loaded[alias] = self._load(wanted)
-            new = ServingModels(loaded[PRODUCTION], loaded[SHADOW])
+            loaded = {p.model_version: p for p in (old.production, old.shadow) if p is not None}
+            for version in (production, shadow):
+                if version is not None and version not in loaded:
+                    loaded[version] = self._load(version)
+            new = ServingModels(loaded.get(production), loaded.get(shadow))
             if new.versions == old.versions:
                 return False
             self._snapshot = new  # the only publication point: one atomic reference store

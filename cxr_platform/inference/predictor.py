@@ -21,7 +21,7 @@ from cxr_platform.deployment.export import (
     ExportError,
     ModelMetadata,
     onnx_session,
-    read_onnx_metadata,
+    session_metadata,
 )
 from cxr_platform.errors import ImageReadError
 from cxr_platform.inference.features import ImageFeatures, image_features
@@ -81,8 +81,8 @@ class Predictor:
                     )
                 )
         self.onnx_path = path
-        self.metadata: ModelMetadata = read_onnx_metadata(self.onnx_path)
         self.session = onnx_session(self.onnx_path, threads=threads)
+        self.metadata: ModelMetadata = session_metadata(self.session, self.onnx_path)
         self.input_name = self.session.get_inputs()[0].name
         self.preprocessing = self.metadata.preprocessing_config
         self.calibration = self.metadata.calibration

@@ -37,3 +37,16 @@ def export_for_registry(
         git_commit="0123abc",
         metrics={"best_val_auc": 0.8},
     )
+
+
+def export_untracked(checkpoint: Path, cache, out_dir: Path) -> ExportedModel:
+    """Export without a tracking run: for tests of the files themselves."""
+    return export_checkpoint(
+        checkpoint,
+        out_dir,
+        parity_inputs(cache),
+        model_name="baseline",
+        mlflow_run_id="run-1",
+        manifest_hash="m",
+        git_commit=None,
+    )

@@ -25,6 +25,8 @@ from cxr_platform.models.evaluation import OperatingPoint
 from cxr_platform.models.training import load_checkpoint, model_from_checkpoint
 from cxr_platform.models.zoo import ARCHITECTURES, build_model
 
+from .conftest import export_untracked
+
 OPERATING_POINT = OperatingPoint(0.4, 1.5, "sensitivity_target", 0.95, 0.95, 0.5, bias=-0.2)
 
 
@@ -57,15 +59,7 @@ def test_onnx_and_torchscript_match_pytorch_for_every_architecture(arch, tmp_pat
 def test_a_model_file_alone_reproduces_the_platforms_predictions(
     trained_checkpoint, learnable_cache, tmp_path
 ):
-    exported = export_checkpoint(
-        trained_checkpoint,
-        tmp_path / "export",
-        parity_inputs(learnable_cache),
-        model_name="baseline",
-        mlflow_run_id="run-1",
-        manifest_hash="m",
-        git_commit=None,
-    )
+    exported = export_untracked(trained_checkpoint, learnable_cache, tmp_path / "export")
     assert exported.parity.passed and exported.parity.n_images == 32
 
     # Reference: the checkpoint, its preprocessing and operating point, on cached pixels.
@@ -106,15 +100,7 @@ def test_a_model_file_alone_reproduces_the_platforms_predictions(
 def test_parity_check_catches_an_exported_model_that_drifted(
     trained_checkpoint, learnable_cache, tmp_path
 ):
-    exported = export_checkpoint(
-        trained_checkpoint,
-        tmp_path,
-        parity_inputs(learnable_cache),
-        model_name="baseline",
-        mlflow_run_id=None,
-        manifest_hash=None,
-        git_commit=None,
-    )
+    exported = export_untracked(trained_checkpoint, learnable_cache, tmp_path)
     proto = onnx.load(str(exported.onnx_path))
     largest = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     weights = numpy_helper.to_array(largest).copy()

@@ -5,24 +5,17 @@ from __future__ import annotations
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr_platform.deployment.export import export_checkpoint, read_onnx_metadata
-from cxr_platform.deployment.pipeline import parity_inputs
+from cxr_platform.deployment.export import read_onnx_metadata
 from cxr_platform.deployment.quantize import quantize_int8
 from cxr_platform.inference.predictor import Predictor
+
+from .conftest import export_untracked
 
 
 def test_int8_model_serves_alone_with_nearly_the_same_predictions(
     trained_checkpoint, learnable_cache, tmp_path
 ):
-    exported = export_checkpoint(
-        trained_checkpoint,
-        tmp_path,
-        parity_inputs(learnable_cache),
-        model_name="baseline",
-        mlflow_run_id="run-1",
-        manifest_hash="m",
-        git_commit=None,
-    )
+    exported = export_untracked(trained_checkpoint, learnable_cache, tmp_path)
     int8_path = quantize_int8(
         exported.onnx_path, learnable_cache.images("val", mmap=False), tmp_path / "int8.onnx"
     )
@@ -48,15 +41,7 @@ def test_the_int8_variant_ships_only_when_validation_auc_holds(
     from cxr_platform.deployment.export import ExportError
     from cxr_platform.deployment.quantize import add_int8_variant
 
-    exported = export_checkpoint(
-        trained_checkpoint,
-        tmp_path,
-        parity_inputs(learnable_cache),
-        model_name="baseline",
-        mlflow_run_id=None,
-        manifest_hash=None,
-        git_commit=None,
-    )
+    exported = export_untracked(trained_checkpoint, learnable_cache, tmp_path)
     val_images, val_labels = (
         learnable_cache.images("val", mmap=False),
         learnable_cache.labels("val"),
