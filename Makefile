@@ -11,7 +11,12 @@ export CXR_HOME
 $(BIN)/cxr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# The stack pulls several GB of wheels; a dropped connection must not fail a fresh setup,
+	# so pip resumes partial downloads and the whole install is retried.
+	for attempt in 1 2 3; do \
+	  $(BIN)/pip install --quiet --retries 10 --resume-retries 50 -e ".[dev]" && exit 0; \
+	  echo "pip install failed (attempt $$attempt of 3), retrying" >&2; sleep 15; \
+	done; exit 1
 	touch $(BIN)/cxr
 
 setup: $(BIN)/cxr
