@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/cxr demo
 
 test: setup
-	$(BIN)/python -m pytest -n 2 cxr_platform_tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup cxr_platform_tests
 
 ui: setup
 	DAGSTER_HOME=$(CXR_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -p 3000

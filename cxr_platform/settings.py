@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
@@ -75,6 +75,29 @@ class CxrSettings(BaseSettings):
     dagster_port: int = 3000
     # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
     service_port: int = 3100
+    service_max_upload_mb: float = Field(
+        default=64, gt=0, description="Larger uploads are refused with 413 before decoding."
+    )
+    service_api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, /predict, /explain, /model and /feedback need it in X-API-Key.",
+    )
+    service_refresh_seconds: float = Field(
+        default=10, gt=0, description="How often the service checks the registry's aliases."
+    )
+    service_max_batch_size: int = Field(default=16, ge=1)
+    service_max_latency_ms: int = Field(
+        default=30_000,
+        ge=1,
+        description="BentoML sheds requests it expects to miss this; batching waits far less.",
+    )
+    service_threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime threads in the scorer; default: all cores."
+    )
+    service_precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="int8 serves the quantized variant when the export kept one.",
+    )
 
     @field_validator("home", mode="after")
     @classmethod
@@ -167,6 +190,10 @@ class CxrSettings(BaseSettings):
         if self.min_test_specificity is not None:
             return self.min_test_specificity
         return 0.2 if self.resolved_training_profile == "demo" else 0.7
+
+    @property
+    def service_max_upload_bytes(self) -> int:
+        return int(self.service_max_upload_mb * 1024 * 1024)
 
     @property
     def registry_cache_dir(self) -> Path:

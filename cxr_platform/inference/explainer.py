@@ -43,11 +43,19 @@ class Explainer:
     def explain(self, source: ImageSource | DecodedImage) -> Explanation:
         prepared = self.predictor.prepare(source)
         prediction = self.predictor.predict_prepared(prepared.pixels[None])[0]
-        normalized = normalize_uint8(prepared.pixels[None], self.predictor.preprocessing)
+        heatmap, blended = self.heatmap_overlay(prepared.pixels, prepared.decoded)
+        return Explanation(prediction, heatmap, blended)
+
+    def heatmap_overlay(
+        self, pixels: np.ndarray, decoded: DecodedImage
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM of an already prepared uint8 square, and its overlay on the original image
+        (for callers that scored the image elsewhere, such as the HTTP service)."""
+        normalized = normalize_uint8(pixels[None], self.predictor.preprocessing)
         heatmap = gradcam_heatmaps(self.model, self.arch, torch.from_numpy(normalized)[:, None])[0]
-        original = np.clip(np.rint(prepared.decoded.pixels * 255.0), 0, 255).astype(np.uint8)
+        original = np.clip(np.rint(decoded.pixels * 255.0), 0, 255).astype(np.uint8)
         content = content_region(heatmap, original.shape, self.predictor.preprocessing)
-        return Explanation(prediction, heatmap, overlay(original, content))
+        return heatmap, overlay(original, content)
 
 
 def content_region(

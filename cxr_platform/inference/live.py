@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from cxr_platform.deployment.export import INT8_ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
 from cxr_platform.inference.predictor import Predictor
 
@@ -38,10 +39,12 @@ class LiveModels:
         *,
         threads: int | None = None,
         max_pixels: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.registry = registry
         self.threads = threads
         self.max_pixels = max_pixels
+        self.precision = precision
         self._snapshot = ServingModels(None, None)
         self._refresh_lock = threading.Lock()  # one loader at a time; readers never wait
         self._stop = threading.Event()
@@ -53,7 +56,14 @@ class LiveModels:
     def _load(self, version: str) -> Predictor:
         folder = self.registry.download(version)
         options = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-        return Predictor(folder, model_version=version, threads=self.threads, **options)
+        precision = self.precision
+        if precision == "int8" and not (folder / INT8_ONNX_FILE).exists():
+            # The export keeps INT8 only when it holds validation AUC; serve fp32 otherwise.
+            log.warning("version %s has no INT8 model; serving it in fp32", version)
+            precision = "fp32"
+        return Predictor(
+            folder, model_version=version, threads=self.threads, precision=precision, **options
+        )
 
     def refresh(self) -> bool:
         """Load whatever the aliases point at now; True when anything changed."""

@@ -1,0 +1,246 @@
+"""What the HTTP service does, without BentoML: plain functions the service module wires up.
+
+The service is two BentoML services in one deployment. The API service (the entry point)
+validates uploads, decodes them, computes the drift features and writes the inference log; the
+scorer service holds the ONNX Runtime sessions and scores adaptively batched uint8 squares for
+the production model and, when there is one, the shadow model. Everything either side does is
+here, so it is tested without a server and the service module stays thin.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cxr_platform.data.imaging import DecodedImage, read_dicom_header, read_image
+from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
+from cxr_platform.errors import CxrError, ImageReadError
+from cxr_platform.inference.features import ImageFeatures, image_features
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.log import InferenceRecord, hash_uid
+from cxr_platform.inference.predictor import Predictor
+
+# --------------------------------------------------------------------------------------------
+# Errors at the HTTP edge
+# --------------------------------------------------------------------------------------------
+
+
+class ServingError(CxrError):
+    """An error the service answers with ``status`` and a JSON body naming ``reason``."""
+
+    status = 400
+    reason = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.detail = message
+
+
+class UploadTooLargeError(ServingError):
+    status = 413
+    reason = "upload_too_large"
+
+
+class UnauthorizedError(ServingError):
+    status = 401
+    reason = "unauthorized"
+
+
+class UnknownRequestIdError(ServingError):
+    status = 404
+    reason = "unknown_request_id"
+
+
+class NoProductionModelError(ServingError):
+    status = 503
+    reason = "no_production_model"
+
+
+class ScoringFailedError(ServingError):
+    status = 503
+    reason = "scoring_unavailable"
+
+
+# Decoding failures are the client's: 4xx, with a status that says which kind.
+IMAGE_ERROR_STATUS = {
+    "empty": 400,
+    "unrecognized_format": 415,
+    "dicom_unsupported_transfer_syntax": 415,
+    "too_large": 413,
+    "truncated": 422,
+    "unreadable": 422,
+    "dicom_no_pixel_data": 422,
+    "dicom_not_an_image": 422,
+    "dicom_multi_frame": 422,
+}
+
+
+def error_response(exc: Exception) -> tuple[int, dict[str, str]]:
+    """(HTTP status, JSON body) for an error a client caused; 500 for anything else."""
+    if isinstance(exc, ServingError):
+        return exc.status, {"error": exc.reason, "detail": exc.detail}
+    if isinstance(exc, ImageReadError):
+        return IMAGE_ERROR_STATUS.get(exc.reason, 422), {"error": exc.reason, "detail": exc.detail}
+    return 500, {"error": "internal_error", "detail": "unexpected error; see the service log"}
+
+
+# --------------------------------------------------------------------------------------------
+# API side: an upload becomes a prepared image plus what the log records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    pixels: np.ndarray  # uint8 (S, S) in the production model's preprocessing
+    features: ImageFeatures
+    study_uid_hash: str | None = None
+    sop_instance_uid_hash: str | None = None
+    decoded: DecodedImage | None = field(default=None, repr=False)
+
+
+def check_upload_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise UploadTooLargeError(
+            f"upload is {size} bytes; this service accepts at most {max_bytes} bytes"
+        )
+
+
+def prepare_upload(
+    data: bytes,
+    preprocessing: PreprocessingConfig,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    uid_salt: bytes,
+) -> PreparedUpload:
+    """Decode by content (never by file name) and bring to the model's input. Raises
+    :class:`ServingError` or :class:`ImageReadError` with a reason for anything unusable."""
+    check_upload_size(len(data), max_bytes)
+    decoded = read_image(data, max_pixels=max_pixels, draft_size=2 * preprocessing.image_size)
+    pixels = to_square_uint8(decoded.pixels, preprocessing)
+    study_hash = sop_hash = None
+    if decoded.source_format == "DICOM":
+        header = read_dicom_header(data)
+        study_hash = hash_uid(header.get("StudyInstanceUID"), uid_salt)
+        sop_hash = hash_uid(header.get("SOPInstanceUID"), uid_salt)
+    return PreparedUpload(
+        pixels=pixels,
+        features=image_features(pixels, decoded),
+        study_uid_hash=study_hash,
+        sop_instance_uid_hash=sop_hash,
+        decoded=decoded,
+    )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def public_prediction(result: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """What a client sees: the production model's answer only. The shadow's is logged."""
+    production = result["production"]
+    return {
+        "label": production["label"],
+        "probability": production["probability"],
+        "threshold": production["threshold"],
+        "model_name": production["model_name"],
+        "model_version": production["model_version"],
+        "request_id": request_id,
+    }
+
+
+def inference_record(
+    result: dict[str, Any],
+    upload: PreparedUpload,
+    *,
+    request_id: str,
+    source: str,
+    latency_ms: float | None,
+) -> InferenceRecord:
+    production = result["production"]
+    shadow = result.get("shadow")
+    return InferenceRecord(
+        request_id=request_id,
+        source=source,
+        model_name=production["model_name"],
+        model_version=production["model_version"],
+        probability=float(production["probability"]),
+        label=production["label"],
+        threshold=float(production["threshold"]),
+        features=upload.features,
+        shadow_version=shadow["model_version"] if shadow else None,
+        shadow_probability=float(shadow["probability"]) if shadow else None,
+        shadow_label=shadow["label"] if shadow else None,
+        latency_ms=latency_ms,
+        study_uid_hash=upload.study_uid_hash,
+        sop_instance_uid_hash=upload.sop_instance_uid_hash,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scorer side: one batch of squares through production and shadow
+# --------------------------------------------------------------------------------------------
+
+STALE_PREPROCESSING = "stale_preprocessing"
+
+
+def model_summary(predictor: Predictor | None) -> dict[str, Any] | None:
+    if predictor is None:
+        return None
+    metadata = predictor.metadata
+    return {
+        "model_name": predictor.model_name,
+        "model_version": predictor.model_version,
+        "arch": metadata.arch,
+        "threshold": predictor.threshold,
+        "class_names": list(metadata.class_names),
+        "preprocessing": predictor.preprocessing.to_dict(),
+        "preprocessing_fingerprint": predictor.preprocessing.fingerprint(),
+        "calibration": predictor.calibration.to_dict(),
+        "run_id": metadata.mlflow_run_id,
+        "data_version": metadata.manifest_hash,
+        "git_commit": metadata.git_commit,
+        "exported_at": metadata.exported_at,
+        "metrics": dict(metadata.metrics),
+        "precision": metadata.precision,
+    }
+
+
+def serving_summary(models: ServingModels) -> dict[str, Any]:
+    return {
+        "production": model_summary(models.production),
+        "shadow": model_summary(models.shadow),
+    }
+
+
+def score_items(models: ServingModels, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score a batch. Each item is ``{"pixels": uint8 (S, S), "preprocessing": fingerprint}``.
+
+    The snapshot is taken once by the caller, so one batch never mixes versions. An item
+    prepared for a preprocessing the production model no longer uses (the alias moved between
+    decode and scoring) comes back marked stale, and the API prepares it again. The shadow
+    scores only items prepared the way it expects; otherwise its result is simply absent.
+    """
+    production = models.production
+    if production is None:
+        return [{"error": NoProductionModelError.reason} for _ in items]
+    fingerprint = production.preprocessing.fingerprint()
+    results: list[dict[str, Any]] = [{"error": STALE_PREPROCESSING} for _ in items]
+    current = [i for i, item in enumerate(items) if item["preprocessing"] == fingerprint]
+    if not current:
+        return results
+    batch = np.stack([items[i]["pixels"] for i in current])
+    main = production.predict_prepared(batch)
+    shadow_predictions: list[Any] = [None] * len(current)
+    shadow = models.shadow
+    if shadow is not None and shadow.preprocessing.fingerprint() == fingerprint:
+        shadow_predictions = shadow.predict_prepared(batch)
+    for index, prediction, shadow_prediction in zip(current, main, shadow_predictions, strict=True):
+        results[index] = {
+            "production": prediction.to_dict(),
+            "shadow": shadow_prediction.to_dict() if shadow_prediction is not None else None,
+        }
+    return results

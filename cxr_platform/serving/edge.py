@@ -1,0 +1,122 @@
+"""ASGI middleware at the service's edge: the API key and the upload size limit.
+
+Both are checked before BentoML parses a body, so a refused request costs no decoding and an
+oversized one is never buffered to disk.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+
+
+class EdgeMiddleware:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_key: str | None,
+        max_upload_bytes: int,
+        protected_paths: frozenset[str],
+        upload_paths: frozenset[str],
+        on_reject: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_upload_bytes = max_upload_bytes
+        self.protected_paths = protected_paths
+        self.upload_paths = upload_paths
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in self.protected_paths:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.api_key is not None and not self._authorized(headers):
+            await self._reject(send, path, 401, "unauthorized", "missing or wrong X-API-Key")
+            return
+        if path in self.upload_paths and scope.get("method") == "POST":
+            declared = headers.get("content-length")
+            if declared is not None:
+                try:
+                    length = int(declared)
+                except ValueError:
+                    await self._reject(send, path, 400, "bad_request", "invalid Content-Length")
+                    return
+                if length > self.max_upload_bytes:
+                    await self._reject(send, path, 413, "upload_too_large", self._too_large(length))
+                    return
+            else:
+                # Chunked: read up to the limit, then hand the buffered body on.
+                body, too_large = await self._read_limited(receive)
+                if too_large:
+                    await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
+                    return
+                receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: dict[str, bytes]) -> bool:
+        given = headers.get("x-api-key")
+        if given is None:
+            authorization = headers.get("authorization", b"")
+            if authorization.lower().startswith(b"bearer "):
+                given = authorization[7:].strip()
+        return given is not None and hmac.compare_digest(given, self.api_key or b"")
+
+    def _too_large(self, length: int | None) -> str:
+        size = f"{length} bytes" if length is not None else "larger than the limit"
+        return f"upload is {size}; this service accepts at most {self.max_upload_bytes} bytes"
+
+    async def _read_limited(self, receive: Receive) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_upload_bytes:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), False
+
+    async def _reject(self, send: Send, path: str, status: int, reason: str, detail: str) -> None:
+        if self.on_reject is not None:
+            self.on_reject(path, reason)
+        body = json.dumps({"error": reason, "detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

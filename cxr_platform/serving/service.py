@@ -1,0 +1,358 @@
+"""The BentoML service: ``bentoml serve cxr_platform.serving.service:CxrService``.
+
+Two services, one deployment. ``CxrService`` (the entry point) is the HTTP edge: API key, size
+limit, decoding, drift features, the inference log. ``Scorer`` holds the ONNX Runtime sessions
+that follow the registry's ``production`` and ``shadow`` aliases and scores adaptively batched
+requests (BentoML batches calls to a batchable API only when they arrive over HTTP, which is
+what a dependency call is). The logic lives in :mod:`cxr_platform.serving.core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import anyio
+import bentoml
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.errors import ImageReadError
+from cxr_platform.explain.gradcam import png_bytes
+from cxr_platform.inference.explainer import Explainer
+from cxr_platform.inference.live import LiveModels
+from cxr_platform.inference.log import (
+    InferenceLog,
+    InferenceLogError,
+    UnknownRequestError,
+    uid_salt,
+)
+from cxr_platform.serving import core
+from cxr_platform.serving.edge import EdgeMiddleware
+from cxr_platform.settings import load_settings
+
+log = logging.getLogger(__name__)
+settings = load_settings()
+
+PROTECTED_ROUTES = frozenset({"/predict", "/explain", "/model", "/feedback"})
+UPLOAD_ROUTES = frozenset({"/predict", "/explain"})
+
+rejected_inputs = bentoml.metrics.Counter(
+    name="cxr_rejected_inputs",
+    documentation="Requests refused at the edge, by endpoint and reason.",
+    labelnames=["endpoint", "reason"],
+)
+predictions_served = bentoml.metrics.Counter(
+    name="cxr_predictions",
+    documentation="Predictions returned, by endpoint, model version and label.",
+    labelnames=["endpoint", "model_version", "label"],
+)
+shadow_predictions = bentoml.metrics.Counter(
+    name="cxr_shadow_predictions",
+    documentation="Shadow-model scores logged (never returned), by agreement with production.",
+    labelnames=["shadow_version", "agrees"],
+)
+log_failures = bentoml.metrics.Counter(
+    name="cxr_inference_log_failures",
+    documentation="Predictions withheld because the inference log could not be written.",
+    labelnames=[],
+)
+
+
+@bentoml.service(
+    name="cxr_scorer",
+    workers=1,
+    threads=1,  # one batch at a time; ONNX Runtime uses every core inside it
+    traffic={"timeout": 120},
+)
+class Scorer:
+    def __init__(self) -> None:
+        self.live = LiveModels(
+            registry_for(settings),
+            threads=settings.service_threads,
+            max_pixels=settings.max_image_pixels,
+            precision=settings.service_precision,
+        )
+        try:
+            self.live.refresh()
+        except Exception:
+            log.exception("could not load models from the registry; will keep trying")
+        self.live.start_polling(settings.service_refresh_seconds)
+
+    def __is_ready__(self) -> bool:
+        return self.live.current().production is not None
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.service_max_batch_size,
+        max_latency_ms=settings.service_max_latency_ms,
+    )
+    def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return core.score_items(self.live.current(), items)
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        return core.serving_summary(self.live.current())
+
+    @bentoml.on_shutdown
+    def stop_polling(self) -> None:
+        self.live.stop()
+
+
+class PredictionResponse(BaseModel):
+    label: Literal["NORMAL", "PNEUMONIA"]
+    probability: float = Field(description="Calibrated probability of pneumonia.")
+    threshold: float = Field(description="The model's operating threshold.")
+    model_name: str
+    model_version: str | None
+    request_id: str = Field(description="Quote it in POST /feedback.")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    label: str
+    recorded: bool = True
+
+
+async def model_info(request: Request) -> Response:
+    service: CxrService = bentoml.get_current_service()
+    return JSONResponse(await service.describe())
+
+
+# GET routes: BentoML APIs are POST-only, so read-only views are a small mounted app.
+read_only_routes = Starlette(routes=[Route("/model", model_info, methods=["GET"])])
+
+
+@bentoml.service(
+    name="cxr_pneumonia",
+    workers=1,
+    traffic={"timeout": 120},
+    http={"port": settings.service_port},
+)
+class CxrService:
+    scorer = bentoml.depends(Scorer)
+
+    def __init__(self) -> None:
+        self.inference_log = InferenceLog(settings.inference_log_uri)
+        self.salt = uid_salt(settings.home)
+        self.registry = registry_for(settings)
+        self._summary: dict[str, Any] | None = None
+        self._summary_at = 0.0
+        self._explainers: dict[str, Explainer] = {}
+        self._explainer_lock = threading.Lock()
+
+    # ---- scorer access ---------------------------------------------------------------------
+
+    async def _call_scorer(self, method: str, *args: Any) -> Any:
+        # BentoML 1.4's dependency client renews its HTTP session every 100 calls and closes
+        # the old one under requests still in flight; scoring is idempotent, so those retry.
+        for attempt in range(4):
+            try:
+                return await getattr(self.scorer.to_async, method)(*args)
+            except aiohttp.ClientConnectionError:
+                if attempt == 3:
+                    raise core.ScoringFailedError("the scorer is unreachable") from None
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _serving_summary(self, *, fresh: bool = False) -> dict[str, Any]:
+        age = time.monotonic() - self._summary_at
+        if fresh or self._summary is None or age > settings.service_refresh_seconds / 2:
+            self._summary = await self._call_scorer("info")
+            self._summary_at = time.monotonic()
+        return self._summary
+
+    async def _production_preprocessing(self, *, fresh: bool = False) -> tuple[Any, str]:
+        summary = await self._serving_summary(fresh=fresh)
+        production = summary["production"]
+        if production is None:
+            raise core.NoProductionModelError(
+                "no model holds the production alias yet (see `cxr models` / `cxr promote`)"
+            )
+        config = PreprocessingConfig.from_dict(production["preprocessing"])
+        return config, production["preprocessing_fingerprint"]
+
+    async def _score(self, data: bytes) -> tuple[core.PreparedUpload, dict[str, Any]]:
+        fresh = False
+        for _ in range(3):  # a version with other preprocessing may take over mid-request
+            config, fingerprint = await self._production_preprocessing(fresh=fresh)
+            upload = await anyio.to_thread.run_sync(self._prepare, data, config)
+            [result] = await self._call_scorer(
+                "score", [{"pixels": upload.pixels, "preprocessing": fingerprint}]
+            )
+            if result.get("error") == core.STALE_PREPROCESSING:
+                fresh = True
+                continue
+            if result.get("error") == core.NoProductionModelError.reason:
+                raise core.NoProductionModelError("the production model was unloaded")
+            return upload, result
+        raise core.ScoringFailedError("the production model kept changing; try again")
+
+    def _prepare(self, data: bytes, config: PreprocessingConfig) -> core.PreparedUpload:
+        return core.prepare_upload(
+            data,
+            config,
+            max_bytes=settings.service_max_upload_bytes,
+            max_pixels=settings.max_image_pixels,
+            uid_salt=self.salt,
+        )
+
+    # ---- the request path ------------------------------------------------------------------
+
+    async def _predict_and_log(
+        self, data: bytes, endpoint: str, started: float
+    ) -> tuple[core.PreparedUpload, dict[str, Any], str]:
+        upload, result = await self._score(data)
+        request_id = core.new_request_id()
+        record = core.inference_record(
+            result,
+            upload,
+            request_id=request_id,
+            source="http",
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+        try:
+            await anyio.to_thread.run_sync(self.inference_log.write, [record])
+        except Exception as exc:
+            log_failures.inc()
+            log.exception("inference log write failed; withholding the prediction")
+            raise core.ScoringFailedError(
+                "the inference log is unavailable, so no prediction is released"
+            ) from exc
+        production, shadow = result["production"], result.get("shadow")
+        predictions_served.labels(
+            endpoint=endpoint,
+            model_version=str(production["model_version"]),
+            label=production["label"],
+        ).inc()
+        if shadow is not None:
+            shadow_predictions.labels(
+                shadow_version=str(shadow["model_version"]),
+                agrees=str(shadow["label"] == production["label"]).lower(),
+            ).inc()
+        return upload, result, request_id
+
+    async def _guarded(self, endpoint: str, file: Path, handler: Any) -> Any:
+        """Read the upload, then run the rest shielded from cancellation: a client that hangs
+        up after sending its image still gets its prediction logged."""
+        started = time.perf_counter()
+        try:
+            size = file.stat().st_size
+            core.check_upload_size(size, settings.service_max_upload_bytes)
+            data = await anyio.to_thread.run_sync(file.read_bytes)
+            work = asyncio.ensure_future(handler(data, started))
+            return await asyncio.shield(work)
+        except (core.ServingError, ImageReadError) as exc:
+            status, body = core.error_response(exc)
+            rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
+            return JSONResponse(body, status_code=status)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path) -> PredictionResponse:
+        """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`)."""
+
+        async def handler(data: bytes, started: float) -> Any:
+            _, result, request_id = await self._predict_and_log(data, "predict", started)
+            return JSONResponse(core.public_prediction(result, request_id))
+
+        return await self._guarded("predict", file, handler)
+
+    @bentoml.api(route="/explain")
+    async def explain(self, file: Path, ctx: bentoml.Context) -> Any:
+        """Grad-CAM overlay as PNG, the prediction in X-CXR-* headers; with
+        `Accept: application/json`, JSON holding the prediction and the PNG in base64."""
+        wants_json = "application/json" in ctx.request.headers.get("accept", "")
+
+        async def handler(data: bytes, started: float) -> Any:
+            upload, result, request_id = await self._predict_and_log(data, "explain", started)
+            prediction = core.public_prediction(result, request_id)
+            version = str(prediction["model_version"])
+            _, overlay = await anyio.to_thread.run_sync(self._overlay, version, upload)
+            image = png_bytes(overlay)
+            if wants_json:
+                body = {**prediction, "overlay_png_base64": base64.b64encode(image).decode()}
+                return JSONResponse(body)
+            headers = {
+                f"X-CXR-{key.replace('_', '-').title()}": str(value)
+                for key, value in prediction.items()
+            }
+            return Response(image, media_type="image/png", headers=headers)
+
+        return await self._guarded("explain", file, handler)
+
+    def _overlay(self, version: str, upload: core.PreparedUpload) -> tuple[Any, Any]:
+        with self._explainer_lock:
+            explainer = self._explainers.get(version)
+            if explainer is None:
+                explainer = Explainer(self.registry.download(version))
+                # Two versions at most: the current one and the one it replaced.
+                self._explainers = {
+                    **dict(list(self._explainers.items())[-1:]),
+                    version: explainer,
+                }
+        assert upload.decoded is not None
+        return explainer.heatmap_overlay(upload.pixels, upload.decoded)
+
+    @bentoml.api(route="/feedback")
+    async def feedback(
+        self,
+        request_id: str,
+        label: Literal["NORMAL", "PNEUMONIA"],
+        reporter: str | None = None,
+    ) -> FeedbackResponse:
+        """Attach a confirmed label to an earlier prediction (for performance monitoring)."""
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: self.inference_log.add_feedback(request_id, label, reporter=reporter)
+            )
+        except InferenceLogError as exc:
+            error: core.ServingError = (
+                core.UnknownRequestIdError(str(exc))
+                if isinstance(exc, UnknownRequestError)
+                else core.ServingError(str(exc))
+            )
+            status, body = core.error_response(error)
+            rejected_inputs.labels(endpoint="feedback", reason=body["error"]).inc()
+            return JSONResponse(body, status_code=status)
+        return FeedbackResponse(request_id=request_id, label=label)
+
+    async def describe(self) -> dict[str, Any]:
+        summary = await self._serving_summary(fresh=True)
+        return {
+            "registry_model_name": settings.registry_model_name,
+            **summary,
+            "service": {
+                "max_upload_bytes": settings.service_max_upload_bytes,
+                "precision": settings.service_precision,
+                "refresh_seconds": settings.service_refresh_seconds,
+                "api_key_required": settings.service_api_key is not None,
+            },
+        }
+
+    @bentoml.on_shutdown
+    def close_log(self) -> None:
+        self.inference_log.dispose()
+
+
+CxrService.add_asgi_middleware(
+    EdgeMiddleware,
+    api_key=settings.service_api_key.get_secret_value() if settings.service_api_key else None,
+    max_upload_bytes=settings.service_max_upload_bytes,
+    protected_paths=PROTECTED_ROUTES,
+    upload_paths=UPLOAD_ROUTES,
+    on_reject=lambda path, reason: rejected_inputs.labels(
+        endpoint=path.strip("/"), reason=reason
+    ).inc(),
+)
+CxrService.mount_asgi_app(read_only_routes, path="/")

@@ -1,0 +1,352 @@
+"""The real service over HTTP: every endpoint, the bad-input corpus, the log, shadow, hot swap.
+
+One ``bentoml serve`` process for the module (xdist keeps the module on one worker). The alias
+move test runs last because it changes which version is production.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    MPEG2MPML,
+    BasicTextSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    GrayscaleSoftcopyPresentationStateStorage,
+)
+
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+
+from ..data.dicom_factory import make_dicom, to_bytes
+from .conftest import MAX_UPLOAD_MB
+
+pytestmark = pytest.mark.xdist_group("live_service")
+
+
+def chest(seed: int = 0, size: tuple[int, int] = (120, 100)) -> np.ndarray:
+    """A smooth gray image with structure, uint8."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    y, x = np.mgrid[0:height, 0:width]
+    base = 128 + 60 * np.sin(x / 9.0 + seed) * np.cos(y / 13.0)
+    return np.clip(base + rng.normal(0, 8, size), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png(seed: int = 0) -> bytes:
+    return encode(Image.fromarray(chest(seed)), "PNG")
+
+
+def unsupported_transfer_syntax() -> bytes:
+    ds = make_dicom(chest(3).astype(np.uint16) * 16, bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 200])
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
+def bomb() -> bytes:
+    # 6000 x 6000 = 36 MP, over the service's 20 MP limit, in a few kB of PNG.
+    return encode(Image.new("L", (6000, 6000)), "PNG", optimize=True)
+
+
+BAD_INPUTS = {
+    "zero_bytes": (lambda: b"", 400, "empty"),
+    "not_an_image": (lambda: b"%PDF-1.7\n" + bytes(range(256)) * 8, 415, "unrecognized_format"),
+    "truncated_jpeg": (
+        lambda: encode(Image.fromarray(chest(1)), "JPEG")[:600],
+        422,
+        "truncated",
+    ),
+    "truncated_png": (lambda: png(2)[:400], 422, "truncated"),
+    "decompression_bomb": (bomb, 413, "too_large"),
+    "huge_upload": (
+        lambda: b"\x89PNG" + b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024 + 1024),
+        413,
+        "upload_too_large",
+    ),
+    "dicom_without_pixels": (lambda: to_bytes(make_dicom(None)), 422, "dicom_no_pixel_data"),
+    "dicom_sr": (
+        lambda: to_bytes(make_dicom(None, sop_class=BasicTextSRStorage)),
+        422,
+        "dicom_not_an_image",
+    ),
+    "dicom_presentation_state": (
+        lambda: to_bytes(make_dicom(None, sop_class=GrayscaleSoftcopyPresentationStateStorage)),
+        422,
+        "dicom_not_an_image",
+    ),
+    "dicom_unsupported_transfer_syntax": (
+        unsupported_transfer_syntax,
+        415,
+        "dicom_unsupported_transfer_syntax",
+    ),
+    "dicom_multi_frame": (
+        lambda: to_bytes(make_dicom(np.stack([chest(4), chest(5)]), frames=2)),
+        422,
+        "dicom_multi_frame",
+    ),
+}
+
+
+def odd_valid_inputs() -> dict[str, tuple[str, bytes]]:
+    gray = chest(6)
+    rgb = Image.fromarray(np.stack([gray] * 3, axis=-1), "RGB")
+    rgba = Image.fromarray(np.dstack([np.stack([gray] * 3, -1), np.full_like(gray, 255)]), "RGBA")
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    twelve_bit = make_dicom(
+        gray.astype(np.uint16) * 16,
+        bits_stored=12,
+        sop_class=DigitalXRayImageStorageForPresentation,
+        extra={"Modality": "DX"},
+    )
+    return {
+        "rgb_png": ("rgb.png", encode(rgb, "PNG")),
+        "rgba_png": ("rgba.png", encode(rgba, "PNG")),
+        "palette_png": ("palette.png", encode(rgb.convert("P"), "PNG")),
+        "16bit_png": ("sixteen.png", encode(sixteen, "PNG")),
+        "jpeg_named_png": ("really_a_jpeg.png", encode(rgb, "JPEG", quality=90)),
+        "12bit_dicom": ("image.dcm", to_bytes(twelve_bit)),
+    }
+
+
+def post_image(client, data: bytes, name: str = "image", route: str = "/predict", **kwargs):
+    return client.post(route, files={"file": (name, data)}, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_health_openapi_and_model_info(live_service):
+    with live_service.client(key=None) as anonymous:
+        assert anonymous.get("/livez").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
+        spec = anonymous.get("/docs.json").json()
+        assert {"/predict", "/explain", "/feedback"} <= set(spec["paths"])
+        assert anonymous.get("/model").status_code == 401
+    with live_service.client() as client:
+        info = client.get("/model").json()
+    assert info["production"]["model_version"] == live_service.production_version
+    assert info["shadow"]["model_version"] == live_service.shadow_version
+    assert info["production"]["preprocessing"]["image_size"] == 96
+    assert info["service"]["api_key_required"] is True
+
+
+def test_predict_returns_the_production_answer_and_logs_the_shadow(live_service):
+    with live_service.client() as client:
+        response = post_image(client, png(10))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {
+        "label",
+        "probability",
+        "threshold",
+        "model_name",
+        "model_version",
+        "request_id",
+    }
+    assert body["model_version"] == live_service.production_version
+    assert body["label"] in ("NORMAL", "PNEUMONIA")
+    assert (body["probability"] >= body["threshold"]) == (body["label"] == "PNEUMONIA")
+
+    rows = live_service.inference_log().records()
+    row = rows[rows.request_id == body["request_id"]].iloc[0]
+    assert row.source == "http"
+    assert row.model_version == live_service.production_version
+    assert row.probability == pytest.approx(body["probability"])
+    assert row.shadow_version == live_service.shadow_version
+    assert 0.0 <= row.shadow_probability <= 1.0
+    assert row.source_format == "PNG" and row.original_width == 100
+    assert row.latency_ms > 0
+
+
+def test_api_key_is_required_when_configured(live_service):
+    with live_service.client(key=None) as anonymous:
+        response = post_image(anonymous, png())
+        assert response.status_code == 401
+        assert response.json()["error"] == "unauthorized"
+    with live_service.client(key="wrong") as wrong:
+        assert post_image(wrong, png()).status_code == 401
+    with live_service.client(key=None) as bearer:
+        headers = {"Authorization": "Bearer test-key-0123"}
+        assert post_image(bearer, png(), headers=headers).status_code == 200
+
+
+def test_explain_returns_an_overlay_with_the_prediction(live_service):
+    with live_service.client() as client:
+        image = post_image(client, png(11), route="/explain")
+        as_json = post_image(
+            client, png(11), route="/explain", headers={"Accept": "application/json"}
+        )
+    assert image.status_code == 200, image.text
+    assert image.headers["content-type"] == "image/png"
+    overlay = Image.open(io.BytesIO(image.content))
+    assert overlay.size == (100, 120) and overlay.mode == "RGB"  # the original's resolution
+    assert image.headers["x-cxr-model-version"] == live_service.production_version
+    body = as_json.json()
+    assert body["label"] == image.headers["x-cxr-label"]
+    assert body["probability"] == pytest.approx(float(image.headers["x-cxr-probability"]))
+    decoded = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
+    assert decoded.size == overlay.size
+
+
+def test_feedback_attaches_a_label_to_a_request(live_service):
+    with live_service.client() as client:
+        request_id = post_image(client, png(12)).json()["request_id"]
+        ok = client.post("/feedback", json={"request_id": request_id, "label": "PNEUMONIA"})
+        unknown = client.post("/feedback", json={"request_id": "no-such-id", "label": "NORMAL"})
+        invalid = client.post("/feedback", json={"request_id": request_id, "label": "MAYBE"})
+    assert ok.status_code == 200 and ok.json()["recorded"] is True
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_request_id"
+    assert invalid.status_code == 400
+    rows = live_service.inference_log().records()
+    assert rows[rows.request_id == request_id].feedback_label.iloc[0] == "PNEUMONIA"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_a_4xx_reason_and_the_service_stays_up(live_service, case):
+    make, status, reason = BAD_INPUTS[case]
+    log = live_service.inference_log()
+    before = log.count()
+    with live_service.client() as client:
+        response = post_image(client, make(), name=f"{case}.png")
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["error"] == reason and body["detail"]
+        # Nothing was predicted, so nothing was logged; the next good request still works.
+        assert post_image(client, png()).status_code == 200
+    assert log.count() == before + 1
+    with live_service.client(key=None) as anonymous:
+        metrics = anonymous.get("/metrics").text
+    assert f'reason="{reason}"' in metrics
+
+
+@pytest.mark.parametrize("case", sorted(odd_valid_inputs()))
+def test_odd_but_valid_images_are_predicted(live_service, case):
+    name, data = odd_valid_inputs()[case]
+    with live_service.client() as client:
+        response = post_image(client, data, name=name)
+    assert response.status_code == 200, response.text
+    row = live_service.inference_log().records().iloc[-1]
+    assert row.request_id == response.json()["request_id"]
+    if case == "12bit_dicom":
+        assert row.source_format == "DICOM" and row.bit_depth == 12
+        assert row.photometric_interpretation == "MONOCHROME2"
+        assert len(row.study_uid_hash) == 64  # a salted hash, never the UID itself
+
+
+def test_concurrent_requests_write_exactly_one_row_each(live_service):
+    log = live_service.inference_log()
+    before = log.count()
+    n = 48
+    ids: list[str] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        with live_service.client() as client:
+            for i in range(offset, n, 8):
+                response = post_image(client, png(100 + i))
+                with lock:
+                    if response.status_code == 200:
+                        ids.append(response.json()["request_id"])
+                    else:
+                        failures.append(response.text)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert len(set(ids)) == n
+    assert log.count() == before + n
+    logged = set(log.records().request_id)
+    assert set(ids) <= logged
+
+
+def test_a_client_that_hangs_up_still_gets_its_prediction_logged(live_service):
+    log = live_service.inference_log()
+    before = log.count()
+    boundary = "cxrboundary"
+    payload = png(13)
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-API-Key: test-key-0123\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    url = urlparse(live_service.url)
+    with socket.create_connection((url.hostname, url.port)) as connection:
+        connection.sendall(head + body)
+        # Hang up at once, before any response byte.
+    deadline = time.monotonic() + 30
+    while log.count() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.count() == before + 1
+
+
+def test_alias_moves_under_load_switch_versions_with_no_failed_request(live_service):
+    registry = live_service.registry
+    old, new = live_service.production_version, live_service.shadow_version
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        with live_service.client() as client:
+            while not stop.is_set():
+                response = post_image(client, png(seed))
+                with lock:
+                    if response.status_code == 200:
+                        seen.append(response.json()["model_version"])
+                    else:
+                        failures.append(f"{response.status_code} {response.text}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        registry.promote(new, triggered_by="test")  # the shadow becomes production
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if seen and seen[-1] == new:
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert failures == []
+    assert old in seen and new in seen
+    assert seen[-1] == new
+    aliases = registry.aliases()
+    assert aliases[PRODUCTION] == new and SHADOW not in aliases
+    with live_service.client() as client:
+        info = client.get("/model").json()
+    assert info["production"]["model_version"] == new and info["shadow"] is None
