@@ -78,8 +78,35 @@ def raw_figures(predictor: Predictor, payloads: list[bytes], batch: int) -> dict
     }
 
 
+def process_cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU time (user + system) of the service's processes and of this one, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, parent = int(entry.name), int(fields[1])
+        if pid == os.getpid():
+            role = "load generator"
+        elif "cxr_scorer" in command:
+            role = "scorer"
+        elif "cxr_pneumonia" in command:
+            role = "api"
+        elif pid == root_pid or parent == root_pid:
+            role = "bentoml arbiter"
+        else:
+            continue
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return roles
+
+
 def service_figures(
-    url: str, payloads: list[bytes], requests: int, concurrency: int
+    url: str, payloads: list[bytes], requests: int, concurrency: int, root_pid: int
 ) -> dict[str, float]:
     def post(client: httpx.Client, data: bytes) -> float:
         start = time.perf_counter()
@@ -107,11 +134,17 @@ def service_figures(
                 with lock:
                     concurrent_latencies.append(latency)
 
+    cpu_before = process_cpu_seconds(root_pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
     elapsed = time.perf_counter() - start
+    cpu_after = process_cpu_seconds(root_pid)
+    n = len(concurrent_latencies)
+    cpu_ms = {
+        role: (cpu_after[role] - cpu_before.get(role, 0.0)) / n * 1000.0 for role in cpu_after
+    }
     p50, p95, p99 = percentiles(sequential)
     c50, c95, c99 = percentiles(concurrent_latencies)
     return {
@@ -122,6 +155,7 @@ def service_figures(
         "c_p50": c50,
         "c_p95": c95,
         "c_p99": c99,
+        "cpu_ms": cpu_ms,  # type: ignore[dict-item]
     }
 
 
@@ -164,7 +198,10 @@ def main() -> None:
         if args.max_batch_size:
             env["CXR_SERVICE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
         with ServiceProcess(env=env, log_path=Path(scratch) / "service.log") as service:
-            served = service_figures(service.url, payloads, args.requests, args.concurrency)
+            assert service.process is not None
+            served = service_figures(
+                service.url, payloads, args.requests, args.concurrency, service.process.pid
+            )
 
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model "

@@ -123,6 +123,15 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     _print_evaluations(settings)
     _print_explanations(settings)
     _print_registry(settings)
+    for event in result.get_asset_materialization_events():
+        if event.asset_key == dg.AssetKey("bento"):
+            built = event.materialization.metadata
+            click.echo(
+                f"\nBento {built['bento'].value} (model {built['model'].value}) in "
+                f"{settings.home / 'bentoml'}:\n"
+                f"  BENTOML_HOME={settings.home / 'bentoml'} bentoml serve "
+                f"{built['bento'].value} --port {settings.service_port}"
+            )
     profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
     click.echo(
         f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
@@ -197,6 +206,7 @@ def _print_registry(settings: CxrSettings) -> None:
         click.echo(f"  {event.at}  {event.action:<10} v{event.version}{verdict}")
     if PRODUCTION_ALIAS in aliases:
         click.echo("  try: cxr predict <image or folder> --model production --out predictions.csv")
+        _print_service_help(settings)
     else:
         click.echo("  no production model: the gate refused every candidate (see cxr models)")
 
@@ -675,6 +685,49 @@ def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
     click.echo(
         f"{image}: {p.label} (probability {p.probability:.3f}, threshold {p.threshold:.3f}, "
         f"version {info.version}); overlay {out}"
+    )
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default: 3100.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on all.")
+@click.pass_context
+@_fail_cleanly
+def serve(ctx: click.Context, port: int | None, host: str) -> None:
+    """Start the HTTP service (bentoml serve) on the registry's production model."""
+    from cxr_platform.serving.process import REPO_ROOT, serve_command, service_environment
+
+    settings = _settings(ctx)
+    port = port or settings.service_port
+    env = service_environment({"CXR_HOME": str(settings.home)})
+    command = serve_command(port, host)
+    click.echo(f"Serving on http://{host}:{port} (docs at /, try POST /predict with field 'file')")
+    os.chdir(REPO_ROOT)
+    os.execve(command[0], command, env)  # the service owns the terminal from here
+
+
+@cli.command()
+@click.option("--version", "version", default=None, help="Registry version (default: production).")
+@click.pass_context
+@_fail_cleanly
+def bento(ctx: click.Context, version: str | None) -> None:
+    """Build a Bento of the service with a registry version pinned inside it."""
+    from cxr_platform.serving.packaging import build_bento
+
+    settings = _settings(ctx)
+    built = build_bento(settings, version)
+    click.echo(
+        f"Built {built.bento_tag} with model {built.model_tag} (registry version "
+        f"{built.registry_version}).\n  serve it: {built.serve_command(settings.service_port)}"
+    )
+
+
+def _print_service_help(settings: CxrSettings) -> None:
+    click.echo(
+        f"\nServe the production model over HTTP:\n"
+        f"  CXR_HOME={settings.home} cxr serve --port {settings.service_port}\n"
+        f"and ask it about an image:\n"
+        f"  curl -F file=@image.png http://127.0.0.1:{settings.service_port}/predict"
     )
 
 

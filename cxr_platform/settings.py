@@ -94,6 +94,10 @@ class CxrSettings(BaseSettings):
     service_threads: int | None = Field(
         default=None, ge=1, description="ONNX Runtime threads in the scorer; default: all cores."
     )
+    serving_model: str | None = Field(
+        default=None,
+        description="A BentoML model tag to serve instead of following the registry (Bentos).",
+    )
     service_precision: Literal["fp32", "int8"] = Field(
         default="fp32",
         description="int8 serves the quantized variant when the export kept one.",

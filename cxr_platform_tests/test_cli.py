@@ -109,9 +109,19 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
         assert len(runs) == 1 and runs[0].job_name == "demo"
         for key in ("preprocessed_cache", "registered_model_version", "production_model"):
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
+        promoted = instance.get_latest_materialization_event(dg.AssetKey("production_model"))
+        production = promoted.asset_materialization.metadata["production_version"].value
+        bento = instance.get_latest_materialization_event(dg.AssetKey("bento"))
     models = _cxr("models", "--json", home=home, env=env)
     versions = json.loads(models.stdout)
     assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
+    if production != "none":  # the gate promoted: the service can start, and a Bento exists
+        assert "cxr serve --port 3100" in result.stdout
+        assert (
+            bento is not None
+            and f"bentoml serve {bento.asset_materialization.metadata['bento'].value}"
+            in result.stdout
+        )
 
 
 def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):

@@ -2,7 +2,8 @@
 
 Per architecture: ``<arch>/gradcam_gallery`` and ``<arch>/exported_model`` (blocking parity
 check). Then ``registered_model_version`` (every export becomes a registry version; the best by
-validation AUC becomes ``shadow``) and ``production_model`` (the promotion gate decides).
+validation AUC becomes ``shadow``), ``production_model`` (the promotion gate decides) and
+``bento`` (the HTTP service packaged with the production version inside).
 """
 # No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
 
@@ -18,6 +19,7 @@ from cxr_platform.deployment.registry import RegistryEvent
 from cxr_platform.explain.report import explain_checkpoint
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel
+from cxr_platform.serving.packaging import build_bento
 from cxr_platform.settings import CxrSettings
 
 EXPLAIN_GROUP = "explainability"
@@ -277,4 +279,34 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
             metadata={"summary": decision.summary(), "failed": ", ".join(decision.failed_checks)},
         )
 
-    return [*assets, registered_model_version, production_model]
+    @dg.asset(
+        group_name=DEPLOY_GROUP,
+        kinds={"bentoml"},
+        ins={"production_model": dg.AssetIn(PRODUCTION_MODEL_KEY)},
+        # Nothing to package while the gate has never promoted a model: not materialized then.
+        output_required=False,
+        description="A Bento (BentoML's deployable archive) of the HTTP service with the current "
+        "production version inside it, in the platform's BentoML store.",
+    )
+    def bento(
+        context: dg.AssetExecutionContext, platform: PlatformSettings, production_model: dict
+    ):
+        settings = platform.settings()
+        version = production_model["production_version"]
+        if version is None:
+            context.log.warning("no production model yet: no Bento built")
+            return
+        built = build_bento(settings, version)
+        yield dg.Output(
+            built.to_dict(),
+            metadata={
+                "bento": built.bento_tag,
+                "model": built.model_tag,
+                "registry_version": built.registry_version,
+                "serve": dg.MetadataValue.md(
+                    f"```\n{built.serve_command(settings.service_port)}\n```"
+                ),
+            },
+        )
+
+    return [*assets, registered_model_version, production_model, bento]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from cxr_platform.deployment.export import INT8_ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
@@ -105,3 +106,26 @@ class LiveModels:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+class FixedModels:
+    """One model that never changes (a Bento's bundled model): the :class:`LiveModels`
+    interface without a registry, so the service code is the same in both modes."""
+
+    def __init__(self, folder: Path, *, version: str, threads: int | None = None) -> None:
+        self.folder = folder
+        self._snapshot = ServingModels(
+            Predictor(folder, model_version=version, threads=threads), None
+        )
+
+    def current(self) -> ServingModels:
+        return self._snapshot
+
+    def refresh(self) -> bool:
+        return False
+
+    def start_polling(self, interval_seconds: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass

@@ -33,13 +33,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def serve_command(port: int, host: str = "127.0.0.1") -> list[str]:
+def serve_command(port: int, host: str = "127.0.0.1", target: str = SERVICE_TARGET) -> list[str]:
+    """``target``: the service's import path, or a Bento tag from the BentoML store."""
     return [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        SERVICE_TARGET,
+        target,
         "--host",
         host,
         "--port",
@@ -65,8 +66,10 @@ class ServiceProcess:
         port: int | None = None,
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
+        target: str = SERVICE_TARGET,
     ) -> None:
         self.port = port or free_port()
+        self.target = target
         self.env = service_environment(env)
         self.log_path = log_path
         self.ready_timeout = ready_timeout
@@ -83,7 +86,7 @@ class ServiceProcess:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             output = self._log_file
         self.process = subprocess.Popen(
-            serve_command(self.port),
+            serve_command(self.port, target=self.target),
             cwd=REPO_ROOT,
             env=self.env,
             stdout=output,

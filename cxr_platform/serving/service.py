@@ -28,10 +28,11 @@ from starlette.routing import Route
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import ModelRegistry
 from cxr_platform.errors import ImageReadError
 from cxr_platform.explain.gradcam import png_bytes
 from cxr_platform.inference.explainer import Explainer
-from cxr_platform.inference.live import LiveModels
+from cxr_platform.inference.live import FixedModels, LiveModels
 from cxr_platform.inference.log import (
     InferenceLog,
     InferenceLogError,
@@ -44,6 +45,11 @@ from cxr_platform.settings import load_settings
 
 log = logging.getLogger(__name__)
 settings = load_settings()
+# A Bento built by `cxr bento` names its bundled model in its build arguments (its environment
+# variables only reach containers); CXR_SERVING_MODEL overrides.
+PINNED_MODEL: str | None = settings.serving_model or getattr(
+    bentoml.use_arguments(), "model_tag", None
+)
 
 PROTECTED_ROUTES = frozenset({"/predict", "/explain", "/model", "/feedback"})
 UPLOAD_ROUTES = frozenset({"/predict", "/explain"})
@@ -78,12 +84,21 @@ log_failures = bentoml.metrics.Counter(
 )
 class Scorer:
     def __init__(self) -> None:
-        self.live = LiveModels(
-            registry_for(settings),
-            threads=settings.service_threads,
-            max_pixels=settings.max_image_pixels,
-            precision=settings.service_precision,
-        )
+        self.live: LiveModels | FixedModels
+        if PINNED_MODEL:
+            stored = bentoml.models.get(PINNED_MODEL)
+            self.live = FixedModels(
+                Path(stored.path),
+                version=stored.info.labels.get("registry_version", str(stored.tag.version)),
+                threads=settings.service_threads,
+            )
+        else:
+            self.live = LiveModels(
+                registry_for(settings),
+                threads=settings.service_threads,
+                max_pixels=settings.max_image_pixels,
+                precision=settings.service_precision,
+            )
         try:
             self.live.refresh()
         except Exception:
@@ -146,7 +161,7 @@ class CxrService:
     def __init__(self) -> None:
         self.inference_log = InferenceLog(settings.inference_log_uri)
         self.salt = uid_salt(settings.home)
-        self.registry = registry_for(settings)
+        self._registry: ModelRegistry | None = None  # opened on first /explain
         self._summary: dict[str, Any] | None = None
         self._summary_at = 0.0
         self._explainers: dict[str, Explainer] = {}
@@ -295,7 +310,7 @@ class CxrService:
         with self._explainer_lock:
             explainer = self._explainers.get(version)
             if explainer is None:
-                explainer = Explainer(self.registry.download(version))
+                explainer = Explainer(self._model_folder(version))
                 # Two versions at most: the current one and the one it replaced.
                 self._explainers = {
                     **dict(list(self._explainers.items())[-1:]),
@@ -303,6 +318,13 @@ class CxrService:
                 }
         assert upload.decoded is not None
         return explainer.heatmap_overlay(upload.pixels, upload.decoded)
+
+    def _model_folder(self, version: str) -> Path:
+        if PINNED_MODEL:  # a Bento: the bundled model is the only one
+            return Path(bentoml.models.get(PINNED_MODEL).path)
+        if self._registry is None:
+            self._registry = registry_for(settings)
+        return self._registry.download(version)
 
     @bentoml.api(route="/feedback")
     async def feedback(
@@ -331,6 +353,7 @@ class CxrService:
         summary = await self._serving_summary(fresh=True)
         return {
             "registry_model_name": settings.registry_model_name,
+            "model_source": f"bento model {PINNED_MODEL}" if PINNED_MODEL else "registry aliases",
             **summary,
             "service": {
                 "max_upload_bytes": settings.service_max_upload_bytes,

@@ -51,6 +51,7 @@ def test_release_job_registers_a_shadow_and_the_gate_can_refuse_production(
     production = materialized["production_model"].metadata
     assert production["promoted"].value is False
     assert production["production_version"].value == "none"
+    assert "bento" not in materialized  # nothing to package without a production model
 
     registry = registry_for(settings)
     assert registry.aliases() == {SHADOW: "1"}

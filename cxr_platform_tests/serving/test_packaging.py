@@ -1,0 +1,48 @@
+"""A Bento with the production version inside serves that version with no registry at all."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_platform.serving.packaging import PackagingError, build_bento
+from cxr_platform.serving.process import ServiceProcess
+from cxr_platform.settings import load_settings
+
+pytestmark = pytest.mark.xdist_group("live_service")
+
+
+def test_bento_pins_the_production_version_and_serves_without_the_registry(live_service, tmp_path):
+    built = build_bento(live_service.settings)
+    assert built.registry_version == live_service.production_version
+    assert built.bento_tag.startswith("cxr_pneumonia:")
+    assert (built.path / "bento.yaml").exists()
+    bento_yaml = (built.path / "bento.yaml").read_text()
+    assert built.model_tag in bento_yaml and "CXR_SERVING_MODEL" in bento_yaml
+
+    # Serve the built Bento against an empty home: no registry, no tracking database.
+    empty_home = tmp_path / "empty-home"
+    env = {
+        "CXR_HOME": str(empty_home),
+        "BENTOML_HOME": str(built.bentoml_home),
+        "CXR_SERVICE_THREADS": "1",
+    }
+    service = ServiceProcess(env=env, log_path=tmp_path / "bento.log", target=built.bento_tag)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buffer, format="PNG")
+    with service:
+        response = httpx.post(
+            f"{service.url}/predict", files={"file": ("x.png", buffer.getvalue())}, timeout=60
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version"] == live_service.production_version
+    assert not (empty_home / "mlflow").exists()
+
+
+def test_packaging_without_a_production_model_is_a_clear_error(tmp_path):
+    with pytest.raises(PackagingError, match="no production model"):
+        build_bento(load_settings(home=tmp_path / "home"))
