@@ -224,6 +224,14 @@ def main() -> None:
         f"service c={args.concurrency}: {served['throughput']:.1f} img/s  (p50 "
         f"{served['c_p50']:.1f} ms, p95 {served['c_p95']:.1f} ms, p99 {served['c_p99']:.1f} ms)"
     )
+    accounting = ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(served["cpu_ms"].items()))
+    raw_cpu_ms = 1000.0 * (os.cpu_count() or 1) / raw["throughput"]
+    service_cpu_ms = sum(ms for role, ms in served["cpu_ms"].items() if role != "load generator")
+    print(
+        f"CPU per request at c={args.concurrency} (core-ms): {accounting}; raw ONNX Runtime "
+        f"needs {raw_cpu_ms:.1f} per image, so the service spends "
+        f"{raw_cpu_ms / service_cpu_ms:.0%} of its CPU in the model"
+    )
     print(
         f"ratios: c=1 p50 / raw latency = {served['p50'] / raw['latency_ms']:.2f}x "
         f"(target <= 1.5x); c={args.concurrency} throughput / raw = "

@@ -85,11 +85,8 @@ class CxrSettings(BaseSettings):
     service_refresh_seconds: float = Field(
         default=10, gt=0, description="How often the service checks the registry's aliases."
     )
-    service_max_batch_size: int = Field(default=16, ge=1)
-    service_max_latency_ms: int = Field(
-        default=30_000,
-        ge=1,
-        description="BentoML sheds requests it expects to miss this; batching waits far less.",
+    service_max_batch_size: int = Field(
+        default=32, ge=1, description="Most images per ONNX Runtime call (adaptive batching)."
     )
     service_threads: int | None = Field(
         default=None, ge=1, description="ONNX Runtime threads in the scorer; default: all cores."

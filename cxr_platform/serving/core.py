@@ -9,7 +9,10 @@ here, so it is tested without a server and the service module stays thin.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +23,10 @@ from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.features import ImageFeatures, image_features
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.log import InferenceRecord, hash_uid
+from cxr_platform.inference.log import InferenceLog, InferenceRecord, hash_uid
 from cxr_platform.inference.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Errors at the HTTP edge
@@ -62,6 +67,11 @@ class NoProductionModelError(ServingError):
 class ScoringFailedError(ServingError):
     status = 503
     reason = "scoring_unavailable"
+
+
+class InferenceLogUnavailableError(ServingError):
+    status = 503
+    reason = "inference_log_unavailable"
 
 
 # Decoding failures are the client's: 4xx, with a status that says which kind.
@@ -216,12 +226,24 @@ def serving_summary(models: ServingModels) -> dict[str, Any]:
     }
 
 
-def score_items(models: ServingModels, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Score a batch. Each item is ``{"pixels": uint8 (S, S), "preprocessing": fingerprint}``.
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One prepared image waiting for a batch, with what its log row needs."""
+
+    pixels: np.ndarray  # uint8 (S, S)
+    preprocessing: str  # fingerprint of the preprocessing that produced ``pixels``
+    upload: PreparedUpload
+    request_id: str
+    started: float  # time.perf_counter() when the request arrived
+    source: str = "http"
+
+
+def score_items(models: ServingModels, items: Sequence[ScoreRequest]) -> list[dict[str, Any]]:
+    """Score a batch through production and, when there is one, shadow.
 
     The snapshot is taken once by the caller, so one batch never mixes versions. An item
     prepared for a preprocessing the production model no longer uses (the alias moved between
-    decode and scoring) comes back marked stale, and the API prepares it again. The shadow
+    decode and scoring) comes back marked stale, and the caller prepares it again. The shadow
     scores only items prepared the way it expects; otherwise its result is simply absent.
     """
     production = models.production
@@ -229,10 +251,10 @@ def score_items(models: ServingModels, items: list[dict[str, Any]]) -> list[dict
         return [{"error": NoProductionModelError.reason} for _ in items]
     fingerprint = production.preprocessing.fingerprint()
     results: list[dict[str, Any]] = [{"error": STALE_PREPROCESSING} for _ in items]
-    current = [i for i, item in enumerate(items) if item["preprocessing"] == fingerprint]
+    current = [i for i, item in enumerate(items) if item.preprocessing == fingerprint]
     if not current:
         return results
-    batch = np.stack([items[i]["pixels"] for i in current])
+    batch = np.stack([items[i].pixels for i in current])
     main = production.predict_prepared(batch)
     shadow_predictions: list[Any] = [None] * len(current)
     shadow = models.shadow
@@ -243,4 +265,44 @@ def score_items(models: ServingModels, items: list[dict[str, Any]]) -> list[dict
             "production": prediction.to_dict(),
             "shadow": shadow_prediction.to_dict() if shadow_prediction is not None else None,
         }
+    return results
+
+
+LOG_UNAVAILABLE = "inference_log_unavailable"
+
+
+def score_and_log(
+    models: ServingModels, inference_log: InferenceLog, items: Sequence[ScoreRequest]
+) -> list[dict[str, Any]]:
+    """Score a batch and write its log rows in one transaction, before anyone is answered.
+
+    If the log cannot be written, the batch's predictions are withheld (marked
+    ``LOG_UNAVAILABLE``): a prediction the log does not hold must not leave the service.
+    """
+    results = score_items(models, items)
+    now = time.perf_counter()
+    scored = [
+        (item, result)
+        for item, result in zip(items, results, strict=True)
+        if "production" in result
+    ]
+    if not scored:
+        return results
+    records = [
+        inference_record(
+            result,
+            item.upload,
+            request_id=item.request_id,
+            source=item.source,
+            latency_ms=(now - item.started) * 1000.0,
+        )
+        for item, result in scored
+    ]
+    try:
+        inference_log.write(records)
+    except Exception:
+        log.exception("inference log write failed; withholding %d predictions", len(records))
+        for _, result in scored:
+            result.clear()
+            result["error"] = LOG_UNAVAILABLE
     return results

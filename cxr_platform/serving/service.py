@@ -1,10 +1,14 @@
 """The BentoML service: ``bentoml serve cxr_platform.serving.service:CxrService``.
 
-Two services, one deployment. ``CxrService`` (the entry point) is the HTTP edge: API key, size
-limit, decoding, drift features, the inference log. ``Scorer`` holds the ONNX Runtime sessions
-that follow the registry's ``production`` and ``shadow`` aliases and scores adaptively batched
-requests (BentoML batches calls to a batchable API only when they arrive over HTTP, which is
-what a dependency call is). The logic lives in :mod:`cxr_platform.serving.core`.
+One service: the HTTP edge (API key, size limit, decoding, drift features, the inference log)
+and the ONNX Runtime sessions that follow the registry's ``production`` and ``shadow`` aliases,
+scored with adaptive (continuous) batching in this process. The logic lives in
+:mod:`cxr_platform.serving.core` and :mod:`cxr_platform.serving.batching`.
+
+Why not BentoML's ``batchable`` API: BentoML batches only calls that reach it over HTTP, so
+batching needs a second service behind the first. That hop cost 4.4 ms per request at
+concurrency 1 and a third of the throughput on two cores (benchmarks/serve_load.py, measured
+with both designs); batching in this process does the same job without it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 import anyio
 import bentoml
 from pydantic import BaseModel, Field
@@ -26,9 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.deployment.pipeline import registry_for
-from cxr_platform.deployment.registry import ModelRegistry
 from cxr_platform.errors import ImageReadError
 from cxr_platform.explain.gradcam import png_bytes
 from cxr_platform.inference.explainer import Explainer
@@ -40,6 +41,7 @@ from cxr_platform.inference.log import (
     uid_salt,
 )
 from cxr_platform.serving import core
+from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import EdgeMiddleware
 from cxr_platform.settings import load_settings
 
@@ -69,60 +71,17 @@ shadow_predictions = bentoml.metrics.Counter(
     documentation="Shadow-model scores logged (never returned), by agreement with production.",
     labelnames=["shadow_version", "agrees"],
 )
+batch_sizes = bentoml.metrics.Histogram(
+    name="cxr_batch_size",
+    documentation="Images per ONNX Runtime call (adaptive batching).",
+    labelnames=[],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 log_failures = bentoml.metrics.Counter(
     name="cxr_inference_log_failures",
     documentation="Predictions withheld because the inference log could not be written.",
     labelnames=[],
 )
-
-
-@bentoml.service(
-    name="cxr_scorer",
-    workers=1,
-    threads=1,  # one batch at a time; ONNX Runtime uses every core inside it
-    traffic={"timeout": 120},
-)
-class Scorer:
-    def __init__(self) -> None:
-        self.live: LiveModels | FixedModels
-        if PINNED_MODEL:
-            stored = bentoml.models.get(PINNED_MODEL)
-            self.live = FixedModels(
-                Path(stored.path),
-                version=stored.info.labels.get("registry_version", str(stored.tag.version)),
-                threads=settings.service_threads,
-            )
-        else:
-            self.live = LiveModels(
-                registry_for(settings),
-                threads=settings.service_threads,
-                max_pixels=settings.max_image_pixels,
-                precision=settings.service_precision,
-            )
-        try:
-            self.live.refresh()
-        except Exception:
-            log.exception("could not load models from the registry; will keep trying")
-        self.live.start_polling(settings.service_refresh_seconds)
-
-    def __is_ready__(self) -> bool:
-        return self.live.current().production is not None
-
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=settings.service_max_batch_size,
-        max_latency_ms=settings.service_max_latency_ms,
-    )
-    def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return core.score_items(self.live.current(), items)
-
-    @bentoml.api
-    def info(self) -> dict[str, Any]:
-        return core.serving_summary(self.live.current())
-
-    @bentoml.on_shutdown
-    def stop_polling(self) -> None:
-        self.live.stop()
 
 
 class PredictionResponse(BaseModel):
@@ -156,65 +115,47 @@ read_only_routes = Starlette(routes=[Route("/model", model_info, methods=["GET"]
     http={"port": settings.service_port},
 )
 class CxrService:
-    scorer = bentoml.depends(Scorer)
-
     def __init__(self) -> None:
+        self.models: LiveModels | FixedModels
+        if PINNED_MODEL:
+            stored = bentoml.models.get(PINNED_MODEL)
+            self.models = FixedModels(
+                Path(stored.path),
+                version=stored.info.labels.get("registry_version", str(stored.tag.version)),
+                threads=settings.service_threads,
+            )
+        else:
+            self.models = LiveModels(
+                registry_for(settings),
+                threads=settings.service_threads,
+                max_pixels=settings.max_image_pixels,
+                precision=settings.service_precision,
+            )
+        try:
+            self.models.refresh()
+        except Exception:
+            log.exception("could not load models from the registry; will keep trying")
+        self.models.start_polling(settings.service_refresh_seconds)
+        self.batcher: ContinuousBatcher[core.ScoreRequest, dict[str, Any]] = ContinuousBatcher(
+            self._score_batch,
+            max_batch_size=settings.service_max_batch_size,
+            on_batch=lambda size: batch_sizes.observe(size),
+        )
         self.inference_log = InferenceLog(settings.inference_log_uri)
         self.salt = uid_salt(settings.home)
-        self._registry: ModelRegistry | None = None  # opened on first /explain
-        self._summary: dict[str, Any] | None = None
-        self._summary_at = 0.0
         self._explainers: dict[str, Explainer] = {}
         self._explainer_lock = threading.Lock()
 
-    # ---- scorer access ---------------------------------------------------------------------
+    def __is_ready__(self) -> bool:
+        return self.models.current().production is not None
 
-    async def _call_scorer(self, method: str, *args: Any) -> Any:
-        # BentoML 1.4's dependency client renews its HTTP session every 100 calls and closes
-        # the old one under requests still in flight; scoring is idempotent, so those retry.
-        for attempt in range(4):
-            try:
-                return await getattr(self.scorer.to_async, method)(*args)
-            except aiohttp.ClientConnectionError:
-                if attempt == 3:
-                    raise core.ScoringFailedError("the scorer is unreachable") from None
-                await asyncio.sleep(0.01 * (attempt + 1))
-        raise AssertionError("unreachable")
+    # ---- scoring ---------------------------------------------------------------------------
 
-    async def _serving_summary(self, *, fresh: bool = False) -> dict[str, Any]:
-        age = time.monotonic() - self._summary_at
-        if fresh or self._summary is None or age > settings.service_refresh_seconds / 2:
-            self._summary = await self._call_scorer("info")
-            self._summary_at = time.monotonic()
-        return self._summary
+    def _score_batch(self, items: list[core.ScoreRequest]) -> list[dict[str, Any]]:
+        # One snapshot per batch: a batch never mixes versions.
+        return core.score_and_log(self.models.current(), self.inference_log, items)
 
-    async def _production_preprocessing(self, *, fresh: bool = False) -> tuple[Any, str]:
-        summary = await self._serving_summary(fresh=fresh)
-        production = summary["production"]
-        if production is None:
-            raise core.NoProductionModelError(
-                "no model holds the production alias yet (see `cxr models` / `cxr promote`)"
-            )
-        config = PreprocessingConfig.from_dict(production["preprocessing"])
-        return config, production["preprocessing_fingerprint"]
-
-    async def _score(self, data: bytes) -> tuple[core.PreparedUpload, dict[str, Any]]:
-        fresh = False
-        for _ in range(3):  # a version with other preprocessing may take over mid-request
-            config, fingerprint = await self._production_preprocessing(fresh=fresh)
-            upload = await anyio.to_thread.run_sync(self._prepare, data, config)
-            [result] = await self._call_scorer(
-                "score", [{"pixels": upload.pixels, "preprocessing": fingerprint}]
-            )
-            if result.get("error") == core.STALE_PREPROCESSING:
-                fresh = True
-                continue
-            if result.get("error") == core.NoProductionModelError.reason:
-                raise core.NoProductionModelError("the production model was unloaded")
-            return upload, result
-        raise core.ScoringFailedError("the production model kept changing; try again")
-
-    def _prepare(self, data: bytes, config: PreprocessingConfig) -> core.PreparedUpload:
+    def _prepare(self, data: bytes, config: Any) -> core.PreparedUpload:
         return core.prepare_upload(
             data,
             config,
@@ -223,28 +164,44 @@ class CxrService:
             uid_salt=self.salt,
         )
 
-    # ---- the request path ------------------------------------------------------------------
-
     async def _predict_and_log(
         self, data: bytes, endpoint: str, started: float
     ) -> tuple[core.PreparedUpload, dict[str, Any], str]:
-        upload, result = await self._score(data)
+        """Decode, batch-score and log; returns after the log row is written."""
         request_id = core.new_request_id()
-        record = core.inference_record(
-            result,
-            upload,
-            request_id=request_id,
-            source="http",
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-        )
-        try:
-            await anyio.to_thread.run_sync(self.inference_log.write, [record])
-        except Exception as exc:
-            log_failures.inc()
-            log.exception("inference log write failed; withholding the prediction")
-            raise core.ScoringFailedError(
-                "the inference log is unavailable, so no prediction is released"
-            ) from exc
+        for _ in range(3):  # a version with other preprocessing may take over mid-request
+            production = self.models.current().production
+            if production is None:
+                raise core.NoProductionModelError(
+                    "no model holds the production alias yet (see `cxr models` / `cxr promote`)"
+                )
+            config = production.preprocessing
+            upload = await anyio.to_thread.run_sync(self._prepare, data, config)
+            result = await self.batcher.submit(
+                core.ScoreRequest(
+                    pixels=upload.pixels,
+                    preprocessing=config.fingerprint(),
+                    upload=upload,
+                    request_id=request_id,
+                    started=started,
+                )
+            )
+            error = result.get("error")
+            if error == core.STALE_PREPROCESSING:
+                continue
+            if error == core.NoProductionModelError.reason:
+                raise core.NoProductionModelError("the production model was unloaded")
+            if error == core.LOG_UNAVAILABLE:
+                log_failures.inc()
+                raise core.InferenceLogUnavailableError(
+                    "the inference log is unavailable, so no prediction is released"
+                )
+            self._count(endpoint, result)
+            return upload, result, request_id
+        raise core.ScoringFailedError("the production model kept changing; try again")
+
+    @staticmethod
+    def _count(endpoint: str, result: dict[str, Any]) -> None:
         production, shadow = result["production"], result.get("shadow")
         predictions_served.labels(
             endpoint=endpoint,
@@ -256,7 +213,8 @@ class CxrService:
                 shadow_version=str(shadow["model_version"]),
                 agrees=str(shadow["label"] == production["label"]).lower(),
             ).inc()
-        return upload, result, request_id
+
+    # ---- the request path ------------------------------------------------------------------
 
     async def _guarded(self, endpoint: str, file: Path, handler: Any) -> Any:
         """Read the upload, then run the rest shielded from cancellation: a client that hangs
@@ -265,7 +223,13 @@ class CxrService:
         try:
             size = file.stat().st_size
             core.check_upload_size(size, settings.service_max_upload_bytes)
-            data = await anyio.to_thread.run_sync(file.read_bytes)
+            # BentoML empties the request's temporary folder when the request ends, cancelled
+            # or not, so the bytes are read before the shielded part. A typical radiograph
+            # reads in microseconds; only big files are worth a thread.
+            if size <= 1 << 20:
+                data = file.read_bytes()
+            else:
+                data = await anyio.to_thread.run_sync(file.read_bytes)
             work = asyncio.ensure_future(handler(data, started))
             return await asyncio.shield(work)
         except (core.ServingError, ImageReadError) as exc:
@@ -320,11 +284,9 @@ class CxrService:
         return explainer.heatmap_overlay(upload.pixels, upload.decoded)
 
     def _model_folder(self, version: str) -> Path:
-        if PINNED_MODEL:  # a Bento: the bundled model is the only one
-            return Path(bentoml.models.get(PINNED_MODEL).path)
-        if self._registry is None:
-            self._registry = registry_for(settings)
-        return self._registry.download(version)
+        if isinstance(self.models, FixedModels):  # a Bento: the bundled model is the only one
+            return self.models.folder
+        return self.models.registry.download(version)
 
     @bentoml.api(route="/feedback")
     async def feedback(
@@ -350,21 +312,22 @@ class CxrService:
         return FeedbackResponse(request_id=request_id, label=label)
 
     async def describe(self) -> dict[str, Any]:
-        summary = await self._serving_summary(fresh=True)
         return {
             "registry_model_name": settings.registry_model_name,
             "model_source": f"bento model {PINNED_MODEL}" if PINNED_MODEL else "registry aliases",
-            **summary,
+            **core.serving_summary(self.models.current()),
             "service": {
                 "max_upload_bytes": settings.service_max_upload_bytes,
                 "precision": settings.service_precision,
                 "refresh_seconds": settings.service_refresh_seconds,
+                "max_batch_size": settings.service_max_batch_size,
                 "api_key_required": settings.service_api_key is not None,
             },
         }
 
     @bentoml.on_shutdown
-    def close_log(self) -> None:
+    def close(self) -> None:
+        self.models.stop()
         self.inference_log.dispose()
 
 

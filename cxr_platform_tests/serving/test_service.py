@@ -235,6 +235,21 @@ def test_bad_input_gets_a_4xx_reason_and_the_service_stays_up(live_service, case
     assert f'reason="{reason}"' in metrics
 
 
+def test_a_chunked_upload_over_the_limit_is_refused_without_a_declared_length(live_service):
+    body = b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024 + 1)
+
+    def chunks():
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    with live_service.client() as client:
+        response = client.post("/predict", content=chunks(), headers=headers)
+        assert response.status_code == 413
+        assert response.json()["error"] == "upload_too_large"
+        assert post_image(client, png()).status_code == 200
+
+
 @pytest.mark.parametrize("case", sorted(odd_valid_inputs()))
 def test_odd_but_valid_images_are_predicted(live_service, case):
     name, data = odd_valid_inputs()[case]

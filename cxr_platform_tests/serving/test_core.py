@@ -1,0 +1,184 @@
+"""The service's logic without a server: batching, scoring with shadow, logging, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.errors import EmptyImageError, TruncatedImageError
+from cxr_platform.inference.features import image_features
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.predictor import Predictor
+from cxr_platform.serving import core
+from cxr_platform.serving.batching import ContinuousBatcher
+
+from ..deployment.conftest import export_untracked
+
+# --------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+def test_a_lone_request_is_scored_alone_and_load_grows_the_batches():
+    sizes: list[int] = []
+    release = threading.Event()
+
+    def score(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        release.wait(5)  # the first batch holds the scorer while the others queue
+        return [item * 10 for item in items]
+
+    async def scenario() -> list[int]:
+        batcher = ContinuousBatcher(score, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the first call is already running, alone
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 10)]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    assert results == [i * 10 for i in range(10)]  # every caller gets its own result
+    assert sizes == [1, 4, 4, 1]  # then whatever queued, at most max_batch_size at a time
+
+
+def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs():
+    calls = 0
+
+    def score(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("model crashed")
+        return items
+
+    async def scenario():
+        batcher = ContinuousBatcher(score, max_batch_size=8)
+        with pytest.raises(RuntimeError, match="model crashed"):
+            await batcher.submit(1)
+        return await batcher.submit(2)
+
+    assert asyncio.run(scenario()) == 2
+
+
+def test_a_cancelled_caller_does_not_disturb_the_batch():
+    def score(items: list[int]) -> list[int]:
+        time.sleep(0.1)
+        return items
+
+    async def scenario():
+        batcher = ContinuousBatcher(score, max_batch_size=8)
+        doomed = asyncio.ensure_future(batcher.submit(1))
+        kept = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        return await kept, await batcher.submit(3)
+
+    assert asyncio.run(scenario()) == (2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring, shadow, logging
+
+
+@pytest.fixture(scope="module")
+def predictors(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path_factory):
+    base = tmp_path_factory.mktemp("core")
+    good = export_untracked(trained_checkpoint, learnable_cache, base / "good")
+    bad = export_untracked(untrained_checkpoint, learnable_cache, base / "bad")
+    return (
+        Predictor(good.directory, model_version="1", threads=1),
+        Predictor(bad.directory, model_version="2", threads=1),
+    )
+
+
+def requests_for(predictor: Predictor, images: np.ndarray) -> list[core.ScoreRequest]:
+    fingerprint = predictor.preprocessing.fingerprint()
+    return [
+        core.ScoreRequest(
+            pixels=image,
+            preprocessing=fingerprint,
+            upload=core.PreparedUpload(pixels=image, features=image_features(image)),
+            request_id=f"r{i}",
+            started=time.perf_counter(),
+        )
+        for i, image in enumerate(images)
+    ]
+
+
+def test_shadow_scores_the_same_batch_and_matches_its_own_predictor(predictors, learnable_cache):
+    production, shadow = predictors
+    images = learnable_cache.images("test", mmap=False)[:6]
+    results = core.score_items(ServingModels(production, shadow), requests_for(production, images))
+    expected_main = production.predict_prepared(images)
+    expected_shadow = shadow.predict_prepared(images)
+    for result, main, other in zip(results, expected_main, expected_shadow, strict=True):
+        assert result["production"]["model_version"] == "1"
+        assert result["production"]["probability"] == pytest.approx(main.probability)
+        assert result["shadow"]["model_version"] == "2"
+        assert result["shadow"]["probability"] == pytest.approx(other.probability)
+
+
+def test_items_prepared_for_another_preprocessing_come_back_stale(predictors, learnable_cache):
+    production, _ = predictors
+    images = learnable_cache.images("test", mmap=False)[:2]
+    items = requests_for(production, images)
+    items[1] = replace(items[1], preprocessing="an older model's preprocessing")
+    results = core.score_items(ServingModels(production, None), items)
+    assert "production" in results[0] and results[0]["shadow"] is None
+    assert results[1] == {"error": core.STALE_PREPROCESSING}
+    assert (
+        core.score_items(ServingModels(None, None), items)
+        == [{"error": core.NoProductionModelError.reason}] * 2
+    )
+
+
+def test_a_batch_is_logged_in_one_go_and_withheld_when_the_log_fails(
+    predictors, learnable_cache, tmp_path
+):
+    production, shadow = predictors
+    images = learnable_cache.images("test", mmap=False)[:3]
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    items = requests_for(production, images)
+    results = core.score_and_log(ServingModels(production, shadow), log, items)
+    rows = log.records()
+    assert list(rows.request_id) == ["r0", "r1", "r2"]
+    assert list(rows.probability) == pytest.approx(
+        [r["production"]["probability"] for r in results]
+    )
+    assert rows.shadow_version.tolist() == ["2"] * 3
+
+    log.dispose()
+    for leftover in tmp_path.glob("log.db*"):
+        leftover.unlink()
+    (tmp_path / "log.db").mkdir()  # the database path is now a folder: every write fails
+    withheld = core.score_and_log(ServingModels(production, None), log, items)
+    assert withheld == [{"error": core.LOG_UNAVAILABLE}] * 3
+
+
+# --------------------------------------------------------------------------------------------
+# Uploads and errors
+
+
+def test_error_statuses_say_what_was_wrong():
+    assert core.error_response(EmptyImageError("file is empty")) == (
+        400,
+        {"error": "empty", "detail": "file is empty"},
+    )
+    assert core.error_response(TruncatedImageError("cut"))[0] == 422
+    assert core.error_response(core.UploadTooLargeError("big"))[0] == 413
+    status, body = core.error_response(ValueError("secret internals"))
+    assert status == 500 and "secret" not in body["detail"]
+
+
+def test_an_oversized_upload_is_refused_before_decoding():
+    with pytest.raises(core.UploadTooLargeError, match="at most 10 bytes"):
+        core.prepare_upload(
+            b"x" * 11, PreprocessingConfig(), max_bytes=10, max_pixels=10**6, uid_salt=b"s"
+        )
