@@ -145,6 +145,7 @@ class CxrService:
         self.salt = uid_salt(settings.home)
         self._explainers: dict[str, Explainer] = {}
         self._explainer_lock = threading.Lock()
+        self._gradcam_lock = threading.Lock()
 
     def __is_ready__(self) -> bool:
         return self.models.current().production is not None
@@ -281,7 +282,10 @@ class CxrService:
                     version: explainer,
                 }
         assert upload.decoded is not None
-        return explainer.heatmap_overlay(upload.pixels, upload.decoded)
+        # Grad-CAM hooks the shared PyTorch model for the duration of a call, so two at once
+        # would see each other's activations; explanations are rare enough to take turns.
+        with self._gradcam_lock:
+            return explainer.heatmap_overlay(upload.pixels, upload.decoded)
 
     def _model_folder(self, version: str) -> Path:
         if isinstance(self.models, FixedModels):  # a Bento: the bundled model is the only one
