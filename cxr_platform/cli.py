@@ -123,15 +123,6 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     _print_evaluations(settings)
     _print_explanations(settings)
     _print_registry(settings)
-    for event in result.get_asset_materialization_events():
-        if event.asset_key == dg.AssetKey("bento"):
-            built = event.materialization.metadata
-            click.echo(
-                f"\nBento {built['bento'].value} (model {built['model'].value}) in "
-                f"{settings.home / 'bentoml'}:\n"
-                f"  BENTOML_HOME={settings.home / 'bentoml'} bentoml serve "
-                f"{built['bento'].value} --port {settings.service_port}"
-            )
     profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
     click.echo(
         f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
@@ -144,6 +135,13 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
         f"  DAGSTER_HOME={dagster_home} CXR_HOME={settings.home} "
         f"dagster dev -w workspace.yaml -p {settings.dagster_port}"
     )
+    bentos = [
+        event.materialization.metadata
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == dg.AssetKey("bento")
+    ]
+    if bentos:
+        _print_service_help(settings, bentos[-1]["bento"].value)
 
 
 def _print_evaluations(settings: CxrSettings) -> None:
@@ -206,7 +204,6 @@ def _print_registry(settings: CxrSettings) -> None:
         click.echo(f"  {event.at}  {event.action:<10} v{event.version}{verdict}")
     if PRODUCTION_ALIAS in aliases:
         click.echo("  try: cxr predict <image or folder> --model production --out predictions.csv")
-        _print_service_help(settings)
     else:
         click.echo("  no production model: the gate refused every candidate (see cxr models)")
 
@@ -722,12 +719,15 @@ def bento(ctx: click.Context, version: str | None) -> None:
     )
 
 
-def _print_service_help(settings: CxrSettings) -> None:
+def _print_service_help(settings: CxrSettings, bento_tag: str) -> None:
+    port = settings.service_port
     click.echo(
-        f"\nServe the production model over HTTP:\n"
-        f"  CXR_HOME={settings.home} cxr serve --port {settings.service_port}\n"
-        f"and ask it about an image:\n"
-        f"  curl -F file=@image.png http://127.0.0.1:{settings.service_port}/predict"
+        f"\nServe the production model over HTTP (it follows the registry's aliases):\n"
+        f"  CXR_HOME={settings.home} cxr serve --port {port}\n"
+        f"or the Bento built from it ({bento_tag}, the model pinned inside):\n"
+        f"  BENTOML_HOME={settings.home / 'bentoml'} bentoml serve {bento_tag} --port {port}\n"
+        f"then ask it about an image:\n"
+        f"  curl -F file=@image.png http://127.0.0.1:{port}/predict"
     )
 
 

@@ -110,6 +110,12 @@ class CxrSettings(BaseSettings):
     def _absolute_data_dir(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
 
+    @field_validator("service_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        # CXR_SERVICE_API_KEY= (set but empty) must not demand an empty key.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("models", mode="before")
     @classmethod
     def _comma_separated_models(cls, value: object) -> object:

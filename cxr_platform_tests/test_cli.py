@@ -117,6 +117,7 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
     if production != "none":  # the gate promoted: the service can start, and a Bento exists
         assert "cxr serve --port 3100" in result.stdout
+        assert result.stdout.rstrip().endswith("http://127.0.0.1:3100/predict")
         assert (
             bento is not None
             and f"bentoml serve {bento.asset_materialization.metadata['bento'].value}"

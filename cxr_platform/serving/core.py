@@ -1,10 +1,9 @@
 """What the HTTP service does, without BentoML: plain functions the service module wires up.
 
-The service is two BentoML services in one deployment. The API service (the entry point)
-validates uploads, decodes them, computes the drift features and writes the inference log; the
-scorer service holds the ONNX Runtime sessions and scores adaptively batched uint8 squares for
-the production model and, when there is one, the shadow model. Everything either side does is
-here, so it is tested without a server and the service module stays thin.
+An upload is validated and decoded into the production model's uint8 square with the features
+the inference log keeps; batches of those are scored by the production model and, when there is
+one, the shadow model, and logged in one transaction. All of it is here, so it is tested without
+a server and the service module stays thin.
 """
 
 from __future__ import annotations
@@ -47,11 +46,6 @@ class ServingError(CxrError):
 class UploadTooLargeError(ServingError):
     status = 413
     reason = "upload_too_large"
-
-
-class UnauthorizedError(ServingError):
-    status = 401
-    reason = "unauthorized"
 
 
 class UnknownRequestIdError(ServingError):
@@ -191,7 +185,7 @@ def inference_record(
 
 
 # --------------------------------------------------------------------------------------------
-# Scorer side: one batch of squares through production and shadow
+# Scoring: one batch of squares through production and shadow, then the log
 # --------------------------------------------------------------------------------------------
 
 STALE_PREPROCESSING = "stale_preprocessing"

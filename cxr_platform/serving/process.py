@@ -57,7 +57,8 @@ def service_environment(overrides: dict[str, str] | None = None) -> dict[str, st
 
 class ServiceProcess:
     """``with ServiceProcess(env={...}) as service:`` starts the service and waits until
-    ``/readyz`` answers 200 (a production model is loaded); leaving stops it."""
+    ``/readyz`` answers 200 (a production model is loaded); leaving stops it. ``command``
+    replaces ``bentoml serve`` (e.g. ``cxr serve``); it must listen on ``port``."""
 
     def __init__(
         self,
@@ -67,9 +68,10 @@ class ServiceProcess:
         log_path: Path | None = None,
         ready_timeout: float = 180.0,
         target: str = SERVICE_TARGET,
+        command: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.target = target
+        self.command = command or serve_command(self.port, target=target)
         self.env = service_environment(env)
         self.log_path = log_path
         self.ready_timeout = ready_timeout
@@ -86,7 +88,7 @@ class ServiceProcess:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             output = self._log_file
         self.process = subprocess.Popen(
-            serve_command(self.port, target=self.target),
+            self.command,
             cwd=REPO_ROOT,
             env=self.env,
             stdout=output,

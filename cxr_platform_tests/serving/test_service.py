@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +28,7 @@ from pydicom.uid import (
 )
 
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..data.dicom_factory import make_dicom, to_bytes
 from .conftest import MAX_UPLOAD_MB
@@ -320,6 +324,27 @@ def test_a_client_that_hangs_up_still_gets_its_prediction_logged(live_service):
     while log.count() == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert log.count() == before + 1
+
+
+def test_cxr_serve_starts_the_same_service_without_an_api_key(live_service, tmp_path):
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("cxr")),
+        "--home",
+        str(live_service.settings.home),
+        "serve",
+        "--port",
+        str(port),
+    ]
+    env = {"CXR_SERVICE_THREADS": "1", "CXR_SERVICE_API_KEY": ""}  # empty: no key
+    with ServiceProcess(env=env, port=port, command=command, log_path=tmp_path / "serve.log"):
+        info = httpx.get(f"http://127.0.0.1:{port}/model", timeout=30).json()
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict", files={"file": ("a.png", png(20))}, timeout=60
+        )
+    assert info["service"]["api_key_required"] is False
+    assert response.status_code == 200
+    assert response.json()["model_version"] == info["production"]["model_version"]
 
 
 def test_alias_moves_under_load_switch_versions_with_no_failed_request(live_service):
