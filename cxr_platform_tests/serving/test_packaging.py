@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cxr_platform.serving.packaging import PackagingError, build_bento
-from cxr_platform.serving.process import ServiceProcess
+from cxr_platform.serving.process import REPO_ROOT, ServiceProcess
 from cxr_platform.settings import load_settings
 
 pytestmark = pytest.mark.xdist_group("live_service")
@@ -46,3 +49,22 @@ def test_bento_pins_the_production_version_and_serves_without_the_registry(live_
 def test_packaging_without_a_production_model_is_a_clear_error(tmp_path):
     with pytest.raises(PackagingError, match="no production model"):
         build_bento(load_settings(home=tmp_path / "home"))
+
+
+def test_plain_bentoml_build_in_the_repository_packages_the_service(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "1"}
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", str(REPO_ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    [bento] = [
+        p for p in (tmp_path / "bentoml" / "bentos" / "cxr-platform").iterdir() if p.is_dir()
+    ]
+    assert (bento / "src" / "cxr_platform" / "serving" / "service.py").exists()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
+    assert {"onnxruntime>=1.20", "bentoml>=1.4", "pandas>=2.2,<3"} <= set(requirements)
+    assert "cxr_platform.serving.service:CxrService" in (bento / "bento.yaml").read_text()
