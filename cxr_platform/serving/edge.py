@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable
 from typing import Any
+
+UPLOAD_FIELD = "file"
+_DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
+_NAME = re.compile(rb'(?i);\s*name="([^"]*)"')
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -55,13 +60,24 @@ class EdgeMiddleware:
                 if length > self.max_upload_bytes:
                     await self._reject(send, path, 413, "upload_too_large", self._too_large(length))
                     return
-            else:
-                # Chunked: read up to the limit, then hand the buffered body on.
-                body, too_large = await self._read_limited(receive)
-                if too_large:
-                    await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
-                    return
-                receive = _replay(body, receive)
+            # Read up to the limit (chunked bodies declare no length), then hand the buffered
+            # body on.
+            body, too_large = await self._read_limited(receive)
+            if too_large:
+                await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
+                return
+            if text_fields_named(body, headers.get("content-type", b""), UPLOAD_FIELD):
+                # BentoML downloads a URL given as a text field where a file is expected; the
+                # service must never fetch what a client names.
+                await self._reject(
+                    send,
+                    path,
+                    400,
+                    "file_not_uploaded",
+                    f"'{UPLOAD_FIELD}' must be an uploaded file; URLs are not fetched",
+                )
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: dict[str, bytes]) -> bool:
@@ -107,6 +123,18 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def text_fields_named(body: bytes, content_type: bytes, field: str) -> bool:
+    """Whether a multipart body has a part called ``field`` that is not a file (no filename)."""
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return False
+    for match in _DISPOSITION.finditer(body):
+        line = match.group(0)
+        name = _NAME.search(line)
+        if name and name.group(1) == field.encode() and b"filename" not in line.lower():
+            return True
+    return False
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

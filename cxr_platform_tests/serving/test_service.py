@@ -239,6 +239,14 @@ def test_bad_input_gets_a_4xx_reason_and_the_service_stays_up(live_service, case
     assert f'reason="{reason}"' in metrics
 
 
+def test_a_url_in_place_of_the_file_is_refused_not_fetched(live_service):
+    # BentoML would download it; the edge refuses before BentoML sees the form.
+    with live_service.client() as client:
+        response = client.post("/predict", files={"file": (None, "http://127.0.0.1:9/x.png")})
+    assert response.status_code == 400
+    assert response.json()["error"] == "file_not_uploaded"
+
+
 def test_a_chunked_upload_over_the_limit_is_refused_without_a_declared_length(live_service):
     body = b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024 + 1)
 
