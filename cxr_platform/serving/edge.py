@@ -1,6 +1,7 @@
-"""ASGI middleware at the service's edge: the API key and the upload size limit.
+"""ASGI middleware at the service's edge: the API key, the upload size limit, and that the
+upload is a file (BentoML would otherwise download a URL sent in its place).
 
-Both are checked before BentoML parses a body, so a refused request costs no decoding and an
+All are checked before BentoML parses a body, so a refused request costs no decoding and an
 oversized one is never buffered to disk.
 """
 
