@@ -22,7 +22,12 @@ from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.features import ImageFeatures, image_features
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.log import InferenceLog, InferenceRecord, hash_uid
+from cxr_platform.inference.log import (
+    InferenceLog,
+    InferenceRecord,
+    hash_uid,
+    record_from_prediction,
+)
 from cxr_platform.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -164,16 +169,11 @@ def inference_record(
     source: str,
     latency_ms: float | None,
 ) -> InferenceRecord:
-    production = result["production"]
     shadow = result.get("shadow")
-    return InferenceRecord(
+    return record_from_prediction(
+        result["production"],
         request_id=request_id,
         source=source,
-        model_name=production["model_name"],
-        model_version=production["model_version"],
-        probability=float(production["probability"]),
-        label=production["label"],
-        threshold=float(production["threshold"]),
         features=upload.features,
         shadow_version=shadow["model_version"] if shadow else None,
         shadow_probability=float(shadow["probability"]) if shadow else None,
@@ -202,7 +202,6 @@ def model_summary(predictor: Predictor | None) -> dict[str, Any] | None:
         "threshold": predictor.threshold,
         "class_names": list(metadata.class_names),
         "preprocessing": predictor.preprocessing.to_dict(),
-        "preprocessing_fingerprint": predictor.preprocessing.fingerprint(),
         "calibration": predictor.calibration.to_dict(),
         "run_id": metadata.mlflow_run_id,
         "data_version": metadata.manifest_hash,
@@ -225,7 +224,7 @@ class ScoreRequest:
     """One prepared image waiting for a batch, with what its log row needs."""
 
     pixels: np.ndarray  # uint8 (S, S)
-    preprocessing: str  # fingerprint of the preprocessing that produced ``pixels``
+    preprocessing: PreprocessingConfig  # what produced ``pixels``
     upload: PreparedUpload
     request_id: str
     started: float  # time.perf_counter() when the request arrived
@@ -243,16 +242,16 @@ def score_items(models: ServingModels, items: Sequence[ScoreRequest]) -> list[di
     production = models.production
     if production is None:
         return [{"error": NoProductionModelError.reason} for _ in items]
-    fingerprint = production.preprocessing.fingerprint()
+    config = production.preprocessing
     results: list[dict[str, Any]] = [{"error": STALE_PREPROCESSING} for _ in items]
-    current = [i for i, item in enumerate(items) if item.preprocessing == fingerprint]
+    current = [i for i, item in enumerate(items) if item.preprocessing == config]
     if not current:
         return results
     batch = np.stack([items[i].pixels for i in current])
     main = production.predict_prepared(batch)
     shadow_predictions: list[Any] = [None] * len(current)
     shadow = models.shadow
-    if shadow is not None and shadow.preprocessing.fingerprint() == fingerprint:
+    if shadow is not None and shadow.preprocessing == config:
         shadow_predictions = shadow.predict_prepared(batch)
     for index, prediction, shadow_prediction in zip(current, main, shadow_predictions, strict=True):
         results[index] = {

@@ -99,11 +99,10 @@ def predictors(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_pa
 
 
 def requests_for(predictor: Predictor, images: np.ndarray) -> list[core.ScoreRequest]:
-    fingerprint = predictor.preprocessing.fingerprint()
     return [
         core.ScoreRequest(
             pixels=image,
-            preprocessing=fingerprint,
+            preprocessing=predictor.preprocessing,
             upload=core.PreparedUpload(pixels=image, features=image_features(image)),
             request_id=f"r{i}",
             started=time.perf_counter(),
@@ -129,7 +128,8 @@ def test_items_prepared_for_another_preprocessing_come_back_stale(predictors, le
     production, _ = predictors
     images = learnable_cache.images("test", mmap=False)[:2]
     items = requests_for(production, images)
-    items[1] = replace(items[1], preprocessing="an older model's preprocessing")
+    older = replace(production.preprocessing, resize_mode="letterbox")  # another model's
+    items[1] = replace(items[1], preprocessing=older)
     results = core.score_items(ServingModels(production, None), items)
     assert "production" in results[0] and results[0]["shadow"] is None
     assert results[1] == {"error": core.STALE_PREPROCESSING}
