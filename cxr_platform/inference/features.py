@@ -26,6 +26,9 @@ class ImageFeatures:
     intensity_p95: float
     intensity_p99: float
     entropy: float  # bits, of the 256-bin histogram
+    # Mean absolute Laplacian (0..1 scale): falls with blur and upsampled low-resolution
+    # images, rises with noise. None in rows logged before it existed.
+    sharpness: float | None = None
     original_width: int | None = None
     original_height: int | None = None
     bit_depth: int | None = None
@@ -45,6 +48,7 @@ NUMERIC_FEATURES = (
     "intensity_p95",
     "intensity_p99",
     "entropy",
+    "sharpness",
 )
 
 
@@ -69,7 +73,23 @@ def intensity_features(pixels: np.ndarray) -> dict[str, float]:
         "intensity_std": float(np.sqrt((share * (levels - mean) ** 2).sum())),
         **percentiles,
         "entropy": float(-(nonzero * np.log2(nonzero)).sum()),
+        "sharpness": sharpness(pixels),
     }
+
+
+def sharpness(pixels: np.ndarray) -> float:
+    """Mean absolute 4-neighbour Laplacian of the interior, on a 0..1 intensity scale."""
+    values = np.asarray(pixels, dtype=np.float32)
+    if min(values.shape) < 3:
+        return 0.0
+    laplacian = (
+        4.0 * values[1:-1, 1:-1]
+        - values[:-2, 1:-1]
+        - values[2:, 1:-1]
+        - values[1:-1, :-2]
+        - values[1:-1, 2:]
+    )
+    return float(np.abs(laplacian).mean() / 255.0)
 
 
 def image_features(pixels: np.ndarray, decoded: DecodedImage | None = None) -> ImageFeatures:

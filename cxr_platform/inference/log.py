@@ -56,6 +56,7 @@ predictions_table = sa.Table(
     sa.Column("intensity_p95", sa.Float),
     sa.Column("intensity_p99", sa.Float),
     sa.Column("entropy", sa.Float),
+    sa.Column("sharpness", sa.Float),
     sa.Column("original_width", sa.Integer),
     sa.Column("original_height", sa.Integer),
     sa.Column("bit_depth", sa.Integer),
@@ -163,7 +164,29 @@ def create_log_engine(url: str) -> Engine:
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
     metadata.create_all(engine)  # idempotent: CREATE TABLE IF NOT EXISTS
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to the log after a deployment created its tables (all nullable), so an
+    existing log keeps working after an upgrade."""
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in present]
+        for column in missing:
+            kind = column.type.compile(dialect=engine.dialect)
+            statement = f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
+            try:
+                with engine.begin() as connection:
+                    connection.execute(sa.text(statement))
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+                # Another process added it between our inspection and our ALTER.
+                if column.name not in {
+                    c["name"] for c in sa.inspect(engine).get_columns(table.name)
+                }:
+                    raise
 
 
 class InferenceLog:
@@ -201,16 +224,26 @@ class InferenceLog:
                 },
             )
 
-    def count(self, *, since_id: int = 0) -> int:
+    def count(self, *, since_id: int = 0, shadow_version: str | None = None) -> int:
+        query = sa.select(sa.func.count()).where(predictions_table.c.id > since_id)
+        if shadow_version is not None:
+            query = query.where(predictions_table.c.shadow_version == shadow_version)
         with self.engine.connect() as connection:
-            return int(
-                connection.execute(
-                    sa.select(sa.func.count()).where(predictions_table.c.id > since_id)
-                ).scalar_one()
-            )
+            return int(connection.execute(query).scalar_one())
 
-    def records(self, *, since_id: int = 0, limit: int | None = None) -> pd.DataFrame:
-        """Rows after ``since_id`` in insertion order, with the latest feedback label (if any)."""
+    def records(
+        self,
+        *,
+        since_id: int = 0,
+        until_id: int | None = None,
+        limit: int | None = None,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        shadow_version: str | None = None,
+        labeled_only: bool = False,
+    ) -> pd.DataFrame:
+        """Rows after ``since_id`` (up to ``until_id``, inclusive) in insertion order, with the
+        latest feedback label (if any) as ``feedback_label``."""
         latest_feedback = (
             sa.select(
                 feedback_table.c.request_id,
@@ -231,6 +264,16 @@ class InferenceLog:
             .where(predictions_table.c.id > since_id)
             .order_by(predictions_table.c.id)
         )
+        if until_id is not None:
+            query = query.where(predictions_table.c.id <= until_id)
+        if created_from is not None:
+            query = query.where(predictions_table.c.created_at >= created_from)
+        if created_before is not None:
+            query = query.where(predictions_table.c.created_at < created_before)
+        if shadow_version is not None:
+            query = query.where(predictions_table.c.shadow_version == shadow_version)
+        if labeled_only:
+            query = query.where(feedback.c.label.is_not(None))
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as connection:

@@ -113,3 +113,35 @@ def test_uids_are_salted_hashes_and_the_salt_is_private(tmp_path):
     assert hashed != hash_uid(uid, uid_salt(tmp_path / "other"))
     assert hash_uid(None, salt) is None
     assert uid_salt(tmp_path, configured="site-secret") == b"site-secret"
+
+
+def test_a_log_created_before_a_new_column_is_upgraded_in_place(tmp_path):
+    """A deployment's existing log gains columns added later (here: sharpness) and keeps its
+    rows, instead of failing every insert after an upgrade."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "CREATE TABLE inference_records (id INTEGER PRIMARY KEY, request_id VARCHAR(64) "
+                "NOT NULL UNIQUE, created_at DATETIME NOT NULL, source VARCHAR(16) NOT NULL, "
+                "model_name VARCHAR(128) NOT NULL, probability FLOAT NOT NULL, label VARCHAR(16) "
+                "NOT NULL, threshold FLOAT NOT NULL)"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO inference_records (request_id, created_at, source, model_name, "
+                "probability, label, threshold) VALUES ('old-row-1', '2026-01-01 00:00:00', "
+                "'http', 'm', 0.7, 'PNEUMONIA', 0.5)"
+            )
+        )
+    engine.dispose()
+    log = InferenceLog(url)
+    log.write([_record("new-row-1")])
+    rows = log.records()
+    assert list(rows["request_id"]) == ["old-row-1", "new-row-1"]
+    assert rows["sharpness"].isna().tolist() == [True, False]
+    log.dispose()
