@@ -11,6 +11,7 @@ at its own operating threshold:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,7 +121,10 @@ def decide(
     config: GateConfig,
     *,
     evaluated_on: dict[str, Any] | None = None,
+    extra_checks: Sequence[GateCheck] = (),
 ) -> GateDecision:
+    """``extra_checks`` come from other evidence than the shared test split (live shadow
+    traffic with feedback labels); they must pass too."""
     if production is not None and (production.n, production.n_positive) != (
         candidate.n,
         candidate.n_positive,
@@ -147,6 +151,7 @@ def decide(
         checks.append(
             GateCheck("auc_vs_production", candidate.auc >= limit - 1e-12, candidate.auc, limit)
         )
+    checks.extend(extra_checks)
     return GateDecision(
         candidate=candidate,
         production=production,

@@ -6,7 +6,9 @@ import dataclasses
 import getpass
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.deployment.export import ExportedModel, ParityError, export_checkpoint
 from cxr_platform.deployment.gate import (
+    GateCheck,
     GateConfig,
     GateDecision,
     ModelScore,
@@ -32,6 +35,7 @@ from cxr_platform.deployment.registry import (
 )
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.pipeline import TrainedModel, tracker_for
+from cxr_platform.monitoring.reference import original_size, reference_frame, write_reference
 from cxr_platform.provenance import git_commit
 from cxr_platform.settings import CxrSettings
 
@@ -75,7 +79,7 @@ def gate_config_for(settings: CxrSettings) -> GateConfig:
         min_auc=min_auc,
         min_sensitivity=min_sensitivity,
         min_specificity=settings.specificity_floor,
-        max_auc_drop=settings.gate_max_auc_drop,
+        max_auc_drop=settings.max_auc_drop,
     )
 
 
@@ -106,12 +110,28 @@ def export_trained(
         git_commit=git_commit(),
         metrics=run_metrics(settings, trained.mlflow_run_id),
     )
+    write_monitoring_reference(out_dir, cache)
     if not settings.export_int8:
         return exported
     decision = add_int8_variant(
         out_dir, cache.images("val", mmap=False), cache.labels("val"), seed=settings.seed
     )
     return dataclasses.replace(exported, int8=decision)
+
+
+def write_monitoring_reference(export_dir: Path, cache: PreprocessedCache) -> Path:
+    """Drift monitoring's reference, from the validation split scored by the exported model
+    itself (ONNX Runtime, calibrated), so it matches what the service will log."""
+    predictor = Predictor(export_dir)
+    images = cache.images("val", mmap=False)
+    probabilities = np.concatenate(
+        [predictor.probabilities(images[i : i + 128]) for i in range(0, len(images), 128)]
+    )
+    sizes = [original_size(path) for path in cache.index("val")["path"]]
+    frame = reference_frame(
+        images, probabilities, cache.labels("val"), predictor.threshold, sizes=sizes
+    )
+    return write_reference(export_dir, frame)
 
 
 def register_exported(
@@ -121,6 +141,7 @@ def register_exported(
     triggered_by: str,
     shadow: bool = True,
     data_dir: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
 ) -> ModelVersionInfo:
     """A new registry version; with ``shadow`` it also becomes the shadow candidate.
 
@@ -154,6 +175,7 @@ def register_exported(
         tags["cxr.int8"] = "kept" if exported.int8.kept else "refused"
         tags["cxr.int8_val_auc_change"] = exported.int8.val_auc_int8 - exported.int8.val_auc_fp32
     tags.update({f"cxr.metric.{k}": v for k, v in metadata.metrics.items()})
+    tags.update(extra_tags or {})
     info = registry.register(
         exported,
         run_id=metadata.mlflow_run_id,
@@ -200,7 +222,12 @@ def score_version(
 
 
 def run_gate(
-    settings: CxrSettings, cache: PreprocessedCache, candidate_ref: str | int
+    settings: CxrSettings,
+    cache: PreprocessedCache,
+    candidate_ref: str | int,
+    *,
+    extra_checks: Sequence[GateCheck] = (),
+    extra_evidence: dict[str, Any] | None = None,
 ) -> GateDecision:
     registry = registry_for(settings)
     candidate = registry.get(candidate_ref)
@@ -216,9 +243,14 @@ def run_gate(
         **data.description,
         "candidate_data_version": candidate.tags.get("cxr.data_version"),
         "production_data_version": production.tags.get("cxr.data_version") if production else None,
+        **(extra_evidence or {}),
     }
     return decide(
-        candidate_score, production_score, gate_config_for(settings), evaluated_on=evaluated_on
+        candidate_score,
+        production_score,
+        gate_config_for(settings),
+        evaluated_on=evaluated_on,
+        extra_checks=extra_checks,
     )
 
 

@@ -12,12 +12,13 @@ alias moves.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,7 +83,7 @@ class ModelVersionInfo:
 
 @dataclass(frozen=True)
 class RegistryEvent:
-    action: str  # registered | shadow | promoted | rollback
+    action: str  # registered | shadow | promoted | rollback | refused
     version: str
     previous_version: str | None
     triggered_by: str
@@ -277,19 +278,51 @@ class ModelRegistry:
         )
         return self.get(version)
 
-    def set_shadow(self, ref: str | int, *, triggered_by: str) -> ModelVersionInfo:
-        info = self.get(ref)
-        previous = self.aliases().get(SHADOW)
-        self.client.set_registered_model_alias(self.name, SHADOW, info.version)
-        self._record(
-            RegistryEvent(
-                "shadow",
-                info.version,
-                previous,
-                triggered_by,
-                _utc_now(),
+    @contextlib.contextmanager
+    def _alias_lock(self) -> Iterator[None]:
+        """Alias moves read, then write several aliases: one at a time per registry folder,
+        so a CLI promotion and a Dagster promotion cannot interleave."""
+        if self.cache_dir is None:
+            yield
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with (self.cache_dir / f".{self.name}.aliases.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def retire_shadow(
+        self, ref: str | int, *, triggered_by: str, gate: Mapping[str, Any] | None = None
+    ) -> RegistryEvent:
+        """The gate refused the shadow: it stops being scored, and the refusal is recorded."""
+        with self._alias_lock():
+            info = self.get(ref)
+            if self.aliases().get(SHADOW) == info.version:
+                self.client.delete_registered_model_alias(self.name, SHADOW)
+            now = _utc_now()
+            self.client.set_model_version_tag(self.name, info.version, "cxr.refused_at", now)
+            self.client.set_model_version_tag(
+                self.name, info.version, "cxr.gate", _truncate(json.dumps(gate or {}))
             )
-        )
+            event = RegistryEvent(
+                "refused",
+                info.version,
+                self.aliases().get(PRODUCTION),
+                triggered_by,
+                now,
+                {"gate": dict(gate or {})},
+            )
+            self._record(event)
+            return event
+
+    def set_shadow(self, ref: str | int, *, triggered_by: str) -> ModelVersionInfo:
+        with self._alias_lock():
+            info = self.get(ref)
+            previous = self.aliases().get(SHADOW)
+            self.client.set_registered_model_alias(self.name, SHADOW, info.version)
+            self._record(RegistryEvent("shadow", info.version, previous, triggered_by, _utc_now()))
         return self.get(info.version)
 
     def promote(
@@ -299,33 +332,38 @@ class ModelRegistry:
 
         The caller decides whether the gate allows it; ``gate`` is what it measured.
         """
-        info = self.get(ref)
-        aliases = self.aliases()
-        current = aliases.get(PRODUCTION)
-        if current == info.version:
-            raise RegistryError(f"version {info.version} is already production")
-        now = _utc_now()
-        if current is not None:
-            self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
-        self.client.set_registered_model_alias(self.name, PRODUCTION, info.version)
-        if aliases.get(SHADOW) == info.version:
-            # Shadow scoring the production model would only double the work.
-            self.client.delete_registered_model_alias(self.name, SHADOW)
-        for key, value in {
-            "cxr.promoted_at": now,
-            "cxr.promoted_by": triggered_by,
-            "cxr.replaced_version": current or "",
-            "cxr.gate": json.dumps(gate) if gate is not None else "",
-        }.items():
-            self.client.set_model_version_tag(self.name, info.version, key, _truncate(value))
-        event = RegistryEvent(
-            "promoted", info.version, current, triggered_by, now, {"gate": dict(gate or {})}
-        )
-        self._record(event)
-        return event
+        with self._alias_lock():
+            info = self.get(ref)
+            aliases = self.aliases()
+            current = aliases.get(PRODUCTION)
+            if current == info.version:
+                raise RegistryError(f"version {info.version} is already production")
+            now = _utc_now()
+            if current is not None:
+                self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
+            self.client.set_registered_model_alias(self.name, PRODUCTION, info.version)
+            if aliases.get(SHADOW) == info.version:
+                # Shadow scoring the production model would only double the work.
+                self.client.delete_registered_model_alias(self.name, SHADOW)
+            for key, value in {
+                "cxr.promoted_at": now,
+                "cxr.promoted_by": triggered_by,
+                "cxr.replaced_version": current or "",
+                "cxr.gate": json.dumps(gate) if gate is not None else "",
+            }.items():
+                self.client.set_model_version_tag(self.name, info.version, key, _truncate(value))
+            event = RegistryEvent(
+                "promoted", info.version, current, triggered_by, now, {"gate": dict(gate or {})}
+            )
+            self._record(event)
+            return event
 
     def rollback(self, *, triggered_by: str) -> RegistryEvent:
         """Production goes back to the version it replaced; repeated rollbacks walk further."""
+        with self._alias_lock():
+            return self._rollback(triggered_by)
+
+    def _rollback(self, triggered_by: str) -> RegistryEvent:
         current = self.find(PRODUCTION)
         if current is None:
             raise NothingToRollBackError("there is no production model to roll back")

@@ -98,11 +98,14 @@ def train_tracked(
     dagster_run_id: str | None = None,
     progress: bool = True,
     resume: bool = False,
+    data: TrainingData | None = None,
+    tags: dict[str, str | None] | None = None,
 ) -> TrainedModel:
     """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow.
 
     ``resume`` continues the newest interrupted run of this architecture (same folder, same
-    MLflow run) from its ``last.pt``.
+    MLflow run) from its ``last.pt``. ``data`` replaces the cache's splits (fine-tuning adds
+    labeled feedback images to the training split); it must use the cache's preprocessing.
     """
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     device = select_device(config.device)
@@ -111,12 +114,17 @@ def train_tracked(
         run = _resumable_run(settings, tracker, config.arch)
     else:
         run = _new_run(tracker, config, profile, manifest_hash, preprocessing, dagster_run_id)
+    if tags:
+        run.set_tags(tags)
     run.log_params(
         {**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile}
     )
     out_dir = settings.models_dir / config.arch / run.run_id
     try:
-        data = TrainingData.from_cache(cache, device)
+        if data is None:
+            data = TrainingData.from_cache(cache, device)
+        elif data.train.preprocessing != preprocessing:
+            raise CxrError("training data prepared with other preprocessing than the cache")
         run.log_params(
             {"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)}
         )

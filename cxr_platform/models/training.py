@@ -55,6 +55,9 @@ class TrainConfig:
     arch: str = "resnet18"
     pretrained: PretrainedMode = "auto"
     weights_path: str | None = None
+    # A full state dict of this architecture to start from (fine-tuning a deployed model);
+    # unlike ``weights_path`` (ImageNet backbones) it must fit the whole model, head included.
+    initial_weights: str | None = None
     frozen_epochs: int = 5  # phase 1: head only
     frozen_lr: float = 1e-3
     finetune_epochs: int = 25  # phase 2: everything
@@ -295,6 +298,15 @@ def train(
     seed_everything(config.seed)
     built = build_model(config.arch, pretrained=config.pretrained, weights_path=config.weights_path)
     model = built.model
+    if config.initial_weights is not None:
+        state = torch.load(config.initial_weights, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise TrainingError(
+                f"{config.initial_weights} does not fit {config.arch}: {str(error).splitlines()[0]}"
+            ) from error
+        built.pretrained, built.weights_source = True, f"fine-tune of {config.initial_weights}"
 
     history: list[EpochRecord] = []
     best_epoch, best_auc, stale_epochs, start_epoch = 0, -math.inf, 0, 1

@@ -1,0 +1,1 @@
+"""Drift monitoring, the retained labeled inputs, fine-tuning and shadow evaluation."""

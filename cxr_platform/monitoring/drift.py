@@ -1,0 +1,264 @@
+"""Drift of one window of logged inference records against a model version's reference.
+
+Three signals, each with its own threshold (:class:`DriftRule`), computed with Evidently:
+
+- input drift: the share of image features (intensity statistics on the model input, original
+  size) whose distribution differs from the reference (two-sample K-S test per feature);
+- prediction drift: the calibrated probability's distribution (K-S) and the positive rate;
+- performance drift: where feedback labels exist, AUC and sensitivity against the version's
+  own test-split figures, allowing for the uncertainty of both.
+
+The rule fires when any signal crosses its threshold. Defaults were chosen on in-distribution
+windows (see ``benchmarks/drift_detection.py``): K-S p-values of clustered image data (several
+images per patient) are optimistic, so a single drifting feature is not enough.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from cxr_platform.errors import CxrError
+from cxr_platform.monitoring.reference import INPUT_FEATURES, PREDICTED, PROBABILITY
+
+# Evidently's telemetry would try to reach the network from a hospital machine.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
+
+
+class DriftError(CxrError):
+    pass
+
+
+@dataclass(frozen=True)
+class DriftRule:
+    feature_p_value: float = 0.05  # a feature drifts below this K-S p-value
+    input_drift_share: float = 0.5  # input drift: at least this share of features drift
+    severe_p_value: float = 1e-6  # ... or one feature is this far off (a new detector size)
+    prediction_p_value: float = 0.01  # prediction drift: probability K-S p-value below this
+    positive_rate_change: float = 0.2  # ... or the positive rate moves this much (absolute)
+    min_labeled: int = 30  # performance is judged only with this many labels (both classes)
+    max_auc_drop: float = 0.10  # performance drift: AUC this far below the test AUC
+    max_sensitivity_drop: float = 0.10
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PerformanceWindow:
+    n_labeled: int
+    auc: float | None
+    sensitivity: float | None
+    specificity: float | None
+    expected_auc: float | None
+    expected_sensitivity: float | None
+    expected_specificity: float | None
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    window: str
+    model_version: str | None
+    n_records: int
+    n_compared: int
+    n_reference: int
+    feature_p_values: dict[str, float]
+    drifted_features: list[str]
+    drift_share: float
+    input_drift: bool
+    probability_p_value: float
+    positive_rate: float
+    reference_positive_rate: float
+    prediction_drift: bool
+    performance: PerformanceWindow
+    performance_drift: bool
+    reasons: list[str]
+    rule: DriftRule
+    snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
+
+    @property
+    def fired(self) -> bool:
+        return self.input_drift or self.prediction_drift or self.performance_drift
+
+    def summary(self) -> str:
+        verdict = "DRIFT" if self.fired else "no drift"
+        detail = "; ".join(self.reasons) if self.reasons else "every signal within its threshold"
+        return f"{verdict} in window {self.window} ({self.n_records} records): {detail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("snapshot")
+        values["fired"] = self.fired
+        return values
+
+
+def _present(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame and frame[column].notna().any()
+
+
+def wilson_upper(successes: int, n: int, z: float = 1.96) -> float:
+    """Upper end of the Wilson score interval of a proportion."""
+    if n == 0:
+        return 1.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def _performance(
+    labeled: pd.DataFrame, expected: dict[str, float], rule: DriftRule
+) -> tuple[PerformanceWindow, list[str]]:
+    """Judged against what the version's evaluation can vouch for: the lower end of its test
+    AUC's 95% CI (a small test split can be lucky), and the window's sensitivity only when
+    even its Wilson upper bound is below the test figure by more than the allowed drop."""
+    truth = (labeled["feedback_label"] == "PNEUMONIA").to_numpy()
+    predicted = (labeled["label"] == "PNEUMONIA").to_numpy()
+    expected_auc = expected.get("test_auc_ci_low", expected.get("test_auc"))
+    window = PerformanceWindow(
+        n_labeled=len(labeled),
+        auc=None,
+        sensitivity=None,
+        specificity=None,
+        expected_auc=expected_auc,
+        expected_sensitivity=expected.get("test_sensitivity"),
+        expected_specificity=expected.get("test_specificity"),
+    )
+    reasons: list[str] = []
+    if len(labeled) < rule.min_labeled or truth.all() or not truth.any():
+        return window, reasons
+    auc = float(roc_auc_score(truth, labeled["probability"].to_numpy()))
+    detected = int(predicted[truth].sum())
+    sensitivity = detected / int(truth.sum())
+    specificity = float((~predicted[~truth]).mean())
+    window = replace(window, auc=auc, sensitivity=sensitivity, specificity=specificity)
+    if expected_auc is not None and auc < expected_auc - rule.max_auc_drop:
+        reasons.append(
+            f"AUC on {len(labeled)} labeled {auc:.3f} < {expected_auc:.3f} (test AUC, lower 95% "
+            f"bound) - {rule.max_auc_drop:g}"
+        )
+    expected_sensitivity = window.expected_sensitivity
+    upper = wilson_upper(detected, int(truth.sum()))
+    if (
+        expected_sensitivity is not None
+        and upper < expected_sensitivity - rule.max_sensitivity_drop
+    ):
+        reasons.append(
+            f"sensitivity on {int(truth.sum())} labeled positives {sensitivity:.3f} (95% upper "
+            f"bound {upper:.3f}) < test {expected_sensitivity:.3f} - {rule.max_sensitivity_drop:g}"
+        )
+    return window, reasons
+
+
+def evaluate_window(
+    reference: pd.DataFrame,
+    records: pd.DataFrame,
+    *,
+    window: str,
+    rule: DriftRule | None = None,
+    model_version: str | None = None,
+    expected_metrics: dict[str, float] | None = None,
+) -> DriftResult:
+    """``records`` are inference-log rows (:meth:`InferenceLog.records`). Only the rows that
+    ``model_version`` scored are compared, since ``reference`` holds that version's
+    probabilities; a window that spans a promotion is judged on its rows of that version."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    rule = rule or DriftRule()
+    scored = (
+        records if model_version is None else records[records["model_version"] == model_version]
+    )
+    if scored.empty:
+        raise DriftError(f"window {window} has no records scored by version {model_version}")
+    # A feature missing on either side (sizes of a reference made from arrays) is skipped.
+    features = [f for f in INPUT_FEATURES if _present(reference, f) and _present(scored, f)]
+    columns = [*features, PROBABILITY]
+    definition = DataDefinition(numerical_columns=columns)
+    metrics = [ValueDrift(column=f, method="ks", threshold=rule.feature_p_value) for f in features]
+    metrics.append(ValueDrift(column=PROBABILITY, method="ks", threshold=rule.prediction_p_value))
+    snapshot = Report(metrics, include_tests=False).run(
+        current_data=Dataset.from_pandas(
+            scored[columns].astype(float).reset_index(drop=True), data_definition=definition
+        ),
+        reference_data=Dataset.from_pandas(
+            reference[columns].astype(float).reset_index(drop=True), data_definition=definition
+        ),
+    )
+    p_values = {m["config"]["column"]: float(m["value"]) for m in snapshot.dict()["metrics"]}
+    feature_p = {f: p_values[f] for f in features}
+    drifted = [f for f, p in feature_p.items() if p < rule.feature_p_value]
+    share = len(drifted) / len(features) if features else 0.0
+    reasons: list[str] = []
+    severe = [f for f, p in feature_p.items() if p < rule.severe_p_value]
+    input_drift = bool(features) and (share >= rule.input_drift_share or bool(severe))
+    if input_drift:
+        reasons.append(f"{len(drifted)} of {len(features)} input features drifted ({share:.0%})")
+    if severe:
+        reasons.append(f"severe drift (K-S p < {rule.severe_p_value:g}) in {', '.join(severe)}")
+
+    probability_p = p_values[PROBABILITY]
+    positive_rate = float((scored["label"] == "PNEUMONIA").mean())
+    reference_rate = float((reference[PREDICTED] == "PNEUMONIA").mean())
+    prediction_drift = False
+    if probability_p < rule.prediction_p_value:
+        prediction_drift = True
+        reasons.append(f"probability distribution drifted (K-S p={probability_p:.2g})")
+    if abs(positive_rate - reference_rate) >= rule.positive_rate_change:
+        prediction_drift = True
+        reasons.append(f"positive rate {positive_rate:.2f} vs reference {reference_rate:.2f}")
+
+    labeled = scored[scored["feedback_label"].notna()] if "feedback_label" in scored else scored[:0]
+    performance, performance_reasons = _performance(labeled, expected_metrics or {}, rule)
+    reasons += performance_reasons
+    return DriftResult(
+        window=window,
+        model_version=model_version,
+        n_records=len(records),
+        n_compared=len(scored),
+        n_reference=len(reference),
+        feature_p_values=feature_p,
+        drifted_features=drifted,
+        drift_share=share,
+        input_drift=input_drift,
+        probability_p_value=probability_p,
+        positive_rate=positive_rate,
+        reference_positive_rate=reference_rate,
+        prediction_drift=prediction_drift,
+        performance=performance,
+        performance_drift=bool(performance_reasons),
+        reasons=reasons,
+        rule=rule,
+        snapshot=snapshot,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_drift_report(result: DriftResult, folder: Path) -> dict[str, Path]:
+    """``drift.json`` (the decision and every number) and Evidently's ``drift_report.html``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "drift.json"
+    json_path.write_text(json.dumps(_jsonable(result.to_dict()), indent=2) + "\n")
+    files = {"json": json_path}
+    if result.snapshot is not None:
+        html_path = folder / "drift_report.html"
+        result.snapshot.save_html(str(html_path))
+        files["html"] = html_path
+    return files

@@ -1,0 +1,199 @@
+"""Fine-tune the production model on its training split plus labeled live images.
+
+Starts from the production version's own weights (from the registry, not a local checkpoint),
+trains every layer at a low learning rate, then goes through the same evaluation, export and
+registration as any trained model and becomes the ``shadow`` candidate. Only feedback given
+before the job started is used, so live traffic the shadow scores afterwards stays unseen
+data for the shadow evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.data.transforms import TensorBatches
+from cxr_platform.deployment import pipeline as deployment
+from cxr_platform.deployment.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel
+from cxr_platform.deployment.registry import PRODUCTION, ModelVersionInfo
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.pipeline import (
+    TrainedModel,
+    evaluate_trained,
+    train_config_for,
+    train_tracked,
+)
+from cxr_platform.models.training import TrainingData, select_device
+from cxr_platform.monitoring.retained import RetainedInputs
+from cxr_platform.settings import CxrSettings
+
+FINETUNE_PROFILE = "finetune"
+
+
+class FineTuneError(CxrError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabeledExamples:
+    request_ids: list[str]
+    images: np.ndarray  # uint8 (N, S, S)
+    labels: np.ndarray  # float32, 1 = PNEUMONIA
+    n_feedback: int  # labeled log rows, including those whose image is no longer kept
+
+    def counts(self) -> dict[str, int]:
+        positives = int(self.labels.sum())
+        return {"PNEUMONIA": positives, "NORMAL": len(self.labels) - positives}
+
+
+def labeled_examples(
+    settings: CxrSettings, *, image_size: int, before: datetime | None = None
+) -> LabeledExamples:
+    """Retained inputs with a feedback label (the latest one counts) logged before ``before``."""
+    log = InferenceLog(settings.inference_log_uri)
+    try:
+        rows = log.records(labeled_only=True, created_before=before)
+    finally:
+        log.dispose()
+    store = RetainedInputs(settings.retained_dir)
+    labels_by_id = dict(zip(rows["request_id"], rows["feedback_label"], strict=True))
+    found, images = store.load_labeled(labels_by_id)
+    if len(found) and images.shape[1:] != (image_size, image_size):
+        # Kept for a model with another input size: not usable for this one.
+        found, images = [], np.zeros((0, image_size, image_size), dtype=np.uint8)
+    labels = np.array([labels_by_id[i] == "PNEUMONIA" for i in found], dtype=np.float32)
+    if not len(found):
+        images = np.zeros((0, image_size, image_size), dtype=np.uint8)
+    return LabeledExamples(found, images, labels, n_feedback=len(rows))
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    base: ModelVersionInfo
+    trained: TrainedModel
+    report: EvaluationReport
+    labeled: LabeledExamples
+
+    def summary(self) -> dict[str, Any]:
+        test = self.report.splits["test"]
+        return {
+            "base_version": self.base.version,
+            "arch": self.trained.arch,
+            "mlflow_run_id": self.trained.mlflow_run_id,
+            "labeled_examples": len(self.labeled.request_ids),
+            "labeled_per_class": self.labeled.counts(),
+            "feedback_rows": self.labeled.n_feedback,
+            "best_epoch": self.trained.best_epoch,
+            "best_val_auc": self.trained.best_val_auc,
+            "test_auc": test.auc,
+            "test_sensitivity": test.sensitivity,
+            "test_specificity": test.specificity,
+            "wall_seconds": self.trained.wall_seconds,
+        }
+
+
+def finetune_production(
+    settings: CxrSettings,
+    cache: PreprocessedCache,
+    *,
+    reason: str | None = None,
+    dagster_run_id: str | None = None,
+    progress: bool = False,
+) -> FineTuneResult:
+    started = datetime.now(UTC)
+    registry = deployment.registry_for(settings)
+    base = registry.find(PRODUCTION)
+    if base is None:
+        raise FineTuneError("there is no production model to fine-tune")
+    folder = registry.download(base.version)
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    if metadata["preprocessing"] != cache.preprocessing:
+        raise FineTuneError(
+            f"production version {base.version} uses other preprocessing than this cache; "
+            "rebuild the cache with its settings"
+        )
+    if not (folder / WEIGHTS_FILE).exists():
+        raise FineTuneError(f"production version {base.version} has no {WEIGHTS_FILE}")
+    arch = metadata["arch"]
+    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
+    labeled = labeled_examples(settings, image_size=preprocessing.image_size, before=started)
+
+    demo = settings.resolved_training_profile == "demo"
+    epochs = settings.finetune_epochs or (2 if demo else 5)
+    config = train_config_for(settings, arch, profile=settings.resolved_training_profile)
+    config = replace(
+        config,
+        pretrained="none",  # the production weights replace any initialisation
+        weights_path=None,
+        initial_weights=str(folder / WEIGHTS_FILE),
+        frozen_epochs=0,
+        finetune_epochs=epochs,
+        finetune_lr=settings.finetune_lr or (1e-4 if demo else 1e-5),
+        patience=epochs,
+    )
+    device = select_device(config.device)
+    train_images = cache.images("train", mmap=False)
+    data = TrainingData(
+        train=TensorBatches(
+            np.concatenate([train_images, labeled.images]),
+            np.concatenate([cache.labels("train"), labeled.labels]),
+            preprocessing,
+            device=device,
+        ),
+        val=TensorBatches.from_cache(cache, "val", device=device),
+    )
+    trained = train_tracked(
+        settings,
+        cache,
+        config,
+        profile=FINETUNE_PROFILE,
+        manifest_hash=base.tags.get("cxr.data_version"),
+        dagster_run_id=dagster_run_id,
+        progress=progress,
+        data=data,
+        tags={
+            "cxr.finetuned_from": base.version,
+            "cxr.finetune_reason": reason,
+            "cxr.labeled_examples": str(len(labeled.request_ids)),
+        },
+    )
+    report, _ = evaluate_trained(
+        settings,
+        cache,
+        trained,
+        out_dir=settings.reports_dir / "finetune" / trained.mlflow_run_id,
+    )
+    return FineTuneResult(base, trained, report, labeled)
+
+
+def register_finetuned(
+    settings: CxrSettings,
+    cache: PreprocessedCache,
+    result: FineTuneResult,
+    *,
+    triggered_by: str,
+    reason: str | None = None,
+) -> tuple[ExportedModel, ModelVersionInfo]:
+    """Export with the parity check, register, and make it the shadow candidate."""
+    exported = deployment.export_trained(settings, cache, result.trained)
+    info = deployment.register_exported(
+        settings,
+        exported,
+        triggered_by=triggered_by,
+        shadow=True,
+        data_dir=result.base.tags.get("cxr.data_dir"),
+        extra_tags={
+            "cxr.finetuned_from": result.base.version,
+            "cxr.finetune_reason": reason,
+            "cxr.labeled_examples": len(result.labeled.request_ids),
+        },
+    )
+    return exported, info

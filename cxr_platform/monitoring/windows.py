@@ -1,0 +1,234 @@
+"""Drift windows over the inference log, and the decisions the monitoring sensors make.
+
+A window is named by what it covers, so its name is also its Dagster partition key:
+``ids-000000101-000000300`` (log rows 101..300, what the drift sensor cuts) or
+``day-2026-11-26`` (one UTC day, the daily report). The sensors' logic lives here as plain
+functions of (settings, cursor); the Dagster sensors only translate the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+
+from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import (
+    PRODUCTION,
+    SHADOW,
+    ModelRegistry,
+    ModelVersionNotFoundError,
+)
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.monitoring.drift import DriftResult, DriftRule, evaluate_window
+from cxr_platform.monitoring.reference import load_reference
+from cxr_platform.settings import CxrSettings
+
+_IDS = re.compile(r"^ids-(\d{9})-(\d{9})$")
+_DAY = re.compile(r"^day-(\d{4}-\d{2}-\d{2})$")
+
+
+class WindowError(CxrError):
+    pass
+
+
+class NoReferenceError(WindowError):
+    """The model version was exported before drift monitoring: it carries no reference."""
+
+
+def ids_window(first_id: int, last_id: int) -> str:
+    return f"ids-{first_id:09d}-{last_id:09d}"
+
+
+def day_window(day: date) -> str:
+    return f"day-{day.isoformat()}"
+
+
+def window_records(log: InferenceLog, key: str) -> pd.DataFrame:
+    if match := _IDS.match(key):
+        first, last = int(match.group(1)), int(match.group(2))
+        return log.records(since_id=first - 1, until_id=last)
+    if match := _DAY.match(key):
+        start = datetime.combine(date.fromisoformat(match.group(1)), datetime.min.time(), UTC)
+        return log.records(created_from=start, created_before=start + timedelta(days=1))
+    raise WindowError(f"{key!r} is not a drift window (ids-<first>-<last> or day-<YYYY-MM-DD>)")
+
+
+def drift_rule(settings: CxrSettings) -> DriftRule:
+    return DriftRule(
+        feature_p_value=settings.drift_feature_p_value,
+        input_drift_share=settings.drift_input_share,
+        severe_p_value=settings.drift_severe_p_value,
+        prediction_p_value=settings.drift_prediction_p_value,
+        positive_rate_change=settings.drift_positive_rate_change,
+        min_labeled=settings.drift_min_labeled,
+        max_auc_drop=settings.drift_max_auc_drop,
+        max_sensitivity_drop=settings.drift_max_sensitivity_drop,
+    )
+
+
+def check_window(
+    settings: CxrSettings,
+    key: str,
+    *,
+    registry: ModelRegistry | None = None,
+    log: InferenceLog | None = None,
+) -> DriftResult:
+    """The window against the reference of the version that scored most of it."""
+    registry = registry or registry_for(settings)
+    log = log or InferenceLog(settings.inference_log_uri)
+    records = window_records(log, key)
+    if records.empty:
+        raise WindowError(f"window {key} holds no inference records")
+    version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
+    if not version:
+        raise WindowError(f"window {key} has no records with a model version")
+    model_version = version[0][0]
+    try:
+        info = registry.get(model_version)
+    except ModelVersionNotFoundError as exc:
+        raise WindowError(f"window {key} was scored by version {model_version}: {exc}") from exc
+    reference = load_reference(registry.download(model_version))
+    if reference is None:
+        raise NoReferenceError(
+            f"version {model_version} has no drift reference (exported before drift "
+            "monitoring); export and register the model again"
+        )
+    return evaluate_window(
+        reference,
+        records,
+        window=key,
+        rule=drift_rule(settings),
+        model_version=model_version,
+        expected_metrics=info.metrics,
+    )
+
+
+@dataclass(frozen=True)
+class DriftCursor:
+    """The drift sensor's position in the log and its memory of fine-tune requests."""
+
+    last_id: int = 0
+    windows: int = 0
+    finetune_window: int | None = None  # value of ``windows`` when fine-tune was last requested
+    finetune_production: str | None = None  # the production version it was requested for
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> DriftCursor:
+        return cls(**json.loads(text)) if text else cls()
+
+
+@dataclass(frozen=True)
+class DriftStep:
+    cursor: DriftCursor
+    skip_reason: str | None = None
+    window: str | None = None
+    result: DriftResult | None = None
+    request_finetune: bool = False
+    finetune_note: str = ""
+    details: dict = field(default_factory=dict)
+
+
+def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:
+    """One evaluation of the drift sensor: cut the next full window, judge it, and say whether
+    the fine-tune job should run. The cursor only advances past a window that was judged."""
+    registry = registry_for(settings)
+    production = registry.find(PRODUCTION)
+    if production is None:
+        return DriftStep(cursor, skip_reason="no production model: nothing to monitor")
+    log = InferenceLog(settings.inference_log_uri)
+    try:
+        size = settings.drift_window_size
+        waiting = log.count(since_id=cursor.last_id)
+        if waiting < size:
+            return DriftStep(
+                cursor,
+                skip_reason=f"{waiting} new inference records after id {cursor.last_id}; "
+                f"a drift window needs {size}",
+            )
+        rows = log.records(since_id=cursor.last_id, limit=size)
+        first, last = int(rows["id"].iloc[0]), int(rows["id"].iloc[-1])
+        key = ids_window(first, last)
+        advanced = replace(cursor, last_id=last, windows=cursor.windows + 1)
+        try:
+            result = check_window(settings, key, registry=registry, log=log)
+        except WindowError as exc:
+            # Judging it again would fail the same way: skip it, say why, move on.
+            return DriftStep(advanced, skip_reason=f"window {key} skipped: {exc}", window=key)
+    finally:
+        log.dispose()
+    if not result.fired:
+        return DriftStep(advanced, window=key, result=result, finetune_note="no drift")
+    if result.model_version != production.version:
+        note = (
+            f"drift on version {result.model_version}, but production is now "
+            f"{production.version}: the new model gets its own windows"
+        )
+        return DriftStep(advanced, window=key, result=result, finetune_note=note)
+    if registry.find(SHADOW) is not None:
+        note = "a shadow candidate is already waiting for evaluation; no second fine-tune"
+        return DriftStep(advanced, window=key, result=result, finetune_note=note)
+    if (
+        cursor.finetune_production == production.version
+        and cursor.finetune_window is not None
+        and advanced.windows - cursor.finetune_window < settings.finetune_cooldown_windows
+    ):
+        note = (
+            f"fine-tune for version {production.version} already requested "
+            f"{advanced.windows - cursor.finetune_window} window(s) ago (cool-down "
+            f"{settings.finetune_cooldown_windows})"
+        )
+        return DriftStep(advanced, window=key, result=result, finetune_note=note)
+    requested = replace(
+        advanced, finetune_window=advanced.windows, finetune_production=production.version
+    )
+    return DriftStep(
+        requested,
+        window=key,
+        result=result,
+        request_finetune=True,
+        finetune_note=f"fine-tune of production version {production.version} requested",
+    )
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    evaluated_version: str | None  # the cursor: the last shadow version sent for evaluation
+    skip_reason: str | None = None
+    candidate: str | None = None
+
+
+def shadow_sensor_step(settings: CxrSettings, evaluated_version: str | None) -> ShadowStep:
+    """Ask for a shadow evaluation once the shadow has scored enough live traffic."""
+    registry = registry_for(settings)
+    shadow = registry.find(SHADOW)
+    if shadow is None:
+        return ShadowStep(evaluated_version, skip_reason="no shadow model")
+    if shadow.version == evaluated_version:
+        return ShadowStep(
+            evaluated_version, skip_reason=f"shadow version {shadow.version} already evaluated"
+        )
+    log = InferenceLog(settings.inference_log_uri)
+    try:
+        scored = log.count(shadow_version=shadow.version)
+    finally:
+        log.dispose()
+    if scored < settings.shadow_min_records:
+        return ShadowStep(
+            evaluated_version,
+            skip_reason=f"shadow version {shadow.version} has scored {scored} live requests; "
+            f"evaluation waits for {settings.shadow_min_records}",
+        )
+    return ShadowStep(shadow.version, candidate=shadow.version)
+
+
+def previous_utc_day(now: datetime) -> date:
+    return (now.astimezone(UTC) - timedelta(days=1)).date()

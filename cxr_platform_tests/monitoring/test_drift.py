@@ -1,0 +1,123 @@
+"""The drift rule on real image features (synthetic X-rays); probabilities are drawn here, so
+each signal can be moved on its own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_platform.data.imaging import read_image
+from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
+from cxr_platform.data.sources import discover_images
+from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.monitoring.drift import DriftError, DriftRule, evaluate_window, save_drift_report
+from cxr_platform.monitoring.reference import reference_frame
+from cxr_platform.monitoring.shifts import apply_shift
+
+CONFIG = PreprocessingConfig(image_size=128)
+
+
+def _inputs(root, shift="none"):
+    records = discover_images(root).records
+    rng = np.random.default_rng(0)
+    images, sizes = [], []
+    for path in records["path"]:
+        pixels = apply_shift(read_image(path).pixels, shift, rng=rng)
+        images.append(to_square_uint8(pixels, CONFIG))
+        sizes.append((pixels.shape[1], pixels.shape[0]))
+    labels = (records["label"] == "PNEUMONIA").to_numpy(float)
+    return np.stack(images), labels, sizes
+
+
+def _probabilities(labels, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    return np.clip(
+        np.where(labels == 1, rng.beta(6, 2, len(labels)), rng.beta(2, 6, len(labels))) - shift,
+        0,
+        1,
+    )
+
+
+def _window(root, shift="none", probability_shift=0.0, seed=1, feedback=None):
+    images, labels, sizes = _inputs(root, shift)
+    frame = reference_frame(
+        images, _probabilities(labels, seed, probability_shift), labels, 0.5, sizes
+    )
+    frame["label"] = frame.pop("predicted")  # what the log calls the served label
+    frame["model_version"] = "3"
+    frame["feedback_label"] = feedback(labels) if feedback else None
+    return frame
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_synthetic) -> pd.DataFrame:
+    images, labels, sizes = _inputs(tiny_synthetic)
+    return reference_frame(images, _probabilities(labels, 0), labels, 0.5, sizes)
+
+
+@pytest.fixture(scope="module")
+def fresh_patients(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fresh")
+    return generate_synthetic_dataset(
+        root / "d", SyntheticSpec(n_patients=40, seed=8), progress=False
+    )
+
+
+def test_fresh_patients_from_the_same_scanner_do_not_drift(reference, fresh_patients):
+    result = evaluate_window(reference, _window(fresh_patients), window="w", model_version="3")
+    assert not result.fired, result.summary()
+    assert result.n_compared == result.n_records > 80
+    assert set(result.feature_p_values) >= {"sharpness", "original_width", "intensity_mean"}
+
+
+@pytest.mark.parametrize("shift", ["exposure", "resolution", "blur"])
+def test_shifted_inputs_drift(reference, fresh_patients, shift):
+    result = evaluate_window(
+        reference, _window(fresh_patients, shift), window="w", model_version="3"
+    )
+    assert result.input_drift and result.fired, result.summary()
+    assert not result.prediction_drift  # the probabilities were drawn the same way
+
+
+def test_prediction_drift_without_input_drift(reference, fresh_patients):
+    result = evaluate_window(
+        reference, _window(fresh_patients, probability_shift=0.35), window="w", model_version="3"
+    )
+    assert result.prediction_drift and not result.input_drift, result.summary()
+    assert result.probability_p_value < 0.01
+    assert result.positive_rate < result.reference_positive_rate - 0.2
+
+
+def test_performance_drift_needs_enough_labels(reference, fresh_patients):
+    def swapped(labels):
+        return np.where(labels == 1, "NORMAL", "PNEUMONIA")
+
+    expected = {"test_auc": 0.95, "test_sensitivity": 0.95, "test_specificity": 0.6}
+    window = _window(fresh_patients, feedback=swapped)
+    result = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected
+    )
+    assert result.performance_drift and result.performance.auc < 0.5, result.summary()
+    strict = DriftRule(min_labeled=len(window) + 1)
+    quiet = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected, rule=strict
+    )
+    assert not quiet.performance_drift and quiet.performance.auc is None
+
+
+def test_only_the_versions_rows_are_compared_and_reports_are_saved(
+    reference, fresh_patients, tmp_path
+):
+    window = _window(fresh_patients)
+    window.loc[window.index[:10], "model_version"] = "2"
+    result = evaluate_window(reference, window, window="ids-1-2", model_version="3")
+    assert result.n_compared == result.n_records - 10
+    files = save_drift_report(result, tmp_path / "report")
+    saved = json.loads(files["json"].read_text())
+    assert saved["fired"] is result.fired and saved["n_compared"] == result.n_compared
+    assert "<html" in files["html"].read_text()[:2000].lower()
+    with pytest.raises(DriftError, match="no records scored by version 9"):
+        evaluate_window(reference, window, window="w", model_version="9")
