@@ -29,6 +29,7 @@ from cxr_platform.inference.log import (
     record_from_prediction,
 )
 from cxr_platform.inference.predictor import Predictor
+from cxr_platform.monitoring.retained import RetainedInputs
 
 log = logging.getLogger(__name__)
 
@@ -265,12 +266,17 @@ LOG_UNAVAILABLE = "inference_log_unavailable"
 
 
 def score_and_log(
-    models: ServingModels, inference_log: InferenceLog, items: Sequence[ScoreRequest]
+    models: ServingModels,
+    inference_log: InferenceLog,
+    items: Sequence[ScoreRequest],
+    retained: RetainedInputs | None = None,
 ) -> list[dict[str, Any]]:
     """Score a batch and write its log rows in one transaction, before anyone is answered.
 
     If the log cannot be written, the batch's predictions are withheld (marked
     ``LOG_UNAVAILABLE``): a prediction the log does not hold must not leave the service.
+    With ``retained``, each logged model input is kept for a later feedback label; failing to
+    keep one costs only that training example, never the answer.
     """
     results = score_items(models, items)
     now = time.perf_counter()
@@ -298,4 +304,11 @@ def score_and_log(
         for _, result in scored:
             result.clear()
             result["error"] = LOG_UNAVAILABLE
+        return results
+    if retained is not None:
+        for item, _ in scored:
+            try:
+                retained.keep(item.request_id, item.pixels)
+            except Exception:
+                log.exception("could not keep the input of %s for training", item.request_id)
     return results

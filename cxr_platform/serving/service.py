@@ -40,6 +40,7 @@ from cxr_platform.inference.log import (
     UnknownRequestError,
     uid_salt,
 )
+from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import EdgeMiddleware
@@ -97,6 +98,9 @@ class FeedbackResponse(BaseModel):
     request_id: str
     label: str
     recorded: bool = True
+    # False when the input is no longer kept (retention off or expired): the label still
+    # counts for performance monitoring, but the image cannot become fine-tuning data.
+    retained_for_training: bool = False
 
 
 async def model_info(request: Request) -> Response:
@@ -143,6 +147,11 @@ class CxrService:
         )
         self.inference_log = InferenceLog(settings.inference_log_uri)
         self.salt = uid_salt(settings.home)
+        self.retained = (
+            RetainedInputs(settings.retained_dir) if settings.retain_inputs_days > 0 else None
+        )
+        if self.retained is not None:
+            self._prune_retained()
         self._explainers: dict[str, Explainer] = {}
         self._explainer_lock = threading.Lock()
         self._gradcam_lock = threading.Lock()
@@ -154,7 +163,21 @@ class CxrService:
 
     def _score_batch(self, items: list[core.ScoreRequest]) -> list[dict[str, Any]]:
         # One snapshot per batch: a batch never mixes versions.
-        return core.score_and_log(self.models.current(), self.inference_log, items)
+        return core.score_and_log(self.models.current(), self.inference_log, items, self.retained)
+
+    def _prune_retained(self) -> None:
+        assert self.retained is not None
+        try:
+            removed = self.retained.prune(settings.retain_inputs_days * 86400)
+        except OSError:
+            log.exception("could not prune retained inputs")
+        else:
+            if removed:
+                log.info("deleted %d unlabeled inputs past retention", removed)
+        # Daily, on a daemon thread: the service may run for months.
+        timer = threading.Timer(86400, self._prune_retained)
+        timer.daemon = True
+        timer.start()
 
     def _prepare(self, data: bytes, config: Any) -> core.PreparedUpload:
         return core.prepare_upload(
@@ -312,7 +335,10 @@ class CxrService:
             status, body = core.error_response(error)
             rejected_inputs.labels(endpoint="feedback", reason=body["error"]).inc()
             return JSONResponse(body, status_code=status)
-        return FeedbackResponse(request_id=request_id, label=label)
+        retained = False
+        if self.retained is not None:
+            retained = await anyio.to_thread.run_sync(self.retained.mark_labeled, request_id)
+        return FeedbackResponse(request_id=request_id, label=label, retained_for_training=retained)
 
     async def describe(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ from pydicom.uid import (
 )
 
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..data.dicom_factory import make_dicom, to_bytes
@@ -219,6 +220,11 @@ def test_feedback_attaches_a_label_to_a_request(live_service):
     assert invalid.status_code == 400
     rows = live_service.inference_log().records()
     assert rows[rows.request_id == request_id].feedback_label.iloc[0] == "PNEUMONIA"
+    # The labeled request's model input became training data for the fine-tune job.
+    assert ok.json()["retained_for_training"] is True
+    store = RetainedInputs(live_service.settings.retained_dir)
+    ids, images = store.load_labeled([request_id])
+    assert ids == [request_id] and images.shape == (1, 96, 96) and images.dtype == np.uint8
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
