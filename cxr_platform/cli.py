@@ -79,15 +79,37 @@ DATA_OPTION = click.option(
 )
 
 
+# The demo's monitoring loop uses smaller windows than a deployment (200 records), so the
+# whole loop runs in a few minutes; an explicit CXR_* setting wins.
+DEMO_MONITORING_DEFAULTS = {"CXR_DRIFT_WINDOW_SIZE": "100", "CXR_SHADOW_MIN_RECORDS": "100"}
+
+
 @cli.command()
 @DATA_OPTION
+@click.option(
+    "--loop/--no-loop",
+    default=True,
+    show_default=True,
+    help="After the job: serve, send traffic, detect drift, fine-tune, evaluate the shadow.",
+)
+@click.option(
+    "--shift",
+    type=click.Choice(["contrast", "noise", "blur", "resolution", "exposure", "invert"]),
+    default="contrast",
+    show_default=True,
+    help="The acquisition shift the loop's traffic carries.",
+)
 @click.pass_context
 @_fail_cleanly
-def demo(ctx: click.Context, data_dir: Path | None) -> None:
-    """Run the platform's main job through Dagster on the embedded default."""
+def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> None:
+    """Run the platform's main job through Dagster on the embedded default, then close the
+    monitoring loop against the live service."""
     import dagster as dg
 
     from cxr_platform.data.splits import read_manifest, split_summary
+
+    for key, value in DEMO_MONITORING_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from cxr_platform.defs.definitions import DEMO_JOB, build_definitions
 
     settings = _settings(ctx, data_dir=data_dir)
@@ -142,6 +164,37 @@ def demo(ctx: click.Context, data_dir: Path | None) -> None:
     ]
     if bentos:
         _print_service_help(settings, bentos[-1]["bento"].value)
+    if loop and bentos:
+        _demo_loop(settings, instance, shift, bool(ctx.obj.get("verbose")))
+
+
+def _demo_loop(settings: CxrSettings, instance, shift: str, verbose: bool) -> None:
+    from cxr_platform.defs.definitions import build_definitions
+    from cxr_platform.defs.loop import run_monitoring_loop
+
+    if not verbose:  # the sensors' own log lines repeat what the loop prints
+        logging.getLogger("dagster").setLevel(logging.WARNING)
+
+    click.echo(
+        f"\nMonitoring loop ({settings.drift_window_size}-record drift windows, shift "
+        f"'{shift}'): the service, traffic, drift_sensor, fine_tune, shadow_sensor, "
+        "evaluate_shadow; each run is in the Dagster UI (group 'monitoring')."
+    )
+    report = run_monitoring_loop(
+        settings,
+        build_definitions(settings),
+        instance,
+        shift=shift,
+        echo=lambda line: click.echo(f"  {line}"),
+    )
+    if report.promoted is None:
+        return
+    verdict = "promoted" if report.promoted else "refused by the gate"
+    click.echo(
+        f"Loop closed: drift in {report.fired_window} -> fine-tuned version "
+        f"{report.shadow_version} {verdict}; production {report.production_before} -> "
+        f"{report.production_after}. Drift reports: {settings.drift_reports_dir}"
+    )
 
 
 def _print_evaluations(settings: CxrSettings) -> None:
@@ -701,6 +754,67 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     click.echo(f"Serving on http://{host}:{port} (docs at /, try POST /predict with field 'file')")
     os.chdir(REPO_ROOT)
     os.execve(command[0], command, env)  # the service owns the terminal from here
+
+
+@cli.command("simulate-drift")
+@click.option(
+    "--shift",
+    type=click.Choice(["none", "contrast", "noise", "blur", "resolution", "exposure", "invert"]),
+    required=True,
+    help="none sends in-distribution traffic.",
+)
+@click.option("--n", "count", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--labels", is_flag=True, help="Send each image's true label as feedback.")
+@click.option(
+    "--severity",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A labeled image folder (any layout `cxr profile` reads); default: fresh synthetic "
+    "patients.",
+)
+@click.option("--url", default=None, help="The service (default: http://127.0.0.1:<port>).")
+@click.option("--seed", type=int, default=None, help="Which images and noise (default: random).")
+@click.pass_context
+@_fail_cleanly
+def simulate_drift(
+    ctx: click.Context,
+    shift: str,
+    count: int,
+    labels: bool,
+    severity: float,
+    source: Path | None,
+    url: str | None,
+    seed: int | None,
+) -> None:
+    """Send shifted (or in-distribution) images through the live service."""
+    import secrets
+
+    from cxr_platform.monitoring.simulate import folder_traffic, send_traffic, synthetic_traffic
+
+    settings = _settings(ctx)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        while seed == settings.seed:
+            seed = secrets.randbelow(2**31)
+    url = url or f"http://127.0.0.1:{settings.service_port}"
+    images = (
+        folder_traffic(source, count, seed)
+        if source is not None
+        else synthetic_traffic(settings, count, seed)
+    )
+    key = settings.service_api_key.get_secret_value() if settings.service_api_key else None
+    report = send_traffic(
+        url, images, shift=shift, severity=severity, labels=labels, api_key=key, seed=seed
+    )
+    click.echo(f"{report.summary()} (seed {seed}, {url})")
+    if report.answered == 0:
+        raise CxrError(f"the service at {url} answered none of {report.sent} requests")
 
 
 @cli.command()

@@ -18,7 +18,7 @@ def _cxr(*args, home, env=None):
         capture_output=True,
         text=True,
         env=full_env,
-        timeout=600,
+        timeout=1200,  # the demo runs the whole monitoring loop
     )
 
 
@@ -36,6 +36,9 @@ def test_help_for_every_command(tmp_path):
         ["rollback"],
         ["predict"],
         ["explain"],
+        ["serve"],
+        ["bento"],
+        ["simulate-drift"],
     )
     for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)
@@ -106,7 +109,8 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
 
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
-        assert len(runs) == 1 and runs[0].job_name == "demo"
+        jobs = [run.job_name for run in runs]
+        assert jobs.count("demo") == 1
         for key in ("preprocessed_cache", "registered_model_version", "production_model"):
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
         promoted = instance.get_latest_materialization_event(dg.AssetKey("production_model"))
@@ -117,7 +121,13 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
     if production != "none":  # the gate promoted: the service can start, and a Bento exists
         assert "cxr serve --port 3100" in result.stdout
-        assert result.stdout.rstrip().endswith("http://127.0.0.1:3100/predict")
+        assert "curl -F file=@image.png http://127.0.0.1:3100/predict" in result.stdout
+        # Then the monitoring loop: two windows of traffic through the live service, each
+        # judged by the drift sensor and reported by a drift_check run in the same instance.
+        assert "Monitoring loop (100-record drift windows" in result.stdout
+        assert result.stdout.count("drift_sensor: ") == 2, result.stdout[-3000:]
+        assert jobs.count("drift_check") == 2
+        assert "100/100 none images" in result.stdout and "100/100 contrast images" in result.stdout
         assert (
             bento is not None
             and f"bentoml serve {bento.asset_materialization.metadata['bento'].value}"
@@ -254,3 +264,23 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
         events = instance.fetch_materializations(dg.AssetKey("production_model"), limit=10)
         actions = sorted(e.asset_materialization.metadata["action"].value for e in events.records)
         assert actions == ["promoted", "promoted", "rollback"]
+
+
+def test_simulate_drift_against_no_service_fails_with_a_message(tmp_path):
+    result = _cxr(
+        "simulate-drift",
+        "--shift",
+        "noise",
+        "--n",
+        "3",
+        "--seed",
+        "5",
+        "--url",
+        "http://127.0.0.1:9",
+        home=tmp_path / "home",
+        env={},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "answered none of 3 requests" in result.stderr
+    refused = _cxr("simulate-drift", "--shift", "fog", home=tmp_path / "home", env={})
+    assert refused.returncode == 2 and "fog" in refused.stderr

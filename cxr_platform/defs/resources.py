@@ -24,6 +24,12 @@ class PlatformSettings(dg.ConfigurableResource):
     min_test_specificity: float | None = None
     gate_max_auc_drop: float | None = None
     registry_model_name: str | None = None
+    inference_log_url: str | None = None
+    drift_window_size: int | None = None
+    shadow_min_records: int | None = None
+    shadow_min_labeled: int | None = None
+    finetune_epochs: int | None = None
+    finetune_lr: float | None = None
 
     def settings(self) -> CxrSettings:
         return load_settings(
@@ -41,6 +47,12 @@ class PlatformSettings(dg.ConfigurableResource):
             min_test_specificity=self.min_test_specificity,
             gate_max_auc_drop=self.gate_max_auc_drop,
             registry_model_name=self.registry_model_name,
+            inference_log_url=self.inference_log_url,
+            drift_window_size=self.drift_window_size,
+            shadow_min_records=self.shadow_min_records,
+            shadow_min_labeled=self.shadow_min_labeled,
+            finetune_epochs=self.finetune_epochs,
+            finetune_lr=self.finetune_lr,
         )
 
     @classmethod
@@ -60,4 +72,10 @@ class PlatformSettings(dg.ConfigurableResource):
             min_test_specificity=settings.min_test_specificity,
             gate_max_auc_drop=settings.gate_max_auc_drop,
             registry_model_name=settings.registry_model_name,
+            inference_log_url=settings.inference_log_url,
+            drift_window_size=settings.drift_window_size,
+            shadow_min_records=settings.shadow_min_records,
+            shadow_min_labeled=settings.shadow_min_labeled,
+            finetune_epochs=settings.finetune_epochs,
+            finetune_lr=settings.finetune_lr,
         )

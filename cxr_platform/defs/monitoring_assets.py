@@ -1,0 +1,359 @@
+"""Group "monitoring": drift reports per window, the fine-tune job, shadow evaluation, and the
+sensors and schedule that close the loop.
+
+- ``drift_sensor`` cuts the inference log into windows (its cursor is the last row judged),
+  asks for a ``drift_check`` run per window and for ``fine_tune`` when the drift rule fires;
+- ``fine_tune``: ``finetuned_model`` -> ``shadow_candidate`` (registered with alias shadow);
+- ``shadow_sensor`` asks for ``evaluate_shadow`` once the shadow has scored enough traffic;
+- ``daily_drift_report`` reports yesterday's traffic even when nothing triggered.
+
+The logic lives in :mod:`cxr_platform.monitoring`; these definitions translate it for Dagster.
+"""
+# No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
+
+from typing import Any
+
+import dagster as dg
+
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.monitoring.drift import DriftResult, save_drift_report
+from cxr_platform.monitoring.finetune import (
+    FineTuneResult,
+    finetune_production,
+    register_finetuned,
+)
+from cxr_platform.monitoring.shadow import evaluate_shadow
+from cxr_platform.monitoring.windows import (
+    DriftCursor,
+    check_window,
+    day_window,
+    drift_sensor_step,
+    previous_utc_day,
+    shadow_sensor_step,
+    window_records,
+)
+from cxr_platform.settings import CxrSettings
+
+GROUP = "monitoring"
+DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
+DRIFT_CHECK_JOB = "drift_check"
+FINE_TUNE_JOB = "fine_tune"
+EVALUATE_SHADOW_JOB = "evaluate_shadow"
+DRIFT_SENSOR = "drift_sensor"
+SHADOW_SENSOR = "shadow_sensor"
+DAILY_SCHEDULE = "daily_drift_report"
+
+
+def drift_metadata(result: DriftResult) -> dict[str, Any]:
+    performance = result.performance
+    table = "| feature | K-S p-value | drifted |\n| --- | ---: | --- |\n" + "\n".join(
+        f"| {name} | {p:.3g} | {'yes' if name in result.drifted_features else ''} |"
+        for name, p in result.feature_p_values.items()
+    )
+    return {
+        "fired": result.fired,
+        "summary": result.summary(),
+        "model_version": result.model_version or "",
+        "n_records": result.n_records,
+        "n_compared": result.n_compared,
+        "input_drift": result.input_drift,
+        "drift_share": result.drift_share,
+        "drifted_features": ", ".join(result.drifted_features) or "none",
+        "features": dg.MetadataValue.md(table),
+        "prediction_drift": result.prediction_drift,
+        "probability_ks_p_value": result.probability_p_value,
+        "positive_rate": result.positive_rate,
+        "reference_positive_rate": result.reference_positive_rate,
+        "performance_drift": result.performance_drift,
+        "n_labeled": performance.n_labeled,
+        **({"labeled_auc": performance.auc} if performance.auc is not None else {}),
+        **(
+            {"labeled_sensitivity": performance.sensitivity}
+            if performance.sensitivity is not None
+            else {}
+        ),
+        "rule": dg.MetadataValue.json(result.rule.to_dict()),
+    }
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"evidently"},
+    partitions_def=DRIFT_WINDOWS,
+    description="Evidently drift report of one window of the inference log (ids-<first>-<last> "
+    "from the drift sensor, day-<date> from the daily schedule) against the reference stored "
+    "with the model version that scored it: input, prediction and performance drift.",
+)
+def drift_report(context: dg.AssetExecutionContext, platform: PlatformSettings):
+    settings = platform.settings()
+    key = context.partition_key
+    result = check_window(settings, key)
+    files = save_drift_report(result, settings.drift_reports_dir / key)
+    context.log.info(result.summary())
+    return dg.Output(
+        result.to_dict(),
+        metadata={
+            **drift_metadata(result),
+            "html": dg.MetadataValue.path(str(files.get("html", ""))),
+            "json": dg.MetadataValue.path(str(files["json"])),
+        },
+    )
+
+
+class FineTuneRunConfig(dg.Config):
+    window: str | None = None  # the drift window that asked for it
+    reason: str | None = None
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch", "mlflow"},
+    ins={"preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache"))},
+    description="The production model fine-tuned at a low learning rate on the training split "
+    "plus the labeled live images in the retained store, then evaluated like any model.",
+)
+def finetuned_model(
+    context: dg.AssetExecutionContext,
+    config: FineTuneRunConfig,
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+) -> dg.Output[FineTuneResult]:
+    settings = platform.settings()
+    reason = config.reason or (f"drift in window {config.window}" if config.window else None)
+    result = finetune_production(
+        settings, preprocessed_cache, reason=reason, dagster_run_id=context.run.run_id
+    )
+    summary = result.summary()
+    return dg.Output(
+        result,
+        metadata={
+            **{k: v for k, v in summary.items() if not isinstance(v, dict)},
+            "labeled_per_class": dg.MetadataValue.json(summary["labeled_per_class"]),
+            "window": config.window or "",
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"onnx", "mlflow"},
+    ins={
+        "finetuned_model": dg.AssetIn(dg.AssetKey("finetuned_model")),
+        "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+    },
+    description="The fine-tuned model exported (parity-checked), registered, and made the "
+    "'shadow' candidate the service scores beside production.",
+)
+def shadow_candidate(
+    context: dg.AssetExecutionContext,
+    platform: PlatformSettings,
+    finetuned_model: FineTuneResult,
+    preprocessed_cache: PreprocessedCache,
+) -> dg.Output[dict]:
+    settings = platform.settings()
+    exported, info = register_finetuned(
+        settings,
+        preprocessed_cache,
+        finetuned_model,
+        triggered_by=f"dagster:{context.run.run_id}",
+        reason=finetuned_model.trained.mlflow_run_id,
+    )
+    return dg.Output(
+        {"version": info.version, "base_version": finetuned_model.base.version},
+        metadata={
+            "shadow_version": info.version,
+            "finetuned_from": finetuned_model.base.version,
+            "onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
+            "int8": "kept" if exported.int8 and exported.int8.kept else "not kept",
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"mlflow"},
+    deps=[shadow_candidate],
+    ins={"preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache"))},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "promotion_gate",
+            asset="shadow_evaluation",
+            description="Shadow vs production on the test split and on labeled live traffic.",
+        )
+    ],
+    description="The shadow candidate against production on the held-out test split, on live "
+    "shadow traffic with feedback labels, and by agreement rate; the promotion gate decides and "
+    "the decision is recorded in the registry.",
+)
+def shadow_evaluation(
+    context: dg.AssetExecutionContext,
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+):
+    settings = platform.settings()
+    outcome = evaluate_shadow(
+        settings, preprocessed_cache, triggered_by=f"dagster:{context.run.run_id}"
+    )
+    decision = outcome.decision
+    context.log.info(outcome.summary())
+    checks = "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
+        f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
+        for c in decision.checks
+    )
+    live = outcome.live
+    yield dg.Output(
+        outcome.to_dict(),
+        metadata={
+            "candidate": outcome.candidate,
+            "production_before": outcome.production_before or "none",
+            "promoted": outcome.promoted,
+            "decision": decision.summary(),
+            "gate": dg.MetadataValue.md(checks),
+            "live_scored": live.n_scored,
+            "live_labeled": live.n_labeled,
+            **({"agreement_rate": live.agreement_rate} if live.agreement_rate is not None else {}),
+            **({"live_candidate_auc": live.candidate_auc} if live.candidate_auc else {}),
+            **({"live_production_auc": live.production_auc} if live.production_auc else {}),
+            "record": dg.MetadataValue.path(str(outcome.record_path)),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="promotion_gate",
+        passed=decision.passed,
+        severity=dg.AssetCheckSeverity.WARN,  # a refusal is the gate working
+        metadata={"summary": decision.summary(), "failed": ", ".join(decision.failed_checks)},
+    )
+
+
+drift_check_job = dg.define_asset_job(
+    DRIFT_CHECK_JOB,
+    selection=[drift_report],
+    partitions_def=DRIFT_WINDOWS,
+    description="The drift report of one window.",
+)
+fine_tune_job = dg.define_asset_job(
+    FINE_TUNE_JOB,
+    selection=[finetuned_model, shadow_candidate],
+    description="Fine-tune production on training + labeled live data; register as shadow.",
+)
+evaluate_shadow_job = dg.define_asset_job(
+    EVALUATE_SHADOW_JOB,
+    selection=[shadow_evaluation],
+    description="Gate the shadow candidate against production; promote or refuse it.",
+)
+
+
+def initial_drift_cursor(instance: dg.DagsterInstance) -> DriftCursor:
+    """A sensor without a cursor (new deployment of the daemon, or the demo's windows judged
+    outside it) resumes after the newest window already in the instance."""
+    ends = [
+        int(key.split("-")[2])
+        for key in instance.get_dynamic_partitions(DRIFT_WINDOWS.name)
+        if key.startswith("ids-")
+    ]
+    return DriftCursor(last_id=max(ends, default=0))
+
+
+def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
+    interval = settings.drift_check_interval_seconds
+
+    @dg.sensor(
+        name=DRIFT_SENSOR,
+        jobs=[drift_check_job, fine_tune_job],
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Cuts the inference log into windows of CXR_DRIFT_WINDOW_SIZE records, "
+        "requests a drift report per window and the fine-tune job when the drift rule fires.",
+    )
+    def drift_sensor(context: dg.SensorEvaluationContext, platform: PlatformSettings):
+        cursor = (
+            DriftCursor.from_json(context.cursor)
+            if context.cursor
+            else initial_drift_cursor(context.instance)
+        )
+        step = drift_sensor_step(platform.settings(), cursor)
+        if step.result is None:
+            return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.cursor.to_json())
+        window = step.window
+        assert window is not None
+        context.log.info(f"{step.result.summary()}; {step.finetune_note}")
+        requests = [
+            dg.RunRequest(
+                job_name=DRIFT_CHECK_JOB,
+                partition_key=window,
+                run_key=f"drift-{window}",
+                tags={"cxr/drift_fired": str(step.result.fired).lower()},
+            )
+        ]
+        if step.request_finetune:
+            requests.append(
+                dg.RunRequest(
+                    job_name=FINE_TUNE_JOB,
+                    run_key=f"fine-tune-{window}",
+                    run_config={
+                        "ops": {
+                            "finetuned_model": {
+                                "config": {"window": window, "reason": step.result.summary()}
+                            }
+                        }
+                    },
+                    tags={"cxr/drift_window": window},
+                )
+            )
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request([window])],
+            cursor=step.cursor.to_json(),
+        )
+
+    @dg.sensor(
+        name=SHADOW_SENSOR,
+        job=evaluate_shadow_job,
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Requests the shadow evaluation once the shadow has scored "
+        "CXR_SHADOW_MIN_RECORDS live requests.",
+    )
+    def shadow_sensor(context: dg.SensorEvaluationContext, platform: PlatformSettings):
+        step = shadow_sensor_step(platform.settings(), context.cursor or None)
+        if step.candidate is None:
+            return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.evaluated_version)
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"evaluate-shadow-v{step.candidate}",
+                    tags={"cxr/shadow_version": step.candidate},
+                )
+            ],
+            cursor=step.evaluated_version,
+        )
+
+    @dg.schedule(
+        name=DAILY_SCHEDULE,
+        cron_schedule=settings.drift_report_cron,
+        job=drift_check_job,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Yesterday's traffic (UTC) as one drift report, whatever the sensor did.",
+    )
+    def daily_drift_report(context: dg.ScheduleEvaluationContext, platform: PlatformSettings):
+        settings = platform.settings()
+        key = day_window(previous_utc_day(context.scheduled_execution_time))
+        log = InferenceLog(settings.inference_log_uri)
+        try:
+            records = window_records(log, key)
+        finally:
+            log.dispose()
+        if records.empty:
+            return dg.SkipReason(f"no inference records in {key}")
+        context.instance.add_dynamic_partitions(DRIFT_WINDOWS.name, [key])
+        return dg.RunRequest(partition_key=key, run_key=f"daily-{key}")
+
+    return {
+        "assets": [drift_report, finetuned_model, shadow_candidate, shadow_evaluation],
+        "jobs": [drift_check_job, fine_tune_job, evaluate_shadow_job],
+        "sensors": [drift_sensor, shadow_sensor],
+        "schedules": [daily_drift_report],
+    }
