@@ -111,7 +111,7 @@ class CxrSettings(BaseSettings):
     drift_check_interval_seconds: int = Field(
         default=300, ge=1, description="How often the drift sensor looks at the inference log."
     )
-    drift_feature_p_value: float = Field(default=0.05, gt=0, lt=1)
+    drift_feature_p_value: float = Field(default=0.01, gt=0, lt=1)
     drift_input_share: float = Field(
         default=0.5, gt=0, le=1, description="Input drift: share of features that drifted."
     )

@@ -35,7 +35,7 @@ from cxr_platform.deployment.registry import (
 )
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.pipeline import TrainedModel, tracker_for
-from cxr_platform.monitoring.reference import original_size, reference_frame, write_reference
+from cxr_platform.monitoring.reference import reference_from_cache, write_reference
 from cxr_platform.provenance import git_commit
 from cxr_platform.settings import CxrSettings
 
@@ -120,18 +120,9 @@ def export_trained(
 
 
 def write_monitoring_reference(export_dir: Path, cache: PreprocessedCache) -> Path:
-    """Drift monitoring's reference, from the validation split scored by the exported model
-    itself (ONNX Runtime, calibrated), so it matches what the service will log."""
-    predictor = Predictor(export_dir)
-    images = cache.images("val", mmap=False)
-    probabilities = np.concatenate(
-        [predictor.probabilities(images[i : i + 128]) for i in range(0, len(images), 128)]
-    )
-    sizes = [original_size(path) for path in cache.index("val")["path"]]
-    frame = reference_frame(
-        images, probabilities, cache.labels("val"), predictor.threshold, sizes=sizes
-    )
-    return write_reference(export_dir, frame)
+    """Drift monitoring's reference, scored by the exported model itself (ONNX Runtime,
+    calibrated), so it matches what the service will log."""
+    return write_reference(export_dir, reference_from_cache(cache, Predictor(export_dir)))
 
 
 def register_exported(

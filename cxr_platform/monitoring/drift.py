@@ -39,7 +39,7 @@ class DriftError(CxrError):
 
 @dataclass(frozen=True)
 class DriftRule:
-    feature_p_value: float = 0.05  # a feature drifts below this K-S p-value
+    feature_p_value: float = 0.01  # a feature drifts below this K-S p-value
     input_drift_share: float = 0.5  # input drift: at least this share of features drift
     severe_p_value: float = 1e-6  # ... or one feature is this far off (a new detector size)
     prediction_p_value: float = 0.01  # prediction drift: probability K-S p-value below this
@@ -114,15 +114,32 @@ def wilson_upper(successes: int, n: int, z: float = 1.96) -> float:
     return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
+def _auc_of(reference: pd.DataFrame) -> float | None:
+    truth = (reference["label"] == "PNEUMONIA").to_numpy()
+    if not len(reference) or truth.all() or not truth.any():
+        return None
+    return float(roc_auc_score(truth, reference[PROBABILITY].to_numpy()))
+
+
 def _performance(
-    labeled: pd.DataFrame, expected: dict[str, float], rule: DriftRule
+    labeled: pd.DataFrame,
+    expected: dict[str, float],
+    rule: DriftRule,
+    *,
+    reference_auc: float | None = None,
 ) -> tuple[PerformanceWindow, list[str]]:
-    """Judged against what the version's evaluation can vouch for: the lower end of its test
-    AUC's 95% CI (a small test split can be lucky), and the window's sensitivity only when
-    even its Wilson upper bound is below the test figure by more than the allowed drop."""
+    """Judged against the least the version's own evaluations vouch for: the lower end of its
+    test AUC's 95% CI or its validation AUC (in the reference), whichever is lower, since a
+    small split can be lucky; and the window's sensitivity only when even its Wilson upper
+    bound is below the test figure by more than the allowed drop."""
     truth = (labeled["feedback_label"] == "PNEUMONIA").to_numpy()
     predicted = (labeled["label"] == "PNEUMONIA").to_numpy()
-    expected_auc = expected.get("test_auc_ci_low", expected.get("test_auc"))
+    vouched = [
+        value
+        for value in (expected.get("test_auc_ci_low", expected.get("test_auc")), reference_auc)
+        if value is not None
+    ]
+    expected_auc = min(vouched) if vouched else None
     window = PerformanceWindow(
         n_labeled=len(labeled),
         auc=None,
@@ -142,8 +159,8 @@ def _performance(
     window = replace(window, auc=auc, sensitivity=sensitivity, specificity=specificity)
     if expected_auc is not None and auc < expected_auc - rule.max_auc_drop:
         reasons.append(
-            f"AUC on {len(labeled)} labeled {auc:.3f} < {expected_auc:.3f} (test AUC, lower 95% "
-            f"bound) - {rule.max_auc_drop:g}"
+            f"AUC on {len(labeled)} labeled {auc:.3f} < {expected_auc:.3f} (the lower of test "
+            f"AUC's 95% bound and validation AUC) - {rule.max_auc_drop:g}"
         )
     expected_sensitivity = window.expected_sensitivity
     upper = wilson_upper(detected, int(truth.sum()))
@@ -207,7 +224,8 @@ def evaluate_window(
 
     probability_p = p_values[PROBABILITY]
     positive_rate = float((scored["label"] == "PNEUMONIA").mean())
-    reference_rate = float((reference[PREDICTED] == "PNEUMONIA").mean())
+    scored_reference = reference[reference[PROBABILITY].notna()]
+    reference_rate = float((scored_reference[PREDICTED] == "PNEUMONIA").mean())
     prediction_drift = False
     if probability_p < rule.prediction_p_value:
         prediction_drift = True
@@ -217,7 +235,9 @@ def evaluate_window(
         reasons.append(f"positive rate {positive_rate:.2f} vs reference {reference_rate:.2f}")
 
     labeled = scored[scored["feedback_label"].notna()] if "feedback_label" in scored else scored[:0]
-    performance, performance_reasons = _performance(labeled, expected_metrics or {}, rule)
+    performance, performance_reasons = _performance(
+        labeled, expected_metrics or {}, rule, reference_auc=_auc_of(scored_reference)
+    )
     reasons += performance_reasons
     return DriftResult(
         window=window,
