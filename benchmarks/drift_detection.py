@@ -88,6 +88,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50, 100, 200])
     parser.add_argument("--severities", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--mixed",
+        type=int,
+        nargs="*",
+        default=None,
+        help="also: shifted images needed among in-distribution ones in one full window "
+        "(counts to try, e.g. 10 20 50 100)",
+    )
     parser.add_argument("--no-labels", action="store_true", help="judge without feedback labels")
     parser.add_argument("--source-csv", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=20261126)
@@ -111,6 +119,7 @@ def main() -> None:
         reference = reference_from_cache(cache_of(settings.cache_dir), predictor)
     expected = production.metrics
     needed = args.windows * size
+    n_shifted = max([*args.sizes, *(args.mixed or [])])
     if args.source_csv is not None:
         listed = pd.read_csv(args.source_csv)
         pool = [
@@ -119,7 +128,7 @@ def main() -> None:
         ]
         pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
     else:
-        pool = synthetic_traffic(settings, needed + max(args.sizes), seed=args.seed)
+        pool = synthetic_traffic(settings, needed + n_shifted, seed=args.seed)
     started = time.perf_counter()
     in_distribution = log_rows(predictor, pool[: min(needed, len(pool))], "none", 1.0, args.seed)
     if args.no_labels:
@@ -169,11 +178,9 @@ def main() -> None:
         )
         baseline.append(fired / args.repeats)
     print("  none (false alarms) " + "".join(f"{b:>7.0%}" for b in baseline))
-    shifted_pool = (
-        pool[-max(args.sizes) :]
-        if len(pool) >= needed + max(args.sizes)
-        else pool[: max(args.sizes)]
-    )
+    # Shifted images come from patients the in-distribution windows did not use.
+    shifted_pool = pool[-n_shifted:] if len(pool) >= needed + n_shifted else pool[:n_shifted]
+    mixed_rates: dict[tuple[str, float], list[float]] = {}
     for shift in SHIFT_NAMES[1:]:
         for severity in args.severities:
             rows = log_rows(predictor, shifted_pool, shift, severity, args.seed)
@@ -198,6 +205,38 @@ def main() -> None:
                 f"  {shift:<11} {severity:<5g} "
                 + "".join(f"{r:>7.0%}" for r in rates)
                 + f"   {first if first else '> ' + str(max(args.sizes))}"
+            )
+            if args.mixed:
+                mixed_rates.setdefault((shift, severity), [])
+                for k in args.mixed:
+                    fired = 0
+                    for _ in range(args.repeats):
+                        window = pd.concat(
+                            [
+                                rows.sample(k, random_state=int(rng.integers(2**31))),
+                                in_distribution.sample(
+                                    size - k, random_state=int(rng.integers(2**31))
+                                ),
+                            ]
+                        )
+                        fired += evaluate_window(
+                            reference,
+                            window,
+                            window="m",
+                            rule=rule,
+                            model_version=production.version,
+                            expected_metrics=expected,
+                        ).fired
+                    mixed_rates[(shift, severity)].append(fired / args.repeats)
+    if args.mixed:
+        print(f"\nMixed: shifted images among {size} in one window; share of windows that fire")
+        print("  shift       sev   " + "".join(f"{k:>7}" for k in args.mixed) + "   images needed")
+        for (shift, severity), rates in mixed_rates.items():
+            first = next((k for k, r in zip(args.mixed, rates, strict=True) if r >= 0.9), None)
+            print(
+                f"  {shift:<11} {severity:<5g} "
+                + "".join(f"{r:>7.0%}" for r in rates)
+                + f"   {first if first else '> ' + str(max(args.mixed))}"
             )
     print(f"\n({time.perf_counter() - started:.0f} s)")
 

@@ -230,7 +230,6 @@ def shadow_evaluation(
 drift_check_job = dg.define_asset_job(
     DRIFT_CHECK_JOB,
     selection=[drift_report],
-    partitions_def=DRIFT_WINDOWS,
     description="The drift report of one window.",
 )
 fine_tune_job = dg.define_asset_job(
