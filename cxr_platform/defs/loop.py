@@ -30,10 +30,6 @@ class SensorTick:
     skip_reason: str | None
     runs: list[tuple[str, dg.ExecuteInProcessResult]] = field(default_factory=list)
 
-    @property
-    def succeeded(self) -> bool:
-        return all(result.success for _, result in self.runs)
-
     def run_for(self, job_name: str) -> dg.ExecuteInProcessResult | None:
         return next((result for name, result in self.runs if name == job_name), None)
 

@@ -158,7 +158,6 @@ def shadow_candidate(
         preprocessed_cache,
         finetuned_model,
         triggered_by=f"dagster:{context.run.run_id}",
-        reason=finetuned_model.trained.mlflow_run_id,
     )
     return dg.Output(
         {"version": info.version, "base_version": finetuned_model.base.version},

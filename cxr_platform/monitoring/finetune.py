@@ -81,6 +81,7 @@ class FineTuneResult:
     trained: TrainedModel
     report: EvaluationReport
     labeled: LabeledExamples
+    reason: str | None = None
 
     def summary(self) -> dict[str, Any]:
         test = self.report.splits["test"]
@@ -171,7 +172,7 @@ def finetune_production(
         trained,
         out_dir=settings.reports_dir / "finetune" / trained.mlflow_run_id,
     )
-    return FineTuneResult(base, trained, report, labeled)
+    return FineTuneResult(base, trained, report, labeled, reason)
 
 
 def register_finetuned(
@@ -180,7 +181,6 @@ def register_finetuned(
     result: FineTuneResult,
     *,
     triggered_by: str,
-    reason: str | None = None,
 ) -> tuple[ExportedModel, ModelVersionInfo]:
     """Export with the parity check, register, and make it the shadow candidate."""
     exported = deployment.export_trained(settings, cache, result.trained)
@@ -192,7 +192,7 @@ def register_finetuned(
         data_dir=result.base.tags.get("cxr.data_dir"),
         extra_tags={
             "cxr.finetuned_from": result.base.version,
-            "cxr.finetune_reason": reason,
+            "cxr.finetune_reason": result.reason,
             "cxr.labeled_examples": len(result.labeled.request_ids),
         },
     )

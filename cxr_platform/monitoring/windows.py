@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
@@ -134,7 +134,6 @@ class DriftStep:
     result: DriftResult | None = None
     request_finetune: bool = False
     finetune_note: str = ""
-    details: dict = field(default_factory=dict)
 
 
 def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:

@@ -128,6 +128,7 @@ def test_shifted_traffic_fine_tunes_a_shadow_that_the_gate_promotes(trained_home
     assert shadow is not None and int(shadow) > int(before)
     candidate = registry.get(shadow)
     assert candidate.tags["cxr.finetuned_from"] == before
+    assert report.fired_window in candidate.tags["cxr.finetune_reason"]  # why it was trained
     # Everything labeled before the fine-tune started was training data: both windows.
     assert int(candidate.tags["cxr.labeled_examples"]) == 2 * WINDOW
     # The shadow scored live traffic, the gate decided, production moved and is served.
