@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.errors import CxrError
@@ -43,7 +44,8 @@ class DriftRule:
     input_drift_share: float = 0.5  # input drift: at least this share of features drift
     severe_p_value: float = 1e-6  # ... or one feature is this far off (a new detector size)
     prediction_p_value: float = 0.01  # prediction drift: probability K-S p-value below this
-    positive_rate_change: float = 0.2  # ... or the positive rate moves this much (absolute)
+    positive_rate_change: float = 0.2  # ... or the positive rate moves this much (absolute,
+    # and significantly at prediction_p_value)
     min_labeled: int = 30  # performance is judged only with this many labels (both classes)
     max_auc_drop: float = 0.10  # performance drift: AUC this far below the test AUC
     max_sensitivity_drop: float = 0.10
@@ -230,9 +232,20 @@ def evaluate_window(
     if probability_p < rule.prediction_p_value:
         prediction_drift = True
         reasons.append(f"probability distribution drifted (K-S p={probability_p:.2g})")
-    if abs(positive_rate - reference_rate) >= rule.positive_rate_change:
+    positives = int((scored["label"] == "PNEUMONIA").sum())
+    # A large change in a small window is noise: the binomial test keeps it from firing.
+    rate_p = float(
+        binomtest(positives, len(scored), min(max(reference_rate, 1e-6), 1 - 1e-6)).pvalue
+    )
+    if (
+        abs(positive_rate - reference_rate) >= rule.positive_rate_change
+        and rate_p < rule.prediction_p_value
+    ):
         prediction_drift = True
-        reasons.append(f"positive rate {positive_rate:.2f} vs reference {reference_rate:.2f}")
+        reasons.append(
+            f"positive rate {positive_rate:.2f} vs reference {reference_rate:.2f} "
+            f"(binomial p={rate_p:.2g})"
+        )
 
     labeled = scored[scored["feedback_label"].notna()] if "feedback_label" in scored else scored[:0]
     performance, performance_reasons = _performance(
