@@ -81,8 +81,14 @@ def check_window(
 ) -> DriftResult:
     """The window against the reference of the version that scored most of it."""
     registry = registry or registry_for(settings)
-    log = log or InferenceLog(settings.inference_log_uri)
-    records = window_records(log, key)
+    if log is None:
+        own_log = InferenceLog(settings.inference_log_uri)
+        try:
+            records = window_records(own_log, key)
+        finally:
+            own_log.dispose()
+    else:
+        records = window_records(log, key)
     if records.empty:
         raise WindowError(f"window {key} holds no inference records")
     version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
