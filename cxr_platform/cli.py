@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from cxr_platform.errors import CxrError
+from cxr_platform.monitoring import SHIFT_NAMES
 from cxr_platform.settings import CxrSettings, load_settings
 
 EXIT_USAGE = 2
@@ -94,7 +95,7 @@ DEMO_MONITORING_DEFAULTS = {"CXR_DRIFT_WINDOW_SIZE": "100", "CXR_SHADOW_MIN_RECO
 )
 @click.option(
     "--shift",
-    type=click.Choice(["contrast", "noise", "blur", "resolution", "exposure", "invert"]),
+    type=click.Choice(SHIFT_NAMES[1:]),
     default="contrast",
     show_default=True,
     help="The acquisition shift the loop's traffic carries.",
@@ -759,7 +760,7 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
 @cli.command("simulate-drift")
 @click.option(
     "--shift",
-    type=click.Choice(["none", "contrast", "noise", "blur", "resolution", "exposure", "invert"]),
+    type=click.Choice(SHIFT_NAMES),
     required=True,
     help="none sends in-distribution traffic.",
 )

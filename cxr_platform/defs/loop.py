@@ -79,13 +79,19 @@ def tick_sensor(
 
 
 def wait_for_service_versions(
-    url: str, *, production: str | None, shadow: str | None, timeout: float = 60.0
+    url: str,
+    *,
+    production: str | None,
+    shadow: str | None,
+    timeout: float = 60.0,
+    api_key: str | None = None,
 ) -> dict:
     """Until the service's ``GET /model`` shows these versions (it polls the registry)."""
     deadline = time.monotonic() + timeout
     seen: dict = {}
     while time.monotonic() < deadline:
-        seen = httpx.get(f"{url}/model", timeout=10).json()
+        headers = {"X-API-Key": api_key} if api_key else {}
+        seen = httpx.get(f"{url}/model", timeout=10, headers=headers).json()
         current = (seen.get("production") or {}).get("model_version")
         candidate = (seen.get("shadow") or {}).get("model_version")
         if current == production and candidate == shadow:
@@ -137,6 +143,8 @@ def run_monitoring_loop(
     if settings.mlflow_tracking_uri:
         env["CXR_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     log_path = settings.home / "demo-service.log"
+    # The service inherits this environment, so a configured API key applies to it too.
+    api_key = settings.service_api_key.get_secret_value() if settings.service_api_key else None
     drift_cursor: str | None = None
     shadow_cursor: str | None = None
     with ServiceProcess(env=env, log_path=log_path) as service:
@@ -144,7 +152,9 @@ def run_monitoring_loop(
 
         def traffic(kind: str, seed: int, n: int) -> SimulationReport:
             images = synthetic_traffic(settings, n, seed)
-            sent = send_traffic(service.url, images, shift=kind, labels=True, seed=seed)
+            sent = send_traffic(
+                service.url, images, shift=kind, labels=True, seed=seed, api_key=api_key
+            )
             report.traffic.append(sent)
             say(f"traffic: {sent.summary()}")
             return sent
@@ -174,7 +184,7 @@ def run_monitoring_loop(
         shadow = registry.get(SHADOW).version
         report.shadow_version = shadow
         say(f"fine_tune: run {finetune.run_id} registered version {shadow} as shadow")
-        wait_for_service_versions(service.url, production=before, shadow=shadow)
+        wait_for_service_versions(service.url, production=before, shadow=shadow, api_key=api_key)
 
         traffic(shift, settings.seed + 103, max(settings.shadow_min_records, 1))
         shadow_tick = tick_sensor(defs, instance, SHADOW_SENSOR, shadow_cursor)
@@ -200,7 +210,7 @@ def run_monitoring_loop(
         )
         after = registry.get(PRODUCTION).version
         report.production_after = after
-        wait_for_service_versions(service.url, production=after, shadow=None)
+        wait_for_service_versions(service.url, production=after, shadow=None, api_key=api_key)
         say(f"service now answers with production version {after}")
         if report.promoted:
             traffic(shift, settings.seed + 104, min(window, 50))

@@ -16,6 +16,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from cxr_platform.errors import CxrError
+from cxr_platform.monitoring import SHIFT_NAMES
 
 ShiftFunction = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -68,7 +69,7 @@ SHIFTS: dict[str, ShiftFunction] = {
     "exposure": _exposure,
     "invert": _invert,
 }
-SHIFT_NAMES = tuple(SHIFTS)
+assert tuple(SHIFTS) == SHIFT_NAMES
 
 
 def apply_shift(
