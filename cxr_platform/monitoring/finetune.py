@@ -172,7 +172,9 @@ def finetune_production(
         trained,
         out_dir=settings.reports_dir / "finetune" / trained.mlflow_run_id,
     )
-    return FineTuneResult(base, trained, report, labeled, reason)
+    # The result is pickled by Dagster's IO manager: keep the ids and labels, not the pixels.
+    kept = replace(labeled, images=labeled.images[:0])
+    return FineTuneResult(base, trained, report, kept, reason)
 
 
 def register_finetuned(
