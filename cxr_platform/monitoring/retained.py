@@ -1,8 +1,9 @@
 """The labeled store: model inputs that received a feedback label, kept as training data.
 
-The service keeps each request's model input (the preprocessed uint8 square, as a PNG with no
-metadata: no DICOM header, no file name, only the random request id) in ``pending/`` for a
-limited time. Feedback moves it to ``labeled/``, where the fine-tune job finds it. The label
+The service keeps each request's model input (the preprocessed uint8 square; no DICOM header,
+no file name, only the random request id) in ``pending/`` for a limited time, as a raw ``.npy``:
+writing one costs ~0.1 ms where a PNG encode costs ~1.5 ms on the scoring thread. Feedback
+compresses it to a PNG in ``labeled/``, where the fine-tune job finds it. The label
 itself stays in the inference log (the latest feedback wins), so a corrected label needs no
 file move. Pending inputs nobody labeled are deleted after the retention period.
 """
@@ -13,6 +14,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,19 +41,23 @@ class RetainedInputs:
     def _path(self, folder: Path, request_id: str) -> Path:
         return folder / f"{request_id}.png"
 
+    def _pending_path(self, request_id: str) -> Path:
+        return self.pending / f"{request_id}.npy"
+
+    @staticmethod
+    def _write_atomically(target: Path, data: bytes) -> None:
+        """Written to a temporary name, then renamed: a reader never sees half a file."""
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
     def keep(self, request_id: str, pixels: np.ndarray) -> None:
-        """Written to a temporary name, then renamed: a reader never sees half a PNG."""
         if not _valid(request_id):
             raise ValueError(f"not a request id: {request_id!r}")
         self.pending.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(
-            buffer, format="PNG", compress_level=1
-        )
-        target = self._path(self.pending, request_id)
-        tmp = target.with_name(f".{request_id}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, target)
+        np.save(buffer, np.asarray(pixels, dtype=np.uint8), allow_pickle=False)
+        self._write_atomically(self._pending_path(request_id), buffer.getvalue())
 
     def mark_labeled(self, request_id: str) -> bool:
         """True when the input is (now) in the labeled store."""
@@ -60,11 +66,16 @@ class RetainedInputs:
         target = self._path(self.labeled, request_id)
         if target.exists():
             return True
-        self.labeled.mkdir(parents=True, exist_ok=True)
+        pending = self._pending_path(request_id)
         try:
-            os.replace(self._path(self.pending, request_id), target)
+            pixels = np.load(pending, allow_pickle=False)
         except FileNotFoundError:
             return target.exists()  # pruned, never kept, or moved by a concurrent feedback
+        self.labeled.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
+        self._write_atomically(target, buffer.getvalue())
+        pending.unlink(missing_ok=True)
         return True
 
     def labeled_ids(self) -> set[str]:

@@ -41,10 +41,10 @@ def test_prune_removes_only_old_unlabeled_inputs(tmp_path):
     for request_id in ("old0000001", "new0000001", "lab0000001"):
         store.keep(request_id, pixels)
     store.mark_labeled("lab0000001")
-    old = store.pending / "old0000001.png"
+    old = store.pending / "old0000001.npy"
     an_hour_ago = time.time() - 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert store.prune(max_age_seconds=60) == 1
     assert not old.exists()
-    assert (store.pending / "new0000001.png").exists()
+    assert (store.pending / "new0000001.npy").exists()
     assert store.labeled_ids() == {"lab0000001"}
