@@ -15,6 +15,7 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import evaluation_report_key, png_markdown, trained_model_key
 from cxr_platform.deployment import pipeline as deployment
+from cxr_platform.deployment.gate import GateDecision
 from cxr_platform.deployment.registry import RegistryEvent
 from cxr_platform.explain.report import explain_checkpoint
 from cxr_platform.models.evaluation import EvaluationReport
@@ -142,6 +143,13 @@ def _per_architecture(arch: str) -> list:
     return [gradcam_gallery, exported_model]
 
 
+def gate_checks_markdown(decision: GateDecision) -> str:
+    return "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
+        f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
+        for c in decision.checks
+    )
+
+
 def registry_event_metadata(event: RegistryEvent) -> dict[str, Any]:
     return {
         "action": event.action,
@@ -250,10 +258,7 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
             triggered_by=f"dagster:{context.run.run_id}",
         )
         decision = outcome.decision
-        checks = "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
-            f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
-            for c in decision.checks
-        )
+        checks = gate_checks_markdown(decision)
         production = outcome.production_version
         yield dg.Output(
             {

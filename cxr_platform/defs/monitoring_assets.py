@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 
 from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.drift import DriftResult, save_drift_report
@@ -197,10 +198,7 @@ def shadow_evaluation(
     )
     decision = outcome.decision
     context.log.info(outcome.summary())
-    checks = "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
-        f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
-        for c in decision.checks
-    )
+    checks = gate_checks_markdown(decision)
     live = outcome.live
     yield dg.Output(
         outcome.to_dict(),
