@@ -206,9 +206,7 @@ def score_version(
             f"version {info.version} expects {size}x{size} inputs; the evaluation data is "
             f"{data.images.shape[1]}x{data.images.shape[2]}: rebuild the cache with its settings"
         )
-    probabilities = np.concatenate(
-        [predictor.probabilities(data.images[i : i + 128]) for i in range(0, len(data.images), 128)]
-    )
+    probabilities = predictor.probabilities_in_batches(data.images)
     return score_predictions(data.labels, probabilities, predictor.threshold, version=info.version)
 
 

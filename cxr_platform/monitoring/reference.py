@@ -82,9 +82,7 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
         images = cache.images(split, mmap=False)
         probabilities = None
         if split == "val":
-            probabilities = np.concatenate(
-                [predictor.probabilities(images[i : i + 128]) for i in range(0, len(images), 128)]
-            )
+            probabilities = predictor.probabilities_in_batches(images)
         sizes = [original_size(path) for path in cache.index(split)["path"]]
         labels = cache.labels(split)
         frames.append(
