@@ -106,16 +106,6 @@ def _present(frame: pd.DataFrame, column: str) -> bool:
     return column in frame and frame[column].notna().any()
 
 
-def wilson_upper(successes: int, n: int, z: float = 1.96) -> float:
-    """Upper end of the Wilson score interval of a proportion."""
-    if n == 0:
-        return 1.0
-    p = successes / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z * z / n))
-
-
 def _auc_of(reference: pd.DataFrame) -> float | None:
     truth = (reference["label"] == "PNEUMONIA").to_numpy()
     if not len(reference) or truth.all() or not truth.any():
@@ -165,7 +155,7 @@ def _performance(
             f"AUC's 95% bound and validation AUC) - {rule.max_auc_drop:g}"
         )
     expected_sensitivity = window.expected_sensitivity
-    upper = wilson_upper(detected, int(truth.sum()))
+    upper = float(binomtest(detected, int(truth.sum())).proportion_ci(0.95, "wilson").high)
     if (
         expected_sensitivity is not None
         and upper < expected_sensitivity - rule.max_sensitivity_drop
