@@ -77,18 +77,17 @@ def check_window(
     key: str,
     *,
     registry: ModelRegistry | None = None,
-    log: InferenceLog | None = None,
+    records: pd.DataFrame | None = None,
 ) -> DriftResult:
-    """The window against the reference of the version that scored most of it."""
+    """The window against the reference of the version that scored most of it. ``records``:
+    the window's rows when the caller has just read them."""
     registry = registry or registry_for(settings)
-    if log is None:
-        own_log = InferenceLog(settings.inference_log_uri)
+    if records is None:
+        log = InferenceLog(settings.inference_log_uri)
         try:
-            records = window_records(own_log, key)
+            records = window_records(log, key)
         finally:
-            own_log.dispose()
-    else:
-        records = window_records(log, key)
+            log.dispose()
     if records.empty:
         raise WindowError(f"window {key} holds no inference records")
     version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
@@ -164,7 +163,7 @@ def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:
         key = ids_window(first, last)
         advanced = replace(cursor, last_id=last, windows=cursor.windows + 1)
         try:
-            result = check_window(settings, key, registry=registry, log=log)
+            result = check_window(settings, key, registry=registry, records=rows)
         except WindowError as exc:
             # Judging it again would fail the same way: skip it, say why, move on.
             return DriftStep(advanced, skip_reason=f"window {key} skipped: {exc}", window=key)
