@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -158,86 +159,64 @@ def main() -> None:
     for line in false_alarms:
         print(f"    {line}")
 
-    # False-alarm rate per window size, the baseline each detection rate is read against.
     rng = np.random.default_rng(args.seed + 1)
-    print(f"\nDetection: share of {args.repeats} random windows that fire, per window size")
-    header = "  shift       sev   " + "".join(f"{n:>7}" for n in args.sizes) + "   images needed"
-    print(header)
-    baseline = []
-    for n in args.sizes:
+
+    def sample(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+        return frame.sample(n, random_state=int(rng.integers(2**31)))
+
+    def fire_rate(make_window: Callable[[], pd.DataFrame]) -> float:
+        """Share of ``args.repeats`` random windows on which the rule fires."""
         fired = sum(
             evaluate_window(
                 reference,
-                in_distribution.sample(n, random_state=int(rng.integers(2**31))),
-                window="b",
+                make_window(),
+                window="r",
                 rule=rule,
                 model_version=production.version,
                 expected_metrics=expected,
             ).fired
             for _ in range(args.repeats)
         )
-        baseline.append(fired / args.repeats)
+        return fired / args.repeats
+
+    def row(label: str, counts: list[int], rates: list[float]) -> str:
+        first = next((n for n, r in zip(counts, rates, strict=True) if r >= 0.9), None)
+        return (
+            f"  {label:<17} "
+            + "".join(f"{r:>7.0%}" for r in rates)
+            + f"   {first if first else '> ' + str(max(counts))}"
+        )
+
+    # False-alarm rate per window size, the baseline each detection rate is read against.
+    print(f"\nDetection: share of {args.repeats} random windows that fire, per window size")
+    print("  shift       sev   " + "".join(f"{n:>7}" for n in args.sizes) + "   images needed")
+    baseline = [fire_rate(lambda n=n: sample(in_distribution, n)) for n in args.sizes]
     print("  none (false alarms) " + "".join(f"{b:>7.0%}" for b in baseline))
     # Shifted images come from patients the in-distribution windows did not use.
     shifted_pool = pool[-n_shifted:] if len(pool) >= needed + n_shifted else pool[:n_shifted]
-    mixed_rates: dict[tuple[str, float], list[float]] = {}
+    mixed_rates: dict[str, list[float]] = {}
     for shift in SHIFT_NAMES[1:]:
         for severity in args.severities:
             rows = log_rows(predictor, shifted_pool, shift, severity, args.seed)
             if args.no_labels:
                 rows["feedback_label"] = None
-            rates = []
-            for n in args.sizes:
-                fired = sum(
-                    evaluate_window(
-                        reference,
-                        rows.sample(n, random_state=int(rng.integers(2**31))),
-                        window="s",
-                        rule=rule,
-                        model_version=production.version,
-                        expected_metrics=expected,
-                    ).fired
-                    for _ in range(args.repeats)
-                )
-                rates.append(fired / args.repeats)
-            first = next((n for n, r in zip(args.sizes, rates, strict=True) if r >= 0.9), None)
-            print(
-                f"  {shift:<11} {severity:<5g} "
-                + "".join(f"{r:>7.0%}" for r in rates)
-                + f"   {first if first else '> ' + str(max(args.sizes))}"
-            )
+            label = f"{shift:<11} {severity:<5g}"
+            rates = [fire_rate(lambda n=n, rows=rows: sample(rows, n)) for n in args.sizes]
+            print(row(label, args.sizes, rates))
             if args.mixed:
-                mixed_rates.setdefault((shift, severity), [])
-                for k in args.mixed:
-                    fired = 0
-                    for _ in range(args.repeats):
-                        window = pd.concat(
-                            [
-                                rows.sample(k, random_state=int(rng.integers(2**31))),
-                                in_distribution.sample(
-                                    size - k, random_state=int(rng.integers(2**31))
-                                ),
-                            ]
+                mixed_rates[label] = [
+                    fire_rate(
+                        lambda k=k, rows=rows: pd.concat(
+                            [sample(rows, k), sample(in_distribution, size - k)]
                         )
-                        fired += evaluate_window(
-                            reference,
-                            window,
-                            window="m",
-                            rule=rule,
-                            model_version=production.version,
-                            expected_metrics=expected,
-                        ).fired
-                    mixed_rates[(shift, severity)].append(fired / args.repeats)
+                    )
+                    for k in args.mixed
+                ]
     if args.mixed:
         print(f"\nMixed: shifted images among {size} in one window; share of windows that fire")
         print("  shift       sev   " + "".join(f"{k:>7}" for k in args.mixed) + "   images needed")
-        for (shift, severity), rates in mixed_rates.items():
-            first = next((k for k, r in zip(args.mixed, rates, strict=True) if r >= 0.9), None)
-            print(
-                f"  {shift:<11} {severity:<5g} "
-                + "".join(f"{r:>7.0%}" for r in rates)
-                + f"   {first if first else '> ' + str(max(args.mixed))}"
-            )
+        for label, rates in mixed_rates.items():
+            print(row(label, args.mixed, rates))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 
