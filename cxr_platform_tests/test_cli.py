@@ -284,3 +284,19 @@ def test_simulate_drift_against_no_service_fails_with_a_message(tmp_path):
     assert "answered none of 3 requests" in result.stderr
     refused = _cxr("simulate-drift", "--shift", "fog", home=tmp_path / "home", env={})
     assert refused.returncode == 2 and "fog" in refused.stderr
+
+
+def test_simulate_drift_from_a_folder_too_small_for_n_says_so(tiny_synthetic, tmp_path):
+    result = _cxr(
+        "simulate-drift",
+        "--shift",
+        "blur",
+        "--n",
+        "5000",
+        "--source",
+        str(tiny_synthetic),
+        home=tmp_path / "home",
+        env={},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "5000 were asked for" in result.stderr

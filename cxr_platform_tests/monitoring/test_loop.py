@@ -19,6 +19,7 @@ from cxr_platform.defs.monitoring_assets import (
     EVALUATE_SHADOW_JOB,
     FINE_TUNE_JOB,
     SHADOW_SENSOR,
+    initial_drift_cursor,
 )
 from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
@@ -154,6 +155,8 @@ def test_shifted_traffic_fine_tunes_a_shadow_that_the_gate_promotes(trained_home
     assert (fired_report / "drift_report.html").stat().st_size > 10_000
     assert len(RetainedInputs(settings.retained_dir).labeled_ids()) >= 3 * WINDOW
 
+    # A daemon started without the loop's cursor resumes after the newest judged window.
+    assert initial_drift_cursor(instance).last_id == 2 * WINDOW
     # The sensors pick up where they stopped: too few new records, no shadow left.
     log = InferenceLog(settings.inference_log_uri)
     last_id = int(log.records()["id"].max())
