@@ -104,6 +104,11 @@ def main() -> None:
     parser.add_argument(
         "--rebuild-reference", action="store_true", help="from the home's cache, not the version"
     )
+    parser.add_argument(
+        "--validation-only-reference",
+        action="store_true",
+        help="compare inputs with the validation images only (the design the training rows fixed)",
+    )
     args = parser.parse_args()
 
     settings = load_settings()
@@ -118,6 +123,8 @@ def main() -> None:
         # A version exported before drift monitoring: make its reference the way an export
         # does, from the home's cached validation split.
         reference = reference_from_cache(cache_of(settings.cache_dir), predictor)
+    if args.validation_only_reference:
+        reference = reference[reference["split"] == "val"]
     expected = production.metrics
     needed = args.windows * size
     n_shifted = max([*args.sizes, *(args.mixed or [])])
@@ -143,7 +150,7 @@ def main() -> None:
         f"{len(reference) - n_val} training images, rule {rule.to_dict()}"
     )
     print(f"\nIn-distribution: {len(windows)} disjoint windows of {size}")
-    false_alarms = []
+    false_alarms, largest_share = [], 0.0
     for index, window in enumerate(windows):
         result = evaluate_window(
             reference,
@@ -153,9 +160,13 @@ def main() -> None:
             model_version=production.version,
             expected_metrics=expected,
         )
+        largest_share = max(largest_share, result.drift_share)
         if result.fired:
             false_alarms.append(result.summary())
-    print(f"  the rule fired in {len(false_alarms)} of {len(windows)} windows")
+    print(
+        f"  the rule fired in {len(false_alarms)} of {len(windows)} windows; largest share of "
+        f"drifted features {largest_share:.2f} (input drift needs {rule.input_drift_share:g})"
+    )
     for line in false_alarms:
         print(f"    {line}")
 
