@@ -7,10 +7,12 @@ configures a deployed service.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -73,6 +75,13 @@ class ServiceProcess:
         self.port = port or free_port()
         self.command = command or serve_command(self.port, target=target)
         self.env = service_environment(env)
+        self._own_home: str | None = None
+        if "BENTOML_HOME" not in (env or {}) and target == SERVICE_TARGET:
+            # BentoML clears $BENTOML_HOME/prometheus_multiproc_dir when a service starts, so
+            # two services sharing the default home wipe each other's /metrics. A service that
+            # follows the registry needs nothing else from that home.
+            self._own_home = tempfile.mkdtemp(prefix="cxr-bentoml-")
+            self.env["BENTOML_HOME"] = self._own_home
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -128,6 +137,9 @@ class ServiceProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._own_home is not None:
+            shutil.rmtree(self._own_home, ignore_errors=True)
+            self._own_home = None
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
