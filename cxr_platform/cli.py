@@ -757,6 +757,99 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     os.execve(command[0], command, env)  # the service owns the terminal from here
 
 
+@cli.command("dicom-node")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Default 11112.")
+@click.option("--host", default=None, help="Listen address (default 0.0.0.0).")
+@click.option("--ae-title", default=None, help="The node's AE title (default CXR_AI).")
+@click.option(
+    "--destination",
+    default=None,
+    help="Where results go, AET@HOST:PORT (the PACS or router). Without one, results wait in "
+    "the outbox.",
+)
+@click.option(
+    "--allow",
+    "allowed",
+    multiple=True,
+    help="A calling AE title allowed to associate (repeatable); default: any.",
+)
+@click.option("--max-associations", type=click.IntRange(min=1), default=None)
+@click.option("--accept-lateral/--reject-lateral", default=None, help="Classify lateral views.")
+@click.option(
+    "--results",
+    default=None,
+    help="Comma-separated objects to return: sr,seg,sc (default all three).",
+)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Require callers to present a certificate this CA signed.",
+)
+@click.pass_context
+@_fail_cleanly
+def dicom_node(
+    ctx: click.Context,
+    port: int | None,
+    host: str | None,
+    ae_title: str | None,
+    destination: str | None,
+    allowed: tuple[str, ...],
+    max_associations: int | None,
+    accept_lateral: bool | None,
+    results: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+) -> None:
+    """Run the DICOM node: receive routed chest X-rays, return SR, SEG and SC to PACS."""
+    import signal
+    import threading
+
+    from cxr_platform.pacs import build_node
+
+    if not (ctx.obj or {}).get("verbose"):
+        logging.getLogger("cxr_platform").setLevel(logging.INFO)
+    settings = _settings(ctx)
+    node = build_node(
+        settings,
+        port=port,
+        host=host,
+        ae_title=ae_title,
+        destination=destination,
+        allowed_calling_aets=allowed or None,
+        max_associations=max_associations,
+        accept_lateral=accept_lateral,
+        results=tuple(r.strip() for r in results.split(",") if r.strip()) if results else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+    )
+    if node.processor.models.current().production is None:
+        click.secho(
+            "warning: the registry has no production model yet; received images wait in the "
+            "spool until one is promoted",
+            fg="yellow",
+            err=True,
+        )
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    try:
+        node.start()
+    except OSError as exc:
+        raise CxrError(f"cannot listen on port {node.config.port}: {exc}") from exc
+    click.echo(
+        f"DICOM node {node.config.ae_title} on port {node.port}; results to "
+        f"{node.config.destination or 'the outbox only'}; state in {settings.dicom_dir}",
+    )
+    sys.stdout.flush()
+    stopped.wait()
+    node.stop()
+    click.echo(f"stopped: {node.counters}")
+
+
 @cli.command("simulate-drift")
 @click.option(
     "--shift",

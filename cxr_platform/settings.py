@@ -139,6 +139,36 @@ class CxrSettings(BaseSettings):
         default=30, ge=2, description="Labeled shadow requests needed to compare on live data."
     )
 
+    # The DICOM node (``cxr dicom-node``): a Storage SCP that PACS routes chest X-rays to.
+    dicom_ae_title: str = Field(default="CXR_AI", description="The node's own AE title.")
+    dicom_host: str = Field(default="0.0.0.0", description="Address the node listens on.")
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    dicom_destination: str | None = Field(
+        default=None, description="Where results go: AET@HOST:PORT (the PACS or the router)."
+    )
+    dicom_allowed_aets: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Calling AE titles allowed to associate (comma-separated); empty allows any.",
+    )
+    dicom_max_associations: int = Field(default=10, ge=1)
+    dicom_accept_lateral: bool = Field(
+        default=False, description="Also classify lateral views (the model saw frontal ones)."
+    )
+    dicom_results: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("sr", "seg", "sc"), description="Objects returned to PACS: any of sr, seg, sc."
+    )
+    dicom_uid_root: str = Field(
+        default="1.2.826.0.1.3680043.8.498.", description="UID root for the objects the node makes."
+    )
+    dicom_institution_name: str | None = None
+    dicom_retry_initial_seconds: float = Field(default=2.0, gt=0)
+    dicom_retry_max_seconds: float = Field(default=300.0, gt=0)
+    dicom_tls_cert: Path | None = Field(default=None, description="PEM certificate: enables TLS.")
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: when set, callers must present a certificate."
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
@@ -159,6 +189,13 @@ class CxrSettings(BaseSettings):
     @classmethod
     def _comma_separated_models(cls, value: object) -> object:
         # CXR_MODELS=baseline_cnn,resnet18,densenet121 reads more naturally than a JSON list.
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("dicom_allowed_aets", "dicom_results", mode="before")
+    @classmethod
+    def _comma_separated_names(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
@@ -257,6 +294,11 @@ class CxrSettings(BaseSettings):
     @property
     def drift_reports_dir(self) -> Path:
         return self.reports_dir / "drift"
+
+    @property
+    def dicom_dir(self) -> Path:
+        """The node's spool, outbox and state database."""
+        return self.home / "dicom"
 
     @property
     def registry_cache_dir(self) -> Path:

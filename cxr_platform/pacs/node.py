@@ -1,0 +1,358 @@
+"""The DICOM node: a Storage SCP that PACS routes chest radiographs to, and that sends the
+results back.
+
+Three threads share the durable state in :class:`NodeStorage`:
+- pynetdicom's association threads screen each C-STORE and spool accepted instances before
+  answering success (so a crash after "success" loses nothing);
+- one worker scores spooled instances in arrival order and writes their results to the outbox;
+- one sender empties the outbox into PACS, one association per study, with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from cxr_platform.errors import CxrError, ImageReadError
+from cxr_platform.pacs.processing import InstanceProcessor, TransientProcessingError
+from cxr_platform.pacs.screening import screen
+from cxr_platform.pacs.sender import Destination, ResultSender
+from cxr_platform.pacs.storage import NodeStorage
+
+log = logging.getLogger(__name__)
+
+# What modalities and PACS send radiographs in: uncompressed, and the lossless and lossy
+# compressions the platform's decoders (pylibjpeg, pyjpegls, openjpeg, RLE) handle.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # the spool could not be written
+STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
+
+
+class NodeConfigError(CxrError):
+    """A node configuration that cannot work (bad AE title, TLS files missing, ...)."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    ca: Path | None = None  # when set, callers must present a certificate it signed
+
+    def server_context(self) -> ssl.SSLContext:
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not Path(path).is_file():
+                raise NodeConfigError(f"TLS file {path} does not exist")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            context.load_verify_locations(self.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "CXR_AI"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    destination: Destination | None = None
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+    accept_lateral: bool = False
+    manufacturer: str = "cxr_platform"
+    tls: TlsConfig | None = None
+    retry_initial_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    idle_poll_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        for title in (self.ae_title, *self.allowed_calling_aets):
+            if not title or len(title) > 16 or "\\" in title:
+                raise NodeConfigError(f"AE title {title!r} must be 1-16 characters, no backslash")
+
+
+@dataclass
+class NodeCounters:
+    received: int = 0
+    ignored: int = 0
+    duplicates: int = 0
+    processed: int = 0
+    failed: int = 0
+    sent: int = 0
+
+
+class DicomNode:
+    def __init__(
+        self, config: NodeConfig, processor: InstanceProcessor, storage: NodeStorage
+    ) -> None:
+        self.config = config
+        self.processor = processor
+        self.storage = storage
+        self.counters = NodeCounters()
+        self.sender = (
+            ResultSender(
+                storage,
+                config.destination,
+                calling_ae_title=config.ae_title,
+                retry_initial_seconds=config.retry_initial_seconds,
+                retry_max_seconds=config.retry_max_seconds,
+            )
+            if config.destination is not None
+            else None
+        )
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._outbox_ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self.ae = self._application_entity()
+
+    # -- association side ------------------------------------------------------------------------
+
+    def _application_entity(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        if self.config.allowed_calling_aets:
+            ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        # Every storage SOP class, so a router that forwards a whole study gets success for the
+        # objects the node ignores (with a logged reason) instead of failed sub-operations.
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    def _on_echo(self, event) -> int:
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return STATUS_SUCCESS
+
+    def _on_store(self, event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            sop_uid = str(dataset.SOPInstanceUID)
+        except Exception as exc:
+            log.error("C-STORE from %s: unreadable dataset: %s", calling, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        self.counters.received += 1
+        verdict = screen(
+            dataset,
+            accept_lateral=self.config.accept_lateral,
+            own_manufacturer=self.config.manufacturer,
+        )
+        if not verdict.accepted:
+            self.counters.ignored += 1
+            log.info("ignored %s from %s: %s", sop_uid, calling, verdict.reason)
+            return STATUS_SUCCESS
+        if self.storage.status(sop_uid) == "processed":
+            self.counters.duplicates += 1
+            log.info("ignored %s from %s: already processed (re-sent instance)", sop_uid, calling)
+            return STATUS_SUCCESS
+        try:
+            self.storage.spool(sop_uid, event.encoded_dataset())
+        except ValueError as exc:
+            log.error("C-STORE from %s: %s", calling, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("C-STORE from %s: cannot spool %s: %s", calling, sop_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        log.info("spooled %s from %s", sop_uid, calling)
+        self._work.set()
+        return STATUS_SUCCESS
+
+    # -- worker ----------------------------------------------------------------------------------
+
+    def process_spool(self) -> int:
+        """Process every spooled instance once; returns how many were finished."""
+        finished = 0
+        for path in self.storage.spooled():
+            if self._stop.is_set():
+                break
+            try:
+                outcome = self._process_file(path)
+            except TransientProcessingError as exc:
+                log.warning("%s stays spooled: %s", path.name, exc)
+                return finished
+            finished += outcome
+        return finished
+
+    def _process_file(self, path: Path) -> int:
+        data = path.read_bytes()
+        try:
+            dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+            sop_uid = str(dataset.SOPInstanceUID)
+        except Exception as exc:
+            self._fail(path, path.stem, None, f"unreadable spool file: {exc}")
+            return 1
+        study_uid = str(dataset.get("StudyInstanceUID", ""))
+        if self.storage.status(sop_uid) == "processed":
+            path.unlink(missing_ok=True)  # re-sent while the first copy was being processed
+            return 1
+        try:
+            processed = self.processor.process(data, dataset)
+        except ImageReadError as exc:
+            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {exc.detail}")
+            return 1
+        except TransientProcessingError:
+            raise
+        except Exception as exc:  # a bug or a model failure: keep the instance for a person
+            log.exception("processing %s failed", sop_uid)
+            self._fail(path, sop_uid, study_uid, f"internal error: {exc}")
+            return 1
+        result_uids = []
+        for result in processed.results.datasets():
+            self.storage.put_result(result)
+            result_uids.append(str(result.SOPInstanceUID))
+        self.storage.mark(
+            sop_uid,
+            "processed",
+            study_instance_uid=study_uid,
+            model_version=str(processed.prediction.model_version),
+            results=result_uids,
+            detail=f"{processed.prediction.label} p={processed.prediction.probability:.4f}",
+        )
+        path.unlink(missing_ok=True)
+        self.counters.processed += 1
+        log.info(
+            "%s: %s p=%.3f (model %s v%s) in %.0f ms; %d results queued",
+            sop_uid,
+            processed.prediction.label,
+            processed.prediction.probability,
+            processed.prediction.model_name,
+            processed.prediction.model_version,
+            processed.seconds * 1000,
+            len(result_uids),
+        )
+        self._outbox_ready.set()
+        return 1
+
+    def _fail(self, path: Path, sop_uid: str, study_uid: str | None, reason: str) -> None:
+        kept = self.storage.quarantine(path)
+        self.storage.mark(sop_uid, "failed", study_instance_uid=study_uid, detail=reason)
+        self.counters.failed += 1
+        log.error("%s not processed (%s); kept in %s", sop_uid, reason, kept)
+
+    def _worker_loop(self) -> None:
+        try:
+            self.processor.warm_up()
+        except Exception:
+            log.exception("warm-up failed; the first image will load the explainer")
+        while not self._stop.is_set():
+            self._work.wait(self.config.idle_poll_seconds)
+            self._work.clear()
+            try:
+                self.process_spool()
+            except Exception:
+                log.exception("spool worker pass failed")
+
+    def _sender_loop(self) -> None:
+        assert self.sender is not None
+        while not self._stop.is_set():
+            due = self.sender.seconds_until_due()
+            wait = self.config.idle_poll_seconds if due is None else min(due, 5.0)
+            if wait > 0:
+                self._outbox_ready.wait(wait)
+            self._outbox_ready.clear()
+            if self._stop.is_set():
+                break
+            try:
+                report = self.sender.send_due()
+                self.counters.sent += report.stored
+            except Exception:
+                log.exception("sending results failed")
+                time.sleep(self.config.idle_poll_seconds)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ssl_context = self.config.tls.server_context() if self.config.tls else None
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+        )
+        pending = len(self.storage.spooled())
+        if pending:
+            log.info("%d instances left in the spool by the last run will be processed", pending)
+        self._threads = [
+            threading.Thread(target=self._worker_loop, name="cxr-dicom-worker", daemon=True)
+        ]
+        if self.sender is not None:
+            self._threads.append(
+                threading.Thread(target=self._sender_loop, name="cxr-dicom-sender", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+        self._work.set()
+        self._outbox_ready.set()
+        log.info(
+            "DICOM node %s listening on %s:%d%s; results to %s",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            " (TLS)" if ssl_context else "",
+            self.config.destination or "nowhere (no destination)",
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self._outbox_ready.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
+        self.processor.models.stop()
+
+    def __enter__(self) -> DicomNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

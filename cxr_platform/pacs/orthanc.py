@@ -1,0 +1,171 @@
+"""A real Orthanc started from ``deploy/orthanc/`` on local ports, for the tests, the benchmark
+and trying the node on one machine.
+
+The configuration shipped for hospitals is loaded as-is; only what must differ on a laptop is
+overridden (ports, storage folder, the node's host and port, no HTTP authentication on
+127.0.0.1). The Lua routing script is the shipped file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cxr_platform.errors import CxrError
+from cxr_platform.serving.process import free_port
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
+CONFIG_TEMPLATE = DEPLOY_DIR / "orthanc.json"
+ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai.lua"
+AI_MODALITY = "cxr-ai"
+
+
+class OrthancError(CxrError):
+    """Orthanc is not installed, did not start, or refused a request."""
+
+
+def orthanc_binary() -> str:
+    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise OrthancError("Orthanc is not installed (Debian: apt-get install orthanc)")
+    return found
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    ae_title: str
+    host: str
+    port: int
+
+
+class OrthancProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        node: NodeAddress,
+        *,
+        aet: str = "ORTHANC",
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        routing: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.node = node
+        self.aet = aet
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.routing = routing
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.workdir / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, Any]:
+        config = json.loads(CONFIG_TEMPLATE.read_text())
+        storage = self.workdir / "storage"
+        modality = config["DicomModalities"][AI_MODALITY]
+        modality.update({"AET": self.node.ae_title, "Host": self.node.host, "Port": self.node.port})
+        config.update(
+            {
+                "Name": f"cxr-test-{self.dicom_port}",
+                "StorageDirectory": str(storage),
+                "IndexDirectory": str(storage),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "DicomAet": self.aet,
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "LuaScripts": [str(ROUTING_SCRIPT)] if self.routing else [],
+                "Plugins": [],
+            }
+        )
+        return config
+
+    def start(self, timeout: float = 30.0) -> OrthancProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(self.config(), indent=2))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        self.process = subprocess.Popen(
+            [orthanc_binary(), str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise OrthancError(f"Orthanc exited at start-up; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/system", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise OrthancError(f"Orthanc did not answer within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> OrthancProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- REST helpers ----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs) -> Any:
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        if response.status_code >= 400:
+            raise OrthancError(f"{method} {path}: HTTP {response.status_code} {response.text}")
+        return response.json() if response.content else None
+
+    def upload(self, dicom: bytes) -> dict[str, Any]:
+        """Store one instance over REST, as a modality's upload or a PACS import would."""
+        return self._request("POST", "/instances", content=dicom)
+
+    def study_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Every instance of a study, each with its simplified main tags and SOP class."""
+        found = self._request("POST", "/tools/lookup", content=study_instance_uid)
+        studies = [item["ID"] for item in found if item["Type"] == "Study"]
+        if not studies:
+            return []
+        instances = self._request("GET", f"/studies/{studies[0]}/instances")
+        for instance in instances:
+            instance["SOPClassUID"] = self.instance_tag(instance["ID"], "0008-0016")
+        return instances
+
+    def instance_tag(self, instance_id: str, tag: str) -> str:
+        response = httpx.get(f"{self.url}/instances/{instance_id}/content/{tag}", timeout=30)
+        if response.status_code >= 400:
+            raise OrthancError(f"tag {tag} of {instance_id}: HTTP {response.status_code}")
+        return response.text.strip().rstrip("\x00").strip()
+
+    def instance_file(self, instance_id: str) -> bytes:
+        response = httpx.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        if response.status_code >= 400:
+            raise OrthancError(f"file of {instance_id}: HTTP {response.status_code}")
+        return response.content
+
+    def instance_count(self) -> int:
+        return int(self._request("GET", "/statistics")["CountInstances"])

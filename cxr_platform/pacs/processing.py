@@ -1,0 +1,190 @@
+"""One spooled radiograph -> prediction, inference-log row, Grad-CAM, and the result objects.
+
+Scoring goes through the HTTP service's own functions (``prepare_upload``, ``score_and_log``), so
+the node and the service cannot disagree on decoding, preprocessing, threshold or what the log
+records; only the ``source`` column differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from cxr_platform.data.imaging import DecodedImage
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.explainer import Explainer, content_region
+from cxr_platform.inference.live import LiveModels
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.predictor import Prediction
+from cxr_platform.pacs.results import (
+    Algorithm,
+    NodeResults,
+    build_sc,
+    build_seg,
+    build_sr,
+    heatmap_on_source_grid,
+)
+from cxr_platform.serving.core import (
+    LOG_UNAVAILABLE,
+    STALE_PREPROCESSING,
+    ScoreRequest,
+    new_request_id,
+    prepare_upload,
+    score_and_log,
+)
+
+log = logging.getLogger(__name__)
+
+RESULT_KINDS = ("sr", "seg", "sc")
+
+
+class TransientProcessingError(CxrError):
+    """Worth retrying later: no production model yet, the inference log is down, ..."""
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    results: tuple[str, ...] = RESULT_KINDS
+    manufacturer: str = "cxr_platform"
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    institution_name: str | None = None
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        unknown = set(self.results) - set(RESULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown result kinds {sorted(unknown)}; use {RESULT_KINDS}")
+
+
+@dataclass(frozen=True)
+class Processed:
+    prediction: Prediction
+    results: NodeResults
+    request_id: str
+    seconds: float
+
+
+class InstanceProcessor:
+    def __init__(
+        self,
+        models: LiveModels,
+        inference_log: InferenceLog,
+        *,
+        uid_salt: bytes,
+        model_folder: Callable[[str], Path],
+        config: ProcessorConfig = ProcessorConfig(),
+    ) -> None:
+        self.models = models
+        self.inference_log = inference_log
+        self.uid_salt = uid_salt
+        self.model_folder = model_folder
+        self.config = config
+        self._explainers: dict[str, Explainer] = {}
+        self._lock = threading.Lock()
+
+    def _explainer(self, version: str, predictor) -> Explainer:
+        with self._lock:
+            explainer = self._explainers.get(version)
+            if explainer is None:
+                explainer = Explainer(self.model_folder(version), predictor=predictor)
+                # Keep the previous version too: a promotion must not stall the queue.
+                self._explainers = {**dict(list(self._explainers.items())[-1:]), version: explainer}
+            return explainer
+
+    def warm_up(self) -> None:
+        """Load the production model's Grad-CAM network and run it once, so the first routed
+        study does not pay for it."""
+        production = self.models.current().production
+        if production is None or not ({"seg", "sc"} & set(self.config.results)):
+            return
+        explainer = self._explainer(str(production.model_version), production)
+        size = production.preprocessing.image_size
+        blank = DecodedImage(
+            pixels=np.zeros((size, size), np.float32),
+            source_format="DICOM",
+            width=size,
+            height=size,
+            mode="MONOCHROME2",
+            bit_depth=8,
+        )
+        explainer.heatmap_overlay(np.zeros((size, size), np.uint8), blank)
+
+    def process(self, data: bytes, dataset: Dataset | None = None) -> Processed:
+        """Raises :class:`ImageReadError` for an image that will never decode and
+        :class:`TransientProcessingError` for anything worth retrying."""
+        started = time.perf_counter()
+        if dataset is None:
+            dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True)
+        request_id = new_request_id()
+        for _ in range(3):  # an alias move between decode and scoring: prepare again
+            models = self.models.current()
+            production = models.production
+            if production is None:
+                raise TransientProcessingError("no production model is loaded yet")
+            upload = prepare_upload(
+                data,
+                production.preprocessing,
+                max_bytes=len(data),
+                max_pixels=self.config.max_pixels,
+                uid_salt=self.uid_salt,
+            )
+            request = ScoreRequest(
+                pixels=upload.pixels,
+                preprocessing=production.preprocessing,
+                upload=upload,
+                request_id=request_id,
+                started=started,
+                source="dicom",
+            )
+            result = score_and_log(models, self.inference_log, [request])[0]
+            if result.get("error") == STALE_PREPROCESSING:
+                continue
+            if result.get("error") == LOG_UNAVAILABLE:
+                raise TransientProcessingError("the inference log cannot be written")
+            if "production" not in result:
+                raise TransientProcessingError(f"scoring failed: {result.get('error')}")
+            break
+        else:
+            raise TransientProcessingError("the production model kept changing during scoring")
+
+        prediction = Prediction(**result["production"])
+        algorithm = Algorithm(
+            model_name=prediction.model_name,
+            model_version=str(prediction.model_version),
+            threshold=prediction.threshold,
+            manufacturer=self.config.manufacturer,
+            uid_root=self.config.uid_root,
+            institution_name=self.config.institution_name,
+        )
+        kinds = self.config.results
+        sr = build_sr(dataset, prediction, algorithm) if "sr" in kinds else None
+        seg = sc = None
+        if "seg" in kinds or "sc" in kinds:
+            explainer = self._explainer(str(prediction.model_version), production)
+            assert upload.decoded is not None
+            heatmap, overlay_rgb = explainer.heatmap_overlay(upload.pixels, upload.decoded)
+            if "seg" in kinds:
+                content = content_region(
+                    heatmap, upload.decoded.pixels.shape, production.preprocessing
+                )
+                seg = build_seg(
+                    dataset,
+                    heatmap_on_source_grid(content, int(dataset.Rows), int(dataset.Columns)),
+                    algorithm,
+                )
+            if "sc" in kinds:
+                sc = build_sc(dataset, overlay_rgb, prediction, algorithm)
+        return Processed(
+            prediction=prediction,
+            results=NodeResults(sr=sr, seg=seg, sc=sc, kinds=kinds),
+            request_id=request_id,
+            seconds=time.perf_counter() - started,
+        )

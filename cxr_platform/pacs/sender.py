@@ -1,0 +1,187 @@
+"""C-STORE the outbox to PACS: one association per study, a file leaves the outbox only when
+PACS acknowledged it, and an unreachable PACS is retried with exponential backoff."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
+from cxr_platform.errors import CxrError
+from cxr_platform.pacs.storage import NodeStorage
+
+log = logging.getLogger(__name__)
+
+RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage)
+# Success, and the warnings PACS use for "stored, but coerced/with discrepancies".
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+class DestinationError(CxrError):
+    """A destination string that is not AET@HOST:PORT."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        try:
+            ae_title, address = text.split("@", 1)
+            host, port = address.rsplit(":", 1)
+            destination = cls(ae_title.strip(), host.strip().strip("[]"), int(port))
+        except ValueError:
+            raise DestinationError(
+                f"destination {text!r} is not AET@HOST:PORT (for example PACS@10.0.0.5:4242)"
+            ) from None
+        if not destination.ae_title or len(destination.ae_title) > 16:
+            raise DestinationError(f"AE title {destination.ae_title!r} must be 1-16 characters")
+        if not 0 < destination.port < 65536:
+            raise DestinationError(f"port {destination.port} is out of range")
+        return destination
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    next_attempt: float = 0.0
+
+
+@dataclass
+class SendReport:
+    stored: int = 0
+    retrying: int = 0
+    rejected: int = 0
+    unreachable: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class ResultSender:
+    def __init__(
+        self,
+        storage: NodeStorage,
+        destination: Destination,
+        *,
+        calling_ae_title: str,
+        retry_initial_seconds: float = 2.0,
+        retry_max_seconds: float = 300.0,
+        max_refusals: int = 5,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self.storage = storage
+        self.destination = destination
+        self.retry_initial_seconds = retry_initial_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.max_refusals = max_refusals
+        self.ae = AE(ae_title=calling_ae_title)
+        for sop_class in RESULT_SOP_CLASSES:
+            self.ae.add_requested_context(
+                sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_seconds
+        self._backoff: dict[str, _Backoff] = {}
+        self._refusals: dict[Path, int] = {}
+
+    def seconds_until_due(self) -> float | None:
+        """None when the outbox is empty; 0 when something can be sent now."""
+        studies = self.storage.outbox()
+        if not studies:
+            return None
+        now = time.monotonic()
+        waits = [
+            max(0.0, self._backoff.get(s.study_uid, _Backoff()).next_attempt - now) for s in studies
+        ]
+        return min(waits)
+
+    def send_due(self) -> SendReport:
+        report = SendReport()
+        now = time.monotonic()
+        for study in self.storage.outbox():
+            backoff = self._backoff.setdefault(study.study_uid, _Backoff())
+            if backoff.next_attempt > now:
+                report.retrying += len(study.files)
+                continue
+            if self._send_study(study.study_uid, study.files, report):
+                self._backoff.pop(study.study_uid, None)
+            else:
+                backoff.failures += 1
+                delay = min(
+                    self.retry_max_seconds,
+                    self.retry_initial_seconds * 2 ** (backoff.failures - 1),
+                )
+                backoff.next_attempt = time.monotonic() + delay
+                log.warning(
+                    "results of study %s not all stored in %s; retry %d in %.1f s",
+                    study.study_uid,
+                    self.destination,
+                    backoff.failures,
+                    delay,
+                )
+        return report
+
+    def _send_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
+        destination = self.destination
+        assoc = self.ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if not assoc.is_established:
+            report.unreachable = True
+            report.retrying += len(files)
+            report.errors.append(f"no association with {destination}")
+            return False
+        complete = True
+        try:
+            for path in files:
+                try:
+                    status = assoc.send_c_store(path)
+                except Exception as exc:  # the file vanished, the link dropped mid-send, ...
+                    log.warning("C-STORE of %s failed: %s", path.name, exc)
+                    complete = False
+                    report.retrying += 1
+                    if not assoc.is_established:
+                        break
+                    continue
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code in STORED_STATUSES:
+                    self.storage.acknowledge(path)
+                    self._refusals.pop(path, None)
+                    report.stored += 1
+                    continue
+                complete = False
+                if code == -1:  # no response at all: the association failed
+                    report.retrying += 1
+                    break
+                refusals = self._refusals.get(path, 0) + 1
+                self._refusals[path] = refusals
+                if refusals >= self.max_refusals:
+                    kept = self.storage.reject_result(path)
+                    self._refusals.pop(path, None)
+                    report.rejected += 1
+                    log.error(
+                        "%s refused %s %d times (status 0x%04X); kept in %s",
+                        destination,
+                        path.name,
+                        refusals,
+                        code,
+                        kept,
+                    )
+                else:
+                    report.retrying += 1
+                    log.warning("%s refused %s (status 0x%04X)", destination, path.name, code)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return complete

@@ -1,0 +1,189 @@
+"""The node's durable state: a spool of received instances, an outbox of results, and a small
+SQLite ledger of what has been done.
+
+The order of writes is what makes a crash harmless:
+1. a received instance is in ``spool/`` (written, fsynced, renamed) before C-STORE succeeds;
+2. its results are in ``outbox/<study>/`` (same way) before the ledger marks it processed;
+3. only then is the spool file removed.
+A crash between any two steps repeats the later steps on restart. Result UIDs are derived from
+the source instance and the model version, so a repeat rewrites the same outbox files instead
+of adding new ones, and the ledger turns a re-sent instance away before it is spooled again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+SPOOL = "spool"
+OUTBOX = "outbox"
+FAILED = "failed"
+LEDGER = "ledger.sqlite"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: the file is whole or absent after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def encode_dataset(dataset: Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _safe_uid(uid: str) -> str:
+    """UIDs are digits and dots; anything else must not reach a file name."""
+    uid = str(uid).strip()
+    if not uid or len(uid) > 64 or any(c not in "0123456789." for c in uid):
+        raise ValueError(f"not a valid DICOM UID: {uid!r}")
+    return uid
+
+
+@dataclass(frozen=True)
+class OutboxStudy:
+    study_uid: str
+    files: list[Path]
+
+
+class NodeStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.spool_dir = root / SPOOL
+        self.outbox_dir = root / OUTBOX
+        self.failed_dir = root / FAILED
+        for folder in (self.spool_dir, self.outbox_dir, self.failed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(root / LEDGER, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS instances ("
+            " sop_instance_uid TEXT PRIMARY KEY,"
+            " study_instance_uid TEXT,"
+            " status TEXT NOT NULL,"  # processed | failed
+            " detail TEXT,"
+            " model_version TEXT,"
+            " results TEXT,"  # the result SOP Instance UIDs, comma-separated
+            " updated_at TEXT NOT NULL)"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- spool ---------------------------------------------------------------------------------
+
+    def spool_path(self, sop_instance_uid: str) -> Path:
+        return self.spool_dir / f"{_safe_uid(sop_instance_uid)}.dcm"
+
+    def spool(self, sop_instance_uid: str, encoded: bytes) -> Path:
+        path = self.spool_path(sop_instance_uid)
+        write_atomically(path, encoded)
+        return path
+
+    def spooled(self) -> list[Path]:
+        """Unprocessed instances, oldest first (what a restart picks up)."""
+        files = [p for p in self.spool_dir.glob("*.dcm") if p.is_file()]
+        return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+
+    # -- ledger ----------------------------------------------------------------------------------
+
+    def status(self, sop_instance_uid: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def mark(
+        self,
+        sop_instance_uid: str,
+        status: str,
+        *,
+        study_instance_uid: str | None = None,
+        detail: str | None = None,
+        model_version: str | None = None,
+        results: list[str] | None = None,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sop_instance_uid,
+                    study_instance_uid,
+                    status,
+                    detail,
+                    model_version,
+                    ",".join(results or []),
+                    datetime.now(UTC).isoformat(),
+                ),
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM instances GROUP BY status")
+            counts = {status: n for status, n in rows}
+        counts["spooled"] = len(self.spooled())
+        counts["outbox"] = sum(len(study.files) for study in self.outbox())
+        return counts
+
+    def quarantine(self, path: Path) -> Path:
+        """Keep an instance the node could not process (nothing is deleted on failure)."""
+        target = self.failed_dir / path.name
+        os.replace(path, target)
+        return target
+
+    # -- outbox ----------------------------------------------------------------------------------
+
+    def put_result(self, dataset: Dataset) -> Path:
+        study = _safe_uid(dataset.StudyInstanceUID)
+        path = self.outbox_dir / study / f"{_safe_uid(dataset.SOPInstanceUID)}.dcm"
+        write_atomically(path, encode_dataset(dataset))
+        return path
+
+    def outbox(self) -> list[OutboxStudy]:
+        studies = []
+        for folder in sorted(p for p in self.outbox_dir.iterdir() if p.is_dir()):
+            files = sorted(p for p in folder.glob("*.dcm") if p.is_file())
+            if files:
+                studies.append(OutboxStudy(folder.name, files))
+        return studies
+
+    def acknowledge(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the study folder goes with its last result
+            path.parent.rmdir()
+
+    def reject_result(self, path: Path) -> Path:
+        """A result PACS refused for good: kept aside for a person to look at."""
+        target = self.failed_dir / "results" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        return target
+
+    def iter_failed(self) -> Iterator[Path]:
+        yield from sorted(p for p in self.failed_dir.rglob("*.dcm") if p.is_file())
