@@ -35,6 +35,7 @@ def build_node(settings: CxrSettings, **overrides: object):
         "retry_max_seconds": settings.dicom_retry_max_seconds,
         "refresh_seconds": settings.service_refresh_seconds,
         "threads": settings.service_threads,
+        "state_dir": settings.dicom_dir,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     destination = values["destination"]
@@ -71,4 +72,4 @@ def build_node(settings: CxrSettings, **overrides: object):
             max_pixels=settings.max_image_pixels,
         ),
     )
-    return DicomNode(config, processor, NodeStorage(settings.dicom_dir))
+    return DicomNode(config, processor, NodeStorage(Path(values["state_dir"])))

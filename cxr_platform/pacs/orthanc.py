@@ -55,6 +55,7 @@ class OrthancProcess:
         http_port: int | None = None,
         dicom_port: int | None = None,
         routing: bool = True,
+        modalities: dict[str, NodeAddress] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.node = node
@@ -62,6 +63,7 @@ class OrthancProcess:
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         self.routing = routing
+        self.modalities = modalities or {}  # more peers allowed to C-STORE (modalities)
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -74,6 +76,13 @@ class OrthancProcess:
         storage = self.workdir / "storage"
         modality = config["DicomModalities"][AI_MODALITY]
         modality.update({"AET": self.node.ae_title, "Host": self.node.host, "Port": self.node.port})
+        for name, peer in self.modalities.items():
+            config["DicomModalities"][name] = {
+                "AET": peer.ae_title,
+                "Host": peer.host,
+                "Port": peer.port,
+                "AllowStore": True,
+            }
         config.update(
             {
                 "Name": f"cxr-test-{self.dicom_port}",
@@ -166,6 +175,11 @@ class OrthancProcess:
         if response.status_code >= 400:
             raise OrthancError(f"file of {instance_id}: HTTP {response.status_code}")
         return response.content
+
+    def echo_node(self) -> bool:
+        """C-ECHO from Orthanc to the AI node (what a PACS admin's "test" button does)."""
+        response = httpx.post(f"{self.url}/modalities/{AI_MODALITY}/echo", content="{}", timeout=30)
+        return response.status_code == 200
 
     def instance_count(self) -> int:
         return int(self._request("GET", "/statistics")["CountInstances"])

@@ -1,0 +1,162 @@
+"""The node over real DICOM associations (pynetdicom on both sides), without a PACS: results
+wait in the outbox. Durability, de-duplication, filters, the allow-list and TLS."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from cxr_platform.pacs import build_node
+from cxr_platform.pacs.node import NodeConfigError
+from cxr_platform.pacs.sender import Destination, DestinationError
+from cxr_platform.pacs.storage import NodeStorage
+from cxr_platform.pacs.synthetic_dicom import RadiographSpec
+from cxr_platform.serving.process import free_port
+
+from .conftest import VARIANTS, radiograph, radiograph_bytes
+from .scu import send
+
+pytestmark = pytest.mark.xdist_group("pacs")
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture()
+def node_factory(pacs_model, tmp_path):
+    nodes = []
+
+    def make(**overrides):
+        options = {
+            "port": free_port(),
+            "host": "127.0.0.1",
+            "allowed_calling_aets": ("MODALITY", "ROUTER"),
+            "state_dir": tmp_path / "node",
+        }
+        options.update(overrides)
+        node = build_node(pacs_model.settings, **options)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+def test_echo_and_the_calling_ae_allow_list(node_factory):
+    node = node_factory()
+    node.start()
+    assert send(node.port, []).statuses == [0x0000]
+    refused = send(node.port, [], calling="STRANGER")
+    assert not refused.established and refused.rejected
+
+
+def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
+    node_factory, chest_pngs, caplog
+):
+    node = node_factory()
+    node.start()
+    source = radiograph(chest_pngs[5], VARIANTS["cr-jpegls"])
+    with caplog.at_level(logging.INFO, logger="cxr_platform.pacs"):
+        assert send(node.port, [source]).statuses == [0x0000]
+        wait_for(
+            lambda: node.storage.status(source.SOPInstanceUID) == "processed", what="processing"
+        )
+        # The same instance again (a router retry, a re-sent study): no second set of results.
+        assert send(node.port, [source]).statuses == [0x0000]
+        wait_for(lambda: node.counters.duplicates == 1, what="the duplicate to be seen")
+    studies = node.storage.outbox()
+    assert [s.study_uid for s in studies] == [source.StudyInstanceUID]
+    assert len(studies[0].files) == 3
+    assert node.counters.processed == 1
+    assert "already processed" in caplog.text
+    assert node.storage.spooled() == []
+
+
+def test_objects_that_are_not_frontal_chest_images_are_acknowledged_and_ignored(
+    node_factory, chest_pngs, caplog
+):
+    node = node_factory()
+    node.start()
+    lateral = radiograph(chest_pngs[0], RadiographSpec(view_position="LL"))
+    hand = radiograph(chest_pngs[0], RadiographSpec(body_part="HAND"))
+    report = radiograph(chest_pngs[0], RadiographSpec())
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+    with caplog.at_level(logging.INFO, logger="cxr_platform.pacs"):
+        assert send(node.port, [lateral, hand, report]).statuses == [0, 0, 0]
+    assert node.counters.ignored == 3
+    assert node.storage.spooled() == [] and node.storage.outbox() == []
+    assert "lateral view" in caplog.text
+    assert "body part is not the chest: HAND" in caplog.text
+    assert "not a radiograph: Comprehensive 3D SR" in caplog.text
+
+
+def test_an_image_that_cannot_be_decoded_is_kept_with_its_reason(node_factory, chest_pngs):
+    node = node_factory()
+    node.start()
+    broken = radiograph(chest_pngs[0], VARIANTS["cr-mono2-12bit"])
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 3]  # truncated in transit
+    assert send(node.port, [broken]).statuses == [0x0000]
+    wait_for(lambda: node.storage.status(broken.SOPInstanceUID) == "failed", what="the failure")
+    kept = list(node.storage.iter_failed())
+    assert [p.stem for p in kept] == [broken.SOPInstanceUID]
+    assert node.storage.outbox() == []
+
+
+def test_a_restart_processes_what_the_last_run_left_in_the_spool(
+    node_factory, chest_pngs, tmp_path
+):
+    """A crash after C-STORE succeeded but before processing: the instance is in the spool,
+    possibly next to a half-written temporary file. The next start processes the former and
+    ignores the latter."""
+    state = tmp_path / "crashed"
+    storage = NodeStorage(state)
+    pending, data = radiograph_bytes(chest_pngs[2], VARIANTS["dx-mono1"])
+    storage.spool(pending.SOPInstanceUID, data)
+    (storage.spool_dir / f".{pending.SOPInstanceUID}.dcm.1.2.tmp").write_bytes(data[:100])
+    storage.close()
+
+    node = node_factory(state_dir=state)
+    node.start()
+    wait_for(lambda: node.storage.status(pending.SOPInstanceUID) == "processed", what="recovery")
+    assert len(node.storage.outbox()[0].files) == 3
+    assert node.storage.spooled() == []
+
+
+def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):
+    with pytest.raises(DestinationError, match="AET@HOST:PORT"):
+        Destination.parse("PACS-at-host")
+    with pytest.raises(NodeConfigError, match="AE title"):
+        build_node(pacs_model.settings, ae_title="A" * 17, state_dir=tmp_path / "n")
+    with pytest.raises(NodeConfigError, match="certificate and its key"):
+        build_node(pacs_model.settings, tls_cert=tmp_path / "c.pem", state_dir=tmp_path / "n")
+
+
+def test_tls_associations(node_factory, tmp_path, chest_pngs):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    node = node_factory(tls_cert=cert, tls_key=key)
+    node.start()
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    assert send(node.port, [], tls=client).statuses == [0x0000]
+    # Without TLS the node does not talk at all.
+    assert not send(node.port, []).established
