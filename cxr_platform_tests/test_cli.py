@@ -39,6 +39,7 @@ def test_help_for_every_command(tmp_path):
         ["serve"],
         ["bento"],
         ["simulate-drift"],
+        ["dicom-node"],
     )
     for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)

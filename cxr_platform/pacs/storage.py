@@ -31,13 +31,21 @@ LEDGER = "ledger.sqlite"
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write, fsync, rename, fsync the folder: the file is whole or absent after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    for attempt in range(3):
+        # The sender removes a study folder once it is empty; a result for the same study may
+        # be written just then, so the folder is made again rather than failing the write.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     descriptor = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(descriptor)
