@@ -850,6 +850,31 @@ def dicom_node(
     click.echo(f"stopped: {node.counters}")
 
 
+@cli.command("dicom-status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable counts.")
+@click.pass_context
+@_fail_cleanly
+def dicom_status(ctx: click.Context, as_json: bool) -> None:
+    """What the DICOM node holds: processed and failed instances, spool and outbox sizes."""
+    from cxr_platform.pacs.storage import NodeStorage
+
+    settings = _settings(ctx)
+    storage = NodeStorage(settings.dicom_dir)
+    try:
+        counts = storage.counts()
+        failed = [str(p.relative_to(storage.root)) for p in storage.iter_failed()]
+    finally:
+        storage.close()
+    if as_json:
+        click.echo(json.dumps({**counts, "failed_files": failed}, indent=2))
+        return
+    click.echo(f"DICOM node state in {settings.dicom_dir}")
+    for name in ("processed", "failed", "spooled", "outbox"):
+        click.echo(f"  {name:<10} {counts.get(name, 0)}")
+    for path in failed:
+        click.echo(f"  kept: {path}")
+
+
 @cli.command("simulate-drift")
 @click.option(
     "--shift",

@@ -40,6 +40,7 @@ def test_help_for_every_command(tmp_path):
         ["bento"],
         ["simulate-drift"],
         ["dicom-node"],
+        ["dicom-status"],
     )
     for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)

@@ -10,6 +10,7 @@ Three threads share the durable state in :class:`NodeStorage`:
 
 from __future__ import annotations
 
+import io
 import logging
 import ssl
 import threading
@@ -117,6 +118,13 @@ class NodeCounters:
     failed: int = 0
     sent: int = 0
 
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # association threads count concurrently
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
 
 class DicomNode:
     def __init__(
@@ -171,18 +179,18 @@ class DicomNode:
         except Exception as exc:
             log.error("C-STORE from %s: unreadable dataset: %s", calling, exc)
             return STATUS_CANNOT_UNDERSTAND
-        self.counters.received += 1
+        self.counters.add("received")
         verdict = screen(
             dataset,
             accept_lateral=self.config.accept_lateral,
             own_manufacturer=self.config.manufacturer,
         )
         if not verdict.accepted:
-            self.counters.ignored += 1
+            self.counters.add("ignored")
             log.info("ignored %s from %s: %s", sop_uid, calling, verdict.reason)
             return STATUS_SUCCESS
         if self.storage.status(sop_uid) == "processed":
-            self.counters.duplicates += 1
+            self.counters.add("duplicates")
             log.info("ignored %s from %s: already processed (re-sent instance)", sop_uid, calling)
             return STATUS_SUCCESS
         try:
@@ -216,7 +224,7 @@ class DicomNode:
     def _process_file(self, path: Path) -> int:
         data = path.read_bytes()
         try:
-            dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+            dataset = pydicom.dcmread(io.BytesIO(data))
             sop_uid = str(dataset.SOPInstanceUID)
         except Exception as exc:
             self._fail(path, path.stem, None, f"unreadable spool file: {exc}")
@@ -249,7 +257,7 @@ class DicomNode:
             detail=f"{processed.prediction.label} p={processed.prediction.probability:.4f}",
         )
         path.unlink(missing_ok=True)
-        self.counters.processed += 1
+        self.counters.add("processed")
         log.info(
             "%s: %s p=%.3f (model %s v%s) in %.0f ms; %d results queued",
             sop_uid,
@@ -266,7 +274,7 @@ class DicomNode:
     def _fail(self, path: Path, sop_uid: str, study_uid: str | None, reason: str) -> None:
         kept = self.storage.quarantine(path)
         self.storage.mark(sop_uid, "failed", study_instance_uid=study_uid, detail=reason)
-        self.counters.failed += 1
+        self.counters.add("failed")
         log.error("%s not processed (%s); kept in %s", sop_uid, reason, kept)
 
     def _worker_loop(self) -> None:
@@ -294,7 +302,7 @@ class DicomNode:
                 break
             try:
                 report = self.sender.send_due()
-                self.counters.sent += report.stored
+                self.counters.add("sent", report.stored)
             except Exception:
                 log.exception("sending results failed")
                 time.sleep(self.config.idle_poll_seconds)

@@ -7,6 +7,7 @@ records; only the ``source`` column differs.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -122,7 +123,7 @@ class InstanceProcessor:
         :class:`TransientProcessingError` for anything worth retrying."""
         started = time.perf_counter()
         if dataset is None:
-            dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True)
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
         request_id = new_request_id()
         for _ in range(3):  # an alias move between decode and scoring: prepare again
             models = self.models.current()

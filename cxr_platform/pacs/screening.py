@@ -65,6 +65,10 @@ def screen(dataset: Dataset, *, accept_lateral: bool = False, own_manufacturer: 
     body_part = _body_part(dataset)
     if body_part is not None and not body_part[1]:
         return Screening.ignore(f"body part is not the chest: {body_part[0]}")
+    if body_part is None and sop_class == SecondaryCaptureImageStorage:
+        # Scanned requisitions and screenshots are secondary captures too: an SC is classified
+        # only when it says it shows the chest. CR/DX without a body part are still accepted.
+        return Screening.ignore("secondary capture that does not say it shows the chest")
     view = str(dataset.get("ViewPosition", "") or "").strip().upper()
     if not accept_lateral and (view in LATERAL_VIEWS or _lateral_view_code(dataset)):
         return Screening.ignore(f"lateral view ({view or 'view code'}); only frontal views")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +56,16 @@ def test_the_node_command_receives_and_stops_cleanly(pacs_model, chest_pngs, tmp
     assert "DICOM node CXR_CLI on port" in output
     assert "received=1" in output and "processed=1" in output
     assert len(list(results.glob("*.dcm"))) == 1
+
+    status = subprocess.run(
+        [sys.executable, "-m", "cxr_platform.cli", "dicom-status", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CXR_HOME": str(pacs_model.settings.home)},
+        check=True,
+    )
+    counts = json.loads(status.stdout)
+    assert counts["processed"] == 1 and counts["outbox"] == 1 and counts["spooled"] == 0
 
 
 def test_a_bad_destination_exits_with_the_expected_form(pacs_model):

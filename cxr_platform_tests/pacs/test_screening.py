@@ -82,6 +82,13 @@ def test_lateral_views_are_ignored_unless_configured():
     ).accepted
 
 
+def test_a_secondary_capture_must_say_it_shows_the_chest():
+    sc = "1.2.840.10008.5.1.4.1.1.7"
+    assert screen(chest(SOPClassUID=sc), own_manufacturer=OURS).accepted
+    verdict = screen(chest(SOPClassUID=sc, BodyPartExamined=None), own_manufacturer=OURS)
+    assert not verdict.accepted and "does not say it shows the chest" in verdict.reason
+
+
 def test_the_nodes_own_results_are_never_classified_again():
     verdict = screen(chest(Manufacturer=OURS), own_manufacturer=OURS)
     assert not verdict.accepted and "result of this node" in verdict.reason
