@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -138,6 +139,13 @@ def main() -> None:
 
     settings = load_settings()
     work = Path(tempfile.mkdtemp(prefix="cxr-pacs-bench-"))
+    try:
+        run(args, settings, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, settings, work: Path) -> None:
     datasets = make_images(args.n * len(args.modes) + args.n, args.rows, args.columns, work)
     baseline_images = datasets[: args.n]
 

@@ -61,6 +61,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
+MAX_PDU_BYTES = 131072
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the spool could not be written
 STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
@@ -157,6 +158,9 @@ class DicomNode:
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
+        # Radiographs are megabytes: larger PDUs than pynetdicom's 16 KiB default cut the
+        # per-PDU overhead of receiving one (Orthanc's MaximumPduLength goes up to 128 KiB).
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.add_supported_context(Verification)

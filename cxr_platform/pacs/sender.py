@@ -89,6 +89,7 @@ class ResultSender:
         self.retry_max_seconds = retry_max_seconds
         self.max_refusals = max_refusals
         self.ae = AE(ae_title=calling_ae_title)
+        self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
             self.ae.add_requested_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
