@@ -62,6 +62,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 MAX_PDU_BYTES = 131072
+TRANSIENT_RETRY_SECONDS = 10.0
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the spool could not be written
 STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
@@ -150,6 +151,7 @@ class DicomNode:
         self._work = threading.Event()
         self._outbox_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._paused_until = 0.0
         self._server = None
         self.ae = self._application_entity()
 
@@ -220,7 +222,15 @@ class DicomNode:
             try:
                 outcome = self._process_file(path)
             except TransientProcessingError as exc:
-                log.warning("%s stays spooled: %s", path.name, exc)
+                # Nothing in the spool can succeed until this clears (no production model, the
+                # inference log down): wait instead of retrying on every arrival.
+                self._paused_until = time.monotonic() + TRANSIENT_RETRY_SECONDS
+                log.warning(
+                    "%d instances stay spooled (%s); retrying in %.0f s",
+                    len(self.storage.spooled()),
+                    exc,
+                    TRANSIENT_RETRY_SECONDS,
+                )
                 return finished
             finished += outcome
         return finished
@@ -289,6 +299,8 @@ class DicomNode:
         while not self._stop.is_set():
             self._work.wait(self.config.idle_poll_seconds)
             self._work.clear()
+            if time.monotonic() < self._paused_until:
+                continue
             try:
                 self.process_spool()
             except Exception:

@@ -160,3 +160,40 @@ def test_tls_associations(node_factory, tmp_path, chest_pngs):
     assert send(node.port, [], tls=client).statuses == [0x0000]
     # Without TLS the node does not talk at all.
     assert not send(node.port, []).established
+
+
+def test_images_wait_in_the_spool_until_a_model_is_promoted(
+    trained_checkpoint, learnable_cache, chest_pngs, tmp_path
+):
+    from cxr_platform.deployment.pipeline import register_exported, registry_for
+    from cxr_platform.settings import load_settings
+
+    from ..deployment.conftest import export_for_registry
+
+    settings = load_settings(home=tmp_path / "home")
+    exported = export_for_registry(
+        settings, trained_checkpoint, learnable_cache, tmp_path / "x", "m"
+    )
+    registered = register_exported(settings, exported, triggered_by="test", shadow=False)
+    node = build_node(
+        settings,
+        port=free_port(),
+        host="127.0.0.1",
+        state_dir=tmp_path / "node",
+        refresh_seconds=0.5,
+    )
+    try:
+        node.start()
+        source = radiograph(chest_pngs[4], VARIANTS["cr-mono2-12bit"])
+        assert send(node.port, [source]).statuses == [0x0000]  # accepted without a model
+        time.sleep(2.0)
+        assert [p.stem for p in node.storage.spooled()] == [source.SOPInstanceUID]
+        registry_for(settings).promote(registered.version, triggered_by="test")
+        wait_for(
+            lambda: node.storage.status(source.SOPInstanceUID) == "processed",
+            timeout=60,
+            what="processing after the promotion",
+        )
+        assert len(node.storage.outbox()[0].files) == 3
+    finally:
+        node.stop()
