@@ -131,3 +131,16 @@ def test_orthanc_may_associate_and_strangers_may_not(pacs):
     assert pacs.orthanc.echo_node()
     refused = send(pacs.node.port, [], calling="STRANGER")
     assert not refused.established and refused.rejected
+
+
+def test_the_routing_script_never_forwards_what_the_node_sent(pacs, chest_pngs):
+    """Even a CR image (a class the script routes) is not forwarded when it arrives from the
+    node's AE title: the Lua rule on RemoteAET, independent of the node's own screening."""
+    received = pacs.node.counters.received
+    source, _ = radiograph_bytes(chest_pngs[30], VARIANTS["cr-mono2-12bit"])
+    stored = send(pacs.orthanc.dicom_port, [source], calling="CXR_AI", called="ORTHANC")
+    assert stored.statuses == [0x0000]
+    pacs.wait_for_results(source.StudyInstanceUID, [CR], timeout=10)
+    # A routed image reaches the node within a second in the other tests; give it three.
+    time.sleep(3.0)
+    assert pacs.node.counters.received == received
