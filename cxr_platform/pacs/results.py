@@ -72,6 +72,18 @@ class Algorithm:
     def serial_number(self) -> str:
         return f"{self.model_name}-v{self.model_version}"
 
+    def equipment(self) -> dict:
+        """The General Equipment attributes and contributing-equipment item every result
+        carries, as highdicom keyword arguments."""
+        return {
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.name,
+            "software_versions": [self.software_version, self.version],
+            "device_serial_number": self.serial_number,
+            "institution_name": self.institution_name,
+            "contributing_equipment": [self.contributing_equipment()],
+        }
+
     def contributing_equipment(self) -> hd.ContributingEquipment:
         # CID 7005 has no "Processing Algorithm" purpose; Processing Equipment (DCM 109102) is
         # the standard code for software that derived an object, and the description says which.
@@ -167,16 +179,11 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,  # VerificationFlag UNVERIFIED: no human has signed this
-        institution_name=algorithm.institution_name,
-        contributing_equipment=[algorithm.contributing_equipment()],
         series_description="AI pneumonia classification (SR)",
-        manufacturer_model_name=algorithm.name,
-        software_versions=[algorithm.software_version, algorithm.version],
-        device_serial_number=algorithm.serial_number,
+        **algorithm.equipment(),
     )
 
 
@@ -215,17 +222,13 @@ def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dat
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=[algorithm.software_version, algorithm.version],
-        device_serial_number=algorithm.serial_number,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=255,
         omit_empty_frames=False,  # an all-zero map ("no evidence") is still a result
         content_label="GRADCAM",
         content_description="Grad-CAM heatmap of the pneumonia logit",
-        contributing_equipment=[algorithm.contributing_equipment()],
         series_description="AI pneumonia heatmap (SEG)",
+        **algorithm.equipment(),
     )
     # General Image: a projection radiograph's SEG has no plane orientation, so it carries the
     # source's row/column directions (Type 2C), empty when the source did not say.
@@ -274,13 +277,9 @@ def build_sc(
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[algorithm.contributing_equipment()],
         series_description=f"AI pneumonia heatmap overlay - {NOT_FOR_DIAGNOSTIC_USE}",
-        manufacturer_model_name=algorithm.name,
-        software_versions=[algorithm.software_version, algorithm.version],
-        device_serial_number=algorithm.serial_number,
+        **algorithm.equipment(),
     )
     # General Series Laterality is Type 2C: the source's value, or present and empty.
     sc.Laterality = source.get("Laterality") or None
