@@ -113,8 +113,13 @@ class NodeStorage:
 
     def spooled(self) -> list[Path]:
         """Unprocessed instances, oldest first (what a restart picks up)."""
-        files = [p for p in self.spool_dir.glob("*.dcm") if p.is_file()]
-        return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+        stamped = []
+        for path in self.spool_dir.glob("*.dcm"):
+            try:  # the worker may finish a file between listing and stat
+                stamped.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:
+                continue
+        return [path for _, path in sorted(stamped)]
 
     # -- ledger ----------------------------------------------------------------------------------
 
