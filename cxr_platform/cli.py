@@ -875,6 +875,24 @@ def dicom_status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"  kept: {path}")
 
 
+@cli.command("dicom-retry")
+@click.pass_context
+@_fail_cleanly
+def dicom_retry(ctx: click.Context) -> None:
+    """Put the DICOM node's failed instances and refused results back in line."""
+    from cxr_platform.pacs.storage import NodeStorage
+
+    storage = NodeStorage(_settings(ctx).dicom_dir)
+    try:
+        instances, results = storage.requeue_failed()
+    finally:
+        storage.close()
+    click.echo(
+        f"requeued {instances} instances (spool) and {results} results (outbox); a running node "
+        "picks them up within a second"
+    )
+
+
 @cli.command("simulate-drift")
 @click.option(
     "--shift",

@@ -41,6 +41,7 @@ def test_help_for_every_command(tmp_path):
         ["simulate-drift"],
         ["dicom-node"],
         ["dicom-status"],
+        ["dicom-retry"],
     )
     for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)

@@ -198,5 +198,23 @@ class NodeStorage:
             path.parent.rmdir()
         return target
 
+    def requeue_failed(self) -> tuple[int, int]:
+        """Put what failed back in line, after a person fixed the cause (a decoder installed,
+        PACS reconfigured): instances to the spool, refused results to the outbox. A running
+        node picks them up within its poll interval. Returns (instances, results)."""
+        instances = 0
+        for path in sorted(self.failed_dir.glob("*.dcm")):
+            os.replace(path, self.spool_dir / path.name)
+            instances += 1
+        results = 0
+        for path in sorted((self.failed_dir / "results").glob("*/*.dcm")):
+            target = self.outbox_dir / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            results += 1
+        return instances, results
+
     def iter_failed(self) -> Iterator[Path]:
         yield from sorted(p for p in self.failed_dir.rglob("*.dcm") if p.is_file())

@@ -113,6 +113,13 @@ def test_an_image_that_cannot_be_decoded_is_kept_with_its_reason(node_factory, c
     assert [p.stem for p in kept] == [broken.SOPInstanceUID]
     assert node.storage.outbox() == []
 
+    # An operator puts it back in line (say, after fixing the cause); the running node tries
+    # again, and since this file is still broken it fails again, still losing nothing.
+    failures = node.counters.failed
+    assert node.storage.requeue_failed() == (1, 0)
+    wait_for(lambda: node.counters.failed == failures + 1, what="the second attempt")
+    assert [p.stem for p in node.storage.iter_failed()] == [broken.SOPInstanceUID]
+
 
 def test_a_restart_processes_what_the_last_run_left_in_the_spool(
     node_factory, chest_pngs, tmp_path
