@@ -787,6 +787,12 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Require callers to present a certificate this CA signed.",
 )
+@click.option(
+    "--destination-tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Send results over TLS, verifying the destination with this CA (the --tls-cert/key "
+    "pair is presented when given).",
+)
 @click.pass_context
 @_fail_cleanly
 def dicom_node(
@@ -802,6 +808,7 @@ def dicom_node(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
+    destination_tls_ca: Path | None,
 ) -> None:
     """Run the DICOM node: receive routed chest X-rays, return SR, SEG and SC to PACS."""
     import signal
@@ -825,6 +832,7 @@ def dicom_node(
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=tls_ca,
+        destination_tls_ca=destination_tls_ca,
     )
     if node.processor.models.current().production is None:
         click.secho(

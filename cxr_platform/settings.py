@@ -168,6 +168,11 @@ class CxrSettings(BaseSettings):
     dicom_tls_ca: Path | None = Field(
         default=None, description="PEM CA bundle: when set, callers must present a certificate."
     )
+    dicom_destination_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that signed the destination's certificate: sends results over "
+        "TLS (with CXR_DICOM_TLS_CERT/KEY as the client certificate when set).",
+    )
 
     @field_validator("home", mode="after")
     @classmethod

@@ -31,6 +31,7 @@ def build_node(settings: CxrSettings, **overrides: object):
         "tls_cert": settings.dicom_tls_cert,
         "tls_key": settings.dicom_tls_key,
         "tls_ca": settings.dicom_tls_ca,
+        "destination_tls_ca": settings.dicom_destination_tls_ca,
         "retry_initial_seconds": settings.dicom_retry_initial_seconds,
         "retry_max_seconds": settings.dicom_retry_max_seconds,
         "refresh_seconds": settings.service_refresh_seconds,
@@ -55,6 +56,9 @@ def build_node(settings: CxrSettings, **overrides: object):
         tls=TlsConfig(Path(cert), Path(key), Path(ca) if ca else None) if cert else None,
         retry_initial_seconds=float(values["retry_initial_seconds"]),
         retry_max_seconds=float(values["retry_max_seconds"]),
+        destination_tls_ca=Path(values["destination_tls_ca"])
+        if values["destination_tls_ca"]
+        else None,
     )
     registry = registry_for(settings)
     models = LiveModels(registry, threads=values["threads"], max_pixels=settings.max_image_pixels)

@@ -90,6 +90,18 @@ class TlsConfig:
         return context
 
 
+def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = None):
+    """For the send-back association: verify PACS against ``ca``; present our certificate when
+    PACS asks for one (mutual TLS)."""
+    for path in (ca, cert, key):
+        if path is not None and not Path(path).is_file():
+            raise NodeConfigError(f"TLS file {path} does not exist")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     ae_title: str = "CXR_AI"
@@ -101,6 +113,7 @@ class NodeConfig:
     accept_lateral: bool = False
     manufacturer: str = "cxr_platform"
     tls: TlsConfig | None = None
+    destination_tls_ca: Path | None = None  # set: results go to PACS over TLS
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
@@ -143,6 +156,13 @@ class DicomNode:
                 calling_ae_title=config.ae_title,
                 retry_initial_seconds=config.retry_initial_seconds,
                 retry_max_seconds=config.retry_max_seconds,
+                tls=client_tls_context(
+                    config.destination_tls_ca,
+                    config.tls.cert if config.tls else None,
+                    config.tls.key if config.tls else None,
+                )
+                if config.destination_tls_ca is not None
+                else None,
             )
             if config.destination is not None
             else None

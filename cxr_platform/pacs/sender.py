@@ -4,6 +4,7 @@ PACS acknowledged it, and an unreachable PACS is retried with exponential backof
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +83,14 @@ class ResultSender:
         retry_max_seconds: float = 300.0,
         max_refusals: int = 5,
         timeout_seconds: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.storage = storage
         self.destination = destination
         self.retry_initial_seconds = retry_initial_seconds
         self.retry_max_seconds = retry_max_seconds
         self.max_refusals = max_refusals
+        self.tls_args = (tls, destination.host) if tls is not None else None
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
@@ -137,7 +140,12 @@ class ResultSender:
 
     def _send_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
         destination = self.destination
-        assoc = self.ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = self.ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=self.tls_args,
+        )
         if not assoc.is_established:
             report.unreachable = True
             report.retrying += len(files)

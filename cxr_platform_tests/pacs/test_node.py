@@ -8,12 +8,15 @@ import shutil
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
 
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
-from cxr_platform.pacs.sender import Destination, DestinationError
+from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec
 from cxr_platform.serving.process import free_port
@@ -150,23 +153,60 @@ def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):
         build_node(pacs_model.settings, tls_cert=tmp_path / "c.pem", state_dir=tmp_path / "n")
 
 
-def test_tls_associations(node_factory, tmp_path, chest_pngs):
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.fail("openssl is needed to make the test certificate")
     cert, key = tmp_path / "node.pem", tmp_path / "node.key"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    node = node_factory(tls_cert=cert, tls_key=key)
-    node.start()
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
-    assert send(node.port, [], tls=client).statuses == [0x0000]
-    # Without TLS the node does not talk at all.
-    assert not send(node.port, []).established
+    return cert, key
+
+
+def test_tls_both_ways(node_factory, tmp_path, chest_pngs):
+    """Incoming associations need TLS; results go to a PACS that requires mutual TLS."""
+    cert, key = self_signed(tmp_path)
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.SOPClassUID))
+        return 0x0000
+
+    pacs = AE(ae_title="TLS_PACS")
+    for sop_class in RESULT_SOP_CLASSES:
+        pacs.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(cert))
+    server_tls.load_cert_chain(cert, key)
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # the node must present its certificate
+    pacs_port = free_port()
+    server = pacs.start_server(
+        ("127.0.0.1", pacs_port),
+        block=False,
+        ssl_context=server_tls,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        node = node_factory(
+            tls_cert=cert,
+            tls_key=key,
+            destination=f"TLS_PACS@127.0.0.1:{pacs_port}",
+            destination_tls_ca=cert,
+        )
+        node.start()
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assert send(node.port, [], tls=client).statuses == [0x0000]
+        assert not send(node.port, []).established  # no plain associations to a TLS node
+        source = radiograph(chest_pngs[6], VARIANTS["cr-mono2-12bit"])
+        assert send(node.port, [source], tls=client).statuses == [0x0000]
+        wait_for(lambda: len(received) == 3, what="the results at the TLS PACS")
+        assert sorted(received) == sorted(str(c) for c in RESULT_SOP_CLASSES)
+        wait_for(lambda: node.storage.outbox() == [], what="an empty outbox")
+    finally:
+        server.shutdown()
 
 
 def test_images_wait_in_the_spool_until_a_model_is_promoted(
