@@ -18,7 +18,6 @@ import dagster as dg
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
-from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.drift import DriftResult, save_drift_report
 from cxr_platform.monitoring.finetune import (
     FineTuneResult,
@@ -32,8 +31,8 @@ from cxr_platform.monitoring.windows import (
     day_window,
     drift_sensor_step,
     previous_utc_day,
+    read_window,
     shadow_sensor_step,
-    window_records,
 )
 from cxr_platform.settings import CxrSettings
 
@@ -337,11 +336,7 @@ def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
     def daily_drift_report(context: dg.ScheduleEvaluationContext, platform: PlatformSettings):
         settings = platform.settings()
         key = day_window(previous_utc_day(context.scheduled_execution_time))
-        log = InferenceLog(settings.inference_log_uri)
-        try:
-            records = window_records(log, key)
-        finally:
-            log.dispose()
+        records = read_window(settings, key)
         if records.empty:
             return dg.SkipReason(f"no inference records in {key}")
         context.instance.add_dynamic_partitions(DRIFT_WINDOWS.name, [key])

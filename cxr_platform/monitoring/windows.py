@@ -59,6 +59,15 @@ def window_records(log: InferenceLog, key: str) -> pd.DataFrame:
     raise WindowError(f"{key!r} is not a drift window (ids-<first>-<last> or day-<YYYY-MM-DD>)")
 
 
+def read_window(settings: CxrSettings, key: str) -> pd.DataFrame:
+    """A window's rows from the deployment's inference log (opened and closed here)."""
+    log = InferenceLog(settings.inference_log_uri)
+    try:
+        return window_records(log, key)
+    finally:
+        log.dispose()
+
+
 def drift_rule(settings: CxrSettings) -> DriftRule:
     return DriftRule(
         feature_p_value=settings.drift_feature_p_value,
@@ -83,11 +92,7 @@ def check_window(
     the window's rows when the caller has just read them."""
     registry = registry or registry_for(settings)
     if records is None:
-        log = InferenceLog(settings.inference_log_uri)
-        try:
-            records = window_records(log, key)
-        finally:
-            log.dispose()
+        records = read_window(settings, key)
     if records.empty:
         raise WindowError(f"window {key} holds no inference records")
     version = Counter(records["model_version"].dropna().astype(str)).most_common(1)

@@ -111,7 +111,6 @@ class NodeConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 10
     accept_lateral: bool = False
-    manufacturer: str = "cxr_platform"
     tls: TlsConfig | None = None
     destination_tls_ca: Path | None = None  # set: results go to PACS over TLS
     retry_initial_seconds: float = 2.0
@@ -200,7 +199,6 @@ class DicomNode:
         calling = event.assoc.requestor.ae_title
         try:
             dataset = event.dataset
-            dataset.file_meta = event.file_meta
             sop_uid = str(dataset.SOPInstanceUID)
         except Exception as exc:
             log.error("C-STORE from %s: unreadable dataset: %s", calling, exc)
@@ -209,7 +207,7 @@ class DicomNode:
         verdict = screen(
             dataset,
             accept_lateral=self.config.accept_lateral,
-            own_manufacturer=self.config.manufacturer,
+            own_manufacturer=self.processor.config.manufacturer,  # what it stamps on results
         )
         if not verdict.accepted:
             self.counters.add("ignored")

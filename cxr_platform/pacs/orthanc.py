@@ -180,6 +180,3 @@ class OrthancProcess:
         """C-ECHO from Orthanc to the AI node (what a PACS admin's "test" button does)."""
         response = httpx.post(f"{self.url}/modalities/{AI_MODALITY}/echo", content="{}", timeout=30)
         return response.status_code == 200
-
-    def instance_count(self) -> int:
-        return int(self._request("GET", "/statistics")["CountInstances"])

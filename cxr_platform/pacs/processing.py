@@ -185,7 +185,7 @@ class InstanceProcessor:
                 sc = build_sc(dataset, overlay_rgb, prediction, algorithm)
         return Processed(
             prediction=prediction,
-            results=NodeResults(sr=sr, seg=seg, sc=sc, kinds=kinds),
+            results=NodeResults(sr=sr, seg=seg, sc=sc),
             request_id=request_id,
             seconds=time.perf_counter() - started,
         )

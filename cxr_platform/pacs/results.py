@@ -13,7 +13,7 @@ produces the same instances again instead of new copies in PACS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import highdicom as hd
@@ -121,7 +121,6 @@ class NodeResults:
     sr: Dataset | None = None
     seg: Dataset | None = None
     sc: Dataset | None = None
-    kinds: tuple[str, ...] = field(default=())
 
     def datasets(self) -> list[Dataset]:
         return [ds for ds in (self.sr, self.seg, self.sc) if ds is not None]

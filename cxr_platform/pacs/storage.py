@@ -13,6 +13,7 @@ of adding new ones, and the ledger turns a re-sent instance away before it is sp
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sqlite3
 import threading
@@ -54,9 +55,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def encode_dataset(dataset: Dataset) -> bytes:
-    from io import BytesIO
-
-    buffer = BytesIO()
+    buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
