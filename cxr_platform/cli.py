@@ -384,6 +384,12 @@ def split(
     help="Local ImageNet weights file (torchvision state dict).",
 )
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: auto).")
+@click.option(
+    "--compile/--no-compile",
+    "torch_compile",
+    default=None,
+    help="torch.compile the training passes (default: CXR_TORCH_COMPILE, off).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest last.pt of this arch.")
 @click.pass_context
 @_fail_cleanly
@@ -397,6 +403,7 @@ def train(
     pretrained: str | None,
     weights_path: str | None,
     device: str | None,
+    torch_compile: bool | None,
     resume: bool,
 ) -> None:
     """Train one model on the patient split of the data and track it in MLflow."""
@@ -404,7 +411,7 @@ def train(
     from cxr_platform.data.splits import manifest_hash
     from cxr_platform.models import pipeline as model_pipeline
 
-    settings = _settings(ctx, data_dir=data_dir, device=device)
+    settings = _settings(ctx, data_dir=data_dir, device=device, torch_compile=torch_compile)
     progress = sys.stderr.isatty()
     manifest, cache = pipeline.prepare(settings, progress=progress)
     profile_used = profile_name or settings.resolved_training_profile

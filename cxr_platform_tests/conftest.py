@@ -65,9 +65,9 @@ def _trained_and_evaluated(cache: PreprocessedCache, out_dir: Path, **overrides)
     from cxr_platform.models.training import (
         TrainingData,
         load_checkpoint,
-        model_from_checkpoint,
         predict_logits,
         save_checkpoint,
+        scoring_model,
         train,
         training_profile,
     )
@@ -75,7 +75,7 @@ def _trained_and_evaluated(cache: PreprocessedCache, out_dir: Path, **overrides)
     config = training_profile("demo", "baseline_cnn", batch_size=16, **overrides)
     result = train(config, TrainingData.from_cache(cache, "cpu"), out_dir, progress=False)
     checkpoint = load_checkpoint(result.best_checkpoint)
-    model = model_from_checkpoint(checkpoint)
+    model = scoring_model(checkpoint)
     val = TensorBatches.from_cache(cache, "val")
     report = evaluate_predictions(
         arch="baseline_cnn",

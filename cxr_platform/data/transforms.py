@@ -201,6 +201,9 @@ class TensorBatches:
             order = balanced_indices(self.labels_np, order_generator)
         else:
             order = torch.randperm(len(self), generator=order_generator)
+        # One copy per epoch: copying each batch's indices from pageable host memory would make
+        # the host wait for the GPU to drain its queue before every batch.
+        order = order.to(self.device)
         for start in range(0, len(order), batch_size):
             yield self.batch(
                 order[start : start + batch_size], augmentation=augmentation, generator=generator
@@ -208,5 +211,5 @@ class TensorBatches:
 
     def evaluation_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
-            indices = torch.arange(start, min(start + batch_size, len(self)))
+            indices = torch.arange(start, min(start + batch_size, len(self)), device=self.device)
             yield self.batch(indices)

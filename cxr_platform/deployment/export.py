@@ -25,7 +25,7 @@ from torch import nn
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.errors import CxrError
 from cxr_platform.models.evaluation import OperatingPoint
-from cxr_platform.models.training import load_checkpoint, model_from_checkpoint
+from cxr_platform.models.training import load_checkpoint, scoring_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class ModelMetadata:
     output_name: str = OUTPUT_NAME
     class_names: tuple[str, ...] = CLASS_NAMES
     precision: str = "fp32"  # "int8": statically quantized, calibrated on validation images
+    # "flip": the graph scores the mean logit of the image and its mirror image.
+    test_time_augmentation: str = "none"
     format: int = EXPORT_FORMAT
 
     @property
@@ -124,6 +126,7 @@ def metadata_for_checkpoint(
         git_commit=git_commit,
         metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        test_time_augmentation="flip" if checkpoint.get("config", {}).get("tta_flip") else "none",
     )
 
 
@@ -327,7 +330,7 @@ def export_checkpoint(
         git_commit=git_commit,
         metrics=metrics,
     )
-    model = model_from_checkpoint(checkpoint)
+    model = scoring_model(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     export_onnx(model, metadata, out_dir / ONNX_FILE)
     export_torchscript(model, metadata, out_dir / TORCHSCRIPT_FILE)

@@ -39,6 +39,7 @@ from cxr_platform.models.training import (  # noqa: E402
     load_checkpoint,
     model_from_checkpoint,
     predict_logits,
+    scoring_model,
 )
 
 GALLERY_GROUPS = ("true positive", "false positive", "false negative", "true negative")
@@ -169,7 +170,8 @@ def explain_checkpoint(
     test = TensorBatches.from_cache(cache, "test")
     images = test.images[:, 0].numpy()  # the same uint8 memory, not a second load
     labels = test.labels_np
-    probabilities = operating_point.probabilities(predict_logits(model, test))
+    # The same scores the evaluation and the exported model give (test-time augmentation too).
+    probabilities = operating_point.probabilities(predict_logits(scoring_model(checkpoint), test))
     index = cache.index("test")
     names = [Path(p).name for p in index["relative_path"].astype(str)]
 

@@ -23,9 +23,9 @@ from cxr_platform.models.training import (
     TrainingData,
     TrainingResult,
     load_checkpoint,
-    model_from_checkpoint,
     predict_logits,
     save_checkpoint,
+    scoring_model,
     select_device,
     train,
     training_profile,
@@ -78,7 +78,11 @@ def tracker_for(settings: CxrSettings) -> ExperimentTracker:
 def train_config_for(settings: CxrSettings, arch: str, **overrides: Any) -> TrainConfig:
     profile = overrides.pop("profile", None) or settings.resolved_training_profile
     epochs = overrides.pop("epochs", None)
-    values: dict[str, Any] = {"seed": settings.seed, "device": settings.device}
+    values: dict[str, Any] = {
+        "seed": settings.seed,
+        "device": settings.device,
+        "compile": settings.torch_compile,
+    }
     if architecture(arch).imagenet_weights is not None:
         values["pretrained"] = settings.pretrained
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -260,7 +264,7 @@ def evaluate_trained(
             "rebuild the cache with the model's settings"
         )
     device = select_device(settings.device)
-    model = model_from_checkpoint(checkpoint).to(device)
+    model = scoring_model(checkpoint).to(device)
     val = TensorBatches.from_cache(cache, "val", device=device)
     val_logits = predict_logits(model, val)
     rule = ThresholdRule(settings.threshold_rule, settings.target_sensitivity)

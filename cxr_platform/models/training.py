@@ -10,6 +10,7 @@ The test split is not an input here: :class:`TrainingData` carries train and val
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.transforms import AugmentationConfig, TensorBatches
 from cxr_platform.errors import CxrError
 from cxr_platform.models.zoo import (
+    FlipAveraged,
     PretrainedMode,
     architecture,
     backbone_modules,
@@ -76,6 +78,16 @@ class TrainConfig:
     device: str = "auto"
     mixed_precision: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    # torch.compile for the training and validation forward passes. Off by default: compiling
+    # costs tens of seconds up front (more on CPU), which pays off only over long GPU runs.
+    compile: bool = False
+    # Exponential moving average of the weights, with this half-life in epochs (None: off). The
+    # average is what is validated, kept as best.pt and deployed; the live weights are kept only
+    # to resume. A half-life in epochs, not a per-step decay, so changing the batch size keeps
+    # the same averaging horizon.
+    ema_half_life_epochs: float | None = None
+    # Score the mean logit of each image and its mirror image (validation, evaluation, export).
+    tta_flip: bool = False
 
     def __post_init__(self) -> None:
         architecture(self.arch)  # fails early on a typo
@@ -85,6 +97,8 @@ class TrainConfig:
             raise TrainingError("at least one epoch is needed")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise TrainingError("label_smoothing must be in [0, 0.5)")
+        if self.ema_half_life_epochs is not None and not self.ema_half_life_epochs > 0:
+            raise TrainingError("ema_half_life_epochs must be > 0 (or None for no averaging)")
 
     @property
     def total_epochs(self) -> int:
@@ -243,8 +257,9 @@ def predict_logits(
         if cuda and channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and mixed_precision):
-            outputs.append(model(images).float().flatten().cpu())
-    return torch.cat(outputs).numpy().astype(np.float64)
+            outputs.append(model(images).float().flatten())
+    # One transfer at the end: a .cpu() per batch would wait for each batch in turn.
+    return torch.cat(outputs).cpu().numpy().astype(np.float64)
 
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -272,9 +287,55 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """The bare network (what Grad-CAM needs: its layers under their usual names)."""
     model = build_model(checkpoint["arch"], pretrained="none").model
     model.load_state_dict(checkpoint["model"])
     return model.eval()
+
+
+def scoring_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """The network as the checkpoint's recipe scores it: with flip averaging when trained so."""
+    model = model_from_checkpoint(checkpoint)
+    if checkpoint.get("config", {}).get("tta_flip", False):
+        return FlipAveraged(model).eval()
+    return model
+
+
+def ema_decay_per_step(half_life_epochs: float, steps_per_epoch: int) -> float:
+    return 0.5 ** (1.0 / (half_life_epochs * max(steps_per_epoch, 1)))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters and buffers.
+
+    BatchNorm statistics are averaged with the weights they belong to; integer buffers (batch
+    counters) are copied. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so the first
+    steps are not dominated by the initial weights. torch's ``AveragedModel`` does the same job
+    but reads its update counter back from the device on every step, a host-device
+    synchronisation that stalls a GPU training loop; here the counter is a Python int.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, updates: int = 0) -> None:
+        self.module = copy.deepcopy(model)
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.decay = decay
+        self.updates = updates
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = list(zip(self._tensors(self.module), self._tensors(model), strict=True))
+        floats = [(kept, live) for kept, live in pairs if kept.is_floating_point()]
+        counters = [(kept, live) for kept, live in pairs if not kept.is_floating_point()]
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_([k for k, _ in floats], [live for _, live in floats], 1.0 - keep)
+        if counters:
+            torch._foreach_copy_([k for k, _ in counters], [live for _, live in counters])
+        self.updates += 1
 
 
 def train(
@@ -311,13 +372,18 @@ def train(
     history: list[EpochRecord] = []
     best_epoch, best_auc, stale_epochs, start_epoch = 0, -math.inf, 0, 1
     optimizer_state = None
+    resumed_average: tuple[dict[str, torch.Tensor], int] | None = None
     if resume and last_path.exists():
         saved = load_checkpoint(last_path)
         if saved["arch"] != config.arch or saved["preprocessing"] != preprocessing:
             raise ResumeMismatchError(
                 f"{last_path} was trained as {saved['arch']} with other preprocessing settings"
             )
-        model.load_state_dict(saved["model"])
+        if "training_model" in saved:  # an averaged run: "model" is the average
+            model.load_state_dict(saved["training_model"])
+            resumed_average = saved["model"], saved["ema_updates"]
+        else:
+            model.load_state_dict(saved["model"])
         built.pretrained, built.weights_source = saved["pretrained"], saved["weights_source"]
         history = [EpochRecord(**record) for record in saved["history"]]
         best_epoch, best_auc = saved["best"]["epoch"], saved["best"]["val_auc"]
@@ -328,8 +394,26 @@ def train(
         log.info("resuming %s at epoch %d from %s", config.arch, start_epoch, last_path)
 
     model.to(device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off
     if cuda and config.channels_last:
         model.to(memory_format=torch.channels_last)
+    averaged: WeightAverage | None = None
+    if config.ema_half_life_epochs is not None:
+        steps_per_epoch = data.train.num_batches(config.batch_size)
+        decay = ema_decay_per_step(config.ema_half_life_epochs, steps_per_epoch)
+        averaged = WeightAverage(model, decay)
+        if resumed_average is not None:
+            averaged.module.load_state_dict(resumed_average[0])
+            averaged.updates = resumed_average[1]
+    # The weights that are validated, kept as best.pt and deployed.
+    kept = averaged.module if averaged is not None else model
+    scorer: nn.Module = FlipAveraged(kept) if config.tta_flip else kept
+    # Compiled wrappers share parameters with the originals; checkpoints always come from the
+    # originals, whose state-dict keys carry no "_orig_mod." prefix.
+    forward: nn.Module = torch.compile(model) if config.compile else model
+    if config.compile:
+        scorer = torch.compile(scorer)
     pos_weight = resolve_pos_weight(config, data.train.labels_np)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None if pos_weight is None else torch.tensor([pos_weight], device=device)
@@ -377,17 +461,19 @@ def train(
             with torch.autocast(
                 "cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision
             ):
-                logits = model(images).float().flatten()
+                logits = forward(images).float().flatten()
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not None:
+                averaged.update(model)
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
         train_seconds = time.perf_counter() - epoch_started
 
         val_logits = predict_logits(
-            model,
+            scorer,
             data.val,
             batch_size=config.eval_batch_size,
             mixed_precision=config.mixed_precision,
@@ -441,7 +527,7 @@ def train(
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "arch": config.arch,
-            "model": _state_copy(model),
+            "model": _state_copy(kept),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "phase": phase,
@@ -455,6 +541,9 @@ def train(
             "best": {"epoch": best_epoch, "val_auc": best_auc},
             "epochs_without_improvement": stale_epochs,
         }
+        if averaged is not None:
+            checkpoint["training_model"] = _state_copy(model)
+            checkpoint["ema_updates"] = averaged.updates
         if improved:
             save_checkpoint(checkpoint, best_path)
         save_checkpoint(checkpoint, last_path)

@@ -257,3 +257,19 @@ def backbone_modules(model: nn.Module, arch: str) -> list[nn.Module]:
 
 def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
     return model.get_submodule(architecture(arch).gradcam_layer)
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean logit of an image and its mirror image.
+
+    Models trained with horizontal flips see both orientations; averaging the two reads removes
+    the orientation noise from a single read. It is a module, not a loop in the scoring code, so
+    the exported ONNX graph, and therefore every serving path, scores exactly what was evaluated.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images) + self.model(torch.flip(images, dims=(3,)))) * 0.5
