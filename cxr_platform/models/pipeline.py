@@ -190,6 +190,7 @@ def _finish_training(
         {
             "cxr.pretrained": str(result.pretrained).lower(),
             "cxr.weights_source": result.weights_source,
+            "cxr.schedule": result.schedule,  # differs from the params when weights were missing
         }
     )
     history = [asdict(record) for record in result.history]

@@ -40,6 +40,8 @@ from cxr_platform.models.zoo import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+# Training every layer from random initialisation needs a higher rate than fine-tuning does.
+FROM_SCRATCH_LR = 1e-3
 TRAINING_PROFILES = ("demo", "full")
 Phase = Literal["frozen", "finetune"]
 
@@ -88,6 +90,9 @@ class TrainConfig:
     ema_half_life_epochs: float | None = None
     # Score the mean logit of each image and its mirror image (validation, evaluation, export).
     tta_flip: bool = False
+    # When no pretrained weights were loaded, skip the frozen phase (it would fit a head to
+    # random features) and train everything for all epochs at FROM_SCRATCH_LR.
+    scratch_schedule: bool = False
 
     def __post_init__(self) -> None:
         architecture(self.arch)  # fails early on a typo
@@ -139,7 +144,7 @@ def training_profile(profile: str, arch: str, **overrides: Any) -> TrainConfig:
     else:
         values = dict(frozen_epochs=0, finetune_epochs=8, patience=3)
     if not has_imagenet:
-        values.update(frozen_epochs=0, finetune_lr=1e-3, pretrained="none")
+        values.update(frozen_epochs=0, finetune_lr=FROM_SCRATCH_LR, pretrained="none")
         if profile == "full":
             values["finetune_epochs"] = 30
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -188,6 +193,7 @@ class TrainingResult:
     weights_source: str | None
     device: str
     wall_seconds: float
+    schedule: str = ""  # the phases as run, e.g. "5 frozen at 0.001 + 25 full at 0.0001"
 
     @property
     def train_images_per_s(self) -> float:
@@ -393,6 +399,20 @@ def train(
             optimizer_state = saved["optimizer"]
         log.info("resuming %s at epoch %d from %s", config.arch, start_epoch, last_path)
 
+    if config.scratch_schedule and not built.pretrained and config.frozen_epochs:
+        log.warning(
+            "%s has no pretrained weights: no frozen phase; all %d epochs train every layer at %g",
+            config.arch,
+            config.total_epochs,
+            FROM_SCRATCH_LR,
+        )
+        config = replace(
+            config,
+            frozen_epochs=0,
+            finetune_epochs=config.total_epochs,
+            finetune_lr=FROM_SCRATCH_LR,
+        )
+
     model.to(device)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off
@@ -566,7 +586,15 @@ def train(
         weights_source=built.weights_source,
         device=str(device),
         wall_seconds=time.perf_counter() - started,
+        schedule=describe_schedule(config),
     )
+
+
+def describe_schedule(config: TrainConfig) -> str:
+    full = f"{config.finetune_epochs} full at {config.finetune_lr:g}"
+    if config.frozen_epochs:
+        return f"{config.frozen_epochs} frozen at {config.frozen_lr:g} + {full}"
+    return full
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -164,3 +165,42 @@ def test_compiled_training_saves_plain_weights_that_reproduce_its_scores(trainin
     # Same seed without compiling: the same training, up to kernel rounding.
     plain = train(_config(finetune_epochs=1), training_data, tmp_path / "eager", progress=False)
     assert result.history[0].train_loss == pytest.approx(plain.history[0].train_loss, rel=1e-2)
+
+
+def test_without_pretrained_weights_the_scratch_schedule_skips_the_frozen_phase(
+    training_data, tmp_path, caplog
+):
+    config = training_profile(
+        "demo",
+        "resnet18",
+        pretrained="auto",
+        weights_path=str(tmp_path / "missing.pth"),  # offline: nothing to load
+        frozen_epochs=1,
+        finetune_epochs=1,
+        scratch_schedule=True,
+    )
+    result = train(config, training_data, tmp_path / "scratch", progress=False)
+    assert not result.pretrained
+    assert result.schedule == "2 full at 0.001"
+    assert [r.phase for r in result.history] == ["finetune", "finetune"]
+    assert [r.lr for r in result.history] == [1e-3, 1e-3]
+    assert load_checkpoint(result.last_checkpoint)["config"]["frozen_epochs"] == 0
+    assert "no frozen phase" in caplog.text
+
+
+def test_with_pretrained_weights_the_scratch_schedule_keeps_both_phases(training_data, tmp_path):
+    weights = tmp_path / "imagenet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    config = training_profile(
+        "demo",
+        "resnet18",
+        pretrained="required",
+        weights_path=str(weights),
+        frozen_epochs=1,
+        finetune_epochs=1,
+        scratch_schedule=True,
+    )
+    result = train(config, training_data, tmp_path / "pretrained", progress=False)
+    assert result.pretrained
+    assert [r.phase for r in result.history] == ["frozen", "finetune"]
+    assert result.schedule == f"1 frozen at 0.001 + 1 full at {config.finetune_lr:g}"
