@@ -31,6 +31,12 @@ class AugmentationConfig:
     horizontal_flip: bool = True
     brightness: float = 0.2
     contrast: float = 0.2
+    # Acquisition variation between scanners and sites (0 disables each): a random gamma in
+    # [1/gamma, gamma], a Gaussian blur with sigma drawn from [0, blur_sigma] pixels, and
+    # Gaussian noise with a standard deviation drawn from [0, noise_std] (on the [0, 1] scale).
+    gamma: float = 1.0
+    blur_sigma: float = 0.0
+    noise_std: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,10 +105,28 @@ def affine_matrices(
     return matrices
 
 
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) images, each blurred with its own sigma (pixels), in two grouped 1-D passes:
+    one kernel call for the whole batch whatever the mix of sigmas."""
+    n, _, height, width = images.shape
+    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    # A floor on sigma keeps the kernel finite; at 1e-3 pixels it is a delta (no blur).
+    kernel = torch.exp(-0.5 * (offsets / sigmas.clamp(min=1e-3).view(n, 1)) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    stacked = images.view(1, n, height, width)
+    padded = F.pad(stacked, (radius, radius, 0, 0), mode="replicate")
+    stacked = F.conv2d(padded, kernel.view(n, 1, 1, -1), groups=n)
+    padded = F.pad(stacked, (0, 0, radius, radius), mode="replicate")
+    stacked = F.conv2d(padded, kernel.view(n, 1, -1, 1), groups=n)
+    return stacked.view(n, 1, height, width)
+
+
 def augment(
     unit_images: torch.Tensor, config: AugmentationConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-sample random crop/rotation/flip, then brightness and contrast; stays in [0, 1]."""
+    """Per-sample random crop/rotation/flip, then gamma, blur, brightness, contrast and noise
+    where enabled; stays in [0, 1]."""
     n, _, height, width = unit_images.shape
     device = unit_images.device
     matrices = affine_matrices(n, config, generator, device)
@@ -111,6 +135,13 @@ def augment(
     images = F.grid_sample(
         unit_images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
+    # Disabled steps draw no random numbers, so enabling one never changes the others' draws.
+    if config.gamma > 1.0:
+        log_gamma = math.log(config.gamma)
+        gamma = torch.exp(_uniform(n, -log_gamma, log_gamma, generator, device))
+        images = images.clamp(min=1e-6) ** gamma.view(n, 1, 1, 1)
+    if config.blur_sigma > 0.0:
+        images = gaussian_blur(images, _uniform(n, 0.0, config.blur_sigma, generator, device))
     if config.brightness:
         factor = _uniform(n, 1 - config.brightness, 1 + config.brightness, generator, device)
         images = images * factor.view(n, 1, 1, 1)
@@ -118,6 +149,10 @@ def augment(
         factor = _uniform(n, 1 - config.contrast, 1 + config.contrast, generator, device)
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         images = (images - mean) * factor.view(n, 1, 1, 1) + mean
+    if config.noise_std > 0.0:
+        std = _uniform(n, 0.0, config.noise_std, generator, device)
+        noise = torch.randn(images.shape, generator=generator, device=device)
+        images = images + noise * std.view(n, 1, 1, 1)
     return images.clamp_(0.0, 1.0)
 
 

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from cxr_platform.data import pipeline
 from cxr_platform.data.cache import CacheInputChangedError, build_cache
@@ -16,6 +19,7 @@ from cxr_platform.data.transforms import (
     affine_matrices,
     augment,
     balanced_indices,
+    gaussian_blur,
 )
 from cxr_platform.settings import load_settings
 
@@ -153,3 +157,38 @@ def test_jpeg_draft_decoding_matches_full_decoding(tiny_synthetic):
     full = to_square_uint8(read_image(jpeg).pixels, config).astype(np.int16)
     assert drafted.shape == (64, 64)
     assert np.abs(drafted - full).mean() < 2.0  # grey levels out of 255
+
+
+def test_batched_blur_matches_scipy_per_image_and_leaves_zero_sigma_alone():
+    images = torch.rand(3, 1, 40, 48, dtype=torch.float64)
+    sigmas = torch.tensor([1.2, 1e-6, 0.7], dtype=torch.float64)
+    blurred = gaussian_blur(images, sigmas)
+    # The batch shares one radius, ceil(3 x the largest sigma) = 4; replicated edges.
+    for i in (0, 2):
+        sigma = float(sigmas[i])
+        expected = gaussian_filter(images[i, 0].numpy(), sigma, mode="nearest", truncate=4 / sigma)
+        np.testing.assert_allclose(blurred[i, 0].numpy(), expected, atol=1e-9)
+    torch.testing.assert_close(blurred[1], images[1])
+
+
+def test_acquisition_augmentations_change_images_and_spare_other_draws():
+    images = torch.rand(16, 1, 32, 32)
+    plain = AugmentationConfig()
+    acquisition = AugmentationConfig(gamma=1.4, blur_sigma=1.5, noise_std=0.03)
+    out_plain = augment(images, plain, torch.Generator().manual_seed(3))
+    out_acq = augment(images, acquisition, torch.Generator().manual_seed(3))
+    assert out_acq.min() >= 0 and out_acq.max() <= 1
+    assert (out_acq - out_plain).abs().mean() > 0.01
+
+    # Blur lowers high-frequency energy: neighbouring pixels agree more than before.
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean()
+
+    blurred = augment(images, replace(NO_AUGMENTATION, blur_sigma=1.5), torch.Generator())
+    assert roughness(blurred) < 0.8 * roughness(images)
+    # Enabled or not, the acquisition steps leave the geometric draws where they were.
+    generator_a, generator_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(
+        affine_matrices(8, plain, generator_a, torch.device("cpu")),
+        affine_matrices(8, acquisition, generator_b, torch.device("cpu")),
+    )
