@@ -1,15 +1,26 @@
-"""Training throughput per architecture: loader alone, compute alone, and the real loop.
+"""Training throughput per architecture: loader alone, compute alone, the real loop, inference.
 
 - loader-only: batches from the in-memory uint8 cache through the batched augmentation;
 - compute-only: forward + backward + AdamW step on one fixed, already-normalized batch;
 - end-to-end: one epoch of the platform's own `train()` on synthetic uint8 images, as timed
-  by the training loop itself (validation excluded).
+  by the training loop itself (validation excluded);
+- inference: batched forward passes in eval mode (bf16 autocast on CUDA, fp32 on CPU).
 
 Prints images/s and end-to-end as a share of compute-only (target: >= 90%, i.e. data loading is
 not the bottleneck). Runs on CUDA when available (bf16 autocast, channels_last), else CPU.
+``--compile`` times the torch.compile path of compute-only and end-to-end (compilation is in
+the warm-up, not in the figure).
+
+``--full-run DATA_DIR`` also times a whole training run as the platform does it: the cache
+(built or reused), the profile's epochs with validation after each, then the evaluation
+(calibration and threshold on validation, metrics on the held-out test split). On two CPU cores
+ResNet18's 30 epochs take hours; ``--full-run-arch``/``--full-run-epochs`` shorten it there.
 
     .venv/bin/python benchmarks/train_throughput.py [--archs baseline_cnn resnet18 ...]
-        [--images 96] [--batch-size 32] [--size 224] [--device auto]
+        [--images 96] [--batch-size 32] [--size 224] [--device auto] [--compile]
+        [--inference-batch-size 256]
+        [--full-run ../shared/data/kaggle-chest-xray-224 [--full-run-arch resnet18]
+         [--full-run-epochs N]]
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import os
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +44,7 @@ from cxr_platform.models.training import (
     training_profile,
 )
 from cxr_platform.models.zoo import build_model
+from cxr_platform.provenance import git_commit
 
 
 def _sync(device: torch.device) -> None:
@@ -51,11 +64,14 @@ def loader_only(batches: TensorBatches, batch_size: int, repeats: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def compute_only(arch: str, device: torch.device, batch_size: int, size: int, steps: int) -> float:
+def compute_only(
+    arch: str, device: torch.device, batch_size: int, size: int, steps: int, compile: bool
+) -> float:
     model = build_model(arch, pretrained="none").model.to(device).train()
     cuda = device.type == "cuda"
     if cuda:
         model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = torch.nn.BCEWithLogitsLoss()
     images = torch.randn(batch_size, 1, size, size, device=device)
@@ -65,13 +81,14 @@ def compute_only(arch: str, device: torch.device, batch_size: int, size: int, st
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(images).float().flatten()
+            logits = forward(images).float().flatten()
         loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up: allocator, cuDNN autotuning
+    for _ in range(3 if compile else 1):
+        step()  # warm-up: allocator, cuDNN autotuning, compilation
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -80,7 +97,33 @@ def compute_only(arch: str, device: torch.device, batch_size: int, size: int, st
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def end_to_end(arch: str, data: TrainingData, batch_size: int, device: torch.device) -> float:
+@torch.inference_mode()
+def inference_only(
+    arch: str, device: torch.device, batch_size: int, size: int, steps: int
+) -> float:
+    model = build_model(arch, pretrained="none").model.to(device).eval()
+    cuda = device.type == "cuda"
+    images = torch.randn(batch_size, 1, size, size, device=device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return model(images)
+
+    step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def end_to_end(
+    arch: str, data: TrainingData, batch_size: int, device: torch.device, compile: bool
+) -> float:
     config = training_profile(
         "demo",
         arch,
@@ -90,10 +133,42 @@ def end_to_end(arch: str, data: TrainingData, batch_size: int, device: torch.dev
         patience=99,
         batch_size=batch_size,
         device=str(device),
+        compile=compile,
     )
     with tempfile.TemporaryDirectory() as out:
         result = train(config, data, out, progress=False)
     return result.history[-1].train_images_per_s
+
+
+def full_run(data_dir: Path, arch: str, epochs: int | None, device: torch.device) -> None:
+    """A whole ``full``-profile run on real data, timed from cache to evaluation report."""
+    from cxr_platform.data.pipeline import prepare
+    from cxr_platform.models.pipeline import evaluate_trained, train_config_for, train_tracked
+    from cxr_platform.settings import CxrSettings
+
+    with tempfile.TemporaryDirectory() as home:
+        settings = CxrSettings(home=Path(home), data_dir=data_dir, device=str(device))
+        started = time.perf_counter()
+        _, cache = prepare(settings, progress=False)
+        prepared = time.perf_counter()
+        config = train_config_for(settings, arch, profile="full", epochs=epochs)
+        trained = train_tracked(settings, cache, config, profile="full", progress=False)
+        trained_at = time.perf_counter()
+        report, _ = evaluate_trained(settings, cache, trained)
+        finished = time.perf_counter()
+    test = report.splits["test"]
+    print(
+        f"full run, {arch}: {trained.epochs_run} of {config.total_epochs} epochs "
+        f"(best {trained.best_epoch}), {trained.train_images_per_s:,.0f} train img/s"
+    )
+    print(
+        f"  wall: cache {prepared - started:.1f} s, training {trained_at - prepared:.1f} s, "
+        f"evaluation {finished - trained_at:.1f} s, total {finished - started:.1f} s"
+    )
+    print(
+        f"  val AUC {trained.best_val_auc:.4f}; test AUC {test.auc:.4f}, sensitivity "
+        f"{test.sensitivity:.3f}, specificity {test.specificity:.3f}"
+    )
 
 
 def main() -> None:
@@ -101,8 +176,13 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["baseline_cnn", "resnet18"])
     parser.add_argument("--images", type=int, default=96, help="images per training epoch")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--inference-batch-size", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--full-run", type=Path, metavar="DATA_DIR")
+    parser.add_argument("--full-run-arch", default="resnet18")
+    parser.add_argument("--full-run-epochs", type=int)
     args = parser.parse_args()
 
     device = select_device(args.device)
@@ -112,7 +192,9 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
     print(
-        f"{hardware}; torch {torch.__version__}; {args.size}x{args.size}, batch {args.batch_size}"
+        f"{hardware}; torch {torch.__version__}; commit {git_commit()}; "
+        f"{args.size}x{args.size}, batch {args.batch_size}"
+        f"{', torch.compile' if args.compile else ''}"
     )
     rng = np.random.default_rng(0)
     preprocessing = PreprocessingConfig(image_size=args.size)
@@ -126,11 +208,23 @@ def main() -> None:
     steps = max(2, args.images // args.batch_size)
     loader = loader_only(data.train, args.batch_size, repeats=3)
     print(f"loader only (augmentation included): {loader:,.0f} img/s")
-    print(f"{'arch':<14} {'compute img/s':>14} {'end-to-end img/s':>17} {'e2e/compute':>12}")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    print(
+        f"{'arch':<14} {'compute img/s':>14} {'end-to-end img/s':>17} {'e2e/compute':>12} "
+        f"{f'inference img/s ({precision}, batch {args.inference_batch_size})':>40}"
+    )
     for arch in args.archs:
-        compute = compute_only(arch, device, args.batch_size, args.size, steps)
-        loop = end_to_end(arch, data, args.batch_size, device)
-        print(f"{arch:<14} {compute:>14,.1f} {loop:>17,.1f} {loop / compute:>11.0%}")
+        compute = compute_only(arch, device, args.batch_size, args.size, steps, args.compile)
+        loop = end_to_end(arch, data, args.batch_size, device, args.compile)
+        inference = inference_only(
+            arch, device, args.inference_batch_size, args.size, steps=max(2, steps // 4)
+        )
+        print(
+            f"{arch:<14} {compute:>14,.1f} {loop:>17,.1f} {loop / compute:>11.0%} "
+            f"{inference:>40,.1f}"
+        )
+    if args.full_run is not None:
+        full_run(args.full_run, args.full_run_arch, args.full_run_epochs, device)
 
 
 if __name__ == "__main__":
