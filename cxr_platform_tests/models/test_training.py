@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxr_platform.data.transforms import NO_AUGMENTATION
+from cxr_platform.data.transforms import NO_AUGMENTATION, AugmentationConfig
 from cxr_platform.models.training import (
     ResumeMismatchError,
     TrainingData,
@@ -148,3 +148,13 @@ def test_epoch_override_keeps_both_phases(epochs, frozen, finetune):
     config = with_epochs(training_profile("full", "resnet18"), epochs)
     assert (config.frozen_epochs, config.finetune_epochs) == (frozen, finetune)
     assert with_epochs(training_profile("full", "baseline_cnn"), 3).frozen_epochs == 0
+
+
+def test_full_profile_holds_the_searched_recipe_and_demo_stays_plain():
+    full = training_profile("full", "resnet18")
+    assert full.ema_half_life_epochs == 1.0 and full.scratch_schedule
+    assert full.augmentation.blur_sigma > 0 and full.augmentation.noise_std > 0
+    assert not full.tta_flip  # no measured gain for twice the inference cost
+    demo = training_profile("demo", "resnet18")
+    assert demo.ema_half_life_epochs is None and not demo.scratch_schedule
+    assert demo.augmentation == AugmentationConfig()
