@@ -2,8 +2,9 @@
 
 - loader-only: batches from the in-memory uint8 cache through the batched augmentation;
 - compute-only: forward + backward + AdamW step on one fixed, already-normalized batch;
-- end-to-end: one epoch of the platform's own `train()` on synthetic uint8 images, as timed
-  by the training loop itself (validation excluded);
+- end-to-end: one epoch of the platform's own `train()` with the full profile's augmentation
+  and weight averaging, on synthetic uint8 images, as timed by the training loop itself
+  (validation excluded);
 - inference: batched forward passes in eval mode (bf16 autocast on CUDA, fp32 on CPU).
 
 Prints images/s and end-to-end as a share of compute-only (target: >= 90%, i.e. data loading is
@@ -38,6 +39,7 @@ import torch
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import AugmentationConfig, TensorBatches
 from cxr_platform.models.training import (
+    ACQUISITION_AUGMENTATION,
     TrainingData,
     select_device,
     train,
@@ -52,8 +54,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loader_only(batches: TensorBatches, batch_size: int, repeats: int) -> float:
-    augmentation = AugmentationConfig()
+def loader_only(
+    batches: TensorBatches, batch_size: int, repeats: int, augmentation: AugmentationConfig
+) -> float:
     _sync(batches.device)
     start = time.perf_counter()
     seen = 0
@@ -124,8 +127,9 @@ def inference_only(
 def end_to_end(
     arch: str, data: TrainingData, batch_size: int, device: torch.device, compile: bool
 ) -> float:
+    # The full profile's loop: its augmentation (acquisition included) and weight averaging.
     config = training_profile(
-        "demo",
+        "full",
         arch,
         pretrained="none",
         frozen_epochs=0,
@@ -206,8 +210,12 @@ def main() -> None:
         val=TensorBatches(val_images, labels[: args.batch_size], preprocessing, device=device),
     )
     steps = max(2, args.images // args.batch_size)
-    loader = loader_only(data.train, args.batch_size, repeats=3)
-    print(f"loader only (augmentation included): {loader:,.0f} img/s")
+    for name, augmentation in (
+        ("default", AugmentationConfig()),
+        ("full profile, with acquisition", ACQUISITION_AUGMENTATION),
+    ):
+        loader = loader_only(data.train, args.batch_size, 3, augmentation)
+        print(f"loader only ({name} augmentation): {loader:,.0f} img/s")
     precision = "bf16" if device.type == "cuda" else "fp32"
     print(
         f"{'arch':<14} {'compute img/s':>14} {'end-to-end img/s':>17} {'e2e/compute':>12} "
