@@ -392,6 +392,7 @@ def train(
     history: list[EpochRecord] = []
     best_epoch, best_auc, stale_epochs, start_epoch = 0, -math.inf, 0, 1
     optimizer_state = None
+    saved_phase: tuple[str, dict[str, Any]] | None = None  # resumed phase and optimizer state
     resumed_average: tuple[dict[str, torch.Tensor], int] | None = None
     if resume and last_path.exists():
         saved = load_checkpoint(last_path)
@@ -409,8 +410,7 @@ def train(
         best_epoch, best_auc = saved["best"]["epoch"], saved["best"]["val_auc"]
         stale_epochs = saved["epochs_without_improvement"]
         start_epoch = saved["epoch"] + 1
-        if config.phase_of(start_epoch) == saved["phase"]:
-            optimizer_state = saved["optimizer"]
+        saved_phase = saved["phase"], saved["optimizer"]
         log.info("resuming %s at epoch %d from %s", config.arch, start_epoch, last_path)
 
     if config.scratch_schedule and not built.pretrained and config.frozen_epochs:
@@ -426,6 +426,9 @@ def train(
             finetune_epochs=config.total_epochs,
             finetune_lr=FROM_SCRATCH_LR,
         )
+    # After the schedule is final: the optimizer state carries on only within the same phase.
+    if saved_phase is not None and config.phase_of(start_epoch) == saved_phase[0]:
+        optimizer_state = saved_phase[1]
 
     model.to(device)
     if cuda:

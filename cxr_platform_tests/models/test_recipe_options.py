@@ -204,3 +204,20 @@ def test_with_pretrained_weights_the_scratch_schedule_keeps_both_phases(training
     assert result.pretrained
     assert [r.phase for r in result.history] == ["frozen", "finetune"]
     assert result.schedule == f"1 frozen at 0.001 + 1 full at {config.finetune_lr:g}"
+
+
+def test_a_scratch_schedule_run_resumes_exactly(training_data, tmp_path):
+    # The baseline never has pretrained weights, so asking it for two frozen epochs exercises
+    # the rescheduling; resuming at epoch 2, which the unadjusted schedule calls "frozen", must
+    # still restore the optimizer state of the full-training phase.
+    def config(frozen: int, finetune: int):
+        return _config(frozen_epochs=frozen, finetune_epochs=finetune, scratch_schedule=True)
+
+    uninterrupted = train(config(2, 1), training_data, tmp_path / "a", progress=False)
+    assert uninterrupted.schedule == "3 full at 0.001"
+    train(config(1, 0), training_data, tmp_path / "b", progress=False)
+    resumed = train(config(2, 1), training_data, tmp_path / "b", resume=True, progress=False)
+    assert [r.val_auc for r in resumed.history] == [r.val_auc for r in uninterrupted.history]
+    a = load_checkpoint(uninterrupted.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
