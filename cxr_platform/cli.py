@@ -440,7 +440,7 @@ def train(
     click.echo(
         f"best validation AUC {trained.best_val_auc:.4f} at epoch {trained.best_epoch} "
         f"({trained.epochs_run} epochs, {trained.wall_seconds:.0f} s on {trained.device}, "
-        f"pretrained={str(trained.pretrained).lower()})\n"
+        f"pretrained={str(trained.pretrained).lower()}; schedule {trained.schedule})\n"
         f"checkpoint {trained.checkpoint}\nMLflow run {trained.mlflow_run_id} "
         f"({settings.tracking_uri})\nnext: cxr evaluate"
     )

@@ -145,6 +145,7 @@ def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
     trained = _cxr("train", *data, "--arch", "baseline_cnn", "--epochs", "2", home=home, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "best validation AUC" in trained.stdout
+    assert "schedule 2 full at 0.001" in trained.stdout  # a folder given: the full profile
 
     out = tmp_path / "metrics.json"
     evaluated = _cxr("evaluate", "--json", str(out), home=home, env=env)

@@ -61,6 +61,7 @@ class TrainedModel:
     train_images_per_s: float
     manifest_hash: str | None
     data_dir: str | None = None  # None: the synthetic demo set of the same settings
+    schedule: str = ""  # the phases as run (the scratch schedule can differ from the config)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -222,6 +223,7 @@ def _finish_training(
         train_images_per_s=result.train_images_per_s,
         manifest_hash=manifest_hash,
         data_dir=str(settings.data_dir) if settings.data_dir else None,
+        schedule=result.schedule,
         history=history,
     )
     _write_latest(settings, trained)
