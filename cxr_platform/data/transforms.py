@@ -105,11 +105,15 @@ def affine_matrices(
     return matrices
 
 
-def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) images, each blurred with its own sigma (pixels), in two grouped 1-D passes:
-    one kernel call for the whole batch whatever the mix of sigmas."""
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """(N, 1, H, W) images, each blurred with its own sigma (pixels, at most ``max_sigma``), in
+    two grouped 1-D passes: one kernel call for the whole batch whatever the mix of sigmas.
+
+    The kernel radius comes from ``max_sigma``, known on the host: reading ``sigmas.max()`` back
+    from a GPU would make every batch wait for the device.
+    """
     n, _, height, width = images.shape
-    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    radius = max(1, math.ceil(3 * max_sigma))
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     # A floor on sigma keeps the kernel finite; at 1e-3 pixels it is a delta (no blur).
     kernel = torch.exp(-0.5 * (offsets / sigmas.clamp(min=1e-3).view(n, 1)) ** 2)
@@ -141,7 +145,8 @@ def augment(
         gamma = torch.exp(_uniform(n, -log_gamma, log_gamma, generator, device))
         images = images.clamp(min=1e-6) ** gamma.view(n, 1, 1, 1)
     if config.blur_sigma > 0.0:
-        images = gaussian_blur(images, _uniform(n, 0.0, config.blur_sigma, generator, device))
+        sigmas = _uniform(n, 0.0, config.blur_sigma, generator, device)
+        images = gaussian_blur(images, sigmas, config.blur_sigma)
     if config.brightness:
         factor = _uniform(n, 1 - config.brightness, 1 + config.brightness, generator, device)
         images = images * factor.view(n, 1, 1, 1)
