@@ -31,6 +31,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,20 @@ from cxr_platform.provenance import git_commit
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _images_per_s(
+    step: Callable[[], object], device: torch.device, batch_size: int, steps: int, warmup: int
+) -> float:
+    """Images per second of ``step`` (one batch each), timed after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 def loader_only(
@@ -90,14 +105,8 @@ def compute_only(
         loss.backward()
         optimizer.step()
 
-    for _ in range(3 if compile else 1):
-        step()  # warm-up: allocator, cuDNN autotuning, compilation
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    # Warm-up: allocator, cuDNN autotuning, and compilation (which may take a few calls).
+    return _images_per_s(step, device, batch_size, steps, warmup=3 if compile else 1)
 
 
 @torch.inference_mode()
@@ -115,13 +124,7 @@ def inference_only(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             return model(images)
 
-    step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    return _images_per_s(step, device, batch_size, steps, warmup=1)
 
 
 def end_to_end(
