@@ -19,7 +19,7 @@ from torch import nn
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.models.evaluation import OperatingPoint, threshold_metrics
 from cxr_platform.models.training import predict_logits
 from cxr_platform.monitoring.shifts import apply_shift
 
@@ -60,14 +60,6 @@ def shifted_split(images: np.ndarray, shift: str, severity: float, *, seed: int 
     return out
 
 
-def _sensitivity_specificity(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float
-) -> tuple[float, float]:
-    predicted = probabilities >= threshold
-    positive = labels == 1
-    return float(predicted[positive].mean()), float((~predicted[~positive]).mean())
-
-
 def score_split(
     model: nn.Module,
     images: np.ndarray,
@@ -81,10 +73,10 @@ def score_split(
     """AUC, and sensitivity and specificity at the frozen operating point."""
     batches = TensorBatches(images, labels, preprocessing, device=device)
     logits = predict_logits(model, batches, batch_size=batch_size)
-    sensitivity, specificity = _sensitivity_specificity(
-        labels.astype(int), operating_point.probabilities(logits), operating_point.threshold
+    metrics = threshold_metrics(
+        labels, operating_point.probabilities(logits), operating_point.threshold
     )
-    return float(roc_auc_score(labels, logits)), sensitivity, specificity
+    return float(roc_auc_score(labels, logits)), metrics["sensitivity"], metrics["specificity"]
 
 
 def robustness_scores(
