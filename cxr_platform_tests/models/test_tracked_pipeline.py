@@ -78,3 +78,10 @@ def test_resume_continues_the_same_mlflow_run(settings, learnable_cache):
     )
     assert resumed.mlflow_run_id == first.mlflow_run_id
     assert torch.load(resumed.checkpoint, weights_only=False)["epoch"] == 1
+
+
+def test_compile_setting_reaches_the_training_config(tmp_path, monkeypatch):
+    # `cxr train --compile` and the Dagster assets both go through the settings.
+    assert not model_pipeline.train_config_for(load_settings(home=tmp_path), "resnet18").compile
+    monkeypatch.setenv("CXR_TORCH_COMPILE", "true")
+    assert model_pipeline.train_config_for(load_settings(home=tmp_path), "resnet18").compile
