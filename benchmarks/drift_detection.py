@@ -112,9 +112,9 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = load_settings()
-    size = args.window_size or settings.drift_window_size
-    rule = drift_rule(settings)
-    registry = registry_for(settings)
+    size = args.window_size or settings.monitoring.drift_window_size
+    rule = drift_rule(settings.monitoring)
+    registry = registry_for(settings.registry)
     production = registry.get(args.version)
     folder = registry.download(production.version)
     reference = load_reference(folder)
@@ -122,7 +122,7 @@ def main() -> None:
     if reference is None or args.rebuild_reference:
         # A version exported before drift monitoring: make its reference the way an export
         # does, from the home's cached validation split.
-        reference = reference_from_cache(cache_of(settings.cache_dir), predictor)
+        reference = reference_from_cache(cache_of(settings.data.cache_dir), predictor)
     if args.validation_only_reference:
         reference = reference[reference["split"] == "val"]
     expected = production.metrics
@@ -136,7 +136,7 @@ def main() -> None:
         ]
         pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
     else:
-        pool = synthetic_traffic(settings, needed + n_shifted, seed=args.seed)
+        pool = synthetic_traffic(settings.data, needed + n_shifted, seed=args.seed)
     started = time.perf_counter()
     in_distribution = log_rows(predictor, pool[: min(needed, len(pool))], "none", 1.0, args.seed)
     if args.no_labels:

@@ -20,6 +20,7 @@ The baseline, measured in the same run, is the C-STORE of the same image into Or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
@@ -167,14 +169,14 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     with baseline:
         store_seconds = [end - start for start, end in c_store(baseline, baseline_images)]
 
-    node = build_node(
-        settings,
-        port=node_port,
-        host="127.0.0.1",
-        destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
-        allowed_calling_aets=("ORTHANC",),
-        state_dir=work / "node",
+    dicom = dataclasses.replace(
+        settings.dicom,
+        dicom_port=node_port,
+        dicom_host="127.0.0.1",
+        dicom_destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
+        dicom_allowed_aets=("ORTHANC",),
     )
+    node = build_node(dicom, registry_for(settings.registry), state_dir=work / "node")
     production = node.processor.models.current().production
     if production is None:
         raise SystemExit(f"{settings.home} has no production model: run `make demo` first")

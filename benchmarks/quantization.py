@@ -43,16 +43,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
-    registry = registry_for(load_settings())
+    registry = registry_for(load_settings().registry)
     info = registry.get(args.model)
     preprocessing = json.loads(info.tags["cxr.preprocessing"])
     settings = load_settings(
         data_dir=info.tags.get("cxr.data_dir") or None, image_size=preprocessing["image_size"]
     )
-    _, cache = prepare(settings, progress=False)
+    _, cache = prepare(settings.data, progress=False)
     folder = registry.download(info.version)
     val = cache.images("val", mmap=False)
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(settings.data.seed)
     calibration = val[rng.choice(len(val), min(args.calibration_images, len(val)), replace=False)]
     test, labels = cache.images("test", mmap=False), cache.labels("test")
 

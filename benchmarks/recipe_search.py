@@ -144,7 +144,7 @@ def main() -> None:
         parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
 
     settings = CxrSettings(data_dir=args.data_dir, device=args.device)
-    _, cache = prepare(settings, progress=False)
+    _, cache = prepare(settings.data, progress=False)
     device = select_device(args.device)
     data = TrainingData.from_cache(cache, device)
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)

@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = load_settings()
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     version = registry.aliases().get(PRODUCTION)
     if version is None:
         raise SystemExit(f"no production model in the registry under {settings.home}")
@@ -191,7 +191,7 @@ def main() -> None:
     predictor = Predictor(
         registry.download(version), model_version=version, precision=args.precision
     )
-    batch = args.max_batch_size or settings.service_max_batch_size
+    batch = args.max_batch_size or settings.serving.service_max_batch_size
     raw = raw_figures(predictor, payloads, batch)
     del predictor
 

@@ -156,12 +156,12 @@ def full_run(data_dir: Path, arch: str, epochs: int | None, device: torch.device
     with tempfile.TemporaryDirectory() as home:
         settings = CxrSettings(home=Path(home), data_dir=data_dir, device=str(device))
         started = time.perf_counter()
-        _, cache = prepare(settings, progress=False)
+        _, cache = prepare(settings.data, progress=False)
         prepared = time.perf_counter()
-        config = train_config_for(settings, arch, profile="full", epochs=epochs)
-        trained = train_tracked(settings, cache, config, profile="full", progress=False)
+        config = train_config_for(settings.training, arch, profile="full", epochs=epochs)
+        trained = train_tracked(settings.training, cache, config, profile="full", progress=False)
         trained_at = time.perf_counter()
-        report, _ = evaluate_trained(settings, cache, trained)
+        report, _ = evaluate_trained(settings.training, cache, trained)
         finished = time.perf_counter()
     test = report.splits["test"]
     print(

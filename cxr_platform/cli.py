@@ -7,16 +7,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
+from cxr_platform.deployment.aliases import ALIASES, PRODUCTION
 from cxr_platform.errors import CxrError
 from cxr_platform.monitoring import SHIFT_NAMES
-from cxr_platform.settings import CxrSettings, load_settings
+from cxr_platform.sections import PRECISIONS, PRETRAINED_MODES, TRAINING_PROFILES
+from cxr_platform.settings import CxrSettings, env_name, load_settings, settings_environment
 
 EXIT_USAGE = 2
-PRODUCTION_ALIAS = "production"
 EXIT_CHECKS_FAILED = 3
 
 DAGSTER_YAML = """\
@@ -26,8 +29,41 @@ telemetry:
 """
 
 
+class LazyChoice(click.Choice):
+    """A choice among names the library registers, looked up only when an option is used, so
+    `cxr --help` does not import torch to list the architectures."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        super().__init__(())
+        self._names = names
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: object) -> None:
+        pass  # click's constructor assigns the (empty) eager list; the names come from _names
+
+
+def _architecture_names() -> tuple[str, ...]:
+    from cxr_platform.models.zoo import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+def _settings_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{name} ({env_name(name)})" if name else "settings"
+        problems.append(f"{where}: {error['msg']}")
+    return "invalid settings: " + "; ".join(problems)
+
+
 def _fail_cleanly(command):
-    """Typed platform errors become one clear line on stderr and a non-zero exit code."""
+    """Typed platform errors and invalid settings become one clear line on stderr and a
+    non-zero exit code."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -35,6 +71,9 @@ def _fail_cleanly(command):
             return command(*args, **kwargs)
         except CxrError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(EXIT_USAGE)
+        except ValidationError as exc:
+            click.secho(f"error: {_settings_error(exc)}", fg="red", err=True)
             sys.exit(EXIT_USAGE)
 
     return wrapper
@@ -59,16 +98,18 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
 
 
 def _settings(ctx: click.Context, **overrides: object) -> CxrSettings:
+    """The environment's settings with this command's flags on top (flags win)."""
     return load_settings(home=ctx.obj.get("home"), **overrides)
 
 
 def prepare_dagster_home(settings: CxrSettings) -> Path:
     """Create the home folder and a Dagster instance folder that `dagster dev` can share."""
-    settings.ensure_dirs()
-    config = settings.dagster_home / "dagster.yaml"
+    layout = settings.dagster
+    layout.ensure_dirs()
+    config = layout.dagster_home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
-    return settings.dagster_home
+    return layout.dagster_home
 
 
 DATA_OPTION = click.option(
@@ -82,7 +123,7 @@ DATA_OPTION = click.option(
 
 # The demo's monitoring loop uses smaller windows than a deployment (200 records), so the
 # whole loop runs in a few minutes; an explicit CXR_* setting wins.
-DEMO_MONITORING_DEFAULTS = {"CXR_DRIFT_WINDOW_SIZE": "100", "CXR_SHADOW_MIN_RECORDS": "100"}
+DEMO_MONITORING_DEFAULTS = {"drift_window_size": 100, "shadow_min_records": 100}
 
 
 @cli.command()
@@ -108,19 +149,23 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
     import dagster as dg
 
     from cxr_platform.data.splits import read_manifest, split_summary
-
-    for key, value in DEMO_MONITORING_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    from cxr_platform.defs.definitions import DEMO_JOB, build_definitions
+    from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 
     settings = _settings(ctx, data_dir=data_dir)
+    # Fields set by the environment (or .env) count as explicit; only the others take the
+    # demo's values.
+    demo_values = {
+        name: value
+        for name, value in DEMO_MONITORING_DEFAULTS.items()
+        if name not in settings.model_fields_set
+    }
+    settings = _settings(ctx, data_dir=data_dir, **demo_values)
     dagster_home = prepare_dagster_home(settings)
     # The run is recorded in the persistent instance so `dagster dev` shows it afterwards.
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
     instance = dg.DagsterInstance.from_config(str(dagster_home))
     source = str(settings.data_dir) if settings.data_dir else "synthetic demo dataset"
-    click.echo(f"Running Dagster job '{DEMO_JOB}' on {source} (home: {settings.home})")
-    job = build_definitions(settings).resolve_job_def(DEMO_JOB)
+    click.echo(f"Running Dagster job '{RELEASE_JOB}' on {source} (home: {settings.home})")
+    job = build_definitions(settings).resolve_job_def(RELEASE_JOB)
     # Full step logs stay in the run's event log (the UI); the terminal gets the summary.
     log_level = "INFO" if ctx.obj.get("verbose") else "WARNING"
     result = job.execute_in_process(
@@ -146,17 +191,17 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
     _print_evaluations(settings)
     _print_explanations(settings)
     _print_registry(settings)
-    profile_json = json.loads((settings.reports_dir / "data_profile.json").read_text())
+    profile_json = json.loads((settings.data.reports_dir / "data_profile.json").read_text())
     click.echo(
         f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
         f"unreadable, {profile_json['n_patients']} patients, per class {profile_json['per_class']}"
     )
-    manifest = read_manifest(settings.home / "splits" / "patient_splits.csv")
+    manifest = read_manifest(settings.data.splits_dir / "patient_splits.csv")
     click.echo("\n" + split_summary(manifest).to_string(index=False, float_format="%.3f"))
     click.echo(
         f"\nRun {result.run_id} succeeded. To browse it:\n"
         f"  DAGSTER_HOME={dagster_home} CXR_HOME={settings.home} "
-        f"dagster dev -w workspace.yaml -p {settings.dagster_port}"
+        f"dagster dev -w workspace.yaml -p {settings.dagster.dagster_port}"
     )
     bentos = [
         event.materialization.metadata
@@ -171,13 +216,13 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
 
 def _demo_loop(settings: CxrSettings, instance, shift: str, verbose: bool) -> None:
     from cxr_platform.defs.definitions import build_definitions
-    from cxr_platform.defs.loop import run_monitoring_loop
+    from cxr_platform.demo import run_monitoring_loop
 
     if not verbose:  # the sensors' own log lines repeat what the loop prints
         logging.getLogger("dagster").setLevel(logging.WARNING)
 
     click.echo(
-        f"\nMonitoring loop ({settings.drift_window_size}-record drift windows, shift "
+        f"\nMonitoring loop ({settings.monitoring.drift_window_size}-record drift windows, shift "
         f"'{shift}'): the service, traffic, drift_sensor, fine_tune, shadow_sensor, "
         "evaluate_shadow; each run is in the Dagster UI (group 'monitoring')."
     )
@@ -194,13 +239,13 @@ def _demo_loop(settings: CxrSettings, instance, shift: str, verbose: bool) -> No
     click.echo(
         f"Loop closed: drift in {report.fired_window} -> fine-tuned version "
         f"{report.shadow_version} {verdict}; production {report.production_before} -> "
-        f"{report.production_after}. Drift reports: {settings.drift_reports_dir}"
+        f"{report.production_after}. Drift reports: {settings.monitoring.drift_reports_dir}"
     )
 
 
 def _print_evaluations(settings: CxrSettings) -> None:
     """The evaluation table of every model evaluated so far (test split)."""
-    folder = settings.reports_dir / "evaluation"
+    folder = settings.training.reports_dir / "evaluation"
     reports = sorted(folder.glob("*/evaluation.json")) if folder.exists() else []
     if not reports:
         return
@@ -221,7 +266,7 @@ def _print_evaluations(settings: CxrSettings) -> None:
 
 
 def _print_explanations(settings: CxrSettings) -> None:
-    folder = settings.reports_dir / "explanations"
+    folder = settings.training.reports_dir / "explanations"
     reports = sorted(folder.glob("*/explanations.json")) if folder.exists() else []
     if not reports:
         return
@@ -246,17 +291,17 @@ def _print_explanations(settings: CxrSettings) -> None:
 def _print_registry(settings: CxrSettings) -> None:
     from cxr_platform.deployment.pipeline import registry_for
 
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     events = registry.events()
     if not events:
         return
     aliases = registry.aliases()
-    click.echo(f"\nRegistry {settings.registry_model_name}: aliases {aliases or '(none)'}")
+    click.echo(f"\nRegistry {registry.name}: aliases {aliases or '(none)'}")
     for event in events[-4:]:
         gate = event.details.get("gate") or {}
         verdict = "" if not gate else f" (gate {'passed' if gate.get('passed') else 'refused'})"
         click.echo(f"  {event.at}  {event.action:<10} v{event.version}{verdict}")
-    if PRODUCTION_ALIAS in aliases:
+    if PRODUCTION in aliases:
         click.echo("  try: cxr predict <image or folder> --model production --out predictions.csv")
     else:
         click.echo("  no production model: the gate refused every candidate (see cxr models)")
@@ -273,7 +318,7 @@ def _profile_folder(ctx: click.Context, data_dir: Path, **overrides: object):
 
     settings = _settings(ctx, data_dir=data_dir, **overrides)
     index = discover_images(data_dir)
-    return settings, pipeline.profile(index, settings, progress=sys.stderr.isatty())
+    return settings, pipeline.profile(index, settings.data, progress=sys.stderr.isatty())
 
 
 WORKERS_OPTION = click.option(
@@ -318,9 +363,8 @@ def profile(
     "--ratios",
     nargs=3,
     type=float,
-    default=(0.70, 0.15, 0.15),
-    show_default=True,
-    help="train val test fractions.",
+    default=None,
+    help="train val test fractions (default: $CXR_SPLIT_RATIOS or 0.70 0.15 0.15).",
 )
 @WORKERS_OPTION
 @click.pass_context
@@ -330,21 +374,25 @@ def split(
     data_dir: Path,
     out_path: Path,
     seed: int | None,
-    ratios: tuple[float, float, float],
+    ratios: tuple[float, float, float] | None,
     workers: int | None,
 ) -> None:
     """Write a patient-level, label-stratified train/val/test split of DATA_DIR."""
     from cxr_platform.data import pipeline
     from cxr_platform.data.splits import split_summary, write_manifest
 
-    settings, profiled = _profile_folder(ctx, data_dir, workers=workers, seed=seed)
+    settings, profiled = _profile_folder(
+        ctx, data_dir, workers=workers, seed=seed, split_ratios=ratios
+    )
     if profiled.profile.n_unreadable:
         click.echo(
             f"left out {profiled.profile.n_unreadable} unreadable files "
             f"(run `cxr profile` for reasons)",
             err=True,
         )
-    manifest, checks = pipeline.split(profiled, ratios=ratios, seed=settings.seed)
+    manifest, checks = pipeline.split(
+        profiled, ratios=settings.data.split_ratios, seed=settings.data.seed
+    )
     write_manifest(manifest, out_path)
     click.echo(split_summary(manifest).to_string(index=False, float_format="%.3f"))
     click.echo(f"\nwrote {len(manifest)} rows to {out_path}")
@@ -362,20 +410,20 @@ def split(
 @DATA_OPTION
 @click.option(
     "--arch",
-    type=click.Choice(["baseline_cnn", "resnet18", "resnet50", "densenet121"]),
+    type=LazyChoice(_architecture_names),
     default="resnet18",
     show_default=True,
 )
 @click.option(
     "--profile",
     "profile_name",
-    type=click.Choice(["demo", "full"]),
+    type=click.Choice(TRAINING_PROFILES),
     default=None,
     help="Recipe defaults (default: demo on the synthetic set, full on real data).",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Total epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--pretrained", type=click.Choice(["auto", "required", "none"]), default=None)
+@click.option("--pretrained", type=click.Choice(PRETRAINED_MODES), default=None)
 @click.option(
     "--weights",
     "weights_path",
@@ -412,11 +460,12 @@ def train(
     from cxr_platform.models import pipeline as model_pipeline
 
     settings = _settings(ctx, data_dir=data_dir, device=device, torch_compile=torch_compile)
+    training = settings.training
     progress = sys.stderr.isatty()
-    manifest, cache = pipeline.prepare(settings, progress=progress)
-    profile_used = profile_name or settings.resolved_training_profile
+    manifest, cache = pipeline.prepare(settings.data, progress=progress)
+    profile_used = profile_name or training.profile
     config = model_pipeline.train_config_for(
-        settings,
+        training,
         arch,
         profile=profile_used,
         epochs=epochs,
@@ -429,7 +478,7 @@ def train(
         f"{config.finetune_epochs} fine-tune epochs) on {len(cache.index('train'))} images"
     )
     trained = model_pipeline.train_tracked(
-        settings,
+        training,
         cache,
         config,
         profile=profile_used,
@@ -442,7 +491,7 @@ def train(
         f"({trained.epochs_run} epochs, {trained.wall_seconds:.0f} s on {trained.device}, "
         f"pretrained={str(trained.pretrained).lower()}; schedule {trained.schedule})\n"
         f"checkpoint {trained.checkpoint}\nMLflow run {trained.mlflow_run_id} "
-        f"({settings.tracking_uri})\nnext: cxr evaluate"
+        f"({training.tracking_uri})\nnext: cxr evaluate"
     )
 
 
@@ -465,16 +514,15 @@ def evaluate(ctx: click.Context, json_path: Path | None) -> None:
     from cxr_platform.models import pipeline as model_pipeline
     from cxr_platform.models.reporting import report_markdown
 
-    home_settings = _settings(ctx)
-    trained = model_pipeline.latest_trained(home_settings)
+    trained = model_pipeline.latest_trained(_settings(ctx).training)
     settings = _settings(ctx, data_dir=trained.data_dir)
-    manifest, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
+    manifest, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
     if trained.manifest_hash and manifest_hash(manifest) != trained.manifest_hash:
         raise CxrError(
             "the patient split differs from the one this model was trained on "
             "(data or split settings changed); retrain before evaluating"
         )
-    report, files = model_pipeline.evaluate_trained(settings, cache, trained)
+    report, files = model_pipeline.evaluate_trained(settings.training, cache, trained)
     click.echo(report_markdown(report))
     click.echo(f"report: {files['markdown'].parent}")
     if json_path:
@@ -489,7 +537,7 @@ def _record_in_dagster(settings: CxrSettings, event) -> None:
     from cxr_platform.defs.deployment_assets import record_registry_event
 
     instance = dg.DagsterInstance.from_config(str(prepare_dagster_home(settings)))
-    record_registry_event(settings, event, instance)
+    record_registry_event(settings.registry, event, instance)
 
 
 def _evaluation_settings(ctx: click.Context, data_dir: Path | None, version_tags: dict):
@@ -519,10 +567,10 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
     from cxr_platform.deployment import pipeline as deployment
     from cxr_platform.models import pipeline as model_pipeline
 
-    trained = model_pipeline.latest_trained(_settings(ctx))
+    trained = model_pipeline.latest_trained(_settings(ctx).training)
     settings = _settings(ctx, data_dir=trained.data_dir)
-    _, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
-    exported = deployment.export_trained(settings, cache, trained)
+    _, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
+    exported = deployment.export_trained(settings.registry, cache, trained)
     parity = exported.parity
     click.echo(
         f"exported {trained.model_name} to {exported.directory}\n"
@@ -536,7 +584,7 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
             + ("kept (model.int8.onnx)" if int8.kept else f"not kept (drop > {int8.max_auc_drop})")
         )
     info = deployment.register_exported(
-        settings,
+        settings.registry,
         exported,
         triggered_by=deployment.cli_trigger(),
         shadow=not no_shadow,
@@ -544,7 +592,7 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
     )
     aliases = f" ({', '.join(info.aliases)})" if info.aliases else ""
     click.echo(
-        f"registered {settings.registry_model_name} version {info.version}{aliases}\n"
+        f"registered {settings.registry.registry_model_name} version {info.version}{aliases}\n"
         f"next: cxr promote {info.version}"
     )
 
@@ -557,13 +605,13 @@ def models(ctx: click.Context, as_json: bool) -> None:
     """List registered model versions with their aliases and metrics."""
     from cxr_platform.deployment.pipeline import registry_for
 
-    settings = _settings(ctx)
-    versions = registry_for(settings).versions()
+    registry = registry_for(_settings(ctx).registry)
+    versions = registry.versions()
     if as_json:
         click.echo(json.dumps([v.to_dict() for v in versions], indent=2))
         return
     if not versions:
-        click.echo(f"no versions of {settings.registry_model_name} yet; run `cxr export`")
+        click.echo(f"no versions of {registry.name} yet; run `cxr export`")
         return
     click.echo(
         f"{'version':>7}  {'aliases':<30} {'model':<14} {'test AUC':>8} {'sens':>6} {'spec':>6}"
@@ -594,10 +642,10 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
     from cxr_platform.data.splits import manifest_hash
     from cxr_platform.deployment import pipeline as deployment
 
-    registry = deployment.registry_for(_settings(ctx))
+    registry = deployment.registry_for(_settings(ctx).registry)
     candidate = registry.get(version)
     settings = _evaluation_settings(ctx, data_dir, candidate.tags)
-    manifest, cache = pipeline.prepare(settings, progress=sys.stderr.isatty())
+    manifest, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
     trained_on = candidate.tags.get("cxr.data_version")
     if trained_on and trained_on != manifest_hash(manifest):
         click.secho(
@@ -607,7 +655,7 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
             err=True,
         )
     outcome = deployment.promote_with_gate(
-        settings, cache, candidate.version, triggered_by=deployment.cli_trigger()
+        settings.registry, cache, candidate.version, triggered_by=deployment.cli_trigger()
     )
     click.echo(outcome.decision.summary())
     if not outcome.promoted:
@@ -633,7 +681,9 @@ def rollback(ctx: click.Context) -> None:
     from cxr_platform.deployment import pipeline as deployment
 
     settings = _settings(ctx)
-    event = deployment.registry_for(settings).rollback(triggered_by=deployment.cli_trigger())
+    event = deployment.registry_for(settings.registry).rollback(
+        triggered_by=deployment.cli_trigger()
+    )
     _record_in_dagster(settings, event)
     click.echo(f"production -> version {event.version} (rolled back from {event.previous_version})")
 
@@ -643,9 +693,9 @@ def rollback(ctx: click.Context) -> None:
 @click.option(
     "--model",
     "model_ref",
-    default="production",
+    default=PRODUCTION,
     show_default=True,
-    help="production, shadow, previous-production or a version number.",
+    help=f"{', '.join(ALIASES)} or a version number.",
 )
 @click.option(
     "--out",
@@ -656,7 +706,7 @@ def rollback(ctx: click.Context) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
     help="int8: the statically quantized model, when the version has one.",
@@ -689,15 +739,15 @@ def predict(
 
     settings = _settings(ctx)
     files = expand_inputs(inputs)
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     info = registry.get(model_ref)
     predictor = Predictor(
         registry.download(info.version),
         model_version=info.version,
-        max_pixels=settings.max_image_pixels,
+        max_pixels=settings.serving.max_image_pixels,
         precision=precision,
     )
-    log = None if no_log else InferenceLog(settings.inference_log_uri)
+    log = None if no_log else InferenceLog(settings.serving.inference_log_uri)
     if out is None:
         summary = predict_to_csv(predictor, files, sys.stdout, batch_size=batch_size, log=log)
     else:
@@ -724,7 +774,7 @@ def predict(
     required=True,
     help="PNG to write: the Grad-CAM overlay on the original image.",
 )
-@click.option("--model", "model_ref", default="production", show_default=True)
+@click.option("--model", "model_ref", default=PRODUCTION, show_default=True)
 @click.pass_context
 @_fail_cleanly
 def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
@@ -734,7 +784,7 @@ def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
     from cxr_platform.inference.explainer import Explainer
     from cxr_platform.inference.predictor import Predictor
 
-    registry = registry_for(_settings(ctx))
+    registry = registry_for(_settings(ctx).registry)
     info = registry.get(model_ref)
     folder = registry.download(info.version)
     explanation = Explainer(folder, Predictor(folder, model_version=info.version)).explain(image)
@@ -756,8 +806,8 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     from cxr_platform.serving.process import REPO_ROOT, serve_command, service_environment
 
     settings = _settings(ctx)
-    port = port or settings.service_port
-    env = service_environment({"CXR_HOME": str(settings.home)})
+    port = port or settings.serving.service_port
+    env = service_environment(settings_environment(settings))
     command = serve_command(port, host)
     click.echo(f"Serving on http://{host}:{port} (docs at /, try POST /predict with field 'file')")
     os.chdir(REPO_ROOT)
@@ -821,26 +871,27 @@ def dicom_node(
     import signal
     import threading
 
+    from cxr_platform.deployment.pipeline import registry_for
     from cxr_platform.pacs import build_node
 
     if not (ctx.obj or {}).get("verbose"):
         logging.getLogger("cxr_platform").setLevel(logging.INFO)
-    settings = _settings(ctx)
-    node = build_node(
-        settings,
-        port=port,
-        host=host,
-        ae_title=ae_title,
-        destination=destination,
-        allowed_calling_aets=allowed or None,
-        max_associations=max_associations,
-        accept_lateral=accept_lateral,
-        results=tuple(r.strip() for r in results.split(",") if r.strip()) if results else None,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_ca=tls_ca,
-        destination_tls_ca=destination_tls_ca,
+    settings = _settings(
+        ctx,
+        dicom_port=port,
+        dicom_host=host,
+        dicom_ae_title=ae_title,
+        dicom_destination=destination,
+        dicom_allowed_aets=allowed or None,
+        dicom_max_associations=max_associations,
+        dicom_accept_lateral=accept_lateral,
+        dicom_results=results,
+        dicom_tls_cert=tls_cert,
+        dicom_tls_key=tls_key,
+        dicom_tls_ca=tls_ca,
+        dicom_destination_tls_ca=destination_tls_ca,
     )
+    node = build_node(settings.dicom, registry_for(settings.registry))
     if node.processor.models.current().production is None:
         click.secho(
             "warning: the registry has no production model yet; received images wait in the "
@@ -857,7 +908,7 @@ def dicom_node(
         raise CxrError(f"cannot listen on port {node.config.port}: {exc}") from exc
     click.echo(
         f"DICOM node {node.config.ae_title} on port {node.port}; results to "
-        f"{node.config.destination or 'the outbox only'}; state in {settings.dicom_dir}",
+        f"{node.config.destination or 'the outbox only'}; state in {settings.dicom.dicom_dir}",
     )
     sys.stdout.flush()
     stopped.wait()
@@ -873,8 +924,8 @@ def dicom_status(ctx: click.Context, as_json: bool) -> None:
     """What the DICOM node holds: processed and failed instances, spool and outbox sizes."""
     from cxr_platform.pacs.storage import NodeStorage
 
-    settings = _settings(ctx)
-    storage = NodeStorage(settings.dicom_dir)
+    state_dir = _settings(ctx).dicom.dicom_dir
+    storage = NodeStorage(state_dir)
     try:
         counts = storage.counts()
         failed = [str(p.relative_to(storage.root)) for p in storage.iter_failed()]
@@ -883,7 +934,7 @@ def dicom_status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**counts, "failed_files": failed}, indent=2))
         return
-    click.echo(f"DICOM node state in {settings.dicom_dir}")
+    click.echo(f"DICOM node state in {state_dir}")
     for name in ("processed", "failed", "spooled", "outbox"):
         click.echo(f"  {name:<10} {counts.get(name, 0)}")
     for path in failed:
@@ -897,7 +948,7 @@ def dicom_retry(ctx: click.Context) -> None:
     """Put the DICOM node's failed instances and refused results back in line."""
     from cxr_platform.pacs.storage import NodeStorage
 
-    storage = NodeStorage(_settings(ctx).dicom_dir)
+    storage = NodeStorage(_settings(ctx).dicom.dicom_dir)
     try:
         instances, results = storage.requeue_failed()
     finally:
@@ -952,15 +1003,15 @@ def simulate_drift(
     settings = _settings(ctx)
     if seed is None:
         seed = secrets.randbelow(2**31)
-        while seed == settings.seed:
+        while seed == settings.data.seed:
             seed = secrets.randbelow(2**31)
-    url = url or f"http://127.0.0.1:{settings.service_port}"
+    url = url or f"http://127.0.0.1:{settings.serving.service_port}"
     images = (
         folder_traffic(source, count, seed)
         if source is not None
-        else synthetic_traffic(settings, count, seed)
+        else synthetic_traffic(settings.data, count, seed)
     )
-    key = settings.service_api_key.get_secret_value() if settings.service_api_key else None
+    key = settings.serving.service_api_key
     report = send_traffic(
         url, images, shift=shift, severity=severity, labels=labels, api_key=key, seed=seed
     )
@@ -978,15 +1029,16 @@ def bento(ctx: click.Context, version: str | None) -> None:
     from cxr_platform.serving.packaging import build_bento
 
     settings = _settings(ctx)
-    built = build_bento(settings, version)
+    built = build_bento(settings.registry, version)
+    serve = built.serve_command(settings.serving.service_port)
     click.echo(
         f"Built {built.bento_tag} with model {built.model_tag} (registry version "
-        f"{built.registry_version}).\n  serve it: {built.serve_command(settings.service_port)}"
+        f"{built.registry_version}).\n  serve it: {serve}"
     )
 
 
 def _print_service_help(settings: CxrSettings, bento_tag: str) -> None:
-    port = settings.service_port
+    port = settings.serving.service_port
     click.echo(
         f"\nServe the production model over HTTP (it follows the registry's aliases):\n"
         f"  CXR_HOME={settings.home} cxr serve --port {port}\n"

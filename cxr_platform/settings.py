@@ -1,336 +1,246 @@
-"""The platform's one settings object.
+"""The platform's settings: read once from ``CXR_*`` variables (and an optional ``.env``).
 
-Everything local lives under ``home`` (env ``CXR_HOME``, default ``./.cxr``): Dagster storage,
-MLflow's SQLite backend and artifacts, caches, reports, the inference log. Every store is a path
-or URL derived here, so moving to PostgreSQL or object storage is configuration, not code.
+The fields are not written here: :func:`_declared_fields` builds them from the sections in
+:mod:`cxr_platform.sections`, so a setting is declared once, with its type, default, bounds and
+description. Everything local lives under ``home`` (``CXR_HOME``, default ``./.cxr``); every
+store is a path or URL derived there, so moving to PostgreSQL or object storage is
+configuration, not code.
+
+Library functions never take :class:`CxrSettings`; they take the section they need
+(``settings.data``, ``settings.training``, ...).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import typing
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
+from cxr_platform.sections import (
+    SECTIONS,
+    DagsterSection,
+    DataSection,
+    DicomSection,
+    HomeLayout,
+    MonitoringSection,
+    RegistrySection,
+    ServingSection,
+    TrainingSection,
+)
+
+ENV_PREFIX = "CXR_"
+SectionT = TypeVar("SectionT", bound=HomeLayout)
 
 
-class CxrSettings(BaseSettings):
-    """Typed settings, read from ``CXR_*`` environment variables (and an optional ``.env``)."""
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
 
+
+def _is_name_list(annotation: Any) -> bool:
+    return annotation == tuple[str, ...]
+
+
+def _declared_fields() -> dict[str, tuple[Any, Any]]:
+    """One pydantic field per distinct setting across all sections.
+
+    A name declared by several sections must be declared alike (the sections share it through a
+    common base or one helper); a disagreement is a programming error caught at import.
+    """
+    declared: dict[str, tuple[Any, Any]] = {}
+    origin: dict[str, tuple[Any, Any, str]] = {}
+    for section in SECTIONS.values():
+        hints = typing.get_type_hints(section)
+        for spec in dataclasses.fields(section):
+            annotation = hints[spec.name]
+            default = (
+                spec.default if spec.default is not dataclasses.MISSING else spec.default_factory  # type: ignore[misc]
+            )
+            if spec.name in origin:
+                seen_annotation, seen_default, seen_in = origin[spec.name]
+                if (seen_annotation, seen_default) != (annotation, default):
+                    raise TypeError(
+                        f"setting {spec.name!r} is declared differently in {section.__name__} "
+                        f"and {seen_in}"
+                    )
+                continue
+            origin[spec.name] = (annotation, default, section.__name__)
+            meta = spec.metadata
+            if meta.get("secret"):
+                annotation = SecretStr | None
+            elif _is_name_list(annotation):
+                # CXR_MODELS=baseline_cnn,resnet18 reads more naturally than a JSON list.
+                annotation = Annotated[annotation, NoDecode]
+            bounds = {
+                key: meta[key] for key in ("ge", "gt", "le", "lt") if meta.get(key) is not None
+            }
+            if spec.default is not dataclasses.MISSING:
+                field = Field(default=spec.default, description=meta.get("doc"), **bounds)
+            else:
+                field = Field(
+                    default_factory=spec.default_factory,  # type: ignore[arg-type]
+                    description=meta.get("doc"),
+                    **bounds,
+                )
+            declared[spec.name] = (annotation, field)
+    return declared
+
+
+_FIELDS = _declared_fields()
+SECRET_SETTINGS = frozenset(
+    name for name, (annotation, _) in _FIELDS.items() if annotation == SecretStr | None
+)
+
+
+class _SettingsBase(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CXR_", env_file=".env", extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # A validation error must not echo the other inputs: one of them may be the API key.
+        hide_input_in_errors=True,
     )
 
-    home: Path = Field(default=Path(".cxr"), description="Root of all local state.")
-    data_dir: Path | None = Field(
-        default=None,
-        description="Image source; when unset the synthetic demo dataset is generated and used.",
-    )
-    seed: int = Field(default=1337, description="Seed for splits and the synthetic dataset.")
-    split_ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS
-    synthetic_patients: int = Field(default=160, ge=4)
-    image_size: int = Field(default=224, ge=32)
-    workers: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
-        ge=1,
-        description="Processes used to decode images.",
-    )
-    max_image_pixels: int = Field(
-        default=100_000_000, description="Decompression-bomb guard: larger images are refused."
-    )
-    mlflow_tracking_uri: str | None = None
-    models: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=("baseline_cnn", "resnet18"),
-        description="Architectures the Dagster code location trains (one asset chain each).",
-    )
-    training_profile: Literal["auto", "demo", "full"] = Field(
-        default="auto", description="auto: demo on the synthetic set, full on real data."
-    )
-    device: str = Field(default="auto", description="torch device; auto = CUDA, then CPU.")
-    torch_compile: bool = Field(
-        default=False,
-        description="torch.compile the training forward passes: tens of seconds to compile, "
-        "then faster steps; pays off on long GPU runs.",
-    )
-    pretrained: Literal["auto", "required", "none"] = "auto"
-    threshold_rule: Literal["sensitivity_target", "youden"] = "sensitivity_target"
-    target_sensitivity: float = Field(default=0.95, gt=0, le=1)
-    # Blocking floors on test AUC / sensitivity; unset means the profile's default.
-    min_test_auc: float | None = Field(default=None, ge=0, le=1)
-    min_test_sensitivity: float | None = Field(default=None, ge=0, le=1)
-    min_test_specificity: float | None = Field(
-        default=None, ge=0, le=1, description="Promotion floor; default depends on the profile."
-    )
-    gate_max_auc_drop: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="A candidate's test AUC may be at most this much below production's; "
-        "default depends on the profile.",
-    )
-    registry_model_name: str = "cxr-pneumonia-classifier"
-    export_int8: bool = Field(
-        default=True,
-        description="Also export an INT8 ONNX model when validation AUC drops <= 0.005.",
-    )
-    inference_log_url: str | None = None
-    dagster_port: int = 3000
-    # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
-    service_port: int = 3100
-    service_max_upload_mb: float = Field(
-        default=64, gt=0, description="Larger uploads are refused with 413 before decoding."
-    )
-    service_api_key: SecretStr | None = Field(
-        default=None,
-        description="When set, /predict, /explain, /model and /feedback need it in X-API-Key.",
-    )
-    service_refresh_seconds: float = Field(
-        default=10, gt=0, description="How often the service checks the registry's aliases."
-    )
-    service_max_batch_size: int = Field(
-        default=32, ge=1, description="Most images per ONNX Runtime call (adaptive batching)."
-    )
-    service_threads: int | None = Field(
-        default=None, ge=1, description="ONNX Runtime threads in the scorer; default: all cores."
-    )
-    serving_model: str | None = Field(
-        default=None,
-        description="A BentoML model tag to serve instead of following the registry (Bentos).",
-    )
-    service_precision: Literal["fp32", "int8"] = Field(
-        default="fp32",
-        description="int8 serves the quantized variant when the export kept one.",
-    )
-
-    retain_inputs_days: float = Field(
-        default=30,
-        ge=0,
-        description="Days the service keeps each model input for a feedback label to make it "
-        "training data (0: keep none).",
-    )
-    drift_window_size: int = Field(default=200, ge=10, description="Records per drift window.")
-    drift_check_interval_seconds: int = Field(
-        default=300, ge=1, description="How often the drift sensor looks at the inference log."
-    )
-    drift_feature_p_value: float = Field(default=0.01, gt=0, lt=1)
-    drift_input_share: float = Field(
-        default=0.5, gt=0, le=1, description="Input drift: share of features that drifted."
-    )
-    drift_severe_p_value: float = Field(
-        default=1e-6, gt=0, lt=1, description="Input drift: one feature this far off suffices."
-    )
-    drift_prediction_p_value: float = Field(default=0.01, gt=0, lt=1)
-    drift_positive_rate_change: float = Field(default=0.2, gt=0, le=1)
-    drift_min_labeled: int = Field(default=30, ge=2)
-    drift_max_auc_drop: float = Field(default=0.10, ge=0, le=1)
-    drift_max_sensitivity_drop: float = Field(default=0.10, ge=0, le=1)
-    drift_report_cron: str = Field(default="0 6 * * *", description="The daily drift report.")
-    finetune_cooldown_windows: int = Field(
-        default=10,
-        ge=0,
-        description="Windows to wait after a fine-tune request before another for the same "
-        "production version.",
-    )
-    finetune_epochs: int | None = Field(default=None, ge=1, description="Default: 2 demo, 5 full.")
-    finetune_lr: float | None = Field(default=None, gt=0, description="Default: 1e-4 demo, 1e-5.")
-    shadow_min_records: int = Field(
-        default=100, ge=0, description="Live requests a shadow scores before it is evaluated."
-    )
-    shadow_min_labeled: int = Field(
-        default=30, ge=2, description="Labeled shadow requests needed to compare on live data."
-    )
-
-    # The DICOM node (``cxr dicom-node``): a Storage SCP that PACS routes chest X-rays to.
-    dicom_ae_title: str = Field(default="CXR_AI", description="The node's own AE title.")
-    dicom_host: str = Field(default="0.0.0.0", description="Address the node listens on.")
-    dicom_port: int = Field(default=11112, ge=1, le=65535)
-    dicom_destination: str | None = Field(
-        default=None, description="Where results go: AET@HOST:PORT (the PACS or the router)."
-    )
-    dicom_allowed_aets: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(),
-        description="Calling AE titles allowed to associate (comma-separated); empty allows any.",
-    )
-    dicom_max_associations: int = Field(default=10, ge=1)
-    dicom_accept_lateral: bool = Field(
-        default=False, description="Also classify lateral views (the model saw frontal ones)."
-    )
-    dicom_results: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=("sr", "seg", "sc"), description="Objects returned to PACS: any of sr, seg, sc."
-    )
-    dicom_uid_root: str = Field(
-        default="1.2.826.0.1.3680043.8.498.", description="UID root for the objects the node makes."
-    )
-    dicom_institution_name: str | None = None
-    dicom_retry_initial_seconds: float = Field(default=2.0, gt=0)
-    dicom_retry_max_seconds: float = Field(default=300.0, gt=0)
-    dicom_tls_cert: Path | None = Field(default=None, description="PEM certificate: enables TLS.")
-    dicom_tls_key: Path | None = None
-    dicom_tls_ca: Path | None = Field(
-        default=None, description="PEM CA bundle: when set, callers must present a certificate."
-    )
-    dicom_destination_tls_ca: Path | None = Field(
-        default=None,
-        description="PEM CA bundle that signed the destination's certificate: sends results over "
-        "TLS (with CXR_DICOM_TLS_CERT/KEY as the client certificate when set).",
-    )
-
-    @field_validator("home", mode="after")
+    @field_validator("*", mode="before")
     @classmethod
-    def _absolute_home(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
-
-    @field_validator("data_dir", mode="after")
-    @classmethod
-    def _absolute_data_dir(cls, value: Path | None) -> Path | None:
-        return value.expanduser().resolve() if value is not None else None
-
-    @field_validator("service_api_key", mode="before")
-    @classmethod
-    def _empty_key_is_no_key(cls, value: object) -> object:
-        # CXR_SERVICE_API_KEY= (set but empty) must not demand an empty key.
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _comma_separated_models(cls, value: object) -> object:
-        # CXR_MODELS=baseline_cnn,resnet18,densenet121 reads more naturally than a JSON list.
-        if isinstance(value, str):
+    def _parse(cls, value: object, info: ValidationInfo) -> object:
+        annotation = _FIELDS[info.field_name][0]
+        if annotation == SecretStr | None and isinstance(value, str) and not value.strip():
+            return None  # CXR_SERVICE_API_KEY= (set but empty) must not demand an empty key
+        if typing.get_origin(annotation) is Annotated and isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
-    @field_validator("dicom_allowed_aets", "dicom_results", mode="before")
+    @field_validator("*", mode="after")
     @classmethod
-    def _comma_separated_names(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(name.strip() for name in value.split(",") if name.strip())
+    def _absolute_paths(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, Path) and _is_path(_FIELDS[info.field_name][0]):
+            return value.expanduser().resolve()
         return value
 
-    @model_validator(mode="after")
-    def _ratios_sum_to_one(self) -> CxrSettings:
-        if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) <= 0:
-            raise ValueError(f"split_ratios must be positive and sum to 1, got {self.split_ratios}")
-        return self
+    def model_post_init(self, context: Any, /) -> None:
+        # Every section is built (and so validated) now, not at first use deep inside a run.
+        for name in SECTIONS:
+            getattr(self, name)
+
+    def section(self, kind: type[SectionT]) -> SectionT:
+        values = {}
+        for spec in dataclasses.fields(kind):
+            value = getattr(self, spec.name)
+            values[spec.name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return kind(**values)
 
     @cached_property
-    def dagster_home(self) -> Path:
-        return self.home / "dagster"
+    def data(self) -> DataSection:
+        return self.section(DataSection)
 
     @cached_property
-    def datasets_dir(self) -> Path:
-        return self.home / "datasets"
+    def training(self) -> TrainingSection:
+        return self.section(TrainingSection)
 
     @cached_property
-    def cache_dir(self) -> Path:
-        return self.home / "cache"
+    def registry(self) -> RegistrySection:
+        return self.section(RegistrySection)
 
     @cached_property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
+    def serving(self) -> ServingSection:
+        return self.section(ServingSection)
 
     @cached_property
-    def mlflow_dir(self) -> Path:
-        return self.home / "mlflow"
-
-    @property
-    def tracking_uri(self) -> str:
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
-
-    @property
-    def inference_log_uri(self) -> str:
-        if self.inference_log_url:
-            return self.inference_log_url
-        return f"sqlite:///{self.home / 'inference_log.db'}"
+    def dicom(self) -> DicomSection:
+        return self.section(DicomSection)
 
     @cached_property
-    def models_dir(self) -> Path:
-        return self.home / "models"
+    def monitoring(self) -> MonitoringSection:
+        return self.section(MonitoringSection)
 
-    @property
-    def uses_synthetic_data(self) -> bool:
-        return self.data_dir is None
+    @cached_property
+    def dagster(self) -> DagsterSection:
+        return self.section(DagsterSection)
 
-    @property
-    def resolved_training_profile(self) -> str:
-        if self.training_profile != "auto":
-            return self.training_profile
-        return "demo" if self.uses_synthetic_data else "full"
-
-    @property
-    def evaluation_floors(self) -> tuple[float, float]:
-        """(test AUC, test sensitivity) a model must reach before anything ships it.
-
-        The demo profile trains from scratch for a few CPU minutes, so its floors only say
-        "clearly better than chance"; real-data floors are what a screening tool needs.
-        """
-        demo = self.resolved_training_profile == "demo"
-        auc = self.min_test_auc if self.min_test_auc is not None else (0.6 if demo else 0.85)
-        sensitivity = self.min_test_sensitivity
-        if sensitivity is None:
-            sensitivity = 0.75 if demo else 0.90
-        return auc, sensitivity
-
-    @property
-    def specificity_floor(self) -> float:
-        """Specificity at the operating threshold a model needs for promotion. The threshold
-        buys 0.95 sensitivity, so the demo's briefly trained models pay for it here."""
-        if self.min_test_specificity is not None:
-            return self.min_test_specificity
-        return 0.2 if self.resolved_training_profile == "demo" else 0.7
-
-    @property
-    def max_auc_drop(self) -> float:
-        """How far a candidate's test AUC may fall below production's. The demo's test split
-        (about 60 images) cannot tell AUCs apart more finely than a few points (its bootstrap
-        95% CI is about +-0.09 wide), so demo candidates get 0.03; real data 0.01."""
-        if self.gate_max_auc_drop is not None:
-            return self.gate_max_auc_drop
-        return 0.03 if self.resolved_training_profile == "demo" else 0.01
-
-    @property
-    def service_max_upload_bytes(self) -> int:
-        return int(self.service_max_upload_mb * 1024 * 1024)
-
-    @property
-    def retained_dir(self) -> Path:
-        return self.home / "retained"
-
-    @property
-    def drift_reports_dir(self) -> Path:
-        return self.reports_dir / "drift"
-
-    @property
-    def dicom_dir(self) -> Path:
-        """The node's spool, outbox and state database."""
-        return self.home / "dicom"
-
-    @property
-    def registry_cache_dir(self) -> Path:
-        return self.home / "registry"
-
-    def synthetic_dataset_dir(self) -> Path:
-        return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"
-
-    def ensure_dirs(self) -> None:
-        for path in (
-            self.home,
-            self.dagster_home,
-            self.datasets_dir,
-            self.cache_dir,
-            self.reports_dir,
-            self.mlflow_dir,
-            self.models_dir,
-        ):
-            path.mkdir(parents=True, exist_ok=True)
+    def effective(self) -> dict[str, dict[str, Any]]:
+        """Every setting in force, by section, secrets masked (what ``cxr config`` prints)."""
+        shown: dict[str, dict[str, Any]] = {}
+        for name, kind in SECTIONS.items():
+            shown[name] = {}
+            for spec in dataclasses.fields(kind):
+                value = getattr(self, spec.name)
+                if spec.name in SECRET_SETTINGS:
+                    value = "**********" if value is not None else None
+                elif isinstance(value, Path):
+                    value = str(value)
+                elif isinstance(value, tuple):
+                    value = list(value)
+                shown[name][spec.name] = value
+        return shown
 
 
-def load_settings(**overrides: object) -> CxrSettings:
+CxrSettings = create_model(  # type: ignore[call-overload]
+    "CxrSettings",
+    __base__=_SettingsBase,
+    __module__=__name__,
+    __doc__="Typed settings, read from ``CXR_*`` environment variables (and an optional .env).",
+    **_FIELDS,
+)
+CxrSettings = typing.cast(type[_SettingsBase], CxrSettings)
+
+
+def env_name(setting: str) -> str:
+    return f"{ENV_PREFIX}{setting.upper()}"
+
+
+def settings_fields() -> dict[str, Any]:
+    """The pydantic field of every setting, by name (for generated interfaces and tests)."""
+    return dict(CxrSettings.model_fields)
+
+
+def _environment_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        if all(isinstance(item, str) for item in value):
+            return ",".join(value)
+        return json.dumps(list(value))
+    return str(value)
+
+
+def settings_environment(settings: _SettingsBase, **overrides: object) -> dict[str, str]:
+    """``CXR_*`` variables that make a child process (the service, the node) read exactly these
+    settings, with ``overrides`` on top: the one way settings cross a process boundary."""
+    values = {name: getattr(settings, name) for name in _FIELDS}
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown settings: {unknown}")
+    values.update(overrides)
+    return {
+        env_name(name): _environment_value(value)
+        for name, value in values.items()
+        if value is not None
+    }
+
+
+def load_settings(**overrides: object) -> _SettingsBase:
     """Settings from the environment, with explicit overrides (CLI flags, Dagster config) on top."""
     clean = {key: value for key, value in overrides.items() if value is not None}
+    unknown = sorted(set(clean) - set(_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown settings: {unknown}")
     return CxrSettings(**clean)
+
+
+__all__ = [
+    "SECRET_SETTINGS",
+    "CxrSettings",
+    "env_name",
+    "load_settings",
+    "settings_environment",
+    "settings_fields",
+]

@@ -16,7 +16,7 @@ from cxr_platform.data.sources import ImageIndex, discover_images
 from cxr_platform.data.splits import CheckOutcome, make_manifest, run_split_checks
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.errors import CxrError
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import DataSection
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +29,26 @@ class ProfiledImages:
     inspected: pd.DataFrame
 
 
-def resolve_data_root(settings: CxrSettings, *, progress: bool = True) -> Path:
+def resolve_data_root(data: DataSection, *, progress: bool = True) -> Path:
     """The configured data folder, or the synthetic demo dataset (generated on first use)."""
-    if settings.data_dir is not None:
-        return settings.data_dir
-    spec = SyntheticSpec(n_patients=settings.synthetic_patients, seed=settings.seed)
-    root = settings.synthetic_dataset_dir()
+    if data.data_dir is not None:
+        return data.data_dir
+    spec = SyntheticSpec(n_patients=data.synthetic_patients, seed=data.seed)
+    root = data.synthetic_dataset_dir()
     root.parent.mkdir(parents=True, exist_ok=True)
     log.info(
         "no data folder configured (CXR_DATA_DIR): using the synthetic demo dataset at %s", root
     )
-    return generate_synthetic_dataset(root, spec, workers=settings.workers, progress=progress)
+    return generate_synthetic_dataset(root, spec, workers=data.workers, progress=progress)
 
 
-def discover(settings: CxrSettings, *, progress: bool = True) -> ImageIndex:
-    return discover_images(resolve_data_root(settings, progress=progress))
+def discover(data: DataSection, *, progress: bool = True) -> ImageIndex:
+    return discover_images(resolve_data_root(data, progress=progress))
 
 
-def profile(index: ImageIndex, settings: CxrSettings, *, progress: bool = True) -> ProfiledImages:
+def profile(index: ImageIndex, data: DataSection, *, progress: bool = True) -> ProfiledImages:
     data_profile, inspected = profile_dataset(
-        index, workers=settings.workers, max_pixels=settings.max_image_pixels, progress=progress
+        index, workers=data.workers, max_pixels=data.max_image_pixels, progress=progress
     )
     return ProfiledImages(data_profile, inspected)
 
@@ -61,19 +61,17 @@ def split(
     return manifest, run_split_checks(manifest)
 
 
-def preprocessing_config(settings: CxrSettings) -> PreprocessingConfig:
-    return PreprocessingConfig(image_size=settings.image_size)
+def preprocessing_config(data: DataSection) -> PreprocessingConfig:
+    return PreprocessingConfig(image_size=data.image_size)
 
 
-def cache(
-    manifest: pd.DataFrame, settings: CxrSettings, *, progress: bool = True
-) -> PreprocessedCache:
+def cache(manifest: pd.DataFrame, data: DataSection, *, progress: bool = True) -> PreprocessedCache:
     return build_cache(
         manifest,
-        settings.cache_dir,
-        preprocessing_config(settings),
-        workers=settings.workers,
-        max_pixels=settings.max_image_pixels,
+        data.cache_dir,
+        preprocessing_config(data),
+        workers=data.workers,
+        max_pixels=data.max_image_pixels,
         progress=progress,
     )
 
@@ -82,17 +80,15 @@ class SplitChecksFailedError(CxrError):
     pass
 
 
-def prepare(
-    settings: CxrSettings, *, progress: bool = True
-) -> tuple[pd.DataFrame, PreprocessedCache]:
+def prepare(data: DataSection, *, progress: bool = True) -> tuple[pd.DataFrame, PreprocessedCache]:
     """Every data stage in one call (what the CLI uses; Dagster runs them as separate assets).
 
     Refuses to return a cache whose split fails a leakage or balance check.
     """
-    profiled = profile(discover(settings, progress=progress), settings, progress=progress)
-    manifest, checks = split(profiled, ratios=settings.split_ratios, seed=settings.seed)
+    profiled = profile(discover(data, progress=progress), data, progress=progress)
+    manifest, checks = split(profiled, ratios=data.split_ratios, seed=data.seed)
     failed = [name for name, outcome in checks.items() if not outcome.passed]
     if failed:
         details = "; ".join(f"{name}: {checks[name].description}" for name in failed)
         raise SplitChecksFailedError(f"split checks failed: {details}")
-    return manifest, cache(manifest, settings, progress=progress)
+    return manifest, cache(manifest, data, progress=progress)

@@ -22,17 +22,12 @@ from cxr_platform.defs.resources import PlatformSettings
 GROUP = "data"
 
 
-class SplitConfig(dg.Config):
-    ratios: list[float] = [0.70, 0.15, 0.15]
-    seed: int | None = None  # default: the platform seed
-
-
 @dg.asset(group_name=GROUP, kinds={"python"})
 def source_images(
     context: dg.AssetExecutionContext, platform: PlatformSettings
 ) -> dg.Output[ImageIndex]:
     """Every labelled image in the configured data folder (the synthetic set when none is set)."""
-    index = pipeline.discover(platform.settings(), progress=False)
+    index = pipeline.discover(platform.settings().data, progress=False)
     counts = index.records["label"].value_counts().to_dict()
     context.log.info("found %d images (%s) in %s", index.n_images, counts, index.root)
     return dg.Output(
@@ -51,10 +46,10 @@ def data_profile(
     context: dg.AssetExecutionContext, platform: PlatformSettings, source_images: ImageIndex
 ) -> dg.Output[ProfiledImages]:
     """Sizes, modes, class balance, patients, unreadable files and exact duplicates."""
-    settings = platform.settings()
-    profiled = pipeline.profile(source_images, settings, progress=False)
+    data = platform.settings().data
+    profiled = pipeline.profile(source_images, data, progress=False)
     report = profiled.profile
-    json_path = report.write_json(settings.reports_dir / "data_profile.json")
+    json_path = report.write_json(data.reports_dir / "data_profile.json")
     for item in report.unreadable:
         context.log.warning(
             "unreadable: %s (%s: %s)", item["relative_path"], item["reason"], item["error"]
@@ -75,15 +70,16 @@ def data_profile(
 @dg.asset(group_name=GROUP, kinds={"python"})
 def patient_splits(
     context: dg.AssetExecutionContext,
-    config: SplitConfig,
     platform: PlatformSettings,
     data_profile: ProfiledImages,
 ) -> dg.Output[pd.DataFrame]:
-    """Patient-level, label-stratified train/val/test manifest (path,label,patient_id,split)."""
-    settings = platform.settings()
-    seed = settings.seed if config.seed is None else config.seed
-    manifest, _ = pipeline.split(data_profile, ratios=config.ratios, seed=seed)
-    csv_path = write_manifest(manifest, settings.home / "splits" / "patient_splits.csv")
+    """Patient-level, label-stratified train/val/test manifest (path,label,patient_id,split).
+
+    Ratios and seed are the platform's ``split_ratios`` and ``seed`` (``CXR_SPLIT_RATIOS``,
+    ``CXR_SEED``, or the ``platform`` resource in the launchpad), as for ``cxr split``."""
+    data = platform.settings().data
+    manifest, _ = pipeline.split(data_profile, ratios=data.split_ratios, seed=data.seed)
+    csv_path = write_manifest(manifest, data.splits_dir / "patient_splits.csv")
     summary = split_summary(manifest)
     return dg.Output(
         manifest,
@@ -91,8 +87,8 @@ def patient_splits(
             "summary": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f")),
             "manifest": dg.MetadataValue.path(str(csv_path)),
             "manifest_hash": manifest_hash(manifest),
-            "seed": seed,
-            "ratios": dg.MetadataValue.json(config.ratios),
+            "seed": data.seed,
+            "ratios": dg.MetadataValue.json(list(data.split_ratios)),
             **{f"n_{row.split}": int(row.images) for row in summary.itertuples()},
         },
     )
@@ -138,7 +134,7 @@ def preprocessed_cache(
     context: dg.AssetExecutionContext, platform: PlatformSettings, patient_splits: pd.DataFrame
 ) -> dg.Output[PreprocessedCache]:
     """uint8 224x224 arrays per split (memory-mappable), reused when the input is unchanged."""
-    cache = pipeline.cache(patient_splits, platform.settings(), progress=False)
+    cache = pipeline.cache(patient_splits, platform.settings().data, progress=False)
     rows = "\n".join(
         f"| {s.split} | {s.n_images} | {'reused' if s.reused else 'built'} "
         f"| `{s.images_path.name}` |"
@@ -158,3 +154,7 @@ def preprocessed_cache(
 
 
 data_assets = [source_images, data_profile, patient_splits, preprocessed_cache]
+
+
+def build_data_definitions() -> dg.Definitions:
+    return dg.Definitions(assets=data_assets, asset_checks=split_checks)

@@ -1,10 +1,14 @@
-"""The platform's single Dagster ``Definitions`` (loaded by ``workspace.yaml``)."""
+"""The platform's single Dagster ``Definitions`` (loaded by ``workspace.yaml``).
+
+Each ``defs`` module contributes its own ``Definitions``; they are merged here with the jobs that
+span groups and the resources, which only this module declares.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from cxr_platform.defs.data_assets import data_assets, split_checks
+from cxr_platform.defs.data_assets import build_data_definitions
 from cxr_platform.defs.deployment_assets import build_deployment_definitions
 from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
 from cxr_platform.defs.resources import PlatformSettings
@@ -13,22 +17,16 @@ from cxr_platform.settings import CxrSettings, load_settings
 
 DATA_JOB = "data_pipeline"
 TRAINING_JOB = "train_and_evaluate"
+# Everything up to a production model and its Bento: what `cxr demo` runs before it starts the
+# service and drives the monitoring loop.
 RELEASE_JOB = "train_and_release"
-# The job `cxr demo` runs; each stage of the platform adds its assets to it.
-DEMO_JOB = "demo"
 
 
-def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
-    settings = settings or load_settings()
+def _pipeline_jobs() -> dg.Definitions:
     data = dg.AssetSelection.groups("data")
     training = dg.AssetSelection.groups("training")
     release = dg.AssetSelection.groups("explainability", "deployment")
-    training_assets, training_checks = build_training_definitions(settings.models)
-    deployment_assets = build_deployment_definitions(settings.models)
-    monitoring = build_monitoring_definitions(settings)
     return dg.Definitions(
-        assets=[*data_assets, *training_assets, *deployment_assets, *monitoring["assets"]],
-        asset_checks=[*split_checks, *training_checks],
         jobs=[
             dg.define_asset_job(
                 DATA_JOB, selection=data, description="Discover, profile, split, cache."
@@ -42,22 +40,31 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
                 RELEASE_JOB,
                 selection=data | training | release,
                 description="Data, training, then explain, export, register as shadow and let "
-                "the promotion gate decide about production.",
+                "the promotion gate decide about production (what `cxr demo` runs before the "
+                "monitoring loop).",
             ),
-            dg.define_asset_job(
-                DEMO_JOB,
-                selection=data | training | release,
-                description="Everything `cxr demo` runs before it starts the service and "
-                "drives the monitoring loop (drift_check, fine_tune, evaluate_shadow).",
-            ),
-            *monitoring["jobs"],
-        ],
-        sensors=monitoring["sensors"],
-        schedules=monitoring["schedules"],
+        ]
+    )
+
+
+def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
+    settings = settings or load_settings()
+    models = settings.training.models
+    resources = dg.Definitions(
         resources={
             "platform": PlatformSettings.from_settings(settings),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
-        },
+            "io_manager": dg.FilesystemIOManager(
+                base_dir=str(settings.dagster.dagster_home / "storage")
+            ),
+        }
+    )
+    return dg.Definitions.merge(
+        build_data_definitions(),
+        build_training_definitions(models),
+        build_deployment_definitions(models),
+        build_monitoring_definitions(settings.monitoring),
+        _pipeline_jobs(),
+        resources,
     )
 
 

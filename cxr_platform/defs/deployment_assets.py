@@ -20,8 +20,8 @@ from cxr_platform.deployment.registry import RegistryEvent
 from cxr_platform.explain.report import explain_checkpoint
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel
+from cxr_platform.sections import RegistrySection
 from cxr_platform.serving.packaging import build_bento
-from cxr_platform.settings import CxrSettings
 
 EXPLAIN_GROUP = "explainability"
 DEPLOY_GROUP = "deployment"
@@ -67,13 +67,13 @@ def _per_architecture(arch: str) -> list:
         evaluation_report: EvaluationReport,
         preprocessed_cache: PreprocessedCache,
     ):
-        settings = platform.settings()
+        training = platform.settings().training
         report = explain_checkpoint(
             trained_model.checkpoint,
             preprocessed_cache,
-            settings.reports_dir / "explanations" / trained_model.model_name,
+            training.reports_dir / "explanations" / trained_model.model_name,
             model_name=trained_model.model_name,
-            seed=settings.seed,
+            seed=training.seed,
         )
         metadata: dict[str, Any] = {
             "gallery": dg.MetadataValue.md(png_markdown(report.gallery, "Grad-CAM gallery")),
@@ -122,7 +122,9 @@ def _per_architecture(arch: str) -> list:
         evaluation_report: EvaluationReport,
         preprocessed_cache: PreprocessedCache,
     ):
-        exported = deployment.export_trained(platform.settings(), preprocessed_cache, trained_model)
+        exported = deployment.export_trained(
+            platform.settings().registry, preprocessed_cache, trained_model
+        )
         parity = exported.parity
         yield dg.Output(
             exported,
@@ -160,7 +162,9 @@ def registry_event_metadata(event: RegistryEvent) -> dict[str, Any]:
     }
 
 
-def record_registry_event(settings: CxrSettings, event: RegistryEvent, instance) -> None:
+def record_registry_event(
+    registry_settings: RegistrySection, event: RegistryEvent, instance
+) -> None:
     """A promotion or rollback made outside a run (the CLI) as a ``production_model``
     materialization, so the Dagster UI's history of that asset is complete."""
     instance.report_runless_asset_event(
@@ -170,13 +174,13 @@ def record_registry_event(settings: CxrSettings, event: RegistryEvent, instance)
             metadata={
                 **registry_event_metadata(event),
                 "gate": dg.MetadataValue.json(event.details.get("gate") or {}),
-                "registered_model": settings.registry_model_name,
+                "registered_model": registry_settings.registry_model_name,
             },
         )
     )
 
 
-def build_deployment_definitions(archs: tuple[str, ...]) -> list:
+def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
     assets: list = []
     for arch in archs:
         assets += _per_architecture(arch)
@@ -194,12 +198,12 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
     def registered_model_version(
         context: dg.AssetExecutionContext, platform: PlatformSettings, **inputs: Any
     ) -> dg.Output[dict]:
-        settings = platform.settings()
+        registry_settings = platform.settings().registry
         trigger = f"dagster:{context.run.run_id}"
         versions = {}
         for arch in archs:
             info = deployment.register_exported(
-                settings,
+                registry_settings,
                 inputs[f"exported_{arch}"],
                 triggered_by=trigger,
                 shadow=False,
@@ -210,7 +214,7 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
             [(inputs[f"trained_{arch}"], arch) for arch in archs]
         )
         candidate = versions[best.arch]
-        deployment.registry_for(settings).set_shadow(candidate, triggered_by=trigger)
+        deployment.registry_for(registry_settings).set_shadow(candidate, triggered_by=trigger)
         table = "| architecture | version | best val AUC |\n| --- | ---: | ---: |\n" + "\n".join(
             f"| {arch} | {versions[arch]} | {inputs[f'trained_{arch}'].best_val_auc:.4f} |"
             for arch in archs
@@ -218,7 +222,7 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
         return dg.Output(
             {"versions": versions, "candidate": candidate, "candidate_arch": best.arch},
             metadata={
-                "registered_model": settings.registry_model_name,
+                "registered_model": registry_settings.registry_model_name,
                 "shadow_version": candidate,
                 "shadow_arch": best.arch,
                 "versions": dg.MetadataValue.md(table),
@@ -249,10 +253,9 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
         registered_model_version: dict,
         preprocessed_cache: PreprocessedCache,
     ):
-        settings = platform.settings()
         candidate = registered_model_version["candidate"]
         outcome = deployment.promote_with_gate(
-            settings,
+            platform.settings().registry,
             preprocessed_cache,
             candidate,
             triggered_by=f"dagster:{context.run.run_id}",
@@ -301,7 +304,7 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
         if version is None:
             context.log.warning("no production model yet: no Bento built")
             return
-        built = build_bento(settings, version)
+        built = build_bento(settings.registry, version)
         yield dg.Output(
             built.to_dict(),
             metadata={
@@ -309,9 +312,9 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> list:
                 "model": built.model_tag,
                 "registry_version": built.registry_version,
                 "serve": dg.MetadataValue.md(
-                    f"```\n{built.serve_command(settings.service_port)}\n```"
+                    f"```\n{built.serve_command(settings.serving.service_port)}\n```"
                 ),
             },
         )
 
-    return [*assets, registered_model_version, production_model, bento]
+    return dg.Definitions(assets=[*assets, registered_model_version, production_model, bento])

@@ -18,6 +18,7 @@ import dagster as dg
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.monitoring.drift import DriftResult, save_drift_report
 from cxr_platform.monitoring.finetune import (
     FineTuneResult,
@@ -34,7 +35,7 @@ from cxr_platform.monitoring.windows import (
     read_window,
     shadow_sensor_step,
 )
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import MonitoringSection
 
 GROUP = "monitoring"
 DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
@@ -89,8 +90,8 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
 def drift_report(context: dg.AssetExecutionContext, platform: PlatformSettings):
     settings = platform.settings()
     key = context.partition_key
-    result = check_window(settings, key)
-    files = save_drift_report(result, settings.drift_reports_dir / key)
+    result = check_window(settings.monitoring, key, registry_for(settings.registry))
+    files = save_drift_report(result, settings.monitoring.drift_reports_dir / key)
     context.log.info(result.summary())
     return dg.Output(
         result.to_dict(),
@@ -123,7 +124,12 @@ def finetuned_model(
     settings = platform.settings()
     reason = config.reason or (f"drift in window {config.window}" if config.window else None)
     result = finetune_production(
-        settings, preprocessed_cache, reason=reason, dagster_run_id=context.run.run_id
+        settings.training,
+        settings.monitoring,
+        registry_for(settings.registry),
+        preprocessed_cache,
+        reason=reason,
+        dagster_run_id=context.run.run_id,
     )
     summary = result.summary()
     return dg.Output(
@@ -152,9 +158,8 @@ def shadow_candidate(
     finetuned_model: FineTuneResult,
     preprocessed_cache: PreprocessedCache,
 ) -> dg.Output[dict]:
-    settings = platform.settings()
     exported, info = register_finetuned(
-        settings,
+        platform.settings().registry,
         preprocessed_cache,
         finetuned_model,
         triggered_by=f"dagster:{context.run.run_id}",
@@ -193,7 +198,10 @@ def shadow_evaluation(
 ):
     settings = platform.settings()
     outcome = evaluate_shadow(
-        settings, preprocessed_cache, triggered_by=f"dagster:{context.run.run_id}"
+        settings.monitoring,
+        settings.registry,
+        preprocessed_cache,
+        triggered_by=f"dagster:{context.run.run_id}",
     )
     decision = outcome.decision
     context.log.info(outcome.summary())
@@ -251,8 +259,10 @@ def initial_drift_cursor(instance: dg.DagsterInstance) -> DriftCursor:
     return DriftCursor(last_id=max(ends, default=0))
 
 
-def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
-    interval = settings.drift_check_interval_seconds
+def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definitions:
+    """Sensor intervals and the report's cron are fixed when the code location loads (Dagster
+    reads them from the definitions); everything else is read per run or tick."""
+    interval = monitoring.drift_check_interval_seconds
 
     @dg.sensor(
         name=DRIFT_SENSOR,
@@ -268,7 +278,8 @@ def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
             if context.cursor
             else initial_drift_cursor(context.instance)
         )
-        step = drift_sensor_step(platform.settings(), cursor)
+        settings = platform.settings()
+        step = drift_sensor_step(settings.monitoring, registry_for(settings.registry), cursor)
         if step.result is None:
             return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.cursor.to_json())
         window = step.window
@@ -312,7 +323,10 @@ def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
         "CXR_SHADOW_MIN_RECORDS live requests.",
     )
     def shadow_sensor(context: dg.SensorEvaluationContext, platform: PlatformSettings):
-        step = shadow_sensor_step(platform.settings(), context.cursor or None)
+        settings = platform.settings()
+        step = shadow_sensor_step(
+            settings.monitoring, registry_for(settings.registry), context.cursor or None
+        )
         if step.candidate is None:
             return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.evaluated_version)
         return dg.SensorResult(
@@ -327,24 +341,23 @@ def build_monitoring_definitions(settings: CxrSettings) -> dict[str, list]:
 
     @dg.schedule(
         name=DAILY_SCHEDULE,
-        cron_schedule=settings.drift_report_cron,
+        cron_schedule=monitoring.drift_report_cron,
         job=drift_check_job,
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Yesterday's traffic (UTC) as one drift report, whatever the sensor did.",
     )
     def daily_drift_report(context: dg.ScheduleEvaluationContext, platform: PlatformSettings):
-        settings = platform.settings()
         key = day_window(previous_utc_day(context.scheduled_execution_time))
-        records = read_window(settings, key)
+        records = read_window(platform.settings().monitoring, key)
         if records.empty:
             return dg.SkipReason(f"no inference records in {key}")
         context.instance.add_dynamic_partitions(DRIFT_WINDOWS.name, [key])
         return dg.RunRequest(partition_key=key, run_key=f"daily-{key}")
 
-    return {
-        "assets": [drift_report, finetuned_model, shadow_candidate, shadow_evaluation],
-        "jobs": [drift_check_job, fine_tune_job, evaluate_shadow_job],
-        "sensors": [drift_sensor, shadow_sensor],
-        "schedules": [daily_drift_report],
-    }
+    return dg.Definitions(
+        assets=[drift_report, finetuned_model, shadow_candidate, shadow_evaluation],
+        jobs=[drift_check_job, fine_tune_job, evaluate_shadow_job],
+        sensors=[drift_sensor, shadow_sensor],
+        schedules=[daily_drift_report],
+    )

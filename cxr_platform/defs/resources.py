@@ -1,81 +1,73 @@
-"""Resources: the platform settings, overridable per run from the Dagster launchpad."""
+"""The ``platform`` resource: every setting, overridable per run from the Dagster launchpad.
+
+Its fields are generated from the settings' own declaration, so no list of settings is kept
+here: a setting added to :mod:`cxr_platform.sections` appears in the launchpad by itself.
+Secrets are left out (they would show in run config); they still arrive from the environment.
+"""
 
 from __future__ import annotations
 
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
 import dagster as dg
 
-from cxr_platform.settings import CxrSettings, load_settings
+from cxr_platform.settings import SECRET_SETTINGS, CxrSettings, load_settings, settings_fields
 
 
-class PlatformSettings(dg.ConfigurableResource):
-    """Unset fields fall back to the ``CXR_*`` environment (see :class:`CxrSettings`)."""
+def _launchpad_type(annotation: Any) -> Any:
+    """The settings type as Dagster config can hold it (paths as strings, tuples as lists)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _launchpad_type(typing.get_args(annotation)[0])
+    if annotation is Path:
+        return str
+    if origin is typing.Literal:
+        return str
+    if origin is tuple:
+        return list[typing.get_args(annotation)[0]]
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _launchpad_type(args[0])
+    return annotation
 
-    home: str | None = None
-    data_dir: str | None = None
-    seed: int | None = None
-    workers: int | None = None
-    synthetic_patients: int | None = None
-    image_size: int | None = None
-    training_profile: str | None = None
-    device: str | None = None
-    mlflow_tracking_uri: str | None = None
-    min_test_auc: float | None = None
-    min_test_sensitivity: float | None = None
-    min_test_specificity: float | None = None
-    gate_max_auc_drop: float | None = None
-    registry_model_name: str | None = None
-    inference_log_url: str | None = None
-    drift_window_size: int | None = None
-    shadow_min_records: int | None = None
-    shadow_min_labeled: int | None = None
-    finetune_epochs: int | None = None
-    finetune_lr: float | None = None
+
+def _launchpad_value(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+class _PlatformSettingsBase(dg.ConfigurableResource):
+    """Unset fields fall back to the ``CXR_*`` environment of the run's process."""
 
     def settings(self) -> CxrSettings:
-        return load_settings(
-            home=self.home,
-            data_dir=self.data_dir,
-            seed=self.seed,
-            workers=self.workers,
-            synthetic_patients=self.synthetic_patients,
-            image_size=self.image_size,
-            training_profile=self.training_profile,
-            device=self.device,
-            mlflow_tracking_uri=self.mlflow_tracking_uri,
-            min_test_auc=self.min_test_auc,
-            min_test_sensitivity=self.min_test_sensitivity,
-            min_test_specificity=self.min_test_specificity,
-            gate_max_auc_drop=self.gate_max_auc_drop,
-            registry_model_name=self.registry_model_name,
-            inference_log_url=self.inference_log_url,
-            drift_window_size=self.drift_window_size,
-            shadow_min_records=self.shadow_min_records,
-            shadow_min_labeled=self.shadow_min_labeled,
-            finetune_epochs=self.finetune_epochs,
-            finetune_lr=self.finetune_lr,
-        )
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return load_settings(**values)
 
     @classmethod
-    def from_settings(cls, settings: CxrSettings) -> PlatformSettings:
-        return cls(
-            home=str(settings.home),
-            data_dir=str(settings.data_dir) if settings.data_dir else None,
-            seed=settings.seed,
-            workers=settings.workers,
-            synthetic_patients=settings.synthetic_patients,
-            image_size=settings.image_size,
-            training_profile=settings.training_profile,
-            device=settings.device,
-            mlflow_tracking_uri=settings.mlflow_tracking_uri,
-            min_test_auc=settings.min_test_auc,
-            min_test_sensitivity=settings.min_test_sensitivity,
-            min_test_specificity=settings.min_test_specificity,
-            gate_max_auc_drop=settings.gate_max_auc_drop,
-            registry_model_name=settings.registry_model_name,
-            inference_log_url=settings.inference_log_url,
-            drift_window_size=settings.drift_window_size,
-            shadow_min_records=settings.shadow_min_records,
-            shadow_min_labeled=settings.shadow_min_labeled,
-            finetune_epochs=settings.finetune_epochs,
-            finetune_lr=settings.finetune_lr,
-        )
+    def from_settings(cls, settings: CxrSettings) -> _PlatformSettingsBase:
+        return cls(**{name: _launchpad_value(getattr(settings, name)) for name in cls.model_fields})
+
+
+def _platform_settings_class() -> type[_PlatformSettingsBase]:
+    annotations = {
+        name: _launchpad_type(field.annotation) | None
+        for name, field in settings_fields().items()
+        if name not in SECRET_SETTINGS
+    }
+    namespace: dict[str, Any] = {
+        "__annotations__": annotations,
+        "__module__": __name__,
+        "__qualname__": "PlatformSettings",
+        "__doc__": _PlatformSettingsBase.__doc__,
+        **dict.fromkeys(annotations),
+    }
+    return type("PlatformSettings", (_PlatformSettingsBase,), namespace)
+
+
+PlatformSettings = _platform_settings_class()

@@ -24,12 +24,13 @@ GROUP = "training"
 
 
 class TrainingRunConfig(dg.Config):
-    """Launchpad overrides; unset values come from the profile (demo / full)."""
+    """Per-model launchpad overrides of the recipe; unset values come from the profile.
 
-    profile: str | None = None  # demo | full
+    The profile, pretrained weights and device are platform settings (``training_profile``,
+    ``pretrained``, ``device`` on the ``platform`` resource), set once for every model."""
+
     epochs: int | None = None
     batch_size: int | None = None
-    pretrained: str | None = None  # auto | required | none
 
 
 def png_markdown(path: Path, title: str) -> str:
@@ -67,18 +68,17 @@ def _training_assets(arch: str) -> list:
         preprocessed_cache: PreprocessedCache,
         patient_splits: pd.DataFrame,
     ) -> dg.Output[model_pipeline.TrainedModel]:
-        settings = platform.settings()
-        profile = config.profile or settings.resolved_training_profile
+        training = platform.settings().training
+        profile = training.profile
         train_config = model_pipeline.train_config_for(
-            settings,
+            training,
             arch,
             profile=profile,
             epochs=config.epochs,
             batch_size=config.batch_size,
-            **({"pretrained": config.pretrained} if config.pretrained else {}),
         )
         trained = model_pipeline.train_tracked(
-            settings,
+            training,
             preprocessed_cache,
             train_config,
             profile=profile,
@@ -124,7 +124,7 @@ def _training_assets(arch: str) -> list:
         preprocessed_cache: PreprocessedCache,
     ) -> dg.Output[EvaluationReport]:
         report, files = model_pipeline.evaluate_trained(
-            platform.settings(), preprocessed_cache, trained_model
+            platform.settings().training, preprocessed_cache, trained_model
         )
         test = report.splits["test"]
         plots = "\n\n".join(
@@ -159,7 +159,7 @@ def _training_assets(arch: str) -> list:
     def auc_floor(
         platform: PlatformSettings, evaluation_report: EvaluationReport
     ) -> dg.AssetCheckResult:
-        floor, _ = platform.settings().evaluation_floors
+        floor, _ = platform.settings().training.evaluation_floors
         auc = evaluation_report.splits["test"].auc
         return dg.AssetCheckResult(
             passed=bool(auc >= floor), metadata={"test_auc": auc, "floor": floor}
@@ -175,7 +175,7 @@ def _training_assets(arch: str) -> list:
     def sensitivity_floor(
         platform: PlatformSettings, evaluation_report: EvaluationReport
     ) -> dg.AssetCheckResult:
-        _, floor = platform.settings().evaluation_floors
+        _, floor = platform.settings().training.evaluation_floors
         sensitivity = evaluation_report.splits["test"].sensitivity or 0.0
         return dg.AssetCheckResult(
             passed=bool(sensitivity >= floor),
@@ -185,8 +185,8 @@ def _training_assets(arch: str) -> list:
     return [trained_model, evaluation_report, auc_floor, sensitivity_floor]
 
 
-def build_training_definitions(archs: tuple[str, ...]) -> tuple[list, list]:
-    """(assets, asset checks) for the given architectures plus their comparison."""
+def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:
+    """The assets and checks of the given architectures, plus their comparison."""
     assets: list = []
     checks: list = []
     for arch in archs:
@@ -205,7 +205,7 @@ def build_training_definitions(archs: tuple[str, ...]) -> tuple[list, list]:
     ) -> dg.Output[dict]:
         ordered = [reports[f"report_{arch}"] for arch in archs]
         table = comparison_markdown(ordered)
-        out_dir = platform.settings().reports_dir
+        out_dir = platform.settings().training.reports_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model_comparison.md").write_text(table)
         rows = {r.model_name: r.headline("test") for r in ordered}
@@ -220,4 +220,4 @@ def build_training_definitions(archs: tuple[str, ...]) -> tuple[list, list]:
             },
         )
 
-    return assets + [model_comparison], checks
+    return dg.Definitions(assets=[*assets, model_comparison], asset_checks=checks)

@@ -37,7 +37,7 @@ from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.pipeline import TrainedModel, tracker_for
 from cxr_platform.monitoring.reference import reference_from_cache, write_reference
 from cxr_platform.provenance import git_commit
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import RegistrySection
 
 PARITY_IMAGES = 32
 # Run metrics copied onto the model version (as cxr.metric.* tags) and into the model files.
@@ -64,22 +64,22 @@ def cli_trigger() -> str:
     return f"cli:{user}"
 
 
-def registry_for(settings: CxrSettings) -> ModelRegistry:
-    settings.ensure_dirs()
+def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
+    registry_settings.ensure_dirs()
     return ModelRegistry(
-        settings.tracking_uri,
-        name=settings.registry_model_name,
-        cache_dir=settings.registry_cache_dir,
+        registry_settings.tracking_uri,
+        name=registry_settings.registry_model_name,
+        cache_dir=registry_settings.registry_cache_dir,
     )
 
 
-def gate_config_for(settings: CxrSettings) -> GateConfig:
-    min_auc, min_sensitivity = settings.evaluation_floors
+def gate_config_for(registry_settings: RegistrySection) -> GateConfig:
+    min_auc, min_sensitivity = registry_settings.evaluation_floors
     return GateConfig(
         min_auc=min_auc,
         min_sensitivity=min_sensitivity,
-        min_specificity=settings.specificity_floor,
-        max_auc_drop=settings.max_auc_drop,
+        min_specificity=registry_settings.specificity_floor,
+        max_auc_drop=registry_settings.max_auc_drop,
     )
 
 
@@ -89,13 +89,13 @@ def parity_inputs(cache: PreprocessedCache, n: int = PARITY_IMAGES) -> torch.Ten
     return torch.from_numpy(normalize_uint8(images, preprocessing))[:, None]
 
 
-def run_metrics(settings: CxrSettings, run_id: str) -> dict[str, float]:
-    metrics = tracker_for(settings).client.get_run(run_id).data.metrics
+def run_metrics(registry_settings: RegistrySection, run_id: str) -> dict[str, float]:
+    metrics = tracker_for(registry_settings).client.get_run(run_id).data.metrics
     return {key: float(metrics[key]) for key in VERSION_METRICS if key in metrics}
 
 
 def export_trained(
-    settings: CxrSettings, cache: PreprocessedCache, trained: TrainedModel
+    registry_settings: RegistrySection, cache: PreprocessedCache, trained: TrainedModel
 ) -> ExportedModel:
     out_dir = trained.checkpoint.parent / "export"
     if out_dir.exists():
@@ -108,13 +108,13 @@ def export_trained(
         mlflow_run_id=trained.mlflow_run_id,
         manifest_hash=trained.manifest_hash,
         git_commit=git_commit(),
-        metrics=run_metrics(settings, trained.mlflow_run_id),
+        metrics=run_metrics(registry_settings, trained.mlflow_run_id),
     )
     write_monitoring_reference(out_dir, cache)
-    if not settings.export_int8:
+    if not registry_settings.export_int8:
         return exported
     decision = add_int8_variant(
-        out_dir, cache.images("val", mmap=False), cache.labels("val"), seed=settings.seed
+        out_dir, cache.images("val", mmap=False), cache.labels("val"), seed=registry_settings.seed
     )
     return dataclasses.replace(exported, int8=decision)
 
@@ -126,7 +126,7 @@ def write_monitoring_reference(export_dir: Path, cache: PreprocessedCache) -> Pa
 
 
 def register_exported(
-    settings: CxrSettings,
+    registry_settings: RegistrySection,
     exported: ExportedModel,
     *,
     triggered_by: str,
@@ -147,7 +147,7 @@ def register_exported(
     metadata = exported.metadata
     if metadata.mlflow_run_id is None:
         raise ParityError("an exported model without a training run cannot be registered")
-    registry = registry_for(settings)
+    registry = registry_for(registry_settings)
     tags: dict[str, Any] = {
         "cxr.model_name": metadata.model_name,
         "cxr.arch": metadata.arch,
@@ -211,14 +211,14 @@ def score_version(
 
 
 def run_gate(
-    settings: CxrSettings,
+    registry_settings: RegistrySection,
     cache: PreprocessedCache,
     candidate_ref: str | int,
     *,
     extra_checks: Sequence[GateCheck] = (),
     extra_evidence: dict[str, Any] | None = None,
 ) -> GateDecision:
-    registry = registry_for(settings)
+    registry = registry_for(registry_settings)
     candidate = registry.get(candidate_ref)
     production = registry.find(PRODUCTION)
     data = gate_evaluation_data(cache)
@@ -237,7 +237,7 @@ def run_gate(
     return decide(
         candidate_score,
         production_score,
-        gate_config_for(settings),
+        gate_config_for(registry_settings),
         evaluated_on=evaluated_on,
         extra_checks=extra_checks,
     )
@@ -255,14 +255,18 @@ class PromotionOutcome:
 
 
 def promote_with_gate(
-    settings: CxrSettings, cache: PreprocessedCache, candidate_ref: str | int, *, triggered_by: str
+    registry_settings: RegistrySection,
+    cache: PreprocessedCache,
+    candidate_ref: str | int,
+    *,
+    triggered_by: str,
 ) -> PromotionOutcome:
-    registry = registry_for(settings)
+    registry = registry_for(registry_settings)
     candidate = registry.get(candidate_ref)
     current = registry.find(PRODUCTION)
     if current is not None and current.version == candidate.version:
         raise RegistryError(f"version {candidate.version} is already production")
-    decision = run_gate(settings, cache, candidate.version)
+    decision = run_gate(registry_settings, cache, candidate.version)
     if not decision.passed:
         return PromotionOutcome(decision, None, current.version if current else None)
     event = registry.promote(candidate.version, triggered_by=triggered_by, gate=decision.to_dict())

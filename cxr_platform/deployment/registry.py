@@ -24,21 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import mlflow.artifacts
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-import mlflow.artifacts  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from cxr_platform.deployment.export import METADATA_FILE, ONNX_FILE, ExportedModel  # noqa: E402
-from cxr_platform.errors import CxrError  # noqa: E402
+from cxr_platform.deployment.aliases import ALIASES, PREVIOUS_PRODUCTION, PRODUCTION, SHADOW
+from cxr_platform.deployment.export import METADATA_FILE, ONNX_FILE, ExportedModel
+from cxr_platform.errors import CxrError
 
 DEFAULT_MODEL_NAME = "cxr-pneumonia-classifier"
-PRODUCTION = "production"
-SHADOW = "shadow"
-PREVIOUS_PRODUCTION = "previous-production"
-ALIASES = (PRODUCTION, SHADOW, PREVIOUS_PRODUCTION)
 EVENT_TAG_PREFIX = "cxr.event."
 MAX_TAG_LENGTH = 5000  # MLflow's limit for model version tag values
 

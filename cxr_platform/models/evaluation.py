@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
@@ -19,9 +19,7 @@ from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from cxr_platform.errors import CxrError
-
-ThresholdRuleName = Literal["sensitivity_target", "youden"]
-THRESHOLD_RULES: tuple[str, ...] = ("sensitivity_target", "youden")
+from cxr_platform.sections import THRESHOLD_RULES, ThresholdRuleName
 
 
 class EvaluationError(CxrError):

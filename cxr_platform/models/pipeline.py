@@ -33,7 +33,7 @@ from cxr_platform.models.training import (
 )
 from cxr_platform.models.zoo import architecture
 from cxr_platform.provenance import git_commit
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import TrackedSection, TrainingSection
 from cxr_platform.tracking import ExperimentTracker, TrackedRun
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,21 @@ class TrainedModel:
         return values
 
 
-def tracker_for(settings: CxrSettings) -> ExperimentTracker:
-    settings.ensure_dirs()
-    return ExperimentTracker(settings.tracking_uri, artifact_root=settings.mlflow_dir / "artifacts")
+def tracker_for(store: TrackedSection) -> ExperimentTracker:
+    store.ensure_dirs()
+    return ExperimentTracker(store.tracking_uri, artifact_root=store.mlflow_dir / "artifacts")
 
 
-def train_config_for(settings: CxrSettings, arch: str, **overrides: Any) -> TrainConfig:
-    profile = overrides.pop("profile", None) or settings.resolved_training_profile
+def train_config_for(training: TrainingSection, arch: str, **overrides: Any) -> TrainConfig:
+    profile = overrides.pop("profile", None) or training.profile
     epochs = overrides.pop("epochs", None)
     values: dict[str, Any] = {
-        "seed": settings.seed,
-        "device": settings.device,
-        "compile": settings.torch_compile,
+        "seed": training.seed,
+        "device": training.device,
+        "compile": training.torch_compile,
     }
     if architecture(arch).imagenet_weights is not None:
-        values["pretrained"] = settings.pretrained
+        values["pretrained"] = training.pretrained
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = training_profile(profile, arch, **values)
     if epochs is not None:
@@ -94,7 +94,7 @@ def train_config_for(settings: CxrSettings, arch: str, **overrides: Any) -> Trai
 
 
 def train_tracked(
-    settings: CxrSettings,
+    training: TrainingSection,
     cache: PreprocessedCache,
     config: TrainConfig,
     *,
@@ -114,9 +114,9 @@ def train_tracked(
     """
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     device = select_device(config.device)
-    tracker = tracker_for(settings)
+    tracker = tracker_for(training)
     if resume:
-        run = _resumable_run(settings, tracker, config.arch)
+        run = _resumable_run(training, tracker, config.arch)
     else:
         run = _new_run(tracker, config, profile, manifest_hash, preprocessing, dagster_run_id)
     if tags:
@@ -124,7 +124,7 @@ def train_tracked(
     run.log_params(
         {**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile}
     )
-    out_dir = settings.models_dir / config.arch / run.run_id
+    out_dir = training.models_dir / config.arch / run.run_id
     try:
         if data is None:
             data = TrainingData.from_cache(cache, device)
@@ -138,7 +138,7 @@ def train_tracked(
         run.finish("FAILED")
         raise
     return _finish_training(
-        settings, run, config, result, out_dir, preprocessing, profile, manifest_hash
+        training, run, config, result, out_dir, preprocessing, profile, manifest_hash
     )
 
 
@@ -164,19 +164,19 @@ def _new_run(
     )
 
 
-def _resumable_run(settings: CxrSettings, tracker: ExperimentTracker, arch: str) -> TrackedRun:
+def _resumable_run(training: TrainingSection, tracker: ExperimentTracker, arch: str) -> TrackedRun:
     candidates = sorted(
-        (settings.models_dir / arch).glob("*/last.pt"), key=lambda p: p.stat().st_mtime
+        (training.models_dir / arch).glob("*/last.pt"), key=lambda p: p.stat().st_mtime
     )
     if not candidates:
-        raise CxrError(f"nothing to resume: no {arch} run under {settings.models_dir / arch}")
+        raise CxrError(f"nothing to resume: no {arch} run under {training.models_dir / arch}")
     run_id = candidates[-1].parent.name
     tracker.client.update_run(run_id, status="RUNNING")
     return TrackedRun(tracker.client, run_id)
 
 
 def _finish_training(
-    settings: CxrSettings,
+    training: TrainingSection,
     run: TrackedRun,
     config: TrainConfig,
     result: TrainingResult,
@@ -222,34 +222,34 @@ def _finish_training(
         wall_seconds=result.wall_seconds,
         train_images_per_s=result.train_images_per_s,
         manifest_hash=manifest_hash,
-        data_dir=str(settings.data_dir) if settings.data_dir else None,
+        data_dir=str(training.data_dir) if training.data_dir else None,
         schedule=result.schedule,
         history=history,
     )
-    _write_latest(settings, trained)
+    _write_latest(training, trained)
     run.finish()  # evaluation later adds its metrics to this same (finished) run
     return trained
 
 
-def _write_latest(settings: CxrSettings, trained: TrainedModel) -> None:
-    pointer = settings.models_dir / LATEST_POINTER
+def _write_latest(training: TrainingSection, trained: TrainedModel) -> None:
+    pointer = training.models_dir / LATEST_POINTER
     tmp = pointer.with_suffix(".tmp")
     tmp.write_text(json.dumps({**trained.summary(), "history": trained.history}, indent=2))
     tmp.replace(pointer)
 
 
-def latest_trained(settings: CxrSettings) -> TrainedModel:
+def latest_trained(training: TrainingSection) -> TrainedModel:
     """The most recently trained model (what ``cxr evaluate`` scores until a registry exists)."""
-    pointer = settings.models_dir / LATEST_POINTER
+    pointer = training.models_dir / LATEST_POINTER
     if not pointer.exists():
-        raise CxrError(f"no trained model under {settings.models_dir}; run `cxr train` first")
+        raise CxrError(f"no trained model under {training.models_dir}; run `cxr train` first")
     values = json.loads(pointer.read_text())
     values["checkpoint"] = Path(values["checkpoint"])
     return TrainedModel(**values)
 
 
 def evaluate_trained(
-    settings: CxrSettings,
+    training: TrainingSection,
     cache: PreprocessedCache,
     trained: TrainedModel,
     *,
@@ -266,11 +266,11 @@ def evaluate_trained(
             f"{trained.checkpoint} was trained with other preprocessing than this cache; "
             "rebuild the cache with the model's settings"
         )
-    device = select_device(settings.device)
+    device = select_device(training.device)
     model = scoring_model(checkpoint).to(device)
     val = TensorBatches.from_cache(cache, "val", device=device)
     val_logits = predict_logits(model, val)
-    rule = ThresholdRule(settings.threshold_rule, settings.target_sensitivity)
+    rule = ThresholdRule(training.threshold_rule, training.target_sensitivity)
     test = TensorBatches.from_cache(cache, "test", device=device)
     test_logits = predict_logits(model, test)
     report = evaluate_predictions(
@@ -280,7 +280,7 @@ def evaluate_trained(
         test=(test.labels_np, test_logits),
         rule=rule,
         n_bootstrap=n_bootstrap,
-        seed=settings.seed,
+        seed=training.seed,
         training={
             "profile": trained.profile,
             "pretrained": trained.pretrained,
@@ -296,18 +296,21 @@ def evaluate_trained(
     checkpoint["operating_point"] = report.operating_point.to_dict()
     save_checkpoint(checkpoint, trained.checkpoint)
 
-    out_dir = out_dir or settings.reports_dir / "evaluation" / trained.model_name
+    out_dir = out_dir or training.reports_dir / "evaluation" / trained.model_name
     if out_dir.exists():
         shutil.rmtree(out_dir)
     files = write_report_files(report, out_dir, trained.history)
-    _log_evaluation(settings, trained, report, files)
+    _log_evaluation(training, trained, report, files)
     return report, files
 
 
 def _log_evaluation(
-    settings: CxrSettings, trained: TrainedModel, report: EvaluationReport, files: dict[str, Path]
+    training: TrainingSection,
+    trained: TrainedModel,
+    report: EvaluationReport,
+    files: dict[str, Path],
 ) -> None:
-    run = TrackedRun(tracker_for(settings).client, trained.mlflow_run_id)
+    run = TrackedRun(tracker_for(training).client, trained.mlflow_run_id)
     metrics: dict[str, float | None] = {}
     for split, evaluation in report.splits.items():
         for key in (

@@ -30,19 +30,18 @@ from cxr_platform.data.transforms import AugmentationConfig, TensorBatches
 from cxr_platform.errors import CxrError
 from cxr_platform.models.zoo import (
     FlipAveraged,
-    PretrainedMode,
     architecture,
     backbone_modules,
     backbone_parameters,
     build_model,
 )
+from cxr_platform.sections import TRAINING_PROFILES, PretrainedMode
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Training every layer from random initialisation needs a higher rate than fine-tuning does.
 FROM_SCRATCH_LR = 1e-3
-TRAINING_PROFILES = ("demo", "full")
 Phase = Literal["frozen", "finetune"]
 
 

@@ -12,18 +12,15 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from torchvision import models as tv_models
 
 from cxr_platform.errors import CxrError
+from cxr_platform.sections import PRETRAINED_MODES, PretrainedMode
 
 log = logging.getLogger(__name__)
-
-PretrainedMode = Literal["auto", "required", "none"]
-PRETRAINED_MODES: tuple[str, ...] = ("auto", "required", "none")
 
 
 class UnknownArchitectureError(CxrError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,6 @@ from sklearn.metrics import roc_auc_score
 
 from cxr_platform.errors import CxrError
 from cxr_platform.monitoring.reference import INPUT_FEATURES, PREDICTED, PROBABILITY
-
-# Evidently's telemetry would try to reach the network from a hospital machine.
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
 
 
 class DriftError(CxrError):

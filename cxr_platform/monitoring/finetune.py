@@ -21,7 +21,7 @@ from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.deployment import pipeline as deployment
 from cxr_platform.deployment.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel
-from cxr_platform.deployment.registry import PRODUCTION, ModelVersionInfo
+from cxr_platform.deployment.registry import PRODUCTION, ModelRegistry, ModelVersionInfo
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
@@ -33,7 +33,7 @@ from cxr_platform.models.pipeline import (
 )
 from cxr_platform.models.training import TrainingData, select_device
 from cxr_platform.monitoring.retained import RetainedInputs
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import MonitoringSection, RegistrySection, TrainingSection
 
 FINETUNE_PROFILE = "finetune"
 
@@ -55,15 +55,15 @@ class LabeledExamples:
 
 
 def labeled_examples(
-    settings: CxrSettings, *, image_size: int, before: datetime | None = None
+    monitoring: MonitoringSection, *, image_size: int, before: datetime | None = None
 ) -> LabeledExamples:
     """Retained inputs with a feedback label (the latest one counts) logged before ``before``."""
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(monitoring.inference_log_uri)
     try:
         rows = log.records(labeled_only=True, created_before=before)
     finally:
         log.dispose()
-    store = RetainedInputs(settings.retained_dir)
+    store = RetainedInputs(monitoring.retained_dir)
     labels_by_id = dict(zip(rows["request_id"], rows["feedback_label"], strict=True))
     found, images = store.load_labeled(labels_by_id)
     if len(found) and images.shape[1:] != (image_size, image_size):
@@ -102,7 +102,9 @@ class FineTuneResult:
 
 
 def finetune_production(
-    settings: CxrSettings,
+    training: TrainingSection,
+    monitoring: MonitoringSection,
+    registry: ModelRegistry,
     cache: PreprocessedCache,
     *,
     reason: str | None = None,
@@ -110,7 +112,6 @@ def finetune_production(
     progress: bool = False,
 ) -> FineTuneResult:
     started = datetime.now(UTC)
-    registry = deployment.registry_for(settings)
     base = registry.find(PRODUCTION)
     if base is None:
         raise FineTuneError("there is no production model to fine-tune")
@@ -125,11 +126,11 @@ def finetune_production(
         raise FineTuneError(f"production version {base.version} has no {WEIGHTS_FILE}")
     arch = metadata["arch"]
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    labeled = labeled_examples(settings, image_size=preprocessing.image_size, before=started)
+    labeled = labeled_examples(monitoring, image_size=preprocessing.image_size, before=started)
 
-    demo = settings.resolved_training_profile == "demo"
-    epochs = settings.finetune_epochs or (2 if demo else 5)
-    config = train_config_for(settings, arch, profile=settings.resolved_training_profile)
+    demo = training.is_demo
+    epochs = monitoring.finetune_epochs or (2 if demo else 5)
+    config = train_config_for(training, arch, profile=training.profile)
     config = replace(
         config,
         pretrained="none",  # the production weights replace any initialisation
@@ -137,7 +138,7 @@ def finetune_production(
         initial_weights=str(folder / WEIGHTS_FILE),
         frozen_epochs=0,
         finetune_epochs=epochs,
-        finetune_lr=settings.finetune_lr or (1e-4 if demo else 1e-5),
+        finetune_lr=monitoring.finetune_lr or (1e-4 if demo else 1e-5),
         patience=epochs,
     )
     device = select_device(config.device)
@@ -152,7 +153,7 @@ def finetune_production(
         val=TensorBatches.from_cache(cache, "val", device=device),
     )
     trained = train_tracked(
-        settings,
+        training,
         cache,
         config,
         profile=FINETUNE_PROFILE,
@@ -167,10 +168,10 @@ def finetune_production(
         },
     )
     report, _ = evaluate_trained(
-        settings,
+        training,
         cache,
         trained,
-        out_dir=settings.reports_dir / "finetune" / trained.mlflow_run_id,
+        out_dir=training.reports_dir / "finetune" / trained.mlflow_run_id,
     )
     # The result is pickled by Dagster's IO manager: keep the ids and labels, not the pixels.
     kept = replace(labeled, images=labeled.images[:0])
@@ -178,16 +179,16 @@ def finetune_production(
 
 
 def register_finetuned(
-    settings: CxrSettings,
+    registry_settings: RegistrySection,
     cache: PreprocessedCache,
     result: FineTuneResult,
     *,
     triggered_by: str,
 ) -> tuple[ExportedModel, ModelVersionInfo]:
     """Export with the parity check, register, and make it the shadow candidate."""
-    exported = deployment.export_trained(settings, cache, result.trained)
+    exported = deployment.export_trained(registry_settings, cache, result.trained)
     info = deployment.register_exported(
-        settings,
+        registry_settings,
         exported,
         triggered_by=triggered_by,
         shadow=True,

@@ -31,7 +31,7 @@ from cxr_platform.deployment.gate import GateCheck, GateDecision
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, RegistryEvent
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import MonitoringSection, RegistrySection
 
 
 class ShadowEvaluationError(CxrError):
@@ -115,24 +115,30 @@ class ShadowOutcome:
 
 
 def evaluate_shadow(
-    settings: CxrSettings, cache: PreprocessedCache, *, triggered_by: str
+    monitoring: MonitoringSection,
+    registry_settings: RegistrySection,
+    cache: PreprocessedCache,
+    *,
+    triggered_by: str,
 ) -> ShadowOutcome:
-    registry = deployment.registry_for(settings)
+    registry = deployment.registry_for(registry_settings)
     candidate = registry.find(SHADOW)
     if candidate is None:
         raise ShadowEvaluationError("there is no shadow model to evaluate")
     production = registry.find(PRODUCTION)
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(monitoring.inference_log_uri)
     try:
         live = live_comparison(log, candidate.version, production.version if production else None)
     finally:
         log.dispose()
     decision = deployment.run_gate(
-        settings,
+        registry_settings,
         cache,
         candidate.version,
         extra_checks=live_checks(
-            live, min_labeled=settings.shadow_min_labeled, max_auc_drop=settings.max_auc_drop
+            live,
+            min_labeled=monitoring.shadow_min_labeled,
+            max_auc_drop=registry_settings.max_auc_drop,
         ),
         extra_evidence={"live_shadow_traffic": live.to_dict()},
     )
@@ -144,7 +150,7 @@ def evaluate_shadow(
         event = registry.retire_shadow(
             candidate.version, triggered_by=triggered_by, gate=decision.to_dict()
         )
-    folder = settings.reports_dir / "shadow_evaluations"
+    folder = monitoring.reports_dir / "shadow_evaluations"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     outcome = ShadowOutcome(

@@ -23,7 +23,7 @@ from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.errors import CxrError
 from cxr_platform.monitoring.shifts import apply_shift, encode_png
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import DataSection
 
 IMAGES_PER_SYNTHETIC_PATIENT = 2.5  # the generator's mean (1..4 per patient)
 
@@ -38,18 +38,18 @@ class TrafficImage:
     label: str
 
 
-def synthetic_traffic(settings: CxrSettings, n: int, seed: int) -> list[TrafficImage]:
+def synthetic_traffic(data: DataSection, n: int, seed: int) -> list[TrafficImage]:
     """``n`` images of fresh synthetic patients; generated once per (seed, size) and reused."""
-    if seed == settings.seed:
+    if seed == data.seed:
         raise SimulationError(
             f"seed {seed} is the training dataset's: traffic must come from other patients"
         )
     patients = max(4, math.ceil(n / IMAGES_PER_SYNTHETIC_PATIENT * 1.3))
     spec = SyntheticSpec(n_patients=patients, seed=seed)
     root = generate_synthetic_dataset(
-        settings.datasets_dir / f"traffic-seed{seed}-p{patients}",
+        data.datasets_dir / f"traffic-seed{seed}-p{patients}",
         spec,
-        workers=settings.workers,
+        workers=data.workers,
         progress=False,
     )
     return _ordered(root, n, seed)

@@ -3,7 +3,8 @@
 A window is named by what it covers, so its name is also its Dagster partition key:
 ``ids-000000101-000000300`` (log rows 101..300, what the drift sensor cuts) or
 ``day-2026-11-26`` (one UTC day, the daily report). The sensors' logic lives here as plain
-functions of (settings, cursor); the Dagster sensors only translate the result.
+functions of the monitoring section, the registry and a cursor; the Dagster sensors only
+translate the result.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 
-from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.registry import (
     PRODUCTION,
     SHADOW,
@@ -27,7 +27,7 @@ from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.drift import DriftResult, DriftRule, evaluate_window
 from cxr_platform.monitoring.reference import load_reference
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import MonitoringSection
 
 _IDS = re.compile(r"^ids-(\d{9})-(\d{9})$")
 _DAY = re.compile(r"^day-(\d{4}-\d{2}-\d{2})$")
@@ -59,40 +59,39 @@ def window_records(log: InferenceLog, key: str) -> pd.DataFrame:
     raise WindowError(f"{key!r} is not a drift window (ids-<first>-<last> or day-<YYYY-MM-DD>)")
 
 
-def read_window(settings: CxrSettings, key: str) -> pd.DataFrame:
+def read_window(monitoring: MonitoringSection, key: str) -> pd.DataFrame:
     """A window's rows from the deployment's inference log (opened and closed here)."""
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(monitoring.inference_log_uri)
     try:
         return window_records(log, key)
     finally:
         log.dispose()
 
 
-def drift_rule(settings: CxrSettings) -> DriftRule:
+def drift_rule(monitoring: MonitoringSection) -> DriftRule:
     return DriftRule(
-        feature_p_value=settings.drift_feature_p_value,
-        input_drift_share=settings.drift_input_share,
-        severe_p_value=settings.drift_severe_p_value,
-        prediction_p_value=settings.drift_prediction_p_value,
-        positive_rate_change=settings.drift_positive_rate_change,
-        min_labeled=settings.drift_min_labeled,
-        max_auc_drop=settings.drift_max_auc_drop,
-        max_sensitivity_drop=settings.drift_max_sensitivity_drop,
+        feature_p_value=monitoring.drift_feature_p_value,
+        input_drift_share=monitoring.drift_input_share,
+        severe_p_value=monitoring.drift_severe_p_value,
+        prediction_p_value=monitoring.drift_prediction_p_value,
+        positive_rate_change=monitoring.drift_positive_rate_change,
+        min_labeled=monitoring.drift_min_labeled,
+        max_auc_drop=monitoring.drift_max_auc_drop,
+        max_sensitivity_drop=monitoring.drift_max_sensitivity_drop,
     )
 
 
 def check_window(
-    settings: CxrSettings,
+    monitoring: MonitoringSection,
     key: str,
+    registry: ModelRegistry,
     *,
-    registry: ModelRegistry | None = None,
     records: pd.DataFrame | None = None,
 ) -> DriftResult:
     """The window against the reference of the version that scored most of it. ``records``:
     the window's rows when the caller has just read them."""
-    registry = registry or registry_for(settings)
     if records is None:
-        records = read_window(settings, key)
+        records = read_window(monitoring, key)
     if records.empty:
         raise WindowError(f"window {key} holds no inference records")
     version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
@@ -113,7 +112,7 @@ def check_window(
         reference,
         records,
         window=key,
-        rule=drift_rule(settings),
+        rule=drift_rule(monitoring),
         model_version=model_version,
         expected_metrics=info.metrics,
     )
@@ -146,16 +145,17 @@ class DriftStep:
     finetune_note: str = ""
 
 
-def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:
+def drift_sensor_step(
+    monitoring: MonitoringSection, registry: ModelRegistry, cursor: DriftCursor
+) -> DriftStep:
     """One evaluation of the drift sensor: cut the next full window, judge it, and say whether
     the fine-tune job should run. The cursor only advances past a window that was judged."""
-    registry = registry_for(settings)
     production = registry.find(PRODUCTION)
     if production is None:
         return DriftStep(cursor, skip_reason="no production model: nothing to monitor")
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(monitoring.inference_log_uri)
     try:
-        size = settings.drift_window_size
+        size = monitoring.drift_window_size
         waiting = log.count(since_id=cursor.last_id)
         if waiting < size:
             return DriftStep(
@@ -168,7 +168,7 @@ def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:
         key = ids_window(first, last)
         advanced = replace(cursor, last_id=last, windows=cursor.windows + 1)
         try:
-            result = check_window(settings, key, registry=registry, records=rows)
+            result = check_window(monitoring, key, registry, records=rows)
         except WindowError as exc:
             # Judging it again would fail the same way: skip it, say why, move on.
             return DriftStep(advanced, skip_reason=f"window {key} skipped: {exc}", window=key)
@@ -188,12 +188,12 @@ def drift_sensor_step(settings: CxrSettings, cursor: DriftCursor) -> DriftStep:
     if (
         cursor.finetune_production == production.version
         and cursor.finetune_window is not None
-        and advanced.windows - cursor.finetune_window < settings.finetune_cooldown_windows
+        and advanced.windows - cursor.finetune_window < monitoring.finetune_cooldown_windows
     ):
         note = (
             f"fine-tune for version {production.version} already requested "
             f"{advanced.windows - cursor.finetune_window} window(s) ago (cool-down "
-            f"{settings.finetune_cooldown_windows})"
+            f"{monitoring.finetune_cooldown_windows})"
         )
         return DriftStep(advanced, window=key, result=result, finetune_note=note)
     requested = replace(
@@ -215,9 +215,10 @@ class ShadowStep:
     candidate: str | None = None
 
 
-def shadow_sensor_step(settings: CxrSettings, evaluated_version: str | None) -> ShadowStep:
+def shadow_sensor_step(
+    monitoring: MonitoringSection, registry: ModelRegistry, evaluated_version: str | None
+) -> ShadowStep:
     """Ask for a shadow evaluation once the shadow has scored enough live traffic."""
-    registry = registry_for(settings)
     shadow = registry.find(SHADOW)
     if shadow is None:
         return ShadowStep(evaluated_version, skip_reason="no shadow model")
@@ -225,16 +226,16 @@ def shadow_sensor_step(settings: CxrSettings, evaluated_version: str | None) -> 
         return ShadowStep(
             evaluated_version, skip_reason=f"shadow version {shadow.version} already evaluated"
         )
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(monitoring.inference_log_uri)
     try:
         scored = log.count(shadow_version=shadow.version)
     finally:
         log.dispose()
-    if scored < settings.shadow_min_records:
+    if scored < monitoring.shadow_min_records:
         return ShadowStep(
             evaluated_version,
             skip_reason=f"shadow version {shadow.version} has scored {scored} live requests; "
-            f"evaluation waits for {settings.shadow_min_records}",
+            f"evaluation waits for {monitoring.shadow_min_records}",
         )
     return ShadowStep(shadow.version, candidate=shadow.version)
 

@@ -4,76 +4,57 @@ TID 1500 SR, a Grad-CAM SEG and a captioned secondary capture to PACS."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import DicomSection
+
+if TYPE_CHECKING:
+    from cxr_platform.deployment.registry import ModelRegistry
+    from cxr_platform.pacs.node import DicomNode
 
 
-def build_node(settings: CxrSettings, **overrides: object):
-    """A :class:`DicomNode` on the registry's production model, configured by ``settings``
-    (``CXR_DICOM_*``) with keyword overrides on top (the CLI's flags)."""
-    from cxr_platform.deployment.pipeline import registry_for
+def build_node(
+    dicom: DicomSection, registry: ModelRegistry, *, state_dir: Path | None = None
+) -> DicomNode:
+    """A :class:`DicomNode` on the registry's production model, configured by ``dicom``
+    (``CXR_DICOM_*``); ``state_dir`` (default: the home's ``dicom/``) holds its spool, outbox
+    and ledger."""
     from cxr_platform.inference.live import LiveModels
     from cxr_platform.inference.log import InferenceLog, uid_salt
-    from cxr_platform.pacs.node import DicomNode, NodeConfig, TlsConfig
+    from cxr_platform.pacs.node import DicomNode, NodeConfig, NodeConfigError, TlsConfig
     from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
     from cxr_platform.pacs.sender import Destination
     from cxr_platform.pacs.storage import NodeStorage
 
-    values = {
-        "ae_title": settings.dicom_ae_title,
-        "host": settings.dicom_host,
-        "port": settings.dicom_port,
-        "destination": settings.dicom_destination,
-        "allowed_calling_aets": settings.dicom_allowed_aets,
-        "max_associations": settings.dicom_max_associations,
-        "accept_lateral": settings.dicom_accept_lateral,
-        "results": settings.dicom_results,
-        "tls_cert": settings.dicom_tls_cert,
-        "tls_key": settings.dicom_tls_key,
-        "tls_ca": settings.dicom_tls_ca,
-        "destination_tls_ca": settings.dicom_destination_tls_ca,
-        "retry_initial_seconds": settings.dicom_retry_initial_seconds,
-        "retry_max_seconds": settings.dicom_retry_max_seconds,
-        "refresh_seconds": settings.service_refresh_seconds,
-        "threads": settings.service_threads,
-        "state_dir": settings.dicom_dir,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    destination = values["destination"]
-    cert, key, ca = values["tls_cert"], values["tls_key"], values["tls_ca"]
+    cert, key, ca = dicom.dicom_tls_cert, dicom.dicom_tls_key, dicom.dicom_tls_ca
     if (cert is None) != (key is None):
-        from cxr_platform.pacs.node import NodeConfigError
-
         raise NodeConfigError("TLS needs both a certificate and its key")
     config = NodeConfig(
-        ae_title=values["ae_title"],
-        host=values["host"],
-        port=int(values["port"]),
-        destination=Destination.parse(destination) if destination else None,
-        allowed_calling_aets=tuple(values["allowed_calling_aets"]),
-        max_associations=int(values["max_associations"]),
-        accept_lateral=bool(values["accept_lateral"]),
-        tls=TlsConfig(Path(cert), Path(key), Path(ca) if ca else None) if cert else None,
-        retry_initial_seconds=float(values["retry_initial_seconds"]),
-        retry_max_seconds=float(values["retry_max_seconds"]),
-        destination_tls_ca=Path(values["destination_tls_ca"])
-        if values["destination_tls_ca"]
-        else None,
+        ae_title=dicom.dicom_ae_title,
+        host=dicom.dicom_host,
+        port=dicom.dicom_port,
+        destination=Destination.parse(dicom.dicom_destination) if dicom.dicom_destination else None,
+        allowed_calling_aets=tuple(dicom.dicom_allowed_aets),
+        max_associations=dicom.dicom_max_associations,
+        accept_lateral=dicom.dicom_accept_lateral,
+        tls=TlsConfig(cert, key, ca) if cert is not None and key is not None else None,
+        retry_initial_seconds=dicom.dicom_retry_initial_seconds,
+        retry_max_seconds=dicom.dicom_retry_max_seconds,
+        destination_tls_ca=dicom.dicom_destination_tls_ca,
     )
-    registry = registry_for(settings)
-    models = LiveModels(registry, threads=values["threads"], max_pixels=settings.max_image_pixels)
+    models = LiveModels(registry, threads=dicom.service_threads, max_pixels=dicom.max_image_pixels)
     models.refresh()
-    models.start_polling(float(values["refresh_seconds"]))
+    models.start_polling(dicom.service_refresh_seconds)
     processor = InstanceProcessor(
         models,
-        InferenceLog(settings.inference_log_uri),
-        uid_salt=uid_salt(settings.home),
+        InferenceLog(dicom.inference_log_uri),
+        uid_salt=uid_salt(dicom.home),
         model_folder=registry.download,
         config=ProcessorConfig(
-            results=tuple(values["results"]),
-            uid_root=settings.dicom_uid_root,
-            institution_name=settings.dicom_institution_name,
-            max_pixels=settings.max_image_pixels,
+            results=tuple(dicom.dicom_results),
+            uid_root=dicom.dicom_uid_root,
+            institution_name=dicom.dicom_institution_name,
+            max_pixels=dicom.max_image_pixels,
         ),
     )
-    return DicomNode(config, processor, NodeStorage(Path(values["state_dir"])))
+    return DicomNode(config, processor, NodeStorage(state_dir or dicom.dicom_dir))

@@ -33,6 +33,7 @@ from cxr_platform.pacs.results import (
     build_sr,
     heatmap_on_source_grid,
 )
+from cxr_platform.sections import RESULT_KINDS
 from cxr_platform.serving.core import (
     LOG_UNAVAILABLE,
     STALE_PREPROCESSING,
@@ -43,8 +44,6 @@ from cxr_platform.serving.core import (
 )
 
 log = logging.getLogger(__name__)
-
-RESULT_KINDS = ("sr", "seg", "sc")
 
 
 class TransientProcessingError(CxrError):

@@ -26,8 +26,8 @@ from cxr_platform.deployment.export import METADATA_FILE, ONNX_FILE
 from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.registry import PRODUCTION, RegistryError
 from cxr_platform.errors import CxrError
+from cxr_platform.sections import RegistrySection
 from cxr_platform.serving.process import REPO_ROOT, SERVICE_TARGET
-from cxr_platform.settings import CxrSettings
 
 BENTO_NAME = "cxr_pneumonia"
 PINNED_MODEL_ENV = "CXR_SERVING_MODEL"
@@ -68,9 +68,9 @@ def project_dependencies() -> list[str]:
         return list(tomllib.load(stream)["project"]["dependencies"])
 
 
-def build_bento(settings: CxrSettings, version: str | None = None) -> BentoBuild:
+def build_bento(registry_settings: RegistrySection, version: str | None = None) -> BentoBuild:
     """Build a Bento pinned to ``version`` (default: the current production version)."""
-    registry = registry_for(settings)
+    registry = registry_for(registry_settings)
     ref = version or registry.aliases().get(PRODUCTION)
     if ref is None:
         raise PackagingError("no production model to package (promote one first)")
@@ -80,14 +80,14 @@ def build_bento(settings: CxrSettings, version: str | None = None) -> BentoBuild
     except RegistryError as exc:
         raise PackagingError(str(exc)) from exc
     request = {
-        "model_name": bentoml_model_name(settings.registry_model_name),
+        "model_name": bentoml_model_name(registry_settings.registry_model_name),
         "model_version": f"v{info.version}",
         "model_folder": str(folder),
         "registry_version": info.version,
-        "registry_model_name": settings.registry_model_name,
+        "registry_model_name": registry_settings.registry_model_name,
         "dependencies": project_dependencies(),
     }
-    home = settings.home / "bentoml"
+    home = registry_settings.home / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop(PINNED_MODEL_ENV, None)
     completed = subprocess.run(

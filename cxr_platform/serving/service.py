@@ -48,9 +48,10 @@ from cxr_platform.settings import load_settings
 
 log = logging.getLogger(__name__)
 settings = load_settings()
+serving = settings.serving
 # A Bento built by `cxr bento` names its bundled model in its build arguments (its environment
 # variables only reach containers); CXR_SERVING_MODEL overrides.
-PINNED_MODEL: str | None = settings.serving_model or getattr(
+PINNED_MODEL: str | None = serving.serving_model or getattr(
     bentoml.use_arguments(), "model_tag", None
 )
 
@@ -116,7 +117,7 @@ read_only_routes = Starlette(routes=[Route("/model", model_info, methods=["GET"]
     name="cxr_pneumonia",
     workers=1,
     traffic={"timeout": 120},
-    http={"port": settings.service_port},
+    http={"port": serving.service_port},
 )
 class CxrService:
     def __init__(self) -> None:
@@ -126,29 +127,29 @@ class CxrService:
             self.models = FixedModels(
                 Path(stored.path),
                 version=stored.info.labels.get("registry_version", str(stored.tag.version)),
-                threads=settings.service_threads,
+                threads=serving.service_threads,
             )
         else:
             self.models = LiveModels(
-                registry_for(settings),
-                threads=settings.service_threads,
-                max_pixels=settings.max_image_pixels,
-                precision=settings.service_precision,
+                registry_for(settings.registry),
+                threads=serving.service_threads,
+                max_pixels=serving.max_image_pixels,
+                precision=serving.service_precision,
             )
         try:
             self.models.refresh()
         except Exception:
             log.exception("could not load models from the registry; will keep trying")
-        self.models.start_polling(settings.service_refresh_seconds)
+        self.models.start_polling(serving.service_refresh_seconds)
         self.batcher: ContinuousBatcher[core.ScoreRequest, dict[str, Any]] = ContinuousBatcher(
             self._score_batch,
-            max_batch_size=settings.service_max_batch_size,
+            max_batch_size=serving.service_max_batch_size,
             on_batch=lambda size: batch_sizes.observe(size),
         )
-        self.inference_log = InferenceLog(settings.inference_log_uri)
-        self.salt = uid_salt(settings.home)
+        self.inference_log = InferenceLog(serving.inference_log_uri)
+        self.salt = uid_salt(serving.home)
         self.retained = (
-            RetainedInputs(settings.retained_dir) if settings.retain_inputs_days > 0 else None
+            RetainedInputs(serving.retained_dir) if serving.retain_inputs_days > 0 else None
         )
         if self.retained is not None:
             self._prune_retained()
@@ -168,7 +169,7 @@ class CxrService:
     def _prune_retained(self) -> None:
         assert self.retained is not None
         try:
-            removed = self.retained.prune(settings.retain_inputs_days * 86400)
+            removed = self.retained.prune(serving.retain_inputs_days * 86400)
         except OSError:
             log.exception("could not prune retained inputs")
         else:
@@ -183,8 +184,8 @@ class CxrService:
         return core.prepare_upload(
             data,
             config,
-            max_bytes=settings.service_max_upload_bytes,
-            max_pixels=settings.max_image_pixels,
+            max_bytes=serving.service_max_upload_bytes,
+            max_pixels=serving.max_image_pixels,
             uid_salt=self.salt,
         )
 
@@ -342,15 +343,15 @@ class CxrService:
 
     async def describe(self) -> dict[str, Any]:
         return {
-            "registry_model_name": settings.registry_model_name,
+            "registry_model_name": settings.registry.registry_model_name,
             "model_source": f"bento model {PINNED_MODEL}" if PINNED_MODEL else "registry aliases",
             **core.serving_summary(self.models.current()),
             "service": {
-                "max_upload_bytes": settings.service_max_upload_bytes,
-                "precision": settings.service_precision,
-                "refresh_seconds": settings.service_refresh_seconds,
-                "max_batch_size": settings.service_max_batch_size,
-                "api_key_required": settings.service_api_key is not None,
+                "max_upload_bytes": serving.service_max_upload_bytes,
+                "precision": serving.service_precision,
+                "refresh_seconds": serving.service_refresh_seconds,
+                "max_batch_size": serving.service_max_batch_size,
+                "api_key_required": serving.service_api_key is not None,
             },
         }
 
@@ -362,8 +363,8 @@ class CxrService:
 
 CxrService.add_asgi_middleware(
     EdgeMiddleware,
-    api_key=settings.service_api_key.get_secret_value() if settings.service_api_key else None,
-    max_upload_bytes=settings.service_max_upload_bytes,
+    api_key=serving.service_api_key,
+    max_upload_bytes=serving.service_max_upload_bytes,
     protected_paths=PROTECTED_ROUTES,
     upload_paths=UPLOAD_ROUTES,
     on_reject=lambda path, reason: rejected_inputs.labels(

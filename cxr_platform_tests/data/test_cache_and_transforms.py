@@ -27,7 +27,7 @@ from cxr_platform.settings import load_settings
 @pytest.fixture()
 def manifest(tiny_synthetic, tmp_path):
     settings = load_settings(home=tmp_path / "home", data_dir=tiny_synthetic, workers=1)
-    profiled = pipeline.profile(discover_images(tiny_synthetic), settings, progress=False)
+    profiled = pipeline.profile(discover_images(tiny_synthetic), settings.data, progress=False)
     manifest, _ = pipeline.split(profiled, ratios=(0.7, 0.15, 0.15), seed=1)
     return manifest
 

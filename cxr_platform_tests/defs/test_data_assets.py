@@ -50,7 +50,7 @@ def test_data_job_materializes_reports_corruption_and_checks_pass(tiny_synthetic
     assert victim.as_posix() not in set(manifest["path"])
     assert len(manifest) == len(labels) - 1
     assert (settings.home / "splits" / "patient_splits.csv").exists()
-    assert (settings.reports_dir / "data_profile.json").exists()
+    assert (settings.data.reports_dir / "data_profile.json").exists()
 
     # Same input again: the cache is reused, not rebuilt.
     rerun = (

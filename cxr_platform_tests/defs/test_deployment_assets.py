@@ -53,7 +53,7 @@ def test_release_job_registers_a_shadow_and_the_gate_can_refuse_production(
     assert production["production_version"].value == "none"
     assert "bento" not in materialized  # nothing to package without a production model
 
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     assert registry.aliases() == {SHADOW: "1"}
     assert PRODUCTION not in registry.aliases()
     assert registry.get("1").tags["cxr.data_dir"] == str(tiny_synthetic)

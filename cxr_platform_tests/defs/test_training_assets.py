@@ -63,11 +63,11 @@ def test_training_job_trains_evaluates_and_compares(tiny_synthetic, tmp_path):
     assert "data:image/png;base64," in metadata["plots"].value
 
     trained = result.output_for_node("resnet18__trained_model")
-    run = MlflowClient(settings.tracking_uri).get_run(trained.mlflow_run_id)
+    run = MlflowClient(settings.training.tracking_uri).get_run(trained.mlflow_run_id)
     assert run.data.tags["dagster.run_id"] == result.run_id
     comparison = result.output_for_node("model_comparison")
     assert set(comparison) == {"baseline_cnn", "resnet18"}
-    assert (settings.reports_dir / "model_comparison.md").exists()
+    assert (settings.training.reports_dir / "model_comparison.md").exists()
 
 
 def test_a_failed_floor_blocks_what_depends_on_the_model(tiny_synthetic, tmp_path):

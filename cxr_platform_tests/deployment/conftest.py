@@ -25,7 +25,7 @@ def settings(tmp_path) -> CxrSettings:
 def export_for_registry(
     settings: CxrSettings, checkpoint: Path, cache, out_dir: Path, name: str
 ) -> ExportedModel:
-    run = tracker_for(settings).start_run(run_name=name, tags={"cxr.model_name": name})
+    run = tracker_for(settings.registry).start_run(run_name=name, tags={"cxr.model_name": name})
     run.finish()
     return export_checkpoint(
         checkpoint,

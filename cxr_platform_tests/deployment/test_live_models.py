@@ -17,9 +17,9 @@ def test_alias_moves_swap_models_under_load_with_no_failed_request(
 ):
     good = export_for_registry(settings, trained_checkpoint, learnable_cache, tmp_path / "a", "a")
     bad = export_for_registry(settings, untrained_checkpoint, learnable_cache, tmp_path / "b", "b")
-    v1 = register_exported(settings, good, triggered_by="test", shadow=False)
-    v2 = register_exported(settings, bad, triggered_by="test", shadow=False)
-    registry = registry_for(settings)
+    v1 = register_exported(settings.registry, good, triggered_by="test", shadow=False)
+    v2 = register_exported(settings.registry, bad, triggered_by="test", shadow=False)
+    registry = registry_for(settings.registry)
     registry.promote(v1.version, triggered_by="test")
 
     live = LiveModels(registry, threads=1)
@@ -69,8 +69,8 @@ def test_polling_picks_up_a_promotion_and_survives_registry_errors(
     exported = export_for_registry(
         settings, trained_checkpoint, learnable_cache, tmp_path / "a", "a"
     )
-    v1 = register_exported(settings, exported, triggered_by="test")
-    registry = registry_for(settings)
+    v1 = register_exported(settings.registry, exported, triggered_by="test")
+    registry = registry_for(settings.registry)
     live = LiveModels(registry)
     live.refresh()
     assert live.current().versions == {PRODUCTION: None, SHADOW: v1.version}

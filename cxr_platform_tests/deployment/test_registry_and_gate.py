@@ -59,14 +59,14 @@ def registered(settings, trained_checkpoint, untrained_checkpoint, learnable_cac
     bad = export_for_registry(
         settings, untrained_checkpoint, learnable_cache, tmp_path / "b", "bad"
     )
-    v1 = register_exported(settings, good, triggered_by="test")
-    v2 = register_exported(settings, bad, triggered_by="test")
+    v1 = register_exported(settings.registry, good, triggered_by="test")
+    v2 = register_exported(settings.registry, bad, triggered_by="test")
     return v1, v2
 
 
 def test_registration_records_files_tags_and_the_shadow_alias(settings, registered):
     v1, v2 = registered
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     assert registry.aliases() == {SHADOW: v2.version}
     assert v1.tags["cxr.arch"] == "baseline_cnn"
     assert v1.tags["cxr.data_version"] == "manifest-under-test"
@@ -90,13 +90,13 @@ def test_gate_refuses_a_worse_candidate_and_accepts_a_better_one(
     settings, registered, learnable_cache
 ):
     v1, v2 = registered
-    registry = registry_for(settings)
-    first = promote_with_gate(settings, learnable_cache, v1.version, triggered_by="test")
+    registry = registry_for(settings.registry)
+    first = promote_with_gate(settings.registry, learnable_cache, v1.version, triggered_by="test")
     assert first.promoted, first.decision.summary()
     assert first.decision.production is None  # the first model faces the floors only
     assert registry.aliases()[PRODUCTION] == v1.version
 
-    refused = promote_with_gate(settings, learnable_cache, v2.version, triggered_by="test")
+    refused = promote_with_gate(settings.registry, learnable_cache, v2.version, triggered_by="test")
     assert not refused.promoted
     assert "auc_vs_production" in refused.decision.failed_checks
     assert refused.decision.candidate.n == refused.decision.production.n  # same data
@@ -105,11 +105,13 @@ def test_gate_refuses_a_worse_candidate_and_accepts_a_better_one(
 
     # A re-registration of the good model is no worse than production: it passes.
     again = register_exported(
-        settings,
+        settings.registry,
         _reexport(settings, registry, v1),
         triggered_by="test",
     )
-    accepted = promote_with_gate(settings, learnable_cache, again.version, triggered_by="test")
+    accepted = promote_with_gate(
+        settings.registry, learnable_cache, again.version, triggered_by="test"
+    )
     assert accepted.promoted, accepted.decision.summary()
     gate = json.loads(registry.get(again.version).tags["cxr.gate"])
     assert gate["passed"] and gate["production"]["version"] == v1.version
@@ -128,7 +130,7 @@ def _reexport(settings, registry, info):
 
 def test_aliases_move_and_rollback_restores_the_previous_version(settings, registered):
     v1, v2 = registered
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     with pytest.raises(NothingToRollBackError):
         registry.rollback(triggered_by="test")
     registry.promote(v1.version, triggered_by="alice")
@@ -155,8 +157,8 @@ def test_gate_scores_candidate_and_production_on_the_same_test_split(
     settings, registered, learnable_cache
 ):
     v1, v2 = registered
-    registry_for(settings).promote(v1.version, triggered_by="test")
-    decision = run_gate(settings, learnable_cache, v2.version)
+    registry_for(settings.registry).promote(v1.version, triggered_by="test")
+    decision = run_gate(settings.registry, learnable_cache, v2.version)
     assert decision.evaluated_on["split"] == "test"
     assert decision.evaluated_on["n"] == len(learnable_cache.labels("test"))
     assert decision.production.version == v1.version
@@ -167,8 +169,8 @@ def test_a_new_tracking_database_never_serves_a_stale_cached_version(
     settings, trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path
 ):
     first = export_for_registry(settings, trained_checkpoint, learnable_cache, tmp_path / "a", "a")
-    assert register_exported(settings, first, triggered_by="test").version == "1"
-    old_folder = registry_for(settings).download("1")
+    assert register_exported(settings.registry, first, triggered_by="test").version == "1"
+    old_folder = registry_for(settings.registry).download("1")
 
     # Same home (and so the same local download cache), a fresh MLflow database: numbering
     # starts at 1 again, for a different model.
@@ -176,7 +178,7 @@ def test_a_new_tracking_database_never_serves_a_stale_cached_version(
         update={"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'fresh.db'}"}
     )
     second = export_for_registry(fresh, untrained_checkpoint, learnable_cache, tmp_path / "b", "b")
-    assert register_exported(fresh, second, triggered_by="test").version == "1"
-    new_folder = registry_for(fresh).download("1")
+    assert register_exported(fresh.registry, second, triggered_by="test").version == "1"
+    new_folder = registry_for(fresh.registry).download("1")
     assert new_folder != old_folder
     assert Predictor(new_folder).model_name == "b" and Predictor(old_folder).model_name == "a"

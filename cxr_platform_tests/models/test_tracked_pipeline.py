@@ -21,17 +21,22 @@ def settings(tmp_path):
 
 def test_train_and_evaluate_record_everything_in_mlflow(settings, learnable_cache):
     config = model_pipeline.train_config_for(
-        settings, "resnet18", profile="demo", pretrained="none", epochs=2
+        settings.training, "resnet18", profile="demo", pretrained="none", epochs=2
     )
     trained = model_pipeline.train_tracked(
-        settings, learnable_cache, config, profile="demo", manifest_hash="m123", progress=False
+        settings.training,
+        learnable_cache,
+        config,
+        profile="demo",
+        manifest_hash="m123",
+        progress=False,
     )
     report, files = model_pipeline.evaluate_trained(
-        settings, learnable_cache, trained, n_bootstrap=200
+        settings.training, learnable_cache, trained, n_bootstrap=200
     )
 
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
-    assert settings.tracking_uri.startswith("sqlite:///")
+    client = MlflowClient(tracking_uri=settings.training.tracking_uri)
+    assert settings.training.tracking_uri.startswith("sqlite:///")
     run = client.get_run(trained.mlflow_run_id)
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
@@ -59,22 +64,26 @@ def test_train_and_evaluate_record_everything_in_mlflow(settings, learnable_cach
     assert files["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = json.loads(files["json"].read_text())
     assert written["splits"]["test"]["n"] == len(learnable_cache.index("test"))
-    assert model_pipeline.latest_trained(settings).mlflow_run_id == trained.mlflow_run_id
+    assert model_pipeline.latest_trained(settings.training).mlflow_run_id == trained.mlflow_run_id
 
 
 def test_resume_continues_the_same_mlflow_run(settings, learnable_cache):
-    short = model_pipeline.train_config_for(settings, "baseline_cnn", profile="demo", epochs=1)
-    first = model_pipeline.train_tracked(
-        settings, learnable_cache, short, profile="demo", progress=False
+    short = model_pipeline.train_config_for(
+        settings.training, "baseline_cnn", profile="demo", epochs=1
     )
-    longer = model_pipeline.train_config_for(settings, "baseline_cnn", profile="demo", epochs=2)
+    first = model_pipeline.train_tracked(
+        settings.training, learnable_cache, short, profile="demo", progress=False
+    )
+    longer = model_pipeline.train_config_for(
+        settings.training, "baseline_cnn", profile="demo", epochs=2
+    )
     with pytest.raises(Exception, match="Changing param values"):
         # A different epoch budget is a different experiment: MLflow refuses to rewrite it.
         model_pipeline.train_tracked(
-            settings, learnable_cache, longer, profile="demo", progress=False, resume=True
+            settings.training, learnable_cache, longer, profile="demo", progress=False, resume=True
         )
     resumed = model_pipeline.train_tracked(
-        settings, learnable_cache, short, profile="demo", progress=False, resume=True
+        settings.training, learnable_cache, short, profile="demo", progress=False, resume=True
     )
     assert resumed.mlflow_run_id == first.mlflow_run_id
     assert torch.load(resumed.checkpoint, weights_only=False)["epoch"] == 1
@@ -82,6 +91,10 @@ def test_resume_continues_the_same_mlflow_run(settings, learnable_cache):
 
 def test_compile_setting_reaches_the_training_config(tmp_path, monkeypatch):
     # `cxr train --compile` and the Dagster assets both go through the settings.
-    assert not model_pipeline.train_config_for(load_settings(home=tmp_path), "resnet18").compile
+    assert not model_pipeline.train_config_for(
+        load_settings(home=tmp_path).training, "resnet18"
+    ).compile
     monkeypatch.setenv("CXR_TORCH_COMPILE", "true")
-    assert model_pipeline.train_config_for(load_settings(home=tmp_path), "resnet18").compile
+    assert model_pipeline.train_config_for(
+        load_settings(home=tmp_path).training, "resnet18"
+    ).compile

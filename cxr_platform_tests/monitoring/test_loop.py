@@ -12,7 +12,6 @@ import dagster as dg
 import pytest
 
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
-from cxr_platform.defs.loop import run_monitoring_loop, tick_sensor
 from cxr_platform.defs.monitoring_assets import (
     DRIFT_SENSOR,
     DRIFT_WINDOWS,
@@ -21,6 +20,7 @@ from cxr_platform.defs.monitoring_assets import (
     SHADOW_SENSOR,
     initial_drift_cursor,
 )
+from cxr_platform.demo import run_monitoring_loop, tick_sensor
 from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
 from cxr_platform.inference.log import InferenceLog
@@ -66,15 +66,20 @@ def trained_home(tmp_path_factory):
         instance=instance, raise_on_error=False
     )
     assert result.success
-    assert registry_for(settings).find(PRODUCTION) is not None, "the first model was not promoted"
+    assert registry_for(settings.registry).find(PRODUCTION) is not None, (
+        "the first model was not promoted"
+    )
     return settings, instance, defs, overrides
 
 
 def test_no_production_and_too_few_records_are_skips_that_say_why(tmp_path):
     settings = load_settings(home=tmp_path / "empty")
-    step = drift_sensor_step(settings, DriftCursor())
+    step = drift_sensor_step(settings.monitoring, registry_for(settings.registry), DriftCursor())
     assert step.skip_reason == "no production model: nothing to monitor"
-    assert shadow_sensor_step(settings, None).skip_reason == "no shadow model"
+    assert (
+        shadow_sensor_step(settings.monitoring, registry_for(settings.registry), None).skip_reason
+        == "no shadow model"
+    )
 
 
 def test_in_distribution_traffic_rarely_alarms_and_every_shift_is_detected(trained_home, tmp_path):
@@ -86,12 +91,12 @@ def test_in_distribution_traffic_rarely_alarms_and_every_shift_is_detected(train
     env = {"CXR_HOME": str(settings.home), "CXR_INFERENCE_LOG_URL": log_url}
     fired, windows = [], 0
     with ServiceProcess(env=env, log_path=tmp_path / "service.log") as service:
-        images = synthetic_traffic(scoped, WINDOW * FALSE_ALARM_WINDOWS, seed=4242)
+        images = synthetic_traffic(scoped.data, WINDOW * FALSE_ALARM_WINDOWS, seed=4242)
         sent = send_traffic(service.url, images, seed=1)
         assert sent.answered == len(images), sent.summary()
         cursor = DriftCursor()
         while True:
-            step = drift_sensor_step(scoped, cursor)
+            step = drift_sensor_step(scoped.monitoring, registry_for(scoped.registry), cursor)
             if step.result is None:
                 assert "a drift window needs 50" in step.skip_reason
                 break
@@ -102,11 +107,11 @@ def test_in_distribution_traffic_rarely_alarms_and_every_shift_is_detected(train
         assert windows == FALSE_ALARM_WINDOWS
         assert len(fired) <= 1, fired
 
-        shifted = synthetic_traffic(scoped, WINDOW, seed=4343)
+        shifted = synthetic_traffic(scoped.data, WINDOW, seed=4343)
         for shift in SHIFT_NAMES[1:]:
             sent = send_traffic(service.url, shifted, shift=shift, seed=2)
             assert sent.answered == WINDOW, sent.summary()
-            step = drift_sensor_step(scoped, cursor)
+            step = drift_sensor_step(scoped.monitoring, registry_for(scoped.registry), cursor)
             cursor = step.cursor
             assert step.result is not None and step.result.fired, (shift, step.result.summary())
             if not fired:  # a fine-tune is requested once; later windows are in cool-down
@@ -115,7 +120,7 @@ def test_in_distribution_traffic_rarely_alarms_and_every_shift_is_detected(train
 
 def test_shifted_traffic_fine_tunes_a_shadow_that_the_gate_promotes(trained_home):
     settings, instance, defs, _ = trained_home
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     before = registry.get(PRODUCTION).version
     lines: list[str] = []
     report = run_monitoring_loop(settings, defs, instance, shift="contrast", echo=lines.append)
@@ -146,19 +151,21 @@ def test_shifted_traffic_fine_tunes_a_shadow_that_the_gate_promotes(trained_home
     live = promoted[-1].details["gate"]["evaluated_on"]["live_shadow_traffic"]
     assert live["n_scored"] >= WINDOW and live["n_labeled"] >= WINDOW
     assert 0 <= live["agreement_rate"] <= 1
-    decisions = list((settings.reports_dir / "shadow_evaluations").glob(f"v{shadow}-*.json"))
+    decisions = list(
+        (settings.monitoring.reports_dir / "shadow_evaluations").glob(f"v{shadow}-*.json")
+    )
     assert json.loads(decisions[0].read_text())["promoted"] is True
     partitions = instance.get_dynamic_partitions(DRIFT_WINDOWS.name)
     assert len(partitions) == 2 and report.fired_window in partitions
-    fired_report = settings.drift_reports_dir / report.fired_window
+    fired_report = settings.monitoring.drift_reports_dir / report.fired_window
     assert json.loads((fired_report / "drift.json").read_text())["fired"] is True
     assert (fired_report / "drift_report.html").stat().st_size > 10_000
-    assert len(RetainedInputs(settings.retained_dir).labeled_ids()) >= 3 * WINDOW
+    assert len(RetainedInputs(settings.monitoring.retained_dir).labeled_ids()) >= 3 * WINDOW
 
     # A daemon started without the loop's cursor resumes after the newest judged window.
     assert initial_drift_cursor(instance).last_id == 2 * WINDOW
     # The sensors pick up where they stopped: too few new records, no shadow left.
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(settings.monitoring.inference_log_uri)
     last_id = int(log.records()["id"].max())
     log.dispose()
     cursor = DriftCursor(last_id=last_id - 10).to_json()
@@ -170,7 +177,7 @@ def test_shifted_traffic_fine_tunes_a_shadow_that_the_gate_promotes(trained_home
 
 def test_a_worse_candidate_is_refused_and_production_stays(trained_home):
     settings, instance, _, overrides = trained_home
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     production = registry.get(PRODUCTION).version
     finetune = (
         build_definitions(settings)

@@ -35,7 +35,7 @@ def test_daily_report_covers_yesterday_or_says_why_not(tmp_path):
     assert isinstance(quiet, dg.SkipReason)
     assert quiet.skip_message == "no inference records in day-2026-11-25"
 
-    log = InferenceLog(settings.inference_log_uri)
+    log = InferenceLog(settings.monitoring.inference_log_uri)
     features = ImageFeatures(**intensity_features(np.full((8, 8), 90, np.uint8)))
     for hours, request_id in ((-31, "before-yesterday"), (-10, "late-yesterday"), (-2, "today")):
         log.write(

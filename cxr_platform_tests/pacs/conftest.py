@@ -58,8 +58,8 @@ def pacs_model(trained_checkpoint, learnable_cache, tmp_path_factory) -> PacsMod
     base = tmp_path_factory.mktemp("pacs-model")
     settings = load_settings(home=base / "home")
     exported = export_for_registry(settings, trained_checkpoint, learnable_cache, base / "x", "cxr")
-    registered = register_exported(settings, exported, triggered_by="test", shadow=False)
-    registry_for(settings).promote(registered.version, triggered_by="test")
+    registered = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
+    registry_for(settings.registry).promote(registered.version, triggered_by="test")
     return PacsModel(settings, registered.version)
 
 

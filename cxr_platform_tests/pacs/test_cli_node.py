@@ -45,7 +45,7 @@ def test_the_node_command_receives_and_stops_cleanly(pacs_model, chest_pngs, tmp
             time.sleep(0.5)
         source = radiograph(chest_pngs[7], VARIANTS["cr-mono2-12bit"])
         assert send(port, [source], called="CXR_CLI").statuses == [0x0000]
-        results = pacs_model.settings.dicom_dir / "outbox" / source.StudyInstanceUID
+        results = pacs_model.settings.dicom.dicom_dir / "outbox" / source.StudyInstanceUID
         while not list(results.glob("*.dcm")):  # --results sr: one object, no destination
             assert time.monotonic() < deadline, "no result in the outbox"
             time.sleep(0.2)

@@ -8,12 +8,14 @@ import shutil
 import ssl
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
@@ -40,15 +42,18 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
 def node_factory(pacs_model, tmp_path):
     nodes = []
 
-    def make(**overrides):
+    def make(state_dir: Path | None = None, **overrides):
         options = {
-            "port": free_port(),
-            "host": "127.0.0.1",
-            "allowed_calling_aets": ("MODALITY", "ROUTER"),
-            "state_dir": tmp_path / "node",
+            "dicom_port": free_port(),
+            "dicom_host": "127.0.0.1",
+            "dicom_allowed_aets": ("MODALITY", "ROUTER"),
         }
         options.update(overrides)
-        node = build_node(pacs_model.settings, **options)
+        node = build_node(
+            replace(pacs_model.settings.dicom, **options),
+            registry_for(pacs_model.settings.registry),
+            state_dir=state_dir or tmp_path / "node",
+        )
         nodes.append(node)
         return node
 
@@ -147,10 +152,13 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
 def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):
     with pytest.raises(DestinationError, match="AET@HOST:PORT"):
         Destination.parse("PACS-at-host")
+    dicom, registry = pacs_model.settings.dicom, registry_for(pacs_model.settings.registry)
     with pytest.raises(NodeConfigError, match="AE title"):
-        build_node(pacs_model.settings, ae_title="A" * 17, state_dir=tmp_path / "n")
+        build_node(replace(dicom, dicom_ae_title="A" * 17), registry, state_dir=tmp_path / "n")
     with pytest.raises(NodeConfigError, match="certificate and its key"):
-        build_node(pacs_model.settings, tls_cert=tmp_path / "c.pem", state_dir=tmp_path / "n")
+        build_node(
+            replace(dicom, dicom_tls_cert=tmp_path / "c.pem"), registry, state_dir=tmp_path / "n"
+        )
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -191,10 +199,10 @@ def test_tls_both_ways(node_factory, tmp_path, chest_pngs):
     )
     try:
         node = node_factory(
-            tls_cert=cert,
-            tls_key=key,
-            destination=f"TLS_PACS@127.0.0.1:{pacs_port}",
-            destination_tls_ca=cert,
+            dicom_tls_cert=cert,
+            dicom_tls_key=key,
+            dicom_destination=f"TLS_PACS@127.0.0.1:{pacs_port}",
+            dicom_destination_tls_ca=cert,
         )
         node.start()
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
@@ -221,13 +229,16 @@ def test_images_wait_in_the_spool_until_a_model_is_promoted(
     exported = export_for_registry(
         settings, trained_checkpoint, learnable_cache, tmp_path / "x", "m"
     )
-    registered = register_exported(settings, exported, triggered_by="test", shadow=False)
+    registered = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
     node = build_node(
-        settings,
-        port=free_port(),
-        host="127.0.0.1",
+        replace(
+            settings.dicom,
+            dicom_port=free_port(),
+            dicom_host="127.0.0.1",
+            service_refresh_seconds=0.5,
+        ),
+        registry_for(settings.registry),
         state_dir=tmp_path / "node",
-        refresh_seconds=0.5,
     )
     try:
         node.start()
@@ -235,7 +246,7 @@ def test_images_wait_in_the_spool_until_a_model_is_promoted(
         assert send(node.port, [source]).statuses == [0x0000]  # accepted without a model
         time.sleep(2.0)
         assert [p.stem for p in node.storage.spooled()] == [source.SOPInstanceUID]
-        registry_for(settings).promote(registered.version, triggered_by="test")
+        registry_for(settings.registry).promote(registered.version, triggered_by="test")
         wait_for(
             lambda: node.storage.status(source.SOPInstanceUID) == "processed",
             timeout=60,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import replace
 
 import highdicom as hd
 import pydicom
@@ -54,16 +55,16 @@ def pacs(pacs_model, tmp_path_factory):
     orthanc = OrthancProcess(
         base / "orthanc", NodeAddress("CXR_AI", "127.0.0.1", node_port), dicom_port=orthanc_port
     ).start()
-    node = build_node(
-        pacs_model.settings,
-        port=node_port,
-        host="127.0.0.1",
-        destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
-        allowed_calling_aets=("ORTHANC", "MODALITY"),
-        state_dir=base / "node",
-        retry_initial_seconds=0.5,
-        retry_max_seconds=2,
+    dicom = replace(
+        pacs_model.settings.dicom,
+        dicom_port=node_port,
+        dicom_host="127.0.0.1",
+        dicom_destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
+        dicom_allowed_aets=("ORTHANC", "MODALITY"),
+        dicom_retry_initial_seconds=0.5,
+        dicom_retry_max_seconds=2.0,
     )
+    node = build_node(dicom, registry_for(pacs_model.settings.registry), state_dir=base / "node")
     node.start()
     yield Pacs(orthanc, node)
     node.stop()
@@ -73,7 +74,7 @@ def pacs(pacs_model, tmp_path_factory):
 def test_an_uploaded_xray_is_routed_and_its_three_results_land_in_the_same_study(
     pacs, pacs_model, chest_pngs
 ):
-    folder = registry_for(pacs_model.settings).download(pacs_model.version)
+    folder = registry_for(pacs_model.settings.registry).download(pacs_model.version)
     predictor = Predictor(folder)
     for index, variant in enumerate(("cr-mono1-12bit", "dx-mono1", "cr-jpegls")):
         source, data = radiograph_bytes(chest_pngs[10 + index], VARIANTS[variant])

@@ -32,12 +32,12 @@ from .conftest import VARIANTS, dciodvfy_errors, radiograph_bytes, require_tool
 @pytest.fixture(scope="module")
 def processor(pacs_model):
     settings = pacs_model.settings
-    registry = registry_for(settings)
+    registry = registry_for(settings.registry)
     models = LiveModels(registry)
     models.refresh()
     return InstanceProcessor(
         models,
-        InferenceLog(settings.inference_log_uri),
+        InferenceLog(settings.dicom.inference_log_uri),
         uid_salt=uid_salt(settings.home),
         model_folder=registry.download,
         config=ProcessorConfig(),
@@ -54,7 +54,7 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
     prediction = processed.prediction
 
     # The single predictor: the same bytes through the platform's Predictor give the same answer.
-    folder = registry_for(pacs_model.settings).download(pacs_model.version)
+    folder = registry_for(pacs_model.settings.registry).download(pacs_model.version)
     direct = Predictor(folder).predict(data)
     assert prediction.probability == pytest.approx(direct.probability, abs=1e-6)
     assert prediction.label == direct.label
@@ -145,7 +145,7 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
         assert not verdict.accepted
 
     # The inference log has the row, with hashed UIDs only.
-    rows = InferenceLog(pacs_model.settings.inference_log_uri).records()
+    rows = InferenceLog(pacs_model.settings.dicom.inference_log_uri).records()
     (row,) = rows[rows["request_id"] == processed.request_id].to_dict("records")
     assert row["source"] == "dicom"
     salt = uid_salt(pacs_model.settings.home)

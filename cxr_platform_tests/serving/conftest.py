@@ -35,7 +35,7 @@ class LiveService:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def inference_log(self) -> InferenceLog:
-        return InferenceLog(self.settings.inference_log_uri)
+        return InferenceLog(self.settings.serving.inference_log_uri)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,9 @@ def live_service(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_
     settings = load_settings(home=base / "home")
     good = export_for_registry(settings, trained_checkpoint, learnable_cache, base / "a", "good")
     bad = export_for_registry(settings, untrained_checkpoint, learnable_cache, base / "b", "bad")
-    production = register_exported(settings, good, triggered_by="test", shadow=False)
-    shadow = register_exported(settings, bad, triggered_by="test", shadow=True)
-    registry = registry_for(settings)
+    production = register_exported(settings.registry, good, triggered_by="test", shadow=False)
+    shadow = register_exported(settings.registry, bad, triggered_by="test", shadow=True)
+    registry = registry_for(settings.registry)
     registry.promote(production.version, triggered_by="test")
     assert registry.aliases().get("shadow") == shadow.version
 

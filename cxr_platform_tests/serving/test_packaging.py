@@ -20,7 +20,7 @@ pytestmark = pytest.mark.xdist_group("live_service")
 
 
 def test_bento_pins_the_production_version_and_serves_without_the_registry(live_service, tmp_path):
-    built = build_bento(live_service.settings)
+    built = build_bento(live_service.settings.registry)
     assert built.registry_version == live_service.production_version
     assert built.bento_tag.startswith("cxr_pneumonia:")
     assert (built.path / "bento.yaml").exists()
@@ -48,7 +48,7 @@ def test_bento_pins_the_production_version_and_serves_without_the_registry(live_
 
 def test_packaging_without_a_production_model_is_a_clear_error(tmp_path):
     with pytest.raises(PackagingError, match="no production model"):
-        build_bento(load_settings(home=tmp_path / "home"))
+        build_bento(load_settings(home=tmp_path / "home").registry)
 
 
 def test_plain_bentoml_build_in_the_repository_packages_the_service(tmp_path):

@@ -222,7 +222,7 @@ def test_feedback_attaches_a_label_to_a_request(live_service):
     assert rows[rows.request_id == request_id].feedback_label.iloc[0] == "PNEUMONIA"
     # The labeled request's model input became training data for the fine-tune job.
     assert ok.json()["retained_for_training"] is True
-    store = RetainedInputs(live_service.settings.retained_dir)
+    store = RetainedInputs(live_service.settings.serving.retained_dir)
     ids, images = store.load_labeled([request_id])
     assert ids == [request_id] and images.shape == (1, 96, 96) and images.dtype == np.uint8
 

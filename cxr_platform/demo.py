@@ -1,9 +1,11 @@
-"""Sensor ticks evaluated in this process, and the monitoring loop ``cxr demo`` walks through.
+"""The monitoring loop ``cxr demo`` walks through, and the sensor ticks it evaluates.
 
-The Dagster daemon normally evaluates sensors and launches the runs they request. The demo and
-the tests evaluate the same sensor definitions with their cursors against the same instance and
-execute each requested run in-process, so every run, partition and materialization lands in the
-instance the UI shows; a daemon started later resumes after the newest drift window.
+This drives Dagster rather than defining anything in it, so it lives beside the CLI, not in
+``defs/``. The Dagster daemon normally evaluates sensors and launches the runs they request. The
+demo and the tests evaluate the same sensor definitions with their cursors against the same
+instance (Dagster's own tick evaluation) and execute each requested run in-process, so every run,
+partition and materialization lands in the instance the UI shows; a daemon started later resumes
+after the newest drift window.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
 from cxr_platform.monitoring.simulate import SimulationReport, send_traffic, synthetic_traffic
 from cxr_platform.serving.process import ServiceProcess
-from cxr_platform.settings import CxrSettings
+from cxr_platform.settings import CxrSettings, settings_environment
 
 
 @dataclass
@@ -51,17 +53,11 @@ def tick_sensor(
     with dg.build_sensor_context(
         instance=instance, cursor=cursor, sensor_name=name, resources=dict(defs.resources or {})
     ) as context:
-        result = sensor(context)
-    if not isinstance(result, dg.SensorResult):
-        raise TypeError(f"sensor {name} returned {type(result).__name__}, not a SensorResult")
-    for request in result.dynamic_partitions_requests or []:
+        evaluation = sensor.evaluate_tick(context)
+    for request in evaluation.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    tick = SensorTick(
-        name,
-        result.cursor,
-        result.skip_reason.skip_message if result.skip_reason else None,
-    )
-    for request in result.run_requests or []:
+    tick = SensorTick(name, evaluation.cursor, evaluation.skip_message)
+    for request in evaluation.run_requests or []:
         job_name = request.job_name or sensor.job_name
         job = defs.resolve_job_def(job_name)
         outcome = job.execute_in_process(
@@ -126,8 +122,8 @@ def run_monitoring_loop(
     fine-tune, shadow) -> more traffic (the shadow scores it) -> shadow evaluation -> the gate
     promotes or refuses."""
     report = LoopReport()
-    window = settings.drift_window_size
-    registry = registry_for(settings)
+    window = settings.monitoring.drift_window_size
+    registry = registry_for(settings.registry)
     before = registry.get(PRODUCTION).version
     report.production_before = before
 
@@ -135,23 +131,18 @@ def run_monitoring_loop(
         report.steps.append(text)
         echo(text)
 
-    env = {
-        "CXR_HOME": str(settings.home),
-        "CXR_SERVICE_REFRESH_SECONDS": "1",
-        "CXR_DRIFT_WINDOW_SIZE": str(window),
-    }
-    if settings.mlflow_tracking_uri:
-        env["CXR_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    # The service gets this process's settings (API key included) and follows the registry's
+    # aliases within a second, so the loop does not wait on its polling.
+    env = settings_environment(settings, service_refresh_seconds=1)
     log_path = settings.home / "demo-service.log"
-    # The service inherits this environment, so a configured API key applies to it too.
-    api_key = settings.service_api_key.get_secret_value() if settings.service_api_key else None
+    api_key = settings.serving.service_api_key
     drift_cursor: str | None = None
     shadow_cursor: str | None = None
     with ServiceProcess(env=env, log_path=log_path) as service:
         say(f"service: {service.url} serving production version {before} (log: {log_path})")
 
         def traffic(kind: str, seed: int, n: int) -> SimulationReport:
-            images = synthetic_traffic(settings, n, seed)
+            images = synthetic_traffic(settings.data, n, seed)
             sent = send_traffic(
                 service.url, images, shift=kind, labels=True, seed=seed, api_key=api_key
             )
@@ -186,7 +177,7 @@ def run_monitoring_loop(
         say(f"fine_tune: run {finetune.run_id} registered version {shadow} as shadow")
         wait_for_service_versions(service.url, production=before, shadow=shadow, api_key=api_key)
 
-        traffic(shift, settings.seed + 103, max(settings.shadow_min_records, 1))
+        traffic(shift, settings.seed + 103, max(settings.monitoring.shadow_min_records, 1))
         shadow_tick = tick_sensor(defs, instance, SHADOW_SENSOR, shadow_cursor)
         shadow_cursor = shadow_tick.cursor
         evaluation = shadow_tick.run_for("evaluate_shadow")

@@ -1,0 +1,478 @@
+"""The platform's configuration, declared once, in sections.
+
+Each section is a frozen dataclass holding what one part of the library needs (data, training,
+registry, serving, dicom, monitoring; ``dagster`` for the orchestration shell). A field's name is
+its environment variable with the ``CXR_`` prefix removed (``seed`` is ``CXR_SEED``), and the
+same name in two sections is one setting that both read. :mod:`cxr_platform.settings` builds the
+environment reader from these declarations, the Dagster resource and ``cxr config`` are built
+from that reader, so **adding a setting means adding one field here** (with :func:`setting`) to
+each section that needs it.
+
+Standard library only: the training code imports this on the accelerator machine, which has torch
+but neither pydantic nor the rest of the stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+# Named choices: the settings, the library and the CLI's options all take them from here.
+TrainingProfile = Literal["demo", "full"]
+TRAINING_PROFILES: tuple[str, ...] = get_args(TrainingProfile)
+ProfileChoice = Literal["auto", "demo", "full"]
+PretrainedMode = Literal["auto", "required", "none"]
+PRETRAINED_MODES: tuple[str, ...] = get_args(PretrainedMode)
+ThresholdRuleName = Literal["sensitivity_target", "youden"]
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRuleName)
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+RESULT_KINDS: tuple[str, ...] = ("sr", "seg", "sc")
+
+DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
+
+_MISSING = dataclasses.MISSING
+
+
+def setting(
+    default: Any = _MISSING,
+    *,
+    doc: str = "",
+    factory: Any = _MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    secret: bool = False,
+) -> Any:
+    """A setting's declaration: default, description and bounds.
+
+    The bounds are checked when a section is built and by the environment reader; a ``secret``
+    never appears in a repr, in Dagster run config or in ``cxr config``.
+    """
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "secret": secret}
+    if factory is not _MISSING:
+        return dataclasses.field(default_factory=factory, repr=not secret, metadata=metadata)
+    return dataclasses.field(default=default, repr=not secret, metadata=metadata)
+
+
+_BOUNDS = {
+    "ge": (lambda value, bound: value >= bound, ">="),
+    "gt": (lambda value, bound: value > bound, ">"),
+    "le": (lambda value, bound: value <= bound, "<="),
+    "lt": (lambda value, bound: value < bound, "<"),
+}
+
+
+def _default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    """Where everything local lives: one folder (``CXR_HOME``), laid out here and nowhere else."""
+
+    home: Path = setting(Path(".cxr"), doc="Root of all local state.")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None or isinstance(value, bool):
+                continue
+            for key, (holds, sign) in _BOUNDS.items():
+                bound = field.metadata.get(key)
+                if bound is not None and not holds(value, bound):
+                    raise ValueError(f"{field.name} must be {sign} {bound}, got {value!r}")
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.home / "splits"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def drift_reports_dir(self) -> Path:
+        return self.reports_dir / "drift"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def registry_cache_dir(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def retained_dir(self) -> Path:
+        return self.home / "retained"
+
+    @property
+    def dicom_dir(self) -> Path:
+        """The node's spool, outbox and state database."""
+        return self.home / "dicom"
+
+    def ensure_dirs(self) -> None:
+        for path in (
+            self.home,
+            self.dagster_home,
+            self.datasets_dir,
+            self.cache_dir,
+            self.reports_dir,
+            self.mlflow_dir,
+            self.models_dir,
+        ):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def _data_dir() -> Any:
+    return setting(
+        None,
+        doc="Image source; when unset the synthetic demo dataset is generated and used.",
+    )
+
+
+def _seed() -> Any:
+    return setting(1337, doc="Seed for splits, the synthetic dataset, training and bootstraps.")
+
+
+def _max_image_pixels() -> Any:
+    return setting(100_000_000, doc="Decompression-bomb guard: larger images are refused.", ge=1)
+
+
+@dataclass(frozen=True)
+class TrackedSection(HomeLayout):
+    """What the MLflow tracking store and the profile-dependent floors need."""
+
+    data_dir: Path | None = _data_dir()
+    seed: int = _seed()
+    training_profile: ProfileChoice = setting(
+        "auto", doc="auto: demo on the synthetic set, full on real data."
+    )
+    mlflow_tracking_uri: str | None = setting(
+        None, doc="MLflow tracking URI (default: SQLite in the home)."
+    )
+    min_test_auc: float | None = setting(
+        None, doc="Blocking floor on test AUC; default depends on the profile.", ge=0, le=1
+    )
+    min_test_sensitivity: float | None = setting(
+        None, doc="Blocking floor on test sensitivity; default depends on the profile.", ge=0, le=1
+    )
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or sqlite_url(self.mlflow_dir / "mlflow.db")
+
+    @property
+    def profile(self) -> str:
+        """The training profile in force: ``auto`` resolves by where the data comes from."""
+        if self.training_profile != "auto":
+            return self.training_profile
+        return "demo" if self.data_dir is None else "full"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.profile == "demo"
+
+    @property
+    def evaluation_floors(self) -> tuple[float, float]:
+        """(test AUC, test sensitivity) a model must reach before anything ships it.
+
+        The demo profile trains from scratch for a few CPU minutes, so its floors only say
+        "clearly better than chance"; real-data floors are what a screening tool needs.
+        """
+        auc = self.min_test_auc
+        if auc is None:
+            auc = 0.6 if self.is_demo else 0.85
+        sensitivity = self.min_test_sensitivity
+        if sensitivity is None:
+            sensitivity = 0.75 if self.is_demo else 0.90
+        return auc, sensitivity
+
+
+@dataclass(frozen=True)
+class DataSection(HomeLayout):
+    """Discovery, profiling, the patient-level split and the preprocessed cache."""
+
+    data_dir: Path | None = _data_dir()
+    seed: int = _seed()
+    split_ratios: tuple[float, float, float] = setting(
+        DEFAULT_SPLIT_RATIOS, doc="train/val/test shares of patients (JSON list, sums to 1)."
+    )
+    synthetic_patients: int = setting(160, doc="Patients in the synthetic demo dataset.", ge=4)
+    image_size: int = setting(224, doc="Model input side in pixels.", ge=32)
+    workers: int = setting(factory=_default_workers, doc="Processes used to decode images.", ge=1)
+    max_image_pixels: int = _max_image_pixels()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ratios = tuple(self.split_ratios)
+        if len(ratios) != 3 or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) <= 0:
+            raise ValueError(f"split_ratios must be 3 positive shares summing to 1, got {ratios}")
+
+    @property
+    def uses_synthetic_data(self) -> bool:
+        return self.data_dir is None
+
+    def synthetic_dataset_dir(self) -> Path:
+        return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"
+
+
+@dataclass(frozen=True)
+class TrainingSection(TrackedSection):
+    """Training and evaluation: which models, on what device, and the operating-point rule."""
+
+    models: tuple[str, ...] = setting(
+        ("baseline_cnn", "resnet18"),
+        doc="Architectures the Dagster code location trains (comma-separated; one chain each).",
+    )
+    device: str = setting("auto", doc="torch device; auto = CUDA, then CPU.")
+    torch_compile: bool = setting(
+        False,
+        doc="torch.compile the training forward passes: tens of seconds to compile, then "
+        "faster steps; pays off on long GPU runs.",
+    )
+    pretrained: PretrainedMode = setting("auto", doc="ImageNet weights: auto, required or none.")
+    threshold_rule: ThresholdRuleName = setting(
+        "sensitivity_target", doc="How validation picks the operating threshold."
+    )
+    target_sensitivity: float = setting(
+        0.95, doc="Sensitivity the threshold is chosen for.", gt=0, le=1
+    )
+
+
+@dataclass(frozen=True)
+class RegistrySection(TrackedSection):
+    """The model registry, export and the promotion gate."""
+
+    registry_model_name: str = setting(
+        "cxr-pneumonia-classifier", doc="The registered model's name in MLflow."
+    )
+    min_test_specificity: float | None = setting(
+        None, doc="Promotion floor on specificity; default depends on the profile.", ge=0, le=1
+    )
+    gate_max_auc_drop: float | None = setting(
+        None,
+        doc="A candidate's test AUC may be at most this much below production's; default "
+        "depends on the profile.",
+        ge=0,
+        le=1,
+    )
+    export_int8: bool = setting(
+        True, doc="Also export an INT8 ONNX model when validation AUC drops <= 0.005."
+    )
+
+    @property
+    def specificity_floor(self) -> float:
+        """Specificity at the operating threshold a model needs for promotion. The threshold
+        buys 0.95 sensitivity, so the demo's briefly trained models pay for it here."""
+        if self.min_test_specificity is not None:
+            return self.min_test_specificity
+        return 0.2 if self.is_demo else 0.7
+
+    @property
+    def max_auc_drop(self) -> float:
+        """How far a candidate's test AUC may fall below production's. The demo's test split
+        (about 60 images) cannot tell AUCs apart more finely than a few points (its bootstrap
+        95% CI is about +-0.09 wide), so demo candidates get 0.03; real data 0.01."""
+        if self.gate_max_auc_drop is not None:
+            return self.gate_max_auc_drop
+        return 0.03 if self.is_demo else 0.01
+
+
+@dataclass(frozen=True)
+class _Logged(HomeLayout):
+    inference_log_url: str | None = setting(
+        None, doc="The inference log's database URL (default: SQLite in the home)."
+    )
+
+    @property
+    def inference_log_uri(self) -> str:
+        return self.inference_log_url or sqlite_url(self.home / "inference_log.db")
+
+
+@dataclass(frozen=True)
+class _Scoring(_Logged):
+    """What every edge that scores images shares: the log, the decoder guard, the live models."""
+
+    max_image_pixels: int = _max_image_pixels()
+    service_refresh_seconds: float = setting(
+        10.0, doc="How often live models check the registry's aliases.", gt=0
+    )
+    service_threads: int | None = setting(
+        None, doc="ONNX Runtime threads in the scorer; default: all cores.", ge=1
+    )
+
+
+@dataclass(frozen=True)
+class ServingSection(_Scoring):
+    """The HTTP service (BentoML)."""
+
+    # BentoML also defaults to 3000; the service gets its own port so both can run side by side.
+    service_port: int = setting(3100, doc="The HTTP service's port.", ge=1, le=65535)
+    service_max_upload_mb: float = setting(
+        64.0, doc="Larger uploads are refused with 413 before decoding.", gt=0
+    )
+    service_api_key: str | None = setting(
+        None,
+        doc="When set, /predict, /explain, /model and /feedback need it in X-API-Key.",
+        secret=True,
+    )
+    service_max_batch_size: int = setting(
+        32, doc="Most images per ONNX Runtime call (adaptive batching).", ge=1
+    )
+    serving_model: str | None = setting(
+        None, doc="A BentoML model tag to serve instead of following the registry (Bentos)."
+    )
+    service_precision: Precision = setting(
+        "fp32", doc="int8 serves the quantized variant when the export kept one."
+    )
+    retain_inputs_days: float = setting(
+        30.0,
+        doc="Days the service keeps each model input for a feedback label to make it training "
+        "data (0: keep none).",
+        ge=0,
+    )
+
+    @property
+    def service_max_upload_bytes(self) -> int:
+        return int(self.service_max_upload_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class DicomSection(_Scoring):
+    """The DICOM node (``cxr dicom-node``): a Storage SCP that PACS routes chest X-rays to."""
+
+    dicom_ae_title: str = setting("CXR_AI", doc="The node's own AE title.")
+    dicom_host: str = setting("0.0.0.0", doc="Address the node listens on.")
+    dicom_port: int = setting(
+        11112, doc="Port the node listens on (0: one the system picks).", ge=0, le=65535
+    )
+    dicom_destination: str | None = setting(
+        None, doc="Where results go: AET@HOST:PORT (the PACS or the router)."
+    )
+    dicom_allowed_aets: tuple[str, ...] = setting(
+        (), doc="Calling AE titles allowed to associate (comma-separated); empty allows any."
+    )
+    dicom_max_associations: int = setting(10, doc="Concurrent associations accepted.", ge=1)
+    dicom_accept_lateral: bool = setting(
+        False, doc="Also classify lateral views (the model saw frontal ones)."
+    )
+    dicom_results: tuple[str, ...] = setting(
+        RESULT_KINDS, doc="Objects returned to PACS: any of sr, seg, sc (comma-separated)."
+    )
+    dicom_uid_root: str = setting(
+        "1.2.826.0.1.3680043.8.498.", doc="UID root for the objects the node makes."
+    )
+    dicom_institution_name: str | None = setting(None, doc="InstitutionName in the results.")
+    dicom_retry_initial_seconds: float = setting(
+        2.0, doc="First wait before resending a result.", gt=0
+    )
+    dicom_retry_max_seconds: float = setting(300.0, doc="Longest wait between resends.", gt=0)
+    dicom_tls_cert: Path | None = setting(None, doc="PEM certificate: enables TLS.")
+    dicom_tls_key: Path | None = setting(None, doc="PEM private key of the certificate.")
+    dicom_tls_ca: Path | None = setting(
+        None, doc="PEM CA bundle: when set, callers must present a certificate."
+    )
+    dicom_destination_tls_ca: Path | None = setting(
+        None,
+        doc="PEM CA bundle that signed the destination's certificate: sends results over TLS "
+        "(with CXR_DICOM_TLS_CERT/KEY as the client certificate when set).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.dicom_results) - set(RESULT_KINDS))
+        if unknown:
+            raise ValueError(f"dicom_results: unknown kinds {unknown}; choose from {RESULT_KINDS}")
+
+
+@dataclass(frozen=True)
+class MonitoringSection(_Logged):
+    """Drift detection on the inference log, fine-tuning on feedback, and shadow evaluation."""
+
+    drift_window_size: int = setting(200, doc="Records per drift window.", ge=10)
+    drift_check_interval_seconds: int = setting(
+        300, doc="How often the drift sensor looks at the inference log.", ge=1
+    )
+    drift_feature_p_value: float = setting(
+        0.01, doc="Input drift: a feature drifted below this p-value.", gt=0, lt=1
+    )
+    drift_input_share: float = setting(
+        0.5, doc="Input drift: share of features that drifted.", gt=0, le=1
+    )
+    drift_severe_p_value: float = setting(
+        1e-6, doc="Input drift: one feature this far off suffices.", gt=0, lt=1
+    )
+    drift_prediction_p_value: float = setting(
+        0.01, doc="Prediction drift: the score distribution moved below this p-value.", gt=0, lt=1
+    )
+    drift_positive_rate_change: float = setting(
+        0.2, doc="Prediction drift: change in the positive rate that counts.", gt=0, le=1
+    )
+    drift_min_labeled: int = setting(
+        30, doc="Labeled records a window needs before performance is judged.", ge=2
+    )
+    drift_max_auc_drop: float = setting(
+        0.10, doc="Performance drift: AUC drop below the version's test AUC.", ge=0, le=1
+    )
+    drift_max_sensitivity_drop: float = setting(
+        0.10, doc="Performance drift: sensitivity drop below the version's.", ge=0, le=1
+    )
+    drift_report_cron: str = setting("0 6 * * *", doc="The daily drift report.")
+    finetune_cooldown_windows: int = setting(
+        10,
+        doc="Windows to wait after a fine-tune request before another for the same production "
+        "version.",
+        ge=0,
+    )
+    finetune_epochs: int | None = setting(None, doc="Default: 2 demo, 5 full.", ge=1)
+    finetune_lr: float | None = setting(None, doc="Default: 1e-4 demo, 1e-5 full.", gt=0)
+    shadow_min_records: int = setting(
+        100, doc="Live requests a shadow scores before it is evaluated.", ge=0
+    )
+    shadow_min_labeled: int = setting(
+        30, doc="Labeled shadow requests needed to compare on live data.", ge=2
+    )
+
+
+@dataclass(frozen=True)
+class DagsterSection(HomeLayout):
+    """The orchestration shell: where `dagster dev` listens (its instance lives in the home)."""
+
+    dagster_port: int = setting(3000, doc="Port `dagster dev` is told to use.", ge=1, le=65535)
+
+
+SECTIONS: dict[str, type[HomeLayout]] = {
+    "data": DataSection,
+    "training": TrainingSection,
+    "registry": RegistrySection,
+    "serving": ServingSection,
+    "dicom": DicomSection,
+    "monitoring": MonitoringSection,
+    "dagster": DagsterSection,
+}
