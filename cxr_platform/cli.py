@@ -126,6 +126,15 @@ DATA_OPTION = click.option(
 DEMO_MONITORING_DEFAULTS = {"drift_window_size": 100, "shadow_min_records": 100}
 
 
+def demo_overrides(settings: CxrSettings) -> dict[str, object]:
+    """The demo's defaults for what the environment (or a .env file) did not set explicitly."""
+    return {
+        name: value
+        for name, value in DEMO_MONITORING_DEFAULTS.items()
+        if name not in settings.model_fields_set
+    }
+
+
 @cli.command()
 @DATA_OPTION
 @click.option(
@@ -152,14 +161,7 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
     from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 
     settings = _settings(ctx, data_dir=data_dir)
-    # Fields set by the environment (or .env) count as explicit; only the others take the
-    # demo's values.
-    demo_values = {
-        name: value
-        for name, value in DEMO_MONITORING_DEFAULTS.items()
-        if name not in settings.model_fields_set
-    }
-    settings = _settings(ctx, data_dir=data_dir, **demo_values)
+    settings = _settings(ctx, data_dir=data_dir, **demo_overrides(settings))
     dagster_home = prepare_dagster_home(settings)
     # The run is recorded in the persistent instance so `dagster dev` shows it afterwards.
     instance = dg.DagsterInstance.from_config(str(dagster_home))
@@ -1035,6 +1037,24 @@ def bento(ctx: click.Context, version: str | None) -> None:
         f"Built {built.bento_tag} with model {built.model_tag} (registry version "
         f"{built.registry_version}).\n  serve it: {serve}"
     )
+
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable, by section.")
+@click.pass_context
+@_fail_cleanly
+def config_command(ctx: click.Context, as_json: bool) -> None:
+    """Show every setting in force, by section, with the variable that sets it.
+
+    What the Dagster code location and every other command read too (secrets masked)."""
+    shown = _settings(ctx).effective()
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    for section, values in shown.items():
+        click.echo(f"[{section}]")
+        for name, value in values.items():
+            click.echo(f"  {env_name(name):<36} {json.dumps(value)}")
 
 
 def _print_service_help(settings: CxrSettings, bento_tag: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -58,9 +57,8 @@ def _declared_fields() -> dict[str, tuple[Any, Any]]:
         hints = typing.get_type_hints(section)
         for spec in dataclasses.fields(section):
             annotation = hints[spec.name]
-            default = (
-                spec.default if spec.default is not dataclasses.MISSING else spec.default_factory  # type: ignore[misc]
-            )
+            has_default = spec.default is not dataclasses.MISSING
+            default = spec.default if has_default else spec.default_factory
             if spec.name in origin:
                 seen_annotation, seen_default, seen_in = origin[spec.name]
                 if (seen_annotation, seen_default) != (annotation, default):
@@ -79,7 +77,7 @@ def _declared_fields() -> dict[str, tuple[Any, Any]]:
             bounds = {
                 key: meta[key] for key in ("ge", "gt", "le", "lt") if meta.get(key) is not None
             }
-            if spec.default is not dataclasses.MISSING:
+            if has_default:
                 field = Field(default=spec.default, description=meta.get("doc"), **bounds)
             else:
                 field = Field(
@@ -129,6 +127,8 @@ class _SettingsBase(BaseSettings):
         for name in SECTIONS:
             getattr(self, name)
 
+    # Sections are built on each access, not cached: a cached one would survive model_copy(update=)
+    # and describe the settings before the update. Building one costs microseconds.
     def section(self, kind: type[SectionT]) -> SectionT:
         values = {}
         for spec in dataclasses.fields(kind):
@@ -136,31 +136,31 @@ class _SettingsBase(BaseSettings):
             values[spec.name] = value.get_secret_value() if isinstance(value, SecretStr) else value
         return kind(**values)
 
-    @cached_property
+    @property
     def data(self) -> DataSection:
         return self.section(DataSection)
 
-    @cached_property
+    @property
     def training(self) -> TrainingSection:
         return self.section(TrainingSection)
 
-    @cached_property
+    @property
     def registry(self) -> RegistrySection:
         return self.section(RegistrySection)
 
-    @cached_property
+    @property
     def serving(self) -> ServingSection:
         return self.section(ServingSection)
 
-    @cached_property
+    @property
     def dicom(self) -> DicomSection:
         return self.section(DicomSection)
 
-    @cached_property
+    @property
     def monitoring(self) -> MonitoringSection:
         return self.section(MonitoringSection)
 
-    @cached_property
+    @property
     def dagster(self) -> DagsterSection:
         return self.section(DagsterSection)
 
@@ -181,14 +181,17 @@ class _SettingsBase(BaseSettings):
         return shown
 
 
-CxrSettings = create_model(  # type: ignore[call-overload]
-    "CxrSettings",
-    __base__=_SettingsBase,
-    __module__=__name__,
-    __doc__="Typed settings, read from ``CXR_*`` environment variables (and an optional .env).",
-    **_FIELDS,
-)
-CxrSettings = typing.cast(type[_SettingsBase], CxrSettings)
+if typing.TYPE_CHECKING:
+    # Type checkers see the sections and methods; the fields exist only in the generated class.
+    CxrSettings = _SettingsBase
+else:
+    CxrSettings = create_model(
+        "CxrSettings",
+        __base__=_SettingsBase,
+        __module__=__name__,
+        __doc__="Typed settings, read from ``CXR_*`` environment variables (and a .env file).",
+        **_FIELDS,
+    )
 
 
 def env_name(setting: str) -> str:

@@ -42,6 +42,7 @@ def test_help_for_every_command(tmp_path):
         ["dicom-node"],
         ["dicom-status"],
         ["dicom-retry"],
+        ["config"],
     )
     for command in commands:
         result = _cxr(*command, "--help", home=tmp_path)
@@ -113,7 +114,7 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
         jobs = [run.job_name for run in runs]
-        assert jobs.count("demo") == 1
+        assert jobs.count("train_and_release") == 1
         for key in ("preprocessed_cache", "registered_model_version", "production_model"):
             assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
         promoted = instance.get_latest_materialization_event(dg.AssetKey("production_model"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS
+from cxr_platform.data.decoded import DEFAULT_MAX_PIXELS
 from cxr_platform.data.parallel import parallel_map
 from cxr_platform.data.preprocessing import PreprocessingConfig, preprocess
 from cxr_platform.data.splits import SPLIT_NAMES

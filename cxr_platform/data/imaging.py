@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -24,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from cxr_platform.data.decoded import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource
 from cxr_platform.errors import (
     DicomWithoutPixelDataError,
     EmptyImageError,
@@ -35,8 +34,6 @@ from cxr_platform.errors import (
     UnrecognizedImageFormatError,
     UnsupportedTransferSyntaxError,
 )
-
-DEFAULT_MAX_PIXELS = 100_000_000
 
 # SOP classes that can carry pixel data yet are not radiographs to classify. Results the platform
 # itself sends to PACS (SEG, SC overlays are handled by the node's filters) must never loop back.
@@ -67,23 +64,6 @@ _PIL_BIT_DEPTH = {
     "I": 32,
     "F": 32,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class DecodedImage:
-    """Pixels plus the facts about the original file that profiling and drift monitoring use."""
-
-    pixels: np.ndarray  # float32, shape (H, W), values in [0, 1]
-    source_format: str  # "PNG", "JPEG", "DICOM", ...
-    width: int
-    height: int
-    mode: str  # Pillow mode, or the DICOM photometric interpretation
-    bit_depth: int
-    photometric_interpretation: str | None = None
-    transfer_syntax: str | None = None
-
-
-ImageSource = str | Path | bytes | BinaryIO
 
 
 def read_image(

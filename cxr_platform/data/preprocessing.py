@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
+from cxr_platform.data.decoded import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource
 
 # ImageNet's RGB mean/std averaged over channels: a pretrained first convolution folded to one
 # channel by summing over RGB expects inputs on this scale.
@@ -95,6 +95,10 @@ def preprocess(
 ) -> np.ndarray:
     """Any supported input -> the uint8 square the model's transforms start from."""
     if not isinstance(source, DecodedImage):
+        # Imported here: the decoder needs pydicom, which code that only reads the cache (training
+        # on the accelerator machine) must not require.
+        from cxr_platform.data.imaging import read_image
+
         # Asking for twice the target keeps JPEG DCT-scaling well above the final resolution.
         source = read_image(source, max_pixels=max_pixels, draft_size=2 * config.image_size)
     return to_square_uint8(source.pixels, config)

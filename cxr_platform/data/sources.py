@@ -24,13 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_platform.data.imaging import read_dicom_header
+from cxr_platform.data.labels import LABELS
 from cxr_platform.data.patients import FALLBACK_PREFIX, patient_from_filename
 from cxr_platform.errors import DatasetLayoutError, ImageReadError, LabelsFileError
 
 log = logging.getLogger(__name__)
 
-LABELS = ("NORMAL", "PNEUMONIA")
-POSITIVE_LABEL = "PNEUMONIA"
 KAGGLE_SPLIT_FOLDERS = ("train", "val", "test")
 LABELS_CSV = "labels.csv"
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}

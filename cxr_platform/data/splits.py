@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_platform.data.sources import POSITIVE_LABEL
+from cxr_platform.data.labels import POSITIVE_LABEL
 from cxr_platform.errors import SplitError
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -1,0 +1,326 @@
+"""Configuration by one road: every CXR_* setting reaches the Dagster path and the CLI alike.
+
+Settings are declared once (``cxr_platform.sections``); these tests walk that declaration, so a
+setting added later is covered without touching them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from cxr_platform import sections
+from cxr_platform.data.splits import manifest_hash
+from cxr_platform.defs.definitions import DATA_JOB, build_definitions
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.settings import (
+    SECRET_SETTINGS,
+    env_name,
+    load_settings,
+    settings_environment,
+    settings_fields,
+)
+
+PACKAGE = Path(sections.__file__).resolve().parent
+
+# Values the platform reads beyond its own checks: an architecture the zoo knows, a cron Dagster
+# accepts, result kinds the node makes.
+SPECIAL_VALUES: dict[str, object] = {
+    "models": ("densenet121",),
+    "drift_report_cron": "30 5 * * *",
+    "dicom_results": ("sr", "sc"),
+    "dicom_allowed_aets": ("MODALITY", "ROUTER"),
+    "split_ratios": (0.6, 0.2, 0.2),
+    "device": "cpu",
+}
+
+
+def _declared() -> dict[str, dataclasses.Field]:
+    fields: dict[str, dataclasses.Field] = {}
+    for section in sections.SECTIONS.values():
+        for spec in dataclasses.fields(section):
+            fields.setdefault(spec.name, spec)
+    return fields
+
+
+def _hints() -> dict[str, object]:
+    hints: dict[str, object] = {}
+    for section in sections.SECTIONS.values():
+        hints.update(typing.get_type_hints(section))
+    return hints
+
+
+def _non_default(name: str, annotation: object, default: object, tmp: Path) -> object:
+    """A valid value different from the default, derived from the declared type and bounds."""
+    if name in SPECIAL_VALUES:
+        return SPECIAL_VALUES[name]
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    base = args[0] if typing.get_origin(annotation) in (typing.Union, type(int | None)) else None
+    kind = base if base is not None and len(args) == 1 else annotation
+    if kind is bool:
+        return not default
+    if typing.get_origin(kind) is typing.Literal:
+        return next(choice for choice in typing.get_args(kind) if choice != default)
+    if kind is Path:
+        return (tmp / name).resolve()
+    if kind is int:
+        return 3 if default is None else int(default) + 1
+    if kind is float:
+        return 0.5 if default in (None, 0) else float(default) / 2
+    if kind is str:
+        return f"{name}-value" if default is None else f"{default}x"
+    raise AssertionError(f"no test value for {name}: {annotation}")
+
+
+def _as_environment(value: object) -> str:
+    """How an operator writes the value, independently of the code under test."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    return str(value)
+
+
+@pytest.fixture()
+def every_setting_changed(tmp_path, monkeypatch) -> dict[str, object]:
+    """Every setting set to a non-default value through its CXR_* variable."""
+    hints = _hints()
+    expected: dict[str, object] = {}
+    for name, spec in _declared().items():
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        expected[name] = _non_default(name, hints[name], default, tmp_path)
+    expected["home"] = (tmp_path / "home").resolve()
+    expected["service_api_key"] = "k-123"
+    for variable in list(os.environ):
+        if variable.startswith("CXR_"):
+            monkeypatch.delenv(variable)
+    for name, value in expected.items():
+        monkeypatch.setenv(env_name(name), _as_environment(value))
+    return expected
+
+
+def _flat(settings) -> dict[str, object]:
+    values = {}
+    for name in _declared():
+        value = getattr(settings, name)
+        values[name] = value.get_secret_value() if name in SECRET_SETTINGS and value else value
+    return values
+
+
+def test_every_setting_is_declared_by_a_section_and_read_from_its_variable(
+    every_setting_changed,
+):
+    assert set(settings_fields()) == set(_declared())
+    assert _flat(load_settings()) == every_setting_changed
+
+
+def test_every_setting_reaches_a_dagster_run(every_setting_changed):
+    """The code location reads the environment when it loads; a run sees those values through
+    the ``platform`` resource, secrets included (they stay out of run config)."""
+    defs = build_definitions()
+    platform = defs.resources["platform"]
+    assert "service_api_key" not in type(platform).model_fields
+
+    @dg.asset
+    def settings_seen(platform: PlatformSettings) -> dict:
+        return _flat(platform.settings())
+
+    result = dg.materialize([settings_seen], resources={"platform": platform})
+    assert result.success
+    assert result.output_for_node("settings_seen") == every_setting_changed
+
+
+def test_a_launchpad_override_wins_for_that_run_only(tmp_path):
+    platform = PlatformSettings.from_settings(load_settings(home=tmp_path / "home"))
+
+    @dg.asset
+    def ratios_seen(platform: PlatformSettings) -> list:
+        return list(platform.settings().data.split_ratios)
+
+    overridden = dg.materialize(
+        [ratios_seen],
+        resources={"platform": platform},
+        run_config={"resources": {"platform": {"config": {"split_ratios": [0.5, 0.25, 0.25]}}}},
+    )
+    assert overridden.output_for_node("ratios_seen") == [0.5, 0.25, 0.25]
+    plain = dg.materialize([ratios_seen], resources={"platform": platform})
+    assert plain.output_for_node("ratios_seen") == [0.7, 0.15, 0.15]
+
+
+def test_every_setting_reaches_the_cli(every_setting_changed):
+    result = subprocess.run(
+        [sys.executable, "-m", "cxr_platform.cli", "config", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert set(shown) == set(sections.SECTIONS)
+    seen: dict[str, object] = {}
+    for values in shown.values():
+        seen.update(values)
+    for name, value in every_setting_changed.items():
+        if name in SECRET_SETTINGS:
+            assert seen[name] == "**********", "a secret must never be printed"
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        assert seen[name] == value, name
+
+
+def test_a_child_process_reads_exactly_the_parents_settings(every_setting_changed, monkeypatch):
+    parent = load_settings()
+    environment = settings_environment(parent)
+    for variable in list(os.environ):
+        if variable.startswith("CXR_"):
+            monkeypatch.delenv(variable)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert _flat(load_settings()) == _flat(parent) == every_setting_changed
+
+
+def test_the_demos_smaller_windows_yield_to_an_explicit_setting(tmp_path, monkeypatch):
+    from cxr_platform.cli import demo_overrides
+
+    monkeypatch.delenv("CXR_DRIFT_WINDOW_SIZE", raising=False)
+    monkeypatch.delenv("CXR_SHADOW_MIN_RECORDS", raising=False)
+    assert demo_overrides(load_settings(home=tmp_path)) == {
+        "drift_window_size": 100,
+        "shadow_min_records": 100,
+    }
+    monkeypatch.setenv("CXR_DRIFT_WINDOW_SIZE", "150")
+    assert demo_overrides(load_settings(home=tmp_path)) == {"shadow_min_records": 100}
+
+
+def test_invalid_values_are_refused_with_the_variable_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update({"CXR_HOME": str(tmp_path), "CXR_SPLIT_RATIOS": "[0.5, 0.2, 0.2]"})
+    command = [sys.executable, "-m", "cxr_platform.cli", "config"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "split_ratios must be 3 positive shares summing to 1" in result.stderr
+    env.update({"CXR_SPLIT_RATIOS": "[0.7, 0.15, 0.15]", "CXR_DRIFT_WINDOW_SIZE": "3"})
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "drift_window_size (CXR_DRIFT_WINDOW_SIZE)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sections_check_their_bounds_when_built_directly():
+    with pytest.raises(ValueError, match="drift_window_size must be >= 10"):
+        sections.MonitoringSection(drift_window_size=3)
+    with pytest.raises(ValueError, match="dicom_results"):
+        sections.DicomSection(dicom_results=("sr", "pdf"))
+    assert "k-123" not in repr(sections.ServingSection(service_api_key="k-123"))
+
+
+def test_split_ratios_from_the_environment_reach_the_dagster_job_and_cxr_split(
+    tiny_synthetic, tmp_path, monkeypatch
+):
+    """The bug this configuration road fixes: the Dagster asset hard-coded 70/15/15."""
+    monkeypatch.setenv("CXR_SPLIT_RATIOS", "[0.6, 0.2, 0.2]")
+    monkeypatch.setenv("CXR_SEED", "5")
+    settings = load_settings(home=tmp_path / "home", data_dir=tiny_synthetic, workers=1)
+    assert settings.data.split_ratios == (0.6, 0.2, 0.2)
+    result = (
+        build_definitions(settings)
+        .resolve_job_def(DATA_JOB)
+        .execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    )
+    assert result.success
+    from_dagster = result.output_for_node("patient_splits")
+    ratios = [
+        e.materialization.metadata["ratios"].value
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("patient_splits")
+    ]
+    assert ratios == [[0.6, 0.2, 0.2]]
+
+    out = tmp_path / "split.csv"
+    command = [sys.executable, "-m", "cxr_platform.cli", "split", str(tiny_synthetic)]
+    cli = subprocess.run(
+        [*command, "--out", str(out), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CXR_HOME": str(tmp_path / "cli-home")},
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    from_cli = pd.read_csv(out)
+    assert manifest_hash(from_cli) == manifest_hash(from_dagster)
+    # 60/20/20 of the patients, not the 70/15/15 default.
+    shares = from_cli.groupby("split")["patient_id"].nunique() / from_cli["patient_id"].nunique()
+    assert abs(shares["train"] - 0.6) < 0.08 and abs(shares["test"] - 0.2) < 0.08
+
+
+_STDLIB_ONLY_PROBE = """
+import importlib.abc, sys
+BLOCKED = {"pydantic", "pydantic_settings", "pydicom", "dagster", "mlflow", "bentoml",
+           "evidently", "highdicom", "pynetdicom"}
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("the accelerator machine has no " + name)
+sys.meta_path.insert(0, Refuse())
+import cxr_platform.models.training, cxr_platform.models.zoo, cxr_platform.models.evaluation
+import cxr_platform.data.cache, cxr_platform.data.transforms, cxr_platform.data.preprocessing
+from cxr_platform.sections import TrainingSection
+print(TrainingSection().profile)
+"""
+
+
+def test_training_imports_without_the_rest_of_the_stack():
+    """What the accelerator machine has: torch and numpy, no pydantic, pydicom or Dagster."""
+    result = subprocess.run(
+        [sys.executable, "-c", _STDLIB_ONLY_PROBE], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "demo"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_library_module_takes_the_settings_object_or_writes_the_environment():
+    """Library code takes the section it needs; only the edges read the settings, and only the
+    telemetry module writes os.environ."""
+    entry_points = {"cli.py", "demo.py", "settings.py", "serving/service.py"}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        text = path.read_text()
+        if relative != "telemetry.py":
+            assert "os.environ[" not in text and "os.environ.setdefault" not in text, relative
+        if relative.startswith("defs/") or relative in entry_points:
+            continue
+        imported = _imports(path)
+        assert "cxr_platform.settings" not in imported, relative
+        if relative.startswith("models/") or relative in {
+            "data/cache.py",
+            "data/transforms.py",
+            "data/preprocessing.py",
+            "sections.py",
+        }:
+            assert not any(name.split(".")[0] == "pydantic" for name in imported), relative
