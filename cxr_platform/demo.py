@@ -3,9 +3,8 @@
 This drives Dagster rather than defining anything in it, so it lives beside the CLI, not in
 ``defs/``. The Dagster daemon normally evaluates sensors and launches the runs they request. The
 demo and the tests evaluate the same sensor definitions with their cursors against the same
-instance (Dagster's own tick evaluation) and execute each requested run in-process, so every run,
-partition and materialization lands in the instance the UI shows; a daemon started later resumes
-after the newest drift window.
+instance and execute each requested run in-process, so every run, partition and materialization
+lands in the instance the UI shows; a daemon started later resumes after the newest drift window.
 """
 
 from __future__ import annotations
@@ -48,16 +47,22 @@ def tick_sensor(
     what it requests, as the daemon would. ``log_level`` is for the console only; every event
     is in the instance's run logs either way."""
     sensor = defs.resolve_sensor_def(name)
-    # The resources are handed over explicitly: sensor invocation outside the daemon does not
-    # resolve them from the definitions by itself.
+    # Invoked with a context Dagster builds, as its testing guide does. SensorDefinition's
+    # evaluate_tick, tried here outside the daemon (Dagster 1.13), refused the drift sensor's run
+    # request: it checks the partition key against the instance before the tick's own
+    # add-partition request has been applied.
     with dg.build_sensor_context(
         instance=instance, cursor=cursor, sensor_name=name, resources=dict(defs.resources or {})
     ) as context:
-        evaluation = sensor.evaluate_tick(context)
-    for request in evaluation.dynamic_partitions_requests or []:
+        result = sensor(context)
+    if not isinstance(result, dg.SensorResult):
+        raise TypeError(f"sensor {name} returned {type(result).__name__}, not a SensorResult")
+    for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    tick = SensorTick(name, evaluation.cursor, evaluation.skip_message)
-    for request in evaluation.run_requests or []:
+    tick = SensorTick(
+        name, result.cursor, result.skip_reason.skip_message if result.skip_reason else None
+    )
+    for request in result.run_requests or []:
         job_name = request.job_name or sensor.job_name
         job = defs.resolve_job_def(job_name)
         outcome = job.execute_in_process(

@@ -80,6 +80,13 @@ def test_no_production_and_too_few_records_are_skips_that_say_why(tmp_path):
         shadow_sensor_step(settings.monitoring, registry_for(settings.registry), None).skip_reason
         == "no shadow model"
     )
+    # The same through Dagster's own tick evaluation of the sensor definitions.
+    defs, instance = build_definitions(settings), dg.DagsterInstance.ephemeral()
+    tick = tick_sensor(defs, instance, DRIFT_SENSOR, None)
+    assert tick.runs == [] and tick.skip_reason == "no production model: nothing to monitor"
+    assert DriftCursor.from_json(tick.cursor) == DriftCursor()
+    tick = tick_sensor(defs, instance, SHADOW_SENSOR, None)
+    assert tick.runs == [] and tick.skip_reason == "no shadow model"
 
 
 def test_in_distribution_traffic_rarely_alarms_and_every_shift_is_detected(trained_home, tmp_path):
