@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CXR_HOME ?= $(CURDIR)/.cxr
 export CXR_HOME
 
-.PHONY: demo test setup ui bench lint clean
+.PHONY: demo test setup ui bench lint clean device-data
 
 # The venv is rebuilt only when pyproject.toml changes.
 $(BIN)/cxr: pyproject.toml
@@ -37,6 +37,12 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check cxr_platform cxr_platform_tests benchmarks
+
+# The accelerator machine cannot see ../shared: the device tool carries this git-ignored copy.
+SHARED_KAGGLE ?= ../shared/data/kaggle-chest-xray-224
+device-data:
+	mkdir -p .device-data
+	cp -r $(SHARED_KAGGLE) .device-data/
 
 clean:
 	rm -rf $(CXR_HOME)

@@ -17,7 +17,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr_platform.data.imaging import read_image, window_to_unit
+from cxr_platform.data.dicom_pixels import window_to_unit
+from cxr_platform.data.imaging import read_image
 from cxr_platform.errors import (
     DicomWithoutPixelDataError,
     MultiFrameDicomError,
