@@ -42,7 +42,7 @@ from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 from cxr_platform.settings import load_settings
 
 MODALITY = "BENCH_MODALITY"

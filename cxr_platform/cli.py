@@ -736,7 +736,7 @@ def predict(
     in the inference log (features only, no pixels) unless --no-log."""
     from cxr_platform.deployment.pipeline import registry_for
     from cxr_platform.inference.batch import expand_inputs, predict_to_csv
-    from cxr_platform.inference.log import InferenceLog
+    from cxr_platform.inference.log import InferenceLog, uid_salt
     from cxr_platform.inference.predictor import Predictor
 
     settings = _settings(ctx)
@@ -750,12 +750,13 @@ def predict(
         precision=precision,
     )
     log = None if no_log else InferenceLog(settings.serving.inference_log_uri)
+    options = {"batch_size": batch_size, "log": log, "uid_salt": uid_salt(settings.home)}
     if out is None:
-        summary = predict_to_csv(predictor, files, sys.stdout, batch_size=batch_size, log=log)
+        summary = predict_to_csv(predictor, files, sys.stdout, **options)
     else:
         tmp = out.with_name(out.name + ".partial")
         with tmp.open("w", newline="") as handle:
-            summary = predict_to_csv(predictor, files, handle, batch_size=batch_size, log=log)
+            summary = predict_to_csv(predictor, files, handle, **options)
         tmp.replace(out)
     click.echo(
         f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "

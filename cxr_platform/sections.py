@@ -9,7 +9,7 @@ from that reader, so **adding a setting means adding one field here** (with :fun
 each section that needs it.
 
 Standard library only: the training code imports this on the accelerator machine, which has torch
-but neither pydantic nor the rest of the stack.
+but not pydantic-settings, pydicom, MLflow or Dagster.
 """
 
 from __future__ import annotations

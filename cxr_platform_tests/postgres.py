@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 
 
 def _binary(name: str) -> str | None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
-import uuid
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from cxr_platform.errors import CxrError
-from cxr_platform.inference.log import InferenceLog, InferenceRecord, record_from_prediction
-from cxr_platform.inference.predictor import BatchItem, Predictor
+from cxr_platform.errors import CxrError, ImageReadError
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.predictor import Prediction, Predictor
+from cxr_platform.inference.scoring import ScoreRequest, request_for, score_and_log, score_items
 
 CSV_COLUMNS = ("path", "probability", "label", "model_version", "error")
 # Inside folders only: files named on the command line are always tried, whatever their name.
@@ -54,38 +56,24 @@ class BatchSummary:
     n_logged: int = 0
 
 
-def _row(item: BatchItem, model_version: str | None) -> dict[str, str]:
-    if item.prediction is None:
-        error = item.error
-        reason = getattr(error, "reason", "error")
-        detail = getattr(error, "detail", str(error))
-        return {
-            "path": str(item.source),
-            "probability": "",
-            "label": "",
-            "model_version": model_version or "",
-            "error": f"{reason}: {detail}",
-        }
+def _error_row(path: Path, reason: str, detail: str, model_version: str | None) -> dict[str, str]:
     return {
-        "path": str(item.source),
-        "probability": f"{item.prediction.probability:.6f}",
-        "label": item.prediction.label,
-        "model_version": item.prediction.model_version or "",
-        "error": "",
+        "path": str(path),
+        "probability": "",
+        "label": "",
+        "model_version": model_version or "",
+        "error": f"{reason}: {detail}",
     }
 
 
-def _log_records(items: list[BatchItem]) -> list[InferenceRecord]:
-    return [
-        record_from_prediction(
-            item.prediction,
-            request_id=uuid.uuid4().hex,
-            source="batch",
-            features=item.features,
-        )
-        for item in items
-        if item.prediction is not None and item.features is not None
-    ]
+def _prediction_row(path: Path, prediction: Prediction) -> dict[str, str]:
+    return {
+        "path": str(path),
+        "probability": f"{prediction.probability:.6f}",
+        "label": prediction.label,
+        "model_version": prediction.model_version or "",
+        "error": "",
+    }
 
 
 def predict_to_csv(
@@ -95,23 +83,59 @@ def predict_to_csv(
     *,
     batch_size: int = 32,
     log: InferenceLog | None = None,
+    uid_salt: bytes = b"",
 ) -> BatchSummary:
-    """Rows are written and flushed batch by batch, so a long run can be watched and a crash
-    keeps what was done. With ``log``, every prediction is also an inference-log record
-    (source ``batch``), written in one transaction per batch."""
+    """Score through the scoring core, as the service and the DICOM node do.
+
+    Rows are written and flushed batch by batch, so a long run can be watched and a crash keeps
+    what was done. With ``log``, every prediction is also an inference-log record (source
+    ``batch``), written in one transaction per batch; a batch the log refuses gets its error in
+    its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do.
+    """
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for items in predictor.predict_many(files, batch_size=batch_size):
-        for item in items:
+    models = ServingModels(predictor, None)  # the version asked for, whatever its alias
+    version = predictor.model_version
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        rows: list[dict[str, str] | None] = [None] * len(chunk)
+        requests: dict[int, ScoreRequest] = {}  # by position: a file may be named twice
+        for position, path in enumerate(chunk):
+            try:
+                requests[position] = request_for(
+                    models,
+                    _read(path),
+                    max_pixels=predictor.max_pixels,
+                    uid_salt=uid_salt,
+                    started=time.perf_counter(),
+                    source="batch",
+                )
+            except ImageReadError as exc:
+                rows[position] = _error_row(path, exc.reason, exc.detail, version)
+        items = list(requests.values())
+        outcomes = score_and_log(log, items) if log is not None else score_items(items)
+        for position, outcome in zip(requests, outcomes, strict=True):
+            prediction = outcome.production
+            if prediction is None:
+                reason = outcome.failure or "error"
+                rows[position] = _error_row(chunk[position], reason, "not scored", version)
+                continue
+            rows[position] = _prediction_row(chunk[position], prediction)
+            summary.n_predicted += 1
+            summary.n_pneumonia += prediction.label == "PNEUMONIA"
+            summary.n_logged += log is not None
+        for row in rows:
+            assert row is not None
             summary.n_files += 1
-            if item.prediction is None:
-                summary.n_failed += 1
-            else:
-                summary.n_predicted += 1
-                summary.n_pneumonia += item.prediction.label == "PNEUMONIA"
-            writer.writerow(_row(item, predictor.model_version))
-        if log is not None:
-            summary.n_logged += log.write(_log_records(items))
+            summary.n_failed += bool(row["error"])
+            writer.writerow(row)
         out.flush()
     return summary
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"cannot read file: {exc.strerror or exc}", source=str(path)) from exc

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,25 +281,3 @@ class InferenceLog:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def record_from_prediction(
-    prediction: Mapping[str, Any] | Any,
-    *,
-    request_id: str,
-    source: str,
-    features: ImageFeatures,
-    **extra: Any,
-) -> InferenceRecord:
-    values = prediction if isinstance(prediction, Mapping) else prediction.to_dict()
-    return InferenceRecord(
-        request_id=request_id,
-        source=source,
-        model_name=values["model_name"],
-        model_version=values.get("model_version"),
-        probability=float(values["probability"]),
-        label=values["label"],
-        threshold=float(values["threshold"]),
-        features=features,
-        **extra,
-    )

@@ -7,7 +7,6 @@ ONNX Runtime -> Platt calibration -> the model's own threshold.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from cxr_platform.deployment.export import (
     onnx_session,
     session_metadata,
 )
-from cxr_platform.errors import ImageReadError
-from cxr_platform.inference.features import ImageFeatures, image_features
 
 
 @dataclass(frozen=True)
@@ -38,14 +35,6 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class BatchItem:
-    source: ImageSource
-    prediction: Prediction | None = None
-    error: ImageReadError | None = None
-    features: ImageFeatures | None = None  # what the inference log records
 
 
 @dataclass(frozen=True)
@@ -149,26 +138,3 @@ class Predictor:
 
     def predict(self, source: ImageSource | DecodedImage) -> Prediction:
         return self.predict_prepared(self.prepare(source).pixels[None])[0]
-
-    def predict_many(
-        self, sources: Sequence[ImageSource], *, batch_size: int = 32
-    ) -> Iterator[list[BatchItem]]:
-        """Lists of results, one list per batch, in input order; a bad file never stops the
-        rest (its item carries the error instead of a prediction)."""
-        for start in range(0, len(sources), batch_size):
-            chunk = sources[start : start + batch_size]
-            items = [BatchItem(source) for source in chunk]
-            prepared: list[tuple[BatchItem, PreparedImage]] = []
-            for item in items:
-                try:
-                    prepared.append((item, self.prepare(item.source)))
-                except ImageReadError as exc:
-                    item.error = exc
-            if prepared:
-                batch = np.stack([image.pixels for _, image in prepared])
-                for (item, image), prediction in zip(
-                    prepared, self.predict_prepared(batch), strict=True
-                ):
-                    item.prediction = prediction
-                    item.features = image_features(image.pixels, image.decoded)
-            yield items

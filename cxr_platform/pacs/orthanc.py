@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from cxr_platform.errors import CxrError
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
 CONFIG_TEMPLATE = DEPLOY_DIR / "orthanc.json"

@@ -25,6 +25,7 @@ from cxr_platform.inference.explainer import Explainer, content_region
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.predictor import Prediction
+from cxr_platform.inference.scoring import ScoringUnavailableError, request_for, score_and_log
 from cxr_platform.pacs.results import (
     Algorithm,
     NodeResults,
@@ -34,14 +35,6 @@ from cxr_platform.pacs.results import (
     heatmap_on_source_grid,
 )
 from cxr_platform.sections import RESULT_KINDS
-from cxr_platform.serving.core import (
-    LOG_UNAVAILABLE,
-    STALE_PREPROCESSING,
-    ScoreRequest,
-    new_request_id,
-    prepare_upload,
-    score_and_log,
-)
 
 log = logging.getLogger(__name__)
 
@@ -123,39 +116,21 @@ class InstanceProcessor:
         started = time.perf_counter()
         if dataset is None:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        request_id = new_request_id()
-        for _ in range(3):  # an alias move between decode and scoring: prepare again
-            models = self.models.current()
-            production = models.production
-            if production is None:
-                raise TransientProcessingError("no production model is loaded yet")
-            upload = prepare_upload(
+        models = self.models.current()  # one snapshot from decoding to scoring
+        try:
+            request = request_for(
+                models,
                 data,
-                production.preprocessing,
-                max_bytes=len(data),
                 max_pixels=self.config.max_pixels,
                 uid_salt=self.uid_salt,
-            )
-            request = ScoreRequest(
-                pixels=upload.pixels,
-                preprocessing=production.preprocessing,
-                upload=upload,
-                request_id=request_id,
                 started=started,
                 source="dicom",
             )
-            result = score_and_log(models, self.inference_log, [request])[0]
-            if result.get("error") == STALE_PREPROCESSING:
-                continue
-            if result.get("error") == LOG_UNAVAILABLE:
-                raise TransientProcessingError("the inference log cannot be written")
-            if "production" not in result:
-                raise TransientProcessingError(f"scoring failed: {result.get('error')}")
-            break
-        else:
-            raise TransientProcessingError("the production model kept changing during scoring")
-
-        prediction = Prediction(**result["production"])
+            prediction = score_and_log(self.inference_log, [request])[0].released()
+        except ScoringUnavailableError as exc:  # no production model yet, the log is down
+            raise TransientProcessingError(str(exc)) from exc
+        production, upload, request_id = models.production, request.prepared, request.request_id
+        assert production is not None
         algorithm = Algorithm(
             model_name=prediction.model_name,
             model_version=str(prediction.model_version),

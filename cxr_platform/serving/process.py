@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import IO
 import httpx
 
 from cxr_platform.errors import CxrError
+from cxr_platform.ports import free_port
 
 SERVICE_TARGET = "cxr_platform.serving.service:CxrService"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class ServiceStartError(CxrError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def serve_command(port: int, host: str = "127.0.0.1", target: str = SERVICE_TARGET) -> list[str]:

@@ -40,6 +40,16 @@ from cxr_platform.inference.log import (
     UnknownRequestError,
     uid_salt,
 )
+from cxr_platform.inference.predictor import Prediction
+from cxr_platform.inference.scoring import (
+    LOG_UNAVAILABLE,
+    PreparedInput,
+    ScoreRequest,
+    ScoringOutcome,
+    ScoringUnavailableError,
+    request_for,
+    score_and_log,
+)
 from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
@@ -141,7 +151,7 @@ class CxrService:
         except Exception:
             log.exception("could not load models from the registry; will keep trying")
         self.models.start_polling(serving.service_refresh_seconds)
-        self.batcher: ContinuousBatcher[core.ScoreRequest, dict[str, Any]] = ContinuousBatcher(
+        self.batcher: ContinuousBatcher[ScoreRequest, ScoringOutcome] = ContinuousBatcher(
             self._score_batch,
             max_batch_size=serving.service_max_batch_size,
             on_batch=lambda size: batch_sizes.observe(size),
@@ -162,9 +172,8 @@ class CxrService:
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def _score_batch(self, items: list[core.ScoreRequest]) -> list[dict[str, Any]]:
-        # One snapshot per batch: a batch never mixes versions.
-        return core.score_and_log(self.models.current(), self.inference_log, items, self.retained)
+    def _score_batch(self, items: list[ScoreRequest]) -> list[ScoringOutcome]:
+        return score_and_log(self.inference_log, items, self.retained)
 
     def _prune_retained(self) -> None:
         assert self.retained is not None
@@ -180,63 +189,39 @@ class CxrService:
         timer.daemon = True
         timer.start()
 
-    def _prepare(self, data: bytes, config: Any) -> core.PreparedUpload:
-        return core.prepare_upload(
+    def _request(self, data: bytes, started: float) -> ScoreRequest:
+        core.check_upload_size(len(data), serving.service_max_upload_bytes)
+        # One snapshot from decoding to scoring: a promotion in between cannot mismatch them.
+        return request_for(
+            self.models.current(),
             data,
-            config,
-            max_bytes=serving.service_max_upload_bytes,
             max_pixels=serving.max_image_pixels,
             uid_salt=self.salt,
+            started=started,
+            source="http",
         )
 
     async def _predict_and_log(
         self, data: bytes, endpoint: str, started: float
-    ) -> tuple[core.PreparedUpload, dict[str, Any], str]:
+    ) -> tuple[ScoreRequest, Prediction]:
         """Decode, batch-score and log; returns after the log row is written."""
-        request_id = core.new_request_id()
-        for _ in range(3):  # a version with other preprocessing may take over mid-request
-            production = self.models.current().production
-            if production is None:
-                raise core.NoProductionModelError(
-                    "no model holds the production alias yet (see `cxr models` / `cxr promote`)"
-                )
-            config = production.preprocessing
-            upload = await anyio.to_thread.run_sync(self._prepare, data, config)
-            result = await self.batcher.submit(
-                core.ScoreRequest(
-                    pixels=upload.pixels,
-                    preprocessing=config,
-                    upload=upload,
-                    request_id=request_id,
-                    started=started,
-                )
-            )
-            error = result.get("error")
-            if error == core.STALE_PREPROCESSING:
-                continue
-            if error == core.NoProductionModelError.reason:
-                raise core.NoProductionModelError("the production model was unloaded")
-            if error == core.LOG_UNAVAILABLE:
-                log_failures.inc()
-                raise core.InferenceLogUnavailableError(
-                    "the inference log is unavailable, so no prediction is released"
-                )
-            self._count(endpoint, result)
-            return upload, result, request_id
-        raise core.ScoringFailedError("the production model kept changing; try again")
+        request = await anyio.to_thread.run_sync(self._request, data, started)
+        outcome = await self.batcher.submit(request)
+        if outcome.failure == LOG_UNAVAILABLE:
+            log_failures.inc()
+        prediction = outcome.released()
+        self._count(endpoint, prediction, outcome.shadow)
+        return request, prediction
 
     @staticmethod
-    def _count(endpoint: str, result: dict[str, Any]) -> None:
-        production, shadow = result["production"], result.get("shadow")
+    def _count(endpoint: str, production: Prediction, shadow: Prediction | None) -> None:
         predictions_served.labels(
-            endpoint=endpoint,
-            model_version=str(production["model_version"]),
-            label=production["label"],
+            endpoint=endpoint, model_version=str(production.model_version), label=production.label
         ).inc()
         if shadow is not None:
             shadow_predictions.labels(
-                shadow_version=str(shadow["model_version"]),
-                agrees=str(shadow["label"] == production["label"]).lower(),
+                shadow_version=str(shadow.model_version),
+                agrees=str(shadow.label == production.label).lower(),
             ).inc()
 
     # ---- the request path ------------------------------------------------------------------
@@ -256,7 +241,7 @@ class CxrService:
                 data = await anyio.to_thread.run_sync(file.read_bytes)
             work = asyncio.ensure_future(handler(data, started))
             return await asyncio.shield(work)
-        except (core.ServingError, ImageReadError) as exc:
+        except (core.ServingError, ImageReadError, ScoringUnavailableError) as exc:
             status, body = core.error_response(exc)
             rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
             return JSONResponse(body, status_code=status)
@@ -266,8 +251,8 @@ class CxrService:
         """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`)."""
 
         async def handler(data: bytes, started: float) -> Any:
-            _, result, request_id = await self._predict_and_log(data, "predict", started)
-            return JSONResponse(core.public_prediction(result, request_id))
+            request, prediction = await self._predict_and_log(data, "predict", started)
+            return JSONResponse(core.public_prediction(prediction, request.request_id))
 
         return await self._guarded("predict", file, handler)
 
@@ -278,10 +263,10 @@ class CxrService:
         wants_json = "application/json" in ctx.request.headers.get("accept", "")
 
         async def handler(data: bytes, started: float) -> Any:
-            upload, result, request_id = await self._predict_and_log(data, "explain", started)
-            prediction = core.public_prediction(result, request_id)
-            version = str(prediction["model_version"])
-            _, overlay = await anyio.to_thread.run_sync(self._overlay, version, upload)
+            request, scored = await self._predict_and_log(data, "explain", started)
+            prediction = core.public_prediction(scored, request.request_id)
+            version = str(scored.model_version)
+            _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
             image = png_bytes(overlay)
             if wants_json:
                 body = {**prediction, "overlay_png_base64": base64.b64encode(image).decode()}
@@ -294,7 +279,7 @@ class CxrService:
 
         return await self._guarded("explain", file, handler)
 
-    def _overlay(self, version: str, upload: core.PreparedUpload) -> tuple[Any, Any]:
+    def _overlay(self, version: str, upload: PreparedInput) -> tuple[Any, Any]:
         with self._explainer_lock:
             explainer = self._explainers.get(version)
             if explainer is None:

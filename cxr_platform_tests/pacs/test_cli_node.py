@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 
 from .conftest import VARIANTS, radiograph
 from .scu import send

@@ -21,7 +21,7 @@ from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 
 from .conftest import VARIANTS, radiograph, radiograph_bytes
 from .scu import send

@@ -17,7 +17,7 @@ from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
-from cxr_platform.serving.process import free_port
+from cxr_platform.ports import free_port
 
 from .conftest import VARIANTS, radiograph_bytes
 from .scu import send

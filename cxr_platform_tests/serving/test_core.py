@@ -1,4 +1,5 @@
-"""The service's logic without a server: batching, scoring with shadow, logging, error mapping."""
+"""The service's logic and the scoring core without a server: batching, scoring with shadow,
+logging, error mapping."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.errors import EmptyImageError, TruncatedImageError
 from cxr_platform.inference.features import image_features
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.predictor import Predictor
+from cxr_platform.inference.scoring import (
+    LOG_UNAVAILABLE,
+    NO_PRODUCTION_MODEL,
+    PreparedInput,
+    ScoreRequest,
+    ScoringUnavailableError,
+    score_and_log,
+    score_items,
+)
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
 
@@ -98,12 +107,11 @@ def predictors(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_pa
     )
 
 
-def requests_for(predictor: Predictor, images: np.ndarray) -> list[core.ScoreRequest]:
+def requests_for(models: ServingModels, images: np.ndarray) -> list[ScoreRequest]:
     return [
-        core.ScoreRequest(
-            pixels=image,
-            preprocessing=predictor.preprocessing,
-            upload=core.PreparedUpload(pixels=image, features=image_features(image)),
+        ScoreRequest(
+            models=models,
+            prepared=PreparedInput(pixels=image, features=image_features(image)),
             request_id=f"r{i}",
             started=time.perf_counter(),
         )
@@ -114,29 +122,40 @@ def requests_for(predictor: Predictor, images: np.ndarray) -> list[core.ScoreReq
 def test_shadow_scores_the_same_batch_and_matches_its_own_predictor(predictors, learnable_cache):
     production, shadow = predictors
     images = learnable_cache.images("test", mmap=False)[:6]
-    results = core.score_items(ServingModels(production, shadow), requests_for(production, images))
+    outcomes = score_items(requests_for(ServingModels(production, shadow), images))
     expected_main = production.predict_prepared(images)
     expected_shadow = shadow.predict_prepared(images)
-    for result, main, other in zip(results, expected_main, expected_shadow, strict=True):
-        assert result["production"]["model_version"] == "1"
-        assert result["production"]["probability"] == pytest.approx(main.probability)
-        assert result["shadow"]["model_version"] == "2"
-        assert result["shadow"]["probability"] == pytest.approx(other.probability)
+    for outcome, main, other in zip(outcomes, expected_main, expected_shadow, strict=True):
+        assert outcome.production.model_version == "1"
+        assert outcome.production.probability == pytest.approx(main.probability)
+        assert outcome.shadow.model_version == "2"
+        assert outcome.shadow.probability == pytest.approx(other.probability)
 
 
-def test_items_prepared_for_another_preprocessing_come_back_stale(predictors, learnable_cache):
-    production, _ = predictors
+def test_each_request_is_scored_by_the_snapshot_it_was_prepared_for(predictors, learnable_cache):
+    """A promotion between decoding and scoring: the request prepared before it is answered by
+    the version it was prepared for, the next by the new production; no retry, no error."""
+    first, second = predictors
     images = learnable_cache.images("test", mmap=False)[:2]
-    items = requests_for(production, images)
-    older = replace(production.preprocessing, resize_mode="letterbox")  # another model's
-    items[1] = replace(items[1], preprocessing=older)
-    results = core.score_items(ServingModels(production, None), items)
-    assert "production" in results[0] and results[0]["shadow"] is None
-    assert results[1] == {"error": core.STALE_PREPROCESSING}
-    assert (
-        core.score_items(ServingModels(None, None), items)
-        == [{"error": core.NoProductionModelError.reason}] * 2
+    before, after = ServingModels(first, None), ServingModels(second, None)
+    items = [
+        requests_for(before, images[:1])[0],
+        replace(requests_for(after, images[1:])[0], request_id="r1"),
+    ]
+    outcomes = score_items(items)
+    assert [o.production.model_version for o in outcomes] == ["1", "2"]
+    assert outcomes[0].production.probability == pytest.approx(
+        first.predict_prepared(images[:1])[0].probability
     )
+    assert outcomes[1].production.probability == pytest.approx(
+        second.predict_prepared(images[1:])[0].probability
+    )
+    nobody = score_items(requests_for(ServingModels(None, None), images))
+    assert [o.failure for o in nobody] == [NO_PRODUCTION_MODEL] * 2
+    with pytest.raises(ScoringUnavailableError) as refused:
+        nobody[0].released()
+    assert refused.value.reason == NO_PRODUCTION_MODEL
+    assert core.error_response(refused.value)[0] == 503
 
 
 def test_a_batch_is_logged_in_one_go_and_withheld_when_the_log_fails(
@@ -145,21 +164,21 @@ def test_a_batch_is_logged_in_one_go_and_withheld_when_the_log_fails(
     production, shadow = predictors
     images = learnable_cache.images("test", mmap=False)[:3]
     log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
-    items = requests_for(production, images)
-    results = core.score_and_log(ServingModels(production, shadow), log, items)
+    outcomes = score_and_log(log, requests_for(ServingModels(production, shadow), images))
     rows = log.records()
     assert list(rows.request_id) == ["r0", "r1", "r2"]
-    assert list(rows.probability) == pytest.approx(
-        [r["production"]["probability"] for r in results]
-    )
+    assert list(rows.probability) == pytest.approx([o.production.probability for o in outcomes])
     assert rows.shadow_version.tolist() == ["2"] * 3
 
     log.dispose()
     for leftover in tmp_path.glob("log.db*"):
         leftover.unlink()
     (tmp_path / "log.db").mkdir()  # the database path is now a folder: every write fails
-    withheld = core.score_and_log(ServingModels(production, None), log, items)
-    assert withheld == [{"error": core.LOG_UNAVAILABLE}] * 3
+    withheld = score_and_log(log, requests_for(ServingModels(production, None), images))
+    assert [o.failure for o in withheld] == [LOG_UNAVAILABLE] * 3
+    assert all(o.production is None for o in withheld)
+    with pytest.raises(ScoringUnavailableError, match="no prediction is released"):
+        withheld[0].released()
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +198,4 @@ def test_error_statuses_say_what_was_wrong():
 
 def test_an_oversized_upload_is_refused_before_decoding():
     with pytest.raises(core.UploadTooLargeError, match="at most 10 bytes"):
-        core.prepare_upload(
-            b"x" * 11, PreprocessingConfig(), max_bytes=10, max_pixels=10**6, uid_salt=b"s"
-        )
+        core.check_upload_size(len(b"x" * 11), max_bytes=10)

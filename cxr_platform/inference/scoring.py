@@ -1,0 +1,226 @@
+"""The one scoring core: decode -> the model's preprocessing -> production and shadow -> the log.
+
+Every edge that scores an image for a caller goes through here: the HTTP service (in batches),
+the DICOM node (one instance at a time). Each request is prepared for, and scored by, one
+snapshot of the serving models, so a promotion between decoding and scoring cannot hand an image
+to a model that expects other preprocessing: the request simply gets the version that was
+production when it arrived, and its log row says so. Results are typed (:class:`ScoringOutcome`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cxr_platform.data.decoded import DecodedImage
+from cxr_platform.data.imaging import read_dicom_header, read_image
+from cxr_platform.data.preprocessing import to_square_uint8
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.features import ImageFeatures, image_features
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.log import InferenceLog, InferenceRecord, hash_uid
+from cxr_platform.inference.predictor import Prediction, Predictor
+from cxr_platform.monitoring.retained import RetainedInputs
+
+log = logging.getLogger(__name__)
+
+# Why a request got no prediction (``ScoringOutcome.failure``); edges map these to their own
+# answers (HTTP 503, a DICOM instance left in the spool for later).
+NO_PRODUCTION_MODEL = "no_production_model"
+LOG_UNAVAILABLE = "inference_log_unavailable"
+
+
+class ScoringUnavailableError(CxrError):
+    """No prediction can be released now; worth trying again later."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """An image decoded by content and brought to one model's input, with what the log keeps."""
+
+    pixels: np.ndarray  # uint8 (S, S) in the model's preprocessing
+    features: ImageFeatures
+    study_uid_hash: str | None = None
+    sop_instance_uid_hash: str | None = None
+    decoded: DecodedImage | None = field(default=None, repr=False)
+
+
+def prepare_input(
+    data: bytes, production: Predictor, *, max_pixels: int, uid_salt: bytes
+) -> PreparedInput:
+    """Decode (never by file name) and preprocess the way ``production`` expects. Raises
+    :class:`~cxr_platform.errors.ImageReadError` with a reason for anything unusable."""
+    preprocessing = production.preprocessing
+    decoded = read_image(data, max_pixels=max_pixels, draft_size=2 * preprocessing.image_size)
+    pixels = to_square_uint8(decoded.pixels, preprocessing)
+    study_hash = sop_hash = None
+    if decoded.source_format == "DICOM":
+        header = read_dicom_header(data)
+        study_hash = hash_uid(header.get("StudyInstanceUID"), uid_salt)
+        sop_hash = hash_uid(header.get("SOPInstanceUID"), uid_salt)
+    return PreparedInput(
+        pixels=pixels,
+        features=image_features(pixels, decoded),
+        study_uid_hash=study_hash,
+        sop_instance_uid_hash=sop_hash,
+        decoded=decoded,
+    )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One prepared image, the snapshot it was prepared for, and what its log row needs."""
+
+    models: ServingModels
+    prepared: PreparedInput
+    request_id: str
+    started: float  # time.perf_counter() when the request arrived
+    source: str = "http"
+
+
+@dataclass(frozen=True)
+class ScoringOutcome:
+    request_id: str
+    production: Prediction | None = None
+    shadow: Prediction | None = None  # logged, never returned to the caller
+    failure: str | None = None  # NO_PRODUCTION_MODEL or LOG_UNAVAILABLE
+
+    def released(self) -> Prediction:
+        """The production prediction, or the typed error that says why there is none."""
+        if self.production is None:
+            reason = self.failure or NO_PRODUCTION_MODEL
+            messages = {
+                NO_PRODUCTION_MODEL: "no model holds the production alias "
+                "(see `cxr models` / `cxr promote`)",
+                LOG_UNAVAILABLE: "the inference log is unavailable, so no prediction is released",
+            }
+            raise ScoringUnavailableError(reason, messages.get(reason, reason))
+        return self.production
+
+
+def request_for(
+    models: ServingModels,
+    data: bytes,
+    *,
+    max_pixels: int,
+    uid_salt: bytes,
+    started: float,
+    source: str,
+) -> ScoreRequest:
+    """Prepare ``data`` for the production model of ``models`` (one snapshot, taken by the
+    caller). Raises :class:`ScoringUnavailableError` when there is no production model."""
+    if models.production is None:
+        ScoringOutcome(request_id="").released()
+    assert models.production is not None
+    prepared = prepare_input(data, models.production, max_pixels=max_pixels, uid_salt=uid_salt)
+    return ScoreRequest(models, prepared, new_request_id(), started, source)
+
+
+def score_items(items: Sequence[ScoreRequest]) -> list[ScoringOutcome]:
+    """Each item by the production (and shadow) of the snapshot it was prepared for.
+
+    Items sharing a snapshot, which is all of them except while an alias moves, go through each
+    model in one ONNX Runtime call; no call mixes versions. The shadow scores only when it
+    expects the production's preprocessing; otherwise its result is simply absent.
+    """
+    outcomes: list[ScoringOutcome | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(id(item.models), []).append(index)
+    for indices in groups.values():
+        models = items[indices[0]].models
+        production, shadow = models.production, models.shadow
+        if production is None:
+            for index in indices:
+                outcomes[index] = ScoringOutcome(
+                    items[index].request_id, failure=NO_PRODUCTION_MODEL
+                )
+            continue
+        batch = np.stack([items[index].prepared.pixels for index in indices])
+        main = production.predict_prepared(batch)
+        shadows: list[Prediction | None] = [None] * len(indices)
+        if shadow is not None and shadow.preprocessing == production.preprocessing:
+            shadows = list(shadow.predict_prepared(batch))
+        for index, prediction, shadow_prediction in zip(indices, main, shadows, strict=True):
+            outcomes[index] = ScoringOutcome(items[index].request_id, prediction, shadow_prediction)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def inference_record(
+    outcome: ScoringOutcome, item: ScoreRequest, latency_ms: float | None
+) -> InferenceRecord:
+    production, shadow = outcome.production, outcome.shadow
+    assert production is not None
+    prepared = item.prepared
+    return InferenceRecord(
+        request_id=item.request_id,
+        source=item.source,
+        model_name=production.model_name,
+        model_version=production.model_version,
+        probability=float(production.probability),
+        label=production.label,
+        threshold=float(production.threshold),
+        features=prepared.features,
+        shadow_version=shadow.model_version if shadow else None,
+        shadow_probability=float(shadow.probability) if shadow else None,
+        shadow_label=shadow.label if shadow else None,
+        latency_ms=latency_ms,
+        study_uid_hash=prepared.study_uid_hash,
+        sop_instance_uid_hash=prepared.sop_instance_uid_hash,
+    )
+
+
+def score_and_log(
+    inference_log: InferenceLog,
+    items: Sequence[ScoreRequest],
+    retained: RetainedInputs | None = None,
+) -> list[ScoringOutcome]:
+    """Score a batch and write its log rows in one transaction, before anyone is answered.
+
+    If the log cannot be written, the batch's predictions are withheld (``LOG_UNAVAILABLE``): a
+    prediction the log does not hold must not leave the platform. With ``retained``, each logged
+    model input is kept for a later feedback label; failing to keep one costs only that training
+    example, never the answer.
+    """
+    outcomes = score_items(items)
+    now = time.perf_counter()
+    scored = [
+        (item, outcome)
+        for item, outcome in zip(items, outcomes, strict=True)
+        if outcome.production is not None
+    ]
+    if not scored:
+        return outcomes
+    records = [
+        inference_record(outcome, item, (now - item.started) * 1000.0) for item, outcome in scored
+    ]
+    try:
+        inference_log.write(records)
+    except Exception:
+        log.exception("inference log write failed; withholding %d predictions", len(records))
+        return [
+            ScoringOutcome(outcome.request_id, failure=LOG_UNAVAILABLE)
+            if outcome.production is not None
+            else outcome
+            for outcome in outcomes
+        ]
+    if retained is not None:
+        for item, _ in scored:
+            try:
+                retained.keep(item.request_id, item.prepared.pixels)
+            except Exception:
+                log.exception("could not keep the input of %s for training", item.request_id)
+    return outcomes
