@@ -28,8 +28,7 @@ import pandas as pd
 
 from cxr_platform.data.cache import CachedSplit, PreprocessedCache
 from cxr_platform.data.imaging import read_image
-from cxr_platform.deployment.pipeline import registry_for
-from cxr_platform.deployment.registry import PRODUCTION
+from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.features import image_features
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.monitoring.drift import evaluate_window

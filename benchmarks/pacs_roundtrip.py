@@ -38,7 +38,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset

@@ -28,8 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cxr_platform.deployment.pipeline import registry_for
-from cxr_platform.deployment.registry import PRODUCTION
+from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.batch import expand_inputs
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.serving.process import ServiceProcess

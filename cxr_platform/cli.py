@@ -291,7 +291,7 @@ def _print_explanations(settings: CxrSettings) -> None:
 
 
 def _print_registry(settings: CxrSettings) -> None:
-    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.deployment.registry import registry_for
 
     registry = registry_for(settings.registry)
     events = registry.events()
@@ -605,7 +605,7 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
 @_fail_cleanly
 def models(ctx: click.Context, as_json: bool) -> None:
     """List registered model versions with their aliases and metrics."""
-    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.deployment.registry import registry_for
 
     registry = registry_for(_settings(ctx).registry)
     versions = registry.versions()
@@ -734,7 +734,7 @@ def predict(
     Columns: path,probability,label,model_version,error. A file that cannot be read gets its
     error in its row and the run continues; the exit code is then 1. Predictions are recorded
     in the inference log (features only, no pixels) unless --no-log."""
-    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.deployment.registry import registry_for
     from cxr_platform.inference.batch import expand_inputs, predict_to_csv
     from cxr_platform.inference.log import InferenceLog, uid_salt
     from cxr_platform.inference.predictor import Predictor
@@ -782,7 +782,7 @@ def predict(
 @_fail_cleanly
 def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
     """Grad-CAM overlay for one image, with the prediction the service would return."""
-    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.deployment.registry import registry_for
     from cxr_platform.explain.gradcam import png_bytes
     from cxr_platform.inference.explainer import Explainer
     from cxr_platform.inference.predictor import Predictor
@@ -874,7 +874,7 @@ def dicom_node(
     import signal
     import threading
 
-    from cxr_platform.deployment.pipeline import registry_for
+    from cxr_platform.deployment.registry import registry_for
     from cxr_platform.pacs import build_node
 
     if not (ctx.obj or {}).get("verbose"):

@@ -328,15 +328,3 @@ def test_no_library_module_takes_the_settings_object_or_writes_the_environment()
             "sections.py",
         }:
             assert not any(name.split(".")[0] == "pydantic" for name in imported), relative
-
-
-def test_the_two_edges_do_not_know_each_other():
-    """serving/ (HTTP) and pacs/ (DICOM) both score through inference/; neither imports the
-    other, so either can run, change or fail alone."""
-    for edge, other in (("serving", "pacs"), ("pacs", "serving")):
-        for path in (PACKAGE / edge).rglob("*.py"):
-            imported = _imports(path)
-            assert not any(
-                name == f"cxr_platform.{other}" or name.startswith(f"cxr_platform.{other}.")
-                for name in imported
-            ), f"{path.relative_to(PACKAGE)} imports from {other}/"

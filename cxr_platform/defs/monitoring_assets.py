@@ -18,7 +18,7 @@ import dagster as dg
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.monitoring.drift import DriftResult, save_drift_report
 from cxr_platform.monitoring.finetune import (
     FineTuneResult,

@@ -11,96 +11,36 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from cxr_platform.data.preprocessing import PreprocessingConfig
-from cxr_platform.errors import CxrError
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.deployment.model_files import (
+    METADATA_FILE,
+    METADATA_KEY,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    TORCHSCRIPT_METADATA_FILE,
+    WEIGHTS_FILE,
+    ExportError,
+    ModelMetadata,
+    onnx_session,
+)
 from cxr_platform.models.training import load_checkpoint, scoring_model
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1
-METADATA_KEY = "cxr_metadata"
-TORCHSCRIPT_METADATA_FILE = "cxr_metadata.json"
-ONNX_FILE = "model.onnx"
-INT8_ONNX_FILE = "model.int8.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-WEIGHTS_FILE = "weights.pt"  # plain state dict: Grad-CAM needs the eager model
-METADATA_FILE = "metadata.json"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logit"
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 DEFAULT_PARITY_TOLERANCE = 1e-4
-
-
-class ExportError(CxrError):
-    """A model could not be exported, or an exported file is not a cxr_platform model."""
 
 
 class ParityError(ExportError):
     """An exported model's logits differ from PyTorch's by more than the tolerance."""
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What a serving process needs besides the network itself."""
-
-    model_name: str
-    arch: str
-    preprocessing: dict[str, Any]
-    operating_point: dict[str, Any]
-    mlflow_run_id: str | None
-    manifest_hash: str | None
-    git_commit: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    exported_at: str = ""
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
-    class_names: tuple[str, ...] = CLASS_NAMES
-    precision: str = "fp32"  # "int8": statically quantized, calibrated on validation images
-    # "flip": the graph scores the mean logit of the image and its mirror image.
-    test_time_augmentation: str = "none"
-    format: int = EXPORT_FORMAT
-
-    @property
-    def preprocessing_config(self) -> PreprocessingConfig:
-        return PreprocessingConfig.from_dict(self.preprocessing)
-
-    @property
-    def calibration(self) -> OperatingPoint:
-        return OperatingPoint.from_dict(self.operating_point)
-
-    @property
-    def threshold(self) -> float:
-        return float(self.operating_point["threshold"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelMetadata:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ExportError(f"model metadata is not valid JSON: {exc}") from exc
-        if not isinstance(values, dict) or values.get("format") != EXPORT_FORMAT:
-            raise ExportError(f"unsupported model metadata format (expected {EXPORT_FORMAT})")
-        values["class_names"] = tuple(values.get("class_names", CLASS_NAMES))
-        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        return cls(**known)
 
 
 def metadata_for_checkpoint(
@@ -192,25 +132,6 @@ def export_torchscript(model: nn.Module, metadata: ModelMetadata, path: Path) ->
     return path
 
 
-def read_onnx_metadata(path: str | Path) -> ModelMetadata:
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ExportError(f"{path}: not an ONNX model ({exc})") from exc
-    return _metadata_from_props({e.key: e.value for e in proto.metadata_props}, path)
-
-
-def session_metadata(session: ort.InferenceSession, path: str | Path) -> ModelMetadata:
-    """The metadata of a model already loaded for scoring, without parsing the file again."""
-    return _metadata_from_props(session.get_modelmeta().custom_metadata_map, path)
-
-
-def _metadata_from_props(props: dict[str, str], path: str | Path) -> ModelMetadata:
-    if METADATA_KEY not in props:
-        raise ExportError(f"{path}: ONNX model without {METADATA_KEY!r} metadata")
-    return ModelMetadata.from_json(props[METADATA_KEY])
-
-
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, ModelMetadata]:
     extra = {TORCHSCRIPT_METADATA_FILE: ""}
     with warnings.catch_warnings():
@@ -219,30 +140,6 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, ModelMet
     if not extra[TORCHSCRIPT_METADATA_FILE]:
         raise ExportError(f"{path}: TorchScript model without {TORCHSCRIPT_METADATA_FILE}")
     return module.eval(), ModelMetadata.from_json(extra[TORCHSCRIPT_METADATA_FILE])
-
-
-def onnx_session(
-    path: str | Path, *, threads: int | None = None, spinning: bool = False
-) -> ort.InferenceSession:
-    """A session on CUDA when ONNX Runtime has it, else CPU.
-
-    ``spinning`` off by default: ONNX Runtime's idle worker threads otherwise busy-wait between
-    requests, which halved the speed of a training job sharing two cores with intermittent
-    scoring (measured). A dedicated, always-busy server may turn it on for latency.
-    """
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:  # ONNX Runtime raises its own types for unreadable models
-        raise ExportError(f"{path}: not a loadable ONNX model ({exc})") from exc
 
 
 @dataclass(frozen=True)

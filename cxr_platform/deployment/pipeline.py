@@ -32,6 +32,7 @@ from cxr_platform.deployment.registry import (
     ModelVersionInfo,
     RegistryError,
     RegistryEvent,
+    registry_for,
 )
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.pipeline import TrainedModel, tracker_for
@@ -62,15 +63,6 @@ def cli_trigger() -> str:
     except Exception:  # no login name in some containers
         user = "unknown"
     return f"cli:{user}"
-
-
-def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
-    registry_settings.ensure_dirs()
-    return ModelRegistry(
-        registry_settings.tracking_uri,
-        name=registry_settings.registry_model_name,
-        cache_dir=registry_settings.registry_cache_dir,
-    )
 
 
 def gate_config_for(registry_settings: RegistrySection) -> GateConfig:

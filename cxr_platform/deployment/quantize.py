@@ -24,12 +24,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.data.preprocessing import normalize_uint8
-from cxr_platform.deployment.export import (
-    INT8_ONNX_FILE,
-    ONNX_FILE,
-    read_onnx_metadata,
-    write_onnx_metadata,
-)
+from cxr_platform.deployment.export import write_onnx_metadata
+from cxr_platform.deployment.model_files import INT8_ONNX_FILE, ONNX_FILE, read_onnx_metadata
 
 
 class _Calibration(CalibrationDataReader):

@@ -22,15 +22,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxr_platform.deployment.aliases import ALIASES, PREVIOUS_PRODUCTION, PRODUCTION, SHADOW
-from cxr_platform.deployment.export import METADATA_FILE, ONNX_FILE, ExportedModel
+from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
 from cxr_platform.errors import CxrError
+from cxr_platform.sections import RegistrySection
+
+if TYPE_CHECKING:  # the exporter needs torch; a registry client (the service, the node) does not
+    from cxr_platform.deployment.export import ExportedModel
 
 DEFAULT_MODEL_NAME = "cxr-pneumonia-classifier"
 EVENT_TAG_PREFIX = "cxr.event."
@@ -382,3 +386,13 @@ class ModelRegistry:
         event = RegistryEvent("rollback", target_info.version, current.version, triggered_by, now)
         self._record(event)
         return event
+
+
+def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
+    """The registry these settings name, with its download cache under the home."""
+    registry_settings.ensure_dirs()
+    return ModelRegistry(
+        registry_settings.tracking_uri,
+        name=registry_settings.registry_model_name,
+        cache_dir=registry_settings.registry_cache_dir,
+    )

@@ -15,7 +15,7 @@ import torch
 
 from cxr_platform.data.imaging import DecodedImage, ImageSource
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
-from cxr_platform.deployment.export import WEIGHTS_FILE, ExportError
+from cxr_platform.deployment.model_files import WEIGHTS_FILE, ExportError
 from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
 from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.models.zoo import build_model

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_platform.deployment.export import INT8_ONNX_FILE
+from cxr_platform.deployment.model_files import INT8_ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
 from cxr_platform.inference.predictor import Predictor
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
 from cxr_platform.data.preprocessing import normalize_uint8, to_square_uint8
-from cxr_platform.deployment.export import (
+from cxr_platform.deployment.model_files import (
     INT8_ONNX_FILE,
     ONNX_FILE,
     ExportError,

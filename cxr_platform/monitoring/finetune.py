@@ -20,7 +20,8 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.deployment import pipeline as deployment
-from cxr_platform.deployment.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel
+from cxr_platform.deployment.export import ExportedModel
+from cxr_platform.deployment.model_files import METADATA_FILE, WEIGHTS_FILE
 from cxr_platform.deployment.registry import PRODUCTION, ModelRegistry, ModelVersionInfo
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import bentoml
@@ -29,10 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.errors import ImageReadError
-from cxr_platform.explain.gradcam import png_bytes
-from cxr_platform.inference.explainer import Explainer
 from cxr_platform.inference.live import FixedModels, LiveModels
 from cxr_platform.inference.log import (
     InferenceLog,
@@ -55,6 +53,9 @@ from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import EdgeMiddleware
 from cxr_platform.settings import load_settings
+
+if TYPE_CHECKING:
+    from cxr_platform.inference.explainer import Explainer
 
 log = logging.getLogger(__name__)
 settings = load_settings()
@@ -267,6 +268,8 @@ class CxrService:
             prediction = core.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
             _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
+            from cxr_platform.explain.gradcam import png_bytes
+
             image = png_bytes(overlay)
             if wants_json:
                 body = {**prediction, "overlay_png_base64": base64.b64encode(image).decode()}
@@ -280,6 +283,10 @@ class CxrService:
         return await self._guarded("explain", file, handler)
 
     def _overlay(self, version: str, upload: PreparedInput) -> tuple[Any, Any]:
+        # Grad-CAM needs torch and the eager model: imported on the first /explain, so the
+        # scoring path starts (and stays) without them.
+        from cxr_platform.inference.explainer import Explainer
+
         with self._explainer_lock:
             explainer = self._explainers.get(version)
             if explainer is None:

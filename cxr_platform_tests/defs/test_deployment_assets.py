@@ -5,8 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
-from cxr_platform.deployment.pipeline import registry_for
-from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW, registry_for
 from cxr_platform.settings import load_settings
 
 

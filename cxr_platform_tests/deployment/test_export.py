@@ -10,15 +10,13 @@ from onnx import numpy_helper
 
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.deployment.export import (
-    ExportError,
-    ModelMetadata,
     export_checkpoint,
     export_onnx,
     export_torchscript,
     load_torchscript,
     parity_check,
-    read_onnx_metadata,
 )
+from cxr_platform.deployment.model_files import ExportError, ModelMetadata, read_onnx_metadata
 from cxr_platform.deployment.pipeline import parity_inputs
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.evaluation import OperatingPoint

@@ -118,7 +118,8 @@ def test_gate_refuses_a_worse_candidate_and_accepts_a_better_one(
 
 
 def _reexport(settings, registry, info):
-    from cxr_platform.deployment.export import ExportedModel, ParityResult, read_onnx_metadata
+    from cxr_platform.deployment.export import ExportedModel, ParityResult
+    from cxr_platform.deployment.model_files import read_onnx_metadata
 
     folder = registry.download(info.version)
     return ExportedModel(

@@ -21,8 +21,7 @@ from cxr_platform.defs.monitoring_assets import (
     initial_drift_cursor,
 )
 from cxr_platform.demo import run_monitoring_loop, tick_sensor
-from cxr_platform.deployment.pipeline import registry_for
-from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW, registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.monitoring.shifts import SHIFT_NAMES

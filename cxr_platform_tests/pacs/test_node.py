@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess

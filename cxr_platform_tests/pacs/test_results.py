@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.explainer import content_region
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog, hash_uid, uid_salt
