@@ -33,13 +33,17 @@ log = logging.getLogger(__name__)
 # answers (HTTP 503, a DICOM instance left in the spool for later).
 NO_PRODUCTION_MODEL = "no_production_model"
 LOG_UNAVAILABLE = "inference_log_unavailable"
+_FAILURE_MESSAGES = {
+    NO_PRODUCTION_MODEL: "no model holds the production alias (see `cxr models` / `cxr promote`)",
+    LOG_UNAVAILABLE: "the inference log is unavailable, so no prediction is released",
+}
 
 
 class ScoringUnavailableError(CxrError):
     """No prediction can be released now; worth trying again later."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str) -> None:
+        super().__init__(_FAILURE_MESSAGES.get(reason, reason))
         self.reason = reason
 
 
@@ -101,13 +105,7 @@ class ScoringOutcome:
     def released(self) -> Prediction:
         """The production prediction, or the typed error that says why there is none."""
         if self.production is None:
-            reason = self.failure or NO_PRODUCTION_MODEL
-            messages = {
-                NO_PRODUCTION_MODEL: "no model holds the production alias "
-                "(see `cxr models` / `cxr promote`)",
-                LOG_UNAVAILABLE: "the inference log is unavailable, so no prediction is released",
-            }
-            raise ScoringUnavailableError(reason, messages.get(reason, reason))
+            raise ScoringUnavailableError(self.failure or NO_PRODUCTION_MODEL)
         return self.production
 
 
@@ -123,8 +121,7 @@ def request_for(
     """Prepare ``data`` for the production model of ``models`` (one snapshot, taken by the
     caller). Raises :class:`ScoringUnavailableError` when there is no production model."""
     if models.production is None:
-        ScoringOutcome(request_id="").released()
-    assert models.production is not None
+        raise ScoringUnavailableError(NO_PRODUCTION_MODEL)
     prepared = prepare_input(data, models.production, max_pixels=max_pixels, uid_salt=uid_salt)
     return ScoreRequest(models, prepared, new_request_id(), started, source)
 
