@@ -11,7 +11,7 @@ tracked pipeline: prints one JSON object and, with ``--out``, writes it there.
 
     PYTHONPATH=. python3 benchmarks/device_recipe.py DATA_DIR [--arch resnet18] [--profile full]
         [--epochs N] [--batch-size N] [--size 224] [--device auto] [--compile]
-        [--workers N] [--cache DIR] [--out FILE.json]
+        [--workers N] [--home DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ from typing import Any
 
 import torch
 
-from cxr_platform.data.cache import build_cache
+from cxr_platform.data.pipeline import prepare
 from cxr_platform.data.preprocessing import PreprocessingConfig
-from cxr_platform.data.profile import profile_dataset
-from cxr_platform.data.sources import discover_images
-from cxr_platform.data.splits import make_manifest
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.models.evaluation import evaluate_predictions
 from cxr_platform.models.robustness import robustness_scores
@@ -47,7 +44,7 @@ from cxr_platform.models.training import (
     with_epochs,
 )
 from cxr_platform.provenance import git_commit
-from cxr_platform.sections import DEFAULT_SPLIT_RATIOS, TRAINING_PROFILES, DataSection
+from cxr_platform.sections import TRAINING_PROFILES, DataSection
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
@@ -66,19 +63,15 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = select_device(args.device)
-    section = DataSection()  # the platform's defaults: seed, split ratios
-    started = time.perf_counter()
-    index = discover_images(args.data)
-    _, inspected = profile_dataset(index, workers=args.workers, progress=False)
-    manifest = make_manifest(inspected, ratios=DEFAULT_SPLIT_RATIOS, seed=section.seed)
-    cache_dir = args.cache or Path(tempfile.mkdtemp(prefix="cxr-cache-"))
-    cache = build_cache(
-        manifest,
-        cache_dir,
-        PreprocessingConfig(image_size=args.size),
+    # The platform's own data stages (and its split checks), its seed and split ratios.
+    section = DataSection(
+        home=args.home or Path(tempfile.mkdtemp(prefix="cxr-home-")),
+        data_dir=args.data.resolve(),
+        image_size=args.size,
         workers=args.workers,
-        progress=False,
     )
+    started = time.perf_counter()
+    _, cache = prepare(section, progress=False)
     cached = time.perf_counter()
 
     overrides: dict[str, Any] = {"device": str(device), "compile": args.compile}
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", type=Path, help="cache folder to build or reuse")
+    parser.add_argument("--home", type=Path, help="work folder; its cache is reused by later runs")
     parser.add_argument("--commit", help="the commit, where the checkout has no .git")
     parser.add_argument("--out", type=Path, help="also write the JSON row here")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ OUT=${OUT:-device-out}
 DATA=${DATA:-.device-data/kaggle-chest-xray-224}
 COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 PY=${PY:-python3}
-CACHE=$(mktemp -d)
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
 
 # The device tool allows 600 s per command and about 900 s of device time in all, start-up
@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, note how it e
 
 # 0. Smoke: the whole recipe, one epoch of the baseline, on the real folder (builds the cache).
 step 00-smoke 120 $PY benchmarks/device_recipe.py "$DATA" --arch baseline_cnn --epochs 1 \
-  --cache "$CACHE" --commit "$COMMIT" --out "$OUT/00-smoke.json"
+  --home "$WORK" --commit "$COMMIT" --out "$OUT/00-smoke.json"
 # 1. Throughput, ResNet18 at batch 256: loader-only, compute-only, end-to-end, inference (bf16).
 step 01-throughput 90 $PY benchmarks/train_throughput.py --archs resnet18 --batch-size 256 \
   --images 4096 --inference-batch-size 1024
@@ -56,10 +56,10 @@ step 01-throughput-compile 150 $PY benchmarks/train_throughput.py --archs resnet
   --batch-size 256 --images 4096 --inference-batch-size 1024 --compile
 # 2. The full-profile ResNet18 run, 30 epochs, timed from cache to evaluation (target < 60 s).
 step 02-resnet18-full 150 $PY benchmarks/device_recipe.py "$DATA" --arch resnet18 \
-  --cache "$CACHE" --commit "$COMMIT" --out "$OUT/02-resnet18-full.json"
+  --home "$WORK" --commit "$COMMIT" --out "$OUT/02-resnet18-full.json"
 # 3. The same for DenseNet121, then its batched inference.
 step 03-densenet121-full 180 $PY benchmarks/device_recipe.py "$DATA" --arch densenet121 \
-  --cache "$CACHE" --commit "$COMMIT" --out "$OUT/03-densenet121-full.json"
+  --home "$WORK" --commit "$COMMIT" --out "$OUT/03-densenet121-full.json"
 step 03-densenet121-throughput 60 $PY benchmarks/train_throughput.py --archs densenet121 \
   --batch-size 256 --images 2048 --inference-batch-size 1024
-rm -rf "$CACHE"
+rm -rf "$WORK"

@@ -1,4 +1,5 @@
-"""The shape the architecture keeps: edges that do not know each other and start light."""
+"""The shape the architecture keeps: configuration by one road, edges that do not know each other
+and start light."""
 
 from __future__ import annotations
 
@@ -68,3 +69,28 @@ def test_the_dicom_node_starts_without_the_training_stack(tmp_path):
     loaded = _loaded_after_import("cxr_platform.pacs.node", tmp_path)
     loaded |= _loaded_after_import("cxr_platform.pacs.processing", tmp_path)
     assert not (set(HEAVY) & loaded), sorted(set(HEAVY) & loaded)
+
+
+def test_no_library_module_takes_the_settings_object_or_writes_the_environment():
+    """Library code takes the section it needs; only the edges read the settings, only the
+    telemetry module writes os.environ, and only the Dagster shell (defs/, the CLI and the demo
+    driver beside it) imports Dagster."""
+    entry_points = {"cli.py", "demo.py", "settings.py", "serving/service.py"}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        text = path.read_text()
+        if relative != "telemetry.py":
+            assert "os.environ[" not in text and "os.environ.setdefault" not in text, relative
+        imported = _imports(path)
+        if not relative.startswith("defs/") and relative not in {"cli.py", "demo.py"}:
+            assert not any(name.split(".")[0] == "dagster" for name in imported), relative
+        if relative.startswith("defs/") or relative in entry_points:
+            continue
+        assert "cxr_platform.settings" not in imported, relative
+        if relative.startswith("models/") or relative in {
+            "data/cache.py",
+            "data/transforms.py",
+            "data/preprocessing.py",
+            "sections.py",
+        }:
+            assert not any(name.split(".")[0] == "pydantic" for name in imported), relative
