@@ -30,7 +30,6 @@ from cxr_platform.settings import (
     settings_fields,
 )
 
-
 # Values the platform reads beyond its own checks: an architecture the zoo knows, a cron Dagster
 # accepts, result kinds the node makes.
 SPECIAL_VALUES: dict[str, object] = {
