@@ -157,6 +157,7 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
     monitoring loop against the live service."""
     import dagster as dg
 
+    from cxr_platform.data.profile import DataProfile
     from cxr_platform.data.splits import read_manifest, split_summary
     from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 
@@ -193,10 +194,10 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
     _print_evaluations(settings)
     _print_explanations(settings)
     _print_registry(settings)
-    profile_json = json.loads((settings.data.reports_dir / "data_profile.json").read_text())
+    profile = DataProfile.read_json(settings.data.reports_dir / "data_profile.json")
     click.echo(
-        f"\nProfile: {profile_json['n_images']} images, {profile_json['n_unreadable']} "
-        f"unreadable, {profile_json['n_patients']} patients, per class {profile_json['per_class']}"
+        f"\nProfile: {profile.n_images} images, {profile.n_unreadable} unreadable, "
+        f"{profile.n_patients} patients, per class {profile.per_class}"
     )
     manifest = read_manifest(settings.data.splits_dir / "patient_splits.csv")
     click.echo("\n" + split_summary(manifest).to_string(index=False, float_format="%.3f"))
@@ -256,14 +257,16 @@ def _print_evaluations(settings: CxrSettings) -> None:
         f"  {'model':<14} {'pretrained':<10} {'AUC (95% CI)':<22} {'sens':>6} {'spec':>6} "
         f"{'PPV':>6} {'NPV':>6} {'thr':>6}"
     )
+    from cxr_platform.models.evaluation import EvaluationReport
+
     for path in reports:
-        values = json.loads(path.read_text())
-        test = values["splits"]["test"]
+        report = EvaluationReport.read_json(path)
+        test = report.splits["test"]
         click.echo(
-            f"  {values['model_name']:<14} {str(values['training'].get('pretrained')):<10} "
-            f"{test['auc']:.3f} ({test['auc_ci_low']:.3f}-{test['auc_ci_high']:.3f})  "
-            f"{_num(test['sensitivity'])} {_num(test['specificity'])} {_num(test['ppv'])} "
-            f"{_num(test['npv'])} {values['operating_point']['threshold']:6.3f}"
+            f"  {report.model_name:<14} {str(report.training.get('pretrained')):<10} "
+            f"{test.auc:.3f} ({test.auc_ci_low:.3f}-{test.auc_ci_high:.3f})  "
+            f"{_num(test.sensitivity)} {_num(test.specificity)} {_num(test.ppv)} "
+            f"{_num(test.npv)} {report.operating_point.threshold:6.3f}"
         )
 
 
@@ -273,20 +276,22 @@ def _print_explanations(settings: CxrSettings) -> None:
     if not reports:
         return
     click.echo("\nGrad-CAM checks (test split):")
+    from cxr_platform.explain.report import ExplanationReport
+
     for path in reports:
-        values = json.loads(path.read_text())
-        game = values.get("pointing_game")
+        report = ExplanationReport.read_json(path)
+        game = report.pointing_game
         pointing = (
-            f"pointing game {game['hit_rate']:.2f} vs random point "
-            f"{game['random_point_hit_rate']:.2f} (p={game['p_value']:.1e})"
+            f"pointing game {game.hit_rate:.2f} vs random point "
+            f"{game.random_point_hit_rate:.2f} (p={game.p_value:.1e})"
             if game
             else "pointing game n/a (no lesion masks)"
         )
-        randomization = values["randomization"]
+        randomization = report.randomization
         click.echo(
-            f"  {values['model_name']:<14} {pointing}; randomization |rho| "
-            f"{randomization['mean_abs_rank_correlation']:.2f} "
-            f"({'PASS' if randomization['passed'] else 'FAIL'}); gallery {values['gallery']}"
+            f"  {report.model_name:<14} {pointing}; randomization |rho| "
+            f"{randomization.mean_abs_rank_correlation:.2f} "
+            f"({'PASS' if randomization.passed else 'FAIL'}); gallery {report.gallery}"
         )
 
 
@@ -571,8 +576,9 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
 
     trained = model_pipeline.latest_trained(_settings(ctx).training)
     settings = _settings(ctx, data_dir=trained.data_dir)
+    evaluation = model_pipeline.latest_evaluation(settings.training, trained)
     _, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
-    exported = deployment.export_trained(settings.registry, cache, trained)
+    exported = deployment.export_trained(settings.registry, cache, trained, evaluation)
     parity = exported.parity
     click.echo(
         f"exported {trained.model_name} to {exported.directory}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from cxr_platform.data.profile import profile_dataset
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.splits import make_manifest
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.models.evaluation import OperatingPoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,24 +60,31 @@ def learnable_cache(tmp_path_factory) -> PreprocessedCache:
     )
 
 
-def _trained_and_evaluated(cache: PreprocessedCache, out_dir: Path, **overrides) -> Path:
-    """Train the baseline on ``cache``, fit its operating point on validation, save it in."""
+@dataclass(frozen=True)
+class EvaluatedCheckpoint:
+    """A checkpoint as training wrote it, and the operating point its evaluation fitted."""
+
+    path: Path
+    operating_point: OperatingPoint
+
+
+def _trained_and_evaluated(
+    cache: PreprocessedCache, out_dir: Path, **overrides
+) -> EvaluatedCheckpoint:
+    """Train the baseline on ``cache`` and fit its operating point on validation."""
     from cxr_platform.data.transforms import TensorBatches
+    from cxr_platform.models.checkpoint import Checkpoint
     from cxr_platform.models.evaluation import evaluate_predictions
     from cxr_platform.models.training import (
         TrainingData,
-        load_checkpoint,
         predict_logits,
-        save_checkpoint,
-        scoring_model,
         train,
         training_profile,
     )
 
     config = training_profile("demo", "baseline_cnn", batch_size=16, **overrides)
     result = train(config, TrainingData.from_cache(cache, "cpu"), out_dir, progress=False)
-    checkpoint = load_checkpoint(result.best_checkpoint)
-    model = scoring_model(checkpoint)
+    model = Checkpoint.load(result.best_checkpoint).scoring_model()
     val = TensorBatches.from_cache(cache, "val")
     report = evaluate_predictions(
         arch="baseline_cnn",
@@ -84,13 +93,11 @@ def _trained_and_evaluated(cache: PreprocessedCache, out_dir: Path, **overrides)
         test=None,
         n_bootstrap=10,
     )
-    checkpoint["operating_point"] = report.operating_point.to_dict()
-    save_checkpoint(checkpoint, result.best_checkpoint)
-    return result.best_checkpoint
+    return EvaluatedCheckpoint(result.best_checkpoint, report.operating_point)
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(learnable_cache, tmp_path_factory) -> Path:
+def trained_checkpoint(learnable_cache, tmp_path_factory) -> EvaluatedCheckpoint:
     """A baseline that learned the synthetic task (val AUC ~0.8), with its operating point."""
     return _trained_and_evaluated(
         learnable_cache,
@@ -102,7 +109,7 @@ def trained_checkpoint(learnable_cache, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def untrained_checkpoint(learnable_cache, tmp_path_factory) -> Path:
+def untrained_checkpoint(learnable_cache, tmp_path_factory) -> EvaluatedCheckpoint:
     """Same architecture after one epoch at a negligible learning rate: near chance."""
     return _trained_and_evaluated(
         learnable_cache,

@@ -114,6 +114,14 @@ class DataProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataProfile:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> DataProfile:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ def exported_model_key(arch: str) -> dg.AssetKey:
 
 
 def _per_architecture(arch: str) -> list:
-    # Both assets need the operating point, which the evaluation writes into the checkpoint.
+    # Both assets read the checkpoint as training wrote it and take the operating point (and,
+    # for export, the headline metrics) from the evaluation report.
     evaluated_model_ins = {
         "trained_model": dg.AssetIn(trained_model_key(arch)),
         "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
@@ -70,6 +71,7 @@ def _per_architecture(arch: str) -> list:
         training = platform.settings().training
         report = explain_checkpoint(
             trained_model.checkpoint,
+            evaluation_report.operating_point,
             preprocessed_cache,
             training.reports_dir / "explanations" / trained_model.model_name,
             model_name=trained_model.model_name,
@@ -123,7 +125,7 @@ def _per_architecture(arch: str) -> list:
         preprocessed_cache: PreprocessedCache,
     ):
         exported = deployment.export_trained(
-            platform.settings().registry, preprocessed_cache, trained_model
+            platform.settings().registry, preprocessed_cache, trained_model, evaluation_report
         )
         parity = exported.parity
         yield dg.Output(

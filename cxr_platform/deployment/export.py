@@ -32,7 +32,8 @@ from cxr_platform.deployment.model_files import (
     ModelMetadata,
     onnx_session,
 )
-from cxr_platform.models.training import load_checkpoint, scoring_model
+from cxr_platform.models.checkpoint import Checkpoint
+from cxr_platform.models.evaluation import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class ParityError(ExportError):
 
 
 def metadata_for_checkpoint(
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
+    operating_point: OperatingPoint,
     *,
     model_name: str,
     mlflow_run_id: str | None,
@@ -52,21 +54,17 @@ def metadata_for_checkpoint(
     git_commit: str | None,
     metrics: dict[str, float] | None = None,
 ) -> ModelMetadata:
-    if "operating_point" not in checkpoint:
-        raise ExportError(
-            "the checkpoint has no operating point: evaluate it (cxr evaluate) before exporting"
-        )
     return ModelMetadata(
         model_name=model_name,
-        arch=checkpoint["arch"],
-        preprocessing=dict(checkpoint["preprocessing"]),
-        operating_point=dict(checkpoint["operating_point"]),
+        arch=checkpoint.arch,
+        preprocessing=dict(checkpoint.preprocessing),
+        operating_point=operating_point.to_dict(),
         mlflow_run_id=mlflow_run_id,
         manifest_hash=manifest_hash,
         git_commit=git_commit,
         metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        test_time_augmentation="flip" if checkpoint.get("config", {}).get("tta_flip") else "none",
+        test_time_augmentation="flip" if checkpoint.flip_averaged else "none",
     )
 
 
@@ -204,6 +202,7 @@ class ExportedModel:
 
 def export_checkpoint(
     checkpoint_path: Path,
+    operating_point: OperatingPoint,
     out_dir: Path,
     parity_images: torch.Tensor,
     *,
@@ -216,22 +215,24 @@ def export_checkpoint(
 ) -> ExportedModel:
     """ONNX + TorchScript + state dict + metadata.json in ``out_dir``, then the parity check.
 
+    The checkpoint is only read; ``operating_point`` is the one its evaluation fitted.
     ``parity_images`` are normalized (N, 1, S, S) inputs; the issue's standard is 32 test images.
     """
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = Checkpoint.load(checkpoint_path)
     metadata = metadata_for_checkpoint(
         checkpoint,
+        operating_point,
         model_name=model_name,
         mlflow_run_id=mlflow_run_id,
         manifest_hash=manifest_hash,
         git_commit=git_commit,
         metrics=metrics,
     )
-    model = scoring_model(checkpoint)
+    model = checkpoint.scoring_model()
     out_dir.mkdir(parents=True, exist_ok=True)
     export_onnx(model, metadata, out_dir / ONNX_FILE)
     export_torchscript(model, metadata, out_dir / TORCHSCRIPT_FILE)
-    torch.save(checkpoint["model"], out_dir / WEIGHTS_FILE)
+    torch.save(checkpoint.model, out_dir / WEIGHTS_FILE)
     (out_dir / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     parity = parity_check(
         model, out_dir / ONNX_FILE, out_dir / TORCHSCRIPT_FILE, parity_images, tolerance=tolerance

@@ -25,6 +25,7 @@ from cxr_platform.deployment.gate import (
     decide,
     score_predictions,
 )
+from cxr_platform.deployment.model_files import ExportError
 from cxr_platform.deployment.quantize import add_int8_variant
 from cxr_platform.deployment.registry import (
     PRODUCTION,
@@ -35,26 +36,13 @@ from cxr_platform.deployment.registry import (
     registry_for,
 )
 from cxr_platform.inference.predictor import Predictor
-from cxr_platform.models.pipeline import TrainedModel, tracker_for
+from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.pipeline import TrainedModel, verified_checkpoint
 from cxr_platform.monitoring.reference import reference_from_cache, write_reference
 from cxr_platform.provenance import git_commit
 from cxr_platform.sections import RegistrySection
 
 PARITY_IMAGES = 32
-# Run metrics copied onto the model version (as cxr.metric.* tags) and into the model files.
-VERSION_METRICS = (
-    "best_val_auc",
-    "test_auc",
-    "test_auc_ci_low",
-    "test_auc_ci_high",
-    "test_sensitivity",
-    "test_specificity",
-    "test_ppv",
-    "test_npv",
-    "test_ece",
-    "val_sensitivity",
-    "val_specificity",
-)
 
 
 def cli_trigger() -> str:
@@ -81,26 +69,33 @@ def parity_inputs(cache: PreprocessedCache, n: int = PARITY_IMAGES) -> torch.Ten
     return torch.from_numpy(normalize_uint8(images, preprocessing))[:, None]
 
 
-def run_metrics(registry_settings: RegistrySection, run_id: str) -> dict[str, float]:
-    metrics = tracker_for(registry_settings).client.get_run(run_id).data.metrics
-    return {key: float(metrics[key]) for key in VERSION_METRICS if key in metrics}
-
-
 def export_trained(
-    registry_settings: RegistrySection, cache: PreprocessedCache, trained: TrainedModel
+    registry_settings: RegistrySection,
+    cache: PreprocessedCache,
+    trained: TrainedModel,
+    evaluation: EvaluationReport,
 ) -> ExportedModel:
+    """The files carry the evaluation's operating point and headline metrics; the report must
+    be about this very checkpoint."""
+    verified_checkpoint(trained)
+    if evaluation.checkpoint_sha256 not in (None, trained.checkpoint_sha256):
+        raise ExportError(
+            f"the evaluation report is about another checkpoint than {trained.checkpoint}; "
+            "evaluate this one before exporting it"
+        )
     out_dir = trained.checkpoint.parent / "export"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     exported = export_checkpoint(
         trained.checkpoint,
+        evaluation.operating_point,
         out_dir,
         parity_inputs(cache),
         model_name=trained.model_name,
         mlflow_run_id=trained.mlflow_run_id,
         manifest_hash=trained.manifest_hash,
         git_commit=git_commit(),
-        metrics=run_metrics(registry_settings, trained.mlflow_run_id),
+        metrics=evaluation.version_metrics(),
     )
     write_monitoring_reference(out_dir, cache)
     if not registry_settings.export_int8:

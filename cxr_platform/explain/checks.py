@@ -47,6 +47,10 @@ class PointingGameResult:
     def to_dict(self) -> dict:
         return {**asdict(self), "lift": self.lift, "p_value": self.p_value}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> PointingGameResult:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__})
+
 
 def pointing_game(
     heatmaps: np.ndarray, masks: np.ndarray, *, tolerance_px: float | None = None
@@ -102,6 +106,16 @@ class RandomizationResult:
         values = asdict(self)
         values.pop("per_image")
         return {**values, "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RandomizationResult:
+        # The JSON form leaves the per-image correlations out.
+        return cls(
+            n=values["n"],
+            mean_abs_rank_correlation=values["mean_abs_rank_correlation"],
+            max_allowed=values["max_allowed"],
+            per_image=list(values.get("per_image", [])),
+        )
 
 
 def randomized_copy(model: nn.Module, *, seed: int = 0) -> nn.Module:

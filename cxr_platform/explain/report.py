@@ -34,13 +34,9 @@ from cxr_platform.explain.checks import (  # noqa: E402
     randomization_check,
 )
 from cxr_platform.explain.gradcam import gradcam_method, heatmaps_for_uint8, overlay  # noqa: E402
+from cxr_platform.models.checkpoint import Checkpoint  # noqa: E402
 from cxr_platform.models.evaluation import OperatingPoint  # noqa: E402
-from cxr_platform.models.training import (  # noqa: E402
-    load_checkpoint,
-    model_from_checkpoint,
-    predict_logits,
-    scoring_model,
-)
+from cxr_platform.models.training import predict_logits  # noqa: E402
 
 GALLERY_GROUPS = ("true positive", "false positive", "false negative", "true negative")
 
@@ -65,6 +61,23 @@ class ExplanationReport:
             "pointing_game": self.pointing_game.to_dict() if self.pointing_game else None,
             "randomization": self.randomization.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExplanationReport:
+        game = values.get("pointing_game")
+        return cls(
+            model_name=values["model_name"],
+            arch=values["arch"],
+            n_test=values["n_test"],
+            gallery=Path(values["gallery"]),
+            gallery_cases=list(values["gallery_cases"]),
+            pointing_game=PointingGameResult.from_dict(game) if game else None,
+            randomization=RandomizationResult.from_dict(values["randomization"]),
+        )
+
+    @classmethod
+    def read_json(cls, path: Path) -> ExplanationReport:
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def select_gallery_cases(
@@ -149,6 +162,7 @@ def plot_gallery(
 
 def explain_checkpoint(
     checkpoint_path: Path,
+    operating_point: OperatingPoint,
     cache: PreprocessedCache,
     out_dir: Path,
     *,
@@ -158,20 +172,19 @@ def explain_checkpoint(
     randomization_cases: int = 16,
     seed: int = 0,
 ) -> ExplanationReport:
-    checkpoint = load_checkpoint(checkpoint_path)
-    arch = checkpoint["arch"]
+    """``operating_point`` is the one the checkpoint's evaluation fitted (the gallery's groups
+    are cut at its threshold)."""
+    checkpoint = Checkpoint.load(checkpoint_path)
+    arch = checkpoint.arch
     model_name = model_name or arch
-    preprocessing = PreprocessingConfig.from_dict(checkpoint["preprocessing"])
-    if "operating_point" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} has no operating point yet: evaluate it first")
-    operating_point = OperatingPoint.from_dict(checkpoint["operating_point"])
-    model = model_from_checkpoint(checkpoint)  # Grad-CAM on CPU: a few dozen images
+    preprocessing = checkpoint.preprocessing_config
+    model = checkpoint.bare_model()  # Grad-CAM on CPU: a few dozen images
 
     test = TensorBatches.from_cache(cache, "test")
     images = test.images[:, 0].numpy()  # the same uint8 memory, not a second load
     labels = test.labels_np
     # The same scores the evaluation and the exported model give (test-time augmentation too).
-    probabilities = operating_point.probabilities(predict_logits(scoring_model(checkpoint), test))
+    probabilities = operating_point.probabilities(predict_logits(checkpoint.scoring_model(), test))
     index = cache.index("test")
     names = [Path(p).name for p in index["relative_path"].astype(str)]
 

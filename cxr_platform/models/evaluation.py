@@ -283,6 +283,13 @@ def fit_operating_point(
     )
 
 
+# Per split, the figures copied onto a registry version (cxr.metric.* tags) and model files.
+VERSION_METRIC_KEYS = {
+    "test": ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "ppv", "npv", "ece"),
+    "val": ("sensitivity", "specificity"),
+}
+
+
 @dataclass
 class EvaluationReport:
     arch: str
@@ -290,6 +297,8 @@ class EvaluationReport:
     operating_point: OperatingPoint
     splits: dict[str, SplitEvaluation]
     training: dict[str, Any] = field(default_factory=dict)
+    # Which file was evaluated: export refuses a report that is about another checkpoint.
+    checkpoint_sha256: str | None = None
     # Kept for plots; not written to JSON (one number per image would bloat the report).
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -317,12 +326,44 @@ class EvaluationReport:
             "operating_point": self.operating_point.to_dict(),
             "splits": {name: asdict(s) for name, s in self.splits.items()},
             "training": self.training,
+            "checkpoint_sha256": self.checkpoint_sha256,
         }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvaluationReport:
+        try:
+            return cls(
+                arch=values["arch"],
+                model_name=values["model_name"],
+                operating_point=OperatingPoint.from_dict(values["operating_point"]),
+                splits={name: SplitEvaluation(**split) for name, split in values["splits"].items()},
+                training=dict(values.get("training") or {}),
+                checkpoint_sha256=values.get("checkpoint_sha256"),
+            )
+        except (KeyError, TypeError) as error:
+            raise EvaluationError(f"not an evaluation report: {error!r}") from error
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> EvaluationReport:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"{path}: cannot read an evaluation report: {error}") from error
+        return cls.from_dict(values)
+
+    def version_metrics(self) -> dict[str, float]:
+        """The headline figures a registry version and its model files carry."""
+        metrics: dict[str, Any] = {"best_val_auc": self.training.get("best_val_auc")}
+        for split, keys in VERSION_METRIC_KEYS.items():
+            if split in self.splits:
+                evaluation = self.splits[split]
+                metrics.update({f"{split}_{key}": getattr(evaluation, key) for key in keys})
+        return {key: float(value) for key, value in metrics.items() if value is not None}
 
 
 def evaluate_predictions(

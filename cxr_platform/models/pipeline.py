@@ -16,20 +16,16 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.errors import CxrError
+from cxr_platform.models.checkpoint import Checkpoint, file_sha256
 from cxr_platform.models.evaluation import EvaluationReport, ThresholdRule, evaluate_predictions
+from cxr_platform.models.recipe import TrainConfig, training_profile, with_epochs
 from cxr_platform.models.reporting import plot_learning_curves, write_report_files
 from cxr_platform.models.training import (
-    TrainConfig,
     TrainingData,
     TrainingResult,
-    load_checkpoint,
     predict_logits,
-    save_checkpoint,
-    scoring_model,
     select_device,
     train,
-    training_profile,
-    with_epochs,
 )
 from cxr_platform.models.zoo import architecture
 from cxr_platform.provenance import git_commit
@@ -62,6 +58,8 @@ class TrainedModel:
     manifest_hash: str | None
     data_dir: str | None = None  # None: the synthetic demo set of the same settings
     schedule: str = ""  # the phases as run (the scratch schedule can differ from the config)
+    # Taken when training wrote it; every later step checks the file against it.
+    checkpoint_sha256: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -224,6 +222,7 @@ def _finish_training(
         manifest_hash=manifest_hash,
         data_dir=str(training.data_dir) if training.data_dir else None,
         schedule=result.schedule,
+        checkpoint_sha256=file_sha256(result.best_checkpoint),
         history=history,
     )
     _write_latest(training, trained)
@@ -248,6 +247,26 @@ def latest_trained(training: TrainingSection) -> TrainedModel:
     return TrainedModel(**values)
 
 
+class CheckpointChangedError(CxrError):
+    """A checkpoint on disk is not the file training wrote (artifacts are written once)."""
+
+
+def verified_checkpoint(trained: TrainedModel) -> Checkpoint:
+    """The trained model's checkpoint, refused when the file is not the one training wrote."""
+    if trained.checkpoint_sha256 is not None:
+        found = file_sha256(trained.checkpoint)
+        if found != trained.checkpoint_sha256:
+            raise CheckpointChangedError(
+                f"{trained.checkpoint} changed after training (sha256 {found[:12]}, trained "
+                f"{trained.checkpoint_sha256[:12]}); retrain rather than reuse it"
+            )
+    return Checkpoint.load(trained.checkpoint)
+
+
+def evaluation_dir(training: TrainingSection, model_name: str) -> Path:
+    return training.reports_dir / "evaluation" / model_name
+
+
 def evaluate_trained(
     training: TrainingSection,
     cache: PreprocessedCache,
@@ -258,16 +277,17 @@ def evaluate_trained(
 ) -> tuple[EvaluationReport, dict[str, Path]]:
     """Validation fixes calibration and threshold; test is scored with both frozen.
 
-    The operating point is written back into the checkpoint so the model carries it.
+    The checkpoint is only read: the operating point travels in the report, which names the
+    checkpoint it is about by its sha256.
     """
-    checkpoint = load_checkpoint(trained.checkpoint)
-    if checkpoint["preprocessing"] != cache.preprocessing:
+    checkpoint = verified_checkpoint(trained)
+    if checkpoint.preprocessing != cache.preprocessing:
         raise CxrError(
             f"{trained.checkpoint} was trained with other preprocessing than this cache; "
             "rebuild the cache with the model's settings"
         )
     device = select_device(training.device)
-    model = scoring_model(checkpoint).to(device)
+    model = checkpoint.scoring_model().to(device)
     val = TensorBatches.from_cache(cache, "val", device=device)
     val_logits = predict_logits(model, val)
     rule = ThresholdRule(training.threshold_rule, training.target_sensitivity)
@@ -293,15 +313,30 @@ def evaluate_trained(
             "mlflow_run_id": trained.mlflow_run_id,
         },
     )
-    checkpoint["operating_point"] = report.operating_point.to_dict()
-    save_checkpoint(checkpoint, trained.checkpoint)
+    report.checkpoint_sha256 = trained.checkpoint_sha256 or file_sha256(trained.checkpoint)
 
-    out_dir = out_dir or training.reports_dir / "evaluation" / trained.model_name
+    out_dir = out_dir or evaluation_dir(training, trained.model_name)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     files = write_report_files(report, out_dir, trained.history)
     _log_evaluation(training, trained, report, files)
     return report, files
+
+
+def latest_evaluation(training: TrainingSection, trained: TrainedModel) -> EvaluationReport:
+    """The evaluation ``cxr evaluate`` wrote for exactly this trained checkpoint."""
+    path = evaluation_dir(training, trained.model_name) / "evaluation.json"
+    if not path.exists():
+        raise CxrError(f"{trained.model_name} has not been evaluated; run `cxr evaluate` first")
+    report = EvaluationReport.read_json(path)
+    stale_run = report.training.get("mlflow_run_id") != trained.mlflow_run_id
+    other_file = trained.checkpoint_sha256 not in (None, report.checkpoint_sha256)
+    if stale_run or other_file:
+        raise CxrError(
+            f"{path} is about an earlier training run of {trained.model_name}; "
+            "run `cxr evaluate` for the latest one first"
+        )
+    return report
 
 
 def _log_evaluation(
@@ -334,7 +369,6 @@ def _log_evaluation(
     metrics["calibration_bias"] = report.operating_point.bias
     run.log_metrics(metrics)
     run.set_tags({"cxr.threshold_rule": report.operating_point.rule})
-    run.log_artifact(trained.checkpoint)  # now carrying its operating point
     for name, path in files.items():
         if name != "learning_curves":
             run.log_artifact(path, "evaluation")

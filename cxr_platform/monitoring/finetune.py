@@ -187,7 +187,7 @@ def register_finetuned(
     triggered_by: str,
 ) -> tuple[ExportedModel, ModelVersionInfo]:
     """Export with the parity check, register, and make it the shadow candidate."""
-    exported = deployment.export_trained(registry_settings, cache, result.trained)
+    exported = deployment.export_trained(registry_settings, cache, result.trained, result.report)
     info = deployment.register_exported(
         registry_settings,
         exported,

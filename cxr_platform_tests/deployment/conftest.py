@@ -8,6 +8,7 @@ from cxr_platform.deployment.export import ExportedModel, export_checkpoint
 from cxr_platform.deployment.pipeline import parity_inputs
 from cxr_platform.models.pipeline import tracker_for
 from cxr_platform.settings import CxrSettings, load_settings
+from cxr_platform_tests.conftest import EvaluatedCheckpoint
 
 
 @pytest.fixture()
@@ -23,12 +24,13 @@ def settings(tmp_path) -> CxrSettings:
 
 
 def export_for_registry(
-    settings: CxrSettings, checkpoint: Path, cache, out_dir: Path, name: str
+    settings: CxrSettings, checkpoint: EvaluatedCheckpoint, cache, out_dir: Path, name: str
 ) -> ExportedModel:
     run = tracker_for(settings.registry).start_run(run_name=name, tags={"cxr.model_name": name})
     run.finish()
     return export_checkpoint(
-        checkpoint,
+        checkpoint.path,
+        checkpoint.operating_point,
         out_dir,
         parity_inputs(cache),
         model_name=name,
@@ -39,10 +41,11 @@ def export_for_registry(
     )
 
 
-def export_untracked(checkpoint: Path, cache, out_dir: Path) -> ExportedModel:
+def export_untracked(checkpoint: EvaluatedCheckpoint, cache, out_dir: Path) -> ExportedModel:
     """Export without a tracking run: for tests of the files themselves."""
     return export_checkpoint(
-        checkpoint,
+        checkpoint.path,
+        checkpoint.operating_point,
         out_dir,
         parity_inputs(cache),
         model_name="baseline",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -10,18 +13,21 @@ from onnx import numpy_helper
 
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.deployment.export import (
-    export_checkpoint,
     export_onnx,
     export_torchscript,
     load_torchscript,
     parity_check,
 )
 from cxr_platform.deployment.model_files import ExportError, ModelMetadata, read_onnx_metadata
-from cxr_platform.deployment.pipeline import parity_inputs
+from cxr_platform.deployment.pipeline import export_trained, parity_inputs
 from cxr_platform.inference.predictor import Predictor
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.models.checkpoint import file_sha256
+from cxr_platform.models.evaluation import EvaluationReport, OperatingPoint
+from cxr_platform.models.pipeline import CheckpointChangedError, TrainedModel
 from cxr_platform.models.training import load_checkpoint, model_from_checkpoint
 from cxr_platform.models.zoo import ARCHITECTURES, build_model
+from cxr_platform.settings import load_settings
+from cxr_platform_tests.conftest import EvaluatedCheckpoint
 
 from .conftest import export_untracked
 
@@ -61,9 +67,9 @@ def test_a_model_file_alone_reproduces_the_platforms_predictions(
     assert exported.parity.passed and exported.parity.n_images == 32
 
     # Reference: the checkpoint, its preprocessing and operating point, on cached pixels.
-    checkpoint = load_checkpoint(trained_checkpoint)
-    preprocessing = PreprocessingConfig.from_dict(checkpoint["preprocessing"])
-    operating_point = OperatingPoint.from_dict(checkpoint["operating_point"])
+    checkpoint = load_checkpoint(trained_checkpoint.path)
+    preprocessing = checkpoint.preprocessing_config
+    operating_point = trained_checkpoint.operating_point
     images = learnable_cache.images("test", mmap=False)[:20]
     with torch.no_grad():
         logits = model_from_checkpoint(checkpoint)(
@@ -105,7 +111,7 @@ def test_parity_check_catches_an_exported_model_that_drifted(
     weights *= 1.01  # a 1% error, e.g. a wrong weight conversion
     largest.CopyFrom(numpy_helper.from_array(weights, largest.name))
     onnx.save(proto, str(exported.onnx_path))
-    model = model_from_checkpoint(load_checkpoint(trained_checkpoint))
+    model = model_from_checkpoint(load_checkpoint(trained_checkpoint.path))
     parity = parity_check(
         model, exported.onnx_path, exported.torchscript_path, parity_inputs(learnable_cache)
     )
@@ -125,17 +131,55 @@ def test_files_without_platform_metadata_are_refused(tmp_path):
         read_onnx_metadata(not_onnx)
 
 
-def test_unevaluated_checkpoints_cannot_be_exported(trained_checkpoint, tmp_path):
-    checkpoint = load_checkpoint(trained_checkpoint)
-    del checkpoint["operating_point"]
-    torch.save(checkpoint, tmp_path / "raw.pt")
-    with pytest.raises(ExportError, match="evaluate"):
-        export_checkpoint(
-            tmp_path / "raw.pt",
-            tmp_path / "out",
-            torch.zeros(1, 1, 96, 96),
-            model_name="x",
-            mlflow_run_id=None,
-            manifest_hash=None,
-            git_commit=None,
-        )
+def _trained_model(checkpoint: Path) -> TrainedModel:
+    return TrainedModel(
+        model_name="baseline_cnn",
+        arch="baseline_cnn",
+        checkpoint=checkpoint,
+        mlflow_run_id="run-1",
+        profile="demo",
+        best_epoch=1,
+        best_val_auc=0.8,
+        epochs_run=1,
+        stopped_early=False,
+        pretrained=False,
+        weights_source=None,
+        device="cpu",
+        wall_seconds=1.0,
+        train_images_per_s=1.0,
+        manifest_hash="m",
+        checkpoint_sha256=file_sha256(checkpoint),
+    )
+
+
+def _report_about(checkpoint: EvaluatedCheckpoint) -> EvaluationReport:
+    return EvaluationReport(
+        arch="baseline_cnn",
+        model_name="baseline_cnn",
+        operating_point=checkpoint.operating_point,
+        splits={},
+        checkpoint_sha256=file_sha256(checkpoint.path),
+    )
+
+
+def test_export_takes_the_operating_point_of_a_report_about_this_very_checkpoint(
+    trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path
+):
+    registry = load_settings(home=tmp_path / "home").registry
+    copy = tmp_path / "run" / "best.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(trained_checkpoint.path, copy)
+    trained = _trained_model(copy)
+    with pytest.raises(ExportError, match="another checkpoint"):
+        export_trained(registry, learnable_cache, trained, _report_about(untrained_checkpoint))
+
+    exported = export_trained(registry, learnable_cache, trained, _report_about(trained_checkpoint))
+    assert exported.metadata.operating_point == trained_checkpoint.operating_point.to_dict()
+    assert file_sha256(copy) == trained.checkpoint_sha256  # read, never rewritten
+
+    # A checkpoint altered after training is refused, not exported under the old report.
+    payload = torch.load(copy, weights_only=True)
+    payload["epoch"] += 1
+    torch.save(payload, copy)
+    with pytest.raises(CheckpointChangedError, match="changed after training"):
+        export_trained(registry, learnable_cache, trained, _report_about(trained_checkpoint))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
+from cxr_platform.data.preprocessing import normalize_uint8
 from cxr_platform.explain.checks import pointing_game, randomization_check
 from cxr_platform.explain.gradcam import gradcam_heatmaps, gradcam_method, overlay
 from cxr_platform.explain.report import explain_checkpoint, lesion_masks
@@ -60,10 +60,8 @@ def test_pointing_game_counts_hits_and_the_random_point_baseline():
 
 
 def _trained(trained_checkpoint):
-    checkpoint = load_checkpoint(trained_checkpoint)
-    return model_from_checkpoint(checkpoint), PreprocessingConfig.from_dict(
-        checkpoint["preprocessing"]
-    )
+    checkpoint = load_checkpoint(trained_checkpoint.path)
+    return model_from_checkpoint(checkpoint), checkpoint.preprocessing_config
 
 
 def test_gradcam_points_at_synthetic_lesions_better_than_a_random_point(
@@ -101,7 +99,13 @@ def test_randomization_check_passes_gradcam_and_flags_a_method_that_ignores_the_
 def test_explain_checkpoint_writes_the_gallery_and_the_checks(
     trained_checkpoint, learnable_cache, tmp_path
 ):
-    report = explain_checkpoint(trained_checkpoint, learnable_cache, tmp_path, per_group=3)
+    report = explain_checkpoint(
+        trained_checkpoint.path,
+        trained_checkpoint.operating_point,
+        learnable_cache,
+        tmp_path,
+        per_group=3,
+    )
     gallery = Image.open(report.gallery)
     assert gallery.format == "PNG" and gallery.size[0] > 300
     written = json.loads((tmp_path / "explanations.json").read_text())

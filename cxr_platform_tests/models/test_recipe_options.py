@@ -115,13 +115,14 @@ def test_flip_averaging_is_the_mean_of_the_image_and_its_mirror():
 
 
 def test_flip_averaging_travels_from_training_into_the_exported_model(learnable_cache, tmp_path):
-    checkpoint_path = _trained_and_evaluated(
+    evaluated = _trained_and_evaluated(
         learnable_cache, tmp_path / "train", finetune_epochs=2, tta_flip=True
     )
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(evaluated.path)
     assert isinstance(scoring_model(checkpoint), FlipAveraged)
     exported = export_checkpoint(
-        checkpoint_path,
+        evaluated.path,
+        evaluated.operating_point,
         tmp_path / "export",
         parity_inputs(learnable_cache, 8),
         model_name="baseline_cnn",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
-from cxr_platform.models.evaluation import OperatingPoint, evaluate_split
+from cxr_platform.models.evaluation import evaluate_split
 from cxr_platform.models.robustness import (
     ROBUSTNESS_SHIFTS,
     robustness_scores,
@@ -19,13 +18,13 @@ from cxr_platform.models.training import load_checkpoint, predict_logits, scorin
 
 @pytest.fixture(scope="module")
 def scored(trained_checkpoint, learnable_cache):
-    checkpoint = load_checkpoint(trained_checkpoint)
+    checkpoint = load_checkpoint(trained_checkpoint.path)
     return (
         scoring_model(checkpoint),
         learnable_cache.images("test", mmap=False),
         learnable_cache.labels("test"),
-        PreprocessingConfig.from_dict(checkpoint["preprocessing"]),
-        OperatingPoint.from_dict(checkpoint["operating_point"]),
+        checkpoint.preprocessing_config,
+        trained_checkpoint.operating_point,
     )
 
 

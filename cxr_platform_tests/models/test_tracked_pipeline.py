@@ -9,6 +9,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cxr_platform.models import pipeline as model_pipeline
+from cxr_platform.models.checkpoint import file_sha256
+from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.training import load_checkpoint
 from cxr_platform.provenance import git_commit
 from cxr_platform.settings import load_settings
@@ -56,9 +58,13 @@ def test_train_and_evaluate_record_everything_in_mlflow(settings, learnable_cach
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/evaluation.json"} <= evaluation
 
-    # The model carries its operating point; the report files are complete.
-    checkpoint = load_checkpoint(trained.checkpoint)
-    assert checkpoint["operating_point"] == report.operating_point.to_dict()
+    # The checkpoint is left as training wrote it; the report names it and is complete.
+    assert file_sha256(trained.checkpoint) == trained.checkpoint_sha256 == report.checkpoint_sha256
+    assert "operating_point" not in load_checkpoint(trained.checkpoint)
+    assert EvaluationReport.read_json(files["json"]).to_dict() == report.to_dict()
+    assert (
+        model_pipeline.latest_evaluation(settings.training, trained).to_dict() == report.to_dict()
+    )
     for name in ("json", "markdown", "roc", "confusion", "reliability", "learning_curves"):
         assert files[name].stat().st_size > 0
     assert files["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
