@@ -11,7 +11,6 @@ with both files through the platform's Predictor and measures ONNX Runtime throu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -45,9 +44,9 @@ def main() -> None:
 
     registry = registry_for(load_settings().registry)
     info = registry.get(args.model)
-    preprocessing = json.loads(info.tags["cxr.preprocessing"])
+    release = info.release
     settings = load_settings(
-        data_dir=info.tags.get("cxr.data_dir") or None, image_size=preprocessing["image_size"]
+        data_dir=release.data_dir or None, image_size=(release.preprocessing or {})["image_size"]
     )
     _, cache = prepare(settings.data, progress=False)
     folder = registry.download(info.version)

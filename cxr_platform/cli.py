@@ -14,6 +14,7 @@ import click
 from pydantic import ValidationError
 
 from cxr_platform.deployment.aliases import ALIASES, PRODUCTION
+from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.monitoring import SHIFT_NAMES
 from cxr_platform.sections import PRECISIONS, PRETRAINED_MODES, TRAINING_PROFILES
@@ -547,14 +548,13 @@ def _record_in_dagster(settings: CxrSettings, event) -> None:
     record_registry_event(settings.registry, event, instance)
 
 
-def _evaluation_settings(ctx: click.Context, data_dir: Path | None, version_tags: dict):
+def _evaluation_settings(ctx: click.Context, data_dir: Path | None, release: VersionTags):
     """Settings for the model's own data folder (unless --data) and preprocessing (image size),
     so the gate scores it on the test split of the split it was trained with."""
-    preprocessing = json.loads(version_tags.get("cxr.preprocessing") or "{}")
     return _settings(
         ctx,
-        data_dir=data_dir or version_tags.get("cxr.data_dir"),
-        image_size=preprocessing.get("image_size"),
+        data_dir=data_dir or release.data_dir,
+        image_size=(release.preprocessing or {}).get("image_size"),
     )
 
 
@@ -626,12 +626,14 @@ def models(ctx: click.Context, as_json: bool) -> None:
         f"  {'threshold':>9}  created"
     )
     for v in versions:
-        m = v.metrics
+        release = v.release
+        m = release.metrics
+        threshold = release.threshold if release.threshold is not None else float("nan")
         click.echo(
             f"{v.version:>7}  {','.join(v.aliases) or '-':<30} "
-            f"{v.tags.get('cxr.model_name', '?'):<14} "
+            f"{release.model_name or '?':<14} "
             f"{_num(m.get('test_auc')):>8} {_num(m.get('test_sensitivity'))} "
-            f"{_num(m.get('test_specificity'))}  {float(v.tags.get('cxr.threshold', 'nan')):9.4f}"
+            f"{_num(m.get('test_specificity'))}  {threshold:9.4f}"
             f"  {v.created_at:%Y-%m-%d %H:%M}"
         )
 
@@ -652,9 +654,9 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
 
     registry = deployment.registry_for(_settings(ctx).registry)
     candidate = registry.get(version)
-    settings = _evaluation_settings(ctx, data_dir, candidate.tags)
+    settings = _evaluation_settings(ctx, data_dir, candidate.release)
     manifest, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
-    trained_on = candidate.tags.get("cxr.data_version")
+    trained_on = candidate.release.data_version
     if trained_on and trained_on != manifest_hash(manifest):
         click.secho(
             "warning: the candidate was trained on another patient split than this evaluation "

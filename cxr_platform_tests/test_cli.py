@@ -9,6 +9,8 @@ import sys
 
 import pandas as pd
 
+from cxr_platform.models.checkpoint import file_sha256
+
 
 def _cxr(*args, home, env=None):
     full_env = {**os.environ, "CXR_HOME": str(home), **(env or {})}
@@ -120,6 +122,15 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
         promoted = instance.get_latest_materialization_event(dg.AssetKey("production_model"))
         production = promoted.asset_materialization.metadata["production_version"].value
         bento = instance.get_latest_materialization_event(dg.AssetKey("bento"))
+        # Artifacts are written once: every checkpoint is, after the whole job (evaluation,
+        # Grad-CAM, export, registration, gate), the file its training step recorded.
+        for arch in ("baseline_cnn", "resnet18"):
+            trained = instance.get_latest_materialization_event(
+                dg.AssetKey([arch, "trained_model"])
+            ).asset_materialization.metadata
+            recorded = trained["checkpoint_sha256"].value
+            assert len(recorded) == 64
+            assert file_sha256(trained["checkpoint"].value) == recorded, arch
     models = _cxr("models", "--json", home=home, env=env)
     versions = json.loads(models.stdout)
     assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
@@ -203,7 +214,10 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
         env=env,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
+    (checkpoint,) = home.glob("models/baseline_cnn/*/best.pt")
+    written = file_sha256(checkpoint)
     assert _cxr("evaluate", home=home, env=env).returncode == 0
+    assert file_sha256(checkpoint) == written  # evaluation reads the checkpoint, never rewrites
 
     nothing = _cxr("predict", str(tiny_synthetic), home=home, env=env)
     assert nothing.returncode == 2 and "no version 'production'" in nothing.stderr
@@ -220,6 +234,7 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr[-3000:]
         assert f"production -> version {expected_version}" in promoted.stdout
 
+    assert file_sha256(checkpoint) == written  # nor does export, twice over
     listed = {v["version"]: v for v in json.loads(_cxr("models", "--json", home=home).stdout)}
     assert listed["2"]["aliases"] == ["production"]
     assert listed["1"]["aliases"] == ["previous-production"]

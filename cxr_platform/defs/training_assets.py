@@ -101,6 +101,8 @@ def _training_assets(arch: str) -> list:
                 "wall_seconds": trained.wall_seconds,
                 "mlflow_run_id": trained.mlflow_run_id,
                 "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
+                # Checkpoints are written once: later steps refuse a file that differs from it.
+                "checkpoint_sha256": trained.checkpoint_sha256 or "",
                 "config": dg.MetadataValue.json(train_config.to_dict()),
                 "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
             },

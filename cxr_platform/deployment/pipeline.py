@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cxr_platform.deployment.registry import (
     RegistryEvent,
     registry_for,
 )
+from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel, verified_checkpoint
@@ -119,11 +119,12 @@ def register_exported(
     triggered_by: str,
     shadow: bool = True,
     data_dir: str | None = None,
-    extra_tags: dict[str, Any] | None = None,
+    lineage: VersionTags | None = None,
 ) -> ModelVersionInfo:
     """A new registry version; with ``shadow`` it also becomes the shadow candidate.
 
-    ``data_dir`` (None: the synthetic set) is where the gate finds the model's test split."""
+    ``data_dir`` (None: the synthetic set) is where the gate finds the model's test split;
+    ``lineage`` adds what a fine-tuned version was made from."""
     parity = exported.parity
     if not parity.passed:
         worst = max(parity.onnx_max_abs_diff, parity.torchscript_max_abs_diff)
@@ -135,25 +136,25 @@ def register_exported(
     if metadata.mlflow_run_id is None:
         raise ParityError("an exported model without a training run cannot be registered")
     registry = registry_for(registry_settings)
-    tags: dict[str, Any] = {
-        "cxr.model_name": metadata.model_name,
-        "cxr.arch": metadata.arch,
-        "cxr.threshold": metadata.threshold,
-        "cxr.threshold_rule": metadata.operating_point.get("rule"),
-        "cxr.calibration": f"T={metadata.calibration.temperature:.4f} "
-        f"b={metadata.calibration.bias:+.4f}",
-        "cxr.preprocessing": json.dumps(metadata.preprocessing, sort_keys=True),
-        "cxr.data_version": metadata.manifest_hash,
-        "cxr.data_dir": data_dir,
-        "cxr.git_commit": metadata.git_commit,
-        "cxr.parity_onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
-        "cxr.parity_torchscript_max_abs_diff": exported.parity.torchscript_max_abs_diff,
-    }
-    if exported.int8 is not None:
-        tags["cxr.int8"] = "kept" if exported.int8.kept else "refused"
-        tags["cxr.int8_val_auc_change"] = exported.int8.val_auc_int8 - exported.int8.val_auc_fp32
-    tags.update({f"cxr.metric.{k}": v for k, v in metadata.metrics.items()})
-    tags.update(extra_tags or {})
+    int8 = exported.int8
+    tags = VersionTags(
+        model_name=metadata.model_name,
+        arch=metadata.arch,
+        threshold=metadata.threshold,
+        threshold_rule=metadata.operating_point.get("rule"),
+        calibration=f"T={metadata.calibration.temperature:.4f} b={metadata.calibration.bias:+.4f}",
+        preprocessing=metadata.preprocessing,
+        data_version=metadata.manifest_hash,
+        data_dir=data_dir,
+        git_commit=metadata.git_commit,
+        parity_onnx_max_abs_diff=parity.onnx_max_abs_diff,
+        parity_torchscript_max_abs_diff=parity.torchscript_max_abs_diff,
+        int8=None if int8 is None else ("kept" if int8.kept else "refused"),
+        int8_val_auc_change=None if int8 is None else int8.val_auc_int8 - int8.val_auc_fp32,
+        metrics=dict(metadata.metrics),
+    )
+    if lineage is not None:
+        tags = tags.updated(lineage)
     info = registry.register(
         exported,
         run_id=metadata.mlflow_run_id,
@@ -217,8 +218,8 @@ def run_gate(
     )
     evaluated_on = {
         **data.description,
-        "candidate_data_version": candidate.tags.get("cxr.data_version"),
-        "production_data_version": production.tags.get("cxr.data_version") if production else None,
+        "candidate_data_version": candidate.release.data_version,
+        "production_data_version": production.release.data_version if production else None,
         **(extra_evidence or {}),
     }
     return decide(

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from cxr_platform.deployment.aliases import ALIASES, PREVIOUS_PRODUCTION, PRODUCTION, SHADOW
 from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
+from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.sections import RegistrySection
 
@@ -64,13 +65,17 @@ class ModelVersionInfo:
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
+    def release(self) -> VersionTags:
+        """The tags this platform wrote, parsed."""
+        return VersionTags.from_tags(self.tags)
+
+    @property
     def metrics(self) -> dict[str, float]:
-        prefix = "cxr.metric."
-        return {k[len(prefix) :]: float(v) for k, v in self.tags.items() if k.startswith(prefix)}
+        return self.release.metrics
 
     @property
     def arch(self) -> str | None:
-        return self.tags.get("cxr.arch")
+        return self.release.arch
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -251,7 +256,7 @@ class ModelRegistry:
         exported: ExportedModel,
         *,
         run_id: str,
-        tags: Mapping[str, str | float | None],
+        tags: VersionTags,
         triggered_by: str,
         description: str | None = None,
     ) -> ModelVersionInfo:
@@ -267,7 +272,7 @@ class ModelRegistry:
             self.name,
             source=source,
             run_id=run_id,
-            tags={k: _truncate(str(v)) for k, v in tags.items() if v is not None},
+            tags={key: _truncate(value) for key, value in tags.to_tags().items()},
             description=description,
         )
         version = str(mv.version)
@@ -300,10 +305,7 @@ class ModelRegistry:
             if self.aliases().get(SHADOW) == info.version:
                 self.client.delete_registered_model_alias(self.name, SHADOW)
             now = _utc_now()
-            self.client.set_model_version_tag(self.name, info.version, "cxr.refused_at", now)
-            self.client.set_model_version_tag(
-                self.name, info.version, "cxr.gate", _truncate(json.dumps(gate or {}))
-            )
+            self._tag(info.version, VersionTags(refused_at=now, gate=dict(gate or {})))
             event = RegistryEvent(
                 "refused",
                 info.version,
@@ -314,6 +316,10 @@ class ModelRegistry:
             )
             self._record(event)
             return event
+
+    def _tag(self, version: str, tags: VersionTags) -> None:
+        for key, value in tags.to_tags().items():
+            self.client.set_model_version_tag(self.name, version, key, _truncate(value))
 
     def set_shadow(self, ref: str | int, *, triggered_by: str) -> ModelVersionInfo:
         with self._alias_lock():
@@ -343,13 +349,16 @@ class ModelRegistry:
             if aliases.get(SHADOW) == info.version:
                 # Shadow scoring the production model would only double the work.
                 self.client.delete_registered_model_alias(self.name, SHADOW)
-            for key, value in {
-                "cxr.promoted_at": now,
-                "cxr.promoted_by": triggered_by,
-                "cxr.replaced_version": current or "",
-                "cxr.gate": json.dumps(gate) if gate is not None else "",
-            }.items():
-                self.client.set_model_version_tag(self.name, info.version, key, _truncate(value))
+            # Every field written, empty ones too, so nothing of an earlier refusal lingers.
+            self._tag(
+                info.version,
+                VersionTags(
+                    promoted_at=now,
+                    promoted_by=triggered_by,
+                    replaced_version=current or "",
+                    gate=dict(gate or {}),
+                ),
+            )
             event = RegistryEvent(
                 "promoted", info.version, current, triggered_by, now, {"gate": dict(gate or {})}
             )
@@ -365,7 +374,7 @@ class ModelRegistry:
         current = self.find(PRODUCTION)
         if current is None:
             raise NothingToRollBackError("there is no production model to roll back")
-        target = current.tags.get("cxr.replaced_version") or self.aliases().get(PREVIOUS_PRODUCTION)
+        target = current.release.replaced_version or self.aliases().get(PREVIOUS_PRODUCTION)
         if not target or str(target) == current.version:
             raise NothingToRollBackError(
                 f"production version {current.version} replaced no earlier version"
@@ -373,16 +382,13 @@ class ModelRegistry:
         target_info = self.get(str(target))
         now = _utc_now()
         self.client.set_registered_model_alias(self.name, PRODUCTION, target_info.version)
-        before = target_info.tags.get("cxr.replaced_version")
+        before = target_info.release.replaced_version
         if before:
             self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, before)
         else:
             with contextlib.suppress(MlflowException):  # already absent
                 self.client.delete_registered_model_alias(self.name, PREVIOUS_PRODUCTION)
-        self.client.set_model_version_tag(self.name, current.version, "cxr.rolled_back_at", now)
-        self.client.set_model_version_tag(
-            self.name, current.version, "cxr.rolled_back_by", triggered_by
-        )
+        self._tag(current.version, VersionTags(rolled_back_at=now, rolled_back_by=triggered_by))
         event = RegistryEvent("rollback", target_info.version, current.version, triggered_by, now)
         self._record(event)
         return event

@@ -23,6 +23,7 @@ from cxr_platform.deployment import pipeline as deployment
 from cxr_platform.deployment.export import ExportedModel
 from cxr_platform.deployment.model_files import METADATA_FILE, WEIGHTS_FILE
 from cxr_platform.deployment.registry import PRODUCTION, ModelRegistry, ModelVersionInfo
+from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
@@ -158,15 +159,11 @@ def finetune_production(
         cache,
         config,
         profile=FINETUNE_PROFILE,
-        manifest_hash=base.tags.get("cxr.data_version"),
+        manifest_hash=base.release.data_version,
         dagster_run_id=dagster_run_id,
         progress=progress,
         data=data,
-        tags={
-            "cxr.finetuned_from": base.version,
-            "cxr.finetune_reason": reason,
-            "cxr.labeled_examples": str(len(labeled.request_ids)),
-        },
+        tags=finetune_lineage(base, reason, labeled).to_tags(),
     )
     report, _ = evaluate_trained(
         training,
@@ -177,6 +174,15 @@ def finetune_production(
     # The result is pickled by Dagster's IO manager: keep the ids and labels, not the pixels.
     kept = replace(labeled, images=labeled.images[:0])
     return FineTuneResult(base, trained, report, kept, reason)
+
+
+def finetune_lineage(base: ModelVersionInfo, reason: str, labeled: LabeledExamples) -> VersionTags:
+    """Recorded on the training run and on the registry version it becomes."""
+    return VersionTags(
+        finetuned_from=base.version,
+        finetune_reason=reason,
+        labeled_examples=len(labeled.request_ids),
+    )
 
 
 def register_finetuned(
@@ -193,11 +199,7 @@ def register_finetuned(
         exported,
         triggered_by=triggered_by,
         shadow=True,
-        data_dir=result.base.tags.get("cxr.data_dir"),
-        extra_tags={
-            "cxr.finetuned_from": result.base.version,
-            "cxr.finetune_reason": result.reason,
-            "cxr.labeled_examples": len(result.labeled.request_ids),
-        },
+        data_dir=result.base.release.data_dir,
+        lineage=finetune_lineage(result.base, result.reason, result.labeled),
     )
     return exported, info

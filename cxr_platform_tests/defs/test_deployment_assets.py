@@ -6,6 +6,7 @@ import dagster as dg
 
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, registry_for
+from cxr_platform.models.checkpoint import file_sha256
 from cxr_platform.settings import load_settings
 
 
@@ -51,6 +52,12 @@ def test_release_job_registers_a_shadow_and_the_gate_can_refuse_production(
     assert production["promoted"].value is False
     assert production["production_version"].value == "none"
     assert "bento" not in materialized  # nothing to package without a production model
+
+    # The checkpoint the whole job used is the file training wrote, byte for byte.
+    trained = materialized["baseline_cnn/trained_model"].metadata
+    assert file_sha256(trained["checkpoint"].value) == trained["checkpoint_sha256"].value
+    report = result.asset_value(dg.AssetKey(["baseline_cnn", "evaluation_report"]))
+    assert report.checkpoint_sha256 == trained["checkpoint_sha256"].value
 
     registry = registry_for(settings.registry)
     assert registry.aliases() == {SHADOW: "1"}
