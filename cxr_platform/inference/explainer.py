@@ -57,6 +57,9 @@ class Explainer:
         content = content_region(heatmap, original.shape, self.predictor.preprocessing)
         return heatmap, overlay(original, content)
 
+    def content_region(self, heatmap: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
+        return content_region(heatmap, original_shape, self.predictor.preprocessing)
+
 
 def content_region(
     heatmap: np.ndarray, original_shape: tuple[int, int], config: PreprocessingConfig

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -21,7 +22,6 @@ from pydicom.dataset import Dataset
 
 from cxr_platform.data.imaging import DecodedImage
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.explainer import Explainer, content_region
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.predictor import Prediction
@@ -35,6 +35,9 @@ from cxr_platform.pacs.results import (
     heatmap_on_source_grid,
 )
 from cxr_platform.sections import RESULT_KINDS
+
+if TYPE_CHECKING:  # Grad-CAM needs torch: loaded only once a SEG or SC object is wanted
+    from cxr_platform.inference.explainer import Explainer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,8 @@ class InstanceProcessor:
         with self._lock:
             explainer = self._explainers.get(version)
             if explainer is None:
+                from cxr_platform.inference.explainer import Explainer
+
                 explainer = Explainer(self.model_folder(version), predictor=predictor)
                 # Keep the previous version too: a promotion must not stall the queue.
                 self._explainers = {**dict(list(self._explainers.items())[-1:]), version: explainer}
@@ -147,9 +152,7 @@ class InstanceProcessor:
             assert upload.decoded is not None
             heatmap, overlay_rgb = explainer.heatmap_overlay(upload.pixels, upload.decoded)
             if "seg" in kinds:
-                content = content_region(
-                    heatmap, upload.decoded.pixels.shape, production.preprocessing
-                )
+                content = explainer.content_region(heatmap, upload.decoded.pixels.shape)
                 seg = build_seg(
                     dataset,
                     heatmap_on_source_grid(content, int(dataset.Rows), int(dataset.Columns)),
