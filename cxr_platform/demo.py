@@ -146,9 +146,17 @@ def run_monitoring_loop(
         say(f"service: {service.url} serving production version {before} (log: {log_path})")
 
         def traffic(kind: str, seed: int, n: int) -> SimulationReport:
-            images = synthetic_traffic(settings.data, n, seed)
+            # Spare images: a drift window needs n answers, and the input gate refuses a few
+            # in a thousand even of in-distribution images.
+            images = synthetic_traffic(settings.data, n + max(5, n // 10), seed)
             sent = send_traffic(
-                service.url, images, shift=kind, labels=True, seed=seed, api_key=api_key
+                service.url,
+                images,
+                shift=kind,
+                labels=True,
+                seed=seed,
+                api_key=api_key,
+                stop_after_answers=n,
             )
             report.traffic.append(sent)
             say(f"traffic: {sent.summary()}")

@@ -388,6 +388,11 @@ class DicomSection(_Scoring):
     dicom_uid_root: str = setting(
         "1.2.826.0.1.3680043.8.498.", doc="UID root for the objects the node makes."
     )
+    dicom_refusal_sr: bool = setting(
+        True,
+        doc="When the input gate refuses an image whose header says it shows the chest, return "
+        "a short SR saying it was not analysed and why (other refusals are only logged).",
+    )
     dicom_institution_name: str | None = setting(None, doc="InstitutionName in the results.")
     dicom_retry_initial_seconds: float = setting(
         2.0, doc="First wait before resending a result.", gt=0
@@ -442,6 +447,13 @@ class MonitoringSection(_Logged):
     )
     drift_max_sensitivity_drop: float = setting(
         0.10, doc="Performance drift: sensitivity drop below the version's.", ge=0, le=1
+    )
+    drift_max_refusal_rate: float = setting(
+        0.05,
+        doc="Refusal drift: share of a window's images the input gate refused (misrouted or "
+        "foreign images), when significantly above the gate's validation rate.",
+        ge=0,
+        le=1,
     )
     drift_report_cron: str = setting("0 6 * * *", doc="The daily drift report.")
     finetune_cooldown_windows: int = setting(

@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
+from cxr_platform.data.negatives import documents
 from cxr_platform.models.checkpoint import file_sha256
 
 
@@ -242,15 +245,26 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    page = tmp_path / "requisition.png"  # a scanned form: the input gate refuses it
+    Image.fromarray(np.rint(next(iter(documents())).pixels * 255).astype(np.uint8)).save(page)
     out = tmp_path / "predictions.csv"
     predicted = _cxr(
-        "predict", str(tiny_synthetic / "NORMAL"), str(bad), "--out", str(out), home=home
+        "predict",
+        str(tiny_synthetic / "NORMAL"),
+        str(bad),
+        str(page),
+        "--out",
+        str(out),
+        home=home,
     )
-    assert predicted.returncode == 1  # one file failed; all others were still predicted
+    assert predicted.returncode == 1  # two files failed; all others were still predicted
     rows = pd.read_csv(out, dtype={"model_version": str})
     assert list(rows.columns) == ["path", "probability", "label", "model_version", "error"]
     n_normal = len(list((tiny_synthetic / "NORMAL").iterdir()))
-    assert len(rows) == n_normal + 1
+    assert len(rows) == n_normal + 2
+    refused = rows[rows["path"] == str(page)].iloc[0]
+    assert refused["error"].startswith("not_a_chest_radiograph: ")
+    assert pd.isna(refused["probability"]) and pd.isna(refused["label"])
     good = rows[rows["error"].isna()]
     assert len(good) == n_normal and set(good["model_version"]) == {"2"}
     assert good["probability"].between(0, 1).all()
@@ -266,6 +280,9 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     assert sorted(logged["probability"].round(6)) == sorted(good["probability"].round(6))
     assert logged["intensity_mean"].between(0, 1).all()
     assert not any("path" in column for column in logged.columns)
+    refusals = InferenceLog(f"sqlite:///{home / 'inference_log.db'}").refusals()
+    assert list(refusals["source"]) == ["batch"]
+    assert refused["error"].startswith(f"not_a_chest_radiograph: {refusals.iloc[0].reason}")
 
     overlay = tmp_path / "overlay.png"
     first = sorted((tiny_synthetic / "PNEUMONIA").iterdir())[0]

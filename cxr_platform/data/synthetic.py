@@ -245,6 +245,17 @@ def _opacities(rng, x, y, right, left, h, w, lesion_strength) -> np.ndarray:
     return (strength * field * lungs).astype(np.float32)
 
 
+def render_radiograph(
+    seed: int, *, pneumonia: bool = False, spec: SyntheticSpec | None = None
+) -> np.ndarray:
+    """One synthetic frontal chest radiograph (float [0, 1]) of a new patient, drawn the way
+    the dataset draws them: what tests send where a real radiograph is needed."""
+    spec = spec or SyntheticSpec()
+    rng = np.random.default_rng([spec.seed, 1_000_003, seed])
+    pixels, _ = _render(rng, _anatomy(rng, spec), pneumonia, spec.lesion_strength)
+    return pixels.astype(np.float32)
+
+
 def _patient_rows(
     patient_index: int, spec: SyntheticSpec, root: Path, n_normal: int
 ) -> list[dict[str, str]]:

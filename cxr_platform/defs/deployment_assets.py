@@ -136,8 +136,11 @@ def _per_architecture(arch: str) -> list:
                 "onnx_max_abs_diff": parity.onnx_max_abs_diff,
                 "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
                 "threshold": exported.metadata.threshold,
+                "input_gate": dg.MetadataValue.json(
+                    exported.metadata.summary().get("input_gate") or {}
+                ),
                 "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
-                "model_metadata": dg.MetadataValue.json(exported.metadata.to_dict()),
+                "model_metadata": dg.MetadataValue.json(exported.metadata.summary()),
             },
         )
         yield dg.AssetCheckResult(

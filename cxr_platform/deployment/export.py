@@ -32,6 +32,7 @@ from cxr_platform.deployment.model_files import (
     ModelMetadata,
     onnx_session,
 )
+from cxr_platform.inference.input_gate import InputGate
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.evaluation import OperatingPoint
 
@@ -53,6 +54,7 @@ def metadata_for_checkpoint(
     manifest_hash: str | None,
     git_commit: str | None,
     metrics: dict[str, float] | None = None,
+    input_gate: InputGate | None = None,
 ) -> ModelMetadata:
     return ModelMetadata(
         model_name=model_name,
@@ -65,6 +67,7 @@ def metadata_for_checkpoint(
         metrics={k: float(v) for k, v in (metrics or {}).items() if v is not None},
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
         test_time_augmentation="flip" if checkpoint.flip_averaged else "none",
+        input_gate=input_gate.to_dict() if input_gate is not None else None,
     )
 
 
@@ -211,6 +214,7 @@ def export_checkpoint(
     manifest_hash: str | None,
     git_commit: str | None,
     metrics: dict[str, float] | None = None,
+    input_gate: InputGate | None = None,
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
 ) -> ExportedModel:
     """ONNX + TorchScript + state dict + metadata.json in ``out_dir``, then the parity check.
@@ -227,6 +231,7 @@ def export_checkpoint(
         manifest_hash=manifest_hash,
         git_commit=git_commit,
         metrics=metrics,
+        input_gate=input_gate,
     )
     model = checkpoint.scoring_model()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,9 @@ class ModelMetadata:
     precision: str = "fp32"  # "int8": statically quantized, calibrated on validation images
     # "flip": the graph scores the mean logit of the image and its mirror image.
     test_time_augmentation: str = "none"
+    # The input gate's parameters (inference.input_gate.InputGate.to_dict); None for versions
+    # exported before the gate existed, which are served ungated.
+    input_gate: dict[str, Any] | None = None
     format: int = EXPORT_FORMAT
 
     @property
@@ -71,6 +74,19 @@ class ModelMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """For people: the gate's arrays replaced by what they amount to."""
+        values = self.to_dict()
+        gate = values.pop("input_gate")
+        if gate is not None:
+            values["input_gate"] = {
+                "components": gate.get("n_components"),
+                "threshold": gate.get("threshold"),
+                "limits": gate.get("limits"),
+                **gate.get("fitted_on", {}),
+            }
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

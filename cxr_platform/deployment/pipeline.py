@@ -35,6 +35,7 @@ from cxr_platform.deployment.registry import (
     registry_for,
 )
 from cxr_platform.deployment.version_tags import VersionTags
+from cxr_platform.inference.input_gate import InputGate, fit_input_gate
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel, verified_checkpoint
@@ -96,6 +97,7 @@ def export_trained(
         manifest_hash=trained.manifest_hash,
         git_commit=git_commit(),
         metrics=evaluation.version_metrics(),
+        input_gate=gate_for(cache),
     )
     write_monitoring_reference(out_dir, cache)
     if not registry_settings.export_int8:
@@ -104,6 +106,12 @@ def export_trained(
         out_dir, cache.images("val", mmap=False), cache.labels("val"), seed=registry_settings.seed
     )
     return dataclasses.replace(exported, int8=decision)
+
+
+def gate_for(cache: PreprocessedCache) -> InputGate:
+    """The input gate of a model trained on ``cache``: fitted on its training split, the
+    threshold set on validation (never test)."""
+    return fit_input_gate(cache.images("train", mmap=False), cache.images("val", mmap=False))
 
 
 def write_monitoring_reference(export_dir: Path, cache: PreprocessedCache) -> Path:
@@ -151,6 +159,7 @@ def register_exported(
         parity_torchscript_max_abs_diff=parity.torchscript_max_abs_diff,
         int8=None if int8 is None else ("kept" if int8.kept else "refused"),
         int8_val_auc_change=None if int8 is None else int8.val_auc_int8 - int8.val_auc_fp32,
+        input_gate=metadata.summary().get("input_gate"),
         metrics=dict(metadata.metrics),
     )
     if lineage is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 TAG_PREFIX = "cxr."
 METRIC_PREFIX = "cxr.metric."
-_JSON_FIELDS = ("preprocessing", "gate")
+_JSON_FIELDS = ("preprocessing", "gate", "input_gate")
 _FLOAT_FIELDS = (
     "threshold",
     "parity_onnx_max_abs_diff",
@@ -47,6 +47,7 @@ class VersionTags:
     finetuned_from: str | None = None
     finetune_reason: str | None = None
     labeled_examples: int | None = None
+    input_gate: dict[str, Any] | None = None  # the gate's summary: threshold, validation refusal
     metrics: dict[str, float] = field(default_factory=dict)
     # Written by the registry as the version's life goes on.
     promoted_at: str | None = None

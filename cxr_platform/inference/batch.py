@@ -119,7 +119,8 @@ def predict_to_csv(
             prediction = outcome.production
             if prediction is None:
                 reason = outcome.failure or "error"
-                rows[position] = _error_row(chunk[position], reason, "not scored", version)
+                detail = outcome.refusal.describe() if outcome.refusal else "not scored"
+                rows[position] = _error_row(chunk[position], reason, detail, version)
                 continue
             rows[position] = _prediction_row(chunk[position], prediction)
             summary.n_predicted += 1

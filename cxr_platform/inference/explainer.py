@@ -18,6 +18,7 @@ from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.deployment.model_files import WEIGHTS_FILE, ExportError
 from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
 from cxr_platform.inference.predictor import Prediction, Predictor
+from cxr_platform.inference.scoring import NotAChestRadiographError
 from cxr_platform.models.zoo import build_model
 
 
@@ -41,7 +42,11 @@ class Explainer:
         self.model.eval()
 
     def explain(self, source: ImageSource | DecodedImage) -> Explanation:
+        """Raises :class:`NotAChestRadiographError` where the model's input gate refuses."""
         prepared = self.predictor.prepare(source)
+        verdict = self.predictor.judge_input(prepared.decoded.pixels, prepared.pixels)
+        if not verdict.accepted:
+            raise NotAChestRadiographError(verdict)
         prediction = self.predictor.predict_prepared(prepared.pixels[None])[0]
         heatmap, blended = self.heatmap_overlay(prepared.pixels, prepared.decoded)
         return Explanation(prediction, heatmap, blended)

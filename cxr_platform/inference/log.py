@@ -1,4 +1,5 @@
-"""The inference log: one row per prediction, the input of drift and performance monitoring.
+"""The inference log: one row per prediction (and per refused image), the input of drift and
+performance monitoring.
 
 SQLAlchemy Core over SQLite (WAL, the default, under the home folder) or PostgreSQL (by URL).
 Rows hold no pixels and no patient identifiers; DICOM UIDs only as salted HMAC-SHA256 hashes,
@@ -64,6 +65,32 @@ predictions_table = sa.Table(
     sa.Column("photometric_interpretation", sa.String(32)),
     sa.Column("study_uid_hash", sa.String(64)),
     sa.Column("sop_instance_uid_hash", sa.String(64)),
+    # The input gate: production's distance score, and what the shadow's own gate said
+    # ("accepted" or its reason); added after the first deployments, so nullable.
+    sa.Column("gate_score", sa.Float),
+    sa.Column("shadow_gate", sa.String(48)),
+)
+
+# Images the input gate refused: no diagnosis left, so no probability to put in the records.
+refusals_table = sa.Table(
+    "inference_refusals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("reason", sa.String(48), nullable=False),
+    sa.Column("detail", sa.String(512)),
+    sa.Column("gate_score", sa.Float),
+    sa.Column("gate_threshold", sa.Float),
+    sa.Column("original_width", sa.Integer),
+    sa.Column("original_height", sa.Integer),
+    sa.Column("source_format", sa.String(16)),
+    sa.Column("photometric_interpretation", sa.String(32)),
+    sa.Column("study_uid_hash", sa.String(64)),
+    sa.Column("sop_instance_uid_hash", sa.String(64)),
 )
 
 feedback_table = sa.Table(
@@ -107,6 +134,8 @@ class InferenceRecord:
     latency_ms: float | None = None
     study_uid_hash: str | None = None
     sop_instance_uid_hash: str | None = None
+    gate_score: float | None = None
+    shadow_gate: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def __post_init__(self) -> None:
@@ -118,6 +147,36 @@ class InferenceRecord:
     def row(self) -> dict[str, Any]:
         values = asdict(self)
         values.update(values.pop("features"))
+        return values
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    """An image the input gate refused: why, and what of it the log may keep."""
+
+    request_id: str
+    source: str
+    model_name: str
+    model_version: str | None
+    reason: str
+    detail: str
+    gate_score: float | None = None
+    gate_threshold: float | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    source_format: str | None = None
+    photometric_interpretation: str | None = None
+    study_uid_hash: str | None = None
+    sop_instance_uid_hash: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InferenceLogError(f"source must be one of {SOURCES}, not {self.source!r}")
+
+    def row(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["detail"] = values["detail"][:512]
         return values
 
 
@@ -194,14 +253,31 @@ class InferenceLog:
         self.url = url
         self.engine = create_log_engine(url)
 
-    def write(self, records: Iterable[InferenceRecord]) -> int:
-        """One transaction for the batch: all rows land or none."""
+    def write(
+        self, records: Iterable[InferenceRecord], refusals: Iterable[RefusalRecord] = ()
+    ) -> int:
+        """One transaction for the batch, predictions and refusals: all rows land or none."""
         rows = [record.row() for record in records]
-        if not rows:
+        refused = [refusal.row() for refusal in refusals]
+        if not rows and not refused:
             return 0
         with self.engine.begin() as connection:
-            connection.execute(predictions_table.insert(), rows)
-        return len(rows)
+            if rows:
+                connection.execute(predictions_table.insert(), rows)
+            if refused:
+                connection.execute(refusals_table.insert(), refused)
+        return len(rows) + len(refused)
+
+    def refusals(
+        self, *, created_from: datetime | None = None, created_before: datetime | None = None
+    ) -> pd.DataFrame:
+        query = sa.select(refusals_table).order_by(refusals_table.c.id)
+        if created_from is not None:
+            query = query.where(refusals_table.c.created_at >= created_from)
+        if created_before is not None:
+            query = query.where(refusals_table.c.created_at < created_before)
+        with self.engine.connect() as connection:
+            return pd.read_sql(query, connection)
 
     def add_feedback(self, request_id: str, label: str, *, reporter: str | None = None) -> None:
         if label not in LABELS:

@@ -22,6 +22,7 @@ from cxr_platform.deployment.model_files import (
     onnx_session,
     session_metadata,
 )
+from cxr_platform.inference.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict, InputGate
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Predictor:
         self.calibration = self.metadata.calibration
         self.model_version = model_version
         self.max_pixels = max_pixels
+        gate = self.metadata.input_gate
+        self.gate: InputGate | None = InputGate.from_dict(gate) if gate else None
 
     @property
     def model_name(self) -> str:
@@ -98,6 +101,13 @@ class Predictor:
             )
         )
         return PreparedImage(to_square_uint8(decoded.pixels, self.preprocessing), decoded)
+
+    def judge_input(self, original: np.ndarray, square: np.ndarray) -> GateVerdict:
+        """This version's input gate on one image: the decoded original (float [0, 1]) and its
+        model input. Versions exported without a gate accept everything."""
+        if self.gate is None:
+            return ACCEPTED_WITHOUT_GATE
+        return self.gate.judge(original, square)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S) -> raw logits (N,)."""

@@ -22,8 +22,9 @@ from cxr_platform.data.imaging import read_dicom_header, read_image
 from cxr_platform.data.preprocessing import to_square_uint8
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.features import ImageFeatures, image_features
+from cxr_platform.inference.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.log import InferenceLog, InferenceRecord, hash_uid
+from cxr_platform.inference.log import InferenceLog, InferenceRecord, RefusalRecord, hash_uid
 from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.monitoring.retained import RetainedInputs
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # answers (HTTP 503, a DICOM instance left in the spool for later).
 NO_PRODUCTION_MODEL = "no_production_model"
 LOG_UNAVAILABLE = "inference_log_unavailable"
+NOT_A_CHEST_RADIOGRAPH = "not_a_chest_radiograph"
 _FAILURE_MESSAGES = {
     NO_PRODUCTION_MODEL: "no model holds the production alias (see `cxr models` / `cxr promote`)",
     LOG_UNAVAILABLE: "the inference log is unavailable, so no prediction is released",
@@ -47,6 +49,21 @@ class ScoringUnavailableError(CxrError):
         self.reason = reason
 
 
+class NotAChestRadiographError(CxrError):
+    """The production model's input gate refused the image: no diagnosis is given."""
+
+    reason = NOT_A_CHEST_RADIOGRAPH
+
+    def __init__(self, verdict: GateVerdict, request_id: str | None = None) -> None:
+        super().__init__(f"{NOT_A_CHEST_RADIOGRAPH}: {verdict.describe()}")
+        self.verdict = verdict
+        self.request_id = request_id
+
+    @property
+    def detail(self) -> str:
+        return self.verdict.describe()
+
+
 @dataclass(frozen=True)
 class PreparedInput:
     """An image decoded by content and brought to one model's input, with what the log keeps."""
@@ -56,13 +73,16 @@ class PreparedInput:
     study_uid_hash: str | None = None
     sop_instance_uid_hash: str | None = None
     decoded: DecodedImage | None = field(default=None, repr=False)
+    gate: GateVerdict = ACCEPTED_WITHOUT_GATE  # the production model's input gate
 
 
 def prepare_input(
     data: bytes, production: Predictor, *, max_pixels: int, uid_salt: bytes
 ) -> PreparedInput:
-    """Decode (never by file name) and preprocess the way ``production`` expects. Raises
-    :class:`~cxr_platform.errors.ImageReadError` with a reason for anything unusable."""
+    """Decode (never by file name), preprocess the way ``production`` expects, and put the
+    result before its input gate. Raises :class:`~cxr_platform.errors.ImageReadError` with a
+    reason for anything unusable; a refusal is recorded in ``gate``, not raised, so it is logged
+    with the rest of its batch."""
     preprocessing = production.preprocessing
     decoded = read_image(data, max_pixels=max_pixels, draft_size=2 * preprocessing.image_size)
     pixels = to_square_uint8(decoded.pixels, preprocessing)
@@ -77,6 +97,7 @@ def prepare_input(
         study_uid_hash=study_hash,
         sop_instance_uid_hash=sop_hash,
         decoded=decoded,
+        gate=production.judge_input(decoded.pixels, pixels),
     )
 
 
@@ -100,10 +121,14 @@ class ScoringOutcome:
     request_id: str
     production: Prediction | None = None
     shadow: Prediction | None = None  # logged, never returned to the caller
-    failure: str | None = None  # NO_PRODUCTION_MODEL or LOG_UNAVAILABLE
+    failure: str | None = None  # NO_PRODUCTION_MODEL, LOG_UNAVAILABLE, NOT_A_CHEST_RADIOGRAPH
+    refusal: GateVerdict | None = None  # with NOT_A_CHEST_RADIOGRAPH: why
+    shadow_gate: GateVerdict | None = None  # the shadow's own verdict, when it scored
 
     def released(self) -> Prediction:
         """The production prediction, or the typed error that says why there is none."""
+        if self.refusal is not None and self.failure == NOT_A_CHEST_RADIOGRAPH:
+            raise NotAChestRadiographError(self.refusal, self.request_id)
         if self.production is None:
             raise ScoringUnavailableError(self.failure or NO_PRODUCTION_MODEL)
         return self.production
@@ -146,14 +171,37 @@ def score_items(items: Sequence[ScoreRequest]) -> list[ScoringOutcome]:
                     items[index].request_id, failure=NO_PRODUCTION_MODEL
                 )
             continue
-        batch = np.stack([items[index].prepared.pixels for index in indices])
+        accepted = []
+        for index in indices:
+            verdict = items[index].prepared.gate
+            if verdict.accepted:
+                accepted.append(index)
+            else:  # no diagnosis, from production or shadow
+                outcomes[index] = ScoringOutcome(
+                    items[index].request_id, failure=NOT_A_CHEST_RADIOGRAPH, refusal=verdict
+                )
+        if not accepted:
+            continue
+        batch = np.stack([items[index].prepared.pixels for index in accepted])
         main = production.predict_prepared(batch)
-        shadows: list[Prediction | None] = [None] * len(indices)
+        shadows: list[Prediction | None] = [None] * len(accepted)
+        shadow_gates: list[GateVerdict | None] = [None] * len(accepted)
         if shadow is not None and shadow.preprocessing == production.preprocessing:
             shadows = list(shadow.predict_prepared(batch))
-        for index, prediction, shadow_prediction in zip(indices, main, shadows, strict=True):
-            outcomes[index] = ScoringOutcome(items[index].request_id, prediction, shadow_prediction)
+            shadow_gates = [_shadow_verdict(shadow, items[index].prepared) for index in accepted]
+        for index, prediction, shadow_prediction, shadow_gate in zip(
+            accepted, main, shadows, shadow_gates, strict=True
+        ):
+            outcomes[index] = ScoringOutcome(
+                items[index].request_id, prediction, shadow_prediction, shadow_gate=shadow_gate
+            )
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _shadow_verdict(shadow: Predictor, prepared: PreparedInput) -> GateVerdict:
+    # Same preprocessing as production, so the model input is the same square.
+    original = prepared.decoded.pixels if prepared.decoded is not None else prepared.pixels / 255.0
+    return shadow.judge_input(original, prepared.pixels)
 
 
 def inference_record(
@@ -177,6 +225,34 @@ def inference_record(
         latency_ms=latency_ms,
         study_uid_hash=prepared.study_uid_hash,
         sop_instance_uid_hash=prepared.sop_instance_uid_hash,
+        gate_score=prepared.gate.score,
+        shadow_gate=(
+            None
+            if outcome.shadow_gate is None
+            else ("accepted" if outcome.shadow_gate.accepted else outcome.shadow_gate.reason)
+        ),
+    )
+
+
+def refusal_record(outcome: ScoringOutcome, item: ScoreRequest) -> RefusalRecord:
+    verdict, production, prepared = outcome.refusal, item.models.production, item.prepared
+    assert verdict is not None and production is not None
+    decoded = prepared.decoded
+    return RefusalRecord(
+        request_id=item.request_id,
+        source=item.source,
+        model_name=production.model_name,
+        model_version=production.model_version,
+        reason=verdict.reason or NOT_A_CHEST_RADIOGRAPH,
+        detail=verdict.detail,
+        gate_score=verdict.score,
+        gate_threshold=verdict.threshold,
+        original_width=decoded.width if decoded else None,
+        original_height=decoded.height if decoded else None,
+        source_format=decoded.source_format if decoded else None,
+        photometric_interpretation=decoded.photometric_interpretation if decoded else None,
+        study_uid_hash=prepared.study_uid_hash,
+        sop_instance_uid_hash=prepared.sop_instance_uid_hash,
     )
 
 
@@ -194,23 +270,24 @@ def score_and_log(
     """
     outcomes = score_items(items)
     now = time.perf_counter()
-    scored = [
-        (item, outcome)
-        for item, outcome in zip(items, outcomes, strict=True)
-        if outcome.production is not None
-    ]
-    if not scored:
+    pairs = list(zip(items, outcomes, strict=True))
+    scored = [(item, outcome) for item, outcome in pairs if outcome.production is not None]
+    refused = [(item, outcome) for item, outcome in pairs if outcome.refusal is not None]
+    if not scored and not refused:
         return outcomes
     records = [
         inference_record(outcome, item, (now - item.started) * 1000.0) for item, outcome in scored
     ]
     try:
-        inference_log.write(records)
+        inference_log.write(records, [refusal_record(outcome, item) for item, outcome in refused])
     except Exception:
-        log.exception("inference log write failed; withholding %d predictions", len(records))
+        log.exception(
+            "inference log write failed; withholding %d answers", len(records) + len(refused)
+        )
+        # A refusal the log does not hold is withheld too: the edges answer 503, not 422.
         return [
             ScoringOutcome(outcome.request_id, failure=LOG_UNAVAILABLE)
-            if outcome.production is not None
+            if outcome.production is not None or outcome.refusal is not None
             else outcome
             for outcome in outcomes
         ]

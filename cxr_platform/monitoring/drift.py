@@ -44,6 +44,10 @@ class DriftRule:
     min_labeled: int = 30  # performance is judged only with this many labels (both classes)
     max_auc_drop: float = 0.10  # performance drift: AUC this far below the test AUC
     max_sensitivity_drop: float = 0.10
+    # Refusal drift: the input gate refuses more than this share of a window's images, and
+    # significantly more than it refused of the validation split.
+    max_refusal_rate: float = 0.05
+    expected_refusal_rate: float = 0.01
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -79,11 +83,23 @@ class DriftResult:
     performance_drift: bool
     reasons: list[str]
     rule: DriftRule
+    n_refused: int = 0  # images the input gate refused while the window's records came in
+    refusal_drift: bool = False
     snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
 
     @property
-    def fired(self) -> bool:
+    def refusal_rate(self) -> float:
+        total = self.n_refused + self.n_records
+        return self.n_refused / total if total else 0.0
+
+    @property
+    def model_drift(self) -> bool:
+        """What a fine-tune can answer; a refusal surge is a routing matter, not the model's."""
         return self.input_drift or self.prediction_drift or self.performance_drift
+
+    @property
+    def fired(self) -> bool:
+        return self.model_drift or self.refusal_drift
 
     def summary(self) -> str:
         verdict = "DRIFT" if self.fired else "no drift"
@@ -94,6 +110,7 @@ class DriftResult:
         values = asdict(self)
         values.pop("snapshot")
         values["fired"] = self.fired
+        values["refusal_rate"] = self.refusal_rate
         return values
 
 
@@ -170,6 +187,7 @@ def evaluate_window(
     rule: DriftRule | None = None,
     model_version: str | None = None,
     expected_metrics: dict[str, float] | None = None,
+    n_refused: int = 0,
 ) -> DriftResult:
     """``records`` are inference-log rows (:meth:`InferenceLog.records`). Only the rows that
     ``model_version`` scored are compared, since ``reference`` holds that version's
@@ -237,6 +255,8 @@ def evaluate_window(
         labeled, expected_metrics or {}, rule, reference_auc=_auc_of(scored_reference)
     )
     reasons += performance_reasons
+    refusal_drift, refusal_reasons = _refusals(n_refused, len(records), rule)
+    reasons += refusal_reasons
     return DriftResult(
         window=window,
         model_version=model_version,
@@ -255,8 +275,28 @@ def evaluate_window(
         performance_drift=bool(performance_reasons),
         reasons=reasons,
         rule=rule,
+        n_refused=n_refused,
+        refusal_drift=refusal_drift,
         snapshot=snapshot,
     )
+
+
+def _refusals(n_refused: int, n_scored: int, rule: DriftRule) -> tuple[bool, list[str]]:
+    total = n_refused + n_scored
+    if not total:
+        return False, []
+    rate = n_refused / total
+    # As with the positive rate: a small window's few refusals are noise unless significant.
+    p_value = float(
+        binomtest(n_refused, total, rule.expected_refusal_rate, alternative="greater").pvalue
+    )
+    if rate > rule.max_refusal_rate and p_value < rule.prediction_p_value:
+        return True, [
+            f"the input gate refused {n_refused} of {total} images ({rate:.0%}; at most "
+            f"{rule.max_refusal_rate:.0%}, binomial p={p_value:.2g}): images that are not "
+            "frontal chest radiographs are being routed here"
+        ]
+    return False, []
 
 
 def _jsonable(value: Any) -> Any:

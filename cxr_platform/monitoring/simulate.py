@@ -129,11 +129,17 @@ def send_traffic(
     api_key: str | None = None,
     seed: int = 0,
     timeout: float = 60.0,
+    stop_after_answers: int | None = None,
 ) -> SimulationReport:
+    """Send ``images`` (shifted) to ``/predict``, with their labels as feedback if asked;
+    ``stop_after_answers``: stop once that many were answered (the input gate may refuse a few,
+    so a caller that needs a full drift window passes spare images)."""
     report = SimulationReport(shift, severity)
     headers = {"X-API-Key": api_key} if api_key else {}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
         for image, png in _shifted(images, shift, severity, seed):
+            if stop_after_answers is not None and report.answered >= stop_after_answers:
+                break
             report.sent += 1
             try:
                 response = client.post("/predict", files={"file": (image.path.name, png)})

@@ -78,6 +78,7 @@ def drift_rule(monitoring: MonitoringSection) -> DriftRule:
         min_labeled=monitoring.drift_min_labeled,
         max_auc_drop=monitoring.drift_max_auc_drop,
         max_sensitivity_drop=monitoring.drift_max_sensitivity_drop,
+        max_refusal_rate=monitoring.drift_max_refusal_rate,
     )
 
 
@@ -115,7 +116,22 @@ def check_window(
         rule=drift_rule(monitoring),
         model_version=model_version,
         expected_metrics=info.metrics,
+        n_refused=refusals_during(monitoring, records),
     )
+
+
+def refusals_during(monitoring: MonitoringSection, records: pd.DataFrame) -> int:
+    """Images the gate refused between a window's first and last record."""
+    created = pd.to_datetime(records["created_at"], utc=True)
+    log = InferenceLog(monitoring.inference_log_uri)
+    try:
+        refused = log.refusals(
+            created_from=created.min().to_pydatetime(),
+            created_before=created.max().to_pydatetime() + timedelta(microseconds=1),
+        )
+    finally:
+        log.dispose()
+    return len(refused)
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,9 @@ def drift_sensor_step(
         log.dispose()
     if not result.fired:
         return DriftStep(advanced, window=key, result=result, finetune_note="no drift")
+    if not result.model_drift:
+        note = "only the refusal rate fired: check the routing; a fine-tune would not help"
+        return DriftStep(advanced, window=key, result=result, finetune_note=note)
     if result.model_version != production.version:
         note = (
             f"drift on version {result.model_version}, but production is now "

@@ -55,6 +55,7 @@ def build_node(
             uid_root=dicom.dicom_uid_root,
             institution_name=dicom.dicom_institution_name,
             max_pixels=dicom.max_image_pixels,
+            refusal_sr=dicom.dicom_refusal_sr,
         ),
     )
     return DicomNode(config, processor, NodeStorage(state_dir or dicom.dicom_dir))

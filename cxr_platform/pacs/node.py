@@ -37,10 +37,10 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from cxr_platform.errors import CxrError, ImageReadError
-from cxr_platform.pacs.processing import InstanceProcessor, TransientProcessingError
+from cxr_platform.pacs.processing import InstanceProcessor, Processed, TransientProcessingError
 from cxr_platform.pacs.screening import screen
 from cxr_platform.pacs.sender import Destination, ResultSender
-from cxr_platform.pacs.storage import NodeStorage
+from cxr_platform.pacs.storage import REFUSED, NodeStorage
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class NodeCounters:
     ignored: int = 0
     duplicates: int = 0
     processed: int = 0
+    refused: int = 0  # by the input gate
     failed: int = 0
     sent: int = 0
 
@@ -280,6 +281,8 @@ class DicomNode:
         for result in processed.results.datasets():
             self.storage.put_result(result)
             result_uids.append(str(result.SOPInstanceUID))
+        if processed.prediction is None:
+            return self._refused(path, sop_uid, study_uid, processed, result_uids)
         self.storage.mark(
             sop_uid,
             "processed",
@@ -301,6 +304,35 @@ class DicomNode:
             len(result_uids),
         )
         self._outbox_ready.set()
+        return 1
+
+    def _refused(
+        self,
+        path: Path,
+        sop_uid: str,
+        study_uid: str,
+        processed: Processed,
+        result_uids: list[str],
+    ) -> int:
+        """The input gate refused it: no diagnosis leaves; the ledger says why. The instance is
+        not kept: it was read and judged, nothing went wrong."""
+        assert processed.refusal is not None
+        why = processed.refusal.describe()
+        self.storage.mark(
+            sop_uid,
+            REFUSED,
+            study_instance_uid=study_uid,
+            results=result_uids,
+            detail=f"not_a_chest_radiograph: {why}",
+        )
+        path.unlink(missing_ok=True)
+        self.counters.add("refused")
+        log.warning(
+            "%s refused by the input gate (%s)%s",
+            sop_uid,
+            why,
+            "; a not-analysed SR is queued" if result_uids else "",
+        )
         return 1
 
     def _fail(self, path: Path, sop_uid: str, study_uid: str | None, reason: str) -> None:

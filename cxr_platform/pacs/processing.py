@@ -22,18 +22,27 @@ from pydicom.dataset import Dataset
 
 from cxr_platform.data.imaging import DecodedImage
 from cxr_platform.errors import CxrError
+from cxr_platform.inference.input_gate import GateVerdict
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.inference.predictor import Prediction
-from cxr_platform.inference.scoring import ScoringUnavailableError, request_for, score_and_log
+from cxr_platform.inference.predictor import Prediction, Predictor
+from cxr_platform.inference.scoring import (
+    NOT_A_CHEST_RADIOGRAPH,
+    ScoreRequest,
+    ScoringUnavailableError,
+    request_for,
+    score_and_log,
+)
 from cxr_platform.pacs.results import (
     Algorithm,
     NodeResults,
+    build_not_analysed_sr,
     build_sc,
     build_seg,
     build_sr,
     heatmap_on_source_grid,
 )
+from cxr_platform.pacs.screening import claims_chest
 from cxr_platform.sections import RESULT_KINDS
 
 if TYPE_CHECKING:  # Grad-CAM needs torch: loaded only once a SEG or SC object is wanted
@@ -53,6 +62,7 @@ class ProcessorConfig:
     uid_root: str = "1.2.826.0.1.3680043.8.498."
     institution_name: str | None = None
     max_pixels: int = 100_000_000
+    refusal_sr: bool = True  # answer a refused image that claims to be a chest with an SR
 
     def __post_init__(self) -> None:
         unknown = set(self.results) - set(RESULT_KINDS)
@@ -62,10 +72,11 @@ class ProcessorConfig:
 
 @dataclass(frozen=True)
 class Processed:
-    prediction: Prediction
+    prediction: Prediction | None  # None: the input gate refused the image
     results: NodeResults
     request_id: str
     seconds: float
+    refusal: GateVerdict | None = None
 
 
 class InstanceProcessor:
@@ -115,6 +126,34 @@ class InstanceProcessor:
         )
         explainer.heatmap_overlay(np.zeros((size, size), np.uint8), blank)
 
+    def _algorithm(self, production: Predictor) -> Algorithm:
+        return Algorithm(
+            model_name=production.model_name,
+            model_version=str(production.model_version),
+            threshold=production.threshold,
+            manufacturer=self.config.manufacturer,
+            uid_root=self.config.uid_root,
+            institution_name=self.config.institution_name,
+        )
+
+    def _refused(
+        self, dataset: Dataset, request: ScoreRequest, verdict: GateVerdict, started: float
+    ) -> Processed:
+        """No diagnosis. Where the header says the image shows the chest, the reading
+        radiologist gets a short SR saying the AI saw it and why it did not analyse it."""
+        production = request.models.production
+        assert production is not None
+        sr = None
+        if self.config.refusal_sr and claims_chest(dataset):
+            sr = build_not_analysed_sr(dataset, self._algorithm(production), verdict.describe())
+        return Processed(
+            prediction=None,
+            results=NodeResults(sr=sr),
+            request_id=request.request_id,
+            seconds=time.perf_counter() - started,
+            refusal=verdict,
+        )
+
     def process(self, data: bytes, dataset: Dataset | None = None) -> Processed:
         """Raises :class:`ImageReadError` for an image that will never decode and
         :class:`TransientProcessingError` for anything worth retrying."""
@@ -131,19 +170,15 @@ class InstanceProcessor:
                 started=started,
                 source="dicom",
             )
-            prediction = score_and_log(self.inference_log, [request])[0].released()
+            outcome = score_and_log(self.inference_log, [request])[0]
+            if outcome.failure == NOT_A_CHEST_RADIOGRAPH and outcome.refusal is not None:
+                return self._refused(dataset, request, outcome.refusal, started)
+            prediction = outcome.released()
         except ScoringUnavailableError as exc:  # no production model yet, the log is down
             raise TransientProcessingError(str(exc)) from exc
         production, upload, request_id = models.production, request.prepared, request.request_id
         assert production is not None
-        algorithm = Algorithm(
-            model_name=prediction.model_name,
-            model_version=str(prediction.model_version),
-            threshold=prediction.threshold,
-            manufacturer=self.config.manufacturer,
-            uid_root=self.config.uid_root,
-            institution_name=self.config.institution_name,
-        )
+        algorithm = self._algorithm(production)
         kinds = self.config.results
         sr = build_sr(dataset, prediction, algorithm) if "sr" in kinds else None
         seg = sc = None

@@ -126,15 +126,8 @@ class NodeResults:
         return [ds for ds in (self.sr, self.seg, self.sc) if ds is not None]
 
 
-def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> Dataset:
-    """Comprehensive 3D SR with a TID 1500 measurement report about ``source``."""
-    uids = result_uids(source, algorithm, "sr")
-    algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        parameters=[f"operating threshold {algorithm.threshold:.6f}"],
-    )
-    device = hd.sr.ObserverContext(
+def _device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=algorithm.device_uid,
@@ -144,6 +137,17 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
             serial_number=algorithm.serial_number,
         ),
     )
+
+
+def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> Dataset:
+    """Comprehensive 3D SR with a TID 1500 measurement report about ``source``."""
+    uids = result_uids(source, algorithm, "sr")
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"operating threshold {algorithm.threshold:.6f}"],
+    )
+    device = _device_observer(algorithm)
     present = prediction.label.upper() == "PNEUMONIA"
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -182,6 +186,48 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         is_final=False,
         is_verified=False,  # VerificationFlag UNVERIFIED: no human has signed this
         series_description="AI pneumonia classification (SR)",
+        **algorithm.equipment(),
+    )
+
+
+def build_not_analysed_sr(source: Dataset, algorithm: Algorithm, why: str) -> Dataset:
+    """A TID 1500 report that says the AI did not analyse ``source``, and why: no finding, no
+    probability, so nothing in it can be read as a result about the patient."""
+    uids = result_uids(source, algorithm, "not-analysed-sr")
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=str(generate_uid(algorithm.uid_root, [uids.sop_instance_uid, "tracking"])),
+            identifier="pneumonia classification not performed",
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm_id,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=f"Not analysed by the AI: {why}"[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    device = _device_observer(algorithm)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=[group],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=1,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description="AI pneumonia classification: image not analysed (SR)",
         **algorithm.equipment(),
     )
 

@@ -1,9 +1,13 @@
-"""Which received objects the node classifies, and why it ignores the others.
+"""Which received objects the node takes in, and why it ignores the others.
 
 Screening reads the header only, so it runs inside the C-STORE handler before anything is
-spooled. Everything that is not a frontal chest radiograph is acknowledged and ignored with a
-logged reason: a router that sends a whole study (or the node's own results, looped back)
-must never get them classified.
+spooled. It ignores, with a logged reason, what cannot be a single radiograph to look at: other
+SOP classes (a router may send a whole study), the node's own results looped back, objects
+without pixels, multi-frame objects, and views the header says are lateral. Whether the image is
+a chest radiograph at all is for the input gate to say from the pixels: a CR or a Secondary
+Capture with no body part, or with a wrong one, is judged by its content, in both directions.
+The header's body part only decides whether a refusal is answered with a short SR
+(:func:`claims_chest`).
 """
 
 from __future__ import annotations
@@ -62,13 +66,6 @@ def screen(dataset: Dataset, *, accept_lateral: bool = False, own_manufacturer: 
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         return Screening.ignore(f"multi-frame image ({frames} frames)")
-    body_part = _body_part(dataset)
-    if body_part is not None and not body_part[1]:
-        return Screening.ignore(f"body part is not the chest: {body_part[0]}")
-    if body_part is None and sop_class == SecondaryCaptureImageStorage:
-        # Scanned requisitions and screenshots are secondary captures too: an SC is classified
-        # only when it says it shows the chest. CR/DX without a body part are still accepted.
-        return Screening.ignore("secondary capture that does not say it shows the chest")
     view = str(dataset.get("ViewPosition", "") or "").strip().upper()
     if not accept_lateral and (view in LATERAL_VIEWS or _lateral_view_code(dataset)):
         return Screening.ignore(f"lateral view ({view or 'view code'}); only frontal views")
@@ -102,3 +99,9 @@ def _lateral_view_code(dataset: Dataset) -> bool:
         "lateral" in str(item.get("CodeMeaning", "")).lower()
         for item in dataset.get("ViewCodeSequence", [])
     )
+
+
+def claims_chest(dataset: Dataset) -> bool:
+    """The header says the image shows the chest (body part or anatomic region)."""
+    body_part = _body_part(dataset)
+    return body_part is not None and body_part[1]

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 SPOOL = "spool"
 OUTBOX = "outbox"
 FAILED = "failed"
+REFUSED = "refused"  # ledger status: the input gate said it is not a chest radiograph
 LEDGER = "ledger.sqlite"
 
 
@@ -89,7 +90,7 @@ class NodeStorage:
             "CREATE TABLE IF NOT EXISTS instances ("
             " sop_instance_uid TEXT PRIMARY KEY,"
             " study_instance_uid TEXT,"
-            " status TEXT NOT NULL,"  # processed | failed
+            " status TEXT NOT NULL,"  # processed | refused | failed
             " detail TEXT,"
             " model_version TEXT,"
             " results TEXT,"  # the result SOP Instance UIDs, comma-separated
@@ -152,6 +153,14 @@ class NodeStorage:
                     datetime.now(UTC).isoformat(),
                 ),
             )
+
+    def detail(self, sop_instance_uid: str) -> str | None:
+        """What the ledger says of an instance: the prediction, the refusal or the failure."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT detail FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return row[0] if row else None
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Any
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.predictor import Prediction, Predictor
-from cxr_platform.inference.scoring import ScoringUnavailableError
+from cxr_platform.inference.scoring import NotAChestRadiographError, ScoringUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,20 @@ IMAGE_ERROR_STATUS = {
 }
 
 
-def error_response(exc: Exception) -> tuple[int, dict[str, str]]:
+def error_response(exc: Exception) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) for an error a client caused or a 503 worth retrying; 500 for
     anything else."""
     if isinstance(exc, ServingError):
         return exc.status, {"error": exc.reason, "detail": exc.detail}
     if isinstance(exc, ScoringUnavailableError):
         return 503, {"error": exc.reason, "detail": str(exc)}
+    if isinstance(exc, NotAChestRadiographError):
+        return 422, {
+            "error": exc.reason,
+            "detail": exc.detail,
+            "gate_score": exc.verdict.score,
+            "request_id": exc.request_id,
+        }
     if isinstance(exc, ImageReadError):
         return IMAGE_ERROR_STATUS.get(exc.reason, 422), {"error": exc.reason, "detail": exc.detail}
     return 500, {"error": "internal_error", "detail": "unexpected error; see the service log"}
@@ -111,6 +118,7 @@ def model_summary(predictor: Predictor | None) -> dict[str, Any] | None:
         "exported_at": metadata.exported_at,
         "metrics": dict(metadata.metrics),
         "precision": metadata.precision,
+        "input_gate": metadata.summary().get("input_gate"),
     }
 
 

@@ -41,6 +41,7 @@ from cxr_platform.inference.log import (
 from cxr_platform.inference.predictor import Prediction
 from cxr_platform.inference.scoring import (
     LOG_UNAVAILABLE,
+    NotAChestRadiographError,
     PreparedInput,
     ScoreRequest,
     ScoringOutcome,
@@ -227,7 +228,9 @@ class CxrService:
 
     # ---- the request path ------------------------------------------------------------------
 
-    async def _guarded(self, endpoint: str, file: Path, handler: Any) -> Any:
+    async def _guarded(
+        self, endpoint: str, file: Path, handler: Any, ctx: bentoml.Context | None = None
+    ) -> Any:
         """Read the upload, then run the rest shielded from cancellation: a client that hangs
         up after sending its image still gets its prediction logged."""
         started = time.perf_counter()
@@ -242,9 +245,17 @@ class CxrService:
                 data = await anyio.to_thread.run_sync(file.read_bytes)
             work = asyncio.ensure_future(handler(data, started))
             return await asyncio.shield(work)
-        except (core.ServingError, ImageReadError, ScoringUnavailableError) as exc:
+        except (
+            core.ServingError,
+            ImageReadError,
+            ScoringUnavailableError,
+            NotAChestRadiographError,
+        ) as exc:
             status, body = core.error_response(exc)
             rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
+            if ctx is not None:
+                # An API that takes the context answers with its status, not the response's.
+                ctx.response.status_code = status
             return JSONResponse(body, status_code=status)
 
     @bentoml.api(route="/predict")
@@ -280,7 +291,7 @@ class CxrService:
             }
             return Response(image, media_type="image/png", headers=headers)
 
-        return await self._guarded("explain", file, handler)
+        return await self._guarded("explain", file, handler, ctx)
 
     def _overlay(self, version: str, upload: PreparedInput) -> tuple[Any, Any]:
         # Grad-CAM needs torch and the eager model: imported on the first /explain, so the

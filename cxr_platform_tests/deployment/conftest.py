@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cxr_platform.deployment.export import ExportedModel, export_checkpoint
-from cxr_platform.deployment.pipeline import parity_inputs
+from cxr_platform.deployment.pipeline import gate_for, parity_inputs
 from cxr_platform.models.pipeline import tracker_for
 from cxr_platform.settings import CxrSettings, load_settings
 from cxr_platform_tests.conftest import EvaluatedCheckpoint
@@ -33,6 +33,7 @@ def export_for_registry(
         checkpoint.operating_point,
         out_dir,
         parity_inputs(cache),
+        input_gate=gate_for(cache),
         model_name=name,
         mlflow_run_id=run.run_id,
         manifest_hash="manifest-under-test",
@@ -48,6 +49,7 @@ def export_untracked(checkpoint: EvaluatedCheckpoint, cache, out_dir: Path) -> E
         checkpoint.operating_point,
         out_dir,
         parity_inputs(cache),
+        input_gate=gate_for(cache),
         model_name="baseline",
         mlflow_run_id="run-1",
         manifest_hash="m",

@@ -108,6 +108,17 @@ def test_performance_drift_needs_enough_labels(reference, fresh_patients):
     assert not quiet.performance_drift and quiet.performance.auc is None
 
 
+def test_a_surge_of_refused_images_fires_without_asking_for_a_fine_tune(reference, fresh_patients):
+    window = _window(fresh_patients)
+    n = len(window)
+    quiet = evaluate_window(reference, window, window="w", model_version="3", n_refused=1)
+    assert not quiet.fired and quiet.refusal_rate == pytest.approx(1 / (n + 1))
+    surge = evaluate_window(reference, window, window="w", model_version="3", n_refused=n // 3)
+    assert surge.refusal_drift and surge.fired and not surge.model_drift, surge.summary()
+    assert any("input gate refused" in reason for reason in surge.reasons)
+    assert surge.to_dict()["refusal_rate"] == pytest.approx((n // 3) / (n + n // 3))
+
+
 def test_only_the_versions_rows_are_compared_and_reports_are_saved(
     reference, fresh_patients, tmp_path
 ):

@@ -12,12 +12,14 @@ from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
     Verification,
 )
 
 SOP_CLASSES = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
     Comprehensive3DSRStorage,
 )
 

@@ -11,19 +11,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE, evt
 
 from cxr_platform.deployment.registry import registry_for
+from cxr_platform.inference.input_gate import REASONS
+from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
 from cxr_platform.pacs.storage import NodeStorage
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec
+from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
 
-from .conftest import VARIANTS, radiograph, radiograph_bytes
+from .conftest import VARIANTS, dciodvfy_errors, radiograph, radiograph_bytes
 from .scu import send
 
 pytestmark = pytest.mark.xdist_group("pacs")
@@ -57,6 +65,7 @@ def node_factory(pacs_model, tmp_path):
         nodes.append(node)
         return node
 
+    make.settings = pacs_model.settings
     yield make
     for node in nodes:
         node.stop()
@@ -92,22 +101,76 @@ def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
     assert node.storage.spooled() == []
 
 
-def test_objects_that_are_not_frontal_chest_images_are_acknowledged_and_ignored(
+def test_objects_that_are_not_single_frontal_images_are_acknowledged_and_ignored(
     node_factory, chest_pngs, caplog
 ):
     node = node_factory()
     node.start()
     lateral = radiograph(chest_pngs[0], RadiographSpec(view_position="LL"))
-    hand = radiograph(chest_pngs[0], RadiographSpec(body_part="HAND"))
     report = radiograph(chest_pngs[0], RadiographSpec())
     report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
     with caplog.at_level(logging.INFO, logger="cxr_platform.pacs"):
-        assert send(node.port, [lateral, hand, report]).statuses == [0, 0, 0]
-    assert node.counters.ignored == 3
+        assert send(node.port, [lateral, report]).statuses == [0, 0]
+    assert node.counters.ignored == 2
     assert node.storage.spooled() == [] and node.storage.outbox() == []
     assert "lateral view" in caplog.text
-    assert "body part is not the chest: HAND" in caplog.text
     assert "not a radiograph: Comprehensive 3D SR" in caplog.text
+
+
+def _pixels_of(kind: str) -> np.ndarray:
+    from cxr_platform.data.negatives import documents, photographs
+
+    return next(iter({"document": documents, "photograph": photographs}[kind]())).pixels
+
+
+def test_the_pixels_decide_whatever_the_header_says(node_factory, chest_pngs, tmp_path):
+    """A header claiming the chest does not make a document a radiograph, and a chest
+    radiograph without (or with a wrong) body part is still read."""
+    node = node_factory()
+    node.start()
+    claimed = radiograph_dataset(_pixels_of("document"), RadiographSpec(body_part="CHEST"))
+    unlabeled = radiograph_dataset(_pixels_of("photograph"), RadiographSpec(body_part=""))
+    mislabeled_chest = radiograph(chest_pngs[1], RadiographSpec(body_part="HAND"))
+    capture = radiograph(chest_pngs[2], RadiographSpec(body_part=""))  # SC, no body part
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    sent = [claimed, unlabeled, mislabeled_chest, capture]
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    refusals_before = len(log.refusals())
+    assert send(node.port, sent).statuses == [0, 0, 0, 0]
+    wait_for(lambda: node.counters.processed + node.counters.refused == 4, what="all four")
+
+    for refused in (claimed, unlabeled):
+        assert node.storage.status(refused.SOPInstanceUID) == "refused"
+        detail = node.storage.detail(refused.SOPInstanceUID)
+        assert detail.startswith("not_a_chest_radiograph: "), detail
+    for read in (mislabeled_chest, capture):
+        assert node.storage.status(read.SOPInstanceUID) == "processed"
+    assert list(node.storage.iter_failed()) == []  # a refusal is not a failure: nothing kept
+
+    # Only the image whose header claims the chest gets an answer: an SR saying it was not
+    # analysed and why, and no diagnosis. The refused photograph is logged, not answered.
+    by_study = {study.study_uid: study.files for study in node.storage.outbox()}
+    (sr_path,) = by_study[claimed.StudyInstanceUID]
+    assert unlabeled.StudyInstanceUID not in by_study
+    sr = pydicom.dcmread(sr_path)
+    assert sr.Modality == "SR" and "not analysed" in sr.SeriesDescription
+    texts = [str(elem.value) for elem in sr.iterall() if elem.keyword == "TextValue"]
+    (comment,) = [text for text in texts if text.startswith("Not analysed by the AI: ")]
+    assert comment.removeprefix("Not analysed by the AI: ").split(":")[0] in REASONS
+    meanings = [str(elem.value) for elem in sr.iterall() if elem.keyword == "CodeMeaning"]
+    assert "Probability" not in meanings and "Present" not in meanings, meanings
+    assert dciodvfy_errors(sr_path) == []
+    refusals = log.refusals().iloc[refusals_before:]
+    assert len(refusals) == 2 and set(refusals["source"]) == {"dicom"}
+
+
+def test_the_not_analysed_sr_can_be_turned_off(node_factory):
+    node = node_factory(dicom_refusal_sr=False)
+    node.start()
+    claimed = radiograph_dataset(_pixels_of("document"), RadiographSpec(body_part="CHEST"))
+    assert send(node.port, [claimed]).statuses == [0]
+    wait_for(lambda: node.counters.refused == 1, what="the refusal")
+    assert node.storage.outbox() == []
 
 
 def test_an_image_that_cannot_be_decoded_is_kept_with_its_reason(node_factory, chest_pngs):

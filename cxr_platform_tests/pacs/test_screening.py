@@ -1,4 +1,4 @@
-"""Which received objects the node classifies, and the reason it gives for the others."""
+"""Which received objects the node takes in, and the reason it gives for the others."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from cxr_platform.pacs.screening import screen
+from cxr_platform.pacs.screening import claims_chest, screen
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 OURS = "cxr_platform"
@@ -57,17 +57,22 @@ def test_non_radiograph_objects_are_ignored_with_their_class_named(sop_class, na
     assert name in verdict.reason
 
 
-def test_other_body_parts_are_ignored():
-    verdict = screen(chest(BodyPartExamined="HAND"), own_manufacturer=OURS)
-    assert not verdict.accepted and "HAND" in verdict.reason
+def test_the_body_part_never_decides_it_only_says_whether_a_refusal_is_answered():
+    # The header's body part is evidence for the pixel gate's answer, not a verdict: a "HAND"
+    # header on what may well be a chest film (or an abdomen code) is let through to be judged.
     region = Dataset()
     region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
         "818983003",
         "SCT",
         "Abdomen",
     )
+    hand = chest(BodyPartExamined="HAND")
     by_code = chest(BodyPartExamined=None, AnatomicRegionSequence=[region])
-    assert not screen(by_code, own_manufacturer=OURS).accepted
+    assert screen(hand, own_manufacturer=OURS).accepted
+    assert screen(by_code, own_manufacturer=OURS).accepted
+    assert not claims_chest(hand) and not claims_chest(by_code)
+    assert not claims_chest(chest(BodyPartExamined=None))
+    assert claims_chest(chest()) and claims_chest(chest(BodyPartExamined="THORAX"))
 
 
 def test_lateral_views_are_ignored_unless_configured():
@@ -82,11 +87,11 @@ def test_lateral_views_are_ignored_unless_configured():
     ).accepted
 
 
-def test_a_secondary_capture_must_say_it_shows_the_chest():
+def test_a_secondary_capture_without_a_body_part_is_judged_by_its_pixels():
+    # The way a large public chest X-ray collection is distributed: SC, no body part.
     sc = "1.2.840.10008.5.1.4.1.1.7"
     assert screen(chest(SOPClassUID=sc), own_manufacturer=OURS).accepted
-    verdict = screen(chest(SOPClassUID=sc, BodyPartExamined=None), own_manufacturer=OURS)
-    assert not verdict.accepted and "does not say it shows the chest" in verdict.reason
+    assert screen(chest(SOPClassUID=sc, BodyPartExamined=None), own_manufacturer=OURS).accepted
 
 
 def test_the_nodes_own_results_are_never_classified_again():

@@ -13,12 +13,15 @@ import pytest
 
 from cxr_platform.errors import EmptyImageError, TruncatedImageError
 from cxr_platform.inference.features import image_features
+from cxr_platform.inference.input_gate import GateVerdict
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.predictor import Predictor
 from cxr_platform.inference.scoring import (
     LOG_UNAVAILABLE,
     NO_PRODUCTION_MODEL,
+    NOT_A_CHEST_RADIOGRAPH,
+    NotAChestRadiographError,
     PreparedInput,
     ScoreRequest,
     ScoringUnavailableError,
@@ -179,6 +182,34 @@ def test_a_batch_is_logged_in_one_go_and_withheld_when_the_log_fails(
     assert all(o.production is None for o in withheld)
     with pytest.raises(ScoringUnavailableError, match="no prediction is released"):
         withheld[0].released()
+
+
+def test_a_refused_image_gets_no_diagnosis_from_either_model_and_is_logged_with_its_batch(
+    predictors, learnable_cache, tmp_path
+):
+    production, shadow = predictors
+    images = learnable_cache.images("test", mmap=False)[:3]
+    items = requests_for(ServingModels(production, shadow), images)
+    verdict = GateVerdict(False, "unlike_a_frontal_chest_radiograph", "distance 9 > 3", 9.0, 3.0)
+    items[1] = replace(items[1], prepared=replace(items[1].prepared, gate=verdict))
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    outcomes = score_and_log(log, items)
+    assert [o.failure for o in outcomes] == [None, NOT_A_CHEST_RADIOGRAPH, None]
+    assert outcomes[1].production is None and outcomes[1].shadow is None
+    assert outcomes[0].shadow_gate is not None and outcomes[0].shadow_gate.accepted
+    with pytest.raises(NotAChestRadiographError) as refused:
+        outcomes[1].released()
+    status, body = core.error_response(refused.value)
+    assert status == 422 and body["error"] == "not_a_chest_radiograph"
+    assert body["gate_score"] == 9.0 and body["request_id"] == "r1"
+    assert list(log.records().request_id) == ["r0", "r2"]
+    refusals = log.refusals()
+    assert list(refusals.request_id) == ["r1"] and refusals.iloc[0].gate_score == 9.0
+    # The refused image's batch-mates match what the models say of them alone.
+    alone = production.predict_prepared(images[[0, 2]])
+    assert [o.production.probability for o in outcomes if o.production] == pytest.approx(
+        [p.probability for p in alone]
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr_platform.data.synthetic import render_radiograph
 from cxr_platform.serving.packaging import PackagingError, build_bento
 from cxr_platform.serving.process import REPO_ROOT, ServiceProcess
 from cxr_platform.settings import load_settings
@@ -36,7 +37,9 @@ def test_bento_pins_the_production_version_and_serves_without_the_registry(live_
     }
     service = ServiceProcess(env=env, log_path=tmp_path / "bento.log", target=built.bento_tag)
     buffer = io.BytesIO()
-    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buffer, format="PNG")
+    # A radiograph: the pinned model's input gate travels with it and refuses anything else.
+    radiograph = np.rint(render_radiograph(3) * 255).astype(np.uint8)
+    Image.fromarray(radiograph).save(buffer, format="PNG")
     with service:
         response = httpx.post(
             f"{service.url}/predict", files={"file": ("x.png", buffer.getvalue())}, timeout=60

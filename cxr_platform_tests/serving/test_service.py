@@ -27,6 +27,7 @@ from pydicom.uid import (
     GrayscaleSoftcopyPresentationStateStorage,
 )
 
+from cxr_platform.data.synthetic import render_radiograph
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
 from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
@@ -38,12 +39,11 @@ pytestmark = pytest.mark.xdist_group("live_service")
 
 
 def chest(seed: int = 0, size: tuple[int, int] = (120, 100)) -> np.ndarray:
-    """A smooth gray image with structure, uint8."""
-    rng = np.random.default_rng(seed)
+    """A synthetic frontal chest radiograph (the kind the test models were trained on), uint8:
+    the service's input gate refuses anything else."""
+    pixels = np.rint(render_radiograph(seed) * 255).astype(np.uint8)
     height, width = size
-    y, x = np.mgrid[0:height, 0:width]
-    base = 128 + 60 * np.sin(x / 9.0 + seed) * np.cos(y / 13.0)
-    return np.clip(base + rng.normal(0, 8, size), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -104,6 +104,30 @@ BAD_INPUTS = {
         lambda: to_bytes(make_dicom(np.stack([chest(4), chest(5)]), frames=2)),
         422,
         "dicom_multi_frame",
+    ),
+}
+
+
+def _negative(kind: str) -> bytes:
+    from cxr_platform.data.negatives import documents, photographs
+
+    source = {"document": documents, "photograph": photographs}[kind]
+    pixels = next(iter(source())).pixels
+    return encode(Image.fromarray(np.rint(pixels * 255).astype(np.uint8)), "PNG")
+
+
+# Each kind of image the input gate must refuse, made here: (bytes, the reason it names).
+NOT_CHEST_RADIOGRAPHS = {
+    "document": (lambda: _negative("document"), None),
+    "photograph": (lambda: _negative("photograph"), None),
+    "inverted_radiograph": (lambda: encode(Image.fromarray(255 - chest(7)), "PNG"), None),
+    "rotated_radiograph": (lambda: encode(Image.fromarray(np.rot90(chest(8)).copy()), "PNG"), None),
+    "one_pixel_png": (lambda: encode(Image.new("L", (1, 1), 128), "PNG"), "too_small"),
+    "tiny_dicom": (lambda: to_bytes(make_dicom(chest(9, size=(11, 15)))), "too_small"),
+    # The header says MONOCHROME1, so the decoder inverts what is a normal radiograph.
+    "monochrome1_by_mistake": (
+        lambda: to_bytes(make_dicom(chest(10), photometric="MONOCHROME1")),
+        None,
     ),
 }
 
@@ -243,6 +267,44 @@ def test_bad_input_gets_a_4xx_reason_and_the_service_stays_up(live_service, case
     with live_service.client(key=None) as anonymous:
         metrics = anonymous.get("/metrics").text
     assert f'reason="{reason}"' in metrics
+
+
+@pytest.mark.parametrize("case", sorted(NOT_CHEST_RADIOGRAPHS))
+def test_what_is_not_a_chest_radiograph_gets_422_and_no_diagnosis(live_service, case):
+    make, expected_reason = NOT_CHEST_RADIOGRAPHS[case]
+    log = live_service.inference_log()
+    before = log.count()
+    with live_service.client() as client:
+        for route in ("/predict", "/explain"):
+            response = post_image(client, make(), name=f"{case}.png", route=route)
+            assert response.status_code == 422, response.text
+            body = response.json()
+            assert body["error"] == "not_a_chest_radiograph", body
+            assert body["detail"] and body["request_id"]
+            assert "probability" not in body and "label" not in body
+            if expected_reason:
+                assert body["detail"].startswith(expected_reason), body
+            if body["detail"].startswith(("unlike", "upside")):
+                assert body["gate_score"] > 0
+    # No prediction row; the refusal is in the log's own table, with its reason.
+    assert log.count() == before
+    refusals = log.refusals()
+    row = refusals[refusals["request_id"] == body["request_id"]].iloc[0]
+    assert body["detail"].startswith(row.reason) and row.source == "http"
+    assert row.model_version == live_service.production_version
+    with live_service.client(key=None) as anonymous:
+        assert 'reason="not_a_chest_radiograph"' in anonymous.get("/metrics").text
+
+
+def test_the_shadows_own_gate_verdict_is_logged_with_each_prediction(live_service):
+    with live_service.client() as client:
+        response = post_image(client, png(11))
+    assert response.status_code == 200, response.text
+    row = live_service.inference_log().records().iloc[-1]
+    assert row.request_id == response.json()["request_id"]
+    assert row.gate_score is not None and row.gate_score > 0
+    if row.shadow_version is not None:
+        assert row.shadow_gate == "accepted"
 
 
 def test_a_url_in_place_of_the_file_is_refused_not_fetched(live_service):
