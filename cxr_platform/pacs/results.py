@@ -147,7 +147,6 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         version=algorithm.version,
         parameters=[f"operating threshold {algorithm.threshold:.6f}"],
     )
-    device = _device_observer(algorithm)
     present = prediction.label.upper() == "PNEUMONIA"
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -170,8 +169,20 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
+    return _sr_document(source, algorithm, uids, group, "AI pneumonia classification (SR)")
+
+
+def _sr_document(
+    source: Dataset,
+    algorithm: Algorithm,
+    uids: ResultUids,
+    group: hd.sr.MeasurementsAndQualitativeEvaluations,
+    description: str,
+) -> Dataset:
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_device_observer(algorithm)
+        ),
         procedure_reported=CHEST_XRAY,
         imaging_measurements=[group],
     )
@@ -185,7 +196,7 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         is_complete=True,
         is_final=False,
         is_verified=False,  # VerificationFlag UNVERIFIED: no human has signed this
-        series_description="AI pneumonia classification (SR)",
+        series_description=description,
         **algorithm.equipment(),
     )
 
@@ -211,24 +222,8 @@ def build_not_analysed_sr(source: Dataset, algorithm: Algorithm, why: str) -> Da
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
-    device = _device_observer(algorithm)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=CHEST_XRAY,
-        imaging_measurements=[group],
-    )
-    return hd.sr.Comprehensive3DSR(
-        evidence=[source],
-        content=report,
-        series_instance_uid=uids.series_instance_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description="AI pneumonia classification: image not analysed (SR)",
-        **algorithm.equipment(),
+    return _sr_document(
+        source, algorithm, uids, group, "AI pneumonia classification: image not analysed (SR)"
     )
 
 
