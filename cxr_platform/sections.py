@@ -448,6 +448,12 @@ class MonitoringSection(_Logged):
     drift_max_sensitivity_drop: float = setting(
         0.10, doc="Performance drift: sensitivity drop below the version's.", ge=0, le=1
     )
+    drift_max_specificity_drop: float = setting(
+        0.10,
+        doc="Performance drift: specificity at the version's threshold below the version's.",
+        ge=0,
+        le=1,
+    )
     drift_max_refusal_rate: float = setting(
         0.05,
         doc="Refusal drift: share of a window's images the input gate refused (misrouted or "

@@ -44,6 +44,7 @@ class DriftRule:
     min_labeled: int = 30  # performance is judged only with this many labels (both classes)
     max_auc_drop: float = 0.10  # performance drift: AUC this far below the test AUC
     max_sensitivity_drop: float = 0.10
+    max_specificity_drop: float = 0.10
     # Refusal drift: the input gate refuses more than this share of a window's images, and
     # significantly more than it refused of the validation split.
     max_refusal_rate: float = 0.05
@@ -62,6 +63,7 @@ class PerformanceWindow:
     expected_auc: float | None
     expected_sensitivity: float | None
     expected_specificity: float | None
+    failed: tuple[str, ...] = ()  # which of "auc", "sensitivity", "specificity" drifted
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,9 @@ def _performance(
 ) -> tuple[PerformanceWindow, list[str]]:
     """Judged against the least the version's own evaluations vouch for: the lower end of its
     test AUC's 95% CI or its validation AUC (in the reference), whichever is lower, since a
-    small split can be lucky; and the window's sensitivity only when even its Wilson upper
-    bound is below the test figure by more than the allowed drop."""
+    small split can be lucky; and the window's sensitivity and specificity at the version's
+    threshold only when even their Wilson upper bounds are below the test figures by more than
+    the allowed drop."""
     truth = (labeled["feedback_label"] == "PNEUMONIA").to_numpy()
     predicted = (labeled["label"] == "PNEUMONIA").to_numpy()
     vouched = [
@@ -161,7 +164,9 @@ def _performance(
     sensitivity = detected / int(truth.sum())
     specificity = float((~predicted[~truth]).mean())
     window = replace(window, auc=auc, sensitivity=sensitivity, specificity=specificity)
+    failed: list[str] = []
     if expected_auc is not None and auc < expected_auc - rule.max_auc_drop:
+        failed.append("auc")
         reasons.append(
             f"AUC on {len(labeled)} labeled {auc:.3f} < {expected_auc:.3f} (the lower of test "
             f"AUC's 95% bound and validation AUC) - {rule.max_auc_drop:g}"
@@ -172,11 +177,27 @@ def _performance(
         expected_sensitivity is not None
         and upper < expected_sensitivity - rule.max_sensitivity_drop
     ):
+        failed.append("sensitivity")
         reasons.append(
             f"sensitivity on {int(truth.sum())} labeled positives {sensitivity:.3f} (95% upper "
             f"bound {upper:.3f}) < test {expected_sensitivity:.3f} - {rule.max_sensitivity_drop:g}"
         )
-    return window, reasons
+    # The failure a site change most often brings: more false positives at the same threshold.
+    expected_specificity = window.expected_specificity
+    negatives = int((~truth).sum())
+    cleared = int((~predicted[~truth]).sum())
+    upper = float(binomtest(cleared, negatives).proportion_ci(0.95, "wilson").high)
+    if (
+        expected_specificity is not None
+        and upper < expected_specificity - rule.max_specificity_drop
+    ):
+        failed.append("specificity")
+        reasons.append(
+            f"specificity at the version's threshold on {negatives} labeled negatives "
+            f"{specificity:.3f} (95% upper bound {upper:.3f}) < test "
+            f"{expected_specificity:.3f} - {rule.max_specificity_drop:g}"
+        )
+    return replace(window, failed=tuple(failed)), reasons
 
 
 def evaluate_window(

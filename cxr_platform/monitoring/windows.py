@@ -78,6 +78,7 @@ def drift_rule(monitoring: MonitoringSection) -> DriftRule:
         min_labeled=monitoring.drift_min_labeled,
         max_auc_drop=monitoring.drift_max_auc_drop,
         max_sensitivity_drop=monitoring.drift_max_sensitivity_drop,
+        max_specificity_drop=monitoring.drift_max_specificity_drop,
         max_refusal_rate=monitoring.drift_max_refusal_rate,
     )
 

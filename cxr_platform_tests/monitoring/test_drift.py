@@ -108,6 +108,33 @@ def test_performance_drift_needs_enough_labels(reference, fresh_patients):
     assert not quiet.performance_drift and quiet.performance.auc is None
 
 
+def test_specificity_falling_at_the_threshold_is_named_even_when_auc_holds(
+    reference, fresh_patients
+):
+    """The other-site failure: the ranking holds (AUC), but at the version's threshold many
+    more normal images are called pneumonia."""
+
+    def truth(labels):
+        return np.where(labels == 1, "PNEUMONIA", "NORMAL")
+
+    window = _window(fresh_patients, feedback=truth)
+    expected = {"test_auc": 0.5, "test_sensitivity": 0.5, "test_specificity": 0.95}
+    calm = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected
+    )
+    assert "specificity" not in calm.performance.failed, calm.summary()
+    # The same images and scores; the served labels as a lower threshold would give them.
+    negatives = window.index[window["feedback_label"] == "NORMAL"]
+    window.loc[negatives[: len(negatives) // 2], "label"] = "PNEUMONIA"
+    result = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected
+    )
+    assert result.performance_drift and result.performance.failed == ("specificity",)
+    assert result.performance.auc == pytest.approx(calm.performance.auc)
+    assert any("specificity at the version's threshold" in r for r in result.reasons)
+    assert list(result.to_dict()["performance"]["failed"]) == ["specificity"]
+
+
 def test_a_surge_of_refused_images_fires_without_asking_for_a_fine_tune(reference, fresh_patients):
     window = _window(fresh_patients)
     n = len(window)
