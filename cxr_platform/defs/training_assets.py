@@ -39,6 +39,10 @@ def png_markdown(path: Path, title: str) -> str:
     return f"![{title}](data:image/png;base64,{encoded})"
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    return "n/a" if low is None or high is None else f"{low:.3f}-{high:.3f}"
+
+
 def trained_model_key(arch: str) -> dg.AssetKey:
     return dg.AssetKey([arch, "trained_model"])
 
@@ -136,11 +140,16 @@ def _training_assets(arch: str) -> list:
             report,
             metadata={
                 "test_auc": test.auc,
-                "test_auc_ci": f"{test.auc_ci_low:.3f}-{test.auc_ci_high:.3f}",
+                "test_auc_ci": _interval(test.auc_ci_low, test.auc_ci_high),
                 "test_sensitivity": test.sensitivity,
+                "test_sensitivity_ci": _interval(test.sensitivity_ci_low, test.sensitivity_ci_high),
                 "test_specificity": test.specificity,
+                "test_specificity_ci": _interval(test.specificity_ci_low, test.specificity_ci_high),
                 "test_ppv": test.ppv,
+                "test_ppv_ci": _interval(test.ppv_ci_low, test.ppv_ci_high),
                 "test_npv": test.npv,
+                "test_npv_ci": _interval(test.npv_ci_low, test.npv_ci_high),
+                "intervals_resample": f"{test.interval_unit}s ({test.n_patients or test.n})",
                 "test_ece": test.ece,
                 "threshold": report.operating_point.threshold,
                 "temperature": report.operating_point.temperature,

@@ -186,6 +186,72 @@ def bootstrap_auc_ci(
     return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
 
 
+INTERVAL_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv")
+
+
+def cluster_bootstrap_intervals(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    groups: np.ndarray | None = None,
+    *,
+    n_bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float | None, float | None]]:
+    """Percentile intervals of AUC and of sensitivity, specificity, PPV and NPV at
+    ``threshold``, resampling whole groups (patients) with replacement.
+
+    Images of one patient are not independent, so resampling images would make the intervals
+    too narrow wherever patients have several. Groups are drawn separately per class (a
+    group's class is that of its first image; a patient has one diagnosis) so every replicate
+    keeps both. Without ``groups`` every image is its own group.
+    """
+    labels = _check_binary(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    predicted = np.asarray(probabilities, dtype=np.float64) >= threshold
+    if groups is None:
+        groups = np.arange(len(labels))
+    _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+    by_class = {cls: [m for m in members if labels[m[0]] == cls] for cls in (0, 1)}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
+    for _ in range(n_bootstrap):
+        chosen = np.concatenate(
+            [
+                np.concatenate([pool[i] for i in rng.integers(0, len(pool), len(pool))])
+                for pool in by_class.values()
+                if pool
+            ]
+        )
+        truth, scored, called = labels[chosen], scores[chosen], predicted[chosen]
+        positives, negatives = truth == 1, truth == 0
+        if not positives.any() or not negatives.any():
+            continue
+        draws["auc"].append(_mann_whitney_auc(scored[positives], scored[negatives]))
+        tp, fn = int(called[positives].sum()), int((~called[positives]).sum())
+        tn, fp = int((~called[negatives]).sum()), int(called[negatives].sum())
+        for name, value in (
+            ("sensitivity", _ratio(tp, tp + fn)),
+            ("specificity", _ratio(tn, tn + fp)),
+            ("ppv", _ratio(tp, tp + fp)),
+            ("npv", _ratio(tn, tn + fn)),
+        ):
+            if value is not None:
+                draws[name].append(value)
+    alpha = (1 - confidence) / 2
+    return {
+        name: (
+            (float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)))
+            if values
+            else (None, None)
+        )
+        for name, values in draws.items()
+    }
+
+
 def _mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     negatives = np.sort(negatives)
     below = np.searchsorted(negatives, positives, side="left")
@@ -237,6 +303,17 @@ class SplitEvaluation:
     fp: int
     fn: int
     tp: int
+    # 95% intervals at the operating point; resampled by patient where ``interval_unit`` says so.
+    sensitivity_ci_low: float | None = None
+    sensitivity_ci_high: float | None = None
+    specificity_ci_low: float | None = None
+    specificity_ci_high: float | None = None
+    ppv_ci_low: float | None = None
+    ppv_ci_high: float | None = None
+    npv_ci_low: float | None = None
+    npv_ci_high: float | None = None
+    n_patients: int | None = None
+    interval_unit: str = "image"  # "patient": whole patients were resampled
 
 
 def evaluate_split(
@@ -247,20 +324,36 @@ def evaluate_split(
     *,
     n_bootstrap: int = 2000,
     seed: int = 0,
+    patients: np.ndarray | None = None,
 ) -> SplitEvaluation:
+    """``patients``: each image's patient id, so intervals resample patients, not images."""
     labels = _check_binary(labels)
     probabilities = operating_point.probabilities(logits)
-    low, high = bootstrap_auc_ci(labels, logits, n_bootstrap=n_bootstrap, seed=seed)
+    intervals = cluster_bootstrap_intervals(
+        labels,
+        logits,
+        probabilities,
+        operating_point.threshold,
+        patients,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
+    bounds = {
+        f"{name}_ci_{side}": value
+        for name, (low, high) in intervals.items()
+        for side, value in (("low", low), ("high", high))
+    }
     return SplitEvaluation(
         split=split,
         n=len(labels),
         n_positive=int(labels.sum()),
         auc=float(roc_auc_score(labels, logits)),
-        auc_ci_low=low,
-        auc_ci_high=high,
         ece_uncalibrated=expected_calibration_error(labels, expit(np.asarray(logits))),
         ece=expected_calibration_error(labels, probabilities),
         **threshold_metrics(labels, probabilities, operating_point.threshold),
+        **bounds,
+        n_patients=None if patients is None else len(np.unique(np.asarray(patients).astype(str))),
+        interval_unit="image" if patients is None else "patient",
     )
 
 
@@ -285,7 +378,24 @@ def fit_operating_point(
 
 # Per split, the figures copied onto a registry version (cxr.metric.* tags) and model files.
 VERSION_METRIC_KEYS = {
-    "test": ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "ppv", "npv", "ece"),
+    "test": (
+        "auc",
+        "auc_ci_low",
+        "auc_ci_high",
+        "sensitivity",
+        "sensitivity_ci_low",
+        "sensitivity_ci_high",
+        "specificity",
+        "specificity_ci_low",
+        "specificity_ci_high",
+        "ppv",
+        "ppv_ci_low",
+        "ppv_ci_high",
+        "npv",
+        "npv_ci_low",
+        "npv_ci_high",
+        "ece",
+    ),
     "val": ("sensitivity", "specificity"),
 }
 
@@ -376,20 +486,35 @@ def evaluate_predictions(
     n_bootstrap: int = 2000,
     seed: int = 0,
     training: dict[str, Any] | None = None,
+    patients: dict[str, np.ndarray] | None = None,
 ) -> EvaluationReport:
-    """``val`` and ``test`` are (labels, logits). The operating point is fixed before test."""
+    """``val`` and ``test`` are (labels, logits). The operating point is fixed before test.
+    ``patients``: per split, each image's patient id (intervals then resample patients)."""
+    patients = patients or {}
     val_labels, val_logits = val
     operating_point = fit_operating_point(val_labels, val_logits, rule)
     splits = {
         "val": evaluate_split(
-            "val", val_labels, val_logits, operating_point, n_bootstrap=n_bootstrap, seed=seed
+            "val",
+            val_labels,
+            val_logits,
+            operating_point,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            patients=patients.get("val"),
         )
     }
     predictions = {"val": (np.asarray(val_labels), np.asarray(val_logits))}
     if test is not None:
         test_labels, test_logits = test
         splits["test"] = evaluate_split(
-            "test", test_labels, test_logits, operating_point, n_bootstrap=n_bootstrap, seed=seed
+            "test",
+            test_labels,
+            test_logits,
+            operating_point,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            patients=patients.get("test"),
         )
         predictions["test"] = (np.asarray(test_labels), np.asarray(test_logits))
     return EvaluationReport(

@@ -301,6 +301,10 @@ def evaluate_trained(
         rule=rule,
         n_bootstrap=n_bootstrap,
         seed=training.seed,
+        patients={
+            split: cache.index(split)["patient_id"].astype(str).to_numpy()
+            for split in ("val", "test")
+        },
         training={
             "profile": trained.profile,
             "pretrained": trained.pretrained,
@@ -354,7 +358,11 @@ def _log_evaluation(
             "auc_ci_high",
             "accuracy",
             "sensitivity",
+            "sensitivity_ci_low",
+            "sensitivity_ci_high",
             "specificity",
+            "specificity_ci_low",
+            "specificity_ci_high",
             "ppv",
             "npv",
             "f1",

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from cxr_platform.models.evaluation import (  # noqa: E402
     EvaluationReport,
+    SplitEvaluation,
     calibrated_probabilities,
     reliability_curve,
 )
@@ -30,6 +31,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _with_ci(split: SplitEvaluation, name: str) -> str:
+    value = getattr(split, name)
+    low, high = getattr(split, f"{name}_ci_low"), getattr(split, f"{name}_ci_high")
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
 def report_markdown(report: EvaluationReport) -> str:
     op = report.operating_point
     lines = [
@@ -41,17 +52,32 @@ def report_markdown(report: EvaluationReport) -> str:
         + (f", target sensitivity {op.target_sensitivity:.2f}" if op.target_sensitivity else "")
         + ". The test split was not used to choose anything.",
         "",
-        "| split | n | pneumonia | ROC AUC (95% CI) | sensitivity | specificity | PPV | NPV "
+        "| split | n | pneumonia | ROC AUC (95% CI) | sensitivity (CI) | specificity (CI) "
+        "| PPV (CI) | NPV (CI) "
         "| accuracy | F1 | ECE (raw -> calibrated) |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in report.splits.values():
         lines.append(
-            f"| {s.split} | {s.n} | {s.n_positive} | {s.auc:.3f} ({s.auc_ci_low:.3f}-"
-            f"{s.auc_ci_high:.3f}) | {_fmt(s.sensitivity)} | {_fmt(s.specificity)} | "
-            f"{_fmt(s.ppv)} | {_fmt(s.npv)} | {s.accuracy:.3f} | {_fmt(s.f1)} | "
+            f"| {s.split} | {s.n} | {s.n_positive} | {_with_ci(s, 'auc')} | "
+            f"{_with_ci(s, 'sensitivity')} | {_with_ci(s, 'specificity')} | "
+            f"{_with_ci(s, 'ppv')} | {_with_ci(s, 'npv')} | {s.accuracy:.3f} | {_fmt(s.f1)} | "
             f"{s.ece_uncalibrated:.3f} -> {s.ece:.3f} |"
         )
+    units = {
+        f"{s.split}: {s.n_patients} patients" if s.interval_unit == "patient" else s.split
+        for s in report.splits.values()
+    }
+    lines += [
+        "",
+        "95% intervals: percentile bootstrap"
+        + (
+            ", resampling whole patients (" + "; ".join(sorted(units)) + ")"
+            if any(s.interval_unit == "patient" for s in report.splits.values())
+            else ", resampling images"
+        )
+        + ".",
+    ]
     lines += ["", "Confusion matrices (rows: truth, columns: prediction):", ""]
     for s in report.splits.values():
         lines += [

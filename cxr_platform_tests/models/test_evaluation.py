@@ -10,12 +10,15 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from cxr_platform.models.evaluation import (
+    OperatingPoint,
     ThresholdRule,
     _mann_whitney_auc,
     bootstrap_auc_ci,
     calibrated_probabilities,
     choose_threshold,
+    cluster_bootstrap_intervals,
     evaluate_predictions,
+    evaluate_split,
     expected_calibration_error,
     fit_platt,
     fit_temperature,
@@ -75,6 +78,47 @@ def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_data():
 # Positives 0.9 0.8 0.7 0.6 0.3; negatives 0.75 0.5 0.4 0.2 0.1.
 CONSTRUCTED_LABELS = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
 CONSTRUCTED_SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.75, 0.5, 0.4, 0.2, 0.1])
+
+
+def test_patient_resampling_widens_intervals_when_patients_have_several_images():
+    """Four near-identical images per patient carry about one patient's worth of evidence:
+    an image bootstrap pretends they are four independent cases."""
+    rng = np.random.default_rng(3)
+    n_patients, per_patient = 120, 4
+    patient_labels = rng.integers(0, 2, n_patients)
+    patient_scores = rng.normal(patient_labels * 1.2, 1.0)
+    labels = np.repeat(patient_labels, per_patient)
+    scores = np.repeat(patient_scores, per_patient) + rng.normal(0, 0.05, labels.size)
+    patients = np.repeat(np.arange(n_patients), per_patient)
+    probabilities = 1 / (1 + np.exp(-scores))
+
+    by_image = cluster_bootstrap_intervals(labels, scores, probabilities, 0.5, n_bootstrap=400)
+    by_patient = cluster_bootstrap_intervals(
+        labels, scores, probabilities, 0.5, patients, n_bootstrap=400
+    )
+    for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+        image_width = by_image[name][1] - by_image[name][0]
+        patient_width = by_patient[name][1] - by_patient[name][0]
+        assert patient_width > 1.5 * image_width, (name, image_width, patient_width)
+    # Every interval brackets its point estimate.
+    metrics = threshold_metrics(labels, probabilities, 0.5)
+    for name in ("sensitivity", "specificity", "ppv", "npv"):
+        low, high = by_patient[name]
+        assert low <= metrics[name] <= high
+
+
+def test_split_evaluation_reports_patient_intervals_at_the_operating_point():
+    rng = np.random.default_rng(4)
+    labels = np.repeat(rng.integers(0, 2, 60), 2)
+    logits = rng.normal(labels * 2.0, 1.0)
+    patients = np.repeat([f"P{i}" for i in range(60)], 2)
+    point = OperatingPoint(0.5, 1.0, "youden", None, 0.9, 0.9)
+    evaluation = evaluate_split("test", labels, logits, point, n_bootstrap=200, patients=patients)
+    assert evaluation.interval_unit == "patient" and evaluation.n_patients == 60
+    assert evaluation.specificity_ci_low <= evaluation.specificity <= evaluation.specificity_ci_high
+    assert evaluation.npv_ci_low is not None and evaluation.ppv_ci_high is not None
+    plain = evaluate_split("test", labels, logits, point, n_bootstrap=200)
+    assert plain.interval_unit == "image" and plain.n_patients is None
 
 
 @pytest.mark.parametrize(
