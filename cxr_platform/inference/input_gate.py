@@ -289,7 +289,9 @@ def fit_input_gate(
         limits,
     )
     val_refused = 0
-    for start in range(0, len(val), 256):  # float copies of the originals, a chunk at a time
+    # The cache keeps model inputs only, so they stand in for the originals here (the
+    # degenerate checks see a square of the model's size); a chunk at a time bounds the copies.
+    for start in range(0, len(val), 256):
         chunk = val[start : start + 256]
         originals = [square.astype(np.float32) / 255.0 for square in chunk]
         val_refused += sum(not v.accepted for v in gate.judge_many(originals, chunk))
