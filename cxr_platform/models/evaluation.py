@@ -376,26 +376,13 @@ def fit_operating_point(
     )
 
 
+# The 95% interval fields of a split, as SplitEvaluation names them.
+INTERVAL_FIELDS = tuple(
+    f"{name}_ci_{side}" for name in INTERVAL_METRICS for side in ("low", "high")
+)
 # Per split, the figures copied onto a registry version (cxr.metric.* tags) and model files.
 VERSION_METRIC_KEYS = {
-    "test": (
-        "auc",
-        "auc_ci_low",
-        "auc_ci_high",
-        "sensitivity",
-        "sensitivity_ci_low",
-        "sensitivity_ci_high",
-        "specificity",
-        "specificity_ci_low",
-        "specificity_ci_high",
-        "ppv",
-        "ppv_ci_low",
-        "ppv_ci_high",
-        "npv",
-        "npv_ci_low",
-        "npv_ci_high",
-        "ece",
-    ),
+    "test": ("auc", "sensitivity", "specificity", "ppv", "npv", "ece", *INTERVAL_FIELDS),
     "val": ("sensitivity", "specificity"),
 }
 

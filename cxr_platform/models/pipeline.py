@@ -17,7 +17,12 @@ from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.errors import CxrError
 from cxr_platform.models.checkpoint import Checkpoint, file_sha256
-from cxr_platform.models.evaluation import EvaluationReport, ThresholdRule, evaluate_predictions
+from cxr_platform.models.evaluation import (
+    INTERVAL_FIELDS,
+    EvaluationReport,
+    ThresholdRule,
+    evaluate_predictions,
+)
 from cxr_platform.models.recipe import TrainConfig, training_profile, with_epochs
 from cxr_platform.models.reporting import plot_learning_curves, write_report_files
 from cxr_platform.models.training import (
@@ -354,20 +359,15 @@ def _log_evaluation(
     for split, evaluation in report.splits.items():
         for key in (
             "auc",
-            "auc_ci_low",
-            "auc_ci_high",
             "accuracy",
             "sensitivity",
-            "sensitivity_ci_low",
-            "sensitivity_ci_high",
             "specificity",
-            "specificity_ci_low",
-            "specificity_ci_high",
             "ppv",
             "npv",
             "f1",
             "ece",
             "ece_uncalibrated",
+            *INTERVAL_FIELDS,
         ):
             if split == "val" and key == "auc":
                 continue  # val_auc is the per-epoch training curve; best_val_auc its peak

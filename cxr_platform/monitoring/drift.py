@@ -127,6 +127,17 @@ def _auc_of(reference: pd.DataFrame) -> float | None:
     return float(roc_auc_score(truth, reference[PROBABILITY].to_numpy()))
 
 
+def _fallen_below(
+    successes: int, trials: int, expected: float | None, allowed_drop: float
+) -> float | None:
+    """The rate's Wilson 95% upper bound when even that is more than ``allowed_drop`` below
+    ``expected``; None when the rate may still be as good (or nothing is expected)."""
+    if expected is None:
+        return None
+    upper = float(binomtest(successes, trials).proportion_ci(0.95, "wilson").high)
+    return upper if upper < expected - allowed_drop else None
+
+
 def _performance(
     labeled: pd.DataFrame,
     expected: dict[str, float],
@@ -171,31 +182,28 @@ def _performance(
             f"AUC on {len(labeled)} labeled {auc:.3f} < {expected_auc:.3f} (the lower of test "
             f"AUC's 95% bound and validation AUC) - {rule.max_auc_drop:g}"
         )
-    expected_sensitivity = window.expected_sensitivity
-    upper = float(binomtest(detected, int(truth.sum())).proportion_ci(0.95, "wilson").high)
-    if (
-        expected_sensitivity is not None
-        and upper < expected_sensitivity - rule.max_sensitivity_drop
-    ):
+    upper = _fallen_below(
+        detected, int(truth.sum()), window.expected_sensitivity, rule.max_sensitivity_drop
+    )
+    if upper is not None:
         failed.append("sensitivity")
         reasons.append(
             f"sensitivity on {int(truth.sum())} labeled positives {sensitivity:.3f} (95% upper "
-            f"bound {upper:.3f}) < test {expected_sensitivity:.3f} - {rule.max_sensitivity_drop:g}"
+            f"bound {upper:.3f}) < test {window.expected_sensitivity:.3f} - "
+            f"{rule.max_sensitivity_drop:g}"
         )
     # The failure a site change most often brings: more false positives at the same threshold.
-    expected_specificity = window.expected_specificity
     negatives = int((~truth).sum())
     cleared = int((~predicted[~truth]).sum())
-    upper = float(binomtest(cleared, negatives).proportion_ci(0.95, "wilson").high)
-    if (
-        expected_specificity is not None
-        and upper < expected_specificity - rule.max_specificity_drop
-    ):
+    upper = _fallen_below(
+        cleared, negatives, window.expected_specificity, rule.max_specificity_drop
+    )
+    if upper is not None:
         failed.append("specificity")
         reasons.append(
             f"specificity at the version's threshold on {negatives} labeled negatives "
             f"{specificity:.3f} (95% upper bound {upper:.3f}) < test "
-            f"{expected_specificity:.3f} - {rule.max_specificity_drop:g}"
+            f"{window.expected_specificity:.3f} - {rule.max_specificity_drop:g}"
         )
     return replace(window, failed=tuple(failed)), reasons
 
