@@ -17,7 +17,11 @@ from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.models import pipeline as model_pipeline
 from cxr_platform.models.evaluation import EvaluationReport
-from cxr_platform.models.reporting import comparison_markdown, report_markdown
+from cxr_platform.models.reporting import (
+    comparison_markdown,
+    report_markdown,
+    subgroup_markdown,
+)
 from cxr_platform.models.zoo import architecture
 
 GROUP = "training"
@@ -155,6 +159,10 @@ def _training_assets(arch: str) -> list:
                 "temperature": report.operating_point.temperature,
                 "calibration_bias": report.operating_point.bias,
                 "n_test": test.n,
+                "subgroups_flagged": len(report.flagged_subgroups),
+                "subgroups": dg.MetadataValue.md(
+                    "\n".join(subgroup_markdown(report)) if report.subgroups else "none named"
+                ),
                 "report": dg.MetadataValue.md(report_markdown(report)),
                 "plots": dg.MetadataValue.md(plots),
                 "json": dg.MetadataValue.path(str(files["json"])),
@@ -193,7 +201,30 @@ def _training_assets(arch: str) -> list:
             metadata={"test_sensitivity": sensitivity, "floor": floor},
         )
 
-    return [trained_model, evaluation_report, auc_floor, sensitivity_floor]
+    @dg.asset_check(
+        asset=evaluation_report_key(arch),
+        name="subgroup_shortfalls",
+        blocking=False,
+        description="Warns when a subgroup of the test split (a source folder, a file-name "
+        "family, a projection) has sensitivity or specificity whose 95% interval lies wholly "
+        "below the split's own figure: the model may fail one source the average hides.",
+    )
+    def subgroup_shortfalls(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
+        flagged = evaluation_report.flagged_subgroups
+        return dg.AssetCheckResult(
+            passed=not flagged,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="; ".join(group.describe() for group in flagged) or None,
+            metadata={
+                "subgroups_judged": len(evaluation_report.subgroups),
+                "flagged": len(flagged),
+                "shortfalls": dg.MetadataValue.md(
+                    "\n".join(f"- {group.describe()}" for group in flagged) or "none"
+                ),
+            },
+        )
+
+    return [trained_model, evaluation_report, auc_floor, sensitivity_floor, subgroup_shortfalls]
 
 
 def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
@@ -20,6 +20,9 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from cxr_platform.errors import CxrError
 from cxr_platform.sections import THRESHOLD_RULES, ThresholdRuleName
+
+if TYPE_CHECKING:
+    from cxr_platform.models.subgroups import SubgroupResult
 
 
 class EvaluationError(CxrError):
@@ -181,7 +184,7 @@ def bootstrap_auc_ci(
     # AUC = P(score_pos > score_neg) + 0.5 P(tie), computed per replicate by ranking within it.
     aucs = np.empty(n_bootstrap)
     for b in range(n_bootstrap):
-        aucs[b] = _mann_whitney_auc(pos[b], neg[b])
+        aucs[b] = mann_whitney_auc(pos[b], neg[b])
     alpha = (1 - confidence) / 2
     return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
 
@@ -206,9 +209,12 @@ def cluster_bootstrap_intervals(
     Images of one patient are not independent, so resampling images would make the intervals
     too narrow wherever patients have several. Groups are drawn separately per class (a
     group's class is that of its first image; a patient has one diagnosis) so every replicate
-    keeps both. Without ``groups`` every image is its own group.
+    keeps both. Without ``groups`` every image is its own group. With one class only (a
+    subgroup of normal images), AUC and the rates of the other class have no interval.
     """
-    labels = _check_binary(labels)
+    labels = np.asarray(labels).astype(int).ravel()
+    if not set(np.unique(labels)) <= {0, 1}:
+        raise EvaluationError("labels must be 0 (normal) or 1 (pneumonia)")
     scores = np.asarray(scores, dtype=np.float64)
     predicted = np.asarray(probabilities, dtype=np.float64) >= threshold
     if groups is None:
@@ -228,9 +234,8 @@ def cluster_bootstrap_intervals(
         )
         truth, scored, called = labels[chosen], scores[chosen], predicted[chosen]
         positives, negatives = truth == 1, truth == 0
-        if not positives.any() or not negatives.any():
-            continue
-        draws["auc"].append(_mann_whitney_auc(scored[positives], scored[negatives]))
+        if positives.any() and negatives.any():
+            draws["auc"].append(mann_whitney_auc(scored[positives], scored[negatives]))
         tp, fn = int(called[positives].sum()), int((~called[positives]).sum())
         tn, fp = int((~called[negatives]).sum()), int(called[negatives].sum())
         for name, value in (
@@ -252,7 +257,7 @@ def cluster_bootstrap_intervals(
     }
 
 
-def _mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+def mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     negatives = np.sort(negatives)
     below = np.searchsorted(negatives, positives, side="left")
     below_or_equal = np.searchsorted(negatives, positives, side="right")
@@ -396,6 +401,8 @@ class EvaluationReport:
     training: dict[str, Any] = field(default_factory=dict)
     # Which file was evaluated: export refuses a report that is about another checkpoint.
     checkpoint_sha256: str | None = None
+    # Where the data names parts of itself (folders, file-name families, projections).
+    subgroups: list[SubgroupResult] = field(default_factory=list)
     # Kept for plots; not written to JSON (one number per image would bloat the report).
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -424,10 +431,17 @@ class EvaluationReport:
             "splits": {name: asdict(s) for name, s in self.splits.items()},
             "training": self.training,
             "checkpoint_sha256": self.checkpoint_sha256,
+            "subgroups": [subgroup.to_dict() for subgroup in self.subgroups],
         }
+
+    @property
+    def flagged_subgroups(self) -> list[SubgroupResult]:
+        return [subgroup for subgroup in self.subgroups if subgroup.flagged]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvaluationReport:
+        from cxr_platform.models.subgroups import SubgroupResult
+
         try:
             return cls(
                 arch=values["arch"],
@@ -436,6 +450,7 @@ class EvaluationReport:
                 splits={name: SplitEvaluation(**split) for name, split in values["splits"].items()},
                 training=dict(values.get("training") or {}),
                 checkpoint_sha256=values.get("checkpoint_sha256"),
+                subgroups=[SubgroupResult.from_dict(v) for v in values.get("subgroups") or []],
             )
         except (KeyError, TypeError) as error:
             raise EvaluationError(f"not an evaluation report: {error!r}") from error

@@ -25,6 +25,7 @@ from cxr_platform.models.evaluation import (
 )
 from cxr_platform.models.recipe import TrainConfig, training_profile, with_epochs
 from cxr_platform.models.reporting import plot_learning_curves, write_report_files
+from cxr_platform.models.subgroups import evaluate_subgroups, subgroup_columns
 from cxr_platform.models.training import (
     TrainingData,
     TrainingResult,
@@ -323,6 +324,17 @@ def evaluate_trained(
         },
     )
     report.checkpoint_sha256 = trained.checkpoint_sha256 or file_sha256(trained.checkpoint)
+    test_index = cache.index("test")
+    report.subgroups = evaluate_subgroups(
+        report.splits["test"],
+        test.labels_np,
+        test_logits,
+        report.operating_point,
+        subgroup_columns(test_index),
+        test_index["patient_id"].astype(str).to_numpy(),
+        n_bootstrap=max(200, n_bootstrap // 2),
+        seed=training.seed,
+    )
 
     out_dir = out_dir or evaluation_dir(training, trained.model_name)
     if out_dir.exists():

@@ -89,10 +89,53 @@ def report_markdown(report: EvaluationReport) -> str:
             f"| pneumonia | {s.fn} | {s.tp} |",
             "",
         ]
+    if report.subgroups:
+        lines += subgroup_markdown(report)
     if report.training:
         lines += ["## Training", ""]
         lines += [f"- {key}: {_fmt(value)}" for key, value in report.training.items()]
     return "\n".join(lines) + "\n"
+
+
+def _rate_with_ci(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
+def subgroup_markdown(report: EvaluationReport) -> list[str]:
+    """The subgroup table; a flagged rate is in bold with a warning sign."""
+    lines = [
+        "## Subgroups",
+        "",
+        "At the same threshold, with patient-level 95% intervals. **Flagged**: the upper end "
+        "of the subgroup's interval is below the whole split's figure, a shortfall larger "
+        "than chance. Groups under 20 images are pooled as (other).",
+        "",
+        "| split | by | group | n | pneumonia | patients | AUC | sensitivity (CI) "
+        "| specificity (CI) | flagged |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for group in report.subgroups:
+        rates = {
+            rate: _rate_with_ci(
+                getattr(group, rate),
+                getattr(group, f"{rate}_ci_low"),
+                getattr(group, f"{rate}_ci_high"),
+            )
+            for rate in ("sensitivity", "specificity")
+        }
+        for rate in group.flagged:
+            rates[rate] = f"**{rates[rate]}** ⚠"
+        lines.append(
+            f"| {group.split} | {group.dimension} | {group.group} | {group.n} | "
+            f"{group.n_positive} | {group.n_patients} | {_fmt(group.auc)} | "
+            f"{rates['sensitivity']} | {rates['specificity']} | "
+            f"{', '.join(group.flagged) or '-'} |"
+        )
+    return [*lines, ""]
 
 
 def comparison_markdown(reports: Sequence[EvaluationReport], split: str = "test") -> str:

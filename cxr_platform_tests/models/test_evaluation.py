@@ -12,7 +12,6 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from cxr_platform.models.evaluation import (
     OperatingPoint,
     ThresholdRule,
-    _mann_whitney_auc,
     bootstrap_auc_ci,
     calibrated_probabilities,
     choose_threshold,
@@ -22,6 +21,7 @@ from cxr_platform.models.evaluation import (
     expected_calibration_error,
     fit_platt,
     fit_temperature,
+    mann_whitney_auc,
     threshold_metrics,
 )
 
@@ -60,7 +60,7 @@ def test_undefined_ratios_are_none_not_zero():
 def test_rank_auc_equals_scikit_learn_including_ties(positives, negatives):
     labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
     scores = np.r_[positives, negatives].astype(float)
-    assert _mann_whitney_auc(np.array(positives, float), np.array(negatives, float)) == (
+    assert mann_whitney_auc(np.array(positives, float), np.array(negatives, float)) == (
         pytest.approx(roc_auc_score(labels, scores))
     )
 
