@@ -726,6 +726,12 @@ def rollback(ctx: click.Context) -> None:
     is_flag=True,
     help="Do not record the predictions in the inference log (source 'batch').",
 )
+@click.option(
+    "--site",
+    default=None,
+    help="The site the images come from, kept with each inference-log row (drift, feedback "
+    "and recalibration can then be cut per site).",
+)
 @click.pass_context
 @_fail_cleanly
 def predict(
@@ -736,6 +742,7 @@ def predict(
     batch_size: int,
     precision: str,
     no_log: bool,
+    site: str | None,
 ) -> None:
     """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
 
@@ -744,10 +751,11 @@ def predict(
     in the inference log (features only, no pixels) unless --no-log."""
     from cxr_platform.deployment.registry import registry_for
     from cxr_platform.inference.batch import expand_inputs, predict_to_csv
-    from cxr_platform.inference.log import InferenceLog, uid_salt
+    from cxr_platform.inference.log import InferenceLog, site_name, uid_salt
     from cxr_platform.inference.predictor import Predictor
 
     settings = _settings(ctx)
+    site = site_name(site)  # a bad name fails before any image is read
     files = expand_inputs(inputs)
     registry = registry_for(settings.registry)
     info = registry.get(model_ref)
@@ -758,7 +766,12 @@ def predict(
         precision=precision,
     )
     log = None if no_log else InferenceLog(settings.serving.inference_log_uri)
-    options = {"batch_size": batch_size, "log": log, "uid_salt": uid_salt(settings.home)}
+    options = {
+        "batch_size": batch_size,
+        "log": log,
+        "uid_salt": uid_salt(settings.home),
+        "site": site,
+    }
     if out is None:
         summary = predict_to_csv(predictor, files, sys.stdout, **options)
     else:
@@ -994,6 +1007,7 @@ def dicom_retry(ctx: click.Context) -> None:
 )
 @click.option("--url", default=None, help="The service (default: http://127.0.0.1:<port>).")
 @click.option("--seed", type=int, default=None, help="Which images and noise (default: random).")
+@click.option("--site", default=None, help="Send as this site (the X-CXR-Site header).")
 @click.pass_context
 @_fail_cleanly
 def simulate_drift(
@@ -1005,10 +1019,12 @@ def simulate_drift(
     source: Path | None,
     url: str | None,
     seed: int | None,
+    site: str | None,
 ) -> None:
     """Send shifted (or in-distribution) images through the live service."""
     import secrets
 
+    from cxr_platform.inference.log import site_name
     from cxr_platform.monitoring.simulate import folder_traffic, send_traffic, synthetic_traffic
 
     settings = _settings(ctx)
@@ -1024,7 +1040,14 @@ def simulate_drift(
     )
     key = settings.serving.service_api_key
     report = send_traffic(
-        url, images, shift=shift, severity=severity, labels=labels, api_key=key, seed=seed
+        url,
+        images,
+        shift=shift,
+        severity=severity,
+        labels=labels,
+        api_key=key,
+        seed=seed,
+        site=site_name(site),
     )
     click.echo(f"{report.summary()} (seed {seed}, {url})")
     if report.answered == 0:

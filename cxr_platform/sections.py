@@ -342,6 +342,12 @@ class ServingSection(_Scoring):
         doc="When set, /predict, /explain, /model and /feedback need it in X-API-Key.",
         secret=True,
     )
+    service_site_keys: str | None = setting(
+        None,
+        doc="Per-site API keys, site=key comma-separated: a request with a site's key is "
+        "logged as that site and cannot claim another.",
+        secret=True,
+    )
     service_max_batch_size: int = setting(
         32, doc="Most images per ONNX Runtime call (adaptive batching).", ge=1
     )

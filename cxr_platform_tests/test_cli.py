@@ -255,12 +255,15 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
         str(page),
         "--out",
         str(out),
+        "--site",
+        "north",
         home=home,
     )
     assert predicted.returncode == 1  # two files failed; all others were still predicted
     rows = pd.read_csv(out, dtype={"model_version": str})
     assert list(rows.columns) == ["path", "probability", "label", "model_version", "error"]
     n_normal = len(list((tiny_synthetic / "NORMAL").iterdir()))
+    first_normal = sorted((tiny_synthetic / "NORMAL").iterdir())[0]
     assert len(rows) == n_normal + 2
     refused = rows[rows["path"] == str(page)].iloc[0]
     assert refused["error"].startswith("not_a_chest_radiograph: ")
@@ -283,6 +286,9 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     refusals = InferenceLog(f"sqlite:///{home / 'inference_log.db'}").refusals()
     assert list(refusals["source"]) == ["batch"]
     assert refused["error"].startswith(f"not_a_chest_radiograph: {refusals.iloc[0].reason}")
+    assert set(logged["site"]) == {"north"} and list(refusals["site"]) == ["north"]
+    bad_site = _cxr("predict", str(first_normal), "--site", "<north>", home=home)
+    assert bad_site.returncode != 0 and "site names are at most 64" in bad_site.stderr
 
     overlay = tmp_path / "overlay.png"
     first = sorted((tiny_synthetic / "PNEUMONIA").iterdir())[0]

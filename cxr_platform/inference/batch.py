@@ -84,13 +84,15 @@ def predict_to_csv(
     batch_size: int = 32,
     log: InferenceLog | None = None,
     uid_salt: bytes = b"",
+    site: str | None = None,
 ) -> BatchSummary:
     """Score through the scoring core, as the service and the DICOM node do.
 
     Rows are written and flushed batch by batch, so a long run can be watched and a crash keeps
     what was done. With ``log``, every prediction is also an inference-log record (source
     ``batch``), written in one transaction per batch; a batch the log refuses gets its error in
-    its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do.
+    its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do;
+    ``site`` is where the images come from, kept in the log.
     """
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
@@ -110,6 +112,7 @@ def predict_to_csv(
                     uid_salt=uid_salt,
                     started=time.perf_counter(),
                     source="batch",
+                    site=site,
                 )
             except ImageReadError as exc:
                 rows[position] = _error_row(path, exc.reason, exc.detail, version)

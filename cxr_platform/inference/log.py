@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,8 @@ predictions_table = sa.Table(
     # ("accepted" or its reason); added after the first deployments, so nullable.
     sa.Column("gate_score", sa.Float),
     sa.Column("shadow_gate", sa.String(48)),
+    # Which site sent it (an HTTP header or API key, a DICOM calling AE title); nullable.
+    sa.Column("site", sa.String(64), index=True),
 )
 
 # Images the input gate refused: no diagnosis left, so no probability to put in the records.
@@ -91,6 +94,7 @@ refusals_table = sa.Table(
     sa.Column("photometric_interpretation", sa.String(32)),
     sa.Column("study_uid_hash", sa.String(64)),
     sa.Column("sop_instance_uid_hash", sa.String(64)),
+    sa.Column("site", sa.String(64), index=True),
 )
 
 feedback_table = sa.Table(
@@ -118,6 +122,39 @@ class UnknownRequestError(InferenceLogError):
     """Feedback for a request id the log has never seen."""
 
 
+class InvalidSiteError(InferenceLogError):
+    """A site name the log cannot keep as given."""
+
+
+SITE_MAX_LENGTH = 64
+# Letters and digits of any script, and the punctuation institution names use; nothing that
+# could start a new log line or a path.
+_SITE = re.compile(r"^\w[\w .,&'()/@+-]*$")
+
+
+def site_name(value: str | None, *, strict: bool = True) -> str | None:
+    """A site as the log keeps it: trimmed, whitespace collapsed, at most 64 characters.
+
+    ``strict``: a name given by a client (a header, an option) that is not a plain name is an
+    error; a name read from a DICOM header (``strict=False``) is made plain instead, since the
+    image must still be scored.
+    """
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    if not text:
+        return None
+    if _SITE.match(text) and len(text) <= SITE_MAX_LENGTH:
+        return text
+    if strict:
+        raise InvalidSiteError(
+            f"site names are at most {SITE_MAX_LENGTH} letters, digits, spaces and . , & ' ( ) "
+            "/ @ + - characters, starting with a letter or digit"
+        )
+    cleaned = " ".join(re.sub(r"[^\w .,&'()/@+-]", " ", text).split()).lstrip(" .,&'()/@+-")
+    return cleaned[:SITE_MAX_LENGTH].rstrip() or None
+
+
 @dataclass(frozen=True)
 class InferenceRecord:
     request_id: str
@@ -136,11 +173,14 @@ class InferenceRecord:
     sop_instance_uid_hash: str | None = None
     gate_score: float | None = None
     shadow_gate: str | None = None
+    site: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise InferenceLogError(f"source must be one of {SOURCES}, not {self.source!r}")
+        if self.site is not None and site_name(self.site) != self.site:
+            raise InvalidSiteError(f"not a site name as the log keeps them: {self.site!r}")
         if self.label not in LABELS:
             raise InferenceLogError(f"label must be one of {LABELS}, not {self.label!r}")
 
@@ -168,11 +208,14 @@ class RefusalRecord:
     photometric_interpretation: str | None = None
     study_uid_hash: str | None = None
     sop_instance_uid_hash: str | None = None
+    site: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise InferenceLogError(f"source must be one of {SOURCES}, not {self.source!r}")
+        if self.site is not None and site_name(self.site) != self.site:
+            raise InvalidSiteError(f"not a site name as the log keeps them: {self.site!r}")
 
     def row(self) -> dict[str, Any]:
         values = asdict(self)
@@ -269,9 +312,15 @@ class InferenceLog:
         return len(rows) + len(refused)
 
     def refusals(
-        self, *, created_from: datetime | None = None, created_before: datetime | None = None
+        self,
+        *,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        site: str | None = None,
     ) -> pd.DataFrame:
         query = sa.select(refusals_table).order_by(refusals_table.c.id)
+        if site is not None:
+            query = query.where(refusals_table.c.site == site)
         if created_from is not None:
             query = query.where(refusals_table.c.created_at >= created_from)
         if created_before is not None:
@@ -317,9 +366,10 @@ class InferenceLog:
         created_before: datetime | None = None,
         shadow_version: str | None = None,
         labeled_only: bool = False,
+        site: str | None = None,
     ) -> pd.DataFrame:
         """Rows after ``since_id`` (up to ``until_id``, inclusive) in insertion order, with the
-        latest feedback label (if any) as ``feedback_label``."""
+        latest feedback label (if any) as ``feedback_label``; ``site`` cuts them to one site."""
         latest_feedback = (
             sa.select(
                 feedback_table.c.request_id,
@@ -350,6 +400,8 @@ class InferenceLog:
             query = query.where(predictions_table.c.shadow_version == shadow_version)
         if labeled_only:
             query = query.where(feedback.c.label.is_not(None))
+        if site is not None:
+            query = query.where(predictions_table.c.site == site)
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as connection:

@@ -114,6 +114,7 @@ class ScoreRequest:
     request_id: str
     started: float  # time.perf_counter() when the request arrived
     source: str = "http"
+    site: str | None = None  # which site sent it, as the log keeps it (``site_name``)
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,14 @@ def request_for(
     uid_salt: bytes,
     started: float,
     source: str,
+    site: str | None = None,
 ) -> ScoreRequest:
     """Prepare ``data`` for the production model of ``models`` (one snapshot, taken by the
     caller). Raises :class:`ScoringUnavailableError` when there is no production model."""
     if models.production is None:
         raise ScoringUnavailableError(NO_PRODUCTION_MODEL)
     prepared = prepare_input(data, models.production, max_pixels=max_pixels, uid_salt=uid_salt)
-    return ScoreRequest(models, prepared, new_request_id(), started, source)
+    return ScoreRequest(models, prepared, new_request_id(), started, source, site)
 
 
 def score_items(items: Sequence[ScoreRequest]) -> list[ScoringOutcome]:
@@ -231,6 +233,7 @@ def inference_record(
             if outcome.shadow_gate is None
             else ("accepted" if outcome.shadow_gate.accepted else outcome.shadow_gate.reason)
         ),
+        site=item.site,
     )
 
 
@@ -253,6 +256,7 @@ def refusal_record(outcome: ScoringOutcome, item: ScoreRequest) -> RefusalRecord
         photometric_interpretation=decoded.photometric_interpretation if decoded else None,
         study_uid_hash=prepared.study_uid_hash,
         sop_instance_uid_hash=prepared.sop_instance_uid_hash,
+        site=item.site,
     )
 
 

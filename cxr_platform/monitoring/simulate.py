@@ -130,12 +130,16 @@ def send_traffic(
     seed: int = 0,
     timeout: float = 60.0,
     stop_after_answers: int | None = None,
+    site: str | None = None,
 ) -> SimulationReport:
     """Send ``images`` (shifted) to ``/predict``, with their labels as feedback if asked;
     ``stop_after_answers``: stop once that many were answered (the input gate may refuse a few,
-    so a caller that needs a full drift window passes spare images)."""
+    so a caller that needs a full drift window passes spare images); ``site``: sent as
+    ``X-CXR-Site``, so the log knows where the traffic came from."""
     report = SimulationReport(shift, severity)
     headers = {"X-API-Key": api_key} if api_key else {}
+    if site is not None:
+        headers["X-CXR-Site"] = site
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
         for image, png in _shifted(images, shift, severity, seed):
             if stop_after_answers is not None and report.answered >= stop_after_answers:

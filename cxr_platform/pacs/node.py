@@ -219,7 +219,9 @@ class DicomNode:
             log.info("ignored %s from %s: already processed (re-sent instance)", sop_uid, calling)
             return STATUS_SUCCESS
         try:
-            self.storage.spool(sop_uid, event.encoded_dataset())
+            self.storage.spool(
+                sop_uid, event.encoded_dataset(), calling_ae_title=str(calling).strip() or None
+            )
         except ValueError as exc:
             log.error("C-STORE from %s: %s", calling, exc)
             return STATUS_CANNOT_UNDERSTAND
@@ -267,7 +269,9 @@ class DicomNode:
             path.unlink(missing_ok=True)  # re-sent while the first copy was being processed
             return 1
         try:
-            processed = self.processor.process(data, dataset)
+            processed = self.processor.process(
+                data, dataset, calling_ae_title=self.storage.calling_ae_title(sop_uid)
+            )
         except ImageReadError as exc:
             self._fail(path, sop_uid, study_uid, f"{exc.reason}: {exc.detail}")
             return 1

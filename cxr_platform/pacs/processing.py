@@ -24,7 +24,7 @@ from cxr_platform.data.imaging import DecodedImage
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.input_gate import GateVerdict
 from cxr_platform.inference.live import LiveModels
-from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.log import InferenceLog, site_name
 from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import (
     NOT_A_CHEST_RADIOGRAPH,
@@ -49,6 +49,17 @@ if TYPE_CHECKING:  # Grad-CAM needs torch: loaded only once a SEG or SC object i
     from cxr_platform.inference.explainer import Explainer
 
 log = logging.getLogger(__name__)
+
+
+def dicom_site(calling_ae_title: str | None, dataset: Dataset) -> str | None:
+    """The calling AE title names the site; without one (an instance put in the spool by
+    hand), the image's InstitutionName. Header text is made plain, never refused: the image is
+    scored either way."""
+    for value in (calling_ae_title, dataset.get("InstitutionName")):
+        site = site_name(None if value is None else str(value), strict=False)
+        if site is not None:
+            return site
+    return None
 
 
 class TransientProcessingError(CxrError):
@@ -154,9 +165,12 @@ class InstanceProcessor:
             refusal=verdict,
         )
 
-    def process(self, data: bytes, dataset: Dataset | None = None) -> Processed:
+    def process(
+        self, data: bytes, dataset: Dataset | None = None, *, calling_ae_title: str | None = None
+    ) -> Processed:
         """Raises :class:`ImageReadError` for an image that will never decode and
-        :class:`TransientProcessingError` for anything worth retrying."""
+        :class:`TransientProcessingError` for anything worth retrying. ``calling_ae_title``:
+        who sent it, the site its log row names (else the image's InstitutionName)."""
         started = time.perf_counter()
         if dataset is None:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -169,6 +183,7 @@ class InstanceProcessor:
                 uid_salt=self.uid_salt,
                 started=started,
                 source="dicom",
+                site=dicom_site(calling_ae_title, dataset),
             )
             outcome = score_and_log(self.inference_log, [request])[0]
             if outcome.failure == NOT_A_CHEST_RADIOGRAPH and outcome.refusal is not None:

@@ -96,6 +96,13 @@ class NodeStorage:
             " results TEXT,"  # the result SOP Instance UIDs, comma-separated
             " updated_at TEXT NOT NULL)"
         )
+        # Who sent each instance: the association is gone by the time the worker scores it.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS arrivals ("
+            " sop_instance_uid TEXT PRIMARY KEY,"
+            " calling_ae_title TEXT,"
+            " received_at TEXT NOT NULL)"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -106,10 +113,27 @@ class NodeStorage:
     def spool_path(self, sop_instance_uid: str) -> Path:
         return self.spool_dir / f"{_safe_uid(sop_instance_uid)}.dcm"
 
-    def spool(self, sop_instance_uid: str, encoded: bytes) -> Path:
+    def spool(
+        self, sop_instance_uid: str, encoded: bytes, *, calling_ae_title: str | None = None
+    ) -> Path:
         path = self.spool_path(sop_instance_uid)
+        # The sender first: a crash in between leaves a harmless row, never an anonymous file.
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO arrivals VALUES (?, ?, ?)",
+                (sop_instance_uid, calling_ae_title, datetime.now(UTC).isoformat()),
+            )
         write_atomically(path, encoded)
         return path
+
+    def calling_ae_title(self, sop_instance_uid: str) -> str | None:
+        """The AE title that sent the instance, where the node received it itself."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT calling_ae_title FROM arrivals WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        return row[0] if row else None
 
     def spooled(self) -> list[Path]:
         """Unprocessed instances, oldest first (what a restart picks up)."""

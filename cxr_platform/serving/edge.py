@@ -1,8 +1,14 @@
-"""ASGI middleware at the service's edge: the API key, the upload size limit, and that the
-upload is a file (BentoML would otherwise download a URL sent in its place).
+"""ASGI middleware at the service's edge: the API key, the site a request comes from, the
+upload size limit, and that the upload is a file (BentoML would otherwise download a URL sent in
+its place).
 
 All are checked before BentoML parses a body, so a refused request costs no decoding and an
 oversized one is never buffered to disk.
+
+The site: a site's own key (``CXR_SERVICE_SITE_KEYS``) names it, and a request with that key
+cannot claim another; a request with the service key (a gateway in front of several sites), or
+to a service without keys, names its site in ``X-CXR-Site``. Either way the service reads the
+resolved name from that header, which the edge rewrites.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from cxr_platform.inference.log import InvalidSiteError, site_name
+
 UPLOAD_FIELD = "file"
+SITE_HEADER = "x-cxr-site"
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
 _NAME = re.compile(rb'(?i);\s*name="([^"]*)"')
 
@@ -30,12 +39,14 @@ class EdgeMiddleware:
         *,
         api_key: str | None,
         max_upload_bytes: int,
+        site_keys: dict[str, str] | None = None,
         protected_paths: frozenset[str],
         upload_paths: frozenset[str],
         on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.site_keys = [(key.encode(), site) for key, site in (site_keys or {}).items()]
         self.max_upload_bytes = max_upload_bytes
         self.protected_paths = protected_paths
         self.upload_paths = upload_paths
@@ -47,9 +58,23 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if self.api_key is not None and not self._authorized(headers):
-            await self._reject(send, path, 401, "unauthorized", "missing or wrong X-API-Key")
+        key_site: str | None = None
+        if self.api_key is not None or self.site_keys:
+            authorized, key_site = self._authorized(headers)
+            if not authorized:
+                await self._reject(send, path, 401, "unauthorized", "missing or wrong X-API-Key")
+                return
+        try:
+            claimed = site_name(headers[SITE_HEADER].decode()) if SITE_HEADER in headers else None
+        except (UnicodeDecodeError, InvalidSiteError) as exc:
+            await self._reject(send, path, 400, "bad_site", f"X-CXR-Site: {exc}")
             return
+        if key_site is not None and claimed is not None and claimed != key_site:
+            await self._reject(
+                send, path, 403, "site_mismatch", "this API key belongs to another site"
+            )
+            return
+        scope = _with_site(scope, key_site or claimed)
         if path in self.upload_paths and scope.get("method") == "POST":
             declared = headers.get("content-length")
             if declared is not None:
@@ -81,13 +106,23 @@ class EdgeMiddleware:
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
-    def _authorized(self, headers: dict[str, bytes]) -> bool:
+    def _authorized(self, headers: dict[str, bytes]) -> tuple[bool, str | None]:
+        """(whether the key is known, the site it belongs to: None for the service key)."""
         given = headers.get("x-api-key")
         if given is None:
             authorization = headers.get("authorization", b"")
             if authorization.lower().startswith(b"bearer "):
                 given = authorization[7:].strip()
-        return given is not None and hmac.compare_digest(given, self.api_key or b"")
+        if given is None:
+            return False, None
+        # Every key is compared, matched or not, so the time taken says nothing about which.
+        matched: tuple[bool, str | None] = (False, None)
+        if self.api_key is not None and hmac.compare_digest(given, self.api_key):
+            matched = (True, None)
+        for key, site in self.site_keys:
+            if hmac.compare_digest(given, key):
+                matched = (True, site)
+        return matched
 
     def _too_large(self, length: int | None) -> str:
         size = f"{length} bytes" if length is not None else "larger than the limit"
@@ -124,6 +159,35 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def parse_site_keys(text: str | None) -> dict[str, str]:
+    """``site=key,site2=key2`` -> {key: site}; a malformed entry is an error naming its site
+    (never its key)."""
+    keys: dict[str, str] = {}
+    for position, entry in enumerate((text or "").split(","), start=1):
+        if not entry.strip():
+            continue
+        site, separator, key = entry.partition("=")
+        try:
+            name = site_name(site)
+        except InvalidSiteError as exc:
+            raise ValueError(f"CXR_SERVICE_SITE_KEYS entry {position}: {exc}") from None
+        if not separator or name is None or not key.strip():
+            raise ValueError(
+                f"CXR_SERVICE_SITE_KEYS entry {position} must be site=key (site {name!r})"
+            )
+        if key.strip() in keys:
+            raise ValueError(f"CXR_SERVICE_SITE_KEYS: site {name!r} reuses another site's key")
+        keys[key.strip()] = name
+    return keys
+
+
+def _with_site(scope: Scope, site: str | None) -> Scope:
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != SITE_HEADER.encode()]
+    if site is not None:
+        headers.append((SITE_HEADER.encode(), site.encode()))
+    return {**scope, "headers": headers}
 
 
 def text_fields_named(body: bytes, content_type: bytes, field: str) -> bool:

@@ -52,7 +52,7 @@ from cxr_platform.inference.scoring import (
 from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
-from cxr_platform.serving.edge import EdgeMiddleware
+from cxr_platform.serving.edge import SITE_HEADER, EdgeMiddleware, parse_site_keys
 from cxr_platform.settings import load_settings
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class CxrService:
         timer.daemon = True
         timer.start()
 
-    def _request(self, data: bytes, started: float) -> ScoreRequest:
+    def _request(self, data: bytes, started: float, site: str | None) -> ScoreRequest:
         core.check_upload_size(len(data), serving.service_max_upload_bytes)
         # One snapshot from decoding to scoring: a promotion in between cannot mismatch them.
         return request_for(
@@ -201,13 +201,14 @@ class CxrService:
             uid_salt=self.salt,
             started=started,
             source="http",
+            site=site,
         )
 
     async def _predict_and_log(
-        self, data: bytes, endpoint: str, started: float
+        self, data: bytes, endpoint: str, started: float, site: str | None
     ) -> tuple[ScoreRequest, Prediction]:
         """Decode, batch-score and log; returns after the log row is written."""
-        request = await anyio.to_thread.run_sync(self._request, data, started)
+        request = await anyio.to_thread.run_sync(self._request, data, started, site)
         outcome = await self.batcher.submit(request)
         if outcome.failure == LOG_UNAVAILABLE:
             log_failures.inc()
@@ -259,23 +260,26 @@ class CxrService:
             return JSONResponse(body, status_code=status)
 
     @bentoml.api(route="/predict")
-    async def predict(self, file: Path) -> PredictionResponse:
-        """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`)."""
+    async def predict(self, file: Path, ctx: bentoml.Context) -> PredictionResponse:
+        """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`); the sending
+        site in `X-CXR-Site` (or implied by a site's API key)."""
+        site = _site_of(ctx)
 
         async def handler(data: bytes, started: float) -> Any:
-            request, prediction = await self._predict_and_log(data, "predict", started)
+            request, prediction = await self._predict_and_log(data, "predict", started, site)
             return JSONResponse(core.public_prediction(prediction, request.request_id))
 
-        return await self._guarded("predict", file, handler)
+        return await self._guarded("predict", file, handler, ctx)
 
     @bentoml.api(route="/explain")
     async def explain(self, file: Path, ctx: bentoml.Context) -> Any:
         """Grad-CAM overlay as PNG, the prediction in X-CXR-* headers; with
         `Accept: application/json`, JSON holding the prediction and the PNG in base64."""
         wants_json = "application/json" in ctx.request.headers.get("accept", "")
+        site = _site_of(ctx)
 
         async def handler(data: bytes, started: float) -> Any:
-            request, scored = await self._predict_and_log(data, "explain", started)
+            request, scored = await self._predict_and_log(data, "explain", started, site)
             prediction = core.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
             _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
@@ -354,7 +358,8 @@ class CxrService:
                 "precision": serving.service_precision,
                 "refresh_seconds": serving.service_refresh_seconds,
                 "max_batch_size": serving.service_max_batch_size,
-                "api_key_required": serving.service_api_key is not None,
+                "api_key_required": serving.service_api_key is not None
+                or serving.service_site_keys is not None,
             },
         }
 
@@ -364,9 +369,17 @@ class CxrService:
         self.inference_log.dispose()
 
 
+def _site_of(ctx: bentoml.Context) -> str | None:
+    """The site the edge resolved (it checked the name and rewrote the header)."""
+    value = ctx.request.headers.get(SITE_HEADER)
+    # Starlette decodes header bytes as Latin-1; the edge wrote UTF-8.
+    return value.encode("latin-1").decode("utf-8") if value else None
+
+
 CxrService.add_asgi_middleware(
     EdgeMiddleware,
     api_key=serving.service_api_key,
+    site_keys=parse_site_keys(serving.service_site_keys),
     max_upload_bytes=serving.service_max_upload_bytes,
     protected_paths=PROTECTED_ROUTES,
     upload_paths=UPLOAD_ROUTES,

@@ -14,8 +14,11 @@ from cxr_platform.inference.log import (
     InferenceLog,
     InferenceLogError,
     InferenceRecord,
+    InvalidSiteError,
+    RefusalRecord,
     UnknownRequestError,
     hash_uid,
+    site_name,
     uid_salt,
 )
 
@@ -65,6 +68,64 @@ def _exercise(log: InferenceLog) -> None:
         log.add_feedback("a", "maybe")
     with pytest.raises(InferenceLogError):
         _record("c", source="email")
+    _exercise_sites(log)
+
+
+def _exercise_sites(log: InferenceLog) -> None:
+    """Rows, refusals and feedback cut per site."""
+    log.write(
+        [_record("north-1", 0.8, site="north"), _record("south-1", 0.3, site="Klinikum Süd")],
+        [_refusal("north-refused", site="north"), _refusal("anonymous-refused")],
+    )
+    log.add_feedback("south-1", "NORMAL")
+    assert list(log.records(site="north")["request_id"]) == ["north-1"]
+    south = log.records(site="Klinikum Süd", labeled_only=True)
+    assert list(south["request_id"]) == ["south-1"] and south["feedback_label"].tolist() == [
+        "NORMAL"
+    ]
+    assert list(log.refusals(site="north")["request_id"]) == ["north-refused"]
+    assert log.records().set_index("request_id").loc["a", "site"] is None
+    assert log.refusals()["site"].tolist() == ["north", None]
+
+
+def _refusal(request_id: str, **extra) -> RefusalRecord:
+    return RefusalRecord(
+        request_id=request_id,
+        source="http",
+        model_name="resnet18",
+        model_version="3",
+        reason="not_a_chest_radiograph",
+        detail="a photograph",
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("north", "north"),
+        ("  Klinikum   Süd ", "Klinikum Süd"),
+        ("St. Mary's (Radiology) / ED-2", "St. Mary's (Radiology) / ED-2"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_site_names_are_kept_trimmed(given, kept):
+    assert site_name(given) == kept
+
+
+@pytest.mark.parametrize("given", ["<script>", "-leading-dash", "a" * 65, "line\x00break"])
+def test_a_client_given_site_that_is_not_a_plain_name_is_refused(given):
+    with pytest.raises(InvalidSiteError):
+        site_name(given)
+
+
+def test_a_site_from_a_dicom_header_is_made_plain_not_refused():
+    assert site_name("<Klinik>; DROP", strict=False) == "Klinik DROP"
+    assert site_name("x" * 80, strict=False) == "x" * 64
+    assert site_name("***", strict=False) is None
+    with pytest.raises(InvalidSiteError):
+        _record("z", site="not trimmed ")
 
 
 def test_sqlite_log_round_trip(tmp_path):

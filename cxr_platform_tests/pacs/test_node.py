@@ -27,7 +27,7 @@ from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
-from cxr_platform.pacs.storage import NodeStorage
+from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
 
@@ -99,6 +99,10 @@ def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
     assert node.counters.processed == 1
     assert "already processed" in caplog.text
     assert node.storage.spooled() == []
+    # The calling AE title names the site in the inference log.
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    assert log.records(site="MODALITY")["source"].tolist() == ["dicom"]
+    log.dispose()
 
 
 def test_objects_that_are_not_single_frontal_images_are_acknowledged_and_ignored(
@@ -200,8 +204,10 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
     ignores the latter."""
     state = tmp_path / "crashed"
     storage = NodeStorage(state)
-    pending, data = radiograph_bytes(chest_pngs[2], VARIANTS["dx-mono1"])
-    storage.spool(pending.SOPInstanceUID, data)
+    pending, _ = radiograph_bytes(chest_pngs[2], VARIANTS["dx-mono1"])
+    pending.InstitutionName = "St. Elsewhere <ED>"
+    data = encode_dataset(pending)
+    storage.spool(pending.SOPInstanceUID, data)  # no association: no calling AE title
     (storage.spool_dir / f".{pending.SOPInstanceUID}.dcm.1.2.tmp").write_bytes(data[:100])
     storage.close()
 
@@ -210,6 +216,10 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
     wait_for(lambda: node.storage.status(pending.SOPInstanceUID) == "processed", what="recovery")
     assert len(node.storage.outbox()[0].files) == 3
     assert node.storage.spooled() == []
+    # Without a calling AE title the image's InstitutionName names the site, made plain.
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    assert log.records(site="St. Elsewhere ED")["source"].tolist() == ["dicom"]
+    log.dispose()
 
 
 def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):

@@ -18,6 +18,8 @@ from cxr_platform.settings import CxrSettings, load_settings
 from ..deployment.conftest import export_for_registry
 
 API_KEY = "test-key-0123"
+# Each site's own key: requests with it are logged as that site.
+SITE_KEYS = {"north": "north-key-4567", "south": "south-key-8901"}
 MAX_UPLOAD_MB = 2
 
 
@@ -54,6 +56,7 @@ def live_service(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_
     env = {
         "CXR_HOME": str(settings.home),
         "CXR_SERVICE_API_KEY": API_KEY,
+        "CXR_SERVICE_SITE_KEYS": ",".join(f"{site}={key}" for site, key in SITE_KEYS.items()),
         "CXR_SERVICE_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
         "CXR_SERVICE_REFRESH_SECONDS": "0.5",
         "CXR_SERVICE_THREADS": "1",

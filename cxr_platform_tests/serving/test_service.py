@@ -33,7 +33,7 @@ from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..data.dicom_factory import make_dicom, to_bytes
-from .conftest import MAX_UPLOAD_MB
+from .conftest import MAX_UPLOAD_MB, SITE_KEYS
 
 pytestmark = pytest.mark.xdist_group("live_service")
 
@@ -213,6 +213,41 @@ def test_api_key_is_required_when_configured(live_service):
     with live_service.client(key=None) as bearer:
         headers = {"Authorization": "Bearer test-key-0123"}
         assert post_image(bearer, png(), headers=headers).status_code == 200
+
+
+def test_each_request_is_logged_with_the_site_it_came_from(live_service):
+    """A gateway (the service key) names the site in X-CXR-Site; a site's own key names it
+    and cannot claim another; a name that is not plain is refused before decoding."""
+    sent: dict[str, str | None] = {}
+    with live_service.client() as gateway:
+        for header, expected in (
+            ("Ward 7", "Ward 7"),
+            ("Klinikum Süd".encode(), "Klinikum Süd"),
+            (None, None),
+        ):
+            headers = {"X-CXR-Site": header} if header is not None else {}
+            response = post_image(gateway, png(12), headers=headers)
+            assert response.status_code == 200, response.text
+            sent[response.json()["request_id"]] = expected
+        bad = post_image(gateway, png(12), headers={"X-CXR-Site": "<script>"})
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_site"
+    with live_service.client(key=SITE_KEYS["north"]) as north:
+        response = post_image(north, png(13))
+        assert response.status_code == 200, response.text
+        sent[response.json()["request_id"]] = "north"
+        explained = post_image(
+            north, png(13), route="/explain", headers={"Accept": "application/json"}
+        )
+        sent[explained.json()["request_id"]] = "north"
+        claimed = post_image(north, png(13), headers={"X-CXR-Site": "south"})
+        assert claimed.status_code == 403 and claimed.json()["error"] == "site_mismatch"
+        same = post_image(north, png(13), headers={"X-CXR-Site": "north"})
+        sent[same.json()["request_id"]] = "north"
+        # A site's key is a key like any other: the model and feedback routes take it.
+        assert north.get("/model").status_code == 200
+    rows = live_service.inference_log().records().set_index("request_id")
+    assert {request: rows.loc[request, "site"] for request in sent} == sent
+    assert live_service.inference_log().records(site="north").index.size >= 3
 
 
 def test_explain_returns_an_overlay_with_the_prediction(live_service):
