@@ -19,7 +19,7 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.deployment.registry import registry_for
-from cxr_platform.monitoring.drift import DriftResult, save_drift_report
+from cxr_platform.monitoring.drift import DriftResult, save_drift_report, sites_markdown
 from cxr_platform.monitoring.finetune import (
     FineTuneResult,
     finetune_production,
@@ -75,6 +75,18 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
             if performance.sensitivity is not None
             else {}
         ),
+        **(
+            {"labeled_specificity": performance.specificity}
+            if performance.specificity is not None
+            else {}
+        ),
+        "performance_failed": ", ".join(performance.failed) or "none",
+        "intervals_resample": f"{performance.interval_unit}s",
+        "sites_failed": "; ".join(
+            f"{site}: {', '.join(failed)}" for site, failed in result.failed_sites.items()
+        )
+        or "none",
+        "sites": dg.MetadataValue.md(sites_markdown(result)),
         "rule": dg.MetadataValue.json(result.rule.to_dict()),
     }
 

@@ -5,8 +5,13 @@ Three signals, each with its own threshold (:class:`DriftRule`), computed with E
 - input drift: the share of image features (intensity statistics on the model input, original
   size) whose distribution differs from the reference (two-sample K-S test per feature);
 - prediction drift: the calibrated probability's distribution (K-S) and the positive rate;
-- performance drift: where feedback labels exist, AUC and sensitivity against the version's
-  own test-split figures, allowing for the uncertainty of both.
+- performance drift: where feedback labels exist, AUC, sensitivity and specificity at the
+  version's threshold against the version's own test-split figures, allowing for the uncertainty
+  of both (a live window has no patient ids; images of one study are resampled together);
+- refusal drift: the input gate refusing more than it should.
+
+Where the log names sites, performance and refusals are also judged per site, and the report
+says which site failed on what.
 
 The rule fires when any signal crosses its threshold. Defaults were chosen on in-distribution
 windows (see ``benchmarks/drift_detection.py``): K-S p-values of clustered image data (several
@@ -21,16 +26,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.errors import CxrError
+from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 from cxr_platform.monitoring.reference import INPUT_FEATURES, PREDICTED, PROBABILITY
 
 
 class DriftError(CxrError):
     pass
+
+
+WINDOW_BOOTSTRAP = 1000  # replicates for a window's intervals (a few hundred labeled rows)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,11 @@ class DriftRule:
         return asdict(self)
 
 
+Interval = tuple[float | None, float | None]
+NO_INTERVAL: Interval = (None, None)
+UNNAMED_SITE = "(no site)"
+
+
 @dataclass(frozen=True)
 class PerformanceWindow:
     n_labeled: int
@@ -64,6 +79,33 @@ class PerformanceWindow:
     expected_sensitivity: float | None
     expected_specificity: float | None
     failed: tuple[str, ...] = ()  # which of "auc", "sensitivity", "specificity" drifted
+    # 95% intervals of the window's own figures, resampling studies where the log has them.
+    auc_ci: Interval = NO_INTERVAL
+    sensitivity_ci: Interval = NO_INTERVAL
+    specificity_ci: Interval = NO_INTERVAL
+    interval_unit: str = "image"
+    n_groups: int | None = None
+
+
+@dataclass(frozen=True)
+class SiteWindow:
+    """One site's share of a window: its own performance and refusal rate."""
+
+    site: str
+    n_records: int
+    positive_rate: float
+    n_refused: int
+    refusal_drift: bool
+    performance: PerformanceWindow
+
+    @property
+    def refusal_rate(self) -> float:
+        total = self.n_refused + self.n_records
+        return self.n_refused / total if total else 0.0
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        return self.performance.failed + (("refusals",) if self.refusal_drift else ())
 
 
 @dataclass(frozen=True)
@@ -87,6 +129,7 @@ class DriftResult:
     rule: DriftRule
     n_refused: int = 0  # images the input gate refused while the window's records came in
     refusal_drift: bool = False
+    by_site: dict[str, SiteWindow] = field(default_factory=dict)  # where the log names sites
     snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
 
     @property
@@ -108,11 +151,18 @@ class DriftResult:
         detail = "; ".join(self.reasons) if self.reasons else "every signal within its threshold"
         return f"{verdict} in window {self.window} ({self.n_records} records): {detail}"
 
+    @property
+    def failed_sites(self) -> dict[str, tuple[str, ...]]:
+        return {name: site.failed for name, site in self.by_site.items() if site.failed}
+
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values.pop("snapshot")
         values["fired"] = self.fired
         values["refusal_rate"] = self.refusal_rate
+        values["failed_sites"] = {name: list(failed) for name, failed in self.failed_sites.items()}
+        for name, site in self.by_site.items():
+            values["by_site"][name]["refusal_rate"] = site.refusal_rate
         return values
 
 
@@ -128,14 +178,48 @@ def _auc_of(reference: pd.DataFrame) -> float | None:
 
 
 def _fallen_below(
-    successes: int, trials: int, expected: float | None, allowed_drop: float
+    successes: int,
+    trials: int,
+    expected: float | None,
+    allowed_drop: float,
+    grouped_upper: float | None = None,
 ) -> float | None:
-    """The rate's Wilson 95% upper bound when even that is more than ``allowed_drop`` below
-    ``expected``; None when the rate may still be as good (or nothing is expected)."""
+    """The rate's 95% upper bound when even that is more than ``allowed_drop`` below
+    ``expected``; None when the rate may still be as good (or nothing is expected).
+
+    The bound is the larger of Wilson's (images independent) and ``grouped_upper`` (the
+    study-resampled bootstrap's): images of one study are not independent, and a bootstrap of
+    few studies alone is too narrow."""
     if expected is None:
         return None
     upper = float(binomtest(successes, trials).proportion_ci(0.95, "wilson").high)
+    if grouped_upper is not None:
+        upper = max(upper, grouped_upper)
     return upper if upper < expected - allowed_drop else None
+
+
+def _window_intervals(labeled: pd.DataFrame, truth: np.ndarray) -> tuple[dict, str, int]:
+    """95% intervals of the window's AUC, sensitivity and specificity, resampling studies
+    (``study_uid_hash``; a row without one is its own group)."""
+    studies = (
+        labeled["study_uid_hash"]
+        if "study_uid_hash" in labeled
+        else pd.Series(pd.NA, labeled.index)
+    )
+    grouped = bool(studies.notna().any())
+    alone = pd.Series([f"row:{i}" for i in range(len(labeled))], index=labeled.index)
+    groups = studies.astype("string").fillna(alone)
+    served = (labeled["label"] == "PNEUMONIA").to_numpy(dtype=float)
+    intervals = cluster_bootstrap_intervals(
+        truth.astype(int),
+        labeled["probability"].to_numpy(dtype=float),
+        served,  # the decisions as they were served, whatever threshold made them
+        0.5,
+        groups.to_numpy(dtype=str),
+        n_bootstrap=WINDOW_BOOTSTRAP,
+        seed=0,
+    )
+    return intervals, "study" if grouped else "image", int(groups.nunique())
 
 
 def _performance(
@@ -174,7 +258,18 @@ def _performance(
     detected = int(predicted[truth].sum())
     sensitivity = detected / int(truth.sum())
     specificity = float((~predicted[~truth]).mean())
-    window = replace(window, auc=auc, sensitivity=sensitivity, specificity=specificity)
+    intervals, unit, n_groups = _window_intervals(labeled, truth)
+    window = replace(
+        window,
+        auc=auc,
+        sensitivity=sensitivity,
+        specificity=specificity,
+        auc_ci=intervals["auc"],
+        sensitivity_ci=intervals["sensitivity"],
+        specificity_ci=intervals["specificity"],
+        interval_unit=unit,
+        n_groups=n_groups,
+    )
     failed: list[str] = []
     if expected_auc is not None and auc < expected_auc - rule.max_auc_drop:
         failed.append("auc")
@@ -183,7 +278,11 @@ def _performance(
             f"AUC's 95% bound and validation AUC) - {rule.max_auc_drop:g}"
         )
     upper = _fallen_below(
-        detected, int(truth.sum()), window.expected_sensitivity, rule.max_sensitivity_drop
+        detected,
+        int(truth.sum()),
+        window.expected_sensitivity,
+        rule.max_sensitivity_drop,
+        window.sensitivity_ci[1] if unit == "study" else None,
     )
     if upper is not None:
         failed.append("sensitivity")
@@ -196,7 +295,11 @@ def _performance(
     negatives = int((~truth).sum())
     cleared = int((~predicted[~truth]).sum())
     upper = _fallen_below(
-        cleared, negatives, window.expected_specificity, rule.max_specificity_drop
+        cleared,
+        negatives,
+        window.expected_specificity,
+        rule.max_specificity_drop,
+        window.specificity_ci[1] if unit == "study" else None,
     )
     if upper is not None:
         failed.append("specificity")
@@ -217,10 +320,12 @@ def evaluate_window(
     model_version: str | None = None,
     expected_metrics: dict[str, float] | None = None,
     n_refused: int = 0,
+    refused_by_site: dict[str, int] | None = None,
 ) -> DriftResult:
     """``records`` are inference-log rows (:meth:`InferenceLog.records`). Only the rows that
     ``model_version`` scored are compared, since ``reference`` holds that version's
-    probabilities; a window that spans a promotion is judged on its rows of that version."""
+    probabilities; a window that spans a promotion is judged on its rows of that version.
+    ``refused_by_site``: the window's refusals per site, where the log names sites."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -279,13 +384,20 @@ def evaluate_window(
             f"(binomial p={rate_p:.2g})"
         )
 
-    labeled = scored[scored["feedback_label"].notna()] if "feedback_label" in scored else scored[:0]
+    reference_auc = _auc_of(scored_reference)
+    labeled = _labeled(scored)
     performance, performance_reasons = _performance(
-        labeled, expected_metrics or {}, rule, reference_auc=_auc_of(scored_reference)
+        labeled, expected_metrics or {}, rule, reference_auc=reference_auc
     )
     reasons += performance_reasons
     refusal_drift, refusal_reasons = _refusals(n_refused, len(records), rule)
     reasons += refusal_reasons
+    by_site, site_reasons = _per_site(
+        records, scored, refused_by_site or {}, expected_metrics or {}, rule, reference_auc
+    )
+    reasons += site_reasons
+    site_performance = any(site.performance.failed for site in by_site.values())
+    refusal_drift = refusal_drift or any(site.refusal_drift for site in by_site.values())
     return DriftResult(
         window=window,
         model_version=model_version,
@@ -301,13 +413,54 @@ def evaluate_window(
         reference_positive_rate=reference_rate,
         prediction_drift=prediction_drift,
         performance=performance,
-        performance_drift=bool(performance_reasons),
+        performance_drift=bool(performance_reasons) or site_performance,
         reasons=reasons,
         rule=rule,
         n_refused=n_refused,
         refusal_drift=refusal_drift,
+        by_site=by_site,
         snapshot=snapshot,
     )
+
+
+def _labeled(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["feedback_label"].notna()] if "feedback_label" in rows else rows[:0]
+
+
+def _per_site(
+    records: pd.DataFrame,
+    scored: pd.DataFrame,
+    refused_by_site: dict[str, int],
+    expected: dict[str, float],
+    rule: DriftRule,
+    reference_auc: float | None,
+) -> tuple[dict[str, SiteWindow], list[str]]:
+    """Each named site judged on its own rows, as the whole window is: a site whose
+    specificity collapsed can hide in a window most of whose traffic comes from elsewhere."""
+    sites = records["site"].fillna(UNNAMED_SITE) if "site" in records else None
+    if sites is None or (sites == UNNAMED_SITE).all():
+        return {}, []
+    scored_sites = sites.loc[scored.index]
+    by_site: dict[str, SiteWindow] = {}
+    reasons: list[str] = []
+    for name in sorted(set(sites) | set(refused_by_site)):
+        rows = scored[scored_sites == name]
+        performance, performance_reasons = _performance(
+            _labeled(rows), expected, rule, reference_auc=reference_auc
+        )
+        n_records = int((sites == name).sum())
+        n_refused = int(refused_by_site.get(name, 0))
+        refusal_drift, refusal_reasons = _refusals(n_refused, n_records, rule)
+        by_site[name] = SiteWindow(
+            site=name,
+            n_records=n_records,
+            positive_rate=float((rows["label"] == "PNEUMONIA").mean()) if len(rows) else 0.0,
+            n_refused=n_refused,
+            refusal_drift=refusal_drift,
+            performance=performance,
+        )
+        reasons += [f"site {name}: {reason}" for reason in performance_reasons + refusal_reasons]
+    return by_site, reasons
 
 
 def _refusals(n_refused: int, n_scored: int, rule: DriftRule) -> tuple[bool, list[str]]:
@@ -326,6 +479,35 @@ def _refusals(n_refused: int, n_scored: int, rule: DriftRule) -> tuple[bool, lis
             "frontal chest radiographs are being routed here"
         ]
     return False, []
+
+
+def _figure(value: float | None, interval: Interval = NO_INTERVAL) -> str:
+    if value is None:
+        return "n/a"
+    low, high = interval
+    return f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else "")
+
+
+def sites_markdown(result: DriftResult) -> str:
+    """Per site: traffic, refusals, and performance with 95% intervals where labeled."""
+    if not result.by_site:
+        return "The log names no sites in this window."
+    lines = [
+        "| site | records | refused | positive rate | labeled | AUC | sensitivity "
+        "| specificity | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, site in result.by_site.items():
+        performance = site.performance
+        lines.append(
+            f"| {name} | {site.n_records} | {site.n_refused} ({site.refusal_rate:.1%}) | "
+            f"{site.positive_rate:.2f} | {performance.n_labeled} | "
+            f"{_figure(performance.auc, performance.auc_ci)} | "
+            f"{_figure(performance.sensitivity, performance.sensitivity_ci)} | "
+            f"{_figure(performance.specificity, performance.specificity_ci)} | "
+            f"{', '.join(site.failed) or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def _jsonable(value: Any) -> Any:

@@ -25,7 +25,12 @@ from cxr_platform.deployment.registry import (
 )
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.monitoring.drift import DriftResult, DriftRule, evaluate_window
+from cxr_platform.monitoring.drift import (
+    UNNAMED_SITE,
+    DriftResult,
+    DriftRule,
+    evaluate_window,
+)
 from cxr_platform.monitoring.reference import load_reference
 from cxr_platform.sections import MonitoringSection
 
@@ -49,21 +54,24 @@ def day_window(day: date) -> str:
     return f"day-{day.isoformat()}"
 
 
-def window_records(log: InferenceLog, key: str) -> pd.DataFrame:
+def window_records(log: InferenceLog, key: str, *, site: str | None = None) -> pd.DataFrame:
+    """A window's rows; with ``site``, only that site's."""
     if match := _IDS.match(key):
         first, last = int(match.group(1)), int(match.group(2))
-        return log.records(since_id=first - 1, until_id=last)
+        return log.records(since_id=first - 1, until_id=last, site=site)
     if match := _DAY.match(key):
         start = datetime.combine(date.fromisoformat(match.group(1)), datetime.min.time(), UTC)
-        return log.records(created_from=start, created_before=start + timedelta(days=1))
+        return log.records(created_from=start, created_before=start + timedelta(days=1), site=site)
     raise WindowError(f"{key!r} is not a drift window (ids-<first>-<last> or day-<YYYY-MM-DD>)")
 
 
-def read_window(monitoring: MonitoringSection, key: str) -> pd.DataFrame:
+def read_window(
+    monitoring: MonitoringSection, key: str, *, site: str | None = None
+) -> pd.DataFrame:
     """A window's rows from the deployment's inference log (opened and closed here)."""
     log = InferenceLog(monitoring.inference_log_uri)
     try:
-        return window_records(log, key)
+        return window_records(log, key, site=site)
     finally:
         log.dispose()
 
@@ -89,13 +97,15 @@ def check_window(
     registry: ModelRegistry,
     *,
     records: pd.DataFrame | None = None,
+    site: str | None = None,
 ) -> DriftResult:
     """The window against the reference of the version that scored most of it. ``records``:
-    the window's rows when the caller has just read them."""
+    the window's rows when the caller has just read them; ``site``: judge only that site's."""
     if records is None:
-        records = read_window(monitoring, key)
+        records = read_window(monitoring, key, site=site)
     if records.empty:
-        raise WindowError(f"window {key} holds no inference records")
+        where = f" from site {site}" if site is not None else ""
+        raise WindowError(f"window {key} holds no inference records{where}")
     version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
     if not version:
         raise WindowError(f"window {key} has no records with a model version")
@@ -104,6 +114,7 @@ def check_window(
         info = registry.get(model_version)
     except ModelVersionNotFoundError as exc:
         raise WindowError(f"window {key} was scored by version {model_version}: {exc}") from exc
+    refused = refusals_during(monitoring, records, site=site)
     reference = load_reference(registry.download(model_version))
     if reference is None:
         raise NoReferenceError(
@@ -117,22 +128,25 @@ def check_window(
         rule=drift_rule(monitoring),
         model_version=model_version,
         expected_metrics=info.metrics,
-        n_refused=refusals_during(monitoring, records),
+        n_refused=len(refused),
+        refused_by_site=refused["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
     )
 
 
-def refusals_during(monitoring: MonitoringSection, records: pd.DataFrame) -> int:
-    """Images the gate refused between a window's first and last record."""
+def refusals_during(
+    monitoring: MonitoringSection, records: pd.DataFrame, *, site: str | None = None
+) -> pd.DataFrame:
+    """Images the gate refused between a window's first and last record (of ``site``)."""
     created = pd.to_datetime(records["created_at"], utc=True)
     log = InferenceLog(monitoring.inference_log_uri)
     try:
-        refused = log.refusals(
+        return log.refusals(
             created_from=created.min().to_pydatetime(),
             created_before=created.max().to_pydatetime() + timedelta(microseconds=1),
+            site=site,
         )
     finally:
         log.dispose()
-    return len(refused)
 
 
 @dataclass(frozen=True)

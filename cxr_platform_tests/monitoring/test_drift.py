@@ -13,7 +13,13 @@ from cxr_platform.data.imaging import read_image
 from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.monitoring.drift import DriftError, DriftRule, evaluate_window, save_drift_report
+from cxr_platform.monitoring.drift import (
+    DriftError,
+    DriftRule,
+    evaluate_window,
+    save_drift_report,
+    sites_markdown,
+)
 from cxr_platform.monitoring.reference import reference_frame
 from cxr_platform.monitoring.shifts import apply_shift
 
@@ -159,3 +165,69 @@ def test_only_the_versions_rows_are_compared_and_reports_are_saved(
     assert "<html" in files["html"].read_text()[:2000].lower()
     with pytest.raises(DriftError, match="no records scored by version 9"):
         evaluate_window(reference, window, window="w", model_version="9")
+
+
+def _truth(labels):
+    return np.where(labels == 1, "PNEUMONIA", "NORMAL")
+
+
+def test_the_site_whose_specificity_fell_is_named_and_the_other_is_not(reference, fresh_patients):
+    """Half the traffic comes from a site where the threshold no longer holds: the report
+    says which site failed and on what, and that the other did not."""
+    window = _window(fresh_patients, feedback=_truth)
+    window["site"] = np.where(np.arange(len(window)) % 2 == 0, "west", "east")
+    expected = {"test_auc": 0.5, "test_sensitivity": 0.5, "test_specificity": 0.95}
+    west_negatives = window.index[
+        (window["site"] == "west") & (window["feedback_label"] == "NORMAL")
+    ]
+    window.loc[west_negatives[1:], "label"] = "PNEUMONIA"
+    result = evaluate_window(
+        reference,
+        window,
+        window="w",
+        model_version="3",
+        expected_metrics=expected,
+        n_refused=3,
+        refused_by_site={"east": 1, "west": 2},
+    )
+    assert result.failed_sites == {"west": ("specificity",)}, result.summary()
+    assert result.performance_drift and result.fired
+    assert any(reason.startswith("site west: specificity") for reason in result.reasons)
+    west, east = result.by_site["west"], result.by_site["east"]
+    assert west.n_records + east.n_records == len(window)
+    assert east.n_refused == 1 and west.n_refused == 2 and not west.refusal_drift
+    assert west.performance.specificity_ci[1] < 0.95
+    table = sites_markdown(result)
+    assert "| west |" in table and "| specificity |" in table
+    saved = result.to_dict()
+    assert saved["failed_sites"] == {"west": ["specificity"]}
+    assert saved["by_site"]["east"]["refusal_rate"] == pytest.approx(1 / (east.n_records + 1))
+
+
+def test_a_window_without_sites_has_no_site_breakdown(reference, fresh_patients):
+    result = evaluate_window(reference, _window(fresh_patients), window="w", model_version="3")
+    assert result.by_site == {} and "names no sites" in sites_markdown(result)
+
+
+def test_live_intervals_resample_studies_where_the_log_has_them(reference, fresh_patients):
+    """Images of one study move together: with a handful of studies the interval is wider
+    than the one that treats every image as independent."""
+    window = _window(fresh_patients, feedback=_truth)
+    expected = {"test_auc": 0.5, "test_sensitivity": 0.5, "test_specificity": 0.5}
+    by_image = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected
+    ).performance
+    truth = window["feedback_label"].to_numpy()
+    # Ten studies per class, each holding images of one diagnosis, as a study does.
+    window["study_uid_hash"] = [f"{label}-{i % 10}" for i, label in enumerate(truth)]
+    by_study = evaluate_window(
+        reference, window, window="w", model_version="3", expected_metrics=expected
+    ).performance
+    assert by_image.interval_unit == "image" and by_study.interval_unit == "study"
+    assert by_study.n_groups == 20
+    width = {
+        unit: performance.auc_ci[1] - performance.auc_ci[0]
+        for unit, performance in (("image", by_image), ("study", by_study))
+    }
+    assert by_image.auc == by_study.auc
+    assert width["study"] > 0 and width["image"] > 0

@@ -1,0 +1,142 @@
+"""A stand-in for another hospital, made from the real data: a model released on part of the
+Kaggle training folder with one file-name family of normal images held out of it, then live
+traffic through the real service from two sites, with their labels as feedback:
+
+- ``home``: the released model's own test split, as it was acquired;
+- ``other-hospital``: the held-out family's normal images and test pneumonia images, under the
+  blur shift (`monitoring/shifts.py`), which is what moved specificity most on the real model
+  (`benchmarks/RESULTS.md`).
+
+The drift rule must name the failure that matters (specificity at the version's threshold) and
+the site it happened at, in the report and in the Dagster metadata. Skips without the data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
+from cxr_platform.defs.monitoring_assets import DRIFT_CHECK_JOB, DRIFT_WINDOWS
+from cxr_platform.deployment.registry import PRODUCTION, registry_for
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.pipeline import evaluation_dir
+from cxr_platform.models.subgroups import FILE_FAMILY, file_name_family
+from cxr_platform.monitoring.simulate import TrafficImage, send_traffic
+from cxr_platform.monitoring.windows import check_window, ids_window
+from cxr_platform.serving.process import ServiceProcess
+from cxr_platform.settings import load_settings
+
+pytestmark = pytest.mark.xdist_group("other_site")
+
+HELD_OUT_FAMILY = "NORMAL#-IM"  # NORMAL2-IM-*: a second batch of normal images
+PNEUMONIA_PATIENTS = 250
+
+
+@pytest.fixture(scope="module")
+def released(kaggle_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("other_site")
+    data = base / "data"
+    rng = random.Random(0)
+    pneumonia = sorted((kaggle_dir / "train" / "PNEUMONIA").iterdir())
+    patients = sorted({path.name.split("_")[0] for path in pneumonia})
+    kept = set(rng.sample(patients, PNEUMONIA_PATIENTS))
+    held_out = []
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / label).mkdir(parents=True)
+        for path in sorted((kaggle_dir / "train" / label).iterdir()):
+            if label == "PNEUMONIA" and path.name.split("_")[0] not in kept:
+                continue
+            if label == "NORMAL" and file_name_family(path.name) == HELD_OUT_FAMILY:
+                held_out.append(path)
+                continue
+            (data / label / path.name).symlink_to(path)
+    settings = load_settings(
+        home=base / "home",
+        data_dir=data,
+        image_size=96,
+        workers=2,
+        training_profile="demo",
+        device="cpu",
+        models=("baseline_cnn",),
+        min_test_auc=0.5,
+        min_test_sensitivity=0.5,
+        min_test_specificity=0.0,
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions(settings)
+    result = defs.resolve_job_def(RELEASE_JOB).execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    assert result.success
+    return settings, defs, instance, held_out
+
+
+def test_the_evaluation_reports_each_file_name_family(released):
+    settings, _, _, _ = released
+    report = EvaluationReport.read_json(
+        evaluation_dir(settings.training, "baseline_cnn") / "evaluation.json"
+    )
+    families = {group.group for group in report.subgroups if group.dimension == FILE_FAMILY}
+    assert {"IM", "person#-bacteria", "person#-virus"} <= families
+    normals = next(group for group in report.subgroups if group.group == "IM")
+    assert normals.n_positive == 0 and normals.sensitivity is None
+    assert normals.specificity_ci_low <= normals.specificity <= normals.specificity_ci_high
+
+
+def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_path):
+    settings, defs, instance, held_out = released
+    registry = registry_for(settings.registry)
+    test_split = pd.read_csv(
+        next((settings.data.cache_dir).glob("*/test-*.csv")), dtype={"patient_id": str}
+    )
+    home = [
+        TrafficImage(Path(path), label)
+        for path, label in zip(test_split.path, test_split.label, strict=True)
+    ]
+    test_pneumonia = [image for image in home if image.label == "PNEUMONIA"]
+    other = [TrafficImage(path, "NORMAL") for path in held_out[:80]] + test_pneumonia[:40]
+    random.Random(1).shuffle(other)
+
+    env = {"CXR_HOME": str(settings.home), "CXR_DATA_DIR": str(settings.data.data_dir)}
+    with ServiceProcess(env=env, log_path=tmp_path / "service.log") as service:
+        at_home = send_traffic(service.url, home, labels=True, site="home")
+        away = send_traffic(
+            service.url, other, shift="blur", labels=True, site="other-hospital", seed=3
+        )
+    assert at_home.feedback_sent >= 0.95 * len(home), at_home.summary()
+    assert away.feedback_sent >= 0.95 * len(other), away.summary()
+
+    log = InferenceLog(settings.monitoring.inference_log_uri)
+    rows = log.records()
+    log.dispose()
+    key = ids_window(int(rows["id"].min()), int(rows["id"].max()))
+    result = check_window(settings.monitoring, key, registry)
+    failed = result.failed_sites
+    assert "specificity" in failed.get("other-hospital", ()), result.summary()
+    assert "home" not in failed, result.summary()
+    away_performance = result.by_site["other-hospital"].performance
+    expected = registry.get(PRODUCTION).metrics["test_specificity"]
+    assert away_performance.specificity_ci[1] < expected - 0.10
+    assert any(r.startswith("site other-hospital: specificity") for r in result.reasons)
+
+    # The same window through Dagster: the report's metadata names the site and the failure.
+    instance.add_dynamic_partitions(DRIFT_WINDOWS.name, [key])
+    run = defs.resolve_job_def(DRIFT_CHECK_JOB).execute_in_process(
+        instance=instance, partition_key=key, raise_on_error=False
+    )
+    assert run.success
+    [materialization] = run.asset_materializations_for_node("drift_report")
+    assert materialization.partition == key
+    metadata = materialization.metadata
+    assert "other-hospital: " in metadata["sites_failed"].value
+    assert "specificity" in metadata["sites_failed"].value
+    assert "| other-hospital |" in metadata["sites"].value
+    saved = json.loads((settings.monitoring.drift_reports_dir / key / "drift.json").read_text())
+    assert "specificity" in saved["failed_sites"]["other-hospital"]
