@@ -122,6 +122,10 @@ class UnknownRequestError(InferenceLogError):
     """Feedback for a request id the log has never seen."""
 
 
+class OtherSiteError(InferenceLogError):
+    """Feedback named a site, and the request came from another."""
+
+
 class InvalidSiteError(InferenceLogError):
     """A site name the log cannot keep as given."""
 
@@ -328,17 +332,30 @@ class InferenceLog:
         with self.engine.connect() as connection:
             return pd.read_sql(query, connection)
 
-    def add_feedback(self, request_id: str, label: str, *, reporter: str | None = None) -> None:
+    def add_feedback(
+        self,
+        request_id: str,
+        label: str,
+        *,
+        reporter: str | None = None,
+        site: str | None = None,
+    ) -> None:
+        """``site``: the site giving the label; it may only label its own requests."""
         if label not in LABELS:
             raise InferenceLogError(f"feedback label must be one of {LABELS}, not {label!r}")
         with self.engine.begin() as connection:
             known = connection.execute(
-                sa.select(predictions_table.c.id).where(
+                sa.select(predictions_table.c.site).where(
                     predictions_table.c.request_id == request_id
                 )
             ).first()
             if known is None:
                 raise UnknownRequestError(f"no prediction with request id {request_id!r}")
+            if site is not None and known.site != site:
+                raise OtherSiteError(
+                    f"request {request_id} was not sent by site {site}; a site labels only "
+                    "its own requests"
+                )
             connection.execute(
                 feedback_table.insert(),
                 {

@@ -43,6 +43,13 @@ class UnknownRequestIdError(ServingError):
     reason = "unknown_request_id"
 
 
+class OtherSiteRequestError(ServingError):
+    """Feedback from one site for a request another site sent."""
+
+    status = 403
+    reason = "other_site_request"
+
+
 # Decoding failures are the client's: 4xx, with a status that says which kind.
 IMAGE_ERROR_STATUS = {
     "empty": 400,

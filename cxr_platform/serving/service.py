@@ -35,6 +35,7 @@ from cxr_platform.inference.live import FixedModels, LiveModels
 from cxr_platform.inference.log import (
     InferenceLog,
     InferenceLogError,
+    OtherSiteError,
     UnknownRequestError,
     uid_salt,
 )
@@ -327,21 +328,29 @@ class CxrService:
         self,
         request_id: str,
         label: Literal["NORMAL", "PNEUMONIA"],
+        ctx: bentoml.Context,
         reporter: str | None = None,
     ) -> FeedbackResponse:
-        """Attach a confirmed label to an earlier prediction (for performance monitoring)."""
+        """Attach a confirmed label to an earlier prediction (for performance monitoring). A
+        request that names a site (its key or X-CXR-Site) labels only that site's requests."""
+        site = _site_of(ctx)
         try:
             await anyio.to_thread.run_sync(
-                lambda: self.inference_log.add_feedback(request_id, label, reporter=reporter)
+                lambda: self.inference_log.add_feedback(
+                    request_id, label, reporter=reporter, site=site
+                )
             )
         except InferenceLogError as exc:
             error: core.ServingError = (
                 core.UnknownRequestIdError(str(exc))
                 if isinstance(exc, UnknownRequestError)
+                else core.OtherSiteRequestError(str(exc))
+                if isinstance(exc, OtherSiteError)
                 else core.ServingError(str(exc))
             )
             status, body = core.error_response(error)
             rejected_inputs.labels(endpoint="feedback", reason=body["error"]).inc()
+            ctx.response.status_code = status
             return JSONResponse(body, status_code=status)
         retained = False
         if self.retained is not None:

@@ -243,8 +243,16 @@ def test_each_request_is_logged_with_the_site_it_came_from(live_service):
         assert claimed.status_code == 403 and claimed.json()["error"] == "site_mismatch"
         same = post_image(north, png(13), headers={"X-CXR-Site": "north"})
         sent[same.json()["request_id"]] = "north"
-        # A site's key is a key like any other: the model and feedback routes take it.
+        # A site's key is a key like any other for the model route; feedback from a site
+        # labels only that site's requests.
         assert north.get("/model").status_code == 200
+        own = north.post(
+            "/feedback", json={"request_id": same.json()["request_id"], "label": "NORMAL"}
+        )
+        assert own.status_code == 200, own.text
+        gateway_request = next(request for request, site in sent.items() if site is None)
+        foreign = north.post("/feedback", json={"request_id": gateway_request, "label": "NORMAL"})
+        assert foreign.status_code == 403 and foreign.json()["error"] == "other_site_request"
     rows = live_service.inference_log().records().set_index("request_id")
     assert {request: rows.loc[request, "site"] for request in sent} == sent
     assert live_service.inference_log().records(site="north").index.size >= 3
