@@ -39,6 +39,7 @@ def test_help_for_every_command(tmp_path):
         ["models"],
         ["promote"],
         ["rollback"],
+        ["recalibrate"],
         ["predict"],
         ["explain"],
         ["serve"],

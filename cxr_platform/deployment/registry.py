@@ -28,7 +28,14 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxr_platform.deployment.aliases import ALIASES, PREVIOUS_PRODUCTION, PRODUCTION, SHADOW
+from cxr_platform.deployment.aliases import (
+    ALIASES,
+    PREVIOUS_PRODUCTION,
+    PRODUCTION,
+    SHADOW,
+    SITE_PRODUCTION_PREFIX,
+    site_production_alias,
+)
 from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
@@ -261,11 +268,29 @@ class ModelRegistry:
         description: str | None = None,
     ) -> ModelVersionInfo:
         """Upload the export folder to the training run and create a version pointing at it."""
+        return self.register_folder(
+            exported.directory,
+            run_id=run_id,
+            tags=tags,
+            triggered_by=triggered_by,
+            description=description,
+        )
+
+    def register_folder(
+        self,
+        directory: Path,
+        *,
+        run_id: str,
+        tags: VersionTags,
+        triggered_by: str,
+        description: str | None = None,
+    ) -> ModelVersionInfo:
+        """A new version from a folder of model files (an export, or a recalibrated copy)."""
         self._ensure_model()
         # A fresh artifact folder per export: a later re-export of the same run must never
         # change the files under an existing version.
         artifact_path = f"registry/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
-        self.client.log_artifacts(run_id, str(exported.directory), artifact_path)
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
         run = self.client.get_run(run_id)
         source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
         mv = self.client.create_model_version(
@@ -364,6 +389,59 @@ class ModelRegistry:
             )
             self._record(event)
             return event
+
+    def promote_for_site(
+        self,
+        ref: str | int,
+        site: str,
+        *,
+        triggered_by: str,
+        gate: Mapping[str, Any] | None = None,
+    ) -> RegistryEvent:
+        """Make ``ref`` the production version of one site (its own alias); every other site
+        keeps ``production``. The version must have been made for that site."""
+        alias = site_production_alias(site)
+        with self._alias_lock():
+            info = self.get(ref)
+            if info.release.site != site:
+                raise RegistryError(
+                    f"version {info.version} was made for site {info.release.site!r}, not {site!r}"
+                )
+            aliases = self.aliases()
+            current = aliases.get(alias)
+            now = _utc_now()
+            self.client.set_registered_model_alias(self.name, alias, info.version)
+            if aliases.get(SHADOW) == info.version:
+                self.client.delete_registered_model_alias(self.name, SHADOW)
+            self._tag(
+                info.version,
+                VersionTags(
+                    promoted_at=now,
+                    promoted_by=triggered_by,
+                    replaced_version=current or "",
+                    gate=dict(gate or {}),
+                ),
+            )
+            event = RegistryEvent(
+                "promoted",
+                info.version,
+                current,
+                triggered_by,
+                now,
+                {"gate": dict(gate or {}), "site": site, "alias": alias},
+            )
+            self._record(event)
+            return event
+
+    def site_productions(self) -> dict[str, str]:
+        """Site -> the version that site is served by, where it has its own."""
+        sites = {}
+        for alias, version in self.aliases().items():
+            if alias.startswith(SITE_PRODUCTION_PREFIX):
+                site = self.get(version).release.site
+                if site is not None and site_production_alias(site) == alias:
+                    sites[site] = version
+        return sites
 
     def rollback(self, *, triggered_by: str) -> RegistryEvent:
         """Production goes back to the version it replaced; repeated rollbacks walk further."""

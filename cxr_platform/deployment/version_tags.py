@@ -16,9 +16,10 @@ from typing import Any
 
 TAG_PREFIX = "cxr."
 METRIC_PREFIX = "cxr.metric."
-_JSON_FIELDS = ("preprocessing", "gate", "input_gate")
+_JSON_FIELDS = ("preprocessing", "gate", "input_gate", "site_labels")
 _FLOAT_FIELDS = (
     "threshold",
+    "site_prevalence",
     "parity_onnx_max_abs_diff",
     "parity_torchscript_max_abs_diff",
     "int8_val_auc_change",
@@ -48,6 +49,12 @@ class VersionTags:
     finetune_reason: str | None = None
     labeled_examples: int | None = None
     input_gate: dict[str, Any] | None = None  # the gate's summary: threshold, validation refusal
+    # A recalibration for one site: the same weights as ``recalibrated_from`` with the operating
+    # point refitted on that site's labels (counts per class, fit and held-out parts).
+    recalibrated_from: str | None = None
+    site: str | None = None
+    site_prevalence: float | None = None
+    site_labels: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     # Written by the registry as the version's life goes on.
     promoted_at: str | None = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxr_platform.deployment.aliases import site_production_alias
 from cxr_platform.deployment.model_files import INT8_ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
 from cxr_platform.inference.predictor import Predictor
@@ -24,13 +26,30 @@ log = logging.getLogger(__name__)
 class ServingModels:
     production: Predictor | None
     shadow: Predictor | None
+    # Sites with their own production version (recalibrated for them): each a snapshot whose
+    # production is that version, built once per refresh so requests of one site share it.
+    sites: Mapping[str, ServingModels] = field(default_factory=dict)
 
     @property
     def versions(self) -> dict[str, str | None]:
-        return {
+        versions = {
             PRODUCTION: self.production.model_version if self.production else None,
             SHADOW: self.shadow.model_version if self.shadow else None,
         }
+        for site, models in self.sites.items():
+            versions[site_production_alias(site)] = models.production_version
+        return versions
+
+    @property
+    def production_version(self) -> str | None:
+        return self.production.model_version if self.production else None
+
+    def for_site(self, site: str | None) -> ServingModels:
+        """The snapshot a request from ``site`` is scored by: the site's own production
+        version where it has one, else ``production``."""
+        if site is None:
+            return self
+        return self.sites.get(site, self)
 
 
 class LiveModels:
@@ -51,8 +70,8 @@ class LiveModels:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def current(self) -> ServingModels:
-        return self._snapshot
+    def current(self, site: str | None = None) -> ServingModels:
+        return self._snapshot.for_site(site)
 
     def _load(self, version: str) -> Predictor:
         folder = self.registry.download(version)
@@ -74,12 +93,29 @@ class LiveModels:
             shadow = aliases.get(SHADOW)
             if shadow == production:
                 shadow = None  # shadow scoring the production model adds nothing
+            site_versions = self.registry.site_productions()
             old = self._snapshot
-            loaded = {p.model_version: p for p in (old.production, old.shadow) if p is not None}
-            for version in (production, shadow):
+            loaded = {
+                p.model_version: p
+                for p in (
+                    old.production,
+                    old.shadow,
+                    *(models.production for models in old.sites.values()),
+                )
+                if p is not None
+            }
+            for version in (production, shadow, *site_versions.values()):
                 if version is not None and version not in loaded:
                     loaded[version] = self._load(version)
-            new = ServingModels(loaded.get(production), loaded.get(shadow))
+            shadow_model = loaded.get(shadow)
+            new = ServingModels(
+                loaded.get(production),
+                shadow_model,
+                {
+                    site: ServingModels(loaded[version], shadow_model)
+                    for site, version in sorted(site_versions.items())
+                },
+            )
             if new.versions == old.versions:
                 return False
             self._snapshot = new  # the only publication point: one atomic reference store
@@ -118,7 +154,7 @@ class FixedModels:
             Predictor(folder, model_version=version, threads=threads), None
         )
 
-    def current(self) -> ServingModels:
+    def current(self, site: str | None = None) -> ServingModels:
         return self._snapshot
 
     def refresh(self) -> bool:

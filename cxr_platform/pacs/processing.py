@@ -174,7 +174,8 @@ class InstanceProcessor:
         started = time.perf_counter()
         if dataset is None:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        models = self.models.current()  # one snapshot from decoding to scoring
+        site = dicom_site(calling_ae_title, dataset)
+        models = self.models.current(site)  # one snapshot from decoding to scoring
         try:
             request = request_for(
                 models,
@@ -183,7 +184,7 @@ class InstanceProcessor:
                 uid_salt=self.uid_salt,
                 started=started,
                 source="dicom",
-                site=dicom_site(calling_ae_title, dataset),
+                site=site,
             )
             outcome = score_and_log(self.inference_log, [request])[0]
             if outcome.failure == NOT_A_CHEST_RADIOGRAPH and outcome.refusal is not None:

@@ -133,4 +133,9 @@ def serving_summary(models: ServingModels) -> dict[str, Any]:
     return {
         "production": model_summary(models.production),
         "shadow": model_summary(models.shadow),
+        # Sites served by their own (recalibrated) version instead of production.
+        "sites": {
+            site: model_summary(site_models.production)
+            for site, site_models in models.sites.items()
+        },
     }

@@ -196,7 +196,7 @@ class CxrService:
         core.check_upload_size(len(data), serving.service_max_upload_bytes)
         # One snapshot from decoding to scoring: a promotion in between cannot mismatch them.
         return request_for(
-            self.models.current(),
+            self.models.current(site),  # the site's own production version, if it has one
             data,
             max_pixels=serving.max_image_pixels,
             uid_salt=self.salt,

@@ -14,10 +14,14 @@ the site it happened at, in the report and in the Dagster metadata. Skips withou
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import pandas as pd
 import pytest
 
@@ -37,6 +41,8 @@ pytestmark = pytest.mark.xdist_group("other_site")
 
 HELD_OUT_FAMILY = "NORMAL#-IM"  # NORMAL2-IM-*: a second batch of normal images
 PNEUMONIA_PATIENTS = 250
+# A small model judged on a small split: this deployment's floors, for the release and the CLI.
+FLOORS = {"min_test_auc": 0.5, "min_test_sensitivity": 0.5, "min_test_specificity": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,7 @@ def released(kaggle_dir, tmp_path_factory):
         training_profile="demo",
         device="cpu",
         models=("baseline_cnn",),
-        min_test_auc=0.5,
-        min_test_sensitivity=0.5,
-        min_test_specificity=0.0,
+        **FLOORS,
     )
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions(settings)
@@ -101,7 +105,9 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
         for path, label in zip(test_split.path, test_split.label, strict=True)
     ]
     test_pneumonia = [image for image in home if image.label == "PNEUMONIA"]
-    other = [TrafficImage(path, "NORMAL") for path in held_out[:80]] + test_pneumonia[:40]
+    # Enough labels of each class for a recalibration to certify its target (59 positives
+    # in the part it fits on).
+    other = [TrafficImage(path, "NORMAL") for path in held_out[:120]] + test_pneumonia
     random.Random(1).shuffle(other)
 
     env = {"CXR_HOME": str(settings.home), "CXR_DATA_DIR": str(settings.data.data_dir)}
@@ -140,3 +146,57 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     assert "| other-hospital |" in metadata["sites"].value
     saved = json.loads((settings.monitoring.drift_reports_dir / key / "drift.json").read_text())
     assert "specificity" in saved["failed_sites"]["other-hospital"]
+
+    # The site gets its own operating point from its labels: registered with the same
+    # weights, judged on held-out labels, and served to that site only.
+    production = registry.get(PRODUCTION)
+    recalibrated = _cxr("recalibrate", "--site", "other-hospital", "--json", settings=settings)
+    assert recalibrated.returncode == 0, recalibrated.stdout + recalibrated.stderr
+    outcome = json.loads(recalibrated.stdout)
+    version = outcome["candidate_version"]
+    assert outcome["promoted"] and outcome["alias"] == "production-site-other-hospital"
+    candidate = registry.get(version)
+    assert candidate.release.recalibrated_from == production.version
+    assert candidate.release.site == "other-hospital"
+    fit = candidate.release.site_labels["fit"]
+    assert fit["PNEUMONIA"] >= 59 and fit["NORMAL"] >= 30
+    assert registry.aliases()["production-site-other-hospital"] == version
+    assert registry.aliases()[PRODUCTION] == production.version  # every other site keeps it
+    recalibration = outcome["recalibration"]
+    assert recalibration["sensitivity_lower_bound"] >= 0.95
+    held = outcome["gate"]
+    assert held["candidate"]["specificity"] > held["production"]["specificity"]
+    assert held["candidate"]["sensitivity"] >= 0.9
+    with ServiceProcess(env=env, log_path=tmp_path / "service2.log") as service:
+        there = send_traffic(service.url, other[:5], shift="blur", site="other-hospital")
+        here = send_traffic(service.url, home[:5], site="home")
+        info = httpx.get(f"{service.url}/model", timeout=30).json()
+    assert info["sites"]["other-hospital"]["model_version"] == version
+    log = InferenceLog(settings.monitoring.inference_log_uri)
+    served = log.records().set_index("request_id")["model_version"]
+    log.dispose()
+    assert {served[r] for r in there.request_ids} == {version}
+    assert {served[r] for r in here.request_ids} == {production.version}
+
+
+def test_too_few_labels_say_how_many_more_are_needed(released):
+    settings, _, _, _ = released
+    result = _cxr("recalibrate", "--site", "nowhere", settings=settings)
+    assert result.returncode == 2
+    assert "site nowhere has no labeled requests" in result.stderr
+
+
+def _cxr(*args: str, settings) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "CXR_HOME": str(settings.home),
+        "CXR_DATA_DIR": str(settings.data.data_dir),
+        **{f"CXR_{name.upper()}": str(value) for name, value in FLOORS.items()},
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "cxr_platform.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )

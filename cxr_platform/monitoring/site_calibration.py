@@ -1,0 +1,319 @@
+"""A site's own operating point, from its labeled live requests, through shadow and the gate.
+
+1. The site's labeled requests scored by the version it is served by are split by study: one
+   part refits the operating point (:func:`~cxr_platform.monitoring.recalibration.recalibrate`),
+   the other is held out for the gate.
+2. The refit is registered as a new version with the same weights (tags name the source
+   version, the site, its prevalence and the labels used) and put in shadow.
+3. The gate judges it on the held-out labels against the version the site has now: the usual
+   floors, sensitivity not shown below the target (its 95% upper bound reaches it), and, where
+   the current version already met the target, specificity at least as good. A pass makes it
+   that site's production (``production-site-<name>``); every other site keeps ``production``.
+   A refusal retires the shadow. Either way the decision is a registry event.
+
+No model runs here: the weights are unchanged, so the logged probabilities and the version's
+own calibration give back every logit.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+
+from cxr_platform.deployment.aliases import PRODUCTION, SHADOW, site_production_alias
+from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_predictions
+from cxr_platform.deployment.model_files import ONNX_FILE, read_onnx_metadata
+from cxr_platform.deployment.pipeline import gate_config_for
+from cxr_platform.deployment.recalibrated import write_recalibrated
+from cxr_platform.deployment.registry import ModelVersionInfo, registry_for
+from cxr_platform.deployment.version_tags import VersionTags
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.monitoring.recalibration import (
+    NotEnoughLabelsError,
+    Recalibration,
+    logits_from_probabilities,
+    recalibrate,
+)
+from cxr_platform.settings import CxrSettings
+
+log = logging.getLogger(__name__)
+
+# What a new threshold changes; everything else about the version (AUC, calibration error of
+# the ranking) is the source's.
+_THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv")
+
+
+class SiteRecalibrationError(CxrError):
+    pass
+
+
+@dataclass(frozen=True)
+class SiteRecalibrationResult:
+    site: str
+    source_version: str
+    candidate_version: str
+    recalibration: Recalibration
+    decision: GateDecision
+    alias: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision.passed
+
+    def summary(self) -> str:
+        r = self.recalibration
+        verdict = (
+            f"site {self.site} is now served by version {self.candidate_version} ({self.alias})"
+            if self.promoted
+            else f"refused, version {self.candidate_version} retired: "
+            + ", ".join(self.decision.failed_checks)
+        )
+        return (
+            f"version {self.candidate_version}: version {self.source_version} recalibrated on "
+            f"{r.n_positive} PNEUMONIA and {r.n_negative} NORMAL labels of site {self.site}; "
+            f"threshold {r.operating_point.threshold:.4f} holds sensitivity >= "
+            f"{r.operating_point.target_sensitivity:g} at its 95% lower bound "
+            f"({r.sensitivity_lower_bound:.3f}) at a specificity cost of "
+            f"{r.specificity_cost:.3f} over the point estimate; gate on the held-out labels: "
+            f"{self.decision.summary()}; {verdict}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "source_version": self.source_version,
+            "candidate_version": self.candidate_version,
+            "promoted": self.promoted,
+            "alias": self.alias,
+            "recalibration": self.recalibration.to_dict(),
+            "gate": self.decision.to_dict(),
+        }
+
+
+def site_labeled_records(log_url: str, site: str, version: str) -> pd.DataFrame:
+    inference_log = InferenceLog(log_url)
+    try:
+        rows = inference_log.records(site=site, labeled_only=True)
+    finally:
+        inference_log.dispose()
+    return rows[rows["model_version"].astype(str) == version].reset_index(drop=True)
+
+
+def study_groups(rows: pd.DataFrame) -> np.ndarray:
+    """Each row's study; a row without one (PNG traffic) is its own."""
+    studies = rows["study_uid_hash"] if "study_uid_hash" in rows else pd.Series(None, rows.index)
+    return studies.fillna("request:" + rows["request_id"].astype(str)).to_numpy(dtype=str)
+
+
+def split_by_study(
+    groups: np.ndarray, labels: np.ndarray, held_out_share: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (fit, held out): whole studies, drawn per class so both parts hold both."""
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for label in (0, 1):
+        studies = np.unique(groups[labels == label])
+        rng.shuffle(studies)
+        chosen = set(studies[: int(round(held_out_share * len(studies)))])
+        held += [i for i in np.flatnonzero(labels == label) if groups[i] in chosen]
+    held_out = np.array(sorted(held), dtype=int)
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
+def _upper(successes: int, trials: int) -> float:
+    return float(binomtest(successes, trials).proportion_ci(0.95, "wilson").high)
+
+
+def site_checks(
+    labels: np.ndarray,
+    candidate_called: np.ndarray,
+    current_called: np.ndarray,
+    target: float,
+) -> list[GateCheck]:
+    positives, negatives = labels == 1, labels == 0
+    detected = int(candidate_called[positives].sum())
+    upper = _upper(detected, int(positives.sum()))
+    checks = [GateCheck("site_sensitivity_not_below_target", upper >= target, upper, target)]
+    current_upper = _upper(int(current_called[positives].sum()), int(positives.sum()))
+    if current_upper >= target:
+        # The current version may already hold the target here: the candidate must then earn
+        # its place in specificity.
+        candidate_specificity = float((~candidate_called[negatives]).mean())
+        current_specificity = float((~current_called[negatives]).mean())
+        checks.append(
+            GateCheck(
+                "site_specificity_vs_current",
+                candidate_specificity >= current_specificity,
+                candidate_specificity,
+                current_specificity,
+            )
+        )
+    return checks
+
+
+def recalibrate_for_site(
+    settings: CxrSettings, site: str, *, triggered_by: str, seed: int = 0
+) -> SiteRecalibrationResult:
+    """Refit, register, shadow, gate, and promote for the site or retire. Raises
+    :class:`~cxr_platform.monitoring.recalibration.NotEnoughLabelsError` (with how many more
+    labels of each class) and :class:`SiteRecalibrationError` for what cannot be done now."""
+    monitoring = settings.monitoring
+    registry = registry_for(settings.registry)
+    alias = site_production_alias(site)
+    aliases = registry.aliases()
+    source_version = aliases.get(alias) or aliases.get(PRODUCTION)
+    if source_version is None:
+        raise SiteRecalibrationError("no production model to recalibrate")
+    if aliases.get(SHADOW) is not None:
+        raise SiteRecalibrationError(
+            f"version {aliases[SHADOW]} is in shadow already; one candidate at a time"
+        )
+    source = registry.get(source_version)
+    rows = site_labeled_records(monitoring.inference_log_uri, site, source.version)
+    if rows.empty:
+        raise NotEnoughLabelsError(
+            f"site {site} has no labeled requests scored by version {source.version}",
+            {"PNEUMONIA": 0, "NORMAL": 0},
+        )
+    folder = registry.download(source.version)
+    current_point = read_onnx_metadata(folder / ONNX_FILE).calibration
+    labels = (rows["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int)
+    logits = logits_from_probabilities(rows["probability"].to_numpy(dtype=float), current_point)
+    groups = study_groups(rows)
+    fit, held_out = split_by_study(groups, labels, monitoring.recalibration_held_out_share, seed)
+    target = settings.training.target_sensitivity
+    try:
+        recalibration = recalibrate(
+            labels[fit],
+            logits[fit],
+            target_sensitivity=target,
+            groups=groups[fit],
+            min_negatives=monitoring.recalibration_min_negatives,
+        )
+    except NotEnoughLabelsError as exc:
+        # Say it in labels of the whole site: the held-out part is drawn from the same pool.
+        share = 1 - monitoring.recalibration_held_out_share
+        missing = {name: int(np.ceil(count / share)) for name, count in exc.missing.items()}
+        raise NotEnoughLabelsError(
+            f"site {site}: {exc} (in the {share:.0%} used for the refit; about "
+            + ", ".join(f"{n} more {name}" for name, n in missing.items() if n)
+            + " labeled requests in all)",
+            missing,
+        ) from exc
+    held_labels = labels[held_out]
+    if held_labels.min() == held_labels.max():
+        raise NotEnoughLabelsError(
+            f"site {site}: the held-out part needs both classes", {"PNEUMONIA": 1, "NORMAL": 1}
+        )
+    point = recalibration.operating_point
+    candidate_probabilities = point.probabilities(logits[held_out])
+    candidate_called = candidate_probabilities >= point.threshold
+    current_called = (rows["label"] == "PNEUMONIA").to_numpy()[held_out]
+    held_metrics = {
+        "test_sensitivity": float(candidate_called[held_labels == 1].mean()),
+        "test_specificity": float((~candidate_called[held_labels == 0]).mean()),
+    }
+    metrics = {
+        key: value
+        for key, value in source.metrics.items()
+        if not any(key.startswith(f"test_{name}") for name in _THRESHOLD_METRICS)
+    }
+    metrics.update(held_metrics)
+    release = source.release
+    inherited = VersionTags(
+        **{name: getattr(release, name) for name in _RELEASE_FIELDS}, metrics=metrics
+    )
+    tags = inherited.updated(
+        VersionTags(
+            threshold=point.threshold,
+            threshold_rule=point.rule,
+            calibration=f"T={point.temperature:.4f} b={point.bias:+.4f}",
+            recalibrated_from=source.version,
+            site=site,
+            site_prevalence=float(labels.mean()),
+            site_labels={
+                "fit": {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative},
+                "held_out": {
+                    "PNEUMONIA": int(held_labels.sum()),
+                    "NORMAL": int((held_labels == 0).sum()),
+                },
+                "studies": len(np.unique(groups)),
+            },
+        )
+    )
+    with tempfile.TemporaryDirectory(dir=settings.home) as work:
+        model_dir = Path(work) / "model"
+        write_recalibrated(folder, model_dir, point, metrics)
+        candidate: ModelVersionInfo = registry.register_folder(
+            model_dir,
+            run_id=str(source.run_id),
+            tags=tags,
+            triggered_by=triggered_by,
+            description=f"version {source.version} recalibrated for site {site}",
+        )
+    registry.set_shadow(candidate.version, triggered_by=triggered_by)
+    candidate_score = score_predictions(
+        held_labels, candidate_probabilities, point.threshold, version=candidate.version
+    )
+    current_score = score_predictions(
+        held_labels,
+        rows["probability"].to_numpy(dtype=float)[held_out],
+        current_point.threshold,
+        version=source.version,
+    )
+    decision = decide(
+        candidate_score,
+        current_score,
+        gate_config_for(settings.registry),
+        evaluated_on={
+            "site": site,
+            "held_out_labels": int(len(held_out)),
+            "held_out_studies": int(len(np.unique(groups[held_out]))),
+            "grouped_by": "study",
+            "recalibration": recalibration.to_dict(),
+        },
+        extra_checks=site_checks(held_labels, candidate_called, current_called, target),
+    )
+    if decision.passed:
+        registry.promote_for_site(
+            candidate.version, site, triggered_by=triggered_by, gate=decision.to_dict()
+        )
+    else:
+        registry.retire_shadow(
+            candidate.version, triggered_by=triggered_by, gate=decision.to_dict()
+        )
+    result = SiteRecalibrationResult(
+        site, source.version, candidate.version, recalibration, decision, alias
+    )
+    log.info(result.summary())
+    return result
+
+
+# What a recalibrated version inherits from its source (release facts, not life events).
+_RELEASE_FIELDS = (
+    "model_name",
+    "arch",
+    "threshold",
+    "threshold_rule",
+    "calibration",
+    "preprocessing",
+    "data_version",
+    "data_dir",
+    "git_commit",
+    "parity_onnx_max_abs_diff",
+    "parity_torchscript_max_abs_diff",
+    "int8",
+    "int8_val_auc_change",
+    "finetuned_from",
+    "finetune_reason",
+    "labeled_examples",
+    "input_gate",
+)
