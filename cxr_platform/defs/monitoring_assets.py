@@ -25,7 +25,9 @@ from cxr_platform.monitoring.finetune import (
     finetune_production,
     register_finetuned,
 )
+from cxr_platform.monitoring.recalibration import NotEnoughLabelsError
 from cxr_platform.monitoring.shadow import evaluate_shadow
+from cxr_platform.monitoring.site_calibration import SiteRecalibrationError, recalibrate_for_site
 from cxr_platform.monitoring.windows import (
     DriftCursor,
     check_window,
@@ -40,6 +42,7 @@ from cxr_platform.sections import MonitoringSection
 GROUP = "monitoring"
 DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
 DRIFT_CHECK_JOB = "drift_check"
+RECALIBRATE_JOB = "recalibrate_for_site"
 FINE_TUNE_JOB = "fine_tune"
 EVALUATE_SHADOW_JOB = "evaluate_shadow"
 DRIFT_SENSOR = "drift_sensor"
@@ -243,6 +246,65 @@ def shadow_evaluation(
     )
 
 
+class SiteRecalibrationConfig(dg.Config):
+    site: str  # as the site's requests name it in the inference log
+    window: str | None = None  # the drift window that asked for it
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"mlflow"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "site_gate",
+            asset="site_recalibration",
+            description="The recalibrated version against the site's current one on the "
+            "site's held-out labels.",
+        )
+    ],
+    description="A site's own operating point: Platt calibration and the threshold refitted on "
+    "its labeled requests (sensitivity held at its 95% lower bound), registered with the same "
+    "weights, gated on the site's held-out labels, and served to that site only when it passes.",
+)
+def site_recalibration(
+    context: dg.AssetExecutionContext, config: SiteRecalibrationConfig, platform: PlatformSettings
+):
+    settings = platform.settings()
+    try:
+        result = recalibrate_for_site(
+            settings, config.site, triggered_by=f"dagster:{context.run.run_id}"
+        )
+    except (NotEnoughLabelsError, SiteRecalibrationError) as exc:
+        raise dg.Failure(description=str(exc)) from exc
+    context.log.info(result.summary())
+    recalibration, decision = result.recalibration, result.decision
+    yield dg.Output(
+        result.to_dict(),
+        metadata={
+            "site": result.site,
+            "source_version": result.source_version,
+            "candidate_version": result.candidate_version,
+            "promoted": result.promoted,
+            "alias": result.alias,
+            "threshold": recalibration.operating_point.threshold,
+            "sensitivity_lower_bound": recalibration.sensitivity_lower_bound,
+            "specificity_cost": recalibration.specificity_cost,
+            "labels_used": dg.MetadataValue.json(
+                {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative}
+            ),
+            "decision": decision.summary(),
+            "gate": dg.MetadataValue.md(gate_checks_markdown(decision)),
+            "window": config.window or "",
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="site_gate",
+        passed=decision.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"summary": decision.summary(), "failed": ", ".join(decision.failed_checks)},
+    )
+
+
 drift_check_job = dg.define_asset_job(
     DRIFT_CHECK_JOB,
     selection=[drift_report],
@@ -252,6 +314,11 @@ fine_tune_job = dg.define_asset_job(
     FINE_TUNE_JOB,
     selection=[finetuned_model, shadow_candidate],
     description="Fine-tune production on training + labeled live data; register as shadow.",
+)
+recalibrate_job = dg.define_asset_job(
+    RECALIBRATE_JOB,
+    selection=[site_recalibration],
+    description="Refit one site's operating point from its labels; gate it on held-out labels.",
 )
 evaluate_shadow_job = dg.define_asset_job(
     EVALUATE_SHADOW_JOB,
@@ -278,7 +345,7 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
 
     @dg.sensor(
         name=DRIFT_SENSOR,
-        jobs=[drift_check_job, fine_tune_job],
+        jobs=[drift_check_job, fine_tune_job, recalibrate_job],
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Cuts the inference log into windows of CXR_DRIFT_WINDOW_SIZE records, "
@@ -291,7 +358,12 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
             else initial_drift_cursor(context.instance)
         )
         settings = platform.settings()
-        step = drift_sensor_step(settings.monitoring, registry_for(settings.registry), cursor)
+        step = drift_sensor_step(
+            settings.monitoring,
+            registry_for(settings.registry),
+            cursor,
+            target_sensitivity=settings.training.target_sensitivity,
+        )
         if step.result is None:
             return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.cursor.to_json())
         window = step.window
@@ -305,6 +377,21 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
                 tags={"cxr/drift_fired": str(step.result.fired).lower()},
             )
         ]
+        if step.recalibrate_site is not None:
+            requests.append(
+                dg.RunRequest(
+                    job_name=RECALIBRATE_JOB,
+                    run_key=f"recalibrate-{step.recalibrate_site}-{window}",
+                    run_config={
+                        "ops": {
+                            "site_recalibration": {
+                                "config": {"site": step.recalibrate_site, "window": window}
+                            }
+                        }
+                    },
+                    tags={"cxr/drift_window": window},
+                )
+            )
         if step.request_finetune:
             requests.append(
                 dg.RunRequest(
@@ -368,8 +455,14 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
         return dg.RunRequest(partition_key=key, run_key=f"daily-{key}")
 
     return dg.Definitions(
-        assets=[drift_report, finetuned_model, shadow_candidate, shadow_evaluation],
-        jobs=[drift_check_job, fine_tune_job, evaluate_shadow_job],
+        assets=[
+            drift_report,
+            finetuned_model,
+            shadow_candidate,
+            shadow_evaluation,
+            site_recalibration,
+        ],
+        jobs=[drift_check_job, fine_tune_job, evaluate_shadow_job, recalibrate_job],
         sensors=[drift_sensor, shadow_sensor],
         schedules=[daily_drift_report],
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,11 +62,14 @@ def write_recalibrated(
         )
     torchscript = out_dir / TORCHSCRIPT_FILE
     if torchscript.exists():
-        module = torch.jit.load(str(torchscript), map_location="cpu")
         tmp = torchscript.with_name(torchscript.name + ".tmp")
-        torch.jit.save(
-            module, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: metadata.to_json()}
-        )
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in favour of torch.export; the export still ships it.
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(torchscript), map_location="cpu")
+            torch.jit.save(
+                module, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: metadata.to_json()}
+            )
         tmp.replace(torchscript)
     (out_dir / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     return metadata

@@ -32,7 +32,7 @@ from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_
 from cxr_platform.deployment.model_files import ONNX_FILE, read_onnx_metadata
 from cxr_platform.deployment.pipeline import gate_config_for
 from cxr_platform.deployment.recalibrated import write_recalibrated
-from cxr_platform.deployment.registry import ModelVersionInfo, registry_for
+from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, registry_for
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
@@ -40,8 +40,10 @@ from cxr_platform.monitoring.recalibration import (
     NotEnoughLabelsError,
     Recalibration,
     logits_from_probabilities,
+    minimum_positives,
     recalibrate,
 )
+from cxr_platform.sections import MonitoringSection
 from cxr_platform.settings import CxrSettings
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,53 @@ def site_checks(
     return checks
 
 
+def _served_version(registry: ModelRegistry, site: str) -> str | None:
+    aliases = registry.aliases()
+    return aliases.get(site_production_alias(site)) or aliases.get(PRODUCTION)
+
+
+def missing_labels(
+    monitoring: MonitoringSection,
+    registry: ModelRegistry,
+    site: str,
+    target_sensitivity: float,
+    *,
+    seed: int = 0,
+) -> dict[str, int]:
+    """How many more labels of each class the site's refit part lacks (all zero: enough)."""
+    version = _served_version(registry, site)
+    needed = {
+        "PNEUMONIA": minimum_positives(target_sensitivity),
+        "NORMAL": monitoring.recalibration_min_negatives,
+    }
+    if version is None:
+        return needed
+    rows = site_labeled_records(monitoring.inference_log_uri, site, version)
+    if rows.empty:
+        return needed
+    labels = (rows["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int)
+    groups = study_groups(rows)
+    fit, _ = split_by_study(groups, labels, monitoring.recalibration_held_out_share, seed)
+    have = {
+        "PNEUMONIA": len(set(groups[fit][labels[fit] == 1])),
+        "NORMAL": int((labels[fit] == 0).sum()),
+    }
+    return {name: max(0, needed[name] - have[name]) for name in needed}
+
+
+def recalibration_refused(registry: ModelRegistry, site: str) -> bool:
+    """Whether a recalibration of the version the site is served by now was refused before:
+    the gate would see the same labels fail again; a fine-tune is the next step."""
+    source = _served_version(registry, site)
+    for event in registry.events():
+        if event.action != "refused":
+            continue
+        release = registry.get(event.version).release
+        if release.site == site and release.recalibrated_from == source:
+            return True
+    return False
+
+
 def recalibrate_for_site(
     settings: CxrSettings, site: str, *, triggered_by: str, seed: int = 0
 ) -> SiteRecalibrationResult:
@@ -169,7 +218,7 @@ def recalibrate_for_site(
     registry = registry_for(settings.registry)
     alias = site_production_alias(site)
     aliases = registry.aliases()
-    source_version = aliases.get(alias) or aliases.get(PRODUCTION)
+    source_version = _served_version(registry, site)
     if source_version is None:
         raise SiteRecalibrationError("no production model to recalibrate")
     if aliases.get(SHADOW) is not None:

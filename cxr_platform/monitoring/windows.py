@@ -174,13 +174,19 @@ class DriftStep:
     result: DriftResult | None = None
     request_finetune: bool = False
     finetune_note: str = ""
+    recalibrate_site: str | None = None  # a site to recalibrate for, tried before a fine-tune
 
 
 def drift_sensor_step(
-    monitoring: MonitoringSection, registry: ModelRegistry, cursor: DriftCursor
+    monitoring: MonitoringSection,
+    registry: ModelRegistry,
+    cursor: DriftCursor,
+    *,
+    target_sensitivity: float = 0.95,
 ) -> DriftStep:
     """One evaluation of the drift sensor: cut the next full window, judge it, and say whether
-    the fine-tune job should run. The cursor only advances past a window that was judged."""
+    a site's recalibration or the fine-tune job should run. The cursor only advances past a
+    window that was judged."""
     production = registry.find(PRODUCTION)
     if production is None:
         return DriftStep(cursor, skip_reason="no production model: nothing to monitor")
@@ -219,6 +225,14 @@ def drift_sensor_step(
     if registry.find(SHADOW) is not None:
         note = "a shadow candidate is already waiting for evaluation; no second fine-tune"
         return DriftStep(advanced, window=key, result=result, finetune_note=note)
+    site = _site_to_recalibrate(monitoring, registry, result, target_sensitivity)
+    if site is not None:
+        note = (
+            f"site {site} failed on its own labels: its recalibration is tried before a fine-tune"
+        )
+        return DriftStep(
+            advanced, window=key, result=result, finetune_note=note, recalibrate_site=site
+        )
     if (
         cursor.finetune_production == production.version
         and cursor.finetune_window is not None
@@ -240,6 +254,26 @@ def drift_sensor_step(
         request_finetune=True,
         finetune_note=f"fine-tune of production version {production.version} requested",
     )
+
+
+def _site_to_recalibrate(
+    monitoring: MonitoringSection,
+    registry: ModelRegistry,
+    result: DriftResult,
+    target_sensitivity: float,
+) -> str | None:
+    """The first site whose performance failed, that has labels enough to refit its operating
+    point, and whose recalibration of the version it is served by was not refused before."""
+    from cxr_platform.monitoring.site_calibration import missing_labels, recalibration_refused
+
+    for site, failed in result.failed_sites.items():
+        if site == UNNAMED_SITE or not set(failed) & {"auc", "sensitivity", "specificity"}:
+            continue
+        if recalibration_refused(registry, site):
+            continue
+        if not any(missing_labels(monitoring, registry, site, target_sensitivity).values()):
+            return site
+    return None
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,21 @@ import pandas as pd
 import pytest
 
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
-from cxr_platform.defs.monitoring_assets import DRIFT_CHECK_JOB, DRIFT_WINDOWS
+from cxr_platform.defs.monitoring_assets import (
+    DRIFT_CHECK_JOB,
+    DRIFT_SENSOR,
+    DRIFT_WINDOWS,
+    FINE_TUNE_JOB,
+    RECALIBRATE_JOB,
+)
+from cxr_platform.demo import tick_sensor
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import evaluation_dir
 from cxr_platform.models.subgroups import FILE_FAMILY, file_name_family
 from cxr_platform.monitoring.simulate import TrafficImage, send_traffic
-from cxr_platform.monitoring.windows import check_window, ids_window
+from cxr_platform.monitoring.windows import DriftCursor, check_window, ids_window
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings
 
@@ -71,6 +78,7 @@ def released(kaggle_dir, tmp_path_factory):
         training_profile="demo",
         device="cpu",
         models=("baseline_cnn",),
+        drift_window_size=380,  # one window: both sites' traffic
         **FLOORS,
     )
     instance = dg.DagsterInstance.ephemeral()
@@ -147,12 +155,20 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     saved = json.loads((settings.monitoring.drift_reports_dir / key / "drift.json").read_text())
     assert "specificity" in saved["failed_sites"]["other-hospital"]
 
-    # The site gets its own operating point from its labels: registered with the same
-    # weights, judged on held-out labels, and served to that site only.
+    # The drift sensor asks for the site's recalibration, not a fine-tune; the job refits the
+    # operating point on the site's labels, registers the same weights, judges them on
+    # held-out labels, and the site (only) is served by the new version.
     production = registry.get(PRODUCTION)
-    recalibrated = _cxr("recalibrate", "--site", "other-hospital", "--json", settings=settings)
-    assert recalibrated.returncode == 0, recalibrated.stdout + recalibrated.stderr
-    outcome = json.loads(recalibrated.stdout)
+    cursor = DriftCursor(last_id=int(rows["id"].min()) - 1).to_json()
+    tick = tick_sensor(defs, instance, DRIFT_SENSOR, cursor)
+    assert tick.run_for(FINE_TUNE_JOB) is None
+    run = tick.run_for(RECALIBRATE_JOB)
+    assert run is not None and run.success
+    [materialization] = run.asset_materializations_for_node("site_recalibration")
+    outcome = {
+        key: materialization.metadata[key].value
+        for key in ("candidate_version", "promoted", "alias")
+    }
     version = outcome["candidate_version"]
     assert outcome["promoted"] and outcome["alias"] == "production-site-other-hospital"
     candidate = registry.get(version)
@@ -162,11 +178,12 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     assert fit["PNEUMONIA"] >= 59 and fit["NORMAL"] >= 30
     assert registry.aliases()["production-site-other-hospital"] == version
     assert registry.aliases()[PRODUCTION] == production.version  # every other site keeps it
-    recalibration = outcome["recalibration"]
-    assert recalibration["sensitivity_lower_bound"] >= 0.95
-    held = outcome["gate"]
-    assert held["candidate"]["specificity"] > held["production"]["specificity"]
-    assert held["candidate"]["sensitivity"] >= 0.9
+    assert materialization.metadata["sensitivity_lower_bound"].value >= 0.95
+    promoted = [e for e in registry.events() if e.action == "promoted" and e.version == version]
+    gate = promoted[-1].details["gate"]
+    assert gate["candidate"]["specificity"] > gate["production"]["specificity"]
+    assert gate["candidate"]["sensitivity"] >= 0.9
+    assert gate["evaluated_on"]["site"] == "other-hospital"
     with ServiceProcess(env=env, log_path=tmp_path / "service2.log") as service:
         there = send_traffic(service.url, other[:5], shift="blur", site="other-hospital")
         here = send_traffic(service.url, home[:5], site="home")
