@@ -38,7 +38,7 @@ from cxr_platform.monitoring.recalibration import (
 from cxr_platform.monitoring.shifts import apply_shift, encode_png
 from cxr_platform.settings import load_settings
 
-BUDGETS = (50, 100, 200)
+BUDGETS = (50, 100, 200, 400)
 PREVALENCES = (0.1, 0.3, 0.5, 0.7)
 
 
@@ -103,7 +103,7 @@ def main() -> None:
         "--held-out", type=Path, default=None, help="normal images never trained on"
     )
     parser.add_argument("--draws", type=int, default=200)
-    parser.add_argument("--shifts", default="blur:1.0,contrast:1.0,exposure:0.5")
+    parser.add_argument("--shifts", default="none:1.0,blur:0.5,blur:1.0,contrast:0.5,exposure:0.5")
     args = parser.parse_args()
     started = time.perf_counter()
     settings = load_settings(home=args.home)

@@ -70,6 +70,11 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
         "probability_ks_p_value": result.probability_p_value,
         "positive_rate": result.positive_rate,
         "reference_positive_rate": result.reference_positive_rate,
+        **(
+            {"estimated_prevalence": result.estimated_prevalence}
+            if result.estimated_prevalence is not None
+            else {}
+        ),
         "performance_drift": result.performance_drift,
         "n_labeled": performance.n_labeled,
         **({"labeled_auc": performance.auc} if performance.auc is not None else {}),

@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr_platform.errors import CxrError
 from cxr_platform.models.evaluation import cluster_bootstrap_intervals
+from cxr_platform.monitoring.recalibration import estimate_prevalence
 from cxr_platform.monitoring.reference import INPUT_FEATURES, PREDICTED, PROBABILITY
 
 
@@ -97,6 +98,7 @@ class SiteWindow:
     n_refused: int
     refusal_drift: bool
     performance: PerformanceWindow
+    estimated_prevalence: float | None = None  # EM, from the site's probabilities alone
 
     @property
     def refusal_rate(self) -> float:
@@ -130,6 +132,10 @@ class DriftResult:
     n_refused: int = 0  # images the input gate refused while the window's records came in
     refusal_drift: bool = False
     by_site: dict[str, SiteWindow] = field(default_factory=dict)  # where the log names sites
+    # Pneumonia prevalence of the window's traffic estimated without labels (EM, Saerens et
+    # al. 2002), against the validation prevalence the calibration was fitted under.
+    estimated_prevalence: float | None = None
+    reference_prevalence: float | None = None
     snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
 
     @property
@@ -385,6 +391,7 @@ def evaluate_window(
         )
 
     reference_auc = _auc_of(scored_reference)
+    reference_prevalence = _prevalence_of(scored_reference)
     labeled = _labeled(scored)
     performance, performance_reasons = _performance(
         labeled, expected_metrics or {}, rule, reference_auc=reference_auc
@@ -393,7 +400,13 @@ def evaluate_window(
     refusal_drift, refusal_reasons = _refusals(n_refused, len(records), rule)
     reasons += refusal_reasons
     by_site, site_reasons = _per_site(
-        records, scored, refused_by_site or {}, expected_metrics or {}, rule, reference_auc
+        records,
+        scored,
+        refused_by_site or {},
+        expected_metrics or {},
+        rule,
+        reference_auc,
+        reference_prevalence,
     )
     reasons += site_reasons
     site_performance = any(site.performance.failed for site in by_site.values())
@@ -419,8 +432,24 @@ def evaluate_window(
         n_refused=n_refused,
         refusal_drift=refusal_drift,
         by_site=by_site,
+        estimated_prevalence=_estimated_prevalence(scored, reference_prevalence),
+        reference_prevalence=reference_prevalence,
         snapshot=snapshot,
     )
+
+
+def _prevalence_of(reference: pd.DataFrame) -> float | None:
+    if "label" not in reference or not len(reference):
+        return None
+    prevalence = float((reference["label"] == "PNEUMONIA").mean())
+    return prevalence if 0 < prevalence < 1 else None
+
+
+def _estimated_prevalence(rows: pd.DataFrame, reference_prevalence: float | None) -> float | None:
+    if reference_prevalence is None or rows.empty:
+        return None
+    estimate = estimate_prevalence(rows["probability"].to_numpy(dtype=float), reference_prevalence)
+    return estimate.prevalence
 
 
 def _labeled(rows: pd.DataFrame) -> pd.DataFrame:
@@ -434,6 +463,7 @@ def _per_site(
     expected: dict[str, float],
     rule: DriftRule,
     reference_auc: float | None,
+    reference_prevalence: float | None,
 ) -> tuple[dict[str, SiteWindow], list[str]]:
     """Each named site judged on its own rows, as the whole window is: a site whose
     specificity collapsed can hide in a window most of whose traffic comes from elsewhere."""
@@ -458,6 +488,7 @@ def _per_site(
             n_refused=n_refused,
             refusal_drift=refusal_drift,
             performance=performance,
+            estimated_prevalence=_estimated_prevalence(rows, reference_prevalence),
         )
         reasons += [f"site {name}: {reason}" for reason in performance_reasons + refusal_reasons]
     return by_site, reasons
@@ -493,15 +524,16 @@ def sites_markdown(result: DriftResult) -> str:
     if not result.by_site:
         return "The log names no sites in this window."
     lines = [
-        "| site | records | refused | positive rate | labeled | AUC | sensitivity "
-        "| specificity | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| site | records | refused | positive rate | prevalence (EM) | labeled | AUC "
+        "| sensitivity | specificity | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, site in result.by_site.items():
         performance = site.performance
         lines.append(
             f"| {name} | {site.n_records} | {site.n_refused} ({site.refusal_rate:.1%}) | "
-            f"{site.positive_rate:.2f} | {performance.n_labeled} | "
+            f"{site.positive_rate:.2f} | {_figure(site.estimated_prevalence)} | "
+            f"{performance.n_labeled} | "
             f"{_figure(performance.auc, performance.auc_ci)} | "
             f"{_figure(performance.sensitivity, performance.sensitivity_ci)} | "
             f"{_figure(performance.specificity, performance.specificity_ci)} | "

@@ -77,6 +77,12 @@ def test_fresh_patients_from_the_same_scanner_do_not_drift(reference, fresh_pati
     assert not result.fired, result.summary()
     assert result.n_compared == result.n_records > 80
     assert set(result.feature_p_values) >= {"sharpness", "original_width", "intensity_mean"}
+    # The prevalence of the traffic, estimated from its probabilities alone (EM; its accuracy
+    # on calibrated probabilities is in test_recalibration.py; these are drawn, not calibrated).
+    assert result.reference_prevalence == pytest.approx(
+        float((reference["label"] == "PNEUMONIA").mean())
+    )
+    assert 0 < result.estimated_prevalence < 1
 
 
 @pytest.mark.parametrize("shift", ["exposure", "resolution", "blur"])
