@@ -701,7 +701,11 @@ def recalibrate(ctx: click.Context, site: str, as_json: bool) -> None:
 
     settings = _settings(ctx)
     result = recalibrate_for_site(
-        settings, site_name(site) or site, triggered_by=deployment.cli_trigger()
+        settings.monitoring,
+        settings.registry,
+        site_name(site) or site,
+        target_sensitivity=settings.training.target_sensitivity,
+        triggered_by=deployment.cli_trigger(),
     )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
     if not result.promoted:

@@ -277,7 +277,11 @@ def site_recalibration(
     settings = platform.settings()
     try:
         result = recalibrate_for_site(
-            settings, config.site, triggered_by=f"dagster:{context.run.run_id}"
+            settings.monitoring,
+            settings.registry,
+            config.site,
+            target_sensitivity=settings.training.target_sensitivity,
+            triggered_by=f"dagster:{context.run.run_id}",
         )
     except (NotEnoughLabelsError, SiteRecalibrationError) as exc:
         raise dg.Failure(description=str(exc)) from exc

@@ -36,6 +36,7 @@ from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, re
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
+from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 from cxr_platform.monitoring.recalibration import (
     NotEnoughLabelsError,
     Recalibration,
@@ -43,8 +44,7 @@ from cxr_platform.monitoring.recalibration import (
     minimum_positives,
     recalibrate,
 )
-from cxr_platform.sections import MonitoringSection
-from cxr_platform.settings import CxrSettings
+from cxr_platform.sections import MonitoringSection, RegistrySection
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +134,27 @@ def _upper(successes: int, trials: int) -> float:
     return float(binomtest(successes, trials).proportion_ci(0.95, "wilson").high)
 
 
+def held_out_intervals(
+    labels: np.ndarray, scores: np.ndarray, called: np.ndarray, groups: np.ndarray
+) -> dict[str, tuple[float | None, float | None]]:
+    """95% intervals of the held-out figures, resampling whole studies."""
+    return cluster_bootstrap_intervals(
+        labels, scores, called.astype(float), 0.5, groups, n_bootstrap=1000, seed=0
+    )
+
+
 def site_checks(
     labels: np.ndarray,
     candidate_called: np.ndarray,
     current_called: np.ndarray,
     target: float,
+    grouped_upper: float | None = None,
 ) -> list[GateCheck]:
+    """``grouped_upper``: the candidate sensitivity's study-resampled upper bound; the wider
+    of it and Wilson's is used, as the drift rule does."""
     positives, negatives = labels == 1, labels == 0
     detected = int(candidate_called[positives].sum())
-    upper = _upper(detected, int(positives.sum()))
+    upper = max(_upper(detected, int(positives.sum())), grouped_upper or 0.0)
     checks = [GateCheck("site_sensitivity_not_below_target", upper >= target, upper, target)]
     current_upper = _upper(int(current_called[positives].sum()), int(positives.sum()))
     if current_upper >= target:
@@ -209,13 +221,18 @@ def recalibration_refused(registry: ModelRegistry, site: str) -> bool:
 
 
 def recalibrate_for_site(
-    settings: CxrSettings, site: str, *, triggered_by: str, seed: int = 0
+    monitoring: MonitoringSection,
+    registry_settings: RegistrySection,
+    site: str,
+    *,
+    target_sensitivity: float,
+    triggered_by: str,
+    seed: int = 0,
 ) -> SiteRecalibrationResult:
     """Refit, register, shadow, gate, and promote for the site or retire. Raises
     :class:`~cxr_platform.monitoring.recalibration.NotEnoughLabelsError` (with how many more
     labels of each class) and :class:`SiteRecalibrationError` for what cannot be done now."""
-    monitoring = settings.monitoring
-    registry = registry_for(settings.registry)
+    registry = registry_for(registry_settings)
     alias = site_production_alias(site)
     aliases = registry.aliases()
     source_version = _served_version(registry, site)
@@ -238,7 +255,7 @@ def recalibrate_for_site(
     logits = logits_from_probabilities(rows["probability"].to_numpy(dtype=float), current_point)
     groups = study_groups(rows)
     fit, held_out = split_by_study(groups, labels, monitoring.recalibration_held_out_share, seed)
-    target = settings.training.target_sensitivity
+    target = target_sensitivity
     try:
         recalibration = recalibrate(
             labels[fit],
@@ -298,7 +315,7 @@ def recalibrate_for_site(
             },
         )
     )
-    with tempfile.TemporaryDirectory(dir=settings.home) as work:
+    with tempfile.TemporaryDirectory(dir=monitoring.home) as work:
         model_dir = Path(work) / "model"
         write_recalibrated(folder, model_dir, point, metrics)
         candidate: ModelVersionInfo = registry.register_folder(
@@ -318,18 +335,33 @@ def recalibrate_for_site(
         current_point.threshold,
         version=source.version,
     )
+    held_groups = groups[held_out]
+    intervals = {
+        name: held_out_intervals(held_labels, logits[held_out], called, held_groups)
+        for name, called in (("candidate", candidate_called), ("current", current_called))
+    }
     decision = decide(
         candidate_score,
         current_score,
-        gate_config_for(settings.registry),
+        gate_config_for(registry_settings),
         evaluated_on={
             "site": site,
             "held_out_labels": int(len(held_out)),
-            "held_out_studies": int(len(np.unique(groups[held_out]))),
+            "held_out_studies": int(len(np.unique(held_groups))),
             "grouped_by": "study",
+            "intervals_95": {
+                name: {metric: list(bounds) for metric, bounds in values.items()}
+                for name, values in intervals.items()
+            },
             "recalibration": recalibration.to_dict(),
         },
-        extra_checks=site_checks(held_labels, candidate_called, current_called, target),
+        extra_checks=site_checks(
+            held_labels,
+            candidate_called,
+            current_called,
+            target,
+            intervals["candidate"]["sensitivity"][1],
+        ),
     )
     if decision.passed:
         registry.promote_for_site(

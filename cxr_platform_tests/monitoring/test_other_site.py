@@ -184,6 +184,8 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     assert gate["candidate"]["specificity"] > gate["production"]["specificity"]
     assert gate["candidate"]["sensitivity"] >= 0.9
     assert gate["evaluated_on"]["site"] == "other-hospital"
+    low, high = gate["evaluated_on"]["intervals_95"]["candidate"]["specificity"]
+    assert low <= gate["candidate"]["specificity"] <= high
     with ServiceProcess(env=env, log_path=tmp_path / "service2.log") as service:
         there = send_traffic(service.url, other[:5], shift="blur", site="other-hospital")
         here = send_traffic(service.url, home[:5], site="home")

@@ -101,7 +101,8 @@ def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
     assert node.storage.spooled() == []
     # The calling AE title names the site in the inference log.
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
-    assert log.records(site="MODALITY")["source"].tolist() == ["dicom"]
+    from_modality = log.records(site="MODALITY")  # other tests here send as MODALITY too
+    assert len(from_modality) >= 1 and set(from_modality["source"]) == {"dicom"}
     log.dispose()
 
 
@@ -215,7 +216,8 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
     node.start()
     wait_for(lambda: node.storage.status(pending.SOPInstanceUID) == "processed", what="recovery")
     assert len(node.storage.outbox()[0].files) == 3
-    assert node.storage.spooled() == []
+    # The ledger says processed a moment before the spool file goes.
+    wait_for(lambda: node.storage.spooled() == [], what="the spool to empty")
     # Without a calling AE title the image's InstitutionName names the site, made plain.
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
     assert log.records(site="St. Elsewhere ED")["source"].tolist() == ["dicom"]
