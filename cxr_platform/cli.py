@@ -686,21 +686,30 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
 @cli.command()
 @click.option("--site", required=True, help="The site, as its requests name it in the log.")
 @click.option(
+    "--from-traffic",
+    is_flag=True,
+    help="Label-free: move the calibration to the site's prevalence estimated from its "
+    "unlabeled requests (EM); decisions stay, probabilities change. Still gated on its labels.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print the recalibration and the gate as JSON."
 )
 @click.pass_context
 @_fail_cleanly
-def recalibrate(ctx: click.Context, site: str, as_json: bool) -> None:
+def recalibrate(ctx: click.Context, site: str, from_traffic: bool, as_json: bool) -> None:
     """Refit the operating point for SITE from its labeled requests, register it (same
     weights) in shadow and let the gate decide on held-out labels; a pass makes it the site's
     own production version. Exit code 3 when the gate refuses; 2 when labels are too few (the
     message says how many more of each class)."""
     from cxr_platform.deployment import pipeline as deployment
     from cxr_platform.inference.log import site_name
-    from cxr_platform.monitoring.site_calibration import recalibrate_for_site
+    from cxr_platform.monitoring.site_calibration import (
+        prior_adjust_for_site,
+        recalibrate_for_site,
+    )
 
     settings = _settings(ctx)
-    result = recalibrate_for_site(
+    result = (prior_adjust_for_site if from_traffic else recalibrate_for_site)(
         settings.monitoring,
         settings.registry,
         site_name(site) or site,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,18 @@ from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, re
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.models.evaluation import cluster_bootstrap_intervals
+from cxr_platform.models.evaluation import OperatingPoint, cluster_bootstrap_intervals
 from cxr_platform.monitoring.recalibration import (
     NotEnoughLabelsError,
+    PrevalenceEstimate,
     Recalibration,
+    estimate_prevalence,
     logits_from_probabilities,
     minimum_positives,
+    prior_adjusted,
     recalibrate,
 )
+from cxr_platform.monitoring.reference import PROBABILITY, load_reference
 from cxr_platform.sections import MonitoringSection, RegistrySection
 
 log = logging.getLogger(__name__)
@@ -62,29 +66,41 @@ class SiteRecalibrationResult:
     site: str
     source_version: str
     candidate_version: str
-    recalibration: Recalibration
     decision: GateDecision
     alias: str
+    recalibration: Recalibration | None = None  # refitted on the site's labels
+    prevalence: PrevalenceEstimate | None = None  # or moved to its estimated prevalence
 
     @property
     def promoted(self) -> bool:
         return self.decision.passed
 
     def summary(self) -> str:
-        r = self.recalibration
         verdict = (
             f"site {self.site} is now served by version {self.candidate_version} ({self.alias})"
             if self.promoted
             else f"refused, version {self.candidate_version} retired: "
             + ", ".join(self.decision.failed_checks)
         )
+        if self.recalibration is not None:
+            r = self.recalibration
+            how = (
+                f"recalibrated on {r.n_positive} PNEUMONIA and {r.n_negative} NORMAL labels of "
+                f"site {self.site}; threshold {r.operating_point.threshold:.4f} holds "
+                f"sensitivity >= {r.operating_point.target_sensitivity:g} at its 95% lower "
+                f"bound ({r.sensitivity_lower_bound:.3f}) at a specificity cost of "
+                f"{r.specificity_cost:.3f} over the point estimate; gate on the held-out labels"
+            )
+        else:
+            assert self.prevalence is not None
+            how = (
+                f"calibration moved to site {self.site}'s prevalence estimated from "
+                f"{self.prevalence.n} unlabeled requests ({self.prevalence.prevalence:.3f}, "
+                f"calibrated under {self.prevalence.training_prevalence:.3f}); gate on the "
+                "site's labels"
+            )
         return (
-            f"version {self.candidate_version}: version {self.source_version} recalibrated on "
-            f"{r.n_positive} PNEUMONIA and {r.n_negative} NORMAL labels of site {self.site}; "
-            f"threshold {r.operating_point.threshold:.4f} holds sensitivity >= "
-            f"{r.operating_point.target_sensitivity:g} at its 95% lower bound "
-            f"({r.sensitivity_lower_bound:.3f}) at a specificity cost of "
-            f"{r.specificity_cost:.3f} over the point estimate; gate on the held-out labels: "
+            f"version {self.candidate_version}: version {self.source_version} {how}: "
             f"{self.decision.summary()}; {verdict}"
         )
 
@@ -95,7 +111,8 @@ class SiteRecalibrationResult:
             "candidate_version": self.candidate_version,
             "promoted": self.promoted,
             "alias": self.alias,
-            "recalibration": self.recalibration.to_dict(),
+            "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
+            "prevalence": None if self.prevalence is None else asdict(self.prevalence),
             "gate": self.decision.to_dict(),
         }
 
@@ -293,17 +310,14 @@ def recalibrate_for_site(
         if not any(key.startswith(f"test_{name}") for name in _THRESHOLD_METRICS)
     }
     metrics.update(held_metrics)
-    release = source.release
-    inherited = VersionTags(
-        **{name: getattr(release, name) for name in _RELEASE_FIELDS}, metrics=metrics
-    )
-    tags = inherited.updated(
+    candidate = _register_in_shadow(
+        registry,
+        monitoring,
+        source,
+        folder,
+        point,
+        metrics,
         VersionTags(
-            threshold=point.threshold,
-            threshold_rule=point.rule,
-            calibration=f"T={point.temperature:.4f} b={point.bias:+.4f}",
-            recalibrated_from=source.version,
-            site=site,
             site_prevalence=float(labels.mean()),
             site_labels={
                 "fit": {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative},
@@ -313,19 +327,10 @@ def recalibrate_for_site(
                 },
                 "studies": len(np.unique(groups)),
             },
-        )
+        ),
+        site=site,
+        triggered_by=triggered_by,
     )
-    with tempfile.TemporaryDirectory(dir=monitoring.home) as work:
-        model_dir = Path(work) / "model"
-        write_recalibrated(folder, model_dir, point, metrics)
-        candidate: ModelVersionInfo = registry.register_folder(
-            model_dir,
-            run_id=str(source.run_id),
-            tags=tags,
-            triggered_by=triggered_by,
-            description=f"version {source.version} recalibrated for site {site}",
-        )
-    registry.set_shadow(candidate.version, triggered_by=triggered_by)
     candidate_score = score_predictions(
         held_labels, candidate_probabilities, point.threshold, version=candidate.version
     )
@@ -363,16 +368,169 @@ def recalibrate_for_site(
             intervals["candidate"]["sensitivity"][1],
         ),
     )
-    if decision.passed:
-        registry.promote_for_site(
-            candidate.version, site, triggered_by=triggered_by, gate=decision.to_dict()
-        )
-    else:
-        registry.retire_shadow(
-            candidate.version, triggered_by=triggered_by, gate=decision.to_dict()
-        )
+    _settle(registry, candidate.version, site, decision, triggered_by)
     result = SiteRecalibrationResult(
-        site, source.version, candidate.version, recalibration, decision, alias
+        site, source.version, candidate.version, decision, alias, recalibration=recalibration
+    )
+    log.info(result.summary())
+    return result
+
+
+def _register_in_shadow(
+    registry: ModelRegistry,
+    monitoring: MonitoringSection,
+    source: ModelVersionInfo,
+    folder: Path,
+    point: OperatingPoint,
+    metrics: dict[str, float],
+    evidence: VersionTags,
+    *,
+    site: str,
+    triggered_by: str,
+) -> ModelVersionInfo:
+    """The source's files with ``point`` inside, as a new version in shadow."""
+    release = source.release
+    tags = (
+        VersionTags(**{name: getattr(release, name) for name in _RELEASE_FIELDS}, metrics=metrics)
+        .updated(
+            VersionTags(
+                threshold=point.threshold,
+                threshold_rule=point.rule,
+                calibration=f"T={point.temperature:.4f} b={point.bias:+.4f}",
+                recalibrated_from=source.version,
+                site=site,
+            )
+        )
+        .updated(evidence)
+    )
+    with tempfile.TemporaryDirectory(dir=monitoring.home) as work:
+        model_dir = Path(work) / "model"
+        write_recalibrated(folder, model_dir, point, metrics)
+        candidate = registry.register_folder(
+            model_dir,
+            run_id=str(source.run_id),
+            tags=tags,
+            triggered_by=triggered_by,
+            description=f"version {source.version} with an operating point for site {site}",
+        )
+    registry.set_shadow(candidate.version, triggered_by=triggered_by)
+    return candidate
+
+
+def _settle(
+    registry: ModelRegistry, version: str, site: str, decision: GateDecision, triggered_by: str
+) -> None:
+    if decision.passed:
+        registry.promote_for_site(version, site, triggered_by=triggered_by, gate=decision.to_dict())
+    else:
+        registry.retire_shadow(version, triggered_by=triggered_by, gate=decision.to_dict())
+
+
+PRIOR_MIN_RECORDS = 100  # unlabeled requests an EM estimate of a site's prevalence needs
+
+
+def prior_adjust_for_site(
+    monitoring: MonitoringSection,
+    registry_settings: RegistrySection,
+    site: str,
+    *,
+    target_sensitivity: float,
+    triggered_by: str,
+) -> SiteRecalibrationResult:
+    """The label-free candidate: the calibration moved to the site's pneumonia prevalence
+    estimated from its unlabeled traffic (EM). Decisions do not change under the
+    sensitivity-target rule; reported probabilities (and so PPV and NPV) do. It goes through
+    shadow and the same gate, judged on whatever labels the site has given (none used to make
+    it); with none, there is nothing to judge it on and it is not made."""
+    registry = registry_for(registry_settings)
+    source_version = _served_version(registry, site)
+    if source_version is None:
+        raise SiteRecalibrationError("no production model to adjust")
+    shadow = registry.aliases().get(SHADOW)
+    if shadow is not None:
+        raise SiteRecalibrationError(f"version {shadow} is in shadow already; one at a time")
+    source = registry.get(source_version)
+    inference_log = InferenceLog(monitoring.inference_log_uri)
+    try:
+        rows = inference_log.records(site=site)
+    finally:
+        inference_log.dispose()
+    rows = rows[rows["model_version"].astype(str) == source.version].reset_index(drop=True)
+    if len(rows) < PRIOR_MIN_RECORDS:
+        raise NotEnoughLabelsError(
+            f"site {site} has {len(rows)} requests scored by version {source.version}; an "
+            f"estimate of its prevalence needs {PRIOR_MIN_RECORDS}",
+            {"PNEUMONIA": 0, "NORMAL": 0},
+        )
+    labeled = rows[rows["feedback_label"].notna()]
+    truth = (labeled["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int)
+    if len(set(truth.tolist())) < 2:
+        raise NotEnoughLabelsError(
+            f"site {site}: a prior-adjusted candidate is judged on the site's labels, and "
+            "there are none of both classes yet",
+            {"PNEUMONIA": int(not truth.any()), "NORMAL": int(truth.all() or not len(truth))},
+        )
+    folder = registry.download(source.version)
+    reference = load_reference(folder)
+    validation = reference[reference[PROBABILITY].notna()] if reference is not None else None
+    if validation is None or validation.empty:
+        raise SiteRecalibrationError(
+            f"version {source.version} has no drift reference: the prevalence its calibration "
+            "was fitted under is unknown"
+        )
+    training_prevalence = float((validation["label"] == "PNEUMONIA").mean())
+    estimate = estimate_prevalence(rows["probability"].to_numpy(dtype=float), training_prevalence)
+    if not estimate.converged:
+        raise SiteRecalibrationError(f"the EM estimate for site {site} did not converge")
+    current_point = read_onnx_metadata(folder / ONNX_FILE).calibration
+    point = prior_adjusted(current_point, training_prevalence, estimate.prevalence)
+    logits = logits_from_probabilities(labeled["probability"].to_numpy(dtype=float), current_point)
+    candidate_probabilities = point.probabilities(logits)
+    candidate_called = candidate_probabilities >= point.threshold
+    current_called = (labeled["label"] == "PNEUMONIA").to_numpy()
+    metrics = dict(source.metrics)
+    candidate = _register_in_shadow(
+        registry,
+        monitoring,
+        source,
+        folder,
+        point,
+        metrics,
+        VersionTags(
+            site_prevalence=estimate.prevalence,
+            site_labels={"estimated_from_unlabeled": estimate.n, "judged_on": len(labeled)},
+        ),
+        site=site,
+        triggered_by=triggered_by,
+    )
+    current_probabilities = labeled["probability"].to_numpy(dtype=float)
+    decision = decide(
+        score_predictions(
+            truth, candidate_probabilities, point.threshold, version=candidate.version
+        ),
+        score_predictions(
+            truth, current_probabilities, current_point.threshold, version=source.version
+        ),
+        gate_config_for(registry_settings),
+        evaluated_on={
+            "site": site,
+            "labels": len(labeled),
+            "estimated_prevalence": estimate.prevalence,
+            "labeled_prevalence": float(truth.mean()),
+            # What the candidate is for: probabilities that mean what they say at this site.
+            "brier_candidate": float(np.mean((candidate_probabilities - truth) ** 2)),
+            "brier_current": float(np.mean((current_probabilities - truth) ** 2)),
+        },
+        extra_checks=site_checks(truth, candidate_called, current_called, target_sensitivity),
+    )
+    _settle(registry, candidate.version, site, decision, triggered_by)
+    result = SiteRecalibrationResult(
+        site,
+        source.version,
+        candidate.version,
+        decision,
+        site_production_alias(site),
+        prevalence=estimate,
     )
     log.info(result.summary())
     return result
