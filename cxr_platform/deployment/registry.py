@@ -367,28 +367,46 @@ class ModelRegistry:
             current = aliases.get(PRODUCTION)
             if current == info.version:
                 raise RegistryError(f"version {info.version} is already production")
-            now = _utc_now()
             if current is not None:
                 self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
-            self.client.set_registered_model_alias(self.name, PRODUCTION, info.version)
-            if aliases.get(SHADOW) == info.version:
-                # Shadow scoring the production model would only double the work.
-                self.client.delete_registered_model_alias(self.name, SHADOW)
-            # Every field written, empty ones too, so nothing of an earlier refusal lingers.
-            self._tag(
-                info.version,
-                VersionTags(
-                    promoted_at=now,
-                    promoted_by=triggered_by,
-                    replaced_version=current or "",
-                    gate=dict(gate or {}),
-                ),
-            )
-            event = RegistryEvent(
-                "promoted", info.version, current, triggered_by, now, {"gate": dict(gate or {})}
-            )
-            self._record(event)
-            return event
+            return self._point_alias(info.version, PRODUCTION, aliases, triggered_by, gate)
+
+    def _point_alias(
+        self,
+        version: str,
+        alias: str,
+        aliases: Mapping[str, str],
+        triggered_by: str,
+        gate: Mapping[str, Any] | None,
+        details: Mapping[str, Any] | None = None,
+    ) -> RegistryEvent:
+        """Point a production alias at ``version`` and record it (under the alias lock)."""
+        current = aliases.get(alias)
+        now = _utc_now()
+        self.client.set_registered_model_alias(self.name, alias, version)
+        if aliases.get(SHADOW) == version:
+            # Shadow scoring the production model would only double the work.
+            self.client.delete_registered_model_alias(self.name, SHADOW)
+        # Every field written, empty ones too, so nothing of an earlier refusal lingers.
+        self._tag(
+            version,
+            VersionTags(
+                promoted_at=now,
+                promoted_by=triggered_by,
+                replaced_version=current or "",
+                gate=dict(gate or {}),
+            ),
+        )
+        event = RegistryEvent(
+            "promoted",
+            version,
+            current,
+            triggered_by,
+            now,
+            {"gate": dict(gate or {}), **(details or {})},
+        )
+        self._record(event)
+        return event
 
     def promote_for_site(
         self,
@@ -407,31 +425,14 @@ class ModelRegistry:
                 raise RegistryError(
                     f"version {info.version} was made for site {info.release.site!r}, not {site!r}"
                 )
-            aliases = self.aliases()
-            current = aliases.get(alias)
-            now = _utc_now()
-            self.client.set_registered_model_alias(self.name, alias, info.version)
-            if aliases.get(SHADOW) == info.version:
-                self.client.delete_registered_model_alias(self.name, SHADOW)
-            self._tag(
+            return self._point_alias(
                 info.version,
-                VersionTags(
-                    promoted_at=now,
-                    promoted_by=triggered_by,
-                    replaced_version=current or "",
-                    gate=dict(gate or {}),
-                ),
-            )
-            event = RegistryEvent(
-                "promoted",
-                info.version,
-                current,
+                alias,
+                self.aliases(),
                 triggered_by,
-                now,
-                {"gate": dict(gate or {}), "site": site, "alias": alias},
+                gate,
+                {"site": site, "alias": alias},
             )
-            self._record(event)
-            return event
 
     def site_productions(self) -> dict[str, str]:
         """Site -> the version that site is served by, where it has its own."""
