@@ -197,32 +197,26 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     assert {served[r] for r in there.request_ids} == {version}
     assert {served[r] for r in here.request_ids} == {production.version}
 
-
-def test_a_label_free_candidate_moves_probabilities_not_decisions(released):
-    """After the traffic above: home's prevalence estimated from its requests (EM) gives a
-    candidate whose calls are the same and whose probabilities fit home; the gate judges it on
-    home's labels and it serves home only."""
-    settings, _, _, _ = released
-    registry = registry_for(settings.registry)
-    production = registry.get(PRODUCTION)
+    # The label-free candidate for home: its prevalence estimated from its requests (EM) gives
+    # the same calls with probabilities that fit home; judged on home's labels, serves home.
     adjusted = _cxr("recalibrate", "--site", "home", "--from-traffic", "--json", settings=settings)
     assert adjusted.returncode == 0, adjusted.stdout + adjusted.stderr
     outcome = json.loads(adjusted.stdout)
     gate = outcome["gate"]
     assert outcome["promoted"] and outcome["alias"] == "production-site-home"
-    candidate, current = gate["candidate"], gate["production"]
-    assert (candidate["sensitivity"], candidate["specificity"]) == (
-        current["sensitivity"],
-        current["specificity"],
+    candidate_score, current_score = gate["candidate"], gate["production"]
+    assert (candidate_score["sensitivity"], candidate_score["specificity"]) == (
+        current_score["sensitivity"],
+        current_score["specificity"],
     )
-    assert candidate["threshold"] != current["threshold"]
+    assert candidate_score["threshold"] != current_score["threshold"]
     evidence = gate["evaluated_on"]
     assert evidence["estimated_prevalence"] == pytest.approx(
         evidence["labeled_prevalence"], abs=0.1
     )
-    version = registry.get(outcome["candidate_version"])
-    assert version.release.recalibrated_from == production.version
-    assert version.release.threshold_rule.endswith("+prior_shift")
+    adjusted_version = registry.get(outcome["candidate_version"])
+    assert adjusted_version.release.recalibrated_from == production.version
+    assert adjusted_version.release.threshold_rule.endswith("+prior_shift")
     assert registry.aliases()[PRODUCTION] == production.version
 
 
