@@ -174,9 +174,8 @@ def parse_site_keys(text: str | None) -> dict[str, str]:
         except InvalidSiteError as exc:
             raise ValueError(f"CXR_SERVICE_SITE_KEYS entry {position}: {exc}") from None
         if not separator or name is None or not key.strip():
-            raise ValueError(
-                f"CXR_SERVICE_SITE_KEYS entry {position} must be site=key (site {name!r})"
-            )
+            # Without '=' the entry may be a bare key: it is not echoed.
+            raise ValueError(f"CXR_SERVICE_SITE_KEYS entry {position} must be site=key")
         if key.strip() in keys:
             raise ValueError(f"CXR_SERVICE_SITE_KEYS: site {name!r} reuses another site's key")
         keys[key.strip()] = name

@@ -230,3 +230,19 @@ def test_error_statuses_say_what_was_wrong():
 def test_an_oversized_upload_is_refused_before_decoding():
     with pytest.raises(core.UploadTooLargeError, match="at most 10 bytes"):
         core.check_upload_size(len(b"x" * 11), max_bytes=10)
+
+
+def test_site_keys_are_parsed_and_a_malformed_entry_never_echoes_a_key():
+    from cxr_platform.serving.edge import parse_site_keys
+
+    assert parse_site_keys("north=k1, Klinikum Süd=k2,") == {"k1": "north", "k2": "Klinikum Süd"}
+    assert parse_site_keys(None) == {}
+    for text, message in (
+        ("secret-key-123", "entry 1 must be site=key"),
+        ("north=k1,south=k1", "reuses another site's key"),
+        ("north=", "entry 1 must be site=key"),
+        ("<x>=k", "entry 1: site names are at most"),
+    ):
+        with pytest.raises(ValueError, match=message) as refused:
+            parse_site_keys(text)
+        assert "secret-key-123" not in str(refused.value) and "k1" not in str(refused.value)
