@@ -262,12 +262,13 @@ def _site_to_recalibrate(
     result: DriftResult,
     target_sensitivity: float,
 ) -> str | None:
-    """The first site whose performance failed, that has labels enough to refit its operating
-    point, and whose recalibration of the version it is served by was not refused before."""
+    """The first site whose sensitivity or specificity failed, that has labels enough to refit
+    its operating point, and whose recalibration of the version it is served by was not refused
+    before. A failed AUC alone is the ranking's: a threshold cannot mend it."""
     from cxr_platform.monitoring.site_calibration import missing_labels, recalibration_refused
 
     for site, failed in result.failed_sites.items():
-        if site == UNNAMED_SITE or not set(failed) & {"auc", "sensitivity", "specificity"}:
+        if site == UNNAMED_SITE or not set(failed) & {"sensitivity", "specificity"}:
             continue
         if recalibration_refused(registry, site):
             continue
