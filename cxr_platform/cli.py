@@ -709,13 +709,20 @@ def recalibrate(ctx: click.Context, site: str, from_traffic: bool, as_json: bool
     )
 
     settings = _settings(ctx)
-    result = (prior_adjust_for_site if from_traffic else recalibrate_for_site)(
-        settings.monitoring,
-        settings.registry,
-        site_name(site) or site,
-        target_sensitivity=settings.training.target_sensitivity,
-        triggered_by=deployment.cli_trigger(),
-    )
+    site = site_name(site) or site
+    trigger = deployment.cli_trigger()
+    if from_traffic:
+        result = prior_adjust_for_site(
+            settings.monitoring, settings.registry, site, triggered_by=trigger
+        )
+    else:
+        result = recalibrate_for_site(
+            settings.monitoring,
+            settings.registry,
+            site,
+            target_sensitivity=settings.training.target_sensitivity,
+            triggered_by=trigger,
+        )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
     if not result.promoted:
         sys.exit(EXIT_CHECKS_FAILED)

@@ -427,6 +427,7 @@ def _settle(
 
 
 PRIOR_MIN_RECORDS = 100  # unlabeled requests an EM estimate of a site's prevalence needs
+BRIER_TOLERANCE = 0.002  # a prior that barely moves may move the Brier score either way
 
 
 def prior_adjust_for_site(
@@ -434,7 +435,6 @@ def prior_adjust_for_site(
     registry_settings: RegistrySection,
     site: str,
     *,
-    target_sensitivity: float,
     triggered_by: str,
 ) -> SiteRecalibrationResult:
     """The label-free candidate: the calibration moved to the site's pneumonia prevalence
@@ -504,6 +504,11 @@ def prior_adjust_for_site(
         triggered_by=triggered_by,
     )
     current_probabilities = labeled["probability"].to_numpy(dtype=float)
+    brier = {
+        "candidate": float(np.mean((candidate_probabilities - truth) ** 2)),
+        "current": float(np.mean((current_probabilities - truth) ** 2)),
+    }
+    unchanged = float(np.mean(candidate_called == current_called))
     decision = decide(
         score_predictions(
             truth, candidate_probabilities, point.threshold, version=candidate.version
@@ -517,11 +522,20 @@ def prior_adjust_for_site(
             "labels": len(labeled),
             "estimated_prevalence": estimate.prevalence,
             "labeled_prevalence": float(truth.mean()),
-            # What the candidate is for: probabilities that mean what they say at this site.
-            "brier_candidate": float(np.mean((candidate_probabilities - truth) ** 2)),
-            "brier_current": float(np.mean((current_probabilities - truth) ** 2)),
+            "brier_candidate": brier["candidate"],
+            "brier_current": brier["current"],
         },
-        extra_checks=site_checks(truth, candidate_called, current_called, target_sensitivity),
+        # What the candidate is for: the same calls, with probabilities that mean what they say
+        # at this site (the Brier score may not be worse beyond a rounding-sized tolerance).
+        extra_checks=[
+            GateCheck("site_calls_unchanged", unchanged == 1.0, unchanged, 1.0),
+            GateCheck(
+                "site_brier_vs_current",
+                brier["candidate"] <= brier["current"] + BRIER_TOLERANCE,
+                brier["candidate"],
+                brier["current"] + BRIER_TOLERANCE,
+            ),
+        ],
     )
     _settle(registry, candidate.version, site, decision, triggered_by)
     result = SiteRecalibrationResult(

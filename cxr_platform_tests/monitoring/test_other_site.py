@@ -3,9 +3,9 @@ Kaggle training folder with one file-name family of normal images held out of it
 traffic through the real service from two sites, with their labels as feedback:
 
 - ``home``: the released model's own test split, as it was acquired;
-- ``other-hospital``: the held-out family's normal images and test pneumonia images, under the
-  blur shift (`monitoring/shifts.py`), which is what moved specificity most on the real model
-  (`benchmarks/RESULTS.md`).
+- ``other-hospital``: the held-out family's normal images and pneumonia images of patients
+  left out of the release, under the blur shift (`monitoring/shifts.py`), which moved
+  specificity most on the real model (`benchmarks/RESULTS.md`).
 
 The drift rule must name the failure that matters (specificity at the version's threshold) and
 the site it happened at, in the report and in the Dagster metadata. Skips without the data.
@@ -61,6 +61,9 @@ def released(kaggle_dir, tmp_path_factory):
     patients = sorted({path.name.split("_")[0] for path in pneumonia})
     kept = set(rng.sample(patients, PNEUMONIA_PATIENTS))
     held_out = []
+    # Pneumonia patients never trained on, for the other site: enough for a recalibration to
+    # certify its target with room to spare (59 positives in the part it fits on).
+    unseen = [path for path in pneumonia if path.name.split("_")[0] not in kept][::10][:120]
     for label in ("NORMAL", "PNEUMONIA"):
         (data / label).mkdir(parents=True)
         for path in sorted((kaggle_dir / "train" / label).iterdir()):
@@ -87,11 +90,11 @@ def released(kaggle_dir, tmp_path_factory):
         instance=instance, raise_on_error=False
     )
     assert result.success
-    return settings, defs, instance, held_out
+    return settings, defs, instance, held_out, unseen
 
 
 def test_the_evaluation_reports_each_file_name_family(released):
-    settings, _, _, _ = released
+    settings, *_ = released
     report = EvaluationReport.read_json(
         evaluation_dir(settings.training, "baseline_cnn") / "evaluation.json"
     )
@@ -103,7 +106,7 @@ def test_the_evaluation_reports_each_file_name_family(released):
 
 
 def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_path):
-    settings, defs, instance, held_out = released
+    settings, defs, instance, held_out, unseen = released
     registry = registry_for(settings.registry)
     test_split = pd.read_csv(
         next((settings.data.cache_dir).glob("*/test-*.csv")), dtype={"patient_id": str}
@@ -112,10 +115,9 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
         TrafficImage(Path(path), label)
         for path, label in zip(test_split.path, test_split.label, strict=True)
     ]
-    test_pneumonia = [image for image in home if image.label == "PNEUMONIA"]
-    # Enough labels of each class for a recalibration to certify its target (59 positives
-    # in the part it fits on).
-    other = [TrafficImage(path, "NORMAL") for path in held_out[:120]] + test_pneumonia
+    other = [TrafficImage(path, "NORMAL") for path in held_out[:120]] + [
+        TrafficImage(path, "PNEUMONIA") for path in unseen
+    ]
     random.Random(1).shuffle(other)
 
     env = {"CXR_HOME": str(settings.home), "CXR_DATA_DIR": str(settings.data.data_dir)}
@@ -182,7 +184,11 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     promoted = [e for e in registry.events() if e.action == "promoted" and e.version == version]
     gate = promoted[-1].details["gate"]
     assert gate["candidate"]["specificity"] > gate["production"]["specificity"]
-    assert gate["candidate"]["sensitivity"] >= 0.9
+    # Held-out sensitivity on a few dozen positives varies from run to run; what the gate
+    # vouches for is that it is not shown below the target.
+    checks = {check["name"]: check for check in gate["checks"]}
+    assert checks["site_sensitivity_not_below_target"]["passed"]
+    assert checks["site_sensitivity_not_below_target"]["value"] >= 0.95
     assert gate["evaluated_on"]["site"] == "other-hospital"
     low, high = gate["evaluated_on"]["intervals_95"]["candidate"]["specificity"]
     assert low <= gate["candidate"]["specificity"] <= high
@@ -221,7 +227,7 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
 
 
 def test_too_few_labels_say_how_many_more_are_needed(released):
-    settings, _, _, _ = released
+    settings, *_ = released
     result = _cxr("recalibrate", "--site", "nowhere", settings=settings)
     assert result.returncode == 2
     assert "site nowhere has no labeled requests" in result.stderr
