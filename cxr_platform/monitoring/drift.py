@@ -480,7 +480,13 @@ def _per_site(
         )
         n_records = int((sites == name).sum())
         n_refused = int(refused_by_site.get(name, 0))
-        refusal_drift, refusal_reasons = _refusals(n_refused, n_records, rule)
+        # A site that sent two misrouted images is not a surge: as for performance, a site's
+        # refusals are judged once it sent as many images as a labeled judgment needs.
+        refusal_drift, refusal_reasons = (
+            _refusals(n_refused, n_records, rule)
+            if n_records + n_refused >= rule.min_labeled
+            else (False, [])
+        )
         by_site[name] = SiteWindow(
             site=name,
             n_records=n_records,

@@ -202,6 +202,11 @@ def test_the_site_whose_specificity_fell_is_named_and_the_other_is_not(reference
     west, east = result.by_site["west"], result.by_site["east"]
     assert west.n_records + east.n_records == len(window)
     assert east.n_refused == 1 and west.n_refused == 2 and not west.refusal_drift
+    # Two refusals from a site that sent nothing else are too few to call a surge.
+    few = evaluate_window(
+        reference, window, window="w", model_version="3", refused_by_site={"misrouted": 2}
+    )
+    assert few.by_site["misrouted"].n_refused == 2 and not few.by_site["misrouted"].refusal_drift
     assert west.performance.specificity_ci[1] < 0.95
     table = sites_markdown(result)
     assert "| west |" in table and "| specificity |" in table
