@@ -45,6 +45,11 @@ def original_size(path: str | Path) -> tuple[int | None, int | None]:
         return decoded.width, decoded.height
 
 
+# Six significant digits: features and probabilities need no more, and drift compares the
+# logged values rounded the same way (monitoring.drift).
+REFERENCE_FLOAT_FORMAT = "%.6g"
+
+
 def reference_frame(
     images: np.ndarray,
     probabilities: np.ndarray | None,
@@ -93,7 +98,7 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
 
 def write_reference(folder: Path, frame: pd.DataFrame) -> Path:
     path = Path(folder) / REFERENCE_FILE
-    frame.to_csv(path, index=False, float_format="%.6g")
+    frame.to_csv(path, index=False, float_format=REFERENCE_FLOAT_FORMAT)
     return path
 
 

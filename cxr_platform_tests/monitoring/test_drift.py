@@ -20,7 +20,7 @@ from cxr_platform.monitoring.drift import (
     save_drift_report,
     sites_markdown,
 )
-from cxr_platform.monitoring.reference import reference_frame
+from cxr_platform.monitoring.reference import load_reference, reference_frame, write_reference
 from cxr_platform.monitoring.shifts import apply_shift
 
 CONFIG = PreprocessingConfig(image_size=128)
@@ -242,3 +242,31 @@ def test_live_intervals_resample_studies_where_the_log_has_them(reference, fresh
     }
     assert by_image.auc == by_study.auc
     assert width["study"] > 0 and width["image"] > 0
+
+
+def test_a_confident_models_probabilities_do_not_drift_by_the_reference_files_rounding(
+    reference, fresh_patients, tmp_path
+):
+    """Probabilities that crowd against 1 read back from the reference file as exactly 1; the
+    log keeps them as they are. The same distribution on both sides must not drift."""
+
+    def confident(labels, seed):
+        rng = np.random.default_rng(seed)
+        logits = np.where(
+            labels == 1, rng.normal(16, 2, len(labels)), rng.normal(-6, 2, len(labels))
+        )
+        return 1 / (1 + np.exp(-logits))
+
+    stored = reference.copy()
+    stored["probability"] = confident((reference["label"] == "PNEUMONIA").to_numpy(float), 0)
+    stored["predicted"] = np.where(stored["probability"] >= 0.5, "PNEUMONIA", "NORMAL")
+    write_reference(tmp_path, stored)
+    read_back = load_reference(tmp_path)
+    assert (read_back["probability"] == 1.0).sum() > 20  # the rounding this is about
+
+    window = _window(fresh_patients)
+    truth = (window["label"] == "PNEUMONIA").to_numpy(float)
+    window["probability"] = confident(truth, 1)
+    assert (window["probability"] < 1.0).all()
+    result = evaluate_window(read_back, window, window="w", model_version="3")
+    assert not result.prediction_drift, result.summary()
