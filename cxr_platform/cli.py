@@ -19,6 +19,7 @@ from cxr_platform.errors import CxrError
 from cxr_platform.monitoring import SHIFT_NAMES
 from cxr_platform.sections import PRECISIONS, PRETRAINED_MODES, TRAINING_PROFILES
 from cxr_platform.settings import CxrSettings, env_name, load_settings, settings_environment
+from cxr_platform.terminal import interactive
 
 EXIT_USAGE = 2
 EXIT_CHECKS_FAILED = 3
@@ -326,7 +327,7 @@ def _profile_folder(ctx: click.Context, data_dir: Path, **overrides: object):
 
     settings = _settings(ctx, data_dir=data_dir, **overrides)
     index = discover_images(data_dir)
-    return settings, pipeline.profile(index, settings.data, progress=sys.stderr.isatty())
+    return settings, pipeline.profile(index, settings.data, progress=interactive())
 
 
 WORKERS_OPTION = click.option(
@@ -469,7 +470,7 @@ def train(
 
     settings = _settings(ctx, data_dir=data_dir, device=device, torch_compile=torch_compile)
     training = settings.training
-    progress = sys.stderr.isatty()
+    progress = interactive()
     manifest, cache = pipeline.prepare(settings.data, progress=progress)
     profile_used = profile_name or training.profile
     config = model_pipeline.train_config_for(
@@ -524,7 +525,7 @@ def evaluate(ctx: click.Context, json_path: Path | None) -> None:
 
     trained = model_pipeline.latest_trained(_settings(ctx).training)
     settings = _settings(ctx, data_dir=trained.data_dir)
-    manifest, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
+    manifest, cache = pipeline.prepare(settings.data, progress=interactive())
     if trained.manifest_hash and manifest_hash(manifest) != trained.manifest_hash:
         raise CxrError(
             "the patient split differs from the one this model was trained on "
@@ -577,7 +578,7 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
     trained = model_pipeline.latest_trained(_settings(ctx).training)
     settings = _settings(ctx, data_dir=trained.data_dir)
     evaluation = model_pipeline.latest_evaluation(settings.training, trained)
-    _, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
+    _, cache = pipeline.prepare(settings.data, progress=interactive())
     exported = deployment.export_trained(settings.registry, cache, trained, evaluation)
     parity = exported.parity
     click.echo(
@@ -655,7 +656,7 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
     registry = deployment.registry_for(_settings(ctx).registry)
     candidate = registry.get(version)
     settings = _evaluation_settings(ctx, data_dir, candidate.release)
-    manifest, cache = pipeline.prepare(settings.data, progress=sys.stderr.isatty())
+    manifest, cache = pipeline.prepare(settings.data, progress=interactive())
     trained_on = candidate.release.data_version
     if trained_on and trained_on != manifest_hash(manifest):
         click.secho(
@@ -816,6 +817,7 @@ def predict(
         "log": log,
         "uid_salt": uid_salt(settings.home),
         "site": site,
+        "progress": interactive() and len(files) > 1,
     }
     if out is None:
         summary = predict_to_csv(predictor, files, sys.stdout, **options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from cxr_platform.data.negatives import documents
 from cxr_platform.models.checkpoint import file_sha256
+from cxr_platform_tests.terminal import PROGRESS_BAR, run_in_terminal
 
 
 def _cxr(*args, home, env=None):
@@ -162,6 +164,8 @@ def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "best validation AUC" in trained.stdout
     assert "schedule 2 full at 0.001" in trained.stdout  # a folder given: the full profile
+    # Piped, not a terminal: no bars, no carriage returns, no per-epoch chatter.
+    assert "\r" not in trained.stderr and "epoch 1/2" not in trained.stderr
 
     out = tmp_path / "metrics.json"
     evaluated = _cxr("evaluate", "--json", str(out), home=home, env=env)
@@ -261,6 +265,7 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
         home=home,
     )
     assert predicted.returncode == 1  # two files failed; all others were still predicted
+    assert "\r" not in predicted.stderr and not PROGRESS_BAR.search(predicted.stderr)  # piped
     rows = pd.read_csv(out, dtype={"model_version": str})
     assert list(rows.columns) == ["path", "probability", "label", "model_version", "error"]
     n_normal = len(list((tiny_synthetic / "NORMAL").iterdir()))
@@ -288,6 +293,18 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     assert list(refusals["source"]) == ["batch"]
     assert refused["error"].startswith(f"not_a_chest_radiograph: {refusals.iloc[0].reason}")
     assert set(logged["site"]) == {"north"} and list(refusals["site"]) == ["north"]
+    # At a terminal, a folder gets a bar on the terminal; the rows still go to the file.
+    terminal_env = {**os.environ, "CXR_HOME": str(home)}
+    terminal_env.pop("CXR_DATA_DIR", None)
+    on_terminal = tmp_path / "on-terminal.csv"
+    code, screen = run_in_terminal(
+        [sys.executable, "-m", "cxr_platform.cli", "predict", str(tiny_synthetic / "NORMAL")]
+        + ["--out", str(on_terminal), "--no-log"],
+        env=terminal_env,
+    )
+    assert code == 0, screen[-2000:]
+    assert PROGRESS_BAR.search(screen) and f"{n_normal}/{n_normal} [" in screen, screen
+    assert len(pd.read_csv(on_terminal)) == n_normal
     bad_site = _cxr("predict", str(first_normal), "--site", "<north>", home=home)
     assert bad_site.returncode != 0 and "site names are at most 64" in bad_site.stderr
 
@@ -344,3 +361,48 @@ def test_simulate_drift_from_a_folder_too_small_for_n_says_so(tiny_synthetic, tm
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "5000 were asked for" in result.stderr
+
+
+def test_demo_on_a_folder_shows_epoch_progress_on_the_terminal_and_in_the_run_log(
+    tiny_synthetic, tmp_path
+):
+    import dagster as dg
+
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "CXR_HOME": str(home),
+        "CXR_IMAGE_SIZE": "64",
+        "CXR_MODELS": "baseline_cnn",
+        "CXR_MIN_TEST_AUC": "0",
+        "CXR_MIN_TEST_SENSITIVITY": "0",
+        "CXR_MIN_TEST_SPECIFICITY": "0",
+    }
+    env.pop("CXR_DATA_DIR", None)
+    command = [sys.executable, "-m", "cxr_platform.cli", "demo", "--data", str(tiny_synthetic)]
+    code, screen = run_in_terminal([*command, "--no-loop"], env=env)
+    assert code == 0, screen[-3000:]
+    # A bar while an epoch trains (redrawn in place), then the epoch's line above it.
+    assert PROGRESS_BAR.search(screen), screen[-3000:]
+    assert "\r" in screen
+    epoch_line = re.compile(
+        r"baseline_cnn epoch (\d+)/(\d+) \(finetune\): train loss [\d.]+, val loss [\d.]+, "
+        r"val AUC [\d.]+.*; [\d.]+ img/s, \d+ s; (?:at most .+ left|last epoch)"
+    )
+    on_screen = epoch_line.findall(screen)
+    assert on_screen and on_screen[0][0] == "1", screen[-3000:]
+
+    # The same lines, one per epoch, in the run's log as the Dagster UI shows it.
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        (run,) = instance.get_runs()
+        messages = [
+            event.user_message
+            for event in instance.all_logs(run.run_id)
+            if event.user_message and event.step_key and "trained_model" in event.step_key
+        ]
+        in_log = [m for m in messages if epoch_line.search(m)]
+        trained = instance.get_latest_materialization_event(
+            dg.AssetKey(["baseline_cnn", "trained_model"])
+        ).asset_materialization.metadata
+    assert len(in_log) == trained["epochs_run"].value == len(on_screen), messages
+    assert "last epoch" in in_log[-1] or trained["stopped_early"].value

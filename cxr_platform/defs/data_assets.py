@@ -18,6 +18,7 @@ from cxr_platform.data.splits import (
     write_manifest,
 )
 from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.terminal import interactive
 
 GROUP = "data"
 
@@ -27,7 +28,7 @@ def source_images(
     context: dg.AssetExecutionContext, platform: PlatformSettings
 ) -> dg.Output[ImageIndex]:
     """Every labelled image in the configured data folder (the synthetic set when none is set)."""
-    index = pipeline.discover(platform.settings().data, progress=False)
+    index = pipeline.discover(platform.settings().data, progress=interactive())
     counts = index.records["label"].value_counts().to_dict()
     context.log.info("found %d images (%s) in %s", index.n_images, counts, index.root)
     return dg.Output(
@@ -47,7 +48,7 @@ def data_profile(
 ) -> dg.Output[ProfiledImages]:
     """Sizes, modes, class balance, patients, unreadable files and exact duplicates."""
     data = platform.settings().data
-    profiled = pipeline.profile(source_images, data, progress=False)
+    profiled = pipeline.profile(source_images, data, progress=interactive())
     report = profiled.profile
     json_path = report.write_json(data.reports_dir / "data_profile.json")
     for item in report.unreadable:
@@ -134,7 +135,7 @@ def preprocessed_cache(
     context: dg.AssetExecutionContext, platform: PlatformSettings, patient_splits: pd.DataFrame
 ) -> dg.Output[PreprocessedCache]:
     """uint8 224x224 arrays per split (memory-mappable), reused when the input is unchanged."""
-    cache = pipeline.cache(patient_splits, platform.settings().data, progress=False)
+    cache = pipeline.cache(patient_splits, platform.settings().data, progress=interactive())
     rows = "\n".join(
         f"| {s.split} | {s.n_images} | {'reused' if s.reused else 'built'} "
         f"| `{s.images_path.name}` |"

@@ -38,6 +38,7 @@ from cxr_platform.monitoring.windows import (
     shadow_sensor_step,
 )
 from cxr_platform.sections import MonitoringSection
+from cxr_platform.terminal import interactive
 
 GROUP = "monitoring"
 DRIFT_WINDOWS = dg.DynamicPartitionsDefinition(name="drift_windows")
@@ -150,6 +151,8 @@ def finetuned_model(
         preprocessed_cache,
         reason=reason,
         dagster_run_id=context.run.run_id,
+        progress=interactive(),
+        on_epoch=context.log.info,
     )
     summary = result.summary()
     return dg.Output(

@@ -23,6 +23,7 @@ from cxr_platform.models.reporting import (
     subgroup_markdown,
 )
 from cxr_platform.models.zoo import architecture
+from cxr_platform.terminal import interactive
 
 GROUP = "training"
 
@@ -92,7 +93,10 @@ def _training_assets(arch: str) -> list:
             profile=profile,
             manifest_hash=manifest_hash(patient_splits),
             dagster_run_id=context.run.run_id,
-            progress=False,
+            # A bar only where a person watches (cxr demo at a terminal); the run log gets one
+            # line per epoch wherever the run executes.
+            progress=interactive(),
+            on_epoch=context.log.info,
         )
         curves = trained.checkpoint.parent / "learning_curves.png"
         return dg.Output(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from tqdm import tqdm
 
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
@@ -85,6 +88,7 @@ def predict_to_csv(
     log: InferenceLog | None = None,
     uid_salt: bytes = b"",
     site: str | None = None,
+    progress: bool = False,
 ) -> BatchSummary:
     """Score through the scoring core, as the service and the DICOM node do.
 
@@ -92,13 +96,15 @@ def predict_to_csv(
     what was done. With ``log``, every prediction is also an inference-log record (source
     ``batch``), written in one transaction per batch; a batch the log refuses gets its error in
     its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do;
-    ``site`` is where the images come from, kept in the log.
+    ``site`` is where the images come from, kept in the log. ``progress`` draws a bar on
+    stderr (for a terminal; the rows go wherever ``out`` is).
     """
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     models = ServingModels(predictor, None)  # the version asked for, whatever its alias
     version = predictor.model_version
+    bar = tqdm(total=len(files), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         rows: list[dict[str, str] | None] = [None] * len(chunk)
@@ -135,6 +141,8 @@ def predict_to_csv(
             summary.n_failed += bool(row["error"])
             writer.writerow(row)
         out.flush()
+        bar.update(len(chunk))
+    bar.close()
     return summary
 
 

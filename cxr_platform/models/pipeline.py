@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,14 @@ def train_tracked(
     resume: bool = False,
     data: TrainingData | None = None,
     tags: dict[str, str | None] | None = None,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> TrainedModel:
     """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow.
 
     ``resume`` continues the newest interrupted run of this architecture (same folder, same
     MLflow run) from its ``last.pt``. ``data`` replaces the cache's splits (fine-tuning adds
     labeled feedback images to the training split); it must use the cache's preprocessing.
+    ``progress`` draws bars (a terminal); ``on_epoch`` gets each finished epoch's line.
     """
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     device = select_device(config.device)
@@ -137,7 +140,15 @@ def train_tracked(
         run.log_params(
             {"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)}
         )
-        result = train(config, data, out_dir, metrics_sink=run, progress=progress, resume=resume)
+        result = train(
+            config,
+            data,
+            out_dir,
+            metrics_sink=run,
+            progress=progress,
+            resume=resume,
+            on_epoch=on_epoch,
+        )
     except BaseException:
         run.finish("FAILED")
         raise

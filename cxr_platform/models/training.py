@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +54,7 @@ from cxr_platform.models.zoo import (
     backbone_parameters,
     build_model,
 )
+from cxr_platform.terminal import duration_text
 
 # The recipe and checkpoint names callers have always imported from here.
 __all__ = [
@@ -174,7 +177,7 @@ def predict_logits(
     cuda = device.type == "cuda"
     outputs = []
     for images, _ in batches.evaluation_batches(batch_size):
-        if cuda and channels_last:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and mixed_precision):
             outputs.append(model(images).float().flatten())
@@ -348,7 +351,7 @@ class Trainee:
         model = start.built.model.to(device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off
-        if cuda and config.channels_last:
+        if config.channels_last:
             model.to(memory_format=torch.channels_last)
         averaged = None
         if config.ema_half_life_epochs is not None:
@@ -419,14 +422,20 @@ def train_one_epoch(
         balanced=config.balanced_sampling,
     )
     bar = tqdm(
-        batches,
-        total=train_data.num_batches(config.batch_size),
+        total=len(train_data),
         desc=f"{config.arch} epoch {epoch}/{config.total_epochs} ({phase})",
+        unit="img",
         disable=not progress,
         leave=False,
+        file=sys.stderr,
     )
-    for images, labels in bar:
-        if cuda and config.channels_last:
+    steps_per_epoch = train_data.num_batches(config.batch_size)
+    for step, (images, labels) in enumerate(batches):
+        if config.lr_schedule != "constant":
+            rate = config.learning_rate(phase, epoch, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+        if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = labels * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.mixed_precision):
@@ -439,6 +448,8 @@ def train_one_epoch(
             trainee.averaged.update(trainee.model)
         loss_sum += loss.detach() * len(labels)  # stays on the device: no sync per step
         seen += len(labels)
+        bar.update(len(labels))
+    bar.close()
     return EpochTraining(float(loss_sum) / max(seen, 1), seen, time.perf_counter() - started)
 
 
@@ -487,31 +498,37 @@ def checkpoint_of(
     )
 
 
+def epoch_line(config: TrainConfig, history: Sequence[EpochRecord], improved: bool) -> str:
+    """One finished epoch as a person follows a run: where it is, how it learns, how fast, and
+    how long the rest takes at this pace (at most: early stopping can end it sooner)."""
+    record = history[-1]
+    remaining = config.total_epochs - record.epoch
+    pace = float(np.mean([r.seconds for r in history[-3:]]))
+    left = f"at most {duration_text(pace * remaining)} left" if remaining else "last epoch"
+    return (
+        f"{config.arch} epoch {record.epoch}/{config.total_epochs} ({record.phase}): "
+        f"train loss {record.train_loss:.4f}, val loss {record.val_loss:.4f}, "
+        f"val AUC {record.val_auc:.4f}{' (best so far)' if improved else ''}; "
+        f"{record.train_images_per_s:.1f} img/s, {duration_text(record.seconds)}; {left}"
+    )
+
+
 def report_epoch(
     config: TrainConfig,
-    record: EpochRecord,
+    history: Sequence[EpochRecord],
     improved: bool,
     metrics_sink: MetricsSink | None,
     *,
     progress: bool,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> None:
-    log.info(
-        "%s epoch %d/%d (%s): loss %.4f, val loss %.4f, val AUC %.4f%s",
-        config.arch,
-        record.epoch,
-        config.total_epochs,
-        record.phase,
-        record.train_loss,
-        record.val_loss,
-        record.val_auc,
-        " *" if improved else "",
-    )
+    record = history[-1]
+    line = epoch_line(config, history, improved)
+    log.info(line)
     if progress:
-        tqdm.write(
-            f"{config.arch} epoch {record.epoch}/{config.total_epochs} ({record.phase}): "
-            f"loss {record.train_loss:.4f}  val AUC {record.val_auc:.4f}"
-            f"{'  (best)' if improved else ''}"
-        )
+        tqdm.write(line, file=sys.stderr)
+    if on_epoch is not None:
+        on_epoch(line)
     if metrics_sink is not None:
         metrics_sink.log_metrics(
             {
@@ -533,8 +550,12 @@ def train(
     resume: bool = False,
     metrics_sink: MetricsSink | None = None,
     progress: bool = True,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> TrainingResult:
-    """Train ``config.arch``; writes ``best.pt`` and ``last.pt`` under ``out_dir``."""
+    """Train ``config.arch``; writes ``best.pt`` and ``last.pt`` under ``out_dir``.
+
+    ``progress`` draws a bar per epoch and writes each epoch's line under it (for a terminal);
+    ``on_epoch`` receives the same line (a Dagster run log, a test)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -581,7 +602,6 @@ def train(
         )
         history.append(record)
         improved = stopping.update(epoch, record.val_auc)
-        report_epoch(config, record, improved, metrics_sink, progress=progress)
 
         checkpoint = checkpoint_of(
             config,
@@ -596,6 +616,8 @@ def train(
         if improved:
             checkpoint.save(best_path)
         checkpoint.save(last_path)
+        # Reported once saved: a line that says "best so far" is already in best.pt.
+        report_epoch(config, history, improved, metrics_sink, progress=progress, on_epoch=on_epoch)
         if stopping.should_stop(phase):
             stopped_early = epoch < config.total_epochs
             log.info(

@@ -10,6 +10,7 @@ data for the shadow evaluation.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -112,6 +113,7 @@ def finetune_production(
     reason: str | None = None,
     dagster_run_id: str | None = None,
     progress: bool = False,
+    on_epoch: Callable[[str], None] | None = None,
 ) -> FineTuneResult:
     started = datetime.now(UTC)
     base = registry.find(PRODUCTION)
@@ -164,6 +166,7 @@ def finetune_production(
         progress=progress,
         data=data,
         tags=finetune_lineage(base, reason, labeled).to_tags(),
+        on_epoch=on_epoch,
     )
     report, _ = evaluate_trained(
         training,

@@ -18,6 +18,7 @@ from cxr_platform.deployment.export import export_checkpoint
 from cxr_platform.deployment.pipeline import parity_inputs
 from cxr_platform.deployment.quantize import quantize_int8
 from cxr_platform.inference.predictor import Predictor
+from cxr_platform.models.recipe import describe_schedule
 from cxr_platform.models.training import (
     TrainingError,
     WeightAverage,
@@ -34,7 +35,12 @@ from cxr_platform_tests.conftest import _trained_and_evaluated
 
 
 def _config(**overrides):
-    values = dict(finetune_epochs=3, patience=9, batch_size=16, finetune_lr=3e-3)
+    # A constant rate: these tests stand in for an interruption by running a shorter schedule,
+    # which equals stopping only when the rate does not depend on the schedule's length. The
+    # cosine schedule is resumed after a real interruption below.
+    values = dict(
+        finetune_epochs=3, patience=9, batch_size=16, finetune_lr=3e-3, lr_schedule="constant"
+    )
     values.update(overrides)
     return training_profile("demo", "baseline_cnn", **values)
 
@@ -179,6 +185,7 @@ def test_without_pretrained_weights_the_scratch_schedule_skips_the_frozen_phase(
         frozen_epochs=1,
         finetune_epochs=1,
         scratch_schedule=True,
+        lr_schedule="constant",  # each epoch's rate is then the phase's rate
     )
     result = train(config, training_data, tmp_path / "scratch", progress=False)
     assert not result.pretrained
@@ -200,6 +207,7 @@ def test_with_pretrained_weights_the_scratch_schedule_keeps_both_phases(training
         frozen_epochs=1,
         finetune_epochs=1,
         scratch_schedule=True,
+        lr_schedule="constant",  # each epoch's rate is then the phase's rate
     )
     result = train(config, training_data, tmp_path / "pretrained", progress=False)
     assert result.pretrained
@@ -222,3 +230,48 @@ def test_a_scratch_schedule_run_resumes_exactly(training_data, tmp_path):
     a = load_checkpoint(uninterrupted.last_checkpoint)
     b = load_checkpoint(resumed.last_checkpoint)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_cosine_rate_warms_up_decays_to_a_hundredth_and_resumes_exactly(training_data, tmp_path):
+    config = _config(lr_schedule="cosine", finetune_epochs=3)
+    steps = training_data.train.num_batches(config.batch_size)
+    rates = [config.learning_rate("finetune", e, s, steps) for e in (1, 2, 3) for s in range(steps)]
+    peak = rates.index(max(rates))
+    assert max(rates) == config.finetune_lr and 0 < peak <= len(rates) // 10 + 1
+    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :], strict=False))
+    assert rates[-1] == pytest.approx(config.finetune_lr / 100, rel=0.05)
+    assert "(cosine)" in describe_schedule(config)
+
+    uninterrupted = train(config, training_data, tmp_path / "a", progress=False)
+    assert uninterrupted.history[-1].lr == pytest.approx(rates[-1])
+
+    # Stopped as a person stops a run, after its second epoch was saved and reported.
+    def stop_after_two(line: str) -> None:
+        if "epoch 2/3" in line:
+            raise _Interrupted(line)
+
+    with pytest.raises(_Interrupted):
+        train(config, training_data, tmp_path / "b", progress=False, on_epoch=stop_after_two)
+    resumed = train(config, training_data, tmp_path / "b", resume=True, progress=False)
+    assert [r.val_auc for r in resumed.history] == [r.val_auc for r in uninterrupted.history]
+    a = load_checkpoint(uninterrupted.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_every_epoch_is_reported_with_its_losses_speed_and_time_left(training_data, tmp_path):
+    lines: list[str] = []
+    result = train(_config(), training_data, tmp_path, progress=False, on_epoch=lines.append)
+    assert len(lines) == len(result.history) == 3
+    for number, (line, record) in enumerate(zip(lines, result.history, strict=True), start=1):
+        assert line.startswith(f"baseline_cnn epoch {number}/3 (finetune): ")
+        assert f"train loss {record.train_loss:.4f}" in line
+        assert f"val loss {record.val_loss:.4f}, val AUC {record.val_auc:.4f}" in line
+        assert f"{record.train_images_per_s:.1f} img/s" in line
+    assert "at most" in lines[0] and lines[0].endswith(" left")
+    assert lines[-1].endswith("; last epoch")
