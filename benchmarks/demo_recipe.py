@@ -98,6 +98,11 @@ def measure(config: TrainConfig, cache, out: Path) -> dict:
         test=(test.labels_np, predict_logits(model, test)),
         rule=ThresholdRule("sensitivity_target", 0.95),
         n_bootstrap=500,
+        # Intervals resample patients, as the platform's evaluation does.
+        patients={
+            split: cache.index(split)["patient_id"].astype(str).to_numpy()
+            for split in ("val", "test")
+        },
     )
     split = report.splits["test"]
     return {
