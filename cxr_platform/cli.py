@@ -19,7 +19,7 @@ from cxr_platform.errors import CxrError
 from cxr_platform.monitoring import SHIFT_NAMES
 from cxr_platform.sections import PRECISIONS, PRETRAINED_MODES, TRAINING_PROFILES
 from cxr_platform.settings import CxrSettings, env_name, load_settings, settings_environment
-from cxr_platform.terminal import interactive
+from cxr_platform.terminal import attached, interactive
 
 EXIT_USAGE = 2
 EXIT_CHECKS_FAILED = 3
@@ -97,6 +97,8 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     ctx.obj = {"home": home, "verbose": verbose}
+    # Steps Dagster runs in this process have their stderr captured; bars still reach a person.
+    ctx.with_resource(attached())
 
 
 def _settings(ctx: click.Context, **overrides: object) -> CxrSettings:

@@ -8,17 +8,52 @@ shows.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
+
+_attached: TextIO | None = None
 
 
 def interactive(stream: TextIO | None = None) -> bool:
-    """True when ``stream`` (default stderr, where bars go) is a terminal."""
-    stream = stream if stream is not None else sys.stderr
+    """True when ``stream`` (default: where bars go) is a terminal."""
+    if stream is None:
+        if _attached is not None:
+            return True
+        stream = sys.stderr
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # replaced by an object without a terminal, or closed
         return False
+
+
+def progress_stream() -> TextIO:
+    """Where bars and progress lines go: the attached terminal, else stderr."""
+    return _attached if _attached is not None else sys.stderr
+
+
+@contextmanager
+def attached(stream: TextIO | None = None) -> Iterator[None]:
+    """Keep drawing on this terminal while the work inside redirects stderr.
+
+    Dagster captures each step's output by pointing file descriptors 1 and 2 at its compute-log
+    files, so a step run by ``cxr demo`` at a terminal no longer sees one. A duplicate of the
+    terminal's descriptor, taken before, still reaches the person watching.
+    """
+    global _attached
+    stream = stream if stream is not None else sys.stderr
+    if _attached is not None or not interactive(stream):
+        yield
+        return
+    duplicate = os.fdopen(os.dup(stream.fileno()), "w", buffering=1, encoding="utf-8")
+    _attached = duplicate
+    try:
+        yield
+    finally:
+        _attached = None
+        duplicate.close()
 
 
 def duration_text(seconds: float) -> str:
@@ -26,8 +61,11 @@ def duration_text(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f} s"
-    minutes, rest = divmod(round(seconds), 60)
+    if seconds < 600:  # seconds still matter under ten minutes
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    minutes = round(seconds / 60)
     if minutes < 60:
-        return f"{minutes} min {rest} s" if minutes < 10 and rest else f"{minutes} min"
+        return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"

@@ -148,7 +148,9 @@ def test_demo_runs_through_a_persistent_dagster_instance(tmp_path):
         assert "Monitoring loop (100-record drift windows" in result.stdout
         assert result.stdout.count("drift_sensor: ") == 2, result.stdout[-3000:]
         assert jobs.count("drift_check") == 2
-        assert "100/100 none images" in result.stdout and "100/100 contrast images" in result.stdout
+        # 100 answers each; the input gate may refuse a spare image or two of so small a set.
+        assert re.search(r"100/10\d none images", result.stdout), result.stdout[-3000:]
+        assert re.search(r"100/10\d contrast images", result.stdout), result.stdout[-3000:]
         assert (
             bento is not None
             and f"bentoml serve {bento.asset_materialization.metadata['bento'].value}"

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from cxr_platform.terminal import progress_stream
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -34,7 +36,14 @@ def parallel_map(
     workers start with ``forkserver`` because the caller may be threaded (Dagster, a web server)
     where ``fork`` can deadlock, and ``function`` must then be a module-level function.
     """
-    bar = tqdm(total=len(items), desc=description, unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(items),
+        desc=description,
+        unit="img",
+        disable=not progress,
+        leave=False,
+        file=progress_stream(),
+    )
     try:
         if workers <= 1 or len(items) < _MIN_ITEMS_FOR_POOL:
             return list(_with_progress(map(function, items), bar))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import ScoreRequest, request_for, score_and_log, score_items
+from cxr_platform.terminal import progress_stream
 
 CSV_COLUMNS = ("path", "probability", "label", "model_version", "error")
 # Inside folders only: files named on the command line are always tried, whatever their name.
@@ -104,7 +104,9 @@ def predict_to_csv(
     writer.writeheader()
     models = ServingModels(predictor, None)  # the version asked for, whatever its alias
     version = predictor.model_version
-    bar = tqdm(total=len(files), desc="scoring", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(files), desc="scoring", unit="img", disable=not progress, file=progress_stream()
+    )
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         rows: list[dict[str, str] | None] = [None] * len(chunk)

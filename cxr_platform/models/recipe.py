@@ -54,8 +54,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     mixed_precision: bool = True  # bf16 autocast, CUDA only
-    # NHWC memory layout: faster convolutions on CUDA and on CPU alike (25-35% on two CPU cores
-    # for the zoo's networks, benchmarks/RESULTS.md).
+    # NHWC memory layout: faster convolutions on CUDA and on CPU alike (a training step 9-28%
+    # faster on two CPU cores, benchmarks/RESULTS.md).
     channels_last: bool = True
     # torch.compile for the training and validation forward passes. Off by default: compiling
     # costs tens of seconds up front (more on CPU), which pays off only over long GPU runs.

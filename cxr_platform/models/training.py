@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,7 +53,7 @@ from cxr_platform.models.zoo import (
     backbone_parameters,
     build_model,
 )
-from cxr_platform.terminal import duration_text
+from cxr_platform.terminal import duration_text, progress_stream
 
 # The recipe and checkpoint names callers have always imported from here.
 __all__ = [
@@ -427,7 +426,7 @@ def train_one_epoch(
         unit="img",
         disable=not progress,
         leave=False,
-        file=sys.stderr,
+        file=progress_stream(),
     )
     steps_per_epoch = train_data.num_batches(config.batch_size)
     for step, (images, labels) in enumerate(batches):
@@ -526,7 +525,7 @@ def report_epoch(
     line = epoch_line(config, history, improved)
     log.info(line)
     if progress:
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(line, file=progress_stream())
     if on_epoch is not None:
         on_epoch(line)
     if metrics_sink is not None:

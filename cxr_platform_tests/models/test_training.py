@@ -44,8 +44,16 @@ def test_early_stopping_stops_after_patience(training_data, tmp_path):
 
 
 def test_best_checkpoint_is_a_copy_that_reproduces_its_validation_auc(training_data, tmp_path):
+    # A constant rate: a decaying one tends to peak on the last epoch, and this needs a run
+    # whose best epoch is not its last.
     config = training_profile(
-        "demo", "baseline_cnn", finetune_epochs=8, patience=8, batch_size=16, finetune_lr=3e-3
+        "demo",
+        "baseline_cnn",
+        finetune_epochs=8,
+        patience=8,
+        batch_size=16,
+        finetune_lr=3e-3,
+        lr_schedule="constant",
     )
     result = train(config, training_data, tmp_path, progress=False)
     best = load_checkpoint(result.best_checkpoint)
@@ -62,8 +70,19 @@ def test_best_checkpoint_is_a_copy_that_reproduces_its_validation_auc(training_d
 
 
 def test_resume_continues_from_the_saved_epoch_exactly(training_data, tmp_path):
+    # Both phases on random weights (no scratch schedule), and a constant rate: the first part
+    # stands in for an interruption by being a shorter schedule, which equals stopping only
+    # when the rate does not depend on the schedule's length (the cosine schedule is resumed
+    # after a real interruption in test_recipe_options.py).
     full = training_profile(
-        "demo", "resnet18", pretrained="none", frozen_epochs=1, finetune_epochs=2, patience=5
+        "demo",
+        "resnet18",
+        pretrained="none",
+        frozen_epochs=1,
+        finetune_epochs=2,
+        patience=5,
+        scratch_schedule=False,
+        lr_schedule="constant",
     )
     full = replace(full, augmentation=replace(full.augmentation, rotation_degrees=5.0))
     uninterrupted = train(full, training_data, tmp_path / "a", progress=False)
@@ -102,6 +121,7 @@ def test_phase_one_changes_the_head_only(training_data, tmp_path, arch):
         frozen_epochs=1,
         finetune_epochs=0,
         augmentation=NO_AUGMENTATION,
+        scratch_schedule=False,  # keep the frozen phase although the weights are random
     )
     seed_everything(config.seed)
     initial = build_model(arch, pretrained="none").model.state_dict()
@@ -150,11 +170,15 @@ def test_epoch_override_keeps_both_phases(epochs, frozen, finetune):
     assert with_epochs(training_profile("full", "baseline_cnn"), 3).frozen_epochs == 0
 
 
-def test_full_profile_holds_the_searched_recipe_and_demo_stays_plain():
+def test_full_profile_holds_the_searched_recipe_and_demo_stays_short():
     full = training_profile("full", "resnet18")
     assert full.ema_half_life_epochs == 1.0 and full.scratch_schedule
     assert full.augmentation.blur_sigma > 0 and full.augmentation.noise_std > 0
     assert not full.tta_flip  # no measured gain for twice the inference cost
+    assert full.lr_schedule == "constant" and full.batch_size == 32
     demo = training_profile("demo", "resnet18")
-    assert demo.ema_half_life_epochs is None and not demo.scratch_schedule
+    assert demo.ema_half_life_epochs is None and demo.scratch_schedule
     assert demo.augmentation == AugmentationConfig()
+    assert (demo.lr_schedule, demo.batch_size, demo.total_epochs) == ("cosine", 16, 3)
+    baseline = training_profile("demo", "baseline_cnn")
+    assert (baseline.finetune_epochs, baseline.finetune_lr) == (10, 2e-3)
