@@ -40,27 +40,12 @@ from cxr_platform.sections import DataSection
 
 
 def previous_recipe(arch: str, seed: int) -> TrainConfig:
+    before = dict(arch=arch, pretrained="none", seed=seed, channels_last=False)
     if arch == "baseline_cnn":
         return TrainConfig(
-            arch=arch,
-            pretrained="none",
-            frozen_epochs=0,
-            finetune_epochs=8,
-            finetune_lr=1e-3,
-            patience=3,
-            seed=seed,
-            channels_last=False,
+            **before, frozen_epochs=0, finetune_epochs=8, finetune_lr=1e-3, patience=3
         )
-    return TrainConfig(
-        arch=arch,
-        pretrained="none",
-        frozen_epochs=1,
-        finetune_epochs=3,
-        finetune_lr=3e-4,
-        patience=2,
-        seed=seed,
-        channels_last=False,
-    )
+    return TrainConfig(**before, frozen_epochs=1, finetune_epochs=3, finetune_lr=3e-4, patience=2)
 
 
 def step_rate(arch: str, channels_last: bool, *, size: int = 224, batch: int = 16) -> float:
