@@ -16,17 +16,28 @@ from cxr_platform.data.negatives import documents
 from cxr_platform.models.checkpoint import file_sha256
 from cxr_platform_tests.terminal import PROGRESS_BAR, run_in_terminal
 
+CXR = [sys.executable, "-m", "cxr_platform.cli"]
 
-def _cxr(*args, home, env=None):
+
+def _environment(home, env=None) -> dict[str, str]:
     full_env = {**os.environ, "CXR_HOME": str(home), **(env or {})}
     full_env.pop("CXR_DATA_DIR", None)
+    return full_env
+
+
+def _cxr(*args, home, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "cxr_platform.cli", *args],
+        [*CXR, *args],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=_environment(home, env),
         timeout=1200,  # the demo runs the whole monitoring loop
     )
+
+
+def _cxr_at_terminal(*args, home, env=None) -> tuple[int, str]:
+    """(exit code, the screen) of ``cxr`` run as a person at a terminal runs it."""
+    return run_in_terminal([*CXR, *args], env=_environment(home, env))
 
 
 def test_help_for_every_command(tmp_path):
@@ -296,13 +307,9 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     assert refused["error"].startswith(f"not_a_chest_radiograph: {refusals.iloc[0].reason}")
     assert set(logged["site"]) == {"north"} and list(refusals["site"]) == ["north"]
     # At a terminal, a folder gets a bar on the terminal; the rows still go to the file.
-    terminal_env = {**os.environ, "CXR_HOME": str(home)}
-    terminal_env.pop("CXR_DATA_DIR", None)
     on_terminal = tmp_path / "on-terminal.csv"
-    code, screen = run_in_terminal(
-        [sys.executable, "-m", "cxr_platform.cli", "predict", str(tiny_synthetic / "NORMAL")]
-        + ["--out", str(on_terminal), "--no-log"],
-        env=terminal_env,
+    code, screen = _cxr_at_terminal(
+        "predict", str(tiny_synthetic / "NORMAL"), "--out", str(on_terminal), "--no-log", home=home
     )
     assert code == 0, screen[-2000:]
     assert PROGRESS_BAR.search(screen) and f"{n_normal}/{n_normal} [" in screen, screen
@@ -372,17 +379,15 @@ def test_demo_on_a_folder_shows_epoch_progress_on_the_terminal_and_in_the_run_lo
 
     home = tmp_path / "home"
     env = {
-        **os.environ,
-        "CXR_HOME": str(home),
         "CXR_IMAGE_SIZE": "64",
         "CXR_MODELS": "baseline_cnn",
         "CXR_MIN_TEST_AUC": "0",
         "CXR_MIN_TEST_SENSITIVITY": "0",
         "CXR_MIN_TEST_SPECIFICITY": "0",
     }
-    env.pop("CXR_DATA_DIR", None)
-    command = [sys.executable, "-m", "cxr_platform.cli", "demo", "--data", str(tiny_synthetic)]
-    code, screen = run_in_terminal([*command, "--no-loop"], env=env)
+    code, screen = _cxr_at_terminal(
+        "demo", "--data", str(tiny_synthetic), "--no-loop", home=home, env=env
+    )
     assert code == 0, screen[-3000:]
     # A bar while an epoch trains (redrawn in place), then the epoch's line above it.
     assert PROGRESS_BAR.search(screen), screen[-3000:]

@@ -97,7 +97,7 @@ def predict_to_csv(
     ``batch``), written in one transaction per batch; a batch the log refuses gets its error in
     its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do;
     ``site`` is where the images come from, kept in the log. ``progress`` draws a bar on
-    stderr (for a terminal; the rows go wherever ``out`` is).
+    the terminal (``terminal.progress_stream``); the rows go wherever ``out`` is.
     """
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
