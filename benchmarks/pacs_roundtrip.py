@@ -183,8 +183,8 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     processing: list[float] = []
     process = node.processor.process
 
-    def timed(data, dataset=None):
-        result = process(data, dataset)
+    def timed(data, dataset=None, **kwargs):
+        result = process(data, dataset, **kwargs)
         processing.append(result.seconds)
         return result
 

@@ -946,9 +946,11 @@ def dicom_node(
 
     from cxr_platform.deployment.registry import registry_for
     from cxr_platform.pacs import build_node
+    from cxr_platform.redaction import withhold_logged_values
 
     if not (ctx.obj or {}).get("verbose"):
         logging.getLogger("cxr_platform").setLevel(logging.INFO)
+    withhold_logged_values()  # library warnings quote header values; the node's log must not
     settings = _settings(
         ctx,
         dicom_port=port,

@@ -15,6 +15,7 @@ import logging
 import ssl
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pydicom
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -38,9 +40,11 @@ from pynetdicom.sop_class import Verification
 
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.pacs.processing import InstanceProcessor, Processed, TransientProcessingError
+from cxr_platform.pacs.sanitize import UnusableSourceError, is_valid_uid
 from cxr_platform.pacs.screening import screen
 from cxr_platform.pacs.sender import Destination, ResultSender
 from cxr_platform.pacs.storage import REFUSED, NodeStorage
+from cxr_platform.redaction import uid_tag, withhold_values
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
     RLELossless,
+    ExplicitVRBigEndian,  # retired, but older modalities and archives still send it
 ]
 
 MAX_PDU_BYTES = 131072
@@ -154,6 +159,7 @@ class DicomNode:
                 storage,
                 config.destination,
                 calling_ae_title=config.ae_title,
+                uid_salt=processor.uid_salt,
                 retry_initial_seconds=config.retry_initial_seconds,
                 retry_max_seconds=config.retry_max_seconds,
                 tls=client_tls_context(
@@ -179,6 +185,9 @@ class DicomNode:
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
+        # A modality that calls another AE title is misrouted: refuse the association so it
+        # finds out at once, instead of having its images classified by the wrong node.
+        ae.require_called_aet = True
         ae.maximum_associations = self.config.max_associations
         # Radiographs are megabytes: larger PDUs than pynetdicom's 16 KiB default cut the
         # per-PDU overhead of receiving one (Orthanc's MaximumPduLength goes up to 128 KiB).
@@ -196,15 +205,33 @@ class DicomNode:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return STATUS_SUCCESS
 
+    def _tag(self, uid: object) -> str:
+        return uid_tag(uid, self.processor.uid_salt)
+
     def _on_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
             dataset = event.dataset
-            sop_uid = str(dataset.SOPInstanceUID)
+            sop_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
         except Exception as exc:
-            log.error("C-STORE from %s: unreadable dataset: %s", calling, exc)
+            log.error("C-STORE from %s: unreadable dataset: %s", calling, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         self.counters.add("received")
+        if not is_valid_uid(sop_uid):
+            # Nothing can reference an instance without a valid UID: refuse it, and keep a
+            # ledger row under the UID the request named, so the refusal is on record.
+            requested = str(event.request.AffectedSOPInstanceUID or "").strip()
+            key = requested if is_valid_uid(requested) else None
+            if key is not None and self.storage.status(key) is None:
+                self.storage.mark(key, "rejected", detail="SOPInstanceUID missing or invalid")
+            self.counters.add("failed")
+            log.warning(
+                "C-STORE from %s refused (%s): SOPInstanceUID missing or invalid",
+                calling,
+                self._tag(key),
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        tag = self._tag(sop_uid)
         verdict = screen(
             dataset,
             accept_lateral=self.config.accept_lateral,
@@ -212,23 +239,23 @@ class DicomNode:
         )
         if not verdict.accepted:
             self.counters.add("ignored")
-            log.info("ignored %s from %s: %s", sop_uid, calling, verdict.reason)
+            log.info("ignored %s from %s: %s", tag, calling, verdict.reason)
             return STATUS_SUCCESS
         if self.storage.status(sop_uid) == "processed":
             self.counters.add("duplicates")
-            log.info("ignored %s from %s: already processed (re-sent instance)", sop_uid, calling)
+            log.info("ignored %s from %s: already processed (re-sent instance)", tag, calling)
             return STATUS_SUCCESS
         try:
             self.storage.spool(
                 sop_uid, event.encoded_dataset(), calling_ae_title=str(calling).strip() or None
             )
         except ValueError as exc:
-            log.error("C-STORE from %s: %s", calling, exc)
+            log.error("C-STORE from %s: %s", calling, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         except OSError as exc:
-            log.error("C-STORE from %s: cannot spool %s: %s", calling, sop_uid, exc)
+            log.error("C-STORE from %s: cannot spool %s: %s", calling, tag, exc.strerror)
             return STATUS_OUT_OF_RESOURCES
-        log.info("spooled %s from %s", sop_uid, calling)
+        log.info("spooled %s from %s", tag, calling)
         self._work.set()
         return STATUS_SUCCESS
 
@@ -259,12 +286,13 @@ class DicomNode:
     def _process_file(self, path: Path) -> int:
         data = path.read_bytes()
         try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
+            # force: an instance put in the spool by hand may be a legacy file without meta
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
             sop_uid = str(dataset.SOPInstanceUID)
         except Exception as exc:
-            self._fail(path, path.stem, None, f"unreadable spool file: {exc}")
+            self._fail(path, path.stem, None, f"unreadable spool file: {type(exc).__name__}")
             return 1
-        study_uid = str(dataset.get("StudyInstanceUID", ""))
+        study_uid = str(dataset.get("StudyInstanceUID", "") or "")
         if self.storage.status(sop_uid) == "processed":
             path.unlink(missing_ok=True)  # re-sent while the first copy was being processed
             return 1
@@ -273,33 +301,43 @@ class DicomNode:
                 data, dataset, calling_ae_title=self.storage.calling_ae_title(sop_uid)
             )
         except ImageReadError as exc:
-            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {exc.detail}")
+            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {withhold_values(exc.detail)}")
+            return 1
+        except UnusableSourceError as exc:
+            self._fail(path, sop_uid, study_uid, f"unusable header: {exc}")
             return 1
         except TransientProcessingError:
             raise
         except Exception as exc:  # a bug or a model failure: keep the instance for a person
-            log.exception("processing %s failed", sop_uid)
-            self._fail(path, sop_uid, study_uid, f"internal error: {exc}")
+            # The exception's text may quote header values: the log gets its type, a withheld
+            # message and where it happened.
+            where = "".join(traceback.format_tb(exc.__traceback__)[-3:])
+            reason = f"internal error: {type(exc).__name__}: {withhold_values(str(exc))}"
+            log.error("processing %s failed: %s\n%s", self._tag(sop_uid), reason, where)
+            self._fail(path, sop_uid, study_uid, reason)
             return 1
+        self._log_repairs(sop_uid, processed)
         result_uids = []
         for result in processed.results.datasets():
             self.storage.put_result(result)
             result_uids.append(str(result.SOPInstanceUID))
         if processed.prediction is None:
             return self._refused(path, sop_uid, study_uid, processed, result_uids)
+        repaired = sorted({repair.keyword for repair in processed.repairs})
         self.storage.mark(
             sop_uid,
             "processed",
             study_instance_uid=study_uid,
             model_version=str(processed.prediction.model_version),
             results=result_uids,
-            detail=f"{processed.prediction.label} p={processed.prediction.probability:.4f}",
+            detail=f"{processed.prediction.label} p={processed.prediction.probability:.4f}"
+            + (f"; header repaired for the results: {', '.join(repaired)}" if repaired else ""),
         )
         path.unlink(missing_ok=True)
         self.counters.add("processed")
         log.info(
             "%s: %s p=%.3f (model %s v%s) in %.0f ms; %d results queued",
-            sop_uid,
+            self._tag(sop_uid),
             processed.prediction.label,
             processed.prediction.probability,
             processed.prediction.model_name,
@@ -309,6 +347,14 @@ class DicomNode:
         )
         self._outbox_ready.set()
         return 1
+
+    def _log_repairs(self, sop_uid: str, processed: Processed) -> None:
+        if processed.repairs:
+            log.warning(
+                "%s: header not copied as it was: %s",
+                self._tag(sop_uid),
+                "; ".join(repair.describe() for repair in processed.repairs),
+            )
 
     def _refused(
         self,
@@ -333,7 +379,7 @@ class DicomNode:
         self.counters.add("refused")
         log.warning(
             "%s refused by the input gate (%s)%s",
-            sop_uid,
+            self._tag(sop_uid),
             why,
             "; a not-analysed SR is queued" if result_uids else "",
         )
@@ -343,7 +389,7 @@ class DicomNode:
         kept = self.storage.quarantine(path)
         self.storage.mark(sop_uid, "failed", study_instance_uid=study_uid, detail=reason)
         self.counters.add("failed")
-        log.error("%s not processed (%s); kept in %s", sop_uid, reason, kept)
+        log.error("%s not processed (%s); kept in %s", self._tag(sop_uid), reason, kept.parent.name)
 
     def _worker_loop(self) -> None:
         try:

@@ -42,6 +42,7 @@ from cxr_platform.pacs.results import (
     build_sr,
     heatmap_on_source_grid,
 )
+from cxr_platform.pacs.sanitize import Repair, sanitize_source
 from cxr_platform.pacs.screening import claims_chest
 from cxr_platform.sections import RESULT_KINDS
 
@@ -88,6 +89,7 @@ class Processed:
     request_id: str
     seconds: float
     refusal: GateVerdict | None = None
+    repairs: tuple[Repair, ...] = ()  # what the results could not copy from the header as it was
 
 
 class InstanceProcessor:
@@ -154,15 +156,20 @@ class InstanceProcessor:
         radiologist gets a short SR saying the AI saw it and why it did not analyse it."""
         production = request.models.production
         assert production is not None
-        sr = None
+        sr, repairs = None, ()
         if self.config.refusal_sr and claims_chest(dataset):
-            sr = build_not_analysed_sr(dataset, self._algorithm(production), verdict.describe())
+            clean = sanitize_source(dataset, uid_root=self.config.uid_root)
+            repairs = clean.repairs
+            sr = build_not_analysed_sr(
+                clean.dataset, self._algorithm(production), verdict.describe()
+            )
         return Processed(
             prediction=None,
             results=NodeResults(sr=sr),
             request_id=request.request_id,
             seconds=time.perf_counter() - started,
             refusal=verdict,
+            repairs=repairs,
         )
 
     def process(
@@ -196,7 +203,9 @@ class InstanceProcessor:
         assert production is not None
         algorithm = self._algorithm(production)
         kinds = self.config.results
-        sr = build_sr(dataset, prediction, algorithm) if "sr" in kinds else None
+        clean = sanitize_source(dataset, uid_root=self.config.uid_root)
+        source = clean.dataset
+        sr = build_sr(source, prediction, algorithm) if "sr" in kinds else None
         seg = sc = None
         if "seg" in kinds or "sc" in kinds:
             explainer = self._explainer(str(prediction.model_version), production)
@@ -205,15 +214,16 @@ class InstanceProcessor:
             if "seg" in kinds:
                 content = explainer.content_region(heatmap, upload.decoded.pixels.shape)
                 seg = build_seg(
-                    dataset,
-                    heatmap_on_source_grid(content, int(dataset.Rows), int(dataset.Columns)),
+                    source,
+                    heatmap_on_source_grid(content, int(source.Rows), int(source.Columns)),
                     algorithm,
                 )
             if "sc" in kinds:
-                sc = build_sc(dataset, overlay_rgb, prediction, algorithm)
+                sc = build_sc(source, overlay_rgb, prediction, algorithm)
         return Processed(
             prediction=prediction,
             results=NodeResults(sr=sr, seg=seg, sc=sc),
             request_id=request_id,
             seconds=time.perf_counter() - started,
+            repairs=clean.repairs,
         )

@@ -6,7 +6,9 @@
 3. A secondary capture with the heatmap and a "not for diagnostic use" caption burned in, for
    viewers that cannot show a SEG.
 
-All three are built with highdicom, share the source's StudyInstanceUID, and get UIDs derived
+All three are built with highdicom from a :class:`~cxr_platform.pacs.sanitize.SanitizedSource`
+(never the received header: what they copy must be valid whatever came in), share the source's
+StudyInstanceUID, and get UIDs derived
 from the source SOPInstanceUID and the model version: a re-sent image, or a retried send-back,
 produces the same instances again instead of new copies in PACS.
 """
@@ -197,6 +199,7 @@ def _sr_document(
         is_final=False,
         is_verified=False,  # VerificationFlag UNVERIFIED: no human has signed this
         series_description=description,
+        specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )
 
@@ -268,6 +271,7 @@ def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dat
         content_label="GRADCAM",
         content_description="Grad-CAM heatmap of the pneumonia logit",
         series_description="AI pneumonia heatmap (SEG)",
+        specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )
     # General Image: a projection radiograph's SEG has no plane orientation, so it carries the
@@ -319,6 +323,7 @@ def build_sc(
         instance_number=1,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=f"AI pneumonia heatmap overlay - {NOT_FOR_DIAGNOSTIC_USE}",
+        specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )
     # General Series Laterality is Type 2C: the source's value, or present and empty.

@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (
 
 from cxr_platform.errors import CxrError
 from cxr_platform.pacs.storage import NodeStorage
+from cxr_platform.redaction import uid_tag
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class ResultSender:
         max_refusals: int = 5,
         timeout_seconds: float = 30.0,
         tls: ssl.SSLContext | None = None,
+        uid_salt: bytes = b"",
     ) -> None:
         self.storage = storage
+        self.uid_salt = uid_salt  # study UIDs in log lines are hashed as the inference log does
         self.destination = destination
         self.retry_initial_seconds = retry_initial_seconds
         self.retry_max_seconds = retry_max_seconds
@@ -131,7 +134,7 @@ class ResultSender:
                 backoff.next_attempt = time.monotonic() + delay
                 log.warning(
                     "results of study %s not all stored in %s; retry %d in %.1f s",
-                    study.study_uid,
+                    uid_tag(study.study_uid, self.uid_salt),
                     self.destination,
                     backoff.failures,
                     delay,
