@@ -219,9 +219,10 @@ class DicomNode:
         self.counters.add("received")
         if not is_valid_uid(sop_uid):
             # Nothing can reference an instance without a valid UID: refuse it, and keep a
-            # ledger row under the UID the request named, so the refusal is on record.
+            # ledger row under whatever identifier it came with, so the refusal is on record
+            # (the ledger is keyed by text; only the spool needs UIDs safe as file names).
             requested = str(event.request.AffectedSOPInstanceUID or "").strip()
-            key = requested if is_valid_uid(requested) else None
+            key = (sop_uid or requested)[:256] or None
             if key is not None and self.storage.status(key) is None:
                 self.storage.mark(key, "rejected", detail="SOPInstanceUID missing or invalid")
             self.counters.add("failed")

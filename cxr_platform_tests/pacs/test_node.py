@@ -3,6 +3,7 @@ wait in the outbox. Durability, de-duplication, filters, the allow-list and TLS.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import ssl
@@ -77,6 +78,59 @@ def test_echo_and_the_calling_ae_allow_list(node_factory):
     assert send(node.port, []).statuses == [0x0000]
     refused = send(node.port, [], calling="STRANGER")
     assert not refused.established and refused.rejected
+
+
+def test_an_association_to_another_called_ae_title_is_refused(node_factory):
+    """A misrouted modality finds out at once instead of having its images classified here."""
+    node = node_factory()
+    node.start()
+    misrouted = send(node.port, [], called="OTHER")
+    assert not misrouted.established and misrouted.rejected
+    assert send(node.port, [], called=node.config.ae_title).statuses == [0x0000]
+
+
+def test_an_instance_without_a_usable_sop_instance_uid_is_refused_on_record(
+    node_factory, chest_pngs
+):
+    node = node_factory()
+    node.start()
+    source = radiograph(chest_pngs[4], VARIANTS["cr-mono2-12bit"])
+    source.SOPInstanceUID = "1.2.abc"
+    assert send(node.port, [source]).statuses == [0xC000]
+    assert node.storage.status("1.2.abc") == "rejected"
+    assert "SOPInstanceUID" in (node.storage.detail("1.2.abc") or "")
+    assert node.storage.spooled() == [] and node.storage.outbox() == []
+
+
+def test_a_legacy_file_without_meta_in_the_spool_is_processed(node_factory, chest_pngs, tmp_path):
+    """An instance an operator drops into the spool from an old archive: no preamble, no file
+    meta, implicit VR; and a header missing what results need (Type 2 and a study UID)."""
+    state = tmp_path / "legacy"
+    storage = NodeStorage(state)
+    legacy = radiograph(chest_pngs[6], VARIANTS["cr-mono2-12bit"])
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "AccessionNumber"):
+        delattr(legacy, keyword)
+    legacy.PatientAge = "62"
+    del legacy.file_meta
+    buffer = io.BytesIO()
+    legacy.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    data = buffer.getvalue()
+    assert data[128:132] != b"DICM" and b"\x02\x00\x10\x00" not in data[:12]
+    (storage.spool_dir / f"{legacy.SOPInstanceUID}.dcm").write_bytes(data)
+    storage.close()
+
+    node = node_factory(state_dir=state)
+    node.start()
+    wait_for(lambda: node.storage.status(legacy.SOPInstanceUID) == "processed", what="processing")
+    detail = node.storage.detail(legacy.SOPInstanceUID) or ""
+    assert "header repaired for the results" in detail and "StudyInstanceUID" in detail
+    (study,) = node.storage.outbox()
+    assert len(study.files) == 3
+    for path in study.files:
+        assert dciodvfy_errors(path) == [], path.name
+        result = pydicom.dcmread(path)
+        assert result.StudyInstanceUID == study.study_uid  # one generated study for all three
+        assert result.PatientID == "" and result.get("PatientAge", "062Y") == "062Y"
 
 
 def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
