@@ -1,5 +1,6 @@
-"""PACS round trip: from a modality's C-STORE into Orthanc until the SR, SEG and secondary
-capture are stored in Orthanc, through the shipped Lua routing and the DICOM node.
+"""PACS round trip: from a modality's C-STORE into Orthanc until the node's results (SR, SEG,
+parametric map, secondary capture: as configured) are stored in Orthanc, through the shipped
+Lua routing and the DICOM node.
 
 A real Orthanc (``deploy/orthanc/`` configuration and routing script) and the node run on this
 machine against the production model of ``CXR_HOME`` (``make demo`` makes one). Each image is a
@@ -11,10 +12,11 @@ detector-sized matrix.
 - burst: all images in one association, each timed from its own C-STORE (a backlog).
 
 The baseline, measured in the same run, is the C-STORE of the same image into Orthanc alone
-(the modality's own cost, no AI); the node's share is its processing time per image.
+(the modality's own cost, no AI). Each setup (which results, compressed or not) runs on a fresh
+node against the same Orthanc; the last lines say where the node's time goes, per stage.
 
     CXR_HOME=<home> .venv/bin/python benchmarks/pacs_roundtrip.py [--n 50] [--rows 2000]
-        [--columns 1700] [--modes sequential burst]
+        [--columns 1700] [--modes sequential burst] [--setups sr,seg,sc:raw sr,seg,pmap,sc:jpegls]
 """
 
 from __future__ import annotations
@@ -64,10 +66,10 @@ def orthanc_study_id(orthanc: OrthancProcess, study_uid: str) -> str | None:
 
 
 def wait_complete(
-    orthanc: OrthancProcess, study_uids: list[str], timeout: float = 300.0
+    orthanc: OrthancProcess, study_uids: list[str], n_series: int, timeout: float = 300.0
 ) -> dict[str, float]:
-    """perf_counter() when each study first holds the source and the three result series
-    (every pending study is polled in turn, so an early finisher is not timed late)."""
+    """perf_counter() when each study first holds ``n_series`` series (the source and each
+    result; every pending study is polled in turn, so an early finisher is not timed late)."""
     deadline = time.perf_counter() + timeout
     ids: dict[str, str] = {}
     done: dict[str, float] = {}
@@ -84,7 +86,7 @@ def wait_complete(
                 if found is None:
                     continue
                 ids[uid] = found
-            if study_series_count(orthanc, ids[uid]) >= 4:
+            if study_series_count(orthanc, ids[uid]) >= n_series:
                 done[uid] = time.perf_counter()
         time.sleep(0.01)
     return done
@@ -136,6 +138,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--columns", type=int, default=1700)
     parser.add_argument("--modes", nargs="+", default=["sequential", "burst"])
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        default=["sr,seg,sc:raw", "sr,seg,sc:jpegls", "sr,seg,pmap,sc:jpegls"],
+        help="node setups to compare, RESULTS:raw|jpegls (raw: results sent uncompressed)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -147,8 +155,78 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeSetup:
+    """One way to run the node: which results it returns and whether images travel compressed."""
+
+    results: tuple[str, ...]
+    compress: bool
+
+    @classmethod
+    def parse(cls, text: str) -> NodeSetup:
+        kinds, _, codec = text.partition(":")
+        if codec not in ("", "raw", "jpegls"):
+            raise SystemExit(f"setup {text!r}: after ':' say raw or jpegls")
+        return cls(tuple(kinds.split(",")), codec != "raw")
+
+    def __str__(self) -> str:
+        return f"{','.join(self.results)}:{'jpegls' if self.compress else 'raw'}"
+
+
+class StageTimes:
+    """Where the node's time goes: its own stages per image, writing results to the outbox, and
+    sending each study's results to PACS."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list[float]] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages.setdefault(stage, []).append(seconds)
+
+    def clear(self) -> None:
+        self.stages.clear()
+
+    def report(self) -> str:
+        return "  ".join(
+            f"{stage} {percentile(values, 50) * 1000:.0f}" for stage, values in self.stages.items()
+        )
+
+
+def instrument(node, times: StageTimes) -> None:
+    """Time the node's stages without touching its code."""
+    process, put, send = node.processor.process, node.storage.put_result, None
+
+    def timed_process(data, dataset=None, **kwargs):
+        result = process(data, dataset, **kwargs)
+        for stage, seconds in result.stages.items():
+            times.add(stage, seconds)
+        times.add("node total", result.seconds)
+        return result
+
+    def timed_put(dataset):
+        start = time.perf_counter()
+        path = put(dataset)
+        times.add("write outbox (per object)", time.perf_counter() - start)
+        return path
+
+    node.processor.process = timed_process
+    node.storage.put_result = timed_put
+    if node.sender is not None:
+        send = node.sender._send_study
+
+        def timed_send(study_uid, files, report):
+            start = time.perf_counter()
+            done = send(study_uid, files, report)
+            times.add("send study to PACS", time.perf_counter() - start)
+            return done
+
+        node.sender._send_study = timed_send
+
+
 def run(args: argparse.Namespace, settings, work: Path) -> None:
-    datasets = make_images(args.n * len(args.modes) + args.n, args.rows, args.columns, work)
+    setups = [NodeSetup.parse(text) for text in args.setups]
+    per_setup = args.n * len(args.modes)
+    datasets = make_images(per_setup * len(setups) + args.n, args.rows, args.columns, work)
     baseline_images = datasets[: args.n]
 
     node_port, orthanc_port = free_port(), free_port()
@@ -169,64 +247,80 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     with baseline:
         store_seconds = [end - start for start, end in c_store(baseline, baseline_images)]
 
-    dicom = dataclasses.replace(
-        settings.dicom,
-        dicom_port=node_port,
-        dicom_host="127.0.0.1",
-        dicom_destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
-        dicom_allowed_aets=("ORTHANC",),
-    )
-    node = build_node(dicom, registry_for(settings.registry), state_dir=work / "node")
-    production = node.processor.models.current().production
-    if production is None:
-        raise SystemExit(f"{settings.home} has no production model: run `make demo` first")
-    processing: list[float] = []
-    process = node.processor.process
-
-    def timed(data, dataset=None, **kwargs):
-        result = process(data, dataset, **kwargs)
-        processing.append(result.seconds)
-        return result
-
-    node.processor.process = timed  # measure the node's share without touching its code
-
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model "
-        f"{production.model_name} v{production.model_version} ({production.metadata.arch}, "
-        f"{production.preprocessing.image_size} px); CR {args.rows}x{args.columns} 12-bit "
-        f"MONOCHROME1; {args.n} images per mode"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"CR {args.rows}x{args.columns} 12-bit MONOCHROME1; {args.n} images per mode and setup"
     )
     store_p50, store_p95 = percentile(store_seconds, 50), percentile(store_seconds, 95)
     print(f"baseline C-STORE into Orthanc alone: p50 {store_p50:.3f} s  p95 {store_p95:.3f} s")
-    print(f"{'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'p95/baseline':>13} "
-          f"{'node p50 s':>11} {'node p95 s':>11}")  # fmt: skip
-    with orthanc, node:
-        time.sleep(2.0)  # the node's warm-up (Grad-CAM network) happens before traffic
-        offset = args.n
-        for mode in args.modes:
-            images = datasets[offset : offset + args.n]
-            offset += args.n
-            processing.clear()
-            latencies = []
-            if mode == "sequential":
-                for ds in images:
-                    ((start, _),) = c_store(orthanc, [ds])
-                    uid = str(ds.StudyInstanceUID)
-                    latencies.append(wait_complete(orthanc, [uid])[uid] - start)
-            elif mode == "burst":
-                starts = c_store(orthanc, images)
-                uids = [str(ds.StudyInstanceUID) for ds in images]
-                finished = wait_complete(orthanc, uids)
-                latencies = [finished[u] - s for u, (s, _) in zip(uids, starts, strict=True)]
-            else:
-                raise SystemExit(f"unknown mode {mode}")
-            p95 = percentile(latencies, 95)
-            print(
-                f"{mode:<11} {percentile(latencies, 50):7.3f} {p95:7.3f} {max(latencies):7.3f} "
-                f"{p95 / store_p95:12.1f}x {percentile(processing, 50):11.3f} "
-                f"{percentile(processing, 95):11.3f}"
+    offset = args.n
+    stage_lines = []
+    with orthanc:
+        for setup in setups:
+            dicom = dataclasses.replace(
+                settings.dicom,
+                dicom_port=node_port,
+                dicom_host="127.0.0.1",
+                dicom_destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
+                dicom_allowed_aets=("ORTHANC",),
+                dicom_results=setup.results,
+                dicom_compress_results=setup.compress,
             )
-    print(f"node: {node.counters}")
+            state = work / f"node-{len(stage_lines)}"
+            node = build_node(dicom, registry_for(settings.registry), state_dir=state)
+            production = node.processor.models.current().production
+            if production is None:
+                raise SystemExit(f"{settings.home} has no production model: run `make demo`")
+            if not stage_lines:
+                print(
+                    f"model {production.model_name} v{production.model_version} "
+                    f"({production.metadata.arch}, {production.preprocessing.image_size} px)"
+                )
+                print(f"{'setup':<22} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+                      f"{'p95/baseline':>13} {'images/s':>9}")  # fmt: skip
+            times = StageTimes()
+            instrument(node, times)
+            with node:
+                time.sleep(2.0)  # the node's warm-up (Grad-CAM network) happens before traffic
+                for mode in args.modes:
+                    images = datasets[offset : offset + args.n]
+                    offset += args.n
+                    latencies, elapsed = measure(orthanc, images, mode, len(setup.results))
+                    p95 = percentile(latencies, 95)
+                    print(
+                        f"{str(setup):<22} {mode:<11} {percentile(latencies, 50):7.3f} "
+                        f"{p95:7.3f} {max(latencies):7.3f} {p95 / store_p95:12.1f}x "
+                        f"{len(images) / elapsed:9.2f}"
+                    )
+            stage_lines.append(f"{setup}: {times.report()}")
+            counters = node.counters
+            if counters.failed or counters.processed != len(args.modes) * args.n:
+                raise SystemExit(f"{setup}: not every image was processed: {counters}")
+    print("where the time goes (median ms per image; writes per object; sends per study):")
+    for line in stage_lines:
+        print(f"  {line}")
+
+
+def measure(
+    orthanc: OrthancProcess, images: list, mode: str, n_results: int
+) -> tuple[list[float], float]:
+    """Per-image latency from its C-STORE until its results are in Orthanc, and the seconds
+    from the first C-STORE until the last study was complete."""
+    latencies = []
+    if mode == "sequential":
+        first = time.perf_counter()
+        for ds in images:
+            ((start, _),) = c_store(orthanc, [ds])
+            uid = str(ds.StudyInstanceUID)
+            latencies.append(wait_complete(orthanc, [uid], 1 + n_results)[uid] - start)
+        return latencies, time.perf_counter() - first
+    if mode == "burst":
+        starts = c_store(orthanc, images)
+        uids = [str(ds.StudyInstanceUID) for ds in images]
+        finished = wait_complete(orthanc, uids, 1 + n_results)
+        latencies = [finished[u] - s for u, (s, _) in zip(uids, starts, strict=True)]
+        return latencies, max(finished.values()) - starts[0][0]
+    raise SystemExit(f"unknown mode {mode}")
 
 
 if __name__ == "__main__":

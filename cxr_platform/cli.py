@@ -908,7 +908,8 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
 @click.option(
     "--results",
     default=None,
-    help="Comma-separated objects to return: sr,seg,sc (default all three).",
+    help="Comma-separated objects to return: sr,seg,pmap,sc (default all four); a refused image "
+    "gets its not-analysed SR regardless.",
 )
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -940,7 +941,7 @@ def dicom_node(
     tls_ca: Path | None,
     destination_tls_ca: Path | None,
 ) -> None:
-    """Run the DICOM node: receive routed chest X-rays, return SR, SEG and SC to PACS."""
+    """Run the DICOM node: receive routed chest X-rays, return SR, SEG, parametric map and SC."""
     import signal
     import threading
 

@@ -30,7 +30,7 @@ ThresholdRuleName = Literal["sensitivity_target", "youden"]
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRuleName)
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-RESULT_KINDS: tuple[str, ...] = ("sr", "seg", "sc")
+RESULT_KINDS: tuple[str, ...] = ("sr", "seg", "pmap", "sc")
 
 DEFAULT_SPLIT_RATIOS = (0.70, 0.15, 0.15)
 
@@ -392,7 +392,9 @@ class DicomSection(_Scoring):
         False, doc="Also classify lateral views (the model saw frontal ones)."
     )
     dicom_results: tuple[str, ...] = setting(
-        RESULT_KINDS, doc="Objects returned to PACS: any of sr, seg, sc (comma-separated)."
+        RESULT_KINDS,
+        doc="Objects returned to PACS: any of sr, seg, pmap, sc (comma-separated); an image the "
+        "input gate refuses gets its not-analysed SR whatever this says.",
     )
     dicom_uid_root: str = setting(
         "1.2.826.0.1.3680043.8.498.", doc="UID root for the objects the node makes."
@@ -403,6 +405,11 @@ class DicomSection(_Scoring):
         "a short SR saying it was not analysed and why (other refusals are only logged).",
     )
     dicom_institution_name: str | None = setting(None, doc="InstitutionName in the results.")
+    dicom_compress_results: bool = setting(
+        True,
+        doc="Store and send the image results (SEG, parametric map, SC) in JPEG-LS Lossless; "
+        "sent uncompressed to a destination that does not accept it.",
+    )
     dicom_retry_initial_seconds: float = setting(
         2.0, doc="First wait before resending a result.", gt=0
     )

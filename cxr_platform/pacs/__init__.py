@@ -56,6 +56,7 @@ def build_node(
             institution_name=dicom.dicom_institution_name,
             max_pixels=dicom.max_image_pixels,
             refusal_sr=dicom.dicom_refusal_sr,
+            compress_results=dicom.dicom_compress_results,
         ),
     )
     return DicomNode(config, processor, NodeStorage(state_dir or dicom.dicom_dir))

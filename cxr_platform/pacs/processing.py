@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,9 +37,11 @@ from cxr_platform.pacs.results import (
     Algorithm,
     NodeResults,
     build_not_analysed_sr,
+    build_pmap,
     build_sc,
     build_seg,
     build_sr,
+    compressed,
     heatmap_on_source_grid,
 )
 from cxr_platform.pacs.sanitize import Repair, sanitize_source
@@ -75,6 +77,7 @@ class ProcessorConfig:
     institution_name: str | None = None
     max_pixels: int = 100_000_000
     refusal_sr: bool = True  # answer a refused image that claims to be a chest with an SR
+    compress_results: bool = True  # image results in a lossless compressed transfer syntax
 
     def __post_init__(self) -> None:
         unknown = set(self.results) - set(RESULT_KINDS)
@@ -90,6 +93,20 @@ class Processed:
     seconds: float
     refusal: GateVerdict | None = None
     repairs: tuple[Repair, ...] = ()  # what the results could not copy from the header as it was
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
+
+
+class _Stopwatch:
+    """Seconds per named stage, so a benchmark can say where a result's time goes."""
+
+    def __init__(self, started: float) -> None:
+        self.last = started
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 class InstanceProcessor:
@@ -125,7 +142,7 @@ class InstanceProcessor:
         """Load the production model's Grad-CAM network and run it once, so the first routed
         study does not pay for it."""
         production = self.models.current().production
-        if production is None or not ({"seg", "sc"} & set(self.config.results)):
+        if production is None or not ({"seg", "pmap", "sc"} & set(self.config.results)):
             return
         explainer = self._explainer(str(production.model_version), production)
         size = production.preprocessing.image_size
@@ -201,29 +218,38 @@ class InstanceProcessor:
             raise TransientProcessingError(str(exc)) from exc
         production, upload, request_id = models.production, request.prepared, request.request_id
         assert production is not None
+        clock = _Stopwatch(started)
+        clock.lap("decode, score and log")
         algorithm = self._algorithm(production)
         kinds = self.config.results
         clean = sanitize_source(dataset, uid_root=self.config.uid_root)
         source = clean.dataset
         sr = build_sr(source, prediction, algorithm) if "sr" in kinds else None
-        seg = sc = None
-        if "seg" in kinds or "sc" in kinds:
+        clock.lap("sanitize and SR")
+        seg = pmap = sc = None
+        if {"seg", "pmap", "sc"} & set(kinds):
             explainer = self._explainer(str(prediction.model_version), production)
             assert upload.decoded is not None
             heatmap, overlay_rgb = explainer.heatmap_overlay(upload.pixels, upload.decoded)
-            if "seg" in kinds:
+            clock.lap("Grad-CAM and overlay")
+            if "seg" in kinds or "pmap" in kinds:
                 content = explainer.content_region(heatmap, upload.decoded.pixels.shape)
-                seg = build_seg(
-                    source,
-                    heatmap_on_source_grid(content, int(source.Rows), int(source.Columns)),
-                    algorithm,
-                )
+                on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
+                seg = build_seg(source, on_grid, algorithm) if "seg" in kinds else None
+                clock.lap("SEG")
+                pmap = build_pmap(source, on_grid, algorithm) if "pmap" in kinds else None
+                clock.lap("parametric map")
             if "sc" in kinds:
                 sc = build_sc(source, overlay_rgb, prediction, algorithm)
+                clock.lap("SC")
+        if self.config.compress_results:
+            seg, pmap, sc = (None if ds is None else compressed(ds) for ds in (seg, pmap, sc))
+            clock.lap("JPEG-LS")
         return Processed(
             prediction=prediction,
-            results=NodeResults(sr=sr, seg=seg, sc=sc),
+            results=NodeResults(sr=sr, seg=seg, pmap=pmap, sc=sc),
             request_id=request_id,
             seconds=time.perf_counter() - started,
+            stages=clock.stages,
             repairs=clean.repairs,
         )

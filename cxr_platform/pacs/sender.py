@@ -1,5 +1,10 @@
 """C-STORE the outbox to PACS: one association per study, a file leaves the outbox only when
-PACS acknowledged it, and an unreachable PACS is retried with exponential backoff."""
+PACS acknowledged it, and an unreachable PACS is retried with exponential backoff.
+
+Image results wait in the outbox compressed (JPEG-LS Lossless). Each association proposes, per
+result class, a context for that syntax and one for the uncompressed ones; a destination that
+accepts only the latter gets the file decompressed in memory, so compression never costs a
+result its delivery."""
 
 from __future__ import annotations
 
@@ -9,21 +14,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+import pydicom
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
+    ParametricMapStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 
 from cxr_platform.errors import CxrError
+from cxr_platform.pacs.results import RESULTS_TRANSFER_SYNTAX
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.redaction import uid_tag
 
 log = logging.getLogger(__name__)
 
-RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage)
+RESULT_SOP_CLASSES = (
+    Comprehensive3DSRStorage,
+    SegmentationStorage,
+    ParametricMapStorage,
+    SecondaryCaptureImageStorage,
+)
 # Success, and the warnings PACS use for "stored, but coerced/with discrepancies".
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
@@ -97,6 +110,8 @@ class ResultSender:
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
+            if sop_class != Comprehensive3DSRStorage:  # the SR has no pixels to compress
+                self.ae.add_requested_context(sop_class, [RESULTS_TRANSFER_SYNTAX])
             self.ae.add_requested_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )
@@ -156,9 +171,13 @@ class ResultSender:
             return False
         complete = True
         try:
+            accepted = {
+                (str(context.abstract_syntax), str(context.transfer_syntax[0]))
+                for context in assoc.accepted_contexts
+            }
             for path in files:
                 try:
-                    status = assoc.send_c_store(path)
+                    status = assoc.send_c_store(self._as_accepted(path, accepted))
                 except Exception as exc:  # the file vanished, the link dropped mid-send, ...
                     log.warning("C-STORE of %s failed: %s", path.name, exc)
                     complete = False
@@ -197,3 +216,14 @@ class ResultSender:
             if assoc.is_established:
                 assoc.release()
         return complete
+
+    def _as_accepted(self, path: Path, accepted: set[tuple[str, str]]) -> Path | pydicom.Dataset:
+        """The file itself when the association accepted its transfer syntax; else the dataset
+        decompressed, for a destination that takes only uncompressed images."""
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        syntax = UID(str(meta.TransferSyntaxUID))
+        if not syntax.is_compressed or (str(meta.MediaStorageSOPClassUID), syntax) in accepted:
+            return path
+        dataset = pydicom.dcmread(path)
+        dataset.decompress()
+        return dataset

@@ -18,9 +18,11 @@ import pytest
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLSLossless,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import ParametricMapStorage, SegmentationStorage
 
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.input_gate import REASONS
@@ -125,7 +127,7 @@ def test_a_legacy_file_without_meta_in_the_spool_is_processed(node_factory, ches
     detail = node.storage.detail(legacy.SOPInstanceUID) or ""
     assert "header repaired for the results" in detail and "StudyInstanceUID" in detail
     (study,) = node.storage.outbox()
-    assert len(study.files) == 3
+    assert len(study.files) == 4
     for path in study.files:
         assert dciodvfy_errors(path) == [], path.name
         result = pydicom.dcmread(path)
@@ -149,7 +151,7 @@ def test_a_stored_image_is_processed_once_and_its_results_wait_in_the_outbox(
         wait_for(lambda: node.counters.duplicates == 1, what="the duplicate to be seen")
     studies = node.storage.outbox()
     assert [s.study_uid for s in studies] == [source.StudyInstanceUID]
-    assert len(studies[0].files) == 3
+    assert len(studies[0].files) == 4
     assert node.counters.processed == 1
     assert "already processed" in caplog.text
     assert node.storage.spooled() == []
@@ -269,7 +271,7 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
     node = node_factory(state_dir=state)
     node.start()
     wait_for(lambda: node.storage.status(pending.SOPInstanceUID) == "processed", what="recovery")
-    assert len(node.storage.outbox()[0].files) == 3
+    assert len(node.storage.outbox()[0].files) == 4
     # The ledger says processed a moment before the spool file goes.
     wait_for(lambda: node.storage.spooled() == [], what="the spool to empty")
     # Without a calling AE title the image's InstitutionName names the site, made plain.
@@ -339,11 +341,51 @@ def test_tls_both_ways(node_factory, tmp_path, chest_pngs):
         assert not send(node.port, []).established  # no plain associations to a TLS node
         source = radiograph(chest_pngs[6], VARIANTS["cr-mono2-12bit"])
         assert send(node.port, [source], tls=client).statuses == [0x0000]
-        wait_for(lambda: len(received) == 3, what="the results at the TLS PACS")
+        wait_for(lambda: len(received) == 4, what="the results at the TLS PACS")
         assert sorted(received) == sorted(str(c) for c in RESULT_SOP_CLASSES)
         wait_for(lambda: node.storage.outbox() == [], what="an empty outbox")
     finally:
         server.shutdown()
+
+
+def test_results_travel_compressed_where_the_destination_accepts_it(node_factory, chest_pngs):
+    """The PACS here takes JPEG-LS for SEG and the parametric map but only uncompressed
+    secondary captures: those arrive decompressed, the others as stored, all of them whole."""
+    received: dict[str, tuple[str, np.ndarray | None]] = {}
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        pixels = ds.pixel_array if "PixelData" in ds else None
+        received[str(ds.SOPClassUID)] = (str(event.context.transfer_syntax), pixels)
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in RESULT_SOP_CLASSES:
+        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        if sop_class in (SegmentationStorage, ParametricMapStorage):
+            syntaxes = [JPEGLSLossless, *syntaxes]
+        pacs.add_supported_context(sop_class, syntaxes)
+    pacs_port = free_port()
+    server = pacs.start_server(
+        ("127.0.0.1", pacs_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        node = node_factory(dicom_destination=f"PACS@127.0.0.1:{pacs_port}")
+        node.start()
+        source = radiograph(chest_pngs[8], VARIANTS["cr-mono1-12bit"])
+        assert send(node.port, [source]).statuses == [0x0000]
+        wait_for(lambda: len(received) == 4, what="the results at the PACS")
+    finally:
+        server.shutdown()
+    assert received[str(SegmentationStorage)][0] == JPEGLSLossless
+    assert received[str(ParametricMapStorage)][0] == JPEGLSLossless
+    assert received[str(SecondaryCaptureImageStorage)][0] == ExplicitVRLittleEndian
+    sc_pixels = received[str(SecondaryCaptureImageStorage)][1]
+    assert sc_pixels.shape == (int(source.Rows), int(source.Columns), 3)
+    assert (sc_pixels[: int(source.Rows) // 20] == 255).all(axis=-1).any()  # the caption
+    pmap_pixels = received[str(ParametricMapStorage)][1]
+    assert pmap_pixels.dtype == np.uint16 and pmap_pixels.max() > 0
 
 
 def test_images_wait_in_the_spool_until_a_model_is_promoted(
@@ -381,6 +423,6 @@ def test_images_wait_in_the_spool_until_a_model_is_promoted(
             timeout=60,
             what="processing after the promotion",
         )
-        assert len(node.storage.outbox()[0].files) == 3
+        assert len(node.storage.outbox()[0].files) == 4
     finally:
         node.stop()

@@ -1,6 +1,6 @@
 """End to end with a real Orthanc (the Debian package) configured from ``deploy/orthanc/``:
-an X-ray uploaded to PACS is routed by the shipped Lua script to the node, and its SR, SEG and
-secondary capture come back into the same study."""
+an X-ray uploaded to PACS is routed by the shipped Lua script to the node, and its SR, SEG,
+parametric map and secondary capture come back into the same study."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from pydicom.uid import JPEGLSLossless
 
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.predictor import Predictor
@@ -30,6 +31,8 @@ DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SC = "1.2.840.10008.5.1.4.1.1.7"
+PMAP = "1.2.840.10008.5.1.4.1.1.30"
+RESULTS = [SR, SEG, PMAP, SC]
 
 
 class Pacs:
@@ -71,7 +74,7 @@ def pacs(pacs_model, tmp_path_factory):
     orthanc.stop()
 
 
-def test_an_uploaded_xray_is_routed_and_its_three_results_land_in_the_same_study(
+def test_an_uploaded_xray_is_routed_and_its_four_results_land_in_the_same_study(
     pacs, pacs_model, chest_pngs
 ):
     folder = registry_for(pacs_model.settings.registry).download(pacs_model.version)
@@ -80,7 +83,16 @@ def test_an_uploaded_xray_is_routed_and_its_three_results_land_in_the_same_study
         source, data = radiograph_bytes(chest_pngs[10 + index], VARIANTS[variant])
         pacs.orthanc.upload(data)
         image_class = DX if variant.startswith("dx") else CR
-        pacs.wait_for_results(source.StudyInstanceUID, [image_class, SR, SEG, SC])
+        pacs.wait_for_results(source.StudyInstanceUID, [image_class, *RESULTS])
+        if index == 0:
+            # The image results went over, and are kept, in JPEG-LS Lossless: Orthanc accepts it.
+            for instance in pacs.orthanc.study_instances(source.StudyInstanceUID):
+                if instance["SOPClassUID"] in (SEG, PMAP, SC):
+                    stored = pydicom.dcmread(
+                        io.BytesIO(pacs.orthanc.instance_file(instance["ID"])),
+                        stop_before_pixels=True,
+                    )
+                    assert stored.file_meta.TransferSyntaxUID == JPEGLSLossless
 
         (sr_instance,) = [
             i for i in pacs.orthanc.study_instances(source.StudyInstanceUID)
@@ -102,12 +114,12 @@ def test_an_uploaded_xray_is_routed_and_its_three_results_land_in_the_same_study
 def test_a_re_uploaded_xray_adds_no_duplicate_results(pacs, chest_pngs):
     source, data = radiograph_bytes(chest_pngs[20], VARIANTS["cr-mono2-12bit"])
     pacs.orthanc.upload(data)
-    pacs.wait_for_results(source.StudyInstanceUID, [CR, SR, SEG, SC])
+    pacs.wait_for_results(source.StudyInstanceUID, [CR, *RESULTS])
     duplicates = pacs.node.counters.duplicates
     pacs.orthanc.upload(data)  # Orthanc stores it again and routes it again
     wait_for(lambda: pacs.node.counters.duplicates == duplicates + 1, what="the re-sent copy")
     time.sleep(1.0)
-    assert pacs.classes(source.StudyInstanceUID) == sorted([CR, SR, SEG, SC])
+    assert pacs.classes(source.StudyInstanceUID) == sorted([CR, *RESULTS])
 
 
 def test_results_made_while_pacs_is_down_arrive_after_it_restarts(pacs, chest_pngs):
@@ -121,10 +133,10 @@ def test_results_made_while_pacs_is_down_arrive_after_it_restarts(pacs, chest_pn
             what="processing",
         )
         time.sleep(1.5)  # at least one failed send-back attempt
-        assert len(pacs.node.storage.outbox()[0].files) == 3
+        assert len(pacs.node.storage.outbox()[0].files) == 4
     finally:
         pacs.orthanc.start()
-    pacs.wait_for_results(source.StudyInstanceUID, [SR, SEG, SC])
+    pacs.wait_for_results(source.StudyInstanceUID, RESULTS)
     wait_for(lambda: pacs.node.storage.outbox() == [], what="an empty outbox")
 
 

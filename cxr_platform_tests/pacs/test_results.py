@@ -62,7 +62,8 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
 
     results = processed.results
     paths = {}
-    for kind, ds in (("sr", results.sr), ("seg", results.seg), ("sc", results.sc)):
+    kinds = {"sr": results.sr, "seg": results.seg, "pmap": results.pmap, "sc": results.sc}
+    for kind, ds in kinds.items():
         assert ds is not None
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
@@ -128,6 +129,21 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
     expected = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
     assert np.abs(fractions - expected).max() <= 1.0 / 255.0 + 1e-6
 
+    # Parametric map: the same heatmap, 16-bit stored, mapped back to [0, 1] by its real-world
+    # value mapping; highdicom reads it back as a parametric map.
+    pmap = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(paths["pmap"]))
+    assert (pmap.Rows, pmap.Columns) == (source.Rows, source.Columns)
+    mapping = pmap.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert (
+        mapping.LUTLabel == "GRADCAM" and mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    )
+    relevance = pmap.pixel_array.astype(np.float64) * float(mapping.RealWorldValueSlope) + float(
+        mapping.RealWorldValueIntercept
+    )
+    assert np.abs(relevance - expected).max() <= 1.0 / 65535.0 + 1e-6
+    derivation = pmap.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
     # SC: derived, burned-in caption, RGB at the source's size.
     sc = pydicom.dcmread(paths["sc"])
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
@@ -140,7 +156,7 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
     # The node's results never pass its own screening (no loop back into the AI).
-    for kind in ("sr", "seg", "sc"):
+    for kind in kinds:
         verdict = screen(pydicom.dcmread(paths[kind]), own_manufacturer="cxr_platform")
         assert not verdict.accepted
 
@@ -161,7 +177,7 @@ def test_result_uids_are_stable_per_instance_and_model_version(processor, chest_
     assert [d.SOPInstanceUID for d in first.datasets()] == [
         d.SOPInstanceUID for d in again.datasets()
     ]
-    assert len({d.SeriesInstanceUID for d in first.datasets()}) == 3
+    assert len({d.SeriesInstanceUID for d in first.datasets()}) == 4
     one = Algorithm("resnet18", "3", 0.5)
     two = Algorithm("resnet18", "4", 0.5)
     assert one.device_uid != two.device_uid
@@ -179,5 +195,15 @@ def test_results_can_be_switched_off(pacs_model, processor, chest_pngs):
     _, data = radiograph_bytes(chest_pngs[1], VARIANTS["cr-mono2-12bit"])
     results = only_sr.process(data).results
     assert results.sr is not None and results.seg is None and results.sc is None
+    assert results.pmap is None
+    only_pmap = InstanceProcessor(
+        processor.models,
+        processor.inference_log,
+        uid_salt=processor.uid_salt,
+        model_folder=processor.model_folder,
+        config=ProcessorConfig(results=("pmap",)),
+    )
+    results = only_pmap.process(data).results
+    assert [d.SOPClassUID for d in results.datasets()] == ["1.2.840.10008.5.1.4.1.1.30"]
     with pytest.raises(ValueError, match="unknown result kinds"):
         ProcessorConfig(results=("sr", "pdf"))

@@ -1,10 +1,10 @@
 -- Route chest radiographs to the cxr_platform DICOM node, and never route its results back.
 --
 -- Orthanc calls OnStoredInstance for every instance it stores. Only CR and DX images (the SOP
--- classes the node classifies) are forwarded; the node's own results (SR, SEG and a secondary
--- capture, sent by the AE title below with Manufacturer "cxr_platform") are never forwarded,
--- so a result can never loop back into the AI. The node ignores non-chest and lateral images
--- itself, with a logged reason, so the PACS side stays simple.
+-- classes the node classifies) are forwarded; the node's own results (SR, SEG, parametric map,
+-- secondary capture, sent by the AE title below with Manufacturer "cxr_platform") are never
+-- forwarded, so a result can never loop back into the AI. The node ignores non-chest and
+-- lateral images itself, with a logged reason, so the PACS side stays simple.
 --
 -- Keep AI_MODALITY equal to the node's name under "DicomModalities" and AI_AET to its AE title.
 
