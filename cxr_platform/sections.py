@@ -407,8 +407,8 @@ class DicomSection(_Scoring):
     dicom_institution_name: str | None = setting(None, doc="InstitutionName in the results.")
     dicom_compress_results: bool = setting(
         True,
-        doc="Store and send the image results (SEG, parametric map, SC) in JPEG-LS Lossless; "
-        "sent uncompressed to a destination that does not accept it.",
+        doc="Send the image results (SEG, parametric map, SC) in JPEG-LS Lossless where the "
+        "destination accepts it, compressed on the way out by a child process.",
     )
     dicom_retry_initial_seconds: float = setting(
         2.0, doc="First wait before resending a result.", gt=0

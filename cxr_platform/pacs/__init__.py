@@ -41,6 +41,7 @@ def build_node(
         retry_initial_seconds=dicom.dicom_retry_initial_seconds,
         retry_max_seconds=dicom.dicom_retry_max_seconds,
         destination_tls_ca=dicom.dicom_destination_tls_ca,
+        compress_results=dicom.dicom_compress_results,
     )
     models = LiveModels(registry, threads=dicom.service_threads, max_pixels=dicom.max_image_pixels)
     models.refresh()
@@ -56,7 +57,6 @@ def build_node(
             institution_name=dicom.dicom_institution_name,
             max_pixels=dicom.max_image_pixels,
             refusal_sr=dicom.dicom_refusal_sr,
-            compress_results=dicom.dicom_compress_results,
         ),
     )
     return DicomNode(config, processor, NodeStorage(state_dir or dicom.dicom_dir))

@@ -121,6 +121,7 @@ class NodeConfig:
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
+    compress_results: bool = True  # image results travel in JPEG-LS where the destination takes it
 
     def __post_init__(self) -> None:
         for title in (self.ae_title, *self.allowed_calling_aets):
@@ -160,6 +161,7 @@ class DicomNode:
                 config.destination,
                 calling_ae_title=config.ae_title,
                 uid_salt=processor.uid_salt,
+                compress=config.compress_results,
                 retry_initial_seconds=config.retry_initial_seconds,
                 retry_max_seconds=config.retry_max_seconds,
                 tls=client_tls_context(
@@ -473,6 +475,8 @@ class DicomNode:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads = []
+        if self.sender is not None:
+            self.sender.close()
         self.processor.models.stop()
 
     def __enter__(self) -> DicomNode:

@@ -41,7 +41,6 @@ from cxr_platform.pacs.results import (
     build_sc,
     build_seg,
     build_sr,
-    compressed,
     heatmap_on_source_grid,
 )
 from cxr_platform.pacs.sanitize import Repair, sanitize_source
@@ -77,7 +76,6 @@ class ProcessorConfig:
     institution_name: str | None = None
     max_pixels: int = 100_000_000
     refusal_sr: bool = True  # answer a refused image that claims to be a chest with an SR
-    compress_results: bool = True  # image results in a lossless compressed transfer syntax
 
     def __post_init__(self) -> None:
         unknown = set(self.results) - set(RESULT_KINDS)
@@ -242,9 +240,6 @@ class InstanceProcessor:
             if "sc" in kinds:
                 sc = build_sc(source, overlay_rgb, prediction, algorithm)
                 clock.lap("SC")
-        if self.config.compress_results:
-            seg, pmap, sc = (None if ds is None else compressed(ds) for ds in (seg, pmap, sc))
-            clock.lap("JPEG-LS")
         return Processed(
             prediction=prediction,
             results=NodeResults(sr=sr, seg=seg, pmap=pmap, sc=sc),

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_platform import __version__
 from cxr_platform.inference.predictor import Prediction
@@ -47,9 +47,6 @@ PMAP_SERIES_NUMBER = 9904
 # them back into the heatmap's [0, 1]. 65535 steps are far finer than Grad-CAM's resolution.
 PMAP_STORED_MAX = 65535
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
-# Lossless, fast to encode on a CPU (pyjpegls), and accepted by Orthanc and dcm4chee by default:
-# measured here on a 2000x1700 result, 14-60 ms and a 3-7x smaller file for SEG and the map.
-RESULTS_TRANSFER_SYNTAX = JPEGLSLossless
 
 
 @dataclass(frozen=True)
@@ -370,16 +367,6 @@ def build_pmap(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Da
     )
     pmap.Laterality = source.get("Laterality") or None  # General Series, Type 2C
     return pmap
-
-
-def compressed(result: Dataset) -> Dataset:
-    """``result`` with its pixel data in :data:`RESULTS_TRANSFER_SYNTAX` (in place); an object
-    without pixels (the SR) is returned as it is."""
-    if "PixelData" in result and not result.file_meta.TransferSyntaxUID.is_compressed:
-        # Lossless: the same object, so its deterministic UID stays (pydicom makes a new one
-        # by default, which would duplicate results in PACS on a re-send).
-        result.compress(RESULTS_TRANSFER_SYNTAX, generate_instance_uid=False)
-    return result
 
 
 def caption_lines(prediction: Prediction, algorithm: Algorithm) -> list[str]:

@@ -1,10 +1,10 @@
 """C-STORE the outbox to PACS: one association per study, a file leaves the outbox only when
 PACS acknowledged it, and an unreachable PACS is retried with exponential backoff.
 
-Image results wait in the outbox compressed (JPEG-LS Lossless). Each association proposes, per
-result class, a context for that syntax and one for the uncompressed ones; a destination that
-accepts only the latter gets the file decompressed in memory, so compression never costs a
-result its delivery."""
+Image results wait in the outbox uncompressed. Each association proposes, per image result
+class, a JPEG-LS Lossless context and the uncompressed ones; where the destination accepts
+JPEG-LS the file is compressed on the way out (in a child process, see
+:mod:`~cxr_platform.pacs.compression`), elsewhere it is sent as it is."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
 )
 
 from cxr_platform.errors import CxrError
-from cxr_platform.pacs.results import RESULTS_TRANSFER_SYNTAX
+from cxr_platform.pacs.compression import RESULTS_TRANSFER_SYNTAX, Compressor
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.redaction import uid_tag
 
@@ -99,9 +99,11 @@ class ResultSender:
         timeout_seconds: float = 30.0,
         tls: ssl.SSLContext | None = None,
         uid_salt: bytes = b"",
+        compress: bool = True,
     ) -> None:
         self.storage = storage
         self.uid_salt = uid_salt  # study UIDs in log lines are hashed as the inference log does
+        self.compressor = Compressor() if compress else None
         self.destination = destination
         self.retry_initial_seconds = retry_initial_seconds
         self.retry_max_seconds = retry_max_seconds
@@ -110,7 +112,7 @@ class ResultSender:
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
-            if sop_class != Comprehensive3DSRStorage:  # the SR has no pixels to compress
+            if compress and sop_class != Comprehensive3DSRStorage:  # the SR has no pixels
                 self.ae.add_requested_context(sop_class, [RESULTS_TRANSFER_SYNTAX])
             self.ae.add_requested_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -218,12 +220,20 @@ class ResultSender:
         return complete
 
     def _as_accepted(self, path: Path, accepted: set[tuple[str, str]]) -> Path | pydicom.Dataset:
-        """The file itself when the association accepted its transfer syntax; else the dataset
-        decompressed, for a destination that takes only uncompressed images."""
-        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-        syntax = UID(str(meta.TransferSyntaxUID))
-        if not syntax.is_compressed or (str(meta.MediaStorageSOPClassUID), syntax) in accepted:
+        """The file compressed where the association accepted JPEG-LS for its class; else the
+        file as it is (results wait uncompressed, which every destination takes)."""
+        if self.compressor is None:
             return path
-        dataset = pydicom.dcmread(path)
-        dataset.decompress()
-        return dataset
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        if (
+            sop_class == Comprehensive3DSRStorage  # no pixels
+            or meta.TransferSyntaxUID.is_compressed
+            or (sop_class, RESULTS_TRANSFER_SYNTAX) not in accepted
+        ):
+            return path
+        return self.compressor.compressed(path)
+
+    def close(self) -> None:
+        if self.compressor is not None:
+            self.compressor.close()
