@@ -16,7 +16,7 @@ The baseline, measured in the same run, is the C-STORE of the same image into Or
 node against the same Orthanc; the last lines say where the node's time goes, per stage.
 
     CXR_HOME=<home> .venv/bin/python benchmarks/pacs_roundtrip.py [--n 50] [--rows 2000]
-        [--columns 1700] [--modes sequential burst] [--setups sr,seg,sc:raw sr,seg,pmap,sc:jpegls]
+        [--columns 1700] [--modes sequential burst] [--setups sr,seg,sc:raw sr,seg,pmap,sc:seg,pmap]
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def main() -> None:
     parser.add_argument(
         "--setups",
         nargs="+",
-        default=["sr,seg,sc:raw", "sr,seg,sc:jpegls", "sr,seg,pmap,sc:jpegls"],
-        help="node setups to compare, RESULTS:raw|jpegls (raw: results sent uncompressed)",
+        default=["sr,seg,sc:raw", "sr,seg,sc:seg", "sr,seg,pmap,sc:seg,pmap", "sr,seg,sc:seg,sc"],
+        help="node setups to compare, RESULTS:COMPRESSED (the kinds sent in JPEG-LS; raw: none)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -181,20 +181,20 @@ def main() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class NodeSetup:
-    """One way to run the node: which results it returns and whether images travel compressed."""
+    """One way to run the node: which results it returns, and which of them travel compressed
+    (RESULTS:COMPRESSED, e.g. ``sr,seg,pmap,sc:seg,pmap``; ``raw`` after the colon for none)."""
 
     results: tuple[str, ...]
-    compress: bool
+    compress: tuple[str, ...]
 
     @classmethod
     def parse(cls, text: str) -> NodeSetup:
-        kinds, _, codec = text.partition(":")
-        if codec not in ("", "raw", "jpegls"):
-            raise SystemExit(f"setup {text!r}: after ':' say raw or jpegls")
-        return cls(tuple(kinds.split(",")), codec != "raw")
+        kinds, _, compressed = text.partition(":")
+        compress = () if compressed in ("", "raw") else tuple(compressed.split(","))
+        return cls(tuple(kinds.split(",")), compress)
 
     def __str__(self) -> str:
-        return f"{','.join(self.results)}:{'jpegls' if self.compress else 'raw'}"
+        return f"{','.join(self.results)}:{','.join(self.compress) or 'raw'}"
 
 
 class StageTimes:

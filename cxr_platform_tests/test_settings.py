@@ -36,6 +36,7 @@ SPECIAL_VALUES: dict[str, object] = {
     "models": ("densenet121",),
     "drift_report_cron": "30 5 * * *",
     "dicom_results": ("sr", "sc"),
+    "dicom_compress_results": ("sc",),
     "dicom_allowed_aets": ("MODALITY", "ROUTER"),
     "split_ratios": (0.6, 0.2, 0.2),
     "device": "cpu",

@@ -41,7 +41,7 @@ def build_node(
         retry_initial_seconds=dicom.dicom_retry_initial_seconds,
         retry_max_seconds=dicom.dicom_retry_max_seconds,
         destination_tls_ca=dicom.dicom_destination_tls_ca,
-        compress_results=dicom.dicom_compress_results,
+        compress_results=tuple(dicom.dicom_compress_results),
     )
     models = LiveModels(registry, threads=dicom.service_threads, max_pixels=dicom.max_image_pixels)
     models.refresh()

@@ -121,7 +121,7 @@ class NodeConfig:
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
-    compress_results: bool = True  # image results travel in JPEG-LS where the destination takes it
+    compress_results: tuple[str, ...] = ("seg", "pmap")  # kinds sent in JPEG-LS where accepted
 
     def __post_init__(self) -> None:
         for title in (self.ae_title, *self.allowed_calling_aets):
@@ -475,8 +475,6 @@ class DicomNode:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads = []
-        if self.sender is not None:
-            self.sender.close()
         self.processor.models.stop()
 
     def __enter__(self) -> DicomNode:

@@ -94,6 +94,8 @@ ENUMERATED = {
     "ImageLaterality": frozenset({"R", "L", "U", "B"}),
     "PatientIdentityRemoved": frozenset({"YES", "NO"}),
 }
+# Values a VR allows but the attribute does not: anatomical directions (PS3.3 C.7.6.1.1.1).
+PATTERNS = {"PatientOrientation": re.compile(r"[LRAPHF]{1,3}")}
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM"}
 )
@@ -268,6 +270,9 @@ def _value_problem(keyword: str, vr: str, value) -> str | None:
     allowed = ENUMERATED.get(keyword)
     if allowed is not None and any(str(item) not in allowed for item in values):
         return "not one of the enumerated values"
+    pattern = PATTERNS.get(keyword)
+    if pattern is not None and not all(pattern.fullmatch(str(item)) for item in values):
+        return "not made of the defined terms"
     return None
 
 

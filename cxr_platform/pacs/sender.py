@@ -1,10 +1,10 @@
 """C-STORE the outbox to PACS: one association per study, a file leaves the outbox only when
 PACS acknowledged it, and an unreachable PACS is retried with exponential backoff.
 
-Image results wait in the outbox uncompressed. Each association proposes, per image result
-class, a JPEG-LS Lossless context and the uncompressed ones; where the destination accepts
-JPEG-LS the file is compressed on the way out (in a child process, see
-:mod:`~cxr_platform.pacs.compression`), elsewhere it is sent as it is."""
+Image results wait in the outbox uncompressed. For the kinds configured to travel compressed,
+each association proposes a JPEG-LS Lossless context beside the uncompressed ones; where the
+destination accepts it the file is compressed on the way out
+(:mod:`~cxr_platform.pacs.compression`), elsewhere it is sent as it is."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ from pynetdicom.sop_class import (
 )
 
 from cxr_platform.errors import CxrError
-from cxr_platform.pacs.compression import RESULTS_TRANSFER_SYNTAX, Compressor
+from cxr_platform.pacs.compression import (
+    RESULTS_TRANSFER_SYNTAX,
+    SOP_CLASS_BY_KIND,
+    compress_dataset,
+)
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.redaction import uid_tag
 
@@ -99,11 +103,11 @@ class ResultSender:
         timeout_seconds: float = 30.0,
         tls: ssl.SSLContext | None = None,
         uid_salt: bytes = b"",
-        compress: bool = True,
+        compress: tuple[str, ...] = ("seg", "pmap"),
     ) -> None:
         self.storage = storage
         self.uid_salt = uid_salt  # study UIDs in log lines are hashed as the inference log does
-        self.compressor = Compressor() if compress else None
+        self.compressed_classes = frozenset(str(SOP_CLASS_BY_KIND[kind]) for kind in compress)
         self.destination = destination
         self.retry_initial_seconds = retry_initial_seconds
         self.retry_max_seconds = retry_max_seconds
@@ -112,7 +116,7 @@ class ResultSender:
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
-            if compress and sop_class != Comprehensive3DSRStorage:  # the SR has no pixels
+            if str(sop_class) in self.compressed_classes:
                 self.ae.add_requested_context(sop_class, [RESULTS_TRANSFER_SYNTAX])
             self.ae.add_requested_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -220,20 +224,17 @@ class ResultSender:
         return complete
 
     def _as_accepted(self, path: Path, accepted: set[tuple[str, str]]) -> Path | pydicom.Dataset:
-        """The file compressed where the association accepted JPEG-LS for its class; else the
-        file as it is (results wait uncompressed, which every destination takes)."""
-        if self.compressor is None:
+        """The result compressed where its kind travels compressed and the association accepted
+        JPEG-LS for its class; else the file as it waits in the outbox (uncompressed, which every
+        destination takes)."""
+        if not self.compressed_classes:
             return path
         meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
         sop_class = str(meta.MediaStorageSOPClassUID)
         if (
-            sop_class == Comprehensive3DSRStorage  # no pixels
+            sop_class not in self.compressed_classes
             or meta.TransferSyntaxUID.is_compressed
             or (sop_class, RESULTS_TRANSFER_SYNTAX) not in accepted
         ):
             return path
-        return self.compressor.compressed(path)
-
-    def close(self) -> None:
-        if self.compressor is not None:
-            self.compressor.close()
+        return compress_dataset(pydicom.dcmread(path))

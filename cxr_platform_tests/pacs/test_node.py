@@ -349,8 +349,8 @@ def test_tls_both_ways(node_factory, tmp_path, chest_pngs):
 
 
 def test_results_travel_compressed_where_the_destination_accepts_it(node_factory, chest_pngs):
-    """The PACS here takes JPEG-LS for SEG and the parametric map but only uncompressed
-    secondary captures: those arrive decompressed, the others as stored, all of them whole."""
+    """Every image kind is set to travel compressed, but the PACS here takes JPEG-LS only for
+    SEG and the parametric map: the secondary capture goes uncompressed, all of them whole."""
     received: dict[str, tuple[str, np.ndarray | None]] = {}
 
     def on_store(event):
@@ -371,7 +371,10 @@ def test_results_travel_compressed_where_the_destination_accepts_it(node_factory
         ("127.0.0.1", pacs_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
     try:
-        node = node_factory(dicom_destination=f"PACS@127.0.0.1:{pacs_port}")
+        node = node_factory(
+            dicom_destination=f"PACS@127.0.0.1:{pacs_port}",
+            dicom_compress_results=("seg", "pmap", "sc"),
+        )
         node.start()
         source = radiograph(chest_pngs[8], VARIANTS["cr-mono1-12bit"])
         assert send(node.port, [source]).statuses == [0x0000]

@@ -1,0 +1,201 @@
+"""The deployment files, validated offline: no Docker engine, cluster or helm binary runs here.
+
+- ``deploy/compose.yaml`` against the Compose specification (check-jsonschema's built-in copy);
+- the Kubernetes manifests against a current Kubernetes API (kubernetes-validate, strict: an
+  unknown field fails);
+- the Helm values as YAML, with the structure the Dagster chart reads;
+- and what no schema knows: every CXR_* variable they set is a real setting, every file they
+  mount or copy exists, the code location they name is importable, and no secret is written
+  in them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxr_platform.settings import env_name, settings_fields
+
+from ..conftest import REPO_ROOT
+
+DEPLOY = REPO_ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+KUBERNETES = DEPLOY / "kubernetes"
+MANIFESTS = sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "dagster-values.yaml")
+HELM_VALUES = KUBERNETES / "dagster-values.yaml"
+KUBERNETES_VERSION = "1.34.0"  # a current release; the validator ships schemas up to 1.37
+SETTINGS = {env_name(name) for name in settings_fields()}
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} is not installed (pip install -e '.[dev]')")
+    return found
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def test_the_compose_file_follows_the_compose_specification(tmp_path):
+    checked = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The validator does reject what the specification forbids (a misspelt service key).
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("healthcheck:", "healthchek:", 1))
+    rejected = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert rejected.returncode != 0
+
+
+def test_the_compose_stack_is_complete_and_wired_by_service_name():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    for name in (
+        "postgres", "s3", "mlflow", "dagster-webserver", "dagster-daemon", "service",
+        "orthanc", "dicom-node",
+    ):  # fmt: skip
+        assert name in services, name
+    for name, service in services.items():
+        if service.get("restart") != "no":
+            assert "healthcheck" in service or name == "dagster-daemon", f"{name} has no check"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+    node = services["dicom-node"]["environment"]
+    assert node["CXR_DICOM_DESTINATION"].split("@")[1].split(":")[0] in services
+    assert "mlflow" in services["dagster-daemon"]["environment"]["CXR_MLFLOW_TRACKING_URI"]
+
+
+def test_files_the_compose_file_and_dockerfile_use_exist():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).is_file(), source
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO_ROOT / source).exists(), source
+    extras = re.search(r'pip install --no-cache-dir "\.\[(\w+)\]"', dockerfile)
+    assert extras, "the Dockerfile installs the platform with an extra"
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert re.search(rf"^{extras.group(1)} = \[", pyproject, re.MULTILINE)
+
+
+def _deploy_texts() -> dict[str, str]:
+    paths = [COMPOSE, DEPLOY / ".env.example", DEPLOY / "Dockerfile", *KUBERNETES.glob("*.yaml")]
+    return {path.name: path.read_text() for path in paths}
+
+
+def test_every_platform_variable_they_set_is_a_real_setting():
+    for name, text in _deploy_texts().items():
+        # Names set (a YAML key, NAME=value) or substituted (${NAME...}); values like CXR_AI
+        # (an AE title) are not variables.
+        for variable in set(re.findall(r"\b(CXR_[A-Z0-9_]+)\s*(?:[:=]|:?-)", text)):
+            if variable.endswith("_IMAGE"):  # compose's own image variables, not settings
+                continue
+            assert variable in SETTINGS, f"{name} sets {variable}, which no setting reads"
+
+
+def _without_substitutions(text: str) -> str:
+    return re.sub(r"\$\{[^}]*\}", "", text)
+
+
+def test_no_secret_is_written_in_the_deployment_files():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for name, service in compose["services"].items():
+        values = {**service.get("environment", {})}
+        values.update({f"command[{i}]": v for i, v in enumerate(service.get("command", []))})
+        for key, value in values.items():
+            literal = _without_substitutions(str(value))
+            if any(word in key for word in ("PASSWORD", "SECRET", "_KEY")):
+                assert not literal.strip(), f"{name}: {key} is written, not substituted"
+            assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", literal), f"{name}: {key}"
+    assert "change-me" not in _without_substitutions(str(compose))  # comments may say it
+    # Everything compose needs from .env has a placeholder in the example.
+    example = (DEPLOY / ".env.example").read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text()))
+    assert required
+    for variable in required:
+        assert re.search(rf"^{variable}=", example, re.MULTILINE), variable
+    for manifest in MANIFESTS:
+        for document in yaml.safe_load_all(manifest.read_text()):
+            assert document["kind"] != "Secret", f"{manifest.name} writes a Secret"
+
+
+def test_the_kubernetes_manifests_validate_against_a_current_api(tmp_path):
+    checked = run(
+        tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION,
+        *map(str, MANIFESTS),
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Strict validation rejects a field the API does not have.
+    broken = tmp_path / "service.yaml"
+    broken.write_text((KUBERNETES / "service.yaml").read_text().replace("replicas:", "replica:"))
+    rejected = run(tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(broken))
+    assert rejected.returncode != 0
+
+
+def _documents() -> dict[tuple[str, str], dict]:
+    found = {}
+    for manifest in MANIFESTS:
+        for document in yaml.safe_load_all(manifest.read_text()):
+            found[(document["kind"], document["metadata"]["name"])] = document
+    return found
+
+
+def test_the_service_the_node_and_mlflow_are_deployed_as_each_needs():
+    documents = _documents()
+    service = documents[("Deployment", "cxr-service")]["spec"]["template"]
+    (container,) = service["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    autoscaler = documents[("HorizontalPodAutoscaler", "cxr-service")]["spec"]
+    assert autoscaler["scaleTargetRef"]["name"] == "cxr-service"
+    assert autoscaler["minReplicas"] >= 2
+
+    node = documents[("StatefulSet", "cxr-dicom-node")]["spec"]
+    (claim,) = node["volumeClaimTemplates"]
+    (mount,) = node["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert mount["name"] == claim["metadata"]["name"]
+    assert mount["mountPath"] == "/var/lib/cxr/dicom"  # the spool, outbox and ledger persist
+    ports = documents[("Service", "cxr-dicom-node")]["spec"]["ports"]
+    assert [p["port"] for p in ports] == [11112]
+    config = documents[("ConfigMap", "cxr-platform-config")]["data"]
+    assert "mlflow" in config["CXR_MLFLOW_TRACKING_URI"]
+    assert documents[("Service", "mlflow")]["spec"]["ports"][0]["port"] == 5000
+
+
+def test_the_dagster_helm_values_launch_runs_on_gpu_nodes_with_shared_postgres():
+    values = yaml.safe_load(HELM_VALUES.read_text())
+    launcher = values["runLauncher"]
+    assert launcher["type"] == "K8sRunLauncher"
+    pod = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["podSpecConfig"]
+    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    limits = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]
+    assert limits["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert values["postgresql"]["enabled"] is False
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    args = deployment["dagsterApiGrpcArgs"]
+    module = args[args.index("--module-name") + 1]
+    attribute = args[args.index("--attribute") + 1]
+    workspace = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())
+    (location,) = workspace["load_from"]
+    assert module == location["python_module"]["module_name"]  # the same code location
+    assert attribute == location["python_module"]["attribute"]
+    assert importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("path", [DEPLOY / "dagster" / "dagster.yaml", HELM_VALUES])
+def test_yaml_files_parse(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
