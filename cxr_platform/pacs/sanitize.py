@@ -97,9 +97,9 @@ ENUMERATED = {
 # Values a VR allows but the attribute does not: anatomical directions (PS3.3 C.7.6.1.1.1).
 PATTERNS = {"PatientOrientation": re.compile(r"[LRAPHF]{1,3}")}
 _TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM"}
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
+    | {"UR", "UT"}
 )
-_TEXT_VRS |= {"UC", "UI", "UR", "UT"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _MULTILINE_VRS = frozenset({"LT", "ST", "UT"})  # may hold CR/LF/tab/FF, other VRs may not
 _CODE_KEYS = ("CodeValue", "LongCodeValue", "URNCodeValue")
@@ -124,9 +124,6 @@ class SanitizedSource:
     dataset: Dataset  # what the builders read; never the received dataset
     repairs: tuple[Repair, ...]
     character_set: str | None  # UTF-8 where a copied value is not plain ASCII, else the default
-
-    def repaired_keywords(self) -> list[str]:
-        return sorted({repair.keyword for repair in self.repairs})
 
 
 def is_valid_uid(value: object) -> bool:

@@ -315,8 +315,8 @@ def test_degraded_headers_give_valid_results_and_no_patient_data_in_logs(
             checked.append(path.name)
 
     one()
-    print("FUZZ", outcomes, len(sent))
     assert sum(outcomes.values()) == len(sent) >= 1
+    print(f"header fuzz: {len(sent)} instances {outcomes}; {len(checked)} results, dciodvfy clean")
 
     log_output = "".join(fuzz_node.lines)
     assert MARK not in log_output, [line for line in fuzz_node.lines if MARK in line][:3]
