@@ -1,5 +1,6 @@
 """PACS integration: a DICOM node that classifies routed chest radiographs and returns a
-TID 1500 SR, a Grad-CAM SEG and a captioned secondary capture to PACS."""
+TID 1500 SR, the Grad-CAM heatmap as a SEG and a parametric map, and a captioned secondary
+capture to PACS."""
 
 from __future__ import annotations
 

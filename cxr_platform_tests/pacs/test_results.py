@@ -184,26 +184,22 @@ def test_result_uids_are_stable_per_instance_and_model_version(processor, chest_
     assert one.device_uid == Algorithm("resnet18", "3", 0.7).device_uid
 
 
-def test_results_can_be_switched_off(pacs_model, processor, chest_pngs):
-    only_sr = InstanceProcessor(
+def _returning(processor: InstanceProcessor, kinds: tuple[str, ...]) -> InstanceProcessor:
+    return InstanceProcessor(
         processor.models,
         processor.inference_log,
         uid_salt=processor.uid_salt,
         model_folder=processor.model_folder,
-        config=ProcessorConfig(results=("sr",)),
+        config=ProcessorConfig(results=kinds),
     )
+
+
+def test_results_can_be_switched_off(pacs_model, processor, chest_pngs):
     _, data = radiograph_bytes(chest_pngs[1], VARIANTS["cr-mono2-12bit"])
-    results = only_sr.process(data).results
+    results = _returning(processor, ("sr",)).process(data).results
     assert results.sr is not None and results.seg is None and results.sc is None
     assert results.pmap is None
-    only_pmap = InstanceProcessor(
-        processor.models,
-        processor.inference_log,
-        uid_salt=processor.uid_salt,
-        model_folder=processor.model_folder,
-        config=ProcessorConfig(results=("pmap",)),
-    )
-    results = only_pmap.process(data).results
+    results = _returning(processor, ("pmap",)).process(data).results
     assert [d.SOPClassUID for d in results.datasets()] == ["1.2.840.10008.5.1.4.1.1.30"]
     with pytest.raises(ValueError, match="unknown result kinds"):
         ProcessorConfig(results=("sr", "pdf"))
