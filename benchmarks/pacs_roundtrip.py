@@ -218,7 +218,7 @@ class StageTimes:
 
 def instrument(node, times: StageTimes) -> None:
     """Time the node's stages without touching its code."""
-    process, put, send = node.processor.process, node.storage.put_result, None
+    process, put = node.processor.process, node.storage.put_result
 
     def timed_process(data, dataset=None, **kwargs):
         result = process(data, dataset, **kwargs)

@@ -17,13 +17,18 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from cxr_platform.sections import IMAGE_RESULT_KINDS
+
 # Lossless, fast to encode on a CPU, and accepted by Orthanc and dcm4chee by default.
 RESULTS_TRANSFER_SYNTAX = JPEGLSLossless
-SOP_CLASS_BY_KIND = {
-    "seg": SegmentationStorage,
-    "pmap": ParametricMapStorage,
-    "sc": SecondaryCaptureImageStorage,
-}
+# The kinds are named once, in the settings; strict: a kind added there must get its class here.
+SOP_CLASS_BY_KIND = dict(
+    zip(
+        IMAGE_RESULT_KINDS,
+        (SegmentationStorage, ParametricMapStorage, SecondaryCaptureImageStorage),
+        strict=True,
+    )
+)
 
 
 def compress_dataset(dataset: Dataset) -> Dataset:
