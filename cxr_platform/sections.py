@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from cxr_platform.disk import DiskBudget
+
 # Named choices: the settings, the library and the CLI's options all take them from here.
 TrainingProfile = Literal["demo", "full"]
 TRAINING_PROFILES: tuple[str, ...] = get_args(TrainingProfile)
@@ -330,6 +332,12 @@ class _Scoring(_Logged):
     service_threads: int | None = setting(
         None, doc="ONNX Runtime threads in the scorer; default: all cores.", ge=1
     )
+    min_free_disk_mb: float = setting(
+        1024.0,
+        doc="Free-space watermark (MB) of the filesystem under the home: below it the service "
+        "stops keeping inputs for feedback and the DICOM node refuses new instances (0: off).",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -367,10 +375,20 @@ class ServingSection(_Scoring):
         "data (0: keep none).",
         ge=0,
     )
+    retain_inputs_max_mb: float = setting(
+        2048.0,
+        doc="Byte budget (MB) of the kept inputs, labeled ones included (0: none). Past it the "
+        "oldest unlabeled inputs make room; labeled ones are never deleted by it. ~50 KB each.",
+        ge=0,
+    )
 
     @property
     def service_max_upload_bytes(self) -> int:
         return int(self.service_max_upload_mb * 1024 * 1024)
+
+    @property
+    def retained_budget(self) -> DiskBudget:
+        return DiskBudget.from_megabytes(self.retain_inputs_max_mb, self.min_free_disk_mb)
 
 
 @dataclass(frozen=True)
@@ -416,6 +434,18 @@ class DicomSection(_Scoring):
         2.0, doc="First wait before resending a result.", gt=0
     )
     dicom_retry_max_seconds: float = setting(300.0, doc="Longest wait between resends.", gt=0)
+    dicom_spool_max_mb: float = setting(
+        4096.0,
+        doc="Byte budget (MB) of received instances waiting to be scored: past it C-STORE "
+        "answers 0xA700 (out of resources) until the worker catches up (0: none).",
+        ge=0,
+    )
+    dicom_outbox_max_mb: float = setting(
+        4096.0,
+        doc="Byte budget (MB) of results waiting for the destination: past it the worker stops "
+        "scoring (instances wait in the spool) until PACS takes results again (0: none).",
+        ge=0,
+    )
     dicom_tls_cert: Path | None = setting(None, doc="PEM certificate: enables TLS.")
     dicom_tls_key: Path | None = setting(None, doc="PEM private key of the certificate.")
     dicom_tls_ca: Path | None = setting(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cxr_platform.disk import DiskBudget
 from cxr_platform.sections import DicomSection
 
 if TYPE_CHECKING:
@@ -60,4 +61,9 @@ def build_node(
             refusal_sr=dicom.dicom_refusal_sr,
         ),
     )
-    return DicomNode(config, processor, NodeStorage(state_dir or dicom.dicom_dir))
+    storage = NodeStorage(
+        state_dir or dicom.dicom_dir,
+        spool_budget=DiskBudget.from_megabytes(dicom.dicom_spool_max_mb, dicom.min_free_disk_mb),
+        outbox_budget=DiskBudget.from_megabytes(dicom.dicom_outbox_max_mb, dicom.min_free_disk_mb),
+    )
+    return DicomNode(config, processor, storage)

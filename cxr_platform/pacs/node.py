@@ -69,7 +69,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 MAX_PDU_BYTES = 131072
 TRANSIENT_RETRY_SECONDS = 10.0
 STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700  # the spool could not be written
+STATUS_OUT_OF_RESOURCES = 0xA700  # the spool is full or could not be written
 STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
 
 
@@ -138,6 +138,7 @@ class NodeCounters:
     refused: int = 0  # by the input gate
     failed: int = 0
     sent: int = 0
+    out_of_space: int = 0  # C-STORE answered 0xA700: spool budget or disk watermark
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # association threads count concurrently
@@ -180,6 +181,7 @@ class DicomNode:
         self._outbox_ready = threading.Event()
         self._threads: list[threading.Thread] = []
         self._paused_until = 0.0
+        self._outbox_full: str | None = None
         self._server = None
         self.ae = self._application_entity()
 
@@ -248,10 +250,21 @@ class DicomNode:
             self.counters.add("duplicates")
             log.info("ignored %s from %s: already processed (re-sent instance)", tag, calling)
             return STATUS_SUCCESS
-        try:
-            self.storage.spool(
-                sop_uid, event.encoded_dataset(), calling_ae_title=str(calling).strip() or None
+        encoded = event.encoded_dataset()
+        shortfall = self.storage.spool_shortfall(len(encoded))
+        if shortfall is not None:
+            # Refused before anything is written: the sender still holds the instance and can
+            # send it again once the worker (or the destination behind it) has caught up.
+            self.counters.add("out_of_space")
+            log.warning(
+                "C-STORE from %s refused (out of resources): %s not spooled, %s",
+                calling,
+                tag,
+                shortfall,
             )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            self.storage.spool(sop_uid, encoded, calling_ae_title=str(calling).strip() or None)
         except ValueError as exc:
             log.error("C-STORE from %s: %s", calling, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
@@ -270,6 +283,9 @@ class DicomNode:
         for path in self.storage.spooled():
             if self._stop.is_set():
                 break
+            if self._outbox_is_full():
+                self._paused_until = time.monotonic() + self.config.idle_poll_seconds
+                return finished
             try:
                 outcome = self._process_file(path)
             except TransientProcessingError as exc:
@@ -285,6 +301,23 @@ class DicomNode:
                 return finished
             finished += outcome
         return finished
+
+    def _outbox_is_full(self) -> bool:
+        """Results waiting past the outbox budget (the destination is down or slow): stop
+        scoring, so instances wait in the spool instead of piling up as results. One log line
+        when that starts and one when it ends."""
+        shortfall = self.storage.outbox_shortfall()
+        if shortfall is not None and self._outbox_full is None:
+            log.warning(
+                "outbox full (%s): scoring paused, %d instances wait in the spool until the "
+                "destination takes results",
+                shortfall,
+                len(self.storage.spooled()),
+            )
+        elif shortfall is None and self._outbox_full is not None:
+            log.info("outbox has room again: scoring resumes")
+        self._outbox_full = shortfall
+        return shortfall is not None
 
     def _process_file(self, path: Path) -> int:
         data = path.read_bytes()

@@ -8,6 +8,11 @@ The order of writes is what makes a crash harmless:
 A crash between any two steps repeats the later steps on restart. Result UIDs are derived from
 the source instance and the model version, so a repeat rewrites the same outbox files instead
 of adding new ones, and the ledger turns a re-sent instance away before it is spooled again.
+
+The spool and the outbox each have a byte budget, and both keep the filesystem above a
+free-space watermark (:class:`~cxr_platform.disk.DiskBudget`). The node applies them as
+back-pressure, never by deleting: a full outbox stops the worker (instances wait in the spool),
+a full spool refuses new instances (the sender keeps them and retries later).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+
+from cxr_platform.disk import DiskBudget, folder_bytes
 
 SPOOL = "spool"
 OUTBOX = "outbox"
@@ -76,8 +83,16 @@ class OutboxStudy:
 
 
 class NodeStorage:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        spool_budget: DiskBudget | None = None,
+        outbox_budget: DiskBudget | None = None,
+    ) -> None:
         self.root = root
+        self.spool_budget = spool_budget or DiskBudget()
+        self.outbox_budget = outbox_budget or DiskBudget()
         self.spool_dir = root / SPOOL
         self.outbox_dir = root / OUTBOX
         self.failed_dir = root / FAILED
@@ -125,6 +140,18 @@ class NodeStorage:
             )
         write_atomically(path, encoded)
         return path
+
+    def spool_shortfall(self, incoming: int) -> str | None:
+        """Why an instance of ``incoming`` bytes must not be accepted now; None when it may.
+        The folders are measured each time: they hold at most a few thousand files, and a
+        ``cxr dicom-retry`` in another process moves files the node did not write."""
+        return self.spool_budget.shortfall(self.spool_dir, folder_bytes(self.spool_dir), incoming)
+
+    def outbox_shortfall(self) -> str | None:
+        """Why the worker must not add results now (the destination is behind); None when it
+        may. Checked before an instance is scored, so one instance's results may overshoot the
+        budget by their own size: a budget is a threshold for stopping, not a hard cap."""
+        return self.outbox_budget.shortfall(self.outbox_dir, folder_bytes(self.outbox_dir), 0)
 
     def calling_ae_title(self, sop_instance_uid: str) -> str | None:
         """The AE title that sent the instance, where the node received it itself."""

@@ -92,6 +92,17 @@ batch_sizes = bentoml.metrics.Histogram(
     labelnames=[],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+retention_skipped = bentoml.metrics.Counter(
+    name="cxr_retained_inputs_skipped",
+    documentation="Inputs not kept for feedback (the prediction was served), by reason: the "
+    "retention budget full of labeled inputs, or the disk at its free-space watermark.",
+    labelnames=["reason"],
+)
+retention_evicted = bentoml.metrics.Counter(
+    name="cxr_retained_inputs_evicted",
+    documentation="Unlabeled kept inputs deleted early to stay within the retention budget.",
+    labelnames=[],
+)
 log_failures = bentoml.metrics.Counter(
     name="cxr_inference_log_failures",
     documentation="Predictions withheld because the inference log could not be written.",
@@ -162,7 +173,14 @@ class CxrService:
         self.inference_log = InferenceLog(serving.inference_log_uri)
         self.salt = uid_salt(serving.home)
         self.retained = (
-            RetainedInputs(serving.retained_dir) if serving.retain_inputs_days > 0 else None
+            RetainedInputs(
+                serving.retained_dir,
+                serving.retained_budget,
+                on_skipped=lambda reason: retention_skipped.labels(reason=reason).inc(),
+                on_evicted=lambda n: retention_evicted.inc(n),
+            )
+            if serving.retain_inputs_days > 0
+            else None
         )
         if self.retained is not None:
             self._prune_retained()

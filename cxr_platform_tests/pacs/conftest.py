@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ from pydicom.dataset import Dataset
 
 from cxr_platform.data.sources import discover_images
 from cxr_platform.deployment.pipeline import register_exported, registry_for
+from cxr_platform.pacs import build_node
 from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
+from cxr_platform.ports import free_port
 from cxr_platform.settings import CxrSettings, load_settings
 
 from ..deployment.conftest import export_for_registry
@@ -78,3 +81,37 @@ def radiograph(png: Path, spec: RadiographSpec, size: tuple[int, int] = (640, 56
 def radiograph_bytes(png: Path, spec: RadiographSpec, **kwargs) -> tuple[Dataset, bytes]:
     ds = radiograph(png, spec, **kwargs)
     return ds, encode_dataset(ds)
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture()
+def node_factory(pacs_model, tmp_path):
+    nodes = []
+
+    def make(state_dir: Path | None = None, **overrides):
+        options = {
+            "dicom_port": free_port(),
+            "dicom_host": "127.0.0.1",
+            "dicom_allowed_aets": ("MODALITY", "ROUTER"),
+        }
+        options.update(overrides)
+        node = build_node(
+            replace(pacs_model.settings.dicom, **options),
+            registry_for(pacs_model.settings.registry),
+            state_dir=state_dir or tmp_path / "node",
+        )
+        nodes.append(node)
+        return node
+
+    make.settings = pacs_model.settings
+    yield make
+    for node in nodes:
+        node.stop()

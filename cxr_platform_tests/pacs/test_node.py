@@ -34,44 +34,10 @@ from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
 
-from .conftest import VARIANTS, dciodvfy_errors, radiograph, radiograph_bytes
+from .conftest import VARIANTS, dciodvfy_errors, radiograph, radiograph_bytes, wait_for
 from .scu import send
 
 pytestmark = pytest.mark.xdist_group("pacs")
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@pytest.fixture()
-def node_factory(pacs_model, tmp_path):
-    nodes = []
-
-    def make(state_dir: Path | None = None, **overrides):
-        options = {
-            "dicom_port": free_port(),
-            "dicom_host": "127.0.0.1",
-            "dicom_allowed_aets": ("MODALITY", "ROUTER"),
-        }
-        options.update(overrides)
-        node = build_node(
-            replace(pacs_model.settings.dicom, **options),
-            registry_for(pacs_model.settings.registry),
-            state_dir=state_dir or tmp_path / "node",
-        )
-        nodes.append(node)
-        return node
-
-    make.settings = pacs_model.settings
-    yield make
-    for node in nodes:
-        node.stop()
 
 
 def test_echo_and_the_calling_ae_allow_list(node_factory):

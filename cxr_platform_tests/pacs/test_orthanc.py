@@ -20,9 +20,8 @@ from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.ports import free_port
 
-from .conftest import VARIANTS, radiograph_bytes
+from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .scu import send
-from .test_node import wait_for
 
 pytestmark = pytest.mark.xdist_group("pacs")
 

@@ -21,6 +21,7 @@ API_KEY = "test-key-0123"
 # Each site's own key: requests with it are logged as that site.
 SITE_KEYS = {"north": "north-key-4567", "south": "south-key-8901"}
 MAX_UPLOAD_MB = 2
+RETAIN_INPUTS_MAX_MB = 0.25
 
 
 @dataclass
@@ -61,6 +62,8 @@ def live_service(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_
         "CXR_SERVICE_REFRESH_SECONDS": "0.5",
         "CXR_SERVICE_THREADS": "1",
         "CXR_MAX_IMAGE_PIXELS": "20000000",
+        # Room for about 28 of the test model's 96x96 inputs: the budget test fills it.
+        "CXR_RETAIN_INPUTS_MAX_MB": str(RETAIN_INPUTS_MAX_MB),
     }
     with ServiceProcess(env=env, log_path=log_path) as service:
         yield LiveService(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import socket
 import sys
 import threading
@@ -33,7 +34,7 @@ from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..data.dicom_factory import make_dicom, to_bytes
-from .conftest import MAX_UPLOAD_MB, SITE_KEYS
+from .conftest import MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
 
 pytestmark = pytest.mark.xdist_group("live_service")
 
@@ -292,6 +293,27 @@ def test_feedback_attaches_a_label_to_a_request(live_service):
     store = RetainedInputs(live_service.settings.serving.retained_dir)
     ids, images = store.load_labeled([request_id])
     assert ids == [request_id] and images.shape == (1, 96, 96) and images.dtype == np.uint8
+
+
+def test_past_the_retention_budget_every_request_is_answered_and_the_store_stays_within_it(
+    live_service,
+):
+    store_root = live_service.settings.serving.retained_dir
+    budget = int(RETAIN_INPUTS_MAX_MB * 1024 * 1024)
+    log = live_service.inference_log()
+    before = log.count()
+    with live_service.client() as client:
+        answers = [post_image(client, png(seed)) for seed in range(40)]
+        metrics = client.get("/metrics").text
+    assert [answer.status_code for answer in answers] == [200] * 40
+    assert log.count() == before + 40
+    kept = {path.stem for path in store_root.rglob("*") if path.is_file()}
+    assert 0 < sum(p.stat().st_size for p in store_root.rglob("*") if p.is_file()) <= budget
+    # The newest inputs are the ones kept: feedback is likeliest on recent requests.
+    assert answers[-1].json()["request_id"] in kept
+    assert answers[0].json()["request_id"] not in kept
+    evicted = re.search(r"^cxr_retained_inputs_evicted_total\S* ([0-9.e+]+)$", metrics, re.M)
+    assert evicted is not None and float(evicted.group(1)) >= 12, metrics
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
