@@ -155,8 +155,13 @@ def _read_pillow(
         width=width,
         height=height,
         mode=mode,
-        bit_depth=_PIL_BIT_DEPTH.get(mode, 8),
+        bit_depth=bit_depth_of_mode(mode),
     )
+
+
+def bit_depth_of_mode(mode: str) -> int:
+    """Bits per sample of a Pillow mode, as the inference log records them."""
+    return _PIL_BIT_DEPTH.get(mode, 8)
 
 
 def _pillow_to_gray_float(image: Image.Image) -> np.ndarray:

@@ -19,7 +19,12 @@ from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.deployment.registry import registry_for
-from cxr_platform.monitoring.drift import DriftResult, save_drift_report, sites_markdown
+from cxr_platform.monitoring.drift import (
+    DriftResult,
+    acquisition_markdown,
+    save_drift_report,
+    sites_markdown,
+)
 from cxr_platform.monitoring.finetune import (
     FineTuneResult,
     finetune_production,
@@ -96,6 +101,7 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
         )
         or "none",
         "sites": dg.MetadataValue.md(sites_markdown(result)),
+        "acquisition": dg.MetadataValue.md(acquisition_markdown(result)),
         "rule": dg.MetadataValue.json(result.rule.to_dict()),
     }
 

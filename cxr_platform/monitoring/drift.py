@@ -2,8 +2,13 @@
 
 Three signals, each with its own threshold (:class:`DriftRule`), computed with Evidently:
 
-- input drift: the share of image features (intensity statistics on the model input, original
-  size) whose distribution differs from the reference (two-sample K-S test per feature);
+- input drift: the share of image features whose distribution differs from the reference
+  (two-sample K-S test per feature; chi-square for the photometric interpretation). Content
+  features (intensity statistics on the model input) are compared over the whole window;
+  acquisition features (original size, bit depth, photometric interpretation) per kind of
+  traffic, DICOM or image files, and per site where the log names sites, each against the
+  reference rows of its own kind: a DICOM instance carries the detector's matrix where a PNG
+  export does not, so comparing the two would call every PACS an outlier;
 - prediction drift: the calibrated probability's distribution (K-S) and the positive rate;
 - performance drift: where feedback labels exist, AUC, sensitivity and specificity at the
   version's threshold against the version's own test-split figures, allowing for the uncertainty
@@ -35,10 +40,14 @@ from cxr_platform.errors import CxrError
 from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 from cxr_platform.monitoring.recalibration import estimate_prevalence
 from cxr_platform.monitoring.reference import (
-    INPUT_FEATURES,
+    ACQUISITION_CATEGORIES,
+    ACQUISITION_FEATURES,
+    CONTENT_FEATURES,
     PREDICTED,
     PROBABILITY,
     REFERENCE_FLOAT_FORMAT,
+    SOURCE_FORMAT,
+    acquisition_source,
 )
 
 
@@ -47,6 +56,9 @@ class DriftError(CxrError):
 
 
 WINDOW_BOOTSTRAP = 1000  # replicates for a window's intervals (a few hundred labeled rows)
+# A kind of traffic with fewer rows in a window is not compared on acquisition features: a
+# handful of images from one detector says little, and K-S on them is noise.
+MIN_ACQUISITION_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,23 @@ class SiteWindow:
 
 
 @dataclass(frozen=True)
+class AcquisitionGroup:
+    """One kind of traffic in a window (DICOM or image files, per site where named), compared
+    on how its images were acquired with the reference rows of the same kind."""
+
+    source: str  # "dicom" or "image" (acquisition_source)
+    site: str | None
+    n_records: int
+    n_reference: int  # reference rows of the same kind
+    p_values: dict[str, float] = field(default_factory=dict)
+    not_compared: str | None = None  # why, when it was not
+
+    @property
+    def label(self) -> str:
+        return self.source + (f" @ {self.site}" if self.site is not None else "")
+
+
+@dataclass(frozen=True)
 class DriftResult:
     window: str
     model_version: str | None
@@ -137,6 +166,7 @@ class DriftResult:
     n_refused: int = 0  # images the input gate refused while the window's records came in
     refusal_drift: bool = False
     by_site: dict[str, SiteWindow] = field(default_factory=dict)  # where the log names sites
+    acquisition: list[AcquisitionGroup] = field(default_factory=list)
     # Pneumonia prevalence of the window's traffic estimated without labels (EM, Saerens et
     # al. 2002), against the validation prevalence the calibration was fitted under.
     estimated_prevalence: float | None = None
@@ -186,6 +216,84 @@ def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
     in-distribution window of the demo's model); rounded alike, it is not (p = 0.25)."""
     values = frame.astype(float).reset_index(drop=True)
     return values.map(lambda value: float(REFERENCE_FLOAT_FORMAT % value))
+
+
+def _ks_and_chi_square(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    numerical: list[str],
+    categorical: list[str] = (),  # type: ignore[assignment]
+) -> tuple[dict[str, float], Any]:
+    """Evidently's p-value per column (K-S for numbers, chi-square for categories), and the
+    snapshot for the HTML report."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    categorical = list(categorical)
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+
+    def prepared(frame: pd.DataFrame) -> pd.DataFrame:
+        values = _comparable(frame[numerical])
+        for column in categorical:
+            values[column] = frame[column].astype(str).to_numpy()
+        return values
+
+    metrics = [ValueDrift(column=c, method="ks") for c in numerical]
+    metrics += [ValueDrift(column=c, method="chisquare") for c in categorical]
+    snapshot = Report(metrics, include_tests=False).run(
+        current_data=Dataset.from_pandas(prepared(current), data_definition=definition),
+        reference_data=Dataset.from_pandas(prepared(reference), data_definition=definition),
+    )
+    p_values = {m["config"]["column"]: float(m["value"]) for m in snapshot.dict()["metrics"]}
+    return p_values, snapshot
+
+
+def _sources(frame: pd.DataFrame) -> pd.Series:
+    formats = frame[SOURCE_FORMAT] if SOURCE_FORMAT in frame else pd.Series(None, frame.index)
+    return formats.map(acquisition_source)
+
+
+def _acquisition_groups(reference: pd.DataFrame, scored: pd.DataFrame) -> list[AcquisitionGroup]:
+    """Each kind of traffic (and site) compared with the reference rows of its own kind."""
+    reference_sources = _sources(reference)
+    sources = _sources(scored)
+    sites = (
+        scored["site"].astype(object).where(scored["site"].notna(), None)
+        if "site" in scored
+        else pd.Series(None, scored.index, dtype=object)
+    )
+    keys = pd.DataFrame({"source": sources, "site": sites.fillna(UNNAMED_SITE)})
+    groups = []
+    for (source, site_key), rows in keys.groupby(["source", "site"], sort=True):
+        site = None if site_key == UNNAMED_SITE else str(site_key)
+        current = scored.loc[rows.index]
+        matching = reference[reference_sources == source]
+        group = AcquisitionGroup(str(source), site, len(current), len(matching))
+        if matching.empty:
+            groups.append(replace(group, not_compared=f"the reference holds no {source} images"))
+            continue
+        if len(current) < MIN_ACQUISITION_ROWS:
+            groups.append(replace(group, not_compared=f"fewer than {MIN_ACQUISITION_ROWS} records"))
+            continue
+        numerical = [
+            f for f in ACQUISITION_FEATURES if _present(matching, f) and _present(current, f)
+        ]
+        categorical = [
+            f for f in ACQUISITION_CATEGORIES if _present(matching, f) and _present(current, f)
+        ]
+        if not numerical and not categorical:
+            groups.append(replace(group, not_compared="no acquisition feature on both sides"))
+            continue
+        # Rows missing a value (a log row from before the column existed) are left out of that
+        # column's comparison only; K-S needs no imputation.
+        p_values, _ = _ks_and_chi_square(
+            matching.fillna({c: "unknown" for c in categorical}),
+            current.fillna({c: "unknown" for c in categorical}),
+            numerical,
+            categorical,
+        )
+        groups.append(replace(group, p_values=p_values))
+    return groups
 
 
 def _present(frame: pd.DataFrame, column: str) -> bool:
@@ -348,29 +456,20 @@ def evaluate_window(
     ``model_version`` scored are compared, since ``reference`` holds that version's
     probabilities; a window that spans a promotion is judged on its rows of that version.
     ``refused_by_site``: the window's refusals per site, where the log names sites."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
-
     rule = rule or DriftRule()
     scored = (
         records if model_version is None else records[records["model_version"] == model_version]
     )
     if scored.empty:
         raise DriftError(f"window {window} has no records scored by version {model_version}")
-    # A feature missing on either side (sizes of a reference made from arrays) is skipped.
-    features = [f for f in INPUT_FEATURES if _present(reference, f) and _present(scored, f)]
-    columns = [*features, PROBABILITY]
-    definition = DataDefinition(numerical_columns=columns)
-    metrics = [ValueDrift(column=f, method="ks", threshold=rule.feature_p_value) for f in features]
-    metrics.append(ValueDrift(column=PROBABILITY, method="ks", threshold=rule.prediction_p_value))
-    snapshot = Report(metrics, include_tests=False).run(
-        current_data=Dataset.from_pandas(_comparable(scored[columns]), data_definition=definition),
-        reference_data=Dataset.from_pandas(
-            _comparable(reference[columns]), data_definition=definition
-        ),
-    )
-    p_values = {m["config"]["column"]: float(m["value"]) for m in snapshot.dict()["metrics"]}
+    # A feature missing on either side (sharpness in rows logged before it existed) is skipped.
+    features = [f for f in CONTENT_FEATURES if _present(reference, f) and _present(scored, f)]
+    p_values, snapshot = _ks_and_chi_square(reference, scored, [*features, PROBABILITY])
     feature_p = {f: p_values[f] for f in features}
+    acquisition = _acquisition_groups(reference, scored)
+    for group in acquisition:
+        feature_p.update({f"{f} [{group.label}]": p for f, p in group.p_values.items()})
+    features = list(feature_p)
     drifted = [f for f, p in feature_p.items() if p < rule.feature_p_value]
     share = len(drifted) / len(features) if features else 0.0
     reasons: list[str] = []
@@ -446,6 +545,7 @@ def evaluate_window(
         n_refused=n_refused,
         refusal_drift=refusal_drift,
         by_site=by_site,
+        acquisition=acquisition,
         estimated_prevalence=_estimated_prevalence(scored, reference_prevalence),
         reference_prevalence=reference_prevalence,
         snapshot=snapshot,
@@ -537,6 +637,20 @@ def _figure(value: float | None, interval: Interval = NO_INTERVAL) -> str:
         return "n/a"
     low, high = interval
     return f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else "")
+
+
+def acquisition_markdown(result: DriftResult) -> str:
+    """Each kind of traffic: how many records, against how many reference rows, and each
+    acquisition feature's p-value, or why it was not compared."""
+    if not result.acquisition:
+        return "No acquisition features in this window."
+    lines = ["| traffic | records | reference rows | compared |", "| --- | ---: | ---: | --- |"]
+    for group in result.acquisition:
+        compared = group.not_compared or ", ".join(
+            f"{name} p={p:.2g}" for name, p in group.p_values.items()
+        )
+        lines.append(f"| {group.label} | {group.n_records} | {group.n_reference} | {compared} |")
+    return "\n".join(lines)
 
 
 def sites_markdown(result: DriftResult) -> str:

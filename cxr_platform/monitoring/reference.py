@@ -1,8 +1,9 @@
 """Reference data for drift monitoring, made at export and stored with the model version.
 
 One row per validation image: the same image features the service logs (computed on the same
-uint8 model input), the original size, and the exported model's calibrated probability; and one
-row per training image with the features only. Input drift compares against both: images come
+uint8 model input), how it was acquired (original size, bit depth, file format, photometric
+interpretation), and the exported model's calibrated probability; and one row per training
+image with the features only. Input drift compares against both: images come
 several per patient, so a validation split alone (a few dozen patients in the demo) is too
 small a picture of the input distribution and raises false alarms. Prediction and performance
 drift use the validation rows only: probabilities on training images are overfit. The file
@@ -13,36 +14,69 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from cxr_platform.data.cache import PreprocessedCache
-from cxr_platform.data.imaging import read_image
+from cxr_platform.data.imaging import bit_depth_of_mode, read_image
 from cxr_platform.inference.features import NUMERIC_FEATURES, intensity_features
 from cxr_platform.inference.predictor import Predictor
 
 REFERENCE_FILE = "reference.csv"
-SIZE_FEATURES = ("original_width", "original_height")
-# What input drift compares: intensity on the model input plus the acquisition size.
-INPUT_FEATURES = (*NUMERIC_FEATURES, *SIZE_FEATURES)
+# What input drift compares. Content: intensity statistics on the model input, comparable
+# whatever the image came as. Acquisition: what the detector and the export decided, comparable
+# only between images that came the same way (see ``acquisition_source``).
+CONTENT_FEATURES = NUMERIC_FEATURES
+ACQUISITION_FEATURES = ("original_width", "original_height", "bit_depth")
+ACQUISITION_CATEGORIES = ("photometric_interpretation",)
+INPUT_FEATURES = (*CONTENT_FEATURES, *ACQUISITION_FEATURES)
+SOURCE_FORMAT = "source_format"
 PROBABILITY = "probability"
 PREDICTED = "predicted"  # the label at the version's operating threshold
 SPLIT = "split"
 
 
-def original_size(path: str | Path) -> tuple[int | None, int | None]:
-    """Width and height from the file header where Pillow reads it, else by decoding."""
+class Acquisition(NamedTuple):
+    width: int | None
+    height: int | None
+    bit_depth: int | None = None
+    source_format: str | None = None
+    photometric_interpretation: str | None = None
+
+
+UNKNOWN_ACQUISITION = Acquisition(None, None)
+
+
+def acquisition_source(source_format: object) -> str:
+    """Which images can be compared on acquisition features. A DICOM instance carries the
+    detector's matrix and stored bit depth; an image file (PNG, JPEG, ...) was exported,
+    usually resized and windowed to 8 bits. Comparing one with the other measures the export,
+    not the patients, so each is compared only with its own kind. A reference made before the
+    format was recorded came from the training files, which the platform reads as image files
+    unless they were DICOM; it counts as image files."""
+    return "dicom" if str(source_format).upper() == "DICOM" else "image"
+
+
+def acquisition_of(path: str | Path) -> Acquisition:
+    """From the file header where Pillow reads it, else by decoding."""
     try:
         with Image.open(path) as image:
-            return image.size
+            return Acquisition(*image.size, bit_depth_of_mode(image.mode), image.format)
     except Exception:  # noqa: BLE001 - DICOM and anything Pillow cannot open
         try:
             decoded = read_image(path)
         except Exception:  # noqa: BLE001 - an unreadable file has no size; drift skips the NaN
-            return None, None
-        return decoded.width, decoded.height
+            return UNKNOWN_ACQUISITION
+        return Acquisition(
+            decoded.width,
+            decoded.height,
+            decoded.bit_depth,
+            decoded.source_format,
+            decoded.photometric_interpretation,
+        )
 
 
 # Six significant digits: features and probabilities need no more, and drift compares the
@@ -55,7 +89,7 @@ def reference_frame(
     probabilities: np.ndarray | None,
     labels: np.ndarray,
     threshold: float,
-    sizes: Sequence[tuple[int | None, int | None]] | None = None,
+    acquisitions: Sequence[Acquisition] | None = None,
     *,
     split: str = "val",
 ) -> pd.DataFrame:
@@ -67,9 +101,19 @@ def reference_frame(
         raise ValueError("images, probabilities and labels must have the same length")
     rows = [intensity_features(image) for image in images]
     frame = pd.DataFrame(rows, columns=list(NUMERIC_FEATURES))
-    widths, heights = zip(*sizes, strict=True) if sizes else ([None] * len(images),) * 2
-    frame["original_width"] = pd.array(widths, dtype="Float64").astype(float)
-    frame["original_height"] = pd.array(heights, dtype="Float64").astype(float)
+    acquired = pd.DataFrame(
+        list(acquisitions) if acquisitions else [UNKNOWN_ACQUISITION] * len(images),
+        columns=list(Acquisition._fields),
+    )
+    if len(acquired) != len(images):
+        raise ValueError("images and acquisitions must have the same length")
+    frame["original_width"] = pd.to_numeric(acquired["width"]).astype(float)
+    frame["original_height"] = pd.to_numeric(acquired["height"]).astype(float)
+    frame["bit_depth"] = pd.to_numeric(acquired["bit_depth"]).astype(float)
+    frame[SOURCE_FORMAT] = acquired["source_format"].to_numpy(dtype=object)
+    frame["photometric_interpretation"] = acquired["photometric_interpretation"].to_numpy(
+        dtype=object
+    )
     frame[PROBABILITY] = np.asarray(probabilities, dtype=np.float64)
     scored = frame[PROBABILITY].notna()
     frame[PREDICTED] = np.where(
@@ -88,10 +132,12 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
         probabilities = None
         if split == "val":
             probabilities = predictor.probabilities_in_batches(images)
-        sizes = [original_size(path) for path in cache.index(split)["path"]]
+        acquisitions = [acquisition_of(path) for path in cache.index(split)["path"]]
         labels = cache.labels(split)
         frames.append(
-            reference_frame(images, probabilities, labels, predictor.threshold, sizes, split=split)
+            reference_frame(
+                images, probabilities, labels, predictor.threshold, acquisitions, split=split
+            )
         )
     return pd.concat(frames, ignore_index=True)
 

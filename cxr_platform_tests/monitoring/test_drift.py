@@ -20,7 +20,12 @@ from cxr_platform.monitoring.drift import (
     save_drift_report,
     sites_markdown,
 )
-from cxr_platform.monitoring.reference import load_reference, reference_frame, write_reference
+from cxr_platform.monitoring.reference import (
+    Acquisition,
+    load_reference,
+    reference_frame,
+    write_reference,
+)
 from cxr_platform.monitoring.shifts import apply_shift
 
 CONFIG = PreprocessingConfig(image_size=128)
@@ -33,7 +38,7 @@ def _inputs(root, shift="none"):
     for path in records["path"]:
         pixels = apply_shift(read_image(path).pixels, shift, rng=rng)
         images.append(to_square_uint8(pixels, CONFIG))
-        sizes.append((pixels.shape[1], pixels.shape[0]))
+        sizes.append(Acquisition(pixels.shape[1], pixels.shape[0], 8, "PNG"))
     labels = (records["label"] == "PNEUMONIA").to_numpy(float)
     return np.stack(images), labels, sizes
 
@@ -76,7 +81,12 @@ def test_fresh_patients_from_the_same_scanner_do_not_drift(reference, fresh_pati
     result = evaluate_window(reference, _window(fresh_patients), window="w", model_version="3")
     assert not result.fired, result.summary()
     assert result.n_compared == result.n_records > 80
-    assert set(result.feature_p_values) >= {"sharpness", "original_width", "intensity_mean"}
+    assert set(result.feature_p_values) >= {
+        "sharpness",
+        "intensity_mean",
+        "original_width [image]",
+        "bit_depth [image]",
+    }
     # The prevalence of the traffic, estimated from its probabilities alone (EM; its accuracy
     # on calibrated probabilities is in test_recalibration.py; these are drawn, not calibrated).
     assert result.reference_prevalence == pytest.approx(

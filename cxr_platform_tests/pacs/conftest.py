@@ -15,7 +15,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from cxr_platform.data.sources import discover_images
-from cxr_platform.deployment.pipeline import register_exported, registry_for
+from cxr_platform.deployment.pipeline import (
+    register_exported,
+    registry_for,
+    write_monitoring_reference,
+)
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
@@ -61,6 +65,7 @@ def pacs_model(trained_checkpoint, learnable_cache, tmp_path_factory) -> PacsMod
     base = tmp_path_factory.mktemp("pacs-model")
     settings = load_settings(home=base / "home")
     exported = export_for_registry(settings, trained_checkpoint, learnable_cache, base / "x", "cxr")
+    write_monitoring_reference(exported.directory, learnable_cache)  # as a release writes it
     registered = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
     registry_for(settings.registry).promote(registered.version, triggered_by="test")
     return PacsModel(settings, registered.version)
