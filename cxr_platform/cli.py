@@ -998,6 +998,7 @@ def dicom_node(
 @_fail_cleanly
 def dicom_status(ctx: click.Context, as_json: bool) -> None:
     """What the DICOM node holds: processed and failed instances, spool and outbox sizes."""
+    from cxr_platform.disk import MEGABYTE
     from cxr_platform.pacs.storage import NodeStorage
 
     state_dir = _settings(ctx).dicom.dicom_dir
@@ -1013,6 +1014,8 @@ def dicom_status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"DICOM node state in {state_dir}")
     for name in ("processed", "failed", "spooled", "outbox"):
         click.echo(f"  {name:<10} {counts.get(name, 0)}")
+    for name in ("spool", "outbox"):
+        click.echo(f"  {name + ' MB':<10} {counts[f'{name}_bytes'] / MEGABYTE:.1f}")
     for path in failed:
         click.echo(f"  kept: {path}")
 

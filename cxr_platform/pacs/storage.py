@@ -219,6 +219,8 @@ class NodeStorage:
             counts = {status: n for status, n in rows}
         counts["spooled"] = len(self.spooled())
         counts["outbox"] = sum(len(study.files) for study in self.outbox())
+        counts["spool_bytes"] = folder_bytes(self.spool_dir)
+        counts["outbox_bytes"] = folder_bytes(self.outbox_dir)
         return counts
 
     def quarantine(self, path: Path) -> Path:

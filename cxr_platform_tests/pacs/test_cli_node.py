@@ -66,6 +66,7 @@ def test_the_node_command_receives_and_stops_cleanly(pacs_model, chest_pngs, tmp
     )
     counts = json.loads(status.stdout)
     assert counts["processed"] == 1 and counts["outbox"] == 1 and counts["spooled"] == 0
+    assert counts["outbox_bytes"] > 0 and counts["spool_bytes"] == 0
 
 
 def test_a_bad_destination_exits_with_the_expected_form(pacs_model):
