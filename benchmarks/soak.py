@@ -43,7 +43,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
-from cxr_platform.disk import folder_bytes
+from cxr_platform.disk import MEGABYTE, folder_bytes
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
@@ -343,7 +343,7 @@ def run(args, source, version: str, work: Path) -> None:
 
     answered = load.statuses.get("200", 0)
     refused_http = load.statuses.get("422", 0)
-    service_rows = rows_after.get("service", 0) - rows_before.get("service", 0)
+    service_rows = rows_after.get("http", 0) - rows_before.get("http", 0)
     dicom_rows = rows_after.get("dicom", 0) - rows_before.get("dicom", 0)
     refusal_rows = rows_after["refusals"] - rows_before["refusals"]
     dicom_statuses: dict[int, int] = {}
@@ -353,13 +353,14 @@ def run(args, source, version: str, work: Path) -> None:
 
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model "
-        f"v{version}; {soaked / 60:.1f} min at {args.http_rate:g} HTTP requests/s and "
+        f"v{version}; {args.minutes:g} min offered at {args.http_rate:g} HTTP requests/s and "
         f"{args.dicom_rate:g} DICOM instances/s ({args.columns}x{args.rows} CR); retention "
-        f"budget {args.retain_max_mb:g} MB"
+        f"budget {args.retain_max_mb:g} MiB (0: none)"
     )
     errors = {k: v for k, v in load.statuses.items() if k not in ("200", "422")}
     print(
-        f"HTTP: {sent_http} sent ({sent_http / soaked:.1f}/s), {answered} answered 200, "
+        f"HTTP: {sent_http} offered over {seconds / 60:g} min, all done after "
+        f"{soaked / 60:.1f} min ({sent_http / soaked:.1f}/s completed), {answered} answered 200, "
         f"{refused_http} refused 422 by the input gate, errors {errors or 'none'}"
     )
     print(
@@ -391,8 +392,9 @@ def run(args, source, version: str, work: Path) -> None:
     for name in before:
         growth = after[name] - before[name]
         print(
-            f"disk {name:<16} {before[name] / 1e6:8.1f} -> {after[name] / 1e6:8.1f} MB "
-            f"({growth / 1e6:+.1f} MB, {growth / total_requests / 1e3:+.1f} KB per request)"
+            f"disk {name:<16} {before[name] / MEGABYTE:8.1f} -> {after[name] / MEGABYTE:8.1f} "
+            f"MiB ({growth / MEGABYTE:+.1f} MiB, {growth / total_requests / 1024:+.1f} KiB per "
+            "request)"
         )
 
 

@@ -223,9 +223,12 @@ def _ks_and_chi_square(
     current: pd.DataFrame,
     numerical: list[str],
     categorical: list[str] = (),  # type: ignore[assignment]
+    *,
+    thresholds: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], Any]:
     """Evidently's p-value per column (K-S for numbers, chi-square for categories), and the
-    snapshot for the HTML report."""
+    snapshot for the HTML report (``thresholds``: the rule's p-value per column, so the report
+    marks drift where the rule does)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
@@ -238,8 +241,11 @@ def _ks_and_chi_square(
             values[column] = frame[column].astype(str).to_numpy()
         return values
 
-    metrics = [ValueDrift(column=c, method="ks") for c in numerical]
-    metrics += [ValueDrift(column=c, method="chisquare") for c in categorical]
+    thresholds = thresholds or {}
+    metrics = [ValueDrift(column=c, method="ks", threshold=thresholds.get(c)) for c in numerical]
+    metrics += [
+        ValueDrift(column=c, method="chisquare", threshold=thresholds.get(c)) for c in categorical
+    ]
     snapshot = Report(metrics, include_tests=False).run(
         current_data=Dataset.from_pandas(prepared(current), data_definition=definition),
         reference_data=Dataset.from_pandas(prepared(reference), data_definition=definition),
@@ -253,7 +259,9 @@ def _sources(frame: pd.DataFrame) -> pd.Series:
     return formats.map(acquisition_source)
 
 
-def _acquisition_groups(reference: pd.DataFrame, scored: pd.DataFrame) -> list[AcquisitionGroup]:
+def _acquisition_groups(
+    reference: pd.DataFrame, scored: pd.DataFrame, feature_p_value: float
+) -> list[AcquisitionGroup]:
     """Each kind of traffic (and site) compared with the reference rows of its own kind."""
     reference_sources = _sources(reference)
     sources = _sources(scored)
@@ -291,6 +299,7 @@ def _acquisition_groups(reference: pd.DataFrame, scored: pd.DataFrame) -> list[A
             current.fillna({c: "unknown" for c in categorical}),
             numerical,
             categorical,
+            thresholds=dict.fromkeys([*numerical, *categorical], feature_p_value),
         )
         groups.append(replace(group, p_values=p_values))
     return groups
@@ -464,9 +473,17 @@ def evaluate_window(
         raise DriftError(f"window {window} has no records scored by version {model_version}")
     # A feature missing on either side (sharpness in rows logged before it existed) is skipped.
     features = [f for f in CONTENT_FEATURES if _present(reference, f) and _present(scored, f)]
-    p_values, snapshot = _ks_and_chi_square(reference, scored, [*features, PROBABILITY])
+    p_values, snapshot = _ks_and_chi_square(
+        reference,
+        scored,
+        [*features, PROBABILITY],
+        thresholds={
+            **dict.fromkeys(features, rule.feature_p_value),
+            PROBABILITY: rule.prediction_p_value,
+        },
+    )
     feature_p = {f: p_values[f] for f in features}
-    acquisition = _acquisition_groups(reference, scored)
+    acquisition = _acquisition_groups(reference, scored, rule.feature_p_value)
     for group in acquisition:
         feature_p.update({f"{f} [{group.label}]": p for f, p in group.p_values.items()})
     features = list(feature_p)
