@@ -16,6 +16,7 @@ from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_datase
 from cxr_platform.monitoring.drift import (
     DriftError,
     DriftRule,
+    acquisition_markdown,
     evaluate_window,
     save_drift_report,
     sites_markdown,
@@ -280,3 +281,49 @@ def test_a_confident_models_probabilities_do_not_drift_by_the_reference_files_ro
     assert (window["probability"] < 1.0).all()
     result = evaluate_window(read_back, window, window="w", model_version="3")
     assert not result.prediction_drift, result.summary()
+
+
+def _as_dicom(frame: pd.DataFrame, scale: int, photometric: str = "MONOCHROME2") -> pd.DataFrame:
+    """The same images as a detector would send them: a larger matrix, 12 bits."""
+    return frame.assign(
+        original_width=frame["original_width"] * scale,
+        original_height=frame["original_height"] * scale,
+        bit_depth=12.0,
+        source_format="DICOM",
+        photometric_interpretation=photometric,
+    )
+
+
+def test_acquisition_is_compared_per_kind_of_traffic_and_per_site(reference, fresh_patients):
+    """A reference that holds DICOM rows too (a model trained on a DICOM archive): DICOM traffic
+    is compared with those rows only, and a site whose detector changed is named."""
+    mixed = pd.concat([reference, _as_dicom(reference, 6)], ignore_index=True)
+    window = _window(fresh_patients)
+    half = len(window) // 2
+    dicom = pd.concat(
+        [
+            _as_dicom(window.iloc[:half], 6).assign(site="north"),
+            _as_dicom(window.iloc[half:], 6).assign(site="south"),
+        ]
+    )
+    calm = evaluate_window(mixed, dicom, window="w", model_version="3")
+    assert not calm.input_drift, calm.summary()
+    assert {(g.source, g.site) for g in calm.acquisition} == {
+        ("dicom", "north"),
+        ("dicom", "south"),
+    }
+    assert all(g.n_reference == len(reference) and g.p_values for g in calm.acquisition)
+
+    # South replaced its detector: a larger matrix read out as MONOCHROME1.
+    south = dicom["site"] == "south"
+    changed = pd.concat(
+        [dicom[~south], _as_dicom(window.iloc[half:], 8, "MONOCHROME1").assign(site="south")]
+    )
+    result = evaluate_window(mixed, changed, window="w", model_version="3")
+    assert result.input_drift, result.summary()
+    assert "original_width [dicom @ south]" in result.drifted_features
+    assert "photometric_interpretation [dicom @ south]" in result.drifted_features
+    assert not any("north" in feature for feature in result.drifted_features)
+    assert "| dicom @ south |" in acquisition_markdown(result)
+    saved = result.to_dict()
+    assert saved["acquisition"][1]["site"] == "south"
