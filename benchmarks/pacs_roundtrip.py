@@ -11,17 +11,23 @@ detector-sized matrix.
   latency a radiologist sees when studies trickle in);
 - burst: all images in one association, each timed from its own C-STORE (a backlog).
 
+A setup ending in ``@dicomweb`` routes over DICOMweb instead of DIMSE: a second Orthanc with its
+DICOMweb plugin pushes each image to the node by STOW-RS (the shipped DICOMweb routing script)
+and takes the results back by STOW-RS; the modality still C-STOREs into Orthanc, as it would.
+
 The baseline, measured in the same run, is the C-STORE of the same image into Orthanc alone
 (the modality's own cost, no AI). Each setup (which results, compressed or not) runs on a fresh
 node against the same Orthanc; the last lines say where the node's time goes, per stage.
 
     CXR_HOME=<home> .venv/bin/python benchmarks/pacs_roundtrip.py [--n 50] [--rows 2000]
-        [--columns 1700] [--modes sequential burst] [--setups sr,seg,sc:raw sr,seg,pmap,sc:seg,pmap]
+        [--columns 1700] [--modes sequential burst]
+        [--setups sr,seg,sc:raw sr,seg,pmap,sc:seg,pmap sr,seg,pmap,sc:seg,pmap@dicomweb]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -45,12 +51,13 @@ from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.pacs import build_node
-from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
+from cxr_platform.pacs.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
 from cxr_platform.settings import load_settings
 
 MODALITY = "BENCH_MODALITY"
+STOW_KEY = "bench-stow-key"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,8 +172,9 @@ def main() -> None:
     parser.add_argument(
         "--setups",
         nargs="+",
-        default=["sr,seg,sc:raw", "sr,seg,sc:seg", "sr,seg,pmap,sc:seg,pmap", "sr,seg,sc:seg,sc"],
-        help="node setups to compare, RESULTS:COMPRESSED (the kinds sent in JPEG-LS; raw: none)",
+        default=["sr,seg,pmap,sc:seg,pmap", "sr,seg,pmap,sc:seg,pmap@dicomweb"],
+        help="node setups to compare, RESULTS:COMPRESSED[@dicomweb] (the kinds sent in JPEG-LS; "
+        "raw: none; @dicomweb: routed and returned by STOW-RS)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -186,15 +194,20 @@ class NodeSetup:
 
     results: tuple[str, ...]
     compress: tuple[str, ...]
+    transport: str = "dimse"  # or "dicomweb"
 
     @classmethod
     def parse(cls, text: str) -> NodeSetup:
+        text, _, transport = text.partition("@")
         kinds, _, compressed = text.partition(":")
         compress = () if compressed in ("", "raw") else tuple(compressed.split(","))
-        return cls(tuple(kinds.split(",")), compress)
+        if transport not in ("", "dimse", "dicomweb"):
+            raise SystemExit(f"unknown transport {transport!r}: dimse or dicomweb")
+        return cls(tuple(kinds.split(",")), compress, transport or "dimse")
 
     def __str__(self) -> str:
-        return f"{','.join(self.results)}:{','.join(self.compress) or 'raw'}"
+        name = f"{','.join(self.results)}:{','.join(self.compress) or 'raw'}"
+        return name + ("@dicomweb" if self.transport == "dicomweb" else "")
 
 
 class StageTimes:
@@ -253,13 +266,19 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     datasets = make_images(per_setup * len(setups) + args.n, args.rows, args.columns, work)
     baseline_images = datasets[: args.n]
 
-    node_port, orthanc_port = free_port(), free_port()
+    node_port, orthanc_port, stow_port = free_port(), free_port(), free_port()
     modality = NodeAddress(MODALITY, "127.0.0.1", free_port())
     orthanc = OrthancProcess(
         work / "orthanc",
         NodeAddress("CXR_AI", "127.0.0.1", node_port),
         dicom_port=orthanc_port,
         modalities={"bench": modality},
+    )
+    web_orthanc = OrthancProcess(
+        work / "orthanc-dicomweb",
+        NodeAddress("CXR_AI", "127.0.0.1", node_port),
+        modalities={"bench": modality},
+        dicomweb=DicomWebPeer(f"http://127.0.0.1:{stow_port}/dicom-web", STOW_KEY),
     )
     # Baseline: the same kind of image into Orthanc with routing off (no AI at all).
     baseline = OrthancProcess(
@@ -281,16 +300,29 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     print(f"baseline C-STORE into Orthanc alone: p50 {store_p50:.3f} s  p95 {store_p95:.3f} s")
     offset = args.n
     stage_lines = []
-    with orthanc:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(orthanc)
+        if any(setup.transport == "dicomweb" for setup in setups):
+            stack.enter_context(web_orthanc)
         for setup in setups:
+            pacs = web_orthanc if setup.transport == "dicomweb" else orthanc
+            routes = (
+                {
+                    "dicom_web_port": stow_port,
+                    "dicom_web_keys": f"orthanc={STOW_KEY}",
+                    "dicom_destination_dicomweb": f"{web_orthanc.url}/dicom-web",
+                }
+                if setup.transport == "dicomweb"
+                else {"dicom_destination": f"ORTHANC@127.0.0.1:{orthanc_port}"}
+            )
             dicom = dataclasses.replace(
                 settings.dicom,
                 dicom_port=node_port,
                 dicom_host="127.0.0.1",
-                dicom_destination=f"ORTHANC@127.0.0.1:{orthanc_port}",
                 dicom_allowed_aets=("ORTHANC",),
                 dicom_results=setup.results,
                 dicom_compress_results=setup.compress,
+                **routes,
             )
             state = work / f"node-{len(stage_lines)}"
             node = build_node(dicom, registry_for(settings.registry), state_dir=state)
@@ -312,7 +344,7 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                     images = datasets[offset : offset + args.n]
                     offset += args.n
                     latencies, elapsed = measure(
-                        modality_process, orthanc, images, mode, len(setup.results)
+                        modality_process, pacs, images, mode, len(setup.results)
                     )
                     p95 = percentile(latencies, 95)
                     print(

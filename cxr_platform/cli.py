@@ -924,6 +924,23 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     help="Send results over TLS, verifying the destination with this CA (the --tls-cert/key "
     "pair is presented when given).",
 )
+@click.option(
+    "--destination-dicomweb",
+    default=None,
+    help="Send results by STOW-RS to this DICOMweb root URL instead of C-STORE.",
+)
+@click.option(
+    "--destination-dicomweb-auth",
+    default=None,
+    help="Authorization header value for --destination-dicomweb (Bearer ... or Basic ...); "
+    "better set as CXR_DICOM_DESTINATION_DICOMWEB_AUTH, out of the process list.",
+)
+@click.option(
+    "--dicomweb-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also receive by STOW-RS on this port (POST /dicom-web/studies).",
+)
 @click.pass_context
 @_fail_cleanly
 def dicom_node(
@@ -940,6 +957,9 @@ def dicom_node(
     tls_key: Path | None,
     tls_ca: Path | None,
     destination_tls_ca: Path | None,
+    destination_dicomweb: str | None,
+    destination_dicomweb_auth: str | None,
+    dicomweb_port: int | None,
 ) -> None:
     """Run the DICOM node: receive routed chest X-rays, return SR, SEG, parametric map and SC."""
     import signal
@@ -966,6 +986,9 @@ def dicom_node(
         dicom_tls_key=tls_key,
         dicom_tls_ca=tls_ca,
         dicom_destination_tls_ca=destination_tls_ca,
+        dicom_destination_dicomweb=destination_dicomweb,
+        dicom_destination_dicomweb_auth=destination_dicomweb_auth,
+        dicom_web_port=dicomweb_port,
     )
     node = build_node(settings.dicom, registry_for(settings.registry))
     if node.processor.models.current().production is None:
@@ -982,8 +1005,11 @@ def dicom_node(
         node.start()
     except OSError as exc:
         raise CxrError(f"cannot listen on port {node.config.port}: {exc}") from exc
+    stow = (
+        f"; STOW-RS at {node.dicomweb_url}/studies" if node.config.dicomweb_port is not None else ""
+    )
     click.echo(
-        f"DICOM node {node.config.ae_title} on port {node.port}; results to "
+        f"DICOM node {node.config.ae_title} on port {node.port}{stow}; results to "
         f"{node.config.destination or 'the outbox only'}; state in {settings.dicom.dicom_dir}",
     )
     sys.stdout.flush()

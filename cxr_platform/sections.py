@@ -434,6 +434,34 @@ class DicomSection(_Scoring):
         2.0, doc="First wait before resending a result.", gt=0
     )
     dicom_retry_max_seconds: float = setting(300.0, doc="Longest wait between resends.", gt=0)
+    dicom_destination_dicomweb: str | None = setting(
+        None,
+        doc="A DICOMweb server's root URL results go to by STOW-RS instead of C-STORE "
+        "(e.g. https://pacs.example/dicom-web).",
+    )
+    dicom_destination_dicomweb_auth: str | None = setting(
+        None,
+        doc="The Authorization header value for the DICOMweb destination (Bearer ... or "
+        "Basic ...).",
+        secret=True,
+    )
+    dicom_web_port: int | None = setting(
+        None,
+        doc="Port of the node's STOW-RS endpoint (POST /dicom-web/studies); unset: DIMSE only. "
+        "Uses the node's TLS certificate when one is set.",
+        ge=0,
+        le=65535,
+    )
+    dicom_web_keys: str | None = setting(
+        None,
+        doc="DICOMweb clients allowed to store, name=key comma-separated; a client sends its "
+        "key as Authorization: Bearer or X-API-Key, and its name is logged as the site. "
+        "Required unless the node listens on 127.0.0.1.",
+        secret=True,
+    )
+    dicom_web_max_upload_mb: float = setting(
+        1024.0, doc="Largest STOW-RS request body (MB); larger ones get 413.", gt=0
+    )
     dicom_spool_max_mb: float = setting(
         4096.0,
         doc="Byte budget (MB) of received instances waiting to be scored: past it C-STORE "

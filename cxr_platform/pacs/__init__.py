@@ -21,13 +21,19 @@ def build_node(
     """A :class:`DicomNode` on the registry's production model, configured by ``dicom``
     (``CXR_DICOM_*``); ``state_dir`` (default: the home's ``dicom/``) holds its spool, outbox
     and ledger."""
+    from cxr_platform.http_keys import parse_client_keys
     from cxr_platform.inference.live import LiveModels
     from cxr_platform.inference.log import InferenceLog, uid_salt
     from cxr_platform.pacs.node import DicomNode, NodeConfig, NodeConfigError, TlsConfig
     from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
-    from cxr_platform.pacs.sender import Destination
+    from cxr_platform.pacs.sender import Destination, DicomWebDestination
     from cxr_platform.pacs.storage import NodeStorage
 
+    if dicom.dicom_destination and dicom.dicom_destination_dicomweb:
+        raise NodeConfigError(
+            "results go to one destination: set CXR_DICOM_DESTINATION (DIMSE) or "
+            "CXR_DICOM_DESTINATION_DICOMWEB, not both"
+        )
     cert, key, ca = dicom.dicom_tls_cert, dicom.dicom_tls_key, dicom.dicom_tls_ca
     if (cert is None) != (key is None):
         raise NodeConfigError("TLS needs both a certificate and its key")
@@ -35,7 +41,13 @@ def build_node(
         ae_title=dicom.dicom_ae_title,
         host=dicom.dicom_host,
         port=dicom.dicom_port,
-        destination=Destination.parse(dicom.dicom_destination) if dicom.dicom_destination else None,
+        destination=Destination.parse(dicom.dicom_destination)
+        if dicom.dicom_destination
+        else DicomWebDestination.parse(
+            dicom.dicom_destination_dicomweb, dicom.dicom_destination_dicomweb_auth
+        )
+        if dicom.dicom_destination_dicomweb
+        else None,
         allowed_calling_aets=tuple(dicom.dicom_allowed_aets),
         max_associations=dicom.dicom_max_associations,
         accept_lateral=dicom.dicom_accept_lateral,
@@ -44,6 +56,9 @@ def build_node(
         retry_max_seconds=dicom.dicom_retry_max_seconds,
         destination_tls_ca=dicom.dicom_destination_tls_ca,
         compress_results=tuple(dicom.dicom_compress_results),
+        dicomweb_port=dicom.dicom_web_port,
+        dicomweb_keys=parse_client_keys(dicom.dicom_web_keys, "CXR_DICOM_WEB_KEYS"),
+        dicomweb_max_body_bytes=int(dicom.dicom_web_max_upload_mb * 1024 * 1024),
     )
     models = LiveModels(registry, threads=dicom.service_threads, max_pixels=dicom.max_image_pixels)
     models.refresh()

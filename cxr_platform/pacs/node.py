@@ -16,10 +16,12 @@ import ssl
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -39,11 +41,13 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from cxr_platform.errors import CxrError, ImageReadError
+from cxr_platform.http_keys import KeyRing
 from cxr_platform.pacs.processing import InstanceProcessor, Processed, TransientProcessingError
 from cxr_platform.pacs.sanitize import UnusableSourceError, is_valid_uid
 from cxr_platform.pacs.screening import screen
-from cxr_platform.pacs.sender import Destination, ResultSender
+from cxr_platform.pacs.sender import Destination, DicomWebDestination, ResultSender
 from cxr_platform.pacs.storage import REFUSED, NodeStorage
+from cxr_platform.pacs.stow import StowServer, stow_app
 from cxr_platform.redaction import uid_tag, withhold_values
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 MAX_PDU_BYTES = 131072
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 TRANSIENT_RETRY_SECONDS = 10.0
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the spool is full or could not be written
@@ -112,7 +117,7 @@ class NodeConfig:
     ae_title: str = "CXR_AI"
     host: str = "0.0.0.0"
     port: int = 11112
-    destination: Destination | None = None
+    destination: Destination | DicomWebDestination | None = None
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 10
     accept_lateral: bool = False
@@ -122,8 +127,22 @@ class NodeConfig:
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
     compress_results: tuple[str, ...] = ("seg", "pmap")  # kinds sent in JPEG-LS where accepted
+    # STOW-RS in: None keeps it off; 0 lets the system pick a port.
+    dicomweb_port: int | None = None
+    dicomweb_keys: dict[str, str] = field(default_factory=dict)  # key -> client name
+    dicomweb_max_body_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if (
+            self.dicomweb_port is not None
+            and not self.dicomweb_keys
+            and self.host not in LOOPBACK_HOSTS
+        ):
+            # Anyone who can reach the port could store images and have them classified.
+            raise NodeConfigError(
+                "STOW-RS on a network address needs client keys (CXR_DICOM_WEB_KEYS "
+                "name=key,...); without keys it listens on 127.0.0.1 only"
+            )
         for title in (self.ae_title, *self.allowed_calling_aets):
             if not title or len(title) > 16 or "\\" in title:
                 raise NodeConfigError(f"AE title {title!r} must be 1-16 characters, no backslash")
@@ -183,6 +202,7 @@ class DicomNode:
         self._paused_until = 0.0
         self._outbox_full: str | None = None
         self._server = None
+        self._stow: StowServer | None = None
         self.ae = self._application_entity()
 
     # -- association side ------------------------------------------------------------------------
@@ -213,26 +233,51 @@ class DicomNode:
         return uid_tag(uid, self.processor.uid_salt)
 
     def _on_store(self, event) -> int:
-        calling = event.assoc.requestor.ae_title
+        calling = str(event.assoc.requestor.ae_title).strip() or None
         try:
             dataset = event.dataset
-            sop_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
+            dataset.get("SOPInstanceUID")
         except Exception as exc:
             log.error("C-STORE from %s: unreadable dataset: %s", calling, withhold_values(str(exc)))
+            return STATUS_CANNOT_UNDERSTAND
+        return self.accept_instance(
+            dataset,
+            event.encoded_dataset,
+            sender=calling,
+            requested_uid=str(event.request.AffectedSOPInstanceUID or ""),
+            via="C-STORE",
+        )
+
+    def accept_instance(
+        self,
+        dataset: Dataset,
+        encoded: Callable[[], bytes],
+        *,
+        sender: str | None,
+        requested_uid: str = "",
+        via: str,
+    ) -> int:
+        """Screen a received instance and spool it; the DIMSE status to answer (STOW-RS maps it
+        to its own response). ``encoded`` gives the Part 10 bytes to spool, only once they are
+        needed; ``sender`` is the calling AE title or the DICOMweb client, logged as the site."""
+        try:
+            sop_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
+        except Exception as exc:
+            log.error("%s from %s: unreadable dataset: %s", via, sender, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         self.counters.add("received")
         if not is_valid_uid(sop_uid):
             # Nothing can reference an instance without a valid UID: refuse it, and keep a
             # ledger row under whatever identifier it came with, so the refusal is on record
             # (the ledger is keyed by text; only the spool needs UIDs safe as file names).
-            requested = str(event.request.AffectedSOPInstanceUID or "").strip()
-            key = (sop_uid or requested)[:256] or None
+            key = (sop_uid or requested_uid.strip())[:256] or None
             if key is not None and self.storage.status(key) is None:
                 self.storage.mark(key, "rejected", detail="SOPInstanceUID missing or invalid")
             self.counters.add("failed")
             log.warning(
-                "C-STORE from %s refused (%s): SOPInstanceUID missing or invalid",
-                calling,
+                "%s from %s refused (%s): SOPInstanceUID missing or invalid",
+                via,
+                sender,
                 self._tag(key),
             )
             return STATUS_CANNOT_UNDERSTAND
@@ -244,34 +289,35 @@ class DicomNode:
         )
         if not verdict.accepted:
             self.counters.add("ignored")
-            log.info("ignored %s from %s: %s", tag, calling, verdict.reason)
+            log.info("ignored %s from %s: %s", tag, sender, verdict.reason)
             return STATUS_SUCCESS
         if self.storage.status(sop_uid) == "processed":
             self.counters.add("duplicates")
-            log.info("ignored %s from %s: already processed (re-sent instance)", tag, calling)
+            log.info("ignored %s from %s: already processed (re-sent instance)", tag, sender)
             return STATUS_SUCCESS
-        encoded = event.encoded_dataset()
-        shortfall = self.storage.spool_shortfall(len(encoded))
+        data = encoded()
+        shortfall = self.storage.spool_shortfall(len(data))
         if shortfall is not None:
             # Refused before anything is written: the sender still holds the instance and can
             # send it again once the worker (or the destination behind it) has caught up.
             self.counters.add("out_of_space")
             log.warning(
-                "C-STORE from %s refused (out of resources): %s not spooled, %s",
-                calling,
+                "%s from %s refused (out of resources): %s not spooled, %s",
+                via,
+                sender,
                 tag,
                 shortfall,
             )
             return STATUS_OUT_OF_RESOURCES
         try:
-            self.storage.spool(sop_uid, encoded, calling_ae_title=str(calling).strip() or None)
+            self.storage.spool(sop_uid, data, calling_ae_title=sender)
         except ValueError as exc:
-            log.error("C-STORE from %s: %s", calling, withhold_values(str(exc)))
+            log.error("%s from %s: %s", via, sender, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         except OSError as exc:
-            log.error("C-STORE from %s: cannot spool %s: %s", calling, tag, exc.strerror)
+            log.error("%s from %s: cannot spool %s: %s", via, sender, tag, exc.strerror)
             return STATUS_OUT_OF_RESOURCES
-        log.info("spooled %s from %s", tag, calling)
+        log.info("spooled %s from %s (%s)", tag, sender, via)
         self._work.set()
         return STATUS_SUCCESS
 
@@ -470,6 +516,22 @@ class DicomNode:
             evt_handlers=handlers,
             ssl_context=ssl_context,
         )
+        if self.config.dicomweb_port is not None:
+            app = stow_app(
+                self,
+                KeyRing(None, self.config.dicomweb_keys),
+                max_body_bytes=self.config.dicomweb_max_body_bytes,
+            )
+            tls = (self.config.tls.cert, self.config.tls.key) if self.config.tls else None
+            self._stow = StowServer(app, self.config.host, self.config.dicomweb_port, tls=tls)
+            self._stow.start()
+            log.info(
+                "STOW-RS on %s:%d/dicom-web/studies%s%s",
+                self.config.host,
+                self._stow.port,
+                " (TLS)" if tls else "",
+                "" if self.config.dicomweb_keys else "; no client keys: open to this machine only",
+            )
         pending = len(self.storage.spooled())
         if pending:
             log.info("%d instances left in the spool by the last run will be processed", pending)
@@ -498,10 +560,21 @@ class DicomNode:
         assert self._server is not None
         return int(self._server.server_address[1])
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The STOW-RS root as a client on this machine reaches it."""
+        assert self._stow is not None, "STOW-RS is off (no dicomweb_port)"
+        scheme = "https" if self._stow.tls else "http"
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{scheme}://{host}:{self._stow.port}/dicom-web"
+
     def stop(self) -> None:
         self._stop.set()
         self._work.set()
         self._outbox_ready.set()
+        if self._stow is not None:
+            self._stow.stop()
+            self._stow = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

@@ -24,7 +24,10 @@ from cxr_platform.ports import free_port
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
 CONFIG_TEMPLATE = DEPLOY_DIR / "orthanc.json"
 ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai.lua"
+DICOMWEB_ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai-dicomweb.lua"
 AI_MODALITY = "cxr-ai"
+AI_DICOMWEB_SERVER = "cxr-ai"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class OrthancError(CxrError):
@@ -45,6 +48,14 @@ class NodeAddress:
     port: int
 
 
+@dataclass(frozen=True)
+class DicomWebPeer:
+    """The node's STOW-RS root as Orthanc's DICOMweb client reaches it, and its key."""
+
+    url: str
+    key: str | None = None
+
+
 class OrthancProcess:
     def __init__(
         self,
@@ -56,7 +67,10 @@ class OrthancProcess:
         dicom_port: int | None = None,
         routing: bool = True,
         modalities: dict[str, NodeAddress] | None = None,
+        dicomweb: DicomWebPeer | None = None,
     ) -> None:
+        """``dicomweb``: route to the node over DICOMweb (the DICOMweb plugin and its routing
+        script) instead of C-STORE; Orthanc then also takes the results by STOW-RS."""
         self.workdir = Path(workdir)
         self.node = node
         self.aet = aet
@@ -64,6 +78,7 @@ class OrthancProcess:
         self.dicom_port = dicom_port or free_port()
         self.routing = routing
         self.modalities = modalities or {}  # more peers allowed to C-STORE (modalities)
+        self.dicomweb = dicomweb
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -97,6 +112,19 @@ class OrthancProcess:
                 "Plugins": [],
             }
         )
+        if self.dicomweb is not None:
+            if not DICOMWEB_PLUGIN.exists():
+                raise OrthancError(
+                    "Orthanc's DICOMweb plugin is not installed (Debian: apt-get install "
+                    "orthanc-dicomweb)"
+                )
+            server = config["DicomWeb"]["Servers"][AI_DICOMWEB_SERVER]
+            server["Url"] = self.dicomweb.url.rstrip("/") + "/"
+            server["HttpHeaders"] = (
+                {"Authorization": f"Bearer {self.dicomweb.key}"} if self.dicomweb.key else {}
+            )
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["LuaScripts"] = [str(DICOMWEB_ROUTING_SCRIPT)] if self.routing else []
         return config
 
     def start(self, timeout: float = 30.0) -> OrthancProcess:

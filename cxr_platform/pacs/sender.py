@@ -1,5 +1,6 @@
-"""C-STORE the outbox to PACS: one association per study, a file leaves the outbox only when
-PACS acknowledged it, and an unreachable PACS is retried with exponential backoff.
+"""Send the outbox to PACS: one association (C-STORE) or one STOW-RS request (DICOMweb) per
+study, a file leaves the outbox only when PACS acknowledged it, and an unreachable PACS is
+retried with exponential backoff.
 
 Image results wait in the outbox uncompressed. For the kinds configured to travel compressed,
 each association proposes a JPEG-LS Lossless context beside the uncompressed ones; where the
@@ -8,12 +9,15 @@ destination accepts it the file is compressed on the way out
 
 from __future__ import annotations
 
+import io
 import logging
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -30,7 +34,7 @@ from cxr_platform.pacs.compression import (
     SOP_CLASS_BY_KIND,
     compress_dataset,
 )
-from cxr_platform.pacs.storage import NodeStorage
+from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.redaction import uid_tag
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,28 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class DicomWebDestination:
+    """A DICOMweb server's root (STOW-RS goes to ``{url}/studies``), and the Authorization
+    header value it wants (``Bearer ...`` or ``Basic ...``), if any."""
+
+    url: str
+    authorization: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str, authorization: str | None = None) -> DicomWebDestination:
+        parsed = httpx.URL(url.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise DestinationError(
+                f"DICOMweb destination {url!r} is not an http(s) URL (for example "
+                "https://pacs.example/dicom-web)"
+            )
+        return cls(str(parsed).rstrip("/"), authorization or None)
+
+    def __str__(self) -> str:
+        return self.url
+
+
 @dataclass
 class _Backoff:
     failures: int = 0
@@ -94,7 +120,7 @@ class ResultSender:
     def __init__(
         self,
         storage: NodeStorage,
-        destination: Destination,
+        destination: Destination | DicomWebDestination,
         *,
         calling_ae_title: str,
         retry_initial_seconds: float = 2.0,
@@ -112,6 +138,16 @@ class ResultSender:
         self.retry_initial_seconds = retry_initial_seconds
         self.retry_max_seconds = retry_max_seconds
         self.max_refusals = max_refusals
+        self._backoff: dict[str, _Backoff] = {}
+        self._refusals: dict[Path, int] = {}
+        if isinstance(destination, DicomWebDestination):
+            headers = {"Accept": "application/dicom+json"}
+            if destination.authorization:
+                headers["Authorization"] = destination.authorization
+            self.http = httpx.Client(
+                headers=headers, timeout=timeout_seconds, verify=tls if tls is not None else True
+            )
+            return
         self.tls_args = (tls, destination.host) if tls is not None else None
         self.ae = AE(ae_title=calling_ae_title)
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
@@ -122,8 +158,6 @@ class ResultSender:
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_seconds
-        self._backoff: dict[str, _Backoff] = {}
-        self._refusals: dict[Path, int] = {}
 
     def seconds_until_due(self) -> float | None:
         """None when the outbox is empty; 0 when something can be sent now."""
@@ -163,6 +197,8 @@ class ResultSender:
         return report
 
     def _send_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
+        if isinstance(self.destination, DicomWebDestination):
+            return self._stow_study(study_uid, files, report)
         destination = self.destination
         assoc = self.ae.associate(
             destination.host,
@@ -201,27 +237,88 @@ class ResultSender:
                 if code == -1:  # no response at all: the association failed
                     report.retrying += 1
                     break
-                refusals = self._refusals.get(path, 0) + 1
-                self._refusals[path] = refusals
-                if refusals >= self.max_refusals:
-                    kept = self.storage.reject_result(path)
-                    self._refusals.pop(path, None)
-                    report.rejected += 1
-                    log.error(
-                        "%s refused %s %d times (status 0x%04X); kept in %s",
-                        destination,
-                        path.name,
-                        refusals,
-                        code,
-                        kept,
-                    )
-                else:
-                    report.retrying += 1
-                    log.warning("%s refused %s (status 0x%04X)", destination, path.name, code)
+                self._refused(path, code, report)
         finally:
             if assoc.is_established:
                 assoc.release()
         return complete
+
+    def _refused(self, path: Path, code: int, report: SendReport) -> None:
+        """PACS said no to one result: retried a few times (a PACS being reconfigured), then
+        kept aside for a person."""
+        refusals = self._refusals.get(path, 0) + 1
+        self._refusals[path] = refusals
+        if refusals >= self.max_refusals:
+            kept = self.storage.reject_result(path)
+            self._refusals.pop(path, None)
+            report.rejected += 1
+            log.error(
+                "%s refused %s %d times (status 0x%04X); kept in %s",
+                self.destination,
+                path.name,
+                refusals,
+                code,
+                kept,
+            )
+        else:
+            report.retrying += 1
+            log.warning("%s refused %s (status 0x%04X)", self.destination, path.name, code)
+
+    def _stow_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
+        """One STOW-RS request for the study's results. HTTP has no negotiation: the kinds set
+        to travel compressed always do (every DICOMweb archive takes JPEG-LS Lossless)."""
+        assert isinstance(self.destination, DicomWebDestination)
+        boundary = f"cxr-{uuid.uuid4().hex}"
+        body = io.BytesIO()
+        sent: dict[str, Path] = {}
+        for path in files:
+            try:
+                data = self._part10(path)
+            except FileNotFoundError:
+                continue  # acknowledged by a previous pass meanwhile
+            sent[path.stem] = path
+            body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            body.write(data)
+            body.write(b"\r\n")
+        if not sent:
+            return True
+        body.write(f"--{boundary}--\r\n".encode())
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        try:
+            response = self.http.post(
+                f"{self.destination.url}/studies",
+                content=body.getvalue(),
+                headers={"Content-Type": content_type},
+            )
+        except httpx.HTTPError as exc:
+            report.unreachable = True
+            report.retrying += len(sent)
+            report.errors.append(f"{self.destination}: {type(exc).__name__}")
+            return False
+        if response.status_code not in (200, 202, 409):
+            # Unauthorized, too large, busy: nothing was stored; try again later.
+            report.retrying += len(sent)
+            report.errors.append(f"{self.destination}: HTTP {response.status_code}")
+            log.warning("%s answered HTTP %d to STOW-RS", self.destination, response.status_code)
+            return False
+        failed = _failed_instances(response)
+        for sop_uid, path in sent.items():
+            if sop_uid in failed:
+                self._refused(path, failed[sop_uid], report)
+                continue
+            self.storage.acknowledge(path)
+            self._refusals.pop(path, None)
+            report.stored += 1
+        return not failed
+
+    def _part10(self, path: Path) -> bytes:
+        if str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID) in (
+            self.compressed_classes
+        ):
+            dataset = pydicom.dcmread(path)
+            if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+                return encode_dataset(compress_dataset(dataset))
+        return path.read_bytes()
 
     def _as_accepted(self, path: Path, accepted: set[tuple[str, str]]) -> Path | pydicom.Dataset:
         """The result compressed where its kind travels compressed and the association accepted
@@ -238,3 +335,17 @@ class ResultSender:
         ):
             return path
         return compress_dataset(pydicom.dcmread(path))
+
+
+def _failed_instances(response: httpx.Response) -> dict[str, int]:
+    """SOP Instance UID -> failure reason, from a STOW-RS response's FailedSOPSequence."""
+    try:
+        answer = pydicom.Dataset.from_json(response.text) if response.content else None
+    except Exception:  # noqa: BLE001 - a server that answers no DICOM JSON stored what it says
+        answer = None
+    if answer is None:
+        return {}
+    return {
+        str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
+        for item in answer.get("FailedSOPSequence", [])
+    }

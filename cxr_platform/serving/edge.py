@@ -13,12 +13,12 @@ resolved name from that header, which the edge rewrites.
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
+from cxr_platform.http_keys import KeyRing, parse_client_keys, presented_key, read_limited
 from cxr_platform.inference.log import InvalidSiteError, site_name
 
 UPLOAD_FIELD = "file"
@@ -45,8 +45,7 @@ class EdgeMiddleware:
         on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.site_keys = [(key.encode(), site) for key, site in (site_keys or {}).items()]
+        self.keys = KeyRing(api_key, site_keys)
         self.max_upload_bytes = max_upload_bytes
         self.protected_paths = protected_paths
         self.upload_paths = upload_paths
@@ -59,7 +58,7 @@ class EdgeMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         key_site: str | None = None
-        if self.api_key is not None or self.site_keys:
+        if self.keys.required:
             authorized, key_site = self._authorized(headers)
             if not authorized:
                 await self._reject(send, path, 401, "unauthorized", "missing or wrong X-API-Key")
@@ -88,7 +87,7 @@ class EdgeMiddleware:
                     return
             # Read up to the limit (chunked bodies declare no length), then hand the buffered
             # body on.
-            body, too_large = await self._read_limited(receive)
+            body, too_large = await read_limited(receive, self.max_upload_bytes)
             if too_large:
                 await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
                 return
@@ -108,41 +107,11 @@ class EdgeMiddleware:
 
     def _authorized(self, headers: dict[str, bytes]) -> tuple[bool, str | None]:
         """(whether the key is known, the site it belongs to: None for the service key)."""
-        given = headers.get("x-api-key")
-        if given is None:
-            authorization = headers.get("authorization", b"")
-            if authorization.lower().startswith(b"bearer "):
-                given = authorization[7:].strip()
-        if given is None:
-            return False, None
-        # Every key is compared, matched or not, so the time taken says nothing about which.
-        matched: tuple[bool, str | None] = (False, None)
-        if self.api_key is not None and hmac.compare_digest(given, self.api_key):
-            matched = (True, None)
-        for key, site in self.site_keys:
-            if hmac.compare_digest(given, key):
-                matched = (True, site)
-        return matched
+        return self.keys.match(presented_key(headers))
 
     def _too_large(self, length: int | None) -> str:
         size = f"{length} bytes" if length is not None else "larger than the limit"
         return f"upload is {size}; this service accepts at most {self.max_upload_bytes} bytes"
-
-    async def _read_limited(self, receive: Receive) -> tuple[bytes, bool]:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_upload_bytes:
-                return b"", True
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks), False
 
     async def _reject(self, send: Send, path: str, status: int, reason: str, detail: str) -> None:
         if self.on_reject is not None:
@@ -162,24 +131,8 @@ class EdgeMiddleware:
 
 
 def parse_site_keys(text: str | None) -> dict[str, str]:
-    """``site=key,site2=key2`` -> {key: site}; a malformed entry is an error naming its site
-    (never its key)."""
-    keys: dict[str, str] = {}
-    for position, entry in enumerate((text or "").split(","), start=1):
-        if not entry.strip():
-            continue
-        site, separator, key = entry.partition("=")
-        try:
-            name = site_name(site)
-        except InvalidSiteError as exc:
-            raise ValueError(f"CXR_SERVICE_SITE_KEYS entry {position}: {exc}") from None
-        if not separator or name is None or not key.strip():
-            # Without '=' the entry may be a bare key: it is not echoed.
-            raise ValueError(f"CXR_SERVICE_SITE_KEYS entry {position} must be site=key")
-        if key.strip() in keys:
-            raise ValueError(f"CXR_SERVICE_SITE_KEYS: site {name!r} reuses another site's key")
-        keys[key.strip()] = name
-    return keys
+    """``site=key,site2=key2`` -> {key: site}."""
+    return parse_client_keys(text, "CXR_SERVICE_SITE_KEYS", "site")
 
 
 def _with_site(scope: Scope, site: str | None) -> Scope:

@@ -170,8 +170,12 @@ def test_the_service_the_node_and_mlflow_are_deployed_as_each_needs():
     assert mount["name"] == claim["metadata"]["name"]
     assert mount["mountPath"] == "/var/lib/cxr/dicom"  # the spool, outbox and ledger persist
     ports = documents[("Service", "cxr-dicom-node")]["spec"]["ports"]
-    assert [p["port"] for p in ports] == [11112]
     config = documents[("ConfigMap", "cxr-platform-config")]["data"]
+    # DIMSE and STOW-RS, on the ports the node is configured to listen on.
+    assert [p["port"] for p in ports] == [
+        int(config["CXR_DICOM_PORT"]),
+        int(config["CXR_DICOM_WEB_PORT"]),
+    ]
     assert "mlflow" in config["CXR_MLFLOW_TRACKING_URI"]
     assert documents[("Service", "mlflow")]["spec"]["ports"][0]["port"] == 5000
 
