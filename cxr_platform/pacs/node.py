@@ -581,6 +581,8 @@ class DicomNode:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads = []
+        if self.sender is not None:
+            self.sender.close()
         self.processor.models.stop()
 
     def __enter__(self) -> DicomNode:

@@ -159,6 +159,10 @@ class ResultSender:
             )
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_seconds
 
+    def close(self) -> None:
+        if isinstance(self.destination, DicomWebDestination):
+            self.http.close()
+
     def seconds_until_due(self) -> float | None:
         """None when the outbox is empty; 0 when something can be sent now."""
         studies = self.storage.outbox()
@@ -301,15 +305,24 @@ class ResultSender:
             report.errors.append(f"{self.destination}: HTTP {response.status_code}")
             log.warning("%s answered HTTP %d to STOW-RS", self.destination, response.status_code)
             return False
-        failed = _failed_instances(response)
+        referenced, failed = _stow_outcomes(response)
+        complete = True
         for sop_uid, path in sent.items():
             if sop_uid in failed:
                 self._refused(path, failed[sop_uid], report)
-                continue
-            self.storage.acknowledge(path)
-            self._refusals.pop(path, None)
-            report.stored += 1
-        return not failed
+                complete = False
+            elif sop_uid in referenced or (response.status_code == 200 and not referenced):
+                # 200 means all were stored, whether or not the server lists them.
+                self.storage.acknowledge(path)
+                self._refusals.pop(path, None)
+                report.stored += 1
+            elif response.status_code == 409:  # none stored, and the server did not say why
+                self._refused(path, 0xC000, report)
+                complete = False
+            else:  # 202 without a word on this one: not known to be stored, so sent again
+                report.retrying += 1
+                complete = False
+        return complete
 
     def _part10(self, path: Path) -> bytes:
         if str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID) in (
@@ -337,15 +350,21 @@ class ResultSender:
         return compress_dataset(pydicom.dcmread(path))
 
 
-def _failed_instances(response: httpx.Response) -> dict[str, int]:
-    """SOP Instance UID -> failure reason, from a STOW-RS response's FailedSOPSequence."""
+def _stow_outcomes(response: httpx.Response) -> tuple[set[str], dict[str, int]]:
+    """(SOP Instance UIDs the server stored, failed ones with their reason) from a STOW-RS
+    response; both empty when it sent no DICOM JSON."""
     try:
         answer = pydicom.Dataset.from_json(response.text) if response.content else None
-    except Exception:  # noqa: BLE001 - a server that answers no DICOM JSON stored what it says
+    except Exception:  # noqa: BLE001 - no DICOM JSON: the HTTP status is all there is
         answer = None
     if answer is None:
-        return {}
-    return {
+        return set(), {}
+    referenced = {
+        str(item.get("ReferencedSOPInstanceUID", ""))
+        for item in answer.get("ReferencedSOPSequence", [])
+    }
+    failed = {
         str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
         for item in answer.get("FailedSOPSequence", [])
     }
+    return referenced, failed
