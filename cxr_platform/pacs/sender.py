@@ -269,8 +269,9 @@ class ResultSender:
             log.warning("%s refused %s (status 0x%04X)", self.destination, path.name, code)
 
     def _stow_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
-        """One STOW-RS request for the study's results. HTTP has no negotiation: the kinds set
-        to travel compressed always do (every DICOMweb archive takes JPEG-LS Lossless)."""
+        """One STOW-RS request for the study's results. HTTP has no transfer-syntax
+        negotiation: the kinds set to travel compressed always do, so an archive that cannot
+        store JPEG-LS Lossless needs CXR_DICOM_COMPRESS_RESULTS emptied."""
         assert isinstance(self.destination, DicomWebDestination)
         boundary = f"cxr-{uuid.uuid4().hex}"
         body = io.BytesIO()
