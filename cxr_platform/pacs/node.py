@@ -46,6 +46,11 @@ from cxr_platform.pacs.processing import InstanceProcessor, Processed, Transient
 from cxr_platform.pacs.sanitize import UnusableSourceError, is_valid_uid
 from cxr_platform.pacs.screening import screen
 from cxr_platform.pacs.sender import Destination, DicomWebDestination, ResultSender
+from cxr_platform.pacs.statuses import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
 from cxr_platform.pacs.storage import REFUSED, NodeStorage
 from cxr_platform.pacs.stow import StowServer, stow_app
 from cxr_platform.redaction import uid_tag, withhold_values
@@ -73,9 +78,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 MAX_PDU_BYTES = 131072
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 TRANSIENT_RETRY_SECONDS = 10.0
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700  # the spool is full or could not be written
-STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
 
 
 class NodeConfigError(CxrError):

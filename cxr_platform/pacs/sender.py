@@ -9,11 +9,9 @@ destination accepts it the file is compressed on the way out
 
 from __future__ import annotations
 
-import io
 import logging
 import ssl
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,9 @@ from cxr_platform.pacs.compression import (
     SOP_CLASS_BY_KIND,
     compress_dataset,
 )
+from cxr_platform.pacs.statuses import STATUS_CANNOT_UNDERSTAND, STORED_STATUSES
 from cxr_platform.pacs.storage import NodeStorage, encode_dataset
+from cxr_platform.pacs.stow import multipart_related
 from cxr_platform.redaction import uid_tag
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ RESULT_SOP_CLASSES = (
     ParametricMapStorage,
     SecondaryCaptureImageStorage,
 )
-# Success, and the warnings PACS use for "stored, but coerced/with discrepancies".
-STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
 class DestinationError(CxrError):
@@ -273,26 +271,21 @@ class ResultSender:
         negotiation: the kinds set to travel compressed always do, so an archive that cannot
         store JPEG-LS Lossless needs CXR_DICOM_COMPRESS_RESULTS emptied."""
         assert isinstance(self.destination, DicomWebDestination)
-        boundary = f"cxr-{uuid.uuid4().hex}"
-        body = io.BytesIO()
         sent: dict[str, Path] = {}
+        parts: list[bytes] = []
         for path in files:
             try:
-                data = self._part10(path)
+                parts.append(self._part10(path))
             except FileNotFoundError:
                 continue  # acknowledged by a previous pass meanwhile
             sent[path.stem] = path
-            body.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            body.write(data)
-            body.write(b"\r\n")
         if not sent:
             return True
-        body.write(f"--{boundary}--\r\n".encode())
-        content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        body, content_type = multipart_related(parts)
         try:
             response = self.http.post(
                 f"{self.destination.url}/studies",
-                content=body.getvalue(),
+                content=body,
                 headers={"Content-Type": content_type},
             )
         except httpx.HTTPError as exc:
@@ -318,7 +311,7 @@ class ResultSender:
                 self._refusals.pop(path, None)
                 report.stored += 1
             elif response.status_code == 409:  # none stored, and the server did not say why
-                self._refused(path, 0xC000, report)
+                self._refused(path, STATUS_CANNOT_UNDERSTAND, report)
                 complete = False
             else:  # 202 without a word on this one: not known to be stored, so sent again
                 report.retrying += 1
@@ -365,7 +358,9 @@ def _stow_outcomes(response: httpx.Response) -> tuple[set[str], dict[str, int]]:
         for item in answer.get("ReferencedSOPSequence", [])
     }
     failed = {
-        str(item.get("ReferencedSOPInstanceUID", "")): int(item.get("FailureReason", 0xC000))
+        str(item.get("ReferencedSOPInstanceUID", "")): int(
+            item.get("FailureReason", STATUS_CANNOT_UNDERSTAND)
+        )
         for item in answer.get("FailedSOPSequence", [])
     }
     return referenced, failed

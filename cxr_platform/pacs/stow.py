@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,12 @@ from starlette.routing import Route
 
 from cxr_platform.errors import CxrError
 from cxr_platform.http_keys import KeyRing, presented_key, read_limited
+from cxr_platform.pacs.statuses import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_STUDY_MISMATCH,
+    STATUS_SUCCESS,
+    STORED_STATUSES,
+)
 
 if TYPE_CHECKING:
     from cxr_platform.pacs.node import DicomNode
@@ -43,11 +50,6 @@ log = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 RETRY_AFTER_SECONDS = 30
-# Failure reasons (PS3.18 Table 10.5.3-2 points to the C-STORE statuses).
-STATUS_SUCCESS = 0x0000
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_STUDY_MISMATCH = 0xC122  # "Referenced Study Instance UID does not match"
-STORED = frozenset({STATUS_SUCCESS, 0xB000, 0xB006, 0xB007})
 
 
 class StowRequestError(CxrError):
@@ -107,6 +109,19 @@ def split_multipart_related(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
+def multipart_related(parts: list[bytes]) -> tuple[bytes, str]:
+    """(body, Content-Type) of a STOW-RS request carrying ``parts`` (Part 10 instances): what
+    :func:`split_multipart_related` reads, for the node's own sending."""
+    boundary = f"cxr-{uuid.uuid4().hex}"
+    body = io.BytesIO()
+    for part in parts:
+        body.write(f"--{boundary}\r\nContent-Type: {DICOM_MEDIA_TYPE}\r\n\r\n".encode())
+        body.write(part)
+        body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f'multipart/related; type="{DICOM_MEDIA_TYPE}"; boundary={boundary}'
+
+
 @dataclass(frozen=True)
 class InstanceOutcome:
     sop_class_uid: str
@@ -122,7 +137,7 @@ def stow_response(outcomes: list[InstanceOutcome]) -> tuple[int, dict]:
         item = Dataset()
         item.ReferencedSOPClassUID = outcome.sop_class_uid or None
         item.ReferencedSOPInstanceUID = outcome.sop_instance_uid or None
-        if outcome.status in STORED:
+        if outcome.status in STORED_STATUSES:
             if outcome.status != STATUS_SUCCESS:
                 item.WarningReason = outcome.status
             referenced.append(item)
@@ -153,9 +168,9 @@ def _outcome_of(part: bytes, node: DicomNode, client: str | None, study: str | N
         sop_class = str(dataset.get("SOPClassUID", "") or "")
         sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
     except Exception:  # noqa: BLE001 - anything unreadable is this instance's failure only
-        return InstanceOutcome("", "", FAILURE_CANNOT_UNDERSTAND)
+        return InstanceOutcome("", "", STATUS_CANNOT_UNDERSTAND)
     if study is not None and str(dataset.get("StudyInstanceUID", "")) != study:
-        return InstanceOutcome(sop_class, sop_uid, FAILURE_STUDY_MISMATCH)
+        return InstanceOutcome(sop_class, sop_uid, STATUS_STUDY_MISMATCH)
     status = node.accept_instance(dataset, lambda: part, sender=client, via="STOW-RS")
     return InstanceOutcome(sop_class, sop_uid, status)
 
