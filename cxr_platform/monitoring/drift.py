@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,7 @@ def _ks_and_chi_square(
     reference: pd.DataFrame,
     current: pd.DataFrame,
     numerical: list[str],
-    categorical: list[str] = (),  # type: ignore[assignment]
+    categorical: Sequence[str] = (),
     *,
     thresholds: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], Any]:
@@ -270,11 +271,11 @@ def _acquisition_groups(
     reference_sources = _sources(reference)
     sources = _sources(scored)
     sites = (
-        scored["site"].astype(object).where(scored["site"].notna(), None)
+        scored["site"].astype(object).fillna(UNNAMED_SITE)
         if "site" in scored
-        else pd.Series(None, scored.index, dtype=object)
+        else pd.Series(UNNAMED_SITE, scored.index, dtype=object)
     )
-    keys = pd.DataFrame({"source": sources, "site": sites.fillna(UNNAMED_SITE)})
+    keys = pd.DataFrame({"source": sources, "site": sites})
     groups = []
     for (source, site_key), rows in keys.groupby(["source", "site"], sort=True):
         site = None if site_key == UNNAMED_SITE else str(site_key)

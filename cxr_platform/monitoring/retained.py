@@ -63,7 +63,7 @@ class RetainedInputs:
         self._pending_sizes: dict[str, int] | None = None
         self._pending_bytes = 0
         self._labeled_bytes = 0
-        self._skipping: str | None = None
+        self._skipping = False
 
     def _load_index(self) -> None:
         stamped = []
@@ -157,11 +157,11 @@ class RetainedInputs:
     def _note(self, shortfall: str | None) -> None:
         """One log line when the store starts refusing inputs and one when it takes them again,
         not one per request."""
-        if shortfall is not None and self._skipping is None:
+        if shortfall is not None and not self._skipping:
             log.warning("not keeping new inputs for feedback (%s); predictions continue", shortfall)
-        elif shortfall is None and self._skipping is not None:
+        elif shortfall is None and self._skipping:
             log.info("keeping inputs for feedback again")
-        self._skipping = shortfall
+        self._skipping = shortfall is not None
 
     def mark_labeled(self, request_id: str) -> bool:
         """True when the input is (now) in the labeled store."""

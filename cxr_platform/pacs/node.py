@@ -237,8 +237,7 @@ class DicomNode:
     def _on_store(self, event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip() or None
         try:
-            dataset = event.dataset
-            dataset.get("SOPInstanceUID")
+            dataset = event.dataset  # decoded here; its elements are checked by accept_instance
         except Exception as exc:
             log.error("C-STORE from %s: unreadable dataset: %s", calling, withhold_values(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
