@@ -17,7 +17,7 @@ from cxr_platform.pacs.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
 from cxr_platform.ports import free_port
 from cxr_platform.sections import sqlite_url
 
-from .conftest import VARIANTS, radiograph_bytes
+from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .test_orthanc import CR, DX, RESULTS, Pacs
 
 pytestmark = pytest.mark.xdist_group("pacs")
@@ -68,14 +68,23 @@ def test_pushed_over_dicomweb_and_results_returned_over_dicomweb(dicomweb_pacs, 
     # Orthanc's DICOMweb client presented its key: the log names it as the site.
     records = InferenceLog(node.processor.inference_log.url).records()
     assert list(records["site"]) == ["orthanc", "orthanc"]
+
     # Orthanc's jobs say the pushes succeeded (and there were only the two: the results were
-    # never pushed back).
-    jobs = [
-        httpx.get(f"{pacs.orthanc.url}/jobs/{job}", timeout=10).json()
-        for job in httpx.get(f"{pacs.orthanc.url}/jobs", timeout=10).json()
-    ]
-    stow_jobs = [job for job in jobs if "Stow" in job.get("Type", "") or "stow" in str(job)]
-    assert len(stow_jobs) == 2 and all(job["State"] == "Success" for job in stow_jobs), jobs
+    # never pushed back). A job is marked done a moment after its request was answered.
+    def stow_jobs() -> list[dict]:
+        jobs = [
+            httpx.get(f"{pacs.orthanc.url}/jobs/{job}", timeout=10).json()
+            for job in httpx.get(f"{pacs.orthanc.url}/jobs", timeout=10).json()
+        ]
+        return [job for job in jobs if "Stow" in job.get("Type", "") or "stow" in str(job)]
+
+    wait_for(
+        lambda: all(job["State"] in ("Success", "Failure") for job in stow_jobs()),
+        timeout=30,
+        what="Orthanc's STOW-RS jobs to finish",
+    )
+    jobs = stow_jobs()
+    assert len(jobs) == 2 and all(job["State"] == "Success" for job in jobs), jobs
 
 
 def test_a_client_without_the_key_is_refused(dicomweb_pacs):
