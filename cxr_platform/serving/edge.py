@@ -91,16 +91,9 @@ class EdgeMiddleware:
             if too_large:
                 await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
                 return
-            if text_fields_named(body, headers.get("content-type", b""), UPLOAD_FIELD):
-                # BentoML downloads a URL given as a text field where a file is expected; the
-                # service must never fetch what a client names.
-                await self._reject(
-                    send,
-                    path,
-                    400,
-                    "file_not_uploaded",
-                    f"'{UPLOAD_FIELD}' must be an uploaded file; URLs are not fetched",
-                )
+            refusal = upload_refusal(multipart_fields(body, headers.get("content-type", b"")))
+            if refusal is not None:
+                await self._reject(send, path, 400, *refusal)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
@@ -142,16 +135,41 @@ def _with_site(scope: Scope, site: str | None) -> Scope:
     return {**scope, "headers": headers}
 
 
-def text_fields_named(body: bytes, content_type: bytes, field: str) -> bool:
-    """Whether a multipart body has a part called ``field`` that is not a file (no filename)."""
+def multipart_fields(body: bytes, content_type: bytes) -> list[tuple[str, bool]] | None:
+    """(name, is a file) of each part of a multipart/form-data body; None for other bodies."""
     if not content_type.lower().startswith(b"multipart/form-data"):
-        return False
+        return None
+    fields = []
     for match in _DISPOSITION.finditer(body):
         line = match.group(0)
         name = _NAME.search(line)
-        if name and name.group(1) == field.encode() and b"filename" not in line.lower():
-            return True
-    return False
+        if name:
+            fields.append((name.group(1).decode("latin-1"), b"filename" in line.lower()))
+    return fields
+
+
+def upload_refusal(fields: list[tuple[str, bool]] | None) -> tuple[str, str] | None:
+    """(reason, detail) when an upload's form cannot be what the endpoint reads."""
+    if fields is None:
+        return None
+    if any(name == UPLOAD_FIELD and not is_file for name, is_file in fields):
+        # BentoML downloads a URL given as a text field where a file is expected; the service
+        # must never fetch what a client names.
+        return (
+            "file_not_uploaded",
+            f"'{UPLOAD_FIELD}' must be an uploaded file; URLs are not fetched",
+        )
+    # BentoML reads any other field as JSON and answers an image under another name with a 500.
+    unexpected = sorted({name for name, _ in fields} - {UPLOAD_FIELD})
+    if unexpected:
+        return (
+            "unexpected_field",
+            f"unexpected form field(s) {', '.join(unexpected)}: send the image as the file "
+            f"field '{UPLOAD_FIELD}'",
+        )
+    if not fields:
+        return "file_missing", f"no image: send it as the file field '{UPLOAD_FIELD}'"
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

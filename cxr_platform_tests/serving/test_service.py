@@ -380,6 +380,29 @@ def test_a_url_in_place_of_the_file_is_refused_not_fetched(live_service):
     assert response.json()["error"] == "file_not_uploaded"
 
 
+def test_an_image_under_another_form_field_gets_a_400_that_names_the_field(live_service):
+    """BentoML parses other fields as JSON: an image under "image" used to be a 500."""
+    image = png()
+    with live_service.client() as client:
+        misnamed = client.post("/predict", files={"image": ("x.png", image, "image/png")})
+        extra = client.post(
+            "/explain",
+            files={"file": ("x.png", image, "image/png"), "notes": ("n.bin", b"\x89\x00")},
+        )
+        empty = client.post(
+            "/predict",
+            files={},
+            data={},
+            headers={"content-type": "multipart/form-data; boundary=x"},
+            content=b"--x--\r\n",
+        )
+    assert misnamed.status_code == 400, misnamed.text
+    assert misnamed.json()["error"] == "unexpected_field"
+    assert "'file'" in misnamed.json()["detail"] and "image" in misnamed.json()["detail"]
+    assert extra.status_code == 400 and extra.json()["error"] == "unexpected_field"
+    assert empty.status_code == 400 and empty.json()["error"] == "file_missing"
+
+
 def test_a_chunked_upload_over_the_limit_is_refused_without_a_declared_length(live_service):
     body = b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024 + 1)
 
