@@ -167,6 +167,18 @@ def _max_image_pixels() -> Any:
     return setting(100_000_000, doc="Decompression-bomb guard: larger images are refused.", ge=1)
 
 
+def default_log_url(home: Path) -> str:
+    return sqlite_url(home / "inference_log.db")
+
+
+def _inference_log_url() -> Any:
+    return setting(
+        None,
+        doc="The inference log's database URL (default: SQLite in the home); keep a "
+        "PostgreSQL password in PGPASSWORD or ~/.pgpass rather than in the URL.",
+    )
+
+
 @dataclass(frozen=True)
 class TrackedSection(HomeLayout):
     """What the MLflow tracking store and the profile-dependent floors need."""
@@ -290,6 +302,16 @@ class RegistrySection(TrackedSection):
     export_int8: bool = setting(
         True, doc="Also export an INT8 ONNX model when validation AUC drops <= 0.005."
     )
+    inference_log_url: str | None = _inference_log_url()
+    lock_url: str | None = setting(
+        None,
+        doc="Database whose lock serializes promotions: PostgreSQL (an advisory lock) when "
+        "promoters run on several machines; default: the inference log's database.",
+    )
+
+    @property
+    def lock_uri(self) -> str:
+        return self.lock_url or self.inference_log_url or default_log_url(self.home)
 
     @property
     def specificity_floor(self) -> float:
@@ -312,13 +334,11 @@ class RegistrySection(TrackedSection):
 
 @dataclass(frozen=True)
 class _Logged(HomeLayout):
-    inference_log_url: str | None = setting(
-        None, doc="The inference log's database URL (default: SQLite in the home)."
-    )
+    inference_log_url: str | None = _inference_log_url()
 
     @property
     def inference_log_uri(self) -> str:
-        return self.inference_log_url or sqlite_url(self.home / "inference_log.db")
+        return self.inference_log_url or default_log_url(self.home)
 
 
 @dataclass(frozen=True)
@@ -551,6 +571,12 @@ class MonitoringSection(_Logged):
         ge=0,
         le=1,
     )
+    drift_commit_grace_seconds: float = setting(
+        60.0,
+        doc="How long the drift sensor waits for a log row that a writer has numbered but not "
+        "yet committed (PostgreSQL) before cutting a window past it.",
+        ge=0,
+    )
     drift_report_cron: str = setting("0 6 * * *", doc="The daily drift report.")
     finetune_cooldown_windows: int = setting(
         10,
@@ -573,6 +599,12 @@ class DagsterSection(HomeLayout):
     """The orchestration shell: where `dagster dev` listens (its instance lives in the home)."""
 
     dagster_port: int = setting(3000, doc="Port `dagster dev` is told to use.", ge=1, le=65535)
+    dagster_postgres_url: str | None = setting(
+        None,
+        doc="Dagster's runs, events and schedules in this PostgreSQL database "
+        "(postgresql+psycopg2://user@host:port/db; Dagster speaks psycopg2) instead of SQLite "
+        "in the home.",
+    )
 
 
 SECTIONS: dict[str, type[HomeLayout]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,11 @@ def postgres_url() -> str:
             yield url
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_database(postgres_url) -> str:
+    """A database of its own on the session's server, for tests that count ids from 1."""
+    from cxr_platform_tests.postgres import create_database
+
+    return create_database(postgres_url, f"test_{uuid.uuid4().hex[:12]}")

@@ -76,3 +76,16 @@ def temporary_postgres(base: Path) -> Iterator[str]:
             _as_owner([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]),
             capture_output=True,
         )
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``server_url``; its URL."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return str(sa.engine.make_url(server_url).set(database=name).render_as_string(False))

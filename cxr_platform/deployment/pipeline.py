@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from cxr_platform.deployment.registry import (
     PRODUCTION,
     ModelRegistry,
     ModelVersionInfo,
+    ProductionMovedError,
     RegistryError,
     RegistryEvent,
     registry_for,
@@ -42,6 +44,8 @@ from cxr_platform.models.pipeline import TrainedModel, verified_checkpoint
 from cxr_platform.monitoring.reference import reference_from_cache, write_reference
 from cxr_platform.provenance import git_commit
 from cxr_platform.sections import RegistrySection
+
+log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 32
 
@@ -228,6 +232,7 @@ def run_gate(
     evaluated_on = {
         **data.description,
         "candidate_data_version": candidate.release.data_version,
+        "production_version": production.version if production else None,
         "production_data_version": production.release.data_version if production else None,
         **(extra_evidence or {}),
     }
@@ -238,6 +243,9 @@ def run_gate(
         evaluated_on=evaluated_on,
         extra_checks=extra_checks,
     )
+
+
+GATE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -258,16 +266,35 @@ def promote_with_gate(
     *,
     triggered_by: str,
 ) -> PromotionOutcome:
+    """Gate ``candidate_ref`` against production and promote it if it passes. When another
+    promoter moves production meanwhile (another machine), the gate runs again against the new
+    production: a candidate is never promoted on a comparison with a version it does not
+    replace."""
     registry = registry_for(registry_settings)
     candidate = registry.get(candidate_ref)
-    current = registry.find(PRODUCTION)
-    if current is not None and current.version == candidate.version:
-        raise RegistryError(f"version {candidate.version} is already production")
-    decision = run_gate(registry_settings, cache, candidate.version)
-    if not decision.passed:
-        return PromotionOutcome(decision, None, current.version if current else None)
-    event = registry.promote(candidate.version, triggered_by=triggered_by, gate=decision.to_dict())
-    return PromotionOutcome(decision, event, candidate.version)
+    for _ in range(GATE_ROUNDS):
+        current = registry.find(PRODUCTION)
+        if current is not None and current.version == candidate.version:
+            raise RegistryError(f"version {candidate.version} is already production")
+        decision = run_gate(registry_settings, cache, candidate.version)
+        compared_with = decision.evaluated_on["production_version"]
+        if not decision.passed:
+            return PromotionOutcome(decision, None, compared_with)
+        try:
+            event = registry.promote(
+                candidate.version,
+                triggered_by=triggered_by,
+                gate=decision.to_dict(),
+                replacing=compared_with,
+            )
+        except ProductionMovedError as moved:
+            log.warning("%s; running the gate again", moved)
+            continue
+        return PromotionOutcome(decision, event, candidate.version)
+    raise RegistryError(
+        f"production moved {GATE_ROUNDS} times while the gate judged version "
+        f"{candidate.version}; promote it again when the other promotions are done"
+    )
 
 
 def best_by_validation(candidates: list[tuple[TrainedModel, Any]]) -> tuple[TrainedModel, Any]:

@@ -12,7 +12,6 @@ alias moves.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from cxr_platform.deployment.aliases import (
 from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
+from cxr_platform.locks import exclusive, file_lock
 from cxr_platform.sections import RegistrySection
 
 if TYPE_CHECKING:  # the exporter needs torch; a registry client (the service, the node) does not
@@ -55,6 +55,14 @@ class RegistryError(CxrError):
 
 class ModelVersionNotFoundError(RegistryError):
     pass
+
+
+class ProductionMovedError(RegistryError):
+    """Production changed between the gate's comparison and the promotion it allowed."""
+
+
+# ``promote``'s default: move production whatever it points at now.
+ANY_PRODUCTION = "<any>"
 
 
 class NothingToRollBackError(RegistryError):
@@ -116,12 +124,20 @@ class ModelRegistry:
     """One registered model in one MLflow tracking/registry store."""
 
     def __init__(
-        self, tracking_uri: str, *, name: str = DEFAULT_MODEL_NAME, cache_dir: Path | None = None
+        self,
+        tracking_uri: str,
+        *,
+        name: str = DEFAULT_MODEL_NAME,
+        cache_dir: Path | None = None,
+        lock_url: str | None = None,
     ) -> None:
+        """``lock_url``: the database whose lock serializes alias moves (PostgreSQL for
+        promoters on several machines); without it, a file lock in ``cache_dir``."""
         self.tracking_uri = tracking_uri
         self.name = name
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.cache_dir = cache_dir
+        self.lock_url = lock_url
 
     # ------------------------------------------------------------------ reading
 
@@ -308,18 +324,18 @@ class ModelRegistry:
 
     @contextlib.contextmanager
     def _alias_lock(self) -> Iterator[None]:
-        """Alias moves read, then write several aliases: one at a time per registry folder,
-        so a CLI promotion and a Dagster promotion cannot interleave."""
-        if self.cache_dir is None:
-            yield
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with (self.cache_dir / f".{self.name}.aliases.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
+        """Alias moves read, then write several aliases: one mover at a time per registered
+        model, so a CLI promotion and a Dagster promotion cannot interleave. Named by the model
+        alone: every machine must derive the same lock, whatever address it has for MLflow."""
+        name = f"cxr.registry.aliases.{self.name}"
+        if self.lock_url is not None:
+            with exclusive(self.lock_url, name):
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        elif self.cache_dir is not None:
+            with file_lock(self.cache_dir / f".{self.name}.aliases.lock", name):
+                yield
+        else:
+            yield
 
     def retire_shadow(
         self, ref: str | int, *, triggered_by: str, gate: Mapping[str, Any] | None = None
@@ -355,11 +371,19 @@ class ModelRegistry:
         return self.get(info.version)
 
     def promote(
-        self, ref: str | int, *, triggered_by: str, gate: Mapping[str, Any] | None = None
+        self,
+        ref: str | int,
+        *,
+        triggered_by: str,
+        gate: Mapping[str, Any] | None = None,
+        replacing: str | None = ANY_PRODUCTION,
     ) -> RegistryEvent:
         """Move ``production`` to ``ref``; the replaced version becomes ``previous-production``.
 
-        The caller decides whether the gate allows it; ``gate`` is what it measured.
+        The caller decides whether the gate allows it; ``gate`` is what it measured, and
+        ``replacing`` the production version (None: none) the gate compared against. Another
+        promoter may have moved production while the gate ran: then nothing moves and
+        :class:`ProductionMovedError` says so, since the comparison no longer holds.
         """
         with self._alias_lock():
             info = self.get(ref)
@@ -367,6 +391,12 @@ class ModelRegistry:
             current = aliases.get(PRODUCTION)
             if current == info.version:
                 raise RegistryError(f"version {info.version} is already production")
+            if replacing != ANY_PRODUCTION and current != replacing:
+                raise ProductionMovedError(
+                    f"production moved from version {replacing or '(none)'} to "
+                    f"{current or '(none)'} while the gate compared version {info.version} "
+                    "with it"
+                )
             if current is not None:
                 self.client.set_registered_model_alias(self.name, PREVIOUS_PRODUCTION, current)
             return self._point_alias(info.version, PRODUCTION, aliases, triggered_by, gate)
@@ -480,4 +510,5 @@ def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
         registry_settings.tracking_uri,
         name=registry_settings.registry_model_name,
         cache_dir=registry_settings.registry_cache_dir,
+        lock_url=registry_settings.lock_uri,
     )

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.features import ImageFeatures
+from cxr_platform.locks import advisory_key
 
 SOURCES = ("http", "dicom", "batch")
 LABELS = ("NORMAL", "PNEUMONIA")
@@ -261,38 +262,49 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def create_log_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-    else:
+    if not url.startswith("sqlite"):
         engine = sa.create_engine(url, pool_pre_ping=True)
+        with engine.begin() as connection:
+            # Two writers starting on an empty database both issue CREATE TABLE IF NOT EXISTS,
+            # and PostgreSQL lets the second fail on its catalog; one at a time, the second finds
+            # the tables. The lock ends with this transaction.
+            lock = advisory_key("cxr.inference_log.schema")
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(lock)))
+            metadata.create_all(connection)
+            for table, column in _missing_columns(connection):
+                connection.execute(sa.text(_add_column(table, column, engine.dialect)))
+        return engine
+    path = sa.engine.make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
     metadata.create_all(engine)  # idempotent: CREATE TABLE IF NOT EXISTS
-    _add_missing_columns(engine)
+    for table, column in _missing_columns(engine):
+        try:
+            with engine.begin() as connection:
+                connection.execute(sa.text(_add_column(table, column, engine.dialect)))
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            # Another process added it between our inspection and our ALTER.
+            if any(c is column for _, c in _missing_columns(engine)):
+                raise
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _missing_columns(bind: Engine | sa.Connection) -> list[tuple[sa.Table, sa.Column]]:
     """Columns added to the log after a deployment created its tables (all nullable), so an
     existing log keeps working after an upgrade."""
-    inspector = sa.inspect(engine)
+    inspector = sa.inspect(bind)
+    missing = []
     for table in metadata.sorted_tables:
         present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = [column for column in table.columns if column.name not in present]
-        for column in missing:
-            kind = column.type.compile(dialect=engine.dialect)
-            statement = f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
-            try:
-                with engine.begin() as connection:
-                    connection.execute(sa.text(statement))
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError):
-                # Another process added it between our inspection and our ALTER.
-                if column.name not in {
-                    c["name"] for c in sa.inspect(engine).get_columns(table.name)
-                }:
-                    raise
+        missing += [(table, column) for column in table.columns if column.name not in present]
+    return missing
+
+
+def _add_column(table: sa.Table, column: sa.Column, dialect: sa.Dialect) -> str:
+    kind = column.type.compile(dialect=dialect)
+    return f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
 
 
 class InferenceLog:

@@ -143,8 +143,13 @@ def evaluate_shadow(
         extra_evidence={"live_shadow_traffic": live.to_dict()},
     )
     if decision.passed:
+        # If another promoter moved production meanwhile, this raises rather than promote on
+        # a comparison with a version the candidate would not replace.
         event = registry.promote(
-            candidate.version, triggered_by=triggered_by, gate=decision.to_dict()
+            candidate.version,
+            triggered_by=triggered_by,
+            gate=decision.to_dict(),
+            replacing=decision.evaluated_on["production_version"],
         )
     else:
         event = registry.retire_shadow(

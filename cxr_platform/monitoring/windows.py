@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -151,12 +152,22 @@ def refusals_during(
 
 @dataclass(frozen=True)
 class DriftCursor:
-    """The drift sensor's position in the log and its memory of fine-tune requests."""
+    """The drift sensor's position in the log and its memory of fine-tune requests.
+
+    On PostgreSQL a row's id is drawn when it is inserted and becomes visible when its
+    transaction commits, so ids can appear out of order: row 101 may still be in flight when
+    102..300 are readable. A window is never cut past a missing id until the missing id has had
+    the grace period to commit; after that it is taken as a rolled-back insert. ``gap_horizon``
+    is the highest id read when missing ids were first seen, ``gap_seen_at`` when (epoch
+    seconds): every id missing below the horizon was already numbered at that moment.
+    """
 
     last_id: int = 0
     windows: int = 0
     finetune_window: int | None = None  # value of ``windows`` when fine-tune was last requested
     finetune_production: str | None = None  # the production version it was requested for
+    gap_horizon: int | None = None
+    gap_seen_at: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -177,33 +188,109 @@ class DriftStep:
     recalibrate_site: str | None = None  # a site to recalibrate for, tried before a fine-tune
 
 
+def _first_missing_id(ids: pd.Series, after: int) -> int | None:
+    """The lowest id above ``after`` that ``ids`` (ascending) skips, if any."""
+    expected = pd.RangeIndex(after + 1, after + 1 + len(ids))
+    skipped = ids.to_numpy() != expected.to_numpy()
+    return int(expected[skipped.argmax()]) if skipped.any() else None
+
+
+def _settled(
+    cursor: DriftCursor, ids: pd.Series, grace_seconds: float, now: float
+) -> tuple[bool, DriftCursor, str]:
+    """Whether every id missing below the window's last row has had the grace period to commit;
+    the cursor carries when missing ids were first seen."""
+    missing = _first_missing_id(ids, cursor.last_id)
+    if missing is None:
+        return True, replace(cursor, gap_horizon=None, gap_seen_at=None), ""
+    last = int(ids.iloc[-1])
+    horizon, seen_at = cursor.gap_horizon, cursor.gap_seen_at
+    if horizon is None or seen_at is None or last > horizon:
+        # Ids missing above an earlier horizon may have been numbered since: a fresh wait.
+        horizon, seen_at = last, now
+    waiting = replace(cursor, gap_horizon=horizon, gap_seen_at=seen_at)
+    if now - seen_at >= grace_seconds:
+        return True, waiting, ""
+    return (
+        False,
+        waiting,
+        f"log row {missing} is numbered but not committed; the window waits up to "
+        f"{grace_seconds:g} s for it (rows up to {last} are readable)",
+    )
+
+
+@dataclass(frozen=True)
+class WindowCut:
+    """The next window's rows, or why there is none yet; ``cursor`` keeps what was learnt about
+    missing ids either way."""
+
+    cursor: DriftCursor
+    rows: pd.DataFrame | None = None
+    skip_reason: str | None = None
+
+    @property
+    def key(self) -> str:
+        assert self.rows is not None
+        return ids_window(int(self.rows["id"].iloc[0]), int(self.rows["id"].iloc[-1]))
+
+    @property
+    def advanced(self) -> DriftCursor:
+        """The cursor past this window."""
+        assert self.rows is not None
+        return replace(
+            self.cursor,
+            last_id=int(self.rows["id"].iloc[-1]),
+            windows=self.cursor.windows + 1,
+            gap_horizon=None,
+            gap_seen_at=None,
+        )
+
+
+def cut_window(
+    log: InferenceLog, cursor: DriftCursor, *, size: int, grace_seconds: float, now: float
+) -> WindowCut:
+    """The next ``size`` rows after the cursor, once no row below them can still commit."""
+    waiting = log.count(since_id=cursor.last_id)
+    if waiting < size:
+        return WindowCut(
+            cursor,
+            skip_reason=f"{waiting} new inference records after id {cursor.last_id}; "
+            f"a drift window needs {size}",
+        )
+    rows = log.records(since_id=cursor.last_id, limit=size)
+    settled, cursor, waiting_for = _settled(cursor, rows["id"], grace_seconds, now)
+    if not settled:
+        return WindowCut(cursor, skip_reason=waiting_for)
+    return WindowCut(cursor, rows=rows)
+
+
 def drift_sensor_step(
     monitoring: MonitoringSection,
     registry: ModelRegistry,
     cursor: DriftCursor,
     *,
     target_sensitivity: float = 0.95,
+    now: float | None = None,
 ) -> DriftStep:
     """One evaluation of the drift sensor: cut the next full window, judge it, and say whether
     a site's recalibration or the fine-tune job should run. The cursor only advances past a
-    window that was judged."""
+    window that was judged, and a window is not cut past a row that may still commit
+    (``now``: epoch seconds, for tests)."""
     production = registry.find(PRODUCTION)
     if production is None:
         return DriftStep(cursor, skip_reason="no production model: nothing to monitor")
     log = InferenceLog(monitoring.inference_log_uri)
     try:
-        size = monitoring.drift_window_size
-        waiting = log.count(since_id=cursor.last_id)
-        if waiting < size:
-            return DriftStep(
-                cursor,
-                skip_reason=f"{waiting} new inference records after id {cursor.last_id}; "
-                f"a drift window needs {size}",
-            )
-        rows = log.records(since_id=cursor.last_id, limit=size)
-        first, last = int(rows["id"].iloc[0]), int(rows["id"].iloc[-1])
-        key = ids_window(first, last)
-        advanced = replace(cursor, last_id=last, windows=cursor.windows + 1)
+        cut = cut_window(
+            log,
+            cursor,
+            size=monitoring.drift_window_size,
+            grace_seconds=monitoring.drift_commit_grace_seconds,
+            now=time.time() if now is None else now,
+        )
+        if cut.rows is None:
+            return DriftStep(cut.cursor, skip_reason=cut.skip_reason)
+        rows, key, advanced = cut.rows, cut.key, cut.advanced
         try:
             result = check_window(monitoring, key, registry, records=rows)
         except WindowError as exc:
