@@ -24,8 +24,19 @@ from cxr_platform.terminal import attached, interactive
 EXIT_USAGE = 2
 EXIT_CHECKS_FAILED = 3
 
-DAGSTER_YAML = """\
-# Written by `cxr`: local Dagster storage lives in this folder (SQLite).
+WRITTEN_BY_CXR = "# Written by `cxr`"
+DAGSTER_YAML = f"""\
+{WRITTEN_BY_CXR}: local Dagster storage lives in this folder (SQLite).
+telemetry:
+  enabled: false
+"""
+# The URL stays in the environment: a file in the home would keep a copy of any password.
+DAGSTER_POSTGRES_YAML = f"""\
+{WRITTEN_BY_CXR} from CXR_DAGSTER_POSTGRES_URL: runs, events and schedules in PostgreSQL.
+storage:
+  postgres:
+    postgres_url:
+      env: CXR_DAGSTER_POSTGRES_URL
 telemetry:
   enabled: false
 """
@@ -107,12 +118,29 @@ def _settings(ctx: click.Context, **overrides: object) -> CxrSettings:
 
 
 def prepare_dagster_home(settings: CxrSettings) -> Path:
-    """Create the home folder and a Dagster instance folder that `dagster dev` can share."""
+    """Create the home folder and a Dagster instance folder that `dagster dev` can share: its
+    storage SQLite in that folder, or the PostgreSQL database the settings name. A dagster.yaml
+    someone wrote by hand is left as it is."""
     layout = settings.dagster
     layout.ensure_dirs()
     config = layout.dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
+    wanted = DAGSTER_YAML
+    if layout.dagster_postgres_url:
+        driver = layout.dagster_postgres_url.split("://", 1)[0]
+        if driver != "postgresql+psycopg2":
+            # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, on which Dagster's event log
+            # fails (it sends NOTIFY with psycopg2's client-side parameters).
+            raise CxrError(
+                f"CXR_DAGSTER_POSTGRES_URL must name the psycopg2 driver "
+                f"(postgresql+psycopg2://user@host:port/db), not {driver}://"
+            )
+        wanted = DAGSTER_POSTGRES_YAML
+        # The instance reads the URL from the environment; a .env file is not the environment.
+        os.environ["CXR_DAGSTER_POSTGRES_URL"] = layout.dagster_postgres_url
+    if not config.exists() or (
+        config.read_text().startswith(WRITTEN_BY_CXR) and config.read_text() != wanted
+    ):
+        config.write_text(wanted)
     return layout.dagster_home
 
 

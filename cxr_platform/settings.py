@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -173,6 +174,8 @@ class _SettingsBase(BaseSettings):
                 value = getattr(self, spec.name)
                 if spec.name in SECRET_SETTINGS:
                     value = "**********" if value is not None else None
+                elif isinstance(value, str):
+                    value = _without_password(value)
                 elif isinstance(value, Path):
                     value = str(value)
                 elif isinstance(value, tuple):
@@ -192,6 +195,14 @@ else:
         __doc__="Typed settings, read from ``CXR_*`` environment variables (and a .env file).",
         **_FIELDS,
     )
+
+
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", re.IGNORECASE)
+
+
+def _without_password(value: str) -> str:
+    """A database or server URL as ``cxr config`` shows it: the password masked."""
+    return _URL_PASSWORD.sub(r"\1**********@", value)
 
 
 def env_name(setting: str) -> str:

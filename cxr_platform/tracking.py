@@ -49,7 +49,10 @@ class ExperimentTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            location = artifact_root.resolve().as_uri() if artifact_root else None
+            # A tracking server decides where artifacts go (its --artifacts-destination); a
+            # local folder named here would keep a shared server's artifacts on this machine.
+            local_store = not tracking_uri.startswith(("http://", "https://", "databricks"))
+            location = artifact_root.resolve().as_uri() if artifact_root and local_store else None
             self.experiment_id = self.client.create_experiment(
                 experiment, artifact_location=location
             )

@@ -290,3 +290,28 @@ def test_training_imports_without_the_rest_of_the_stack():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "demo"
+
+
+def test_cxr_config_masks_a_password_a_url_carries_and_dagster_needs_psycopg2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update(
+        {
+            "CXR_HOME": str(tmp_path),
+            "CXR_INFERENCE_LOG_URL": "postgresql+psycopg://cxr:s3cret@db:5432/cxr",
+            "CXR_DAGSTER_POSTGRES_URL": "postgresql://dagster@db:5432/dagster",
+        }
+    )
+    command = [sys.executable, "-m", "cxr_platform.cli", "config", "--json"]
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "s3cret" not in shown.stdout
+    masked = "postgresql+psycopg://cxr:**********@db:5432/cxr"
+    assert json.loads(shown.stdout)["monitoring"]["inference_log_url"] == masked
+    assert json.loads(shown.stdout)["registry"]["lock_url"] is None  # the log's, by default
+
+    # Dagster's PostgreSQL storage fails late and obscurely on psycopg 3: refused up front.
+    command = [sys.executable, "-m", "cxr_platform.cli", "demo", "--no-loop"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2
+    assert "must name the psycopg2 driver" in refused.stderr
+    assert "Traceback" not in refused.stderr
