@@ -30,13 +30,11 @@ DAGSTER_YAML = f"""\
 telemetry:
   enabled: false
 """
-# The URL stays in the environment: a file in the home would keep a copy of any password.
-DAGSTER_POSTGRES_YAML = f"""\
-{WRITTEN_BY_CXR} from CXR_DAGSTER_POSTGRES_URL: runs, events and schedules in PostgreSQL.
+DAGSTER_POSTGRES_YAML = """\
+{written_by} from CXR_DAGSTER_POSTGRES_URL: runs, events and schedules in PostgreSQL.
 storage:
   postgres:
-    postgres_url:
-      env: CXR_DAGSTER_POSTGRES_URL
+    postgres_url: {url}
 telemetry:
   enabled: false
 """
@@ -134,13 +132,14 @@ def prepare_dagster_home(settings: CxrSettings) -> Path:
                 f"CXR_DAGSTER_POSTGRES_URL must name the psycopg2 driver "
                 f"(postgresql+psycopg2://user@host:port/db), not {driver}://"
             )
-        wanted = DAGSTER_POSTGRES_YAML
-        # The instance reads the URL from the environment; a .env file is not the environment.
-        os.environ["CXR_DAGSTER_POSTGRES_URL"] = layout.dagster_postgres_url
+        # A JSON string is a YAML string, quoted whatever the URL holds.
+        url = json.dumps(layout.dagster_postgres_url)
+        wanted = DAGSTER_POSTGRES_YAML.format(written_by=WRITTEN_BY_CXR, url=url)
     if not config.exists() or (
         config.read_text().startswith(WRITTEN_BY_CXR) and config.read_text() != wanted
     ):
         config.write_text(wanted)
+        config.chmod(0o600)  # the URL may carry a password
     return layout.dagster_home
 
 

@@ -138,18 +138,24 @@ def released(stores, tiny_synthetic, tmp_path_factory) -> Released:
     return Released(home, env, settings, images)
 
 
-def test_the_release_job_and_predictions_land_on_the_servers_and_nothing_local(stores, released):
+def test_the_release_job_and_predictions_land_on_the_servers_and_nothing_local(
+    stores, released, monkeypatch
+):
     predicted = _cxr(["predict", *map(str, released.images[:3]), "--site", "north"], released.env)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
 
-    # Dagster: the run is in PostgreSQL, and the instance file cxr wrote is the shipped one.
+    # Dagster: the run is in PostgreSQL, where the shipped instance file finds it too; the file
+    # cxr wrote into the home names the database and only its owner can read it.
+    written = released.home / "dagster" / "dagster.yaml"
+    assert stores.dagster_url in written.read_text()
+    assert written.stat().st_mode & 0o777 == 0o600
     import dagster as dg
 
     shipped = Path(__file__).parents[2] / "deploy" / "dagster" / "dagster.yaml"
     dagster_home = released.home.parent / "dagster-home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(shipped.read_text())
-    os.environ["CXR_DAGSTER_POSTGRES_URL"] = stores.dagster_url
+    monkeypatch.setenv("CXR_DAGSTER_POSTGRES_URL", stores.dagster_url)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         runs = instance.get_runs()
