@@ -12,6 +12,11 @@ not the bottleneck). Runs on CUDA when available (bf16 autocast, channels_last),
 ``--compile`` times the torch.compile path of compute-only and end-to-end (compilation is in
 the warm-up, not in the figure).
 
+``--processes 1 2`` adds data-parallel rows: the same end-to-end loop in N processes with
+DistributedDataParallel (gloo on CPU, NCCL and one GPU each on CUDA), at the same global batch,
+as a ratio of one process measured in the same run. On a CPU the processes share its cores, so
+expect little gain there: the row is for a machine with a GPU per process.
+
 ``--full-run DATA_DIR`` also times a whole training run as the platform does it: the cache
 (built or reused), the profile's epochs with validation after each, then the evaluation
 (calibration and threshold on validation, metrics on the held-out test split). On two CPU cores
@@ -19,7 +24,7 @@ ResNet18's 30 epochs take hours; ``--full-run-arch``/``--full-run-epochs`` short
 
     .venv/bin/python benchmarks/train_throughput.py [--archs baseline_cnn resnet18 ...]
         [--images 96] [--batch-size 32] [--size 224] [--device auto] [--compile]
-        [--inference-batch-size 256]
+        [--inference-batch-size 256] [--processes 1 2]
         [--full-run ../shared/data/kaggle-chest-xray-224 [--full-run-arch resnet18]
          [--full-run-epochs N]]
 """
@@ -147,6 +152,79 @@ def end_to_end(
     return result.history[-1].train_images_per_s
 
 
+def end_to_end_rank(
+    arch: str, data: TrainingData, batch_size: int, device: str, compile: bool
+) -> float:
+    """One rank of the data-parallel end-to-end loop (the launcher starts one per process)."""
+    from cxr_platform.models.distributed import join_from_environment, leave, share_cpu
+
+    ranks = join_from_environment(torch.device(device))
+    share_cpu(ranks)
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{ranks.rank}"
+        data = TrainingData(
+            train=TensorBatches(
+                data.train.images.squeeze(1).cpu().numpy(),
+                data.train.labels_np,
+                data.train.preprocessing,
+                device=device,
+            ),
+            val=TensorBatches(
+                data.val.images.squeeze(1).cpu().numpy(),
+                data.val.labels_np,
+                data.val.preprocessing,
+                device=device,
+            ),
+        )
+    config = training_profile(
+        "full",
+        arch,
+        pretrained="none",
+        frozen_epochs=0,
+        finetune_epochs=2,
+        patience=99,
+        batch_size=batch_size,
+        device=device,
+        compile=compile,
+    )
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            result = train(config, data, out, progress=False, ranks=ranks)
+    finally:
+        leave(ranks)
+    return result.history[-1].train_images_per_s
+
+
+def data_parallel_rows(
+    archs: list[str],
+    processes: list[int],
+    data: TrainingData,
+    batch_size: int,
+    device: torch.device,
+    compile: bool,
+) -> None:
+    from cxr_platform.models.distributed import launch
+
+    cpu_data = TrainingData(
+        train=TensorBatches(
+            data.train.images.squeeze(1).cpu().numpy(),
+            data.train.labels_np,
+            data.train.preprocessing,
+        ),
+        val=TensorBatches(
+            data.val.images.squeeze(1).cpu().numpy(), data.val.labels_np, data.val.preprocessing
+        ),
+    )
+    print(f"{'arch':<14} {'processes':>9} {'end-to-end img/s':>17} {'vs 1 process':>13}")
+    for arch in archs:
+        single = None
+        for count in processes:
+            rate = launch(count, end_to_end_rank, arch, cpu_data, batch_size, str(device), compile)
+            single = rate if count == 1 else single
+            ratio = f"{rate / single:.2f}x" if single else "-"
+            print(f"{arch:<14} {count:>9} {rate:>17,.1f} {ratio:>13}")
+
+
 def full_run(data_dir: Path, arch: str, epochs: int | None, device: torch.device) -> None:
     """A whole ``full``-profile run on real data, timed from cache to evaluation report."""
     from cxr_platform.data.pipeline import prepare
@@ -187,6 +265,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also time the loop data-parallel in these process counts (include 1 as baseline)",
+    )
     parser.add_argument("--full-run", type=Path, metavar="DATA_DIR")
     parser.add_argument("--full-run-arch", default="resnet18")
     parser.add_argument("--full-run-epochs", type=int)
@@ -234,6 +319,8 @@ def main() -> None:
             f"{arch:<14} {compute:>14,.1f} {loop:>17,.1f} {loop / compute:>11.0%} "
             f"{inference:>40,.1f}"
         )
+    if args.processes:
+        data_parallel_rows(args.archs, args.processes, data, args.batch_size, device, args.compile)
     if args.full_run is not None:
         full_run(args.full_run, args.full_run_arch, args.full_run_epochs, device)
 

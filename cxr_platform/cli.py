@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -113,6 +114,18 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
 def _settings(ctx: click.Context, **overrides: object) -> CxrSettings:
     """The environment's settings with this command's flags on top (flags win)."""
     return load_settings(home=ctx.obj.get("home"), **overrides)
+
+
+@contextlib.contextmanager
+def _dagster_pipes():
+    """The Dagster Pipes session when a Dagster asset launched this process; None otherwise."""
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+    if DAGSTER_PIPES_CONTEXT_ENV_VAR not in os.environ:
+        yield None
+        return
+    with open_dagster_pipes() as pipes:
+        yield pipes
 
 
 def prepare_dagster_home(settings: CxrSettings) -> Path:
@@ -477,6 +490,15 @@ def split(
     help="torch.compile the training passes (default: CXR_TORCH_COMPILE, off).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the newest last.pt of this arch.")
+@click.option(
+    "--nproc-per-node",
+    "training_nproc_per_node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes on this machine, with DistributedDataParallel (torchrun's launcher): one "
+    "per GPU, or CPU processes sharing the cores. The batch size stays the global batch "
+    "(default: CXR_TRAINING_NPROC_PER_NODE, 1).",
+)
 @click.pass_context
 @_fail_cleanly
 def train(
@@ -491,14 +513,22 @@ def train(
     device: str | None,
     torch_compile: bool | None,
     resume: bool,
+    training_nproc_per_node: int | None,
 ) -> None:
     """Train one model on the patient split of the data and track it in MLflow."""
     from cxr_platform.data import pipeline
     from cxr_platform.data.splits import manifest_hash
     from cxr_platform.models import pipeline as model_pipeline
 
-    settings = _settings(ctx, data_dir=data_dir, device=device, torch_compile=torch_compile)
+    settings = _settings(
+        ctx,
+        data_dir=data_dir,
+        device=device,
+        torch_compile=torch_compile,
+        training_nproc_per_node=training_nproc_per_node,
+    )
     training = settings.training
+    nproc_per_node = training.training_nproc_per_node
     progress = interactive()
     manifest, cache = pipeline.prepare(settings.data, progress=progress)
     profile_used = profile_name or training.profile
@@ -511,19 +541,49 @@ def train(
         pretrained=pretrained,
         weights_path=weights_path,
     )
+    processes = f" in {nproc_per_node} processes" if nproc_per_node > 1 else ""
     click.echo(
         f"Training {arch} ({profile_used} profile: {config.frozen_epochs} frozen + "
         f"{config.finetune_epochs} fine-tune epochs) on {len(cache.index('train'))} images"
+        f"{processes}"
     )
-    trained = model_pipeline.train_tracked(
-        training,
-        cache,
-        config,
-        profile=profile_used,
-        manifest_hash=manifest_hash(manifest),
-        progress=progress,
-        resume=resume,
-    )
+    with _dagster_pipes() as pipes:
+        if nproc_per_node > 1:
+            trained = model_pipeline.train_distributed(
+                training,
+                cache,
+                config,
+                nproc_per_node=nproc_per_node,
+                profile=profile_used,
+                manifest_hash=manifest_hash(manifest),
+                resume=resume,
+                tags={"dagster.run_id": pipes.run_id} if pipes else None,
+            )
+        else:
+            trained = model_pipeline.train_tracked(
+                training,
+                cache,
+                config,
+                profile=profile_used,
+                manifest_hash=manifest_hash(manifest),
+                dagster_run_id=pipes.run_id if pipes else None,
+                progress=progress,
+                resume=resume,
+                on_epoch=pipes.log.info if pipes else None,
+            )
+        if pipes:
+            if nproc_per_node > 1:
+                # The epochs ran in the launcher's worker processes: their lines reach the run
+                # log now (the workers' output streamed to the step's compute log meanwhile).
+                from cxr_platform.models.training import EpochRecord, epoch_lines
+
+                records = [EpochRecord(**values) for values in trained.history]
+                for line in epoch_lines(config, records):
+                    pipes.log.info(line)
+            # The asset that launched this process builds its output and metadata from it.
+            pipes.report_custom_message(
+                {"trained_model": trained.to_json(), "config": config.to_dict()}
+            )
     click.echo(
         f"best validation AUC {trained.best_val_auc:.4f} at epoch {trained.best_epoch} "
         f"({trained.epochs_run} epochs, {trained.wall_seconds:.0f} s on {trained.device}, "

@@ -30,6 +30,8 @@ PretrainedMode = Literal["auto", "required", "none"]
 PRETRAINED_MODES: tuple[str, ...] = get_args(PretrainedMode)
 ThresholdRuleName = Literal["sensitivity_target", "youden"]
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRuleName)
+TrainingLauncher = Literal["in_process", "subprocess", "kubernetes"]
+TRAINING_LAUNCHERS: tuple[str, ...] = get_args(TrainingLauncher)
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 RESULT_KINDS: tuple[str, ...] = ("sr", "seg", "pmap", "sc")
@@ -279,6 +281,12 @@ class TrainingSection(TrackedSection):
     )
     target_sensitivity: float = setting(
         0.95, doc="Sensitivity the threshold is chosen for.", gt=0, le=1
+    )
+    training_nproc_per_node: int = setting(
+        1,
+        doc="Training processes on one machine with DistributedDataParallel: one per GPU, or "
+        "CPU processes sharing the cores (`cxr train --nproc-per-node`, the training assets).",
+        ge=1,
     )
 
 
@@ -604,6 +612,22 @@ class DagsterSection(HomeLayout):
         doc="Dagster's runs, events and schedules in this PostgreSQL database "
         "(postgresql+psycopg2://user@host:port/db; Dagster speaks psycopg2) instead of SQLite "
         "in the home.",
+    )
+    training_launcher: TrainingLauncher = setting(
+        "in_process",
+        doc="Where the training assets train: in the run's process, in a `cxr train` process "
+        "(Dagster Pipes), or in a Kubernetes pod running `cxr train` (Dagster Pipes).",
+    )
+    training_k8s_image: str = setting(
+        "cxr-platform:latest", doc="Image of the training pod (training_launcher=kubernetes)."
+    )
+    training_k8s_namespace: str = setting(
+        "cxr-platform", doc="Namespace of the training pod (training_launcher=kubernetes)."
+    )
+    training_k8s_home_claim: str = setting(
+        "cxr-home",
+        doc="PersistentVolumeClaim the training pod mounts as CXR_HOME, shared with the runs "
+        "(training_launcher=kubernetes).",
     )
 
 

@@ -233,9 +233,17 @@ class TensorBatches:
         augmentation: AugmentationConfig,
         seed: int,
         balanced: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled (or class-balanced) augmented batches, fully determined by ``seed``."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        """Shuffled (or class-balanced) augmented batches, fully determined by ``seed``.
+
+        ``shard=(rank, world_size)``: every process of a distributed run draws the same order of
+        global batches of ``batch_size`` and keeps its own interleaved share of each, so the
+        processes together take the steps one process would. A final batch too small to give
+        every process an image is dropped (a process without one would stall the others)."""
+        rank, world_size = shard
+        # Each process augments its own images: a seed of its own keeps their draws independent.
+        generator = torch.Generator(device=self.device).manual_seed(seed + 7919 * rank)
         order_generator = torch.Generator().manual_seed(seed)
         if balanced:
             order = balanced_indices(self.labels_np, order_generator)
@@ -245,9 +253,12 @@ class TensorBatches:
         # the host wait for the GPU to drain its queue before every batch.
         order = order.to(self.device)
         for start in range(0, len(order), batch_size):
-            yield self.batch(
-                order[start : start + batch_size], augmentation=augmentation, generator=generator
-            )
+            indices = order[start : start + batch_size]
+            if world_size > 1:
+                if len(indices) < world_size:
+                    return
+                indices = indices[rank::world_size]
+            yield self.batch(indices, augmentation=augmentation, generator=generator)
 
     def evaluation_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):

@@ -15,8 +15,10 @@ import pandas as pd
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.defs.training_launch import launch_training, train_arguments
 from cxr_platform.models import pipeline as model_pipeline
 from cxr_platform.models.evaluation import EvaluationReport
+from cxr_platform.models.recipe import TrainConfig
 from cxr_platform.models.reporting import (
     comparison_markdown,
     report_markdown,
@@ -77,7 +79,8 @@ def _training_assets(arch: str) -> list:
         preprocessed_cache: PreprocessedCache,
         patient_splits: pd.DataFrame,
     ) -> dg.Output[model_pipeline.TrainedModel]:
-        training = platform.settings().training
+        settings = platform.settings()
+        training = settings.training
         profile = training.profile
         train_config = model_pipeline.train_config_for(
             training,
@@ -86,18 +89,37 @@ def _training_assets(arch: str) -> list:
             epochs=config.epochs,
             batch_size=config.batch_size,
         )
-        trained = model_pipeline.train_tracked(
-            training,
-            preprocessed_cache,
-            train_config,
-            profile=profile,
-            manifest_hash=manifest_hash(patient_splits),
-            dagster_run_id=context.run.run_id,
-            # A bar only where a person watches (cxr demo at a terminal); the run log gets one
-            # line per epoch wherever the run executes.
-            progress=interactive(),
-            on_epoch=context.log.info,
-        )
+        nproc = training.training_nproc_per_node
+        if settings.dagster.training_launcher != "in_process":
+            arguments = train_arguments(
+                arch, nproc_per_node=nproc, epochs=config.epochs, batch_size=config.batch_size
+            )
+            context.log.info(f"launching `cxr {' '.join(arguments)}` through Dagster Pipes")
+            trained, used = launch_training(context, settings, arguments)
+            train_config = TrainConfig.from_dict(used)
+        elif nproc > 1:
+            trained = model_pipeline.train_distributed(
+                training,
+                preprocessed_cache,
+                train_config,
+                nproc_per_node=nproc,
+                profile=profile,
+                manifest_hash=manifest_hash(patient_splits),
+                tags={"dagster.run_id": context.run.run_id},
+            )
+        else:
+            trained = model_pipeline.train_tracked(
+                training,
+                preprocessed_cache,
+                train_config,
+                profile=profile,
+                manifest_hash=manifest_hash(patient_splits),
+                dagster_run_id=context.run.run_id,
+                # A bar only where a person watches (cxr demo at a terminal); the run log gets
+                # one line per epoch wherever the run executes.
+                progress=interactive(),
+                on_epoch=context.log.info,
+            )
         curves = trained.checkpoint.parent / "learning_curves.png"
         return dg.Output(
             trained,
@@ -116,6 +138,8 @@ def _training_assets(arch: str) -> list:
                 # Checkpoints are written once: later steps refuse a file that differs from it.
                 "checkpoint_sha256": trained.checkpoint_sha256 or "",
                 "config": dg.MetadataValue.json(train_config.to_dict()),
+                "world_size": nproc,
+                "launcher": settings.dagster.training_launcher,
                 "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
             },
         )

@@ -13,11 +13,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.errors import CxrError
 from cxr_platform.models.checkpoint import Checkpoint, file_sha256
+from cxr_platform.models.distributed import (
+    SINGLE,
+    Ranks,
+    from_main,
+    join_from_environment,
+    launch,
+    leave,
+    rank_device,
+    share_cpu,
+)
 from cxr_platform.models.evaluation import (
     INTERVAL_FIELDS,
     EvaluationReport,
@@ -75,6 +87,14 @@ class TrainedModel:
         values["checkpoint"] = str(self.checkpoint)
         return values
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything, history included, as JSON values (the latest pointer, a Pipes message)."""
+        return {**self.summary(), "history": self.history}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainedModel:
+        return cls(**{**values, "checkpoint": Path(values["checkpoint"])})
+
 
 def tracker_for(store: TrackedSection) -> ExperimentTracker:
     store.ensure_dirs()
@@ -111,6 +131,7 @@ def train_tracked(
     data: TrainingData | None = None,
     tags: dict[str, str | None] | None = None,
     on_epoch: Callable[[str], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainedModel:
     """Train ``config`` on the cache's train/val splits, with every detail recorded in MLflow.
 
@@ -118,9 +139,14 @@ def train_tracked(
     MLflow run) from its ``last.pt``. ``data`` replaces the cache's splits (fine-tuning adds
     labeled feedback images to the training split); it must use the cache's preprocessing.
     ``progress`` draws bars (a terminal); ``on_epoch`` gets each finished epoch's line.
+    ``ranks``: rank 0's place in a distributed run (the other ranks run
+    :func:`_train_beside_main`).
     """
+    if not ranks.is_main:
+        raise CxrError("only rank 0 tracks a run; the other ranks train beside it")
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    device = select_device(config.device)
+    device = rank_device(select_device(config.device), ranks)
+    data = _training_data(cache, preprocessing, device, data)
     tracker = tracker_for(training)
     if resume:
         run = _resumable_run(training, tracker, config.arch)
@@ -128,17 +154,19 @@ def train_tracked(
         run = _new_run(tracker, config, profile, manifest_hash, preprocessing, dagster_run_id)
     if tags:
         run.set_tags(tags)
+    run.set_tags({"cxr.world_size": ranks.world_size})
     run.log_params(
         {**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile}
     )
-    out_dir = training.models_dir / config.arch / run.run_id
+    out_dir = from_main(training.models_dir / config.arch / run.run_id, ranks)
     try:
-        if data is None:
-            data = TrainingData.from_cache(cache, device)
-        elif data.train.preprocessing != preprocessing:
-            raise CxrError("training data prepared with other preprocessing than the cache")
         run.log_params(
-            {"n_train": len(data.train), "n_val": len(data.val), "resolved_device": str(device)}
+            {
+                "n_train": len(data.train),
+                "n_val": len(data.val),
+                "resolved_device": str(device),
+                "world_size": ranks.world_size,
+            }
         )
         result = train(
             config,
@@ -148,6 +176,7 @@ def train_tracked(
             progress=progress,
             resume=resume,
             on_epoch=on_epoch,
+            ranks=ranks,
         )
     except BaseException:
         run.finish("FAILED")
@@ -155,6 +184,90 @@ def train_tracked(
     return _finish_training(
         training, run, config, result, out_dir, preprocessing, profile, manifest_hash
     )
+
+
+def _training_data(
+    cache: PreprocessedCache,
+    preprocessing: PreprocessingConfig,
+    device: torch.device,
+    data: TrainingData | None,
+) -> TrainingData:
+    if data is None:
+        return TrainingData.from_cache(cache, device)
+    if data.train.preprocessing != preprocessing:
+        raise CxrError("training data prepared with other preprocessing than the cache")
+    return data
+
+
+def _train_beside_main(
+    cache: PreprocessedCache, config: TrainConfig, resume: bool, ranks: Ranks
+) -> None:
+    """A rank other than 0: trains its share in rank 0's run folder; MLflow is rank 0's."""
+    preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
+    device = rank_device(select_device(config.device), ranks)
+    data = _training_data(cache, preprocessing, device, None)
+    out_dir = from_main(None, ranks)  # rank 0 names it once its MLflow run exists
+    train(config, data, out_dir, progress=False, resume=resume, ranks=ranks)
+
+
+def train_tracked_rank(
+    training: TrainingSection,
+    cache: PreprocessedCache,
+    config: TrainConfig,
+    profile: str,
+    manifest_hash: str | None,
+    resume: bool,
+    tags: dict[str, str | None] | None = None,
+) -> TrainedModel | None:
+    """One rank of a distributed :func:`train_tracked` (what the launcher starts per process):
+    joins the process group, trains, leaves. Rank 0 returns the trained model."""
+    ranks = join_from_environment(select_device(config.device))
+    share_cpu(ranks)
+    try:
+        if not ranks.is_main:
+            _train_beside_main(cache, config, resume, ranks)
+            return None
+        return train_tracked(
+            training,
+            cache,
+            config,
+            profile=profile,
+            manifest_hash=manifest_hash,
+            progress=ranks.is_main,
+            resume=resume,
+            tags=tags,
+            ranks=ranks,
+        )
+    finally:
+        leave(ranks)
+
+
+def train_distributed(
+    training: TrainingSection,
+    cache: PreprocessedCache,
+    config: TrainConfig,
+    *,
+    nproc_per_node: int,
+    profile: str,
+    manifest_hash: str | None = None,
+    resume: bool = False,
+    tags: dict[str, str | None] | None = None,
+) -> TrainedModel:
+    """:func:`train_tracked` in ``nproc_per_node`` processes of this machine with DDP."""
+    trained = launch(
+        nproc_per_node,
+        train_tracked_rank,
+        training,
+        cache,
+        config,
+        profile,
+        manifest_hash,
+        resume,
+        tags,
+    )
+    if trained is None:
+        raise CxrError("rank 0 of the distributed run returned no trained model")
+    return trained
 
 
 def _new_run(
@@ -250,7 +363,7 @@ def _finish_training(
 def _write_latest(training: TrainingSection, trained: TrainedModel) -> None:
     pointer = training.models_dir / LATEST_POINTER
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**trained.summary(), "history": trained.history}, indent=2))
+    tmp.write_text(json.dumps(trained.to_json(), indent=2))
     tmp.replace(pointer)
 
 
@@ -259,9 +372,7 @@ def latest_trained(training: TrainingSection) -> TrainedModel:
     pointer = training.models_dir / LATEST_POINTER
     if not pointer.exists():
         raise CxrError(f"no trained model under {training.models_dir}; run `cxr train` first")
-    values = json.loads(pointer.read_text())
-    values["checkpoint"] = Path(values["checkpoint"])
-    return TrainedModel(**values)
+    return TrainedModel.from_json(json.loads(pointer.read_text()))
 
 
 class CheckpointChangedError(CxrError):

@@ -76,6 +76,13 @@ class TrainConfig:
     # steps settle what the early high-rate steps found. The rate is a function of the step
     # alone (no scheduler state), so resuming mid-phase continues on the same curve.
     lr_schedule: LrSchedule = "constant"
+    # Each image's forward pass independent of the rest of its batch and of chance: BatchNorm
+    # keeps its running statistics, dropout is off. A distributed run then takes exactly the
+    # steps one process takes on the whole batch (what the equivalence test checks); it is not
+    # a recipe for accuracy. On CPU BatchNorm cannot be synchronized across ranks (PyTorch's
+    # SyncBatchNorm is GPU-only), so without this each rank normalizes with its share's
+    # statistics, as plain DDP does.
+    batch_independent: bool = False
 
     def __post_init__(self) -> None:
         architecture(self.arch)  # fails early on a typo
@@ -200,6 +207,7 @@ class EpochRecord:
     val_auc: float
     seconds: float
     train_images_per_s: float
+    best_so_far: bool = False  # validation AUC improved: this epoch's weights went to best.pt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,6 +34,13 @@ from cxr_platform.models.checkpoint import (
     model_from_checkpoint,
     scoring_model,
 )
+from cxr_platform.models.distributed import (
+    SINGLE,
+    Ranks,
+    from_main,
+    summed,
+    wait_for_all,
+)
 from cxr_platform.models.recipe import (
     ACQUISITION_AUGMENTATION,
     FROM_SCRATCH_LR,
@@ -155,11 +162,24 @@ def set_phase(model: nn.Module, arch: str, phase: Phase) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _train_mode(model: nn.Module, arch: str, phase: Phase) -> None:
+def _train_mode(model: nn.Module, arch: str, phase: Phase, *, batch_independent: bool) -> None:
     model.train()
     if phase == "frozen":
         for module in backbone_modules(model, arch):
             module.eval()  # BatchNorm running statistics are part of what is frozen
+    if batch_independent:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+                module.eval()
+
+
+def data_parallel(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The training forward pass of one rank. Built again at each phase change: DDP
+    synchronizes the gradients of the parameters that required them when it was built."""
+    parallel = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    return torch.compile(parallel) if config.compile else parallel
 
 
 @torch.inference_mode()
@@ -344,10 +364,16 @@ class Trainee:
         return self.averaged.module if self.averaged is not None else self.model
 
     @classmethod
-    def prepare(cls, config: TrainConfig, start: StartingPoint, data: TrainingData) -> Trainee:
+    def prepare(
+        cls, config: TrainConfig, start: StartingPoint, data: TrainingData, ranks: Ranks = SINGLE
+    ) -> Trainee:
         device = data.train.device
         cuda = device.type == "cuda"
-        model = start.built.model.to(device)
+        model = start.built.model
+        if cuda and ranks.distributed and not config.batch_independent:
+            # One BatchNorm over the global batch, as one process would compute it.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off
         if config.channels_last:
@@ -404,14 +430,15 @@ def train_one_epoch(
     phase: Phase,
     *,
     progress: bool,
+    ranks: Ranks = SINGLE,
 ) -> EpochTraining:
     """One pass over the training split, seeded from ``(seed, epoch)`` so a resumed run takes
-    the same steps."""
+    the same steps; with several ranks, each takes its share of every batch."""
     device = train_data.device
     cuda = device.type == "cuda"
     epoch_seed = _epoch_seed(config.seed, epoch)
     torch.manual_seed(epoch_seed)  # dropout
-    _train_mode(trainee.model, config.arch, phase)
+    _train_mode(trainee.model, config.arch, phase, batch_independent=config.batch_independent)
     started = time.perf_counter()
     loss_sum, seen = torch.zeros((), device=device), 0
     batches = train_data.training_epoch(
@@ -419,12 +446,13 @@ def train_one_epoch(
         augmentation=config.augmentation,
         seed=epoch_seed,
         balanced=config.balanced_sampling,
+        shard=ranks.shard,
     )
     bar = tqdm(
         total=len(train_data),
         desc=f"{config.arch} epoch {epoch}/{config.total_epochs} ({phase})",
         unit="img",
-        disable=not progress,
+        disable=not (progress and ranks.is_main),
         leave=False,
         file=progress_stream(),
     )
@@ -447,9 +475,14 @@ def train_one_epoch(
             trainee.averaged.update(trainee.model)
         loss_sum += loss.detach() * len(labels)  # stays on the device: no sync per step
         seen += len(labels)
-        bar.update(len(labels))
+        bar.update(len(labels) * ranks.world_size)
     bar.close()
-    return EpochTraining(float(loss_sum) / max(seen, 1), seen, time.perf_counter() - started)
+    # The epoch's figures over all ranks: one exchange per epoch.
+    totals = summed(
+        torch.stack([loss_sum.float(), torch.tensor(float(seen), device=device)]), ranks
+    )
+    loss_total, images = float(totals[0]), int(totals[1])
+    return EpochTraining(loss_total / max(images, 1), images, time.perf_counter() - started)
 
 
 def evaluate(config: TrainConfig, scorer: nn.Module, val: TensorBatches) -> dict[str, float]:
@@ -512,6 +545,14 @@ def epoch_line(config: TrainConfig, history: Sequence[EpochRecord], improved: bo
     )
 
 
+def epoch_lines(config: TrainConfig, history: Sequence[EpochRecord]) -> list[str]:
+    """Every epoch's line of a finished run, as it was reported while training."""
+    return [
+        epoch_line(config, history[: index + 1], record.best_so_far)
+        for index, record in enumerate(history)
+    ]
+
+
 def report_epoch(
     config: TrainConfig,
     history: Sequence[EpochRecord],
@@ -550,11 +591,14 @@ def train(
     metrics_sink: MetricsSink | None = None,
     progress: bool = True,
     on_epoch: Callable[[str], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainingResult:
     """Train ``config.arch``; writes ``best.pt`` and ``last.pt`` under ``out_dir``.
 
     ``progress`` draws a bar per epoch and writes each epoch's line under it (for a terminal);
-    ``on_epoch`` receives the same line (a Dagster run log, a test)."""
+    ``on_epoch`` receives the same line (a Dagster run log, a test). ``ranks``: this process's
+    place in a distributed run (see :mod:`cxr_platform.models.distributed`); only rank 0
+    validates, writes checkpoints and reports, and every rank follows its early stopping."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -565,7 +609,7 @@ def train(
     start = restore_or_start(config, preprocessing, last_path if resume else None)
     config = final_schedule(config, start.built.pretrained)
     optimizer_state = start.optimizer_state_for(config)
-    trainee = Trainee.prepare(config, start, data)
+    trainee = Trainee.prepare(config, start, data, ranks)
     pos_weight = resolve_pos_weight(config, data.train.labels_np)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None
@@ -581,15 +625,28 @@ def train(
             phase = config.phase_of(epoch)
             optimizer = phase_optimizer(config, trainee.model, phase, optimizer_state)
             optimizer_state = None
+            if ranks.distributed:
+                trainee.forward = data_parallel(trainee.model, config, data.train.device)
             if epoch > 1 and config.phase_of(epoch - 1) != phase:
                 stopping.new_phase()
         assert optimizer is not None and phase is not None
 
         epoch_started = time.perf_counter()
         trained = train_one_epoch(
-            config, trainee, optimizer, criterion, data.train, epoch, phase, progress=progress
+            config,
+            trainee,
+            optimizer,
+            criterion,
+            data.train,
+            epoch,
+            phase,
+            progress=progress,
+            ranks=ranks,
         )
-        metrics = evaluate(config, trainee.scorer, data.val)
+        # Rank 0 validates and the others take its figures: one early-stopping decision.
+        metrics = from_main(
+            evaluate(config, trainee.scorer, data.val) if ranks.is_main else None, ranks
+        )
         record = EpochRecord(
             epoch=epoch,
             phase=phase,
@@ -599,24 +656,28 @@ def train(
             train_images_per_s=trained.images_per_s,
             **metrics,
         )
-        history.append(record)
         improved = stopping.update(epoch, record.val_auc)
+        record = replace(record, best_so_far=improved)
+        history.append(record)
 
-        checkpoint = checkpoint_of(
-            config,
-            trainee,
-            optimizer,
-            start,
-            history,
-            preprocessing=preprocessing,
-            metrics=metrics,
-            pos_weight=pos_weight,
-        )
-        if improved:
-            checkpoint.save(best_path)
-        checkpoint.save(last_path)
-        # Reported once saved: a line that says "best so far" is already in best.pt.
-        report_epoch(config, history, improved, metrics_sink, progress=progress, on_epoch=on_epoch)
+        if ranks.is_main:
+            checkpoint = checkpoint_of(
+                config,
+                trainee,
+                optimizer,
+                start,
+                history,
+                preprocessing=preprocessing,
+                metrics=metrics,
+                pos_weight=pos_weight,
+            )
+            if improved:
+                checkpoint.save(best_path)
+            checkpoint.save(last_path)
+            # Reported once saved: a line that says "best so far" is already in best.pt.
+            report_epoch(
+                config, history, improved, metrics_sink, progress=progress, on_epoch=on_epoch
+            )
         if stopping.should_stop(phase):
             stopped_early = epoch < config.total_epochs
             log.info(
@@ -624,6 +685,7 @@ def train(
             )
             break
 
+    wait_for_all(ranks)  # rank 0's checkpoints are on disk before any rank returns
     if not best_path.exists():
         raise TrainingError(f"{out_dir} has no best checkpoint; nothing was trained")
     return TrainingResult(
