@@ -153,7 +153,7 @@ def end_to_end(
 
 
 def end_to_end_rank(
-    arch: str, data: TrainingData, batch_size: int, device: str, compile: bool
+    arch: str, data: TrainingData, batch_size: int, device: str, compile: bool, out: str
 ) -> float:
     """One rank of the data-parallel end-to-end loop (the launcher starts one per process)."""
     from cxr_platform.models.distributed import join_from_environment, leave, share_cpu
@@ -188,8 +188,7 @@ def end_to_end_rank(
         compile=compile,
     )
     try:
-        with tempfile.TemporaryDirectory() as out:
-            result = train(config, data, out, progress=False, ranks=ranks)
+        result = train(config, data, out, progress=False, ranks=ranks)  # rank 0 writes there
     finally:
         leave(ranks)
     return result.history[-1].train_images_per_s
@@ -219,7 +218,10 @@ def data_parallel_rows(
     for arch in archs:
         single = None
         for count in processes:
-            rate = launch(count, end_to_end_rank, arch, cpu_data, batch_size, str(device), compile)
+            with tempfile.TemporaryDirectory() as out:
+                rate = launch(
+                    count, end_to_end_rank, arch, cpu_data, batch_size, str(device), compile, out
+                )
             single = rate if count == 1 else single
             ratio = f"{rate / single:.2f}x" if single else "-"
             print(f"{arch:<14} {count:>9} {rate:>17,.1f} {ratio:>13}")
