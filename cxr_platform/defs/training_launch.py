@@ -60,7 +60,8 @@ def training_pod_spec(settings: CxrSettings) -> dict[str, Any]:
         ],
     }
     if training.device != "cpu":
-        resources["limits"] = {"nvidia.com/gpu": training.training_nproc_per_node}
+        # A quantity, as Kubernetes writes them.
+        resources["limits"] = {"nvidia.com/gpu": str(training.training_nproc_per_node)}
         spec["node_selector"] = {"cxr-platform/pool": "gpu"}
         spec["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}

@@ -174,7 +174,7 @@ def test_the_kubernetes_training_pod_is_a_valid_pod(tmp_path):
     assert "not-in-the-manifest" not in text
     (container,) = manifest["spec"]["containers"]
     assert container["command"] == ["cxr", "train", "--arch", "resnet18", "--nproc-per-node", "4"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert {"name": "CXR_TRAINING_NPROC_PER_NODE", "value": "4"} in container["env"]
     assert manifest["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "cxr-home"
     path = tmp_path / "pod.yaml"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +69,20 @@ def _data(cache: PreprocessedCache, n_train: int) -> TrainingData:
     )
 
 
-def train_rank(cache: PreprocessedCache, config: TrainConfig, n_train: int, out: Path) -> int:
-    """One rank of the distributed run (the launcher imports it by name)."""
+def train_rank(
+    cache: PreprocessedCache, config: TrainConfig, n_train: int, out: Path, resume: bool = False
+) -> tuple[int, int]:
+    """One rank of the distributed run (the launcher imports it by name): (world size, epochs
+    this rank trained)."""
     ranks = join_from_environment(torch.device("cpu"))
     share_cpu(ranks)
     try:
-        train(config, _data(cache, n_train), out, progress=False, ranks=ranks)
+        result = train(
+            config, _data(cache, n_train), out, progress=False, resume=resume, ranks=ranks
+        )
     finally:
         leave(ranks)
-    return ranks.world_size
+    return ranks.world_size, len(result.history)
 
 
 def fail_on_rank_one() -> None:
@@ -101,7 +107,7 @@ def test_two_processes_take_the_steps_of_one(learnable_cache, tmp_path):
         single = train(config, _data(learnable_cache, n_train), tmp_path / "one", progress=False)
     finally:
         torch.set_num_threads(threads)
-    world_size = launch(2, train_rank, learnable_cache, config, n_train, tmp_path / "two")
+    world_size, _ = launch(2, train_rank, learnable_cache, config, n_train, tmp_path / "two")
     assert world_size == 2
 
     one = Checkpoint.load(tmp_path / "one" / "last.pt")
@@ -125,6 +131,30 @@ def test_two_processes_take_the_steps_of_one(learnable_cache, tmp_path):
         [r.train_loss for r in two.history], abs=1e-4
     )
     assert two.history[-1].epoch == single.history[-1].epoch == config.total_epochs
+
+    # Stopped after its first epoch and resumed in two processes: every rank restores rank 0's
+    # last.pt, and the run ends where the uninterrupted one did.
+    first_epoch = replace(config, finetune_epochs=1)
+    launch(2, train_rank, learnable_cache, first_epoch, n_train, tmp_path / "resumed")
+    launch(2, train_rank, learnable_cache, config, n_train, tmp_path / "resumed", True)
+    resumed = Checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert (
+        max(
+            float((resumed.model[name].float() - two.model[name].float()).abs().max())
+            for name in two.model
+        )
+        < 1e-5
+    )
+
+
+def test_every_rank_stops_early_with_rank_0(learnable_cache, tmp_path):
+    """Only rank 0 validates; a rank that went on alone would wait for the others forever."""
+    config = replace(_config(), finetune_epochs=6, patience=1, min_delta=1.0)
+    n_train = 4 * GLOBAL_BATCH
+    _, epochs = launch(2, train_rank, learnable_cache, config, n_train, tmp_path / "stopped")
+    assert epochs == 2 < config.total_epochs  # no epoch can gain 1.0 of AUC over the first
+    stopped = Checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert [record.epoch for record in stopped.history] == [1, 2]
 
 
 def test_a_failing_rank_is_reported_with_its_error():
