@@ -76,7 +76,12 @@ def _advisory_lock(url: str, name: str, timeout_s: float | None) -> Iterator[Non
     # connection must end it.
     engine = sa.create_engine(url, poolclass=NullPool)
     try:
-        with engine.connect() as connection:
+        try:
+            connection = engine.connect()
+        except sa.exc.OperationalError as exc:
+            where = sa.engine.make_url(url).render_as_string(hide_password=True)
+            raise LockError(f"cannot reach the lock database {where}: {exc.orig}") from exc
+        with connection:
             if timeout_s is not None:
                 milliseconds = max(1, int(timeout_s * 1000))
                 connection.execute(sa.text(f"SET lock_timeout = {milliseconds}"))

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from cxr_platform.locks import LockError, LockTimeoutError, exclusive, lock_file_for
+from cxr_platform.ports import free_port
 
 HOLD_UNTIL_KILLED = """
 import sys, time
@@ -69,3 +70,13 @@ def test_the_sqlite_lock_lives_beside_the_database_and_other_databases_are_refus
         exclusive("mysql://user@host/db", "x"),
     ):
         pass
+
+
+def test_an_unreachable_lock_database_is_one_clear_error():
+    url = f"postgresql+psycopg://cxr:s3cret@127.0.0.1:{free_port()}/cxr"
+    with (
+        pytest.raises(LockError, match="cannot reach the lock database") as raised,
+        exclusive(url, "promotion"),
+    ):
+        pass
+    assert "s3cret" not in str(raised.value)
