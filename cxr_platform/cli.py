@@ -697,13 +697,28 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--card",
+    "card_version",
+    metavar="VERSION",
+    help="Print VERSION's model card (a number or an alias) instead of the list.",
+)
+@click.option("--html", "as_html", is_flag=True, help="With --card: the card as an HTML page.")
 @click.pass_context
 @_fail_cleanly
-def models(ctx: click.Context, as_json: bool) -> None:
-    """List registered model versions with their aliases and metrics."""
+def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html: bool) -> None:
+    """List registered model versions with their aliases and metrics, or print one's card."""
+    from cxr_platform.deployment.model_card import card_html
     from cxr_platform.deployment.registry import registry_for
 
     registry = registry_for(_settings(ctx).registry)
+    if card_version is not None:
+        card = registry.card(card_version)
+        version = registry.get(card_version).version
+        click.echo(card_html(card, f"{registry.name} version {version}") if as_html else card)
+        return
+    if as_html:
+        raise click.UsageError("--html goes with --card VERSION")
     versions = registry.versions()
     if as_json:
         click.echo(json.dumps([v.to_dict() for v in versions], indent=2))

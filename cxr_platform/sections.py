@@ -193,6 +193,11 @@ class TrackedSection(HomeLayout):
     mlflow_tracking_uri: str | None = setting(
         None, doc="MLflow tracking URI (default: SQLite in the home)."
     )
+    mlflow_ui_url: str | None = setting(
+        None,
+        doc="Where people open MLflow's UI, for links in Dagster and model cards (default: the "
+        "tracking server when it is one; none for the embedded SQLite store).",
+    )
     min_test_auc: float | None = setting(
         None, doc="Blocking floor on test AUC; default depends on the profile.", ge=0, le=1
     )
@@ -203,6 +208,14 @@ class TrackedSection(HomeLayout):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or sqlite_url(self.mlflow_dir / "mlflow.db")
+
+    @property
+    def ui_url(self) -> str | None:
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri.rstrip("/")
+        return None
 
     @property
     def profile(self) -> str:

@@ -35,6 +35,11 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in an MLflow UI (the address scheme of MLflow's single-page app)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 class ExperimentTracker:
     """Creates runs in one experiment of one tracking server (SQLite file by default)."""
 

@@ -17,6 +17,7 @@ from cxr_platform.data.splits import (
     split_summary,
     write_manifest,
 )
+from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.terminal import interactive
 
@@ -34,7 +35,7 @@ def source_images(
     return dg.Output(
         index,
         metadata={
-            "root": dg.MetadataValue.path(str(index.root)),
+            "root": home_path(index.root, platform.settings().data.home),
             "layout": index.layout,
             "n_images": index.n_images,
             **{f"n_{label.lower()}": int(n) for label, n in counts.items()},
@@ -59,7 +60,7 @@ def data_profile(
         profiled,
         metadata={
             "profile": dg.MetadataValue.md(report.to_markdown()),
-            "json": dg.MetadataValue.path(str(json_path)),
+            "json": home_path(json_path, data.home),
             "n_images": report.n_images,
             "n_unreadable": report.n_unreadable,
             "n_patients": report.n_patients,
@@ -86,7 +87,7 @@ def patient_splits(
         manifest,
         metadata={
             "summary": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3f")),
-            "manifest": dg.MetadataValue.path(str(csv_path)),
+            "manifest": home_path(csv_path, data.home),
             "manifest_hash": manifest_hash(manifest),
             "seed": data.seed,
             "ratios": dg.MetadataValue.json(list(data.split_ratios)),
@@ -102,7 +103,7 @@ def _split_check(name: str, check, description: str) -> dg.AssetChecksDefinition
         return dg.AssetCheckResult(
             passed=outcome.passed,
             description=outcome.description,
-            metadata=outcome.metadata,
+            metadata=readable(outcome.metadata),
         )
 
     return _run
@@ -135,7 +136,8 @@ def preprocessed_cache(
     context: dg.AssetExecutionContext, platform: PlatformSettings, patient_splits: pd.DataFrame
 ) -> dg.Output[PreprocessedCache]:
     """uint8 224x224 arrays per split (memory-mappable), reused when the input is unchanged."""
-    cache = pipeline.cache(patient_splits, platform.settings().data, progress=interactive())
+    data = platform.settings().data
+    cache = pipeline.cache(patient_splits, data, progress=interactive())
     rows = "\n".join(
         f"| {s.split} | {s.n_images} | {'reused' if s.reused else 'built'} "
         f"| `{s.images_path.name}` |"
@@ -147,7 +149,7 @@ def preprocessed_cache(
             "splits": dg.MetadataValue.md(
                 "| split | images | status | file |\n| --- | ---: | --- | --- |\n" + rows
             ),
-            "root": dg.MetadataValue.path(str(cache.root)),
+            "root": home_path(cache.root, data.home),
             "preprocessing": dg.MetadataValue.json(cache.preprocessing),
             "reused_all": all(s.reused for s in cache.splits.values()),
         },

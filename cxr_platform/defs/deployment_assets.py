@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 
 from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import evaluation_report_key, png_markdown, trained_model_key
 from cxr_platform.deployment import pipeline as deployment
@@ -81,7 +82,7 @@ def _per_architecture(arch: str) -> list:
             "gallery": dg.MetadataValue.md(png_markdown(report.gallery, "Grad-CAM gallery")),
             "randomization_mean_abs_spearman": report.randomization.mean_abs_rank_correlation,
             "randomization_passed": report.randomization.passed,
-            "json": dg.MetadataValue.path(str(report.gallery.parent / "explanations.json")),
+            "json": home_path(report.gallery.parent / "explanations.json", training.home),
         }
         if report.pointing_game is not None:
             game = report.pointing_game
@@ -93,12 +94,12 @@ def _per_architecture(arch: str) -> list:
                     "pointing_game_n": game.n,
                 }
             )
-        yield dg.Output(report.to_dict(), metadata=metadata)
+        yield dg.Output(report.to_dict(), metadata=readable(metadata))
         yield dg.AssetCheckResult(
             check_name="randomization_sanity",
             passed=report.randomization.passed,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata=report.randomization.to_dict(),
+            metadata=readable(report.randomization.to_dict()),
         )
 
     @dg.asset(
@@ -124,27 +125,30 @@ def _per_architecture(arch: str) -> list:
         evaluation_report: EvaluationReport,
         preprocessed_cache: PreprocessedCache,
     ):
+        registry = platform.settings().registry
         exported = deployment.export_trained(
-            platform.settings().registry, preprocessed_cache, trained_model, evaluation_report
+            registry, preprocessed_cache, trained_model, evaluation_report
         )
         parity = exported.parity
         yield dg.Output(
             exported,
-            metadata={
-                "onnx": dg.MetadataValue.path(str(exported.onnx_path)),
-                "torchscript": dg.MetadataValue.path(str(exported.torchscript_path)),
-                "onnx_max_abs_diff": parity.onnx_max_abs_diff,
-                "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
-                "threshold": exported.metadata.threshold,
-                "input_gate": dg.MetadataValue.json(
-                    exported.metadata.summary().get("input_gate") or {}
-                ),
-                "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
-                "model_metadata": dg.MetadataValue.json(exported.metadata.summary()),
-            },
+            metadata=readable(
+                {
+                    "onnx": home_path(exported.onnx_path, registry.home),
+                    "torchscript": home_path(exported.torchscript_path, registry.home),
+                    "onnx_max_abs_diff": parity.onnx_max_abs_diff,
+                    "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
+                    "threshold": exported.metadata.threshold,
+                    "input_gate": dg.MetadataValue.json(
+                        exported.metadata.summary().get("input_gate") or {}
+                    ),
+                    "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
+                    "model_metadata": dg.MetadataValue.json(exported.metadata.summary()),
+                }
+            ),
         )
         yield dg.AssetCheckResult(
-            check_name="parity", passed=parity.passed, metadata=parity.to_dict()
+            check_name="parity", passed=parity.passed, metadata=readable(parity.to_dict())
         )
 
     return [gradcam_gallery, exported_model]
@@ -152,7 +156,7 @@ def _per_architecture(arch: str) -> list:
 
 def gate_checks_markdown(decision: GateDecision) -> str:
     return "| check | value | limit | passed |\n| --- | ---: | ---: | --- |\n" + "\n".join(
-        f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'yes' if c.passed else 'NO'} |"
+        f"| {c.name} | {c.value:.3f} | {c.limit:.3f} | {'yes' if c.passed else 'NO'} |"
         for c in decision.checks
     )
 
@@ -205,7 +209,9 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
     ) -> dg.Output[dict]:
         registry_settings = platform.settings().registry
         trigger = f"dagster:{context.run.run_id}"
+        registry = deployment.registry_for(registry_settings)
         versions = {}
+        cards = {}
         for arch in archs:
             info = deployment.register_exported(
                 registry_settings,
@@ -215,13 +221,18 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
                 data_dir=inputs[f"trained_{arch}"].data_dir,
             )
             versions[arch] = info.version
+            cards[arch] = registry.card(info.version)
         best, _ = deployment.best_by_validation(
             [(inputs[f"trained_{arch}"], arch) for arch in archs]
         )
         candidate = versions[best.arch]
-        deployment.registry_for(registry_settings).set_shadow(candidate, triggered_by=trigger)
-        table = "| architecture | version | best val AUC |\n| --- | ---: | ---: |\n" + "\n".join(
-            f"| {arch} | {versions[arch]} | {inputs[f'trained_{arch}'].best_val_auc:.4f} |"
+        registry.set_shadow(candidate, triggered_by=trigger)
+        table = (
+            "| architecture | version | best val AUC | model card |\n| --- | ---: | ---: | --- |\n"
+        )
+        table += "\n".join(
+            f"| {arch} | {versions[arch]} | {inputs[f'trained_{arch}'].best_val_auc:.3f} "
+            f"| `cxr models --card {versions[arch]}` |"
             for arch in archs
         )
         return dg.Output(
@@ -231,6 +242,8 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
                 "shadow_version": candidate,
                 "shadow_arch": best.arch,
                 "versions": dg.MetadataValue.md(table),
+                # One card per version, in full: what a reviewer reads before promotion.
+                **{f"model_card_{arch}": dg.MetadataValue.md(cards[arch]) for arch in archs},
             },
         )
 
@@ -275,14 +288,16 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
                 "candidate": candidate,
                 "decision": decision.to_dict(),
             },
-            metadata={
-                "production_version": production or "none",
-                "candidate_version": candidate,
-                "promoted": outcome.promoted,
-                "decision": decision.summary(),
-                "gate": dg.MetadataValue.md(checks),
-                **(registry_event_metadata(outcome.event) if outcome.event else {}),
-            },
+            metadata=readable(
+                {
+                    "production_version": production or "none",
+                    "candidate_version": candidate,
+                    "promoted": outcome.promoted,
+                    "decision": decision.summary(),
+                    "gate": dg.MetadataValue.md(checks),
+                    **(registry_event_metadata(outcome.event) if outcome.event else {}),
+                }
+            ),
         )
         yield dg.AssetCheckResult(
             check_name="promotion_gate",

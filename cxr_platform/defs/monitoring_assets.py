@@ -17,6 +17,7 @@ import dagster as dg
 
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
+from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.monitoring.drift import (
@@ -122,11 +123,16 @@ def drift_report(context: dg.AssetExecutionContext, platform: PlatformSettings):
     context.log.info(result.summary())
     return dg.Output(
         result.to_dict(),
-        metadata={
-            **drift_metadata(result),
-            "html": dg.MetadataValue.path(str(files.get("html", ""))),
-            "json": dg.MetadataValue.path(str(files["json"])),
-        },
+        metadata=readable(
+            {
+                **drift_metadata(result),
+                # Evidently's own report, with its distribution plots: open it in a browser.
+                "evidently_report": home_path(files["html"], settings.monitoring.home)
+                if "html" in files
+                else "none (no reference to compare with)",
+                "json": home_path(files["json"], settings.monitoring.home),
+            }
+        ),
     )
 
 
@@ -163,11 +169,13 @@ def finetuned_model(
     summary = result.summary()
     return dg.Output(
         result,
-        metadata={
-            **{k: v for k, v in summary.items() if not isinstance(v, dict)},
-            "labeled_per_class": dg.MetadataValue.json(summary["labeled_per_class"]),
-            "window": config.window or "",
-        },
+        metadata=readable(
+            {
+                **{k: v for k, v in summary.items() if not isinstance(v, dict)},
+                "labeled_per_class": dg.MetadataValue.json(summary["labeled_per_class"]),
+                "window": config.window or "",
+            }
+        ),
     )
 
 
@@ -187,20 +195,26 @@ def shadow_candidate(
     finetuned_model: FineTuneResult,
     preprocessed_cache: PreprocessedCache,
 ) -> dg.Output[dict]:
+    registry_settings = platform.settings().registry
     exported, info = register_finetuned(
-        platform.settings().registry,
+        registry_settings,
         preprocessed_cache,
         finetuned_model,
         triggered_by=f"dagster:{context.run.run_id}",
     )
     return dg.Output(
         {"version": info.version, "base_version": finetuned_model.base.version},
-        metadata={
-            "shadow_version": info.version,
-            "finetuned_from": finetuned_model.base.version,
-            "onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
-            "int8": "kept" if exported.int8 and exported.int8.kept else "not kept",
-        },
+        metadata=readable(
+            {
+                "shadow_version": info.version,
+                "finetuned_from": finetuned_model.base.version,
+                "onnx_max_abs_diff": exported.parity.onnx_max_abs_diff,
+                "int8": "kept" if exported.int8 and exported.int8.kept else "not kept",
+                "model_card": dg.MetadataValue.md(
+                    registry_for(registry_settings).card(info.version)
+                ),
+            }
+        ),
     )
 
 
@@ -238,19 +252,25 @@ def shadow_evaluation(
     live = outcome.live
     yield dg.Output(
         outcome.to_dict(),
-        metadata={
-            "candidate": outcome.candidate,
-            "production_before": outcome.production_before or "none",
-            "promoted": outcome.promoted,
-            "decision": decision.summary(),
-            "gate": dg.MetadataValue.md(checks),
-            "live_scored": live.n_scored,
-            "live_labeled": live.n_labeled,
-            **({"agreement_rate": live.agreement_rate} if live.agreement_rate is not None else {}),
-            **({"live_candidate_auc": live.candidate_auc} if live.candidate_auc else {}),
-            **({"live_production_auc": live.production_auc} if live.production_auc else {}),
-            "record": dg.MetadataValue.path(str(outcome.record_path)),
-        },
+        metadata=readable(
+            {
+                "candidate": outcome.candidate,
+                "production_before": outcome.production_before or "none",
+                "promoted": outcome.promoted,
+                "decision": decision.summary(),
+                "gate": dg.MetadataValue.md(checks),
+                "live_scored": live.n_scored,
+                "live_labeled": live.n_labeled,
+                **(
+                    {"agreement_rate": live.agreement_rate}
+                    if live.agreement_rate is not None
+                    else {}
+                ),
+                **({"live_candidate_auc": live.candidate_auc} if live.candidate_auc else {}),
+                **({"live_production_auc": live.production_auc} if live.production_auc else {}),
+                "record": home_path(outcome.record_path, settings.monitoring.home),
+            }
+        ),
     )
     yield dg.AssetCheckResult(
         check_name="promotion_gate",
@@ -298,22 +318,27 @@ def site_recalibration(
     recalibration, decision = result.recalibration, result.decision
     yield dg.Output(
         result.to_dict(),
-        metadata={
-            "site": result.site,
-            "source_version": result.source_version,
-            "candidate_version": result.candidate_version,
-            "promoted": result.promoted,
-            "alias": result.alias,
-            "threshold": recalibration.operating_point.threshold,
-            "sensitivity_lower_bound": recalibration.sensitivity_lower_bound,
-            "specificity_cost": recalibration.specificity_cost,
-            "labels_used": dg.MetadataValue.json(
-                {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative}
-            ),
-            "decision": decision.summary(),
-            "gate": dg.MetadataValue.md(gate_checks_markdown(decision)),
-            "window": config.window or "",
-        },
+        metadata=readable(
+            {
+                "site": result.site,
+                "source_version": result.source_version,
+                "candidate_version": result.candidate_version,
+                "promoted": result.promoted,
+                "alias": result.alias,
+                "threshold": recalibration.operating_point.threshold,
+                "sensitivity_lower_bound": recalibration.sensitivity_lower_bound,
+                "specificity_cost": recalibration.specificity_cost,
+                "labels_used": dg.MetadataValue.json(
+                    {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative}
+                ),
+                "decision": decision.summary(),
+                "gate": dg.MetadataValue.md(gate_checks_markdown(decision)),
+                "window": config.window or "",
+                "model_card": dg.MetadataValue.md(
+                    registry_for(settings.registry).card(result.candidate_version)
+                ),
+            }
+        ),
     )
     yield dg.AssetCheckResult(
         check_name="site_gate",

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.splits import manifest_hash
+from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_launch import launch_training, train_arguments
 from cxr_platform.models import pipeline as model_pipeline
@@ -123,25 +124,27 @@ def _training_assets(arch: str) -> list:
         curves = trained.checkpoint.parent / "learning_curves.png"
         return dg.Output(
             trained,
-            metadata={
-                "best_val_auc": trained.best_val_auc,
-                "best_epoch": trained.best_epoch,
-                "epochs_run": trained.epochs_run,
-                "stopped_early": trained.stopped_early,
-                "pretrained": trained.pretrained,
-                "profile": profile,
-                "device": trained.device,
-                "train_images_per_s": trained.train_images_per_s,
-                "wall_seconds": trained.wall_seconds,
-                "mlflow_run_id": trained.mlflow_run_id,
-                "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
-                # Checkpoints are written once: later steps refuse a file that differs from it.
-                "checkpoint_sha256": trained.checkpoint_sha256 or "",
-                "config": dg.MetadataValue.json(train_config.to_dict()),
-                "world_size": nproc,
-                "launcher": settings.dagster.training_launcher,
-                "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
-            },
+            metadata=readable(
+                {
+                    "best_val_auc": trained.best_val_auc,
+                    "best_epoch": trained.best_epoch,
+                    "epochs_run": trained.epochs_run,
+                    "stopped_early": trained.stopped_early,
+                    "pretrained": trained.pretrained,
+                    "profile": profile,
+                    "device": trained.device,
+                    "train_images_per_s": trained.train_images_per_s,
+                    "wall_seconds": trained.wall_seconds,
+                    "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
+                    "checkpoint": home_path(trained.checkpoint, training.home),
+                    # Checkpoints are written once: later steps refuse a file that differs.
+                    "checkpoint_sha256": trained.checkpoint_sha256 or "",
+                    "config": dg.MetadataValue.json(train_config.to_dict()),
+                    "world_size": nproc,
+                    "launcher": settings.dagster.training_launcher,
+                    "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
+                }
+            ),
         )
 
     @dg.asset(
@@ -161,40 +164,46 @@ def _training_assets(arch: str) -> list:
         trained_model: model_pipeline.TrainedModel,
         preprocessed_cache: PreprocessedCache,
     ) -> dg.Output[EvaluationReport]:
-        report, files = model_pipeline.evaluate_trained(
-            platform.settings().training, preprocessed_cache, trained_model
-        )
+        training = platform.settings().training
+        report, files = model_pipeline.evaluate_trained(training, preprocessed_cache, trained_model)
         test = report.splits["test"]
         plots = "\n\n".join(
             png_markdown(files[name], name) for name in ("roc", "confusion", "reliability")
         )
         return dg.Output(
             report,
-            metadata={
-                "test_auc": test.auc,
-                "test_auc_ci": _interval(test.auc_ci_low, test.auc_ci_high),
-                "test_sensitivity": test.sensitivity,
-                "test_sensitivity_ci": _interval(test.sensitivity_ci_low, test.sensitivity_ci_high),
-                "test_specificity": test.specificity,
-                "test_specificity_ci": _interval(test.specificity_ci_low, test.specificity_ci_high),
-                "test_ppv": test.ppv,
-                "test_ppv_ci": _interval(test.ppv_ci_low, test.ppv_ci_high),
-                "test_npv": test.npv,
-                "test_npv_ci": _interval(test.npv_ci_low, test.npv_ci_high),
-                "intervals_resample": f"{test.interval_unit}s ({test.n_patients or test.n})",
-                "test_ece": test.ece,
-                "threshold": report.operating_point.threshold,
-                "temperature": report.operating_point.temperature,
-                "calibration_bias": report.operating_point.bias,
-                "n_test": test.n,
-                "subgroups_flagged": len(report.flagged_subgroups),
-                "subgroups": dg.MetadataValue.md(
-                    "\n".join(subgroup_markdown(report)) if report.subgroups else "none named"
-                ),
-                "report": dg.MetadataValue.md(report_markdown(report)),
-                "plots": dg.MetadataValue.md(plots),
-                "json": dg.MetadataValue.path(str(files["json"])),
-            },
+            metadata=readable(
+                {
+                    "test_auc": test.auc,
+                    "test_auc_ci": _interval(test.auc_ci_low, test.auc_ci_high),
+                    "test_sensitivity": test.sensitivity,
+                    "test_sensitivity_ci": _interval(
+                        test.sensitivity_ci_low, test.sensitivity_ci_high
+                    ),
+                    "test_specificity": test.specificity,
+                    "test_specificity_ci": _interval(
+                        test.specificity_ci_low, test.specificity_ci_high
+                    ),
+                    "test_ppv": test.ppv,
+                    "test_ppv_ci": _interval(test.ppv_ci_low, test.ppv_ci_high),
+                    "test_npv": test.npv,
+                    "test_npv_ci": _interval(test.npv_ci_low, test.npv_ci_high),
+                    "intervals_resample": f"{test.interval_unit}s ({test.n_patients or test.n})",
+                    "test_ece": test.ece,
+                    "threshold": report.operating_point.threshold,
+                    "temperature": report.operating_point.temperature,
+                    "calibration_bias": report.operating_point.bias,
+                    "n_test": test.n,
+                    "subgroups_flagged": len(report.flagged_subgroups),
+                    "subgroups": dg.MetadataValue.md(
+                        "\n".join(subgroup_markdown(report)) if report.subgroups else "none named"
+                    ),
+                    "report": dg.MetadataValue.md(report_markdown(report)),
+                    "plots": dg.MetadataValue.md(plots),
+                    "json": home_path(files["json"], training.home),
+                    "mlflow_run": mlflow_run_link(training, trained_model.mlflow_run_id),
+                }
+            ),
         )
 
     @dg.asset_check(
@@ -209,7 +218,7 @@ def _training_assets(arch: str) -> list:
         floor, _ = platform.settings().training.evaluation_floors
         auc = evaluation_report.splits["test"].auc
         return dg.AssetCheckResult(
-            passed=bool(auc >= floor), metadata={"test_auc": auc, "floor": floor}
+            passed=bool(auc >= floor), metadata=readable({"test_auc": auc, "floor": floor})
         )
 
     @dg.asset_check(
@@ -226,7 +235,7 @@ def _training_assets(arch: str) -> list:
         sensitivity = evaluation_report.splits["test"].sensitivity or 0.0
         return dg.AssetCheckResult(
             passed=bool(sensitivity >= floor),
-            metadata={"test_sensitivity": sensitivity, "floor": floor},
+            metadata=readable({"test_sensitivity": sensitivity, "floor": floor}),
         )
 
     @dg.asset_check(
@@ -275,7 +284,8 @@ def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:
     ) -> dg.Output[dict]:
         ordered = [reports[f"report_{arch}"] for arch in archs]
         table = comparison_markdown(ordered)
-        out_dir = platform.settings().training.reports_dir
+        training = platform.settings().training
+        out_dir = training.reports_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model_comparison.md").write_text(table)
         rows = {r.model_name: r.headline("test") for r in ordered}
@@ -286,7 +296,7 @@ def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:
             metadata={
                 "comparison": dg.MetadataValue.md(table),
                 "highest_test_auc": best.model_name,
-                "json": dg.MetadataValue.path(str(out_dir / "model_comparison.json")),
+                "json": home_path(out_dir / "model_comparison.json", training.home),
             },
         )
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,11 +36,20 @@ from cxr_platform.deployment.aliases import (
     SITE_PRODUCTION_PREFIX,
     site_production_alias,
 )
+from cxr_platform.deployment.model_card import (
+    CARD_HTML,
+    CARD_MARKDOWN,
+    CardFacts,
+    card_html,
+    card_markdown,
+    card_summary,
+)
 from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
 from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.locks import exclusive, file_lock
 from cxr_platform.sections import RegistrySection
+from cxr_platform.tracking import run_url
 
 if TYPE_CHECKING:  # the exporter needs torch; a registry client (the service, the node) does not
     from cxr_platform.deployment.export import ExportedModel
@@ -130,10 +140,13 @@ class ModelRegistry:
         name: str = DEFAULT_MODEL_NAME,
         cache_dir: Path | None = None,
         lock_url: str | None = None,
+        ui_url: str | None = None,
     ) -> None:
         """``lock_url``: the database whose lock serializes alias moves (PostgreSQL for
-        promoters on several machines); without it, a file lock in ``cache_dir``."""
+        promoters on several machines); without it, a file lock in ``cache_dir``. ``ui_url``:
+        an MLflow UI that model cards link runs to."""
         self.tracking_uri = tracking_uri
+        self.ui_url = ui_url
         self.name = name
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.cache_dir = cache_dir
@@ -317,10 +330,80 @@ class ModelRegistry:
             description=description,
         )
         version = str(mv.version)
+        self._write_card(self.get(version), artifact_path, description)
         self._record(
             RegistryEvent("registered", version, None, triggered_by, _utc_now(), {"run_id": run_id})
         )
         return self.get(version)
+
+    # ------------------------------------------------------------------ model cards
+
+    def _run_evaluation(self, run_id: str) -> dict[str, Any] | None:
+        """The evaluation report logged with the run, if it has one."""
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                path = self.client.download_artifacts(run_id, "evaluation/evaluation.json", work)
+                values = json.loads(Path(path).read_text())
+            except (MlflowException, OSError, ValueError):
+                return None
+        return values if isinstance(values, dict) else None
+
+    def card_facts(self, info: ModelVersionInfo) -> CardFacts:
+        params: dict[str, str] = {}
+        evaluation = link = None
+        if info.run_id:
+            run = self.client.get_run(info.run_id)
+            params = dict(run.data.params)
+            evaluation = self._run_evaluation(info.run_id)
+            if self.ui_url:
+                link = run_url(self.ui_url, run.info.experiment_id, info.run_id)
+        return CardFacts(
+            registered_model=self.name,
+            version=info.version,
+            created_at=info.created_at,
+            tags=info.release,
+            run_id=info.run_id,
+            run_params=params,
+            evaluation=evaluation,
+            run_link=link,
+        )
+
+    def _write_card(
+        self, info: ModelVersionInfo, artifact_path: str, description: str | None
+    ) -> None:
+        """The card beside the version's model files (written once, with the version), and its
+        summary as the version's description, which MLflow's UI shows first."""
+        facts = self.card_facts(info)
+        markdown = card_markdown(facts)
+        with tempfile.TemporaryDirectory() as work:
+            folder = Path(work)
+            (folder / CARD_MARKDOWN).write_text(markdown)
+            (folder / CARD_HTML).write_text(
+                card_html(markdown, f"{self.name} version {info.version}")
+            )
+            assert info.run_id is not None  # register_folder always names the run
+            self.client.log_artifacts(info.run_id, str(folder), artifact_path)
+        summary = card_summary(facts)
+        self.client.update_model_version(
+            self.name,
+            info.version,
+            description=_truncate(f"{description}\n\n{summary}" if description else summary),
+        )
+
+    def card(self, ref: str | int) -> str:
+        """The version's model card as Markdown: the one written at registration, or, for a
+        version registered before cards existed, one built now from the same facts."""
+        info = self.get(ref)
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{info.source.rstrip('/')}/{CARD_MARKDOWN}",
+                    dst_path=work,
+                    tracking_uri=self.tracking_uri,
+                )
+                return Path(path).read_text()
+            except (MlflowException, OSError):
+                return card_markdown(self.card_facts(info))
 
     @contextlib.contextmanager
     def _alias_lock(self) -> Iterator[None]:
@@ -511,4 +594,5 @@ def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
         name=registry_settings.registry_model_name,
         cache_dir=registry_settings.registry_cache_dir,
         lock_url=registry_settings.lock_uri,
+        ui_url=registry_settings.ui_url,
     )

@@ -183,3 +183,42 @@ def test_a_new_tracking_database_never_serves_a_stale_cached_version(
     new_folder = registry_for(fresh.registry).download("1")
     assert new_folder != old_folder
     assert Predictor(new_folder).model_name == "b" and Predictor(old_folder).model_name == "a"
+
+
+def test_every_registered_version_gets_a_model_card_written_once(settings, registered):
+    v1, v2 = registered
+    registry = registry_for(settings.registry)
+    for info in (v1, v2):
+        folder = registry.download(info.version)
+        markdown = (folder / "model_card.md").read_text()
+        assert markdown == registry.card(info.version)
+        assert markdown.startswith(f"# Model card: {registry.name} version {info.version}")
+        for section in (
+            "## Intended use",
+            "## Not intended for",
+            "## Training data and split",
+            "## Operating point",
+            "## Performance",
+            "## Subgroups",
+            "## Input gate",
+            "## Known limitations",
+            "## Lineage",
+        ):
+            assert section in markdown, section
+        # Lineage and the facts the tags hold, not placeholders.
+        assert "`manifest-under-test`" in markdown and "`0123abc`" in markdown
+        assert f"`{info.run_id}`" in markdown
+        gate = info.release.input_gate
+        assert gate and f"{gate['val_refused']} of {gate['n_val']}" in markdown
+        # The synthetic set: the card says its figures cannot be used clinically.
+        assert "Evaluated on synthetic images only" in markdown
+        html = (folder / "model_card.html").read_text()
+        assert (
+            html.startswith("<!DOCTYPE html>") and "<table>" in html and "<h2>Lineage</h2>" in html
+        )
+        # MLflow's UI shows the description first: a summary that points at the card.
+        description = registry.client.get_model_version(registry.name, info.version).description
+        assert "model_card.md" in description and f"--card {info.version}" in description
+    # These runs logged no evaluation report: the card shows the version's own figures only.
+    assert "| best_val_auc | 0.800 |" in registry.card(v1.version)
+    assert "Test split" not in registry.card(v1.version)
