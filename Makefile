@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CXR_HOME ?= $(CURDIR)/.cxr
 export CXR_HOME
 
-.PHONY: demo test setup ui bench lint clean device-data
+.PHONY: demo test setup ui mlflow-ui bench lint clean device-data
 
 # The venv is rebuilt only when pyproject.toml changes.
 $(BIN)/cxr: pyproject.toml
@@ -29,6 +29,10 @@ test: setup
 
 ui: setup
 	DAGSTER_HOME=$(CXR_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -p 3000
+
+# Runs, metrics, artifacts and the registry (with each version's model card) of the embedded store.
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CXR_HOME)/mlflow/mlflow.db --port 5000
 
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,3 +146,58 @@ def postgres_database(postgres_url) -> str:
     from cxr_platform_tests.postgres import create_database
 
     return create_database(postgres_url, f"test_{uuid.uuid4().hex[:12]}")
+
+
+# `cxr demo` small and fast: the tests that use it check plumbing, what a person sees and the
+# README's commands; model quality has its own tests. The floors are off because 6 test images
+# per class cannot support a meaningful AUC floor.
+DEMO_SETTINGS = {
+    "CXR_SYNTHETIC_PATIENTS": "40",
+    "CXR_IMAGE_SIZE": "64",
+    "CXR_MIN_TEST_AUC": "0",
+    "CXR_MIN_TEST_SENSITIVITY": "0",
+}
+CXR = [sys.executable, "-m", "cxr_platform.cli"]
+
+
+@dataclass(frozen=True)
+class Demo:
+    home: Path
+    env: dict[str, str]
+    result: subprocess.CompletedProcess
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.home / "dagster"
+
+    def settings(self):
+        from cxr_platform.settings import load_settings
+
+        return load_settings(
+            home=self.home,
+            synthetic_patients=40,
+            image_size=64,
+            min_test_auc=0,
+            min_test_sensitivity=0,
+        )
+
+    def cxr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*CXR, *args], capture_output=True, text=True, env=self.env, timeout=300
+        )
+
+    def home_file(self, shown: str) -> Path:
+        """A path as the Dagster UI shows it (from ``$CXR_HOME``) as a file on this machine."""
+        return Path(shown.replace("$CXR_HOME", str(self.home), 1))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Demo:
+    """A home where `cxr demo` ran (about two minutes on two cores). Session-scoped, for the
+    modules of the xdist group "demo", which share one worker."""
+    home = tmp_path_factory.mktemp("demo") / "home"
+    env = {**os.environ, "CXR_HOME": str(home), **DEMO_SETTINGS}
+    env.pop("CXR_DATA_DIR", None)
+    result = subprocess.run([*CXR, "demo"], capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Demo(home, env, result)

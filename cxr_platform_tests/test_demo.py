@@ -1,19 +1,13 @@
-"""`cxr demo` once, then what its users look at afterwards: the Dagster instance, a model card
-for every version it registered, and the Dagster UI in a real browser.
+"""`cxr demo` once (the ``demo`` fixture), then what its users look at afterwards: the Dagster
+instance, a model card for every version it registered, and the Dagster UI in a real browser.
 
-The demo runs once for the module (about two minutes on two cores); the tests share its home
-and stay on one xdist worker.
+The tests share the demo's home and its xdist group (test_readme.py runs after them there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -21,7 +15,6 @@ import pytest
 from cxr_platform.defs.definitions import build_definitions
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.models.checkpoint import file_sha256
-from cxr_platform.settings import CxrSettings, load_settings
 from cxr_platform_tests.browser import (
     chromium,
     dagster_dev,
@@ -31,55 +24,6 @@ from cxr_platform_tests.browser import (
 )
 
 pytestmark = pytest.mark.xdist_group("demo")
-
-CXR = [sys.executable, "-m", "cxr_platform.cli"]
-# Small and fast: this checks the plumbing; model quality has its own tests. The floors are off
-# because 6 test images per class cannot support a meaningful AUC floor.
-DEMO_SETTINGS = {
-    "CXR_SYNTHETIC_PATIENTS": "40",
-    "CXR_IMAGE_SIZE": "64",
-    "CXR_MIN_TEST_AUC": "0",
-    "CXR_MIN_TEST_SENSITIVITY": "0",
-}
-
-
-@dataclass(frozen=True)
-class Demo:
-    home: Path
-    env: dict[str, str]
-    result: subprocess.CompletedProcess
-
-    @property
-    def instance_dir(self) -> Path:
-        return self.home / "dagster"
-
-    def settings(self) -> CxrSettings:
-        return load_settings(
-            home=self.home,
-            synthetic_patients=40,
-            image_size=64,
-            min_test_auc=0,
-            min_test_sensitivity=0,
-        )
-
-    def cxr(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*CXR, *args], capture_output=True, text=True, env=self.env, timeout=300
-        )
-
-    def home_file(self, shown: str) -> Path:
-        """A path as the Dagster UI shows it (from ``$CXR_HOME``) as a file on this machine."""
-        return Path(shown.replace("$CXR_HOME", str(self.home), 1))
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Demo:
-    home = tmp_path_factory.mktemp("demo") / "home"
-    env = {**os.environ, "CXR_HOME": str(home), **DEMO_SETTINGS}
-    env.pop("CXR_DATA_DIR", None)
-    result = subprocess.run([*CXR, "demo"], capture_output=True, text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Demo(home, env, result)
 
 
 def test_demo_runs_through_a_persistent_dagster_instance(demo):

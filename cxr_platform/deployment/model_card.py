@@ -120,6 +120,12 @@ def _made_by(tags: VersionTags) -> str:
     return "trained by the platform's training pipeline"
 
 
+def _counts(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{count} {name}" for name, count in sorted(value.items()))
+    return str(value)
+
+
 def _model_name(tags: VersionTags) -> str:
     name, arch = tags.model_name or "?", tags.arch or "?"
     return name if name == arch else f"{name} ({arch})"
@@ -297,7 +303,10 @@ def card_markdown(facts: CardFacts) -> str:
         if tags.site_labels:
             lines.append(
                 "- Labels used: "
-                + ", ".join(f"{key} {value}" for key, value in sorted(tags.site_labels.items()))
+                + "; ".join(
+                    f"{key.replace('_', ' ')}: {_counts(value)}"
+                    for key, value in sorted(tags.site_labels.items())
+                )
                 + "."
             )
 

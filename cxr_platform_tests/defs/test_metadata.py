@@ -78,3 +78,19 @@ def test_every_definition_says_what_it_is_for():
             f"{kind} {d.name}" for d in definitions if len((d.description or "").strip()) < 20
         ]
     assert not missing, missing
+
+
+def test_a_run_links_to_the_mlflow_ui_named_for_it(tmp_path):
+    from cxr_platform.tracking import ExperimentTracker
+
+    tracked = load_settings(
+        home=tmp_path / "home", mlflow_ui_url="http://mlflow.internal:5000/"
+    ).training
+    tracked.ensure_dirs()
+    tracker = ExperimentTracker(tracked.tracking_uri, artifact_root=tracked.mlflow_dir)
+    run = tracker.start_run(run_name="linked", tags={})
+    run.finish()
+    link = mlflow_run_link(tracked, run.run_id)
+    assert link.url == (
+        f"http://mlflow.internal:5000/#/experiments/{tracker.experiment_id}/runs/{run.run_id}"
+    )

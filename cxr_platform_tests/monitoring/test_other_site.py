@@ -181,6 +181,13 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     assert registry.aliases()["production-site-other-hospital"] == version
     assert registry.aliases()[PRODUCTION] == production.version  # every other site keeps it
     assert materialization.metadata["sensitivity_lower_bound"].value >= 0.95
+    # Its model card says what it is: the source's weights, an operating point for one site.
+    card = registry.card(version)
+    assert card == materialization.metadata["model_card"].md_str
+    assert f"| recalibrated from version | {production.version} |" in card
+    assert "Fitted for site `other-hospital`" in card and "PNEUMONIA" in card
+    assert "Only the operating point was fitted for site `other-hospital`" in card
+    assert "Evaluated on synthetic images only" not in card  # real data
     promoted = [e for e in registry.events() if e.action == "promoted" and e.version == version]
     gate = promoted[-1].details["gate"]
     assert gate["candidate"]["specificity"] > gate["production"]["specificity"]
