@@ -16,6 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium.common.exceptions import (
+    ElementClickInterceptedException,
+    StaleElementReferenceException,
+)
+from selenium.webdriver.common.by import By
 
 from cxr_platform.ports import free_port
 
@@ -45,7 +50,10 @@ def screenshot_folder() -> Path:
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
     deadline = time.monotonic() + timeout_s
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None  # the UI re-rendered what we were reading: read it again
         if value:
             return value
         if time.monotonic() > deadline:
@@ -112,3 +120,19 @@ def chromium(width: int = 1600, height: int = 2400) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+def click_button(driver, label: str, timeout_s: float) -> None:
+    """Click the button a person would, by its label, once the UI has settled enough to take
+    the click (React may replace it between finding and clicking)."""
+
+    def clicked() -> bool:
+        for button in driver.find_elements(By.XPATH, f"//button[normalize-space()='{label}']"):
+            try:
+                button.click()
+            except (StaleElementReferenceException, ElementClickInterceptedException):
+                return False
+            return True
+        return False
+
+    wait_for(clicked, timeout_s, f"the {label!r} button")
