@@ -173,13 +173,8 @@ class Demo:
     def settings(self):
         from cxr_platform.settings import load_settings
 
-        return load_settings(
-            home=self.home,
-            synthetic_patients=40,
-            image_size=64,
-            min_test_auc=0,
-            min_test_sensitivity=0,
-        )
+        overrides = {name.removeprefix("CXR_").lower(): v for name, v in DEMO_SETTINGS.items()}
+        return load_settings(home=self.home, **overrides)
 
     def cxr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -31,7 +31,7 @@ def _cxr(*args, home, env=None):
         capture_output=True,
         text=True,
         env=_environment(home, env),
-        timeout=1200,  # the demo runs the whole monitoring loop
+        timeout=1200,  # `cxr demo --data DIR` trains and releases two models
     )
 
 
