@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 
 from cxr_platform.data.cache import CachedSplit, PreprocessedCache
+from cxr_platform.data.features import image_features
 from cxr_platform.data.imaging import read_image
+from cxr_platform.data.shifts import SHIFT_NAMES, apply_shift, encode_png
+from cxr_platform.demo.traffic import TrafficImage, synthetic_traffic
+from cxr_platform.deployment.reference import load_reference, reference_from_cache
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
-from cxr_platform.inference.features import image_features
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.monitoring.drift import evaluate_window
-from cxr_platform.monitoring.reference import load_reference, reference_from_cache
-from cxr_platform.monitoring.shifts import SHIFT_NAMES, apply_shift, encode_png
-from cxr_platform.monitoring.simulate import TrafficImage, synthetic_traffic
 from cxr_platform.monitoring.windows import drift_rule
 from cxr_platform.settings import load_settings
 

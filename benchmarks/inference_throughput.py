@@ -23,8 +23,8 @@ import torch
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.deployment.export import export_onnx, export_torchscript, load_torchscript
-from cxr_platform.deployment.model_files import ModelMetadata, onnx_session
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.model_version.files import ModelMetadata, onnx_session
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.zoo import build_model
 
 

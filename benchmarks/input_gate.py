@@ -27,9 +27,9 @@ from scipy.stats import binomtest
 from cxr_platform.data.negatives import UNSOURCED_KINDS, negative_suite
 from cxr_platform.data.pipeline import prepare
 from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
-from cxr_platform.inference.input_gate import InputGate, fit_input_gate
+from cxr_platform.data.shifts import apply_shift
+from cxr_platform.model_version.input_gate import InputGate, fit_input_gate
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
-from cxr_platform.monitoring.shifts import apply_shift
 from cxr_platform.settings import load_settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaggle-chest-xray-224"

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_platform.inference.features import ImageFeatures, intensity_features  # noqa: E402
+from cxr_platform.data.features import ImageFeatures, intensity_features  # noqa: E402
 from cxr_platform.inference.log import (  # noqa: E402
     InferenceLog,
     InferenceRecord,

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 from cxr_platform.data.pipeline import prepare
 from cxr_platform.deployment.quantize import quantize_int8
 from cxr_platform.deployment.registry import registry_for
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.settings import load_settings
 
 

@@ -26,8 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_platform.deployment.registry import ModelRegistry  # noqa: E402
-from cxr_platform.deployment.version_tags import VersionTags  # noqa: E402
-from cxr_platform.models.evaluation import OperatingPoint, evaluate_split  # noqa: E402
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.model_version.tags import VersionTags  # noqa: E402
+from cxr_platform.models.evaluation import evaluate_split
 from cxr_platform.tracking import ExperimentTracker  # noqa: E402
 
 POINT = OperatingPoint(

@@ -24,8 +24,8 @@ from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.batch import expand_inputs
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.inference.scoring import request_for, score_and_log
-from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.settings import load_settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kaggle-chest-xray-224"

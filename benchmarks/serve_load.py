@@ -30,7 +30,7 @@ import numpy as np
 
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.batch import expand_inputs
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings
 

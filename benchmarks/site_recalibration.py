@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr_platform.data.imaging import read_image
-from cxr_platform.deployment.registry import PRODUCTION, registry_for
-from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.predictor import Predictor
-from cxr_platform.inference.scoring import request_for, score_items
-from cxr_platform.monitoring.recalibration import (
+from cxr_platform.calibration.prevalence import estimate_prevalence
+from cxr_platform.calibration.refit import (
     NotEnoughLabelsError,
-    estimate_prevalence,
     logits_from_probabilities,
     recalibrate,
 )
-from cxr_platform.monitoring.shifts import apply_shift, encode_png
+from cxr_platform.data.imaging import read_image
+from cxr_platform.data.shifts import apply_shift, encode_png
+from cxr_platform.deployment.registry import PRODUCTION, registry_for
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.scoring import request_for, score_items
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.settings import load_settings
 
 BUDGETS = (50, 100, 200, 400)

@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from cxr_platform.deployment.aliases import ALIASES, PRODUCTION
-from cxr_platform.deployment.version_tags import VersionTags
+from cxr_platform.data.shifts import SHIFT_NAMES
 from cxr_platform.errors import CxrError
-from cxr_platform.monitoring import SHIFT_NAMES
+from cxr_platform.model_version.aliases import ALIASES, PRODUCTION
+from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.sections import PRECISIONS, PRETRAINED_MODES, TRAINING_PROFILES
 from cxr_platform.settings import CxrSettings, env_name, load_settings, settings_environment
 from cxr_platform.terminal import attached, interactive
@@ -263,7 +263,7 @@ def demo(ctx: click.Context, data_dir: Path | None, loop: bool, shift: str) -> N
 
 def _demo_loop(settings: CxrSettings, instance, shift: str, verbose: bool) -> None:
     from cxr_platform.defs.definitions import build_definitions
-    from cxr_platform.demo import run_monitoring_loop
+    from cxr_platform.demo.loop import run_monitoring_loop
 
     if not verbose:  # the sensors' own log lines repeat what the loop prints
         logging.getLogger("dagster").setLevel(logging.WARNING)
@@ -806,12 +806,12 @@ def recalibrate(ctx: click.Context, site: str, from_traffic: bool, as_json: bool
     weights) in shadow and let the gate decide on held-out labels; a pass makes it the site's
     own production version. Exit code 3 when the gate refuses; 2 when labels are too few (the
     message says how many more of each class)."""
-    from cxr_platform.deployment import pipeline as deployment
-    from cxr_platform.inference.log import site_name
-    from cxr_platform.monitoring.site_calibration import (
+    from cxr_platform.calibration.site import (
         prior_adjust_for_site,
         recalibrate_for_site,
     )
+    from cxr_platform.deployment import pipeline as deployment
+    from cxr_platform.inference.log import site_name
 
     settings = _settings(ctx)
     site = site_name(site) or site
@@ -902,7 +902,7 @@ def predict(
     from cxr_platform.deployment.registry import registry_for
     from cxr_platform.inference.batch import expand_inputs, predict_to_csv
     from cxr_platform.inference.log import InferenceLog, site_name, uid_salt
-    from cxr_platform.inference.predictor import Predictor
+    from cxr_platform.model_version.predictor import Predictor
 
     settings = _settings(ctx)
     site = site_name(site)  # a bad name fails before any image is read
@@ -957,7 +957,7 @@ def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
     from cxr_platform.deployment.registry import registry_for
     from cxr_platform.explain.gradcam import png_bytes
     from cxr_platform.inference.explainer import Explainer
-    from cxr_platform.inference.predictor import Predictor
+    from cxr_platform.model_version.predictor import Predictor
 
     registry = registry_for(_settings(ctx).registry)
     info = registry.get(model_ref)
@@ -1207,8 +1207,8 @@ def simulate_drift(
     """Send shifted (or in-distribution) images through the live service."""
     import secrets
 
+    from cxr_platform.demo.traffic import folder_traffic, send_traffic, synthetic_traffic
     from cxr_platform.inference.log import site_name
-    from cxr_platform.monitoring.simulate import folder_traffic, send_traffic, synthetic_traffic
 
     settings = _settings(ctx)
     if seed is None:

@@ -17,7 +17,7 @@ from cxr_platform.data.profile import profile_dataset
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.splits import make_manifest
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.model_version.operating_point import OperatingPoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

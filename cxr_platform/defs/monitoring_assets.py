@@ -15,6 +15,8 @@ from typing import Any
 
 import dagster as dg
 
+from cxr_platform.calibration.refit import NotEnoughLabelsError
+from cxr_platform.calibration.site import SiteRecalibrationError, recalibrate_for_site
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.deployment_assets import gate_checks_markdown
 from cxr_platform.defs.metadata import home_path, readable
@@ -31,9 +33,7 @@ from cxr_platform.monitoring.finetune import (
     finetune_production,
     register_finetuned,
 )
-from cxr_platform.monitoring.recalibration import NotEnoughLabelsError
 from cxr_platform.monitoring.shadow import evaluate_shadow
-from cxr_platform.monitoring.site_calibration import SiteRecalibrationError, recalibrate_for_site
 from cxr_platform.monitoring.windows import (
     DriftCursor,
     check_window,

@@ -21,9 +21,8 @@ import onnx
 import torch
 from torch import nn
 
-from cxr_platform.deployment.model_files import (
+from cxr_platform.model_version.files import (
     METADATA_FILE,
-    METADATA_KEY,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
     TORCHSCRIPT_METADATA_FILE,
@@ -31,10 +30,11 @@ from cxr_platform.deployment.model_files import (
     ExportError,
     ModelMetadata,
     onnx_session,
+    write_onnx_metadata,
 )
-from cxr_platform.inference.input_gate import InputGate
+from cxr_platform.model_version.input_gate import InputGate
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.checkpoint import Checkpoint
-from cxr_platform.models.evaluation import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +98,6 @@ def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, path)
     return path
-
-
-def write_onnx_metadata(path: Path, metadata: ModelMetadata) -> None:
-    """Replace the platform metadata of an existing ONNX file (atomically)."""
-    proto = onnx.load(str(path))
-    entries = {
-        METADATA_KEY: metadata.to_json(),
-        "cxr_model_name": metadata.model_name,
-        "cxr_arch": metadata.arch,
-        "cxr_threshold": repr(metadata.threshold),
-        "cxr_mlflow_run_id": metadata.mlflow_run_id or "",
-    }
-    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in entries]
-    del proto.metadata_props[:]
-    for key, value in [*kept, *entries.items()]:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
 
 
 def export_torchscript(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 from markdown_it import MarkdownIt
 
-from cxr_platform.deployment.version_tags import VersionTags
+from cxr_platform.model_version.tags import VersionTags
 
 CARD_MARKDOWN = "model_card.md"
 CARD_HTML = "model_card.html"

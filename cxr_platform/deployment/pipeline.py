@@ -25,8 +25,8 @@ from cxr_platform.deployment.gate import (
     decide,
     score_predictions,
 )
-from cxr_platform.deployment.model_files import ExportError
 from cxr_platform.deployment.quantize import add_int8_variant
+from cxr_platform.deployment.reference import reference_from_cache, write_reference
 from cxr_platform.deployment.registry import (
     PRODUCTION,
     ModelRegistry,
@@ -36,12 +36,12 @@ from cxr_platform.deployment.registry import (
     RegistryEvent,
     registry_for,
 )
-from cxr_platform.deployment.version_tags import VersionTags
-from cxr_platform.inference.input_gate import InputGate, fit_input_gate
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.files import ExportError
+from cxr_platform.model_version.input_gate import InputGate, fit_input_gate
+from cxr_platform.model_version.predictor import Predictor
+from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel, verified_checkpoint
-from cxr_platform.monitoring.reference import reference_from_cache, write_reference
 from cxr_platform.provenance import git_commit
 from cxr_platform.sections import RegistrySection
 

@@ -24,8 +24,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.data.preprocessing import normalize_uint8
-from cxr_platform.deployment.export import write_onnx_metadata
-from cxr_platform.deployment.model_files import INT8_ONNX_FILE, ONNX_FILE, read_onnx_metadata
+from cxr_platform.model_version.files import (
+    INT8_ONNX_FILE,
+    ONNX_FILE,
+    read_onnx_metadata,
+    write_onnx_metadata,
+)
+from cxr_platform.model_version.predictor import Predictor
 
 
 class _Calibration(CalibrationDataReader):
@@ -103,8 +108,6 @@ def add_int8_variant(
     """Quantize ``export_dir/model.onnx`` next to it; keep the file only when validation AUC
     drops by at most ``max_auc_drop``. Calibration only sets activation ranges (no labels), so
     judging on the same validation split does not flatter the result."""
-    from cxr_platform.inference.predictor import Predictor  # the predictor imports export
-
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(val_images), min(calibration_images, len(val_images)), replace=False)
     target = export_dir / INT8_ONNX_FILE

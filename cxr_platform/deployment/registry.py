@@ -28,14 +28,6 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxr_platform.deployment.aliases import (
-    ALIASES,
-    PREVIOUS_PRODUCTION,
-    PRODUCTION,
-    SHADOW,
-    SITE_PRODUCTION_PREFIX,
-    site_production_alias,
-)
 from cxr_platform.deployment.model_card import (
     CARD_HTML,
     CARD_MARKDOWN,
@@ -44,10 +36,18 @@ from cxr_platform.deployment.model_card import (
     card_markdown,
     card_summary,
 )
-from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
-from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.locks import exclusive, file_lock
+from cxr_platform.model_version.aliases import (
+    ALIASES,
+    PREVIOUS_PRODUCTION,
+    PRODUCTION,
+    SHADOW,
+    SITE_PRODUCTION_PREFIX,
+    site_production_alias,
+)
+from cxr_platform.model_version.files import METADATA_FILE, ONNX_FILE
+from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.sections import RegistrySection
 from cxr_platform.tracking import run_url
 

@@ -34,8 +34,8 @@ from cxr_platform.explain.checks import (  # noqa: E402
     randomization_check,
 )
 from cxr_platform.explain.gradcam import gradcam_method, heatmaps_for_uint8, overlay  # noqa: E402
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.checkpoint import Checkpoint  # noqa: E402
-from cxr_platform.models.evaluation import OperatingPoint  # noqa: E402
 from cxr_platform.models.training import predict_logits  # noqa: E402
 
 GALLERY_GROUPS = ("true positive", "false positive", "false negative", "true negative")

@@ -14,8 +14,8 @@ from tqdm import tqdm
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import ScoreRequest, request_for, score_and_log, score_items
+from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.terminal import progress_stream
 
 CSV_COLUMNS = ("path", "probability", "label", "model_version", "error")

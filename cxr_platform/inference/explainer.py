@@ -15,10 +15,10 @@ import torch
 
 from cxr_platform.data.imaging import DecodedImage, ImageSource
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
-from cxr_platform.deployment.model_files import WEIGHTS_FILE, ExportError
 from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
-from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import NotAChestRadiographError
+from cxr_platform.model_version.files import WEIGHTS_FILE, ExportError
+from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.models.zoo import build_model
 
 

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr_platform.deployment.aliases import site_production_alias
-from cxr_platform.deployment.model_files import INT8_ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.aliases import site_production_alias
+from cxr_platform.model_version.files import INT8_ONNX_FILE
+from cxr_platform.model_version.predictor import Predictor
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cxr_platform.data.features import ImageFeatures
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.features import ImageFeatures
 from cxr_platform.locks import advisory_key
 
 SOURCES = ("http", "dicom", "batch")

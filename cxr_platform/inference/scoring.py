@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr_platform.data.decoded import DecodedImage
+from cxr_platform.data.features import ImageFeatures, image_features
 from cxr_platform.data.imaging import read_dicom_header, read_image
 from cxr_platform.data.preprocessing import to_square_uint8
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.features import ImageFeatures, image_features
-from cxr_platform.inference.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog, InferenceRecord, RefusalRecord, hash_uid
-from cxr_platform.inference.predictor import Prediction, Predictor
-from cxr_platform.monitoring.retained import RetainedInputs
+from cxr_platform.inference.retained import RetainedInputs
+from cxr_platform.model_version.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict
+from cxr_platform.model_version.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
-from scipy.special import expit
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.operating_point import OperatingPoint, calibrated_probabilities
 from cxr_platform.sections import THRESHOLD_RULES, ThresholdRuleName
 
 if TYPE_CHECKING:
@@ -40,31 +40,6 @@ class ThresholdRule:
         return (
             f"highest specificity with sensitivity >= {self.target_sensitivity:.2f} on validation"
         )
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """What a deployed model needs besides its weights: calibration and the decision threshold."""
-
-    threshold: float  # on the calibrated probability; PNEUMONIA when probability >= threshold
-    temperature: float
-    rule: str
-    target_sensitivity: float | None
-    val_sensitivity: float
-    val_specificity: float
-    # Platt intercept: p = sigmoid(logit / temperature + bias). Training with pos_weight shifts the
-    # logits' intercept, which a temperature alone cannot undo.
-    bias: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> OperatingPoint:
-        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return calibrated_probabilities(logits, self.temperature, self.bias)
 
 
 def _check_binary(labels: np.ndarray) -> np.ndarray:
@@ -105,12 +80,6 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     bounds = [(math.log(0.05), math.log(20.0)), (-10.0, 10.0)]
     result = minimize(nll, start, method="L-BFGS-B", bounds=bounds)
     return float(math.exp(result.x[0])), float(result.x[1])
-
-
-def calibrated_probabilities(
-    logits: np.ndarray, temperature: float, bias: float = 0.0
-) -> np.ndarray:
-    return expit(np.asarray(logits, dtype=np.float64) / temperature + bias)
 
 
 def choose_threshold(
@@ -353,7 +322,7 @@ def evaluate_split(
         n=len(labels),
         n_positive=int(labels.sum()),
         auc=float(roc_auc_score(labels, logits)),
-        ece_uncalibrated=expected_calibration_error(labels, expit(np.asarray(logits))),
+        ece_uncalibrated=expected_calibration_error(labels, calibrated_probabilities(logits, 1.0)),
         ece=expected_calibration_error(labels, probabilities),
         **threshold_metrics(labels, probabilities, operating_point.threshold),
         **bounds,

@@ -13,12 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from cxr_platform.models.evaluation import (  # noqa: E402
-    EvaluationReport,
-    SplitEvaluation,
-    calibrated_probabilities,
-    reliability_curve,
-)
+from cxr_platform.model_version.operating_point import calibrated_probabilities
+from cxr_platform.models.evaluation import EvaluationReport, SplitEvaluation, reliability_curve
 
 HEADLINE_COLUMNS = ("auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "ece")
 

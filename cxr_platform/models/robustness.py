@@ -3,7 +3,7 @@
 A model chosen on validation AUC alone tends to be the one that fits this dataset's scanners
 best. An external test set comes from other scanners and other processing, so the recipe search
 also scores each candidate on the held-out test split after the shifts of
-:mod:`cxr_platform.monitoring.shifts` (contrast, noise, blur, resolution, exposure), with the
+:mod:`cxr_platform.data.shifts` (contrast, noise, blur, resolution, exposure), with the
 operating point frozen on clean validation images, exactly as a deployment would meet them.
 """
 
@@ -18,10 +18,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.data.shifts import apply_shift
 from cxr_platform.data.transforms import TensorBatches
-from cxr_platform.models.evaluation import OperatingPoint, threshold_metrics
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.models.evaluation import threshold_metrics
 from cxr_platform.models.training import predict_logits
-from cxr_platform.monitoring.shifts import apply_shift
 
 # Moderate severities: strong enough to move a brittle model, not so strong that every model
 # collapses to chance (inversion is left out: it is a pipeline bug, not a scanner difference).

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from cxr_platform.data.labels import LABELS
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.evaluation import (
-    OperatingPoint,
     SplitEvaluation,
     cluster_bootstrap_intervals,
     mann_whitney_auc,

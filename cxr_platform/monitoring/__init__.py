@@ -1,4 +1,2 @@
-"""Drift monitoring, the retained labeled inputs, fine-tuning and shadow evaluation."""
-
-# Here, not in shifts.py, so the CLI can offer them without importing the image code.
-SHIFT_NAMES = ("none", "contrast", "noise", "blur", "resolution", "exposure", "invert")
+"""Watching the traffic: drift windows and their reports, fine-tuning on labeled live inputs,
+and shadow evaluation. What it watches is stored and transformed on lower floors."""

@@ -37,10 +37,8 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from cxr_platform.errors import CxrError
-from cxr_platform.models.evaluation import cluster_bootstrap_intervals
-from cxr_platform.monitoring.recalibration import estimate_prevalence
-from cxr_platform.monitoring.reference import (
+from cxr_platform.calibration.prevalence import estimate_prevalence
+from cxr_platform.deployment.reference import (
     ACQUISITION_CATEGORIES,
     ACQUISITION_FEATURES,
     CONTENT_FEATURES,
@@ -50,6 +48,8 @@ from cxr_platform.monitoring.reference import (
     SOURCE_FORMAT,
     acquisition_source,
 )
+from cxr_platform.errors import CxrError
+from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 
 
 class DriftError(CxrError):

@@ -22,11 +22,12 @@ from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.deployment import pipeline as deployment
 from cxr_platform.deployment.export import ExportedModel
-from cxr_platform.deployment.model_files import METADATA_FILE, WEIGHTS_FILE
 from cxr_platform.deployment.registry import PRODUCTION, ModelRegistry, ModelVersionInfo
-from cxr_platform.deployment.version_tags import VersionTags
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.retained import RetainedInputs
+from cxr_platform.model_version.files import METADATA_FILE, WEIGHTS_FILE
+from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import (
     TrainedModel,
@@ -35,7 +36,6 @@ from cxr_platform.models.pipeline import (
     train_tracked,
 )
 from cxr_platform.models.training import TrainingData, select_device
-from cxr_platform.monitoring.retained import RetainedInputs
 from cxr_platform.sections import MonitoringSection, RegistrySection, TrainingSection
 
 FINETUNE_PROFILE = "finetune"

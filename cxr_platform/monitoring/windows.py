@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 
+from cxr_platform.deployment.reference import load_reference
 from cxr_platform.deployment.registry import (
     PRODUCTION,
     SHADOW,
@@ -32,7 +33,6 @@ from cxr_platform.monitoring.drift import (
     DriftRule,
     evaluate_window,
 )
-from cxr_platform.monitoring.reference import load_reference
 from cxr_platform.sections import MonitoringSection
 
 _IDS = re.compile(r"^ids-(\d{9})-(\d{9})$")
@@ -352,7 +352,7 @@ def _site_to_recalibrate(
     """The first site whose sensitivity or specificity failed, that has labels enough to refit
     its operating point, and whose recalibration of the version it is served by was not refused
     before. A failed AUC alone is the ranking's: a threshold cannot mend it."""
-    from cxr_platform.monitoring.site_calibration import missing_labels, recalibration_refused
+    from cxr_platform.calibration.site import missing_labels, recalibration_refused
 
     for site, failed in result.failed_sites.items():
         if site == UNNAMED_SITE or not set(failed) & {"sensitivity", "specificity"}:

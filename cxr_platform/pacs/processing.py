@@ -22,10 +22,8 @@ from pydicom.dataset import Dataset
 
 from cxr_platform.data.imaging import DecodedImage
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.input_gate import GateVerdict
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog, site_name
-from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import (
     NOT_A_CHEST_RADIOGRAPH,
     ScoreRequest,
@@ -33,6 +31,8 @@ from cxr_platform.inference.scoring import (
     request_for,
     score_and_log,
 )
+from cxr_platform.model_version.input_gate import GateVerdict
+from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.pacs.results import (
     Algorithm,
     NodeResults,

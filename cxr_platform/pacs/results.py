@@ -28,7 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_platform import __version__
-from cxr_platform.inference.predictor import Prediction
+from cxr_platform.model_version.predictor import Prediction
 
 # pydicom's UID root; a site with its own root sets CXR_DICOM_UID_ROOT.
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."

@@ -12,8 +12,8 @@ from typing import Any
 
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.predictor import Prediction, Predictor
 from cxr_platform.inference.scoring import NotAChestRadiographError, ScoringUnavailableError
+from cxr_platform.model_version.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
 

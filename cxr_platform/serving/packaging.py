@@ -22,9 +22,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_platform.deployment.model_files import METADATA_FILE, ONNX_FILE
 from cxr_platform.deployment.registry import PRODUCTION, RegistryError, registry_for
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.files import METADATA_FILE, ONNX_FILE
 from cxr_platform.sections import RegistrySection
 from cxr_platform.serving.process import REPO_ROOT, SERVICE_TARGET
 

@@ -39,7 +39,7 @@ from cxr_platform.inference.log import (
     UnknownRequestError,
     uid_salt,
 )
-from cxr_platform.inference.predictor import Prediction
+from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.inference.scoring import (
     LOG_UNAVAILABLE,
     NotAChestRadiographError,
@@ -50,7 +50,7 @@ from cxr_platform.inference.scoring import (
     request_for,
     score_and_log,
 )
-from cxr_platform.monitoring.retained import RetainedInputs
+from cxr_platform.model_version.predictor import Prediction
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import SITE_HEADER, EdgeMiddleware, parse_site_keys

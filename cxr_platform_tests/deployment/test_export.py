@@ -18,11 +18,12 @@ from cxr_platform.deployment.export import (
     load_torchscript,
     parity_check,
 )
-from cxr_platform.deployment.model_files import ExportError, ModelMetadata, read_onnx_metadata
 from cxr_platform.deployment.pipeline import export_trained, parity_inputs
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.files import ExportError, ModelMetadata, read_onnx_metadata
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.models.checkpoint import file_sha256
-from cxr_platform.models.evaluation import EvaluationReport, OperatingPoint
+from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import CheckpointChangedError, TrainedModel
 from cxr_platform.models.training import load_checkpoint, model_from_checkpoint
 from cxr_platform.models.zoo import ARCHITECTURES, build_model

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr_platform.deployment.model_files import read_onnx_metadata
 from cxr_platform.deployment.quantize import quantize_int8
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.files import read_onnx_metadata
+from cxr_platform.model_version.predictor import Predictor
 
 from .conftest import export_untracked
 
@@ -38,8 +38,8 @@ def test_int8_model_serves_alone_with_nearly_the_same_predictions(
 def test_the_int8_variant_ships_only_when_validation_auc_holds(
     trained_checkpoint, learnable_cache, tmp_path
 ):
-    from cxr_platform.deployment.model_files import ExportError
     from cxr_platform.deployment.quantize import add_int8_variant
+    from cxr_platform.model_version.files import ExportError
 
     exported = export_untracked(trained_checkpoint, learnable_cache, tmp_path)
     val_images, val_labels = (

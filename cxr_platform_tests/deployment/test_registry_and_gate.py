@@ -21,7 +21,7 @@ from cxr_platform.deployment.registry import (
     NothingToRollBackError,
     RegistryError,
 )
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 
 from .conftest import export_for_registry
 
@@ -119,7 +119,7 @@ def test_gate_refuses_a_worse_candidate_and_accepts_a_better_one(
 
 def _reexport(settings, registry, info):
     from cxr_platform.deployment.export import ExportedModel, ParityResult
-    from cxr_platform.deployment.model_files import read_onnx_metadata
+    from cxr_platform.model_version.files import read_onnx_metadata
 
     folder = registry.download(info.version)
     return ExportedModel(

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from cxr_platform.inference.features import ImageFeatures, intensity_features
+from cxr_platform.data.features import ImageFeatures, intensity_features
 from cxr_platform.inference.log import (
     InferenceLog,
     InferenceLogError,

@@ -9,11 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from cxr_platform.model_version.operating_point import OperatingPoint, calibrated_probabilities
 from cxr_platform.models.evaluation import (
-    OperatingPoint,
     ThresholdRule,
     bootstrap_auc_ci,
-    calibrated_probabilities,
     choose_threshold,
     cluster_bootstrap_intervals,
     evaluate_predictions,

@@ -17,7 +17,7 @@ from torch import nn
 from cxr_platform.deployment.export import export_checkpoint
 from cxr_platform.deployment.pipeline import parity_inputs
 from cxr_platform.deployment.quantize import quantize_int8
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.models.recipe import describe_schedule
 from cxr_platform.models.training import (
     TrainingError,

@@ -6,12 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_platform.models.evaluation import (
-    EvaluationReport,
-    OperatingPoint,
-    evaluate_predictions,
-    evaluate_split,
-)
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.models.evaluation import EvaluationReport, evaluate_predictions, evaluate_split
 from cxr_platform.models.reporting import report_markdown
 from cxr_platform.models.subgroups import (
     FILE_FAMILY,

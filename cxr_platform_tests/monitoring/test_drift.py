@@ -11,8 +11,15 @@ import pytest
 
 from cxr_platform.data.imaging import read_image
 from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
+from cxr_platform.data.shifts import apply_shift
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.deployment.reference import (
+    Acquisition,
+    load_reference,
+    reference_frame,
+    write_reference,
+)
 from cxr_platform.monitoring.drift import (
     DriftError,
     DriftRule,
@@ -21,13 +28,6 @@ from cxr_platform.monitoring.drift import (
     save_drift_report,
     sites_markdown,
 )
-from cxr_platform.monitoring.reference import (
-    Acquisition,
-    load_reference,
-    reference_frame,
-    write_reference,
-)
-from cxr_platform.monitoring.shifts import apply_shift
 
 CONFIG = PreprocessingConfig(image_size=128)
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import sqlalchemy as sa
 
-from cxr_platform.inference.features import ImageFeatures, intensity_features
+from cxr_platform.data.features import ImageFeatures, intensity_features
 from cxr_platform.inference.log import InferenceLog, InferenceRecord, predictions_table
 from cxr_platform.monitoring.windows import DriftCursor, cut_window, ids_window
 

@@ -11,6 +11,7 @@ import json
 import dagster as dg
 import pytest
 
+from cxr_platform.data.shifts import SHIFT_NAMES
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 from cxr_platform.defs.monitoring_assets import (
     DRIFT_SENSOR,
@@ -20,12 +21,11 @@ from cxr_platform.defs.monitoring_assets import (
     SHADOW_SENSOR,
     initial_drift_cursor,
 )
-from cxr_platform.demo import run_monitoring_loop, tick_sensor
+from cxr_platform.demo.loop import run_monitoring_loop, tick_sensor
+from cxr_platform.demo.traffic import send_traffic, synthetic_traffic
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, registry_for
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.monitoring.retained import RetainedInputs
-from cxr_platform.monitoring.shifts import SHIFT_NAMES
-from cxr_platform.monitoring.simulate import send_traffic, synthetic_traffic
+from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.monitoring.windows import DriftCursor, drift_sensor_step, shadow_sensor_step
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings

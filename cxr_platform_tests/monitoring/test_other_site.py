@@ -33,13 +33,13 @@ from cxr_platform.defs.monitoring_assets import (
     FINE_TUNE_JOB,
     RECALIBRATE_JOB,
 )
-from cxr_platform.demo import tick_sensor
+from cxr_platform.demo.loop import tick_sensor
+from cxr_platform.demo.traffic import TrafficImage, send_traffic
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import evaluation_dir
 from cxr_platform.models.subgroups import FILE_FAMILY, file_name_family
-from cxr_platform.monitoring.simulate import TrafficImage, send_traffic
 from cxr_platform.monitoring.windows import DriftCursor, check_window, ids_window
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings

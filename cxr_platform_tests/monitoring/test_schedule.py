@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import numpy as np
 
+from cxr_platform.data.features import ImageFeatures, intensity_features
 from cxr_platform.defs.definitions import build_definitions
 from cxr_platform.defs.monitoring_assets import DAILY_SCHEDULE, DRIFT_WINDOWS
-from cxr_platform.inference.features import ImageFeatures, intensity_features
 from cxr_platform.inference.log import InferenceLog, InferenceRecord
 from cxr_platform.monitoring.windows import window_records
 from cxr_platform.settings import load_settings

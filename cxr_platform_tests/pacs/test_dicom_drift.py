@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from cxr_platform.deployment.pipeline import registry_for
+from cxr_platform.deployment.reference import load_reference
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.drift import acquisition_markdown, evaluate_window
-from cxr_platform.monitoring.reference import load_reference
 from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.sections import sqlite_url
 

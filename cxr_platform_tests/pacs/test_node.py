@@ -25,8 +25,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ParametricMapStorage, SegmentationStorage
 
 from cxr_platform.deployment.registry import registry_for
-from cxr_platform.inference.input_gate import REASONS
 from cxr_platform.inference.log import InferenceLog
+from cxr_platform.model_version.input_gate import REASONS
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError

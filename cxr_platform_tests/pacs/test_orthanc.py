@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from cxr_platform.deployment.registry import registry_for
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.ports import free_port

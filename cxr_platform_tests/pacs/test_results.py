@@ -15,7 +15,7 @@ from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.explainer import content_region
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog, hash_uid, uid_salt
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
 from cxr_platform.pacs.results import (
     ABSENT,

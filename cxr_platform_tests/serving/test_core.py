@@ -11,12 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cxr_platform.data.features import image_features
 from cxr_platform.errors import EmptyImageError, TruncatedImageError
-from cxr_platform.inference.features import image_features
-from cxr_platform.inference.input_gate import GateVerdict
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
-from cxr_platform.inference.predictor import Predictor
 from cxr_platform.inference.scoring import (
     LOG_UNAVAILABLE,
     NO_PRODUCTION_MODEL,
@@ -28,6 +26,8 @@ from cxr_platform.inference.scoring import (
     score_and_log,
     score_items,
 )
+from cxr_platform.model_version.input_gate import GateVerdict
+from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.serving import core
 from cxr_platform.serving.batching import ContinuousBatcher
 

@@ -30,7 +30,7 @@ from pydicom.uid import (
 
 from cxr_platform.data.synthetic import render_radiograph
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW
-from cxr_platform.monitoring.retained import RetainedInputs
+from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..data.dicom_factory import make_dicom, to_bytes

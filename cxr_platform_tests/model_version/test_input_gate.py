@@ -11,7 +11,8 @@ import pytest
 from cxr_platform.data.imaging import read_image
 from cxr_platform.data.negatives import negative_suite
 from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
-from cxr_platform.inference.input_gate import (
+from cxr_platform.data.shifts import apply_shift
+from cxr_platform.model_version.input_gate import (
     EXTREME_ASPECT_RATIO,
     MOSTLY_UNIFORM,
     NEAR_CONSTANT,
@@ -23,7 +24,6 @@ from cxr_platform.inference.input_gate import (
     fit_input_gate,
 )
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
-from cxr_platform.monitoring.shifts import apply_shift
 
 
 @pytest.fixture(scope="module")

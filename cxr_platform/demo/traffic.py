@@ -2,7 +2,7 @@
 
 Images come from a folder in any layout the platform reads, or from fresh synthetic patients
 (the demo generator with another seed, so none of them was trained on). Each is decoded,
-shifted (:mod:`cxr_platform.monitoring.shifts`), sent to ``POST /predict`` as a PNG and, with
+shifted (:mod:`cxr_platform.data.shifts`), sent to ``POST /predict`` as a PNG and, with
 ``labels``, its true label goes to ``POST /feedback``, as a radiologist's report would.
 """
 
@@ -19,10 +19,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cxr_platform.data.imaging import read_image
+from cxr_platform.data.shifts import apply_shift, encode_png
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.errors import CxrError
-from cxr_platform.monitoring.shifts import apply_shift, encode_png
 from cxr_platform.sections import DataSection
 
 IMAGES_PER_SYNTHETIC_PATIENT = 2.5  # the generator's mean (1..4 per patient)

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from cxr_platform.errors import CxrError
-from cxr_platform.monitoring import SHIFT_NAMES
+
+SHIFT_NAMES = ("none", "contrast", "noise", "blur", "resolution", "exposure", "invert")
 
 ShiftFunction = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -37,6 +37,9 @@ def _noise(pixels: np.ndarray, severity: float, rng: np.random.Generator) -> np.
 def _blur(pixels: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
     # Relative to the image size, so the model input sees the same blur at any resolution.
     sigma = max(0.5, 0.02 * severity * max(pixels.shape))
+    # scipy only when a blur is asked for: the CLI lists the shift names without it.
+    from scipy.ndimage import gaussian_filter
+
     return gaussian_filter(pixels, sigma=sigma, mode="nearest")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cxr_platform.disk import DiskBudget, free_bytes
-from cxr_platform.monitoring.retained import RetainedInputs
+from cxr_platform.inference.retained import RetainedInputs
 
 
 def test_feedback_moves_an_input_into_the_labeled_store(tmp_path):
@@ -99,7 +99,7 @@ def test_a_store_full_of_labeled_inputs_stops_keeping_new_ones_and_says_so_once(
         store.keep(f"label{n:05d}", pixels)
         store.mark_labeled(f"label{n:05d}")
     store.budget = DiskBudget(max_bytes=store.used_bytes() + 100)
-    with caplog.at_level("INFO", logger="cxr_platform.monitoring.retained"):
+    with caplog.at_level("INFO", logger="cxr_platform.inference.retained"):
         assert not store.keep("new0000001", pixels)
         assert not store.keep("new0000002", pixels)
         assert skipped == ["budget", "budget"]

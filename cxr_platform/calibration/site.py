@@ -1,7 +1,7 @@
 """A site's own operating point, from its labeled live requests, through shadow and the gate.
 
 1. The site's labeled requests scored by the version it is served by are split by study: one
-   part refits the operating point (:func:`~cxr_platform.monitoring.recalibration.recalibrate`),
+   part refits the operating point (:func:`~cxr_platform.calibration.refit.recalibrate`),
    the other is held out for the gate.
 2. The refit is registered as a new version with the same weights (tags name the source
    version, the site, its prevalence and the labels used) and put in shadow.
@@ -27,27 +27,30 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
-from cxr_platform.deployment.aliases import PRODUCTION, SHADOW, site_production_alias
-from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_predictions
-from cxr_platform.deployment.model_files import ONNX_FILE, read_onnx_metadata
-from cxr_platform.deployment.pipeline import gate_config_for
-from cxr_platform.deployment.recalibrated import write_recalibrated
-from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, registry_for
-from cxr_platform.deployment.version_tags import VersionTags
-from cxr_platform.errors import CxrError
-from cxr_platform.inference.log import InferenceLog
-from cxr_platform.models.evaluation import OperatingPoint, cluster_bootstrap_intervals
-from cxr_platform.monitoring.recalibration import (
-    NotEnoughLabelsError,
+from cxr_platform.calibration.prevalence import (
     PrevalenceEstimate,
-    Recalibration,
     estimate_prevalence,
+    prior_adjusted,
+)
+from cxr_platform.calibration.recalibrated_version import write_recalibrated
+from cxr_platform.calibration.refit import (
+    NotEnoughLabelsError,
+    Recalibration,
     logits_from_probabilities,
     minimum_positives,
-    prior_adjusted,
     recalibrate,
 )
-from cxr_platform.monitoring.reference import PROBABILITY, load_reference
+from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_predictions
+from cxr_platform.deployment.pipeline import gate_config_for
+from cxr_platform.deployment.reference import PROBABILITY, load_reference
+from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, registry_for
+from cxr_platform.errors import CxrError
+from cxr_platform.inference.log import InferenceLog
+from cxr_platform.model_version.aliases import PRODUCTION, SHADOW, site_production_alias
+from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.model_version.tags import VersionTags
+from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 from cxr_platform.sections import MonitoringSection, RegistrySection
 
 log = logging.getLogger(__name__)
@@ -247,7 +250,7 @@ def recalibrate_for_site(
     seed: int = 0,
 ) -> SiteRecalibrationResult:
     """Refit, register, shadow, gate, and promote for the site or retire. Raises
-    :class:`~cxr_platform.monitoring.recalibration.NotEnoughLabelsError` (with how many more
+    :class:`~cxr_platform.calibration.refit.NotEnoughLabelsError` (with how many more
     labels of each class) and :class:`SiteRecalibrationError` for what cannot be done now."""
     registry = registry_for(registry_settings)
     alias = site_production_alias(site)

@@ -21,9 +21,9 @@ import pandas as pd
 from PIL import Image
 
 from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.features import NUMERIC_FEATURES, intensity_features
 from cxr_platform.data.imaging import bit_depth_of_mode, read_image
-from cxr_platform.inference.features import NUMERIC_FEATURES, intensity_features
-from cxr_platform.inference.predictor import Predictor
+from cxr_platform.model_version.predictor import Predictor
 
 REFERENCE_FILE = "reference.csv"
 # What input drift compares. Content: intensity statistics on the model input, comparable

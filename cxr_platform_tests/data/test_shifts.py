@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr_platform.data.features import intensity_features
 from cxr_platform.data.imaging import read_image
 from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
-from cxr_platform.inference.features import intensity_features
-from cxr_platform.monitoring.shifts import SHIFT_NAMES, UnknownShiftError, apply_shift, encode_png
+from cxr_platform.data.shifts import SHIFT_NAMES, UnknownShiftError, apply_shift, encode_png
 
 
 @pytest.fixture(scope="module")

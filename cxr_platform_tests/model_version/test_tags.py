@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cxr_platform.deployment.version_tags import VersionTags
+from cxr_platform.model_version.tags import VersionTags
 
 
 def test_a_release_record_round_trips_through_mlflows_string_tags():

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_platform.models.evaluation import OperatingPoint, fit_operating_point
-from cxr_platform.monitoring.recalibration import (
+from cxr_platform.calibration.prevalence import estimate_prevalence, prior_adjusted
+from cxr_platform.calibration.refit import (
     NotEnoughLabelsError,
-    estimate_prevalence,
     logits_from_probabilities,
     minimum_positives,
-    prior_adjusted,
     recalibrate,
 )
+from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.models.evaluation import fit_operating_point
 
 TARGET = 0.95
 

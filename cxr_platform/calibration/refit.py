@@ -1,5 +1,5 @@
-"""Moving a version's operating point to a new site: from that site's labels, or (calibration
-only) from its unlabeled traffic.
+"""Refitting a version's operating point on a site's labels: Platt scaling, and a threshold whose
+sensitivity target holds at the lower end of its interval.
 
 At a new site a model's ranking often holds while its threshold does not: the same threshold
 calls many more normal images pneumonia. The weights stay; what a site can change is the
@@ -9,9 +9,9 @@ operating point (Platt calibration and the threshold), and only with evidence:
   so that the sensitivity target holds **at the lower end of its 95% interval**, not at the point
   estimate: a threshold fitted to the point estimate on a hundred labels undershoots the target
   on the rest of the site's images about half the time. The price, in specificity, is reported.
-- :func:`estimate_prevalence` estimates a site's pneumonia prevalence from unlabeled traffic
-  (the EM procedure of Saerens, Latinne and Decaestecker, Neural Computation 14(1), 2002), and
-  :func:`prior_adjusted` moves the calibration to it.
+
+The label-free counterpart, a site's prevalence from its unlabeled traffic, is
+:mod:`cxr_platform.calibration.prevalence`.
 
 The inference log keeps calibrated probabilities, not logits; a probability and the version's
 own Platt parameters give the logit back, so nothing else needs storing.
@@ -20,7 +20,7 @@ own Platt parameters give the logit back, so nothing else needs storing.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -28,15 +28,11 @@ from scipy.special import logit as log_odds
 from scipy.stats import beta
 
 from cxr_platform.errors import CxrError
-from cxr_platform.models.evaluation import (
-    OperatingPoint,
-    calibrated_probabilities,
-    fit_platt,
-    threshold_metrics,
-)
+from cxr_platform.model_version.operating_point import OperatingPoint, calibrated_probabilities
+from cxr_platform.models.evaluation import fit_platt, threshold_metrics
 
 CONFIDENCE = 0.95
-_EDGE = 1e-12  # probabilities are clipped this far from 0 and 1 before taking log-odds
+EDGE = 1e-12  # probabilities are clipped this far from 0 and 1 before taking log-odds
 
 
 class RecalibrationError(CxrError):
@@ -55,7 +51,7 @@ def logits_from_probabilities(
     probabilities: np.ndarray, operating_point: OperatingPoint
 ) -> np.ndarray:
     """Invert ``p = sigmoid(logit / T + b)``: the logits the version computed."""
-    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), _EDGE, 1 - _EDGE)
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), EDGE, 1 - EDGE)
     return (log_odds(clipped) - operating_point.bias) * operating_point.temperature
 
 
@@ -201,77 +197,4 @@ def recalibrate(
         specificity=float(at_chosen["specificity"]),
         point_estimate_threshold=point,
         point_estimate_specificity=float(at_point["specificity"]),
-    )
-
-
-@dataclass(frozen=True)
-class PrevalenceEstimate:
-    prevalence: float
-    training_prevalence: float
-    iterations: int
-    converged: bool
-    n: int
-
-
-def estimate_prevalence(
-    probabilities: np.ndarray,
-    training_prevalence: float,
-    *,
-    tolerance: float = 1e-6,
-    max_iterations: int = 1000,
-) -> PrevalenceEstimate:
-    """The prevalence of unlabeled traffic by EM (Saerens et al. 2002).
-
-    ``probabilities`` are calibrated posteriors under ``training_prevalence`` (the prevalence
-    of the split the calibration was fitted on). Each step re-weights every posterior to the
-    current prevalence estimate and takes their mean as the next estimate. Only valid under
-    prior shift (the images of each class look as they did); acquisition shifts break it, which
-    the input-drift signal reports separately.
-    """
-    posteriors = np.clip(np.asarray(probabilities, dtype=np.float64).ravel(), _EDGE, 1 - _EDGE)
-    if not 0 < training_prevalence < 1:
-        raise RecalibrationError("the training prevalence must be strictly between 0 and 1")
-    if posteriors.size == 0:
-        raise RecalibrationError("no probabilities to estimate a prevalence from")
-    prevalence = training_prevalence
-    for iteration in range(1, max_iterations + 1):
-        adjusted = _reweighted(posteriors, training_prevalence, prevalence)
-        updated = float(adjusted.mean())
-        if abs(updated - prevalence) < tolerance:
-            return PrevalenceEstimate(
-                updated, training_prevalence, iteration, True, posteriors.size
-            )
-        prevalence = updated
-    return PrevalenceEstimate(
-        prevalence, training_prevalence, max_iterations, False, posteriors.size
-    )
-
-
-def _reweighted(posteriors: np.ndarray, old: float, new: float) -> np.ndarray:
-    positive = posteriors * new / old
-    negative = (1 - posteriors) * (1 - new) / (1 - old)
-    return positive / (positive + negative)
-
-
-def prior_adjusted(
-    operating_point: OperatingPoint, training_prevalence: float, site_prevalence: float
-) -> OperatingPoint:
-    """The calibration moved to a site's prevalence (Bayes: the log-odds shift by the change in
-    prior log-odds), with the threshold moved with it, so every decision stays what it was.
-
-    Under pure prior shift sensitivity and specificity at a fixed score do not change; what does
-    is what a probability means. The candidate makes the reported probability (and so PPV and
-    NPV) right for the site; it goes through shadow and the gate like any other version.
-    """
-    shift = float(log_odds(site_prevalence) - log_odds(training_prevalence))
-    threshold = float(
-        calibrated_probabilities(
-            np.array([log_odds(np.clip(operating_point.threshold, _EDGE, 1 - _EDGE))]), 1.0, shift
-        )[0]
-    )
-    return replace(
-        operating_point,
-        bias=operating_point.bias + shift,
-        threshold=threshold,
-        rule=f"{operating_point.rule}+prior_shift",
     )

@@ -8,6 +8,7 @@ What every scoring process needs to read an export, without the exporter's depen
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import onnxruntime as ort
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.errors import CxrError
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.model_version.operating_point import OperatingPoint
 
 EXPORT_FORMAT = 1
 METADATA_KEY = "cxr_metadata"
@@ -121,6 +122,26 @@ def _metadata_from_props(props: dict[str, str], path: str | Path) -> ModelMetada
     if METADATA_KEY not in props:
         raise ExportError(f"{path}: ONNX model without {METADATA_KEY!r} metadata")
     return ModelMetadata.from_json(props[METADATA_KEY])
+
+
+def write_onnx_metadata(path: Path, metadata: ModelMetadata) -> None:
+    """Replace the platform metadata of an existing ONNX file (atomically)."""
+    proto = onnx.load(str(path))
+    entries = {
+        METADATA_KEY: metadata.to_json(),
+        "cxr_model_name": metadata.model_name,
+        "cxr_arch": metadata.arch,
+        "cxr_threshold": repr(metadata.threshold),
+        "cxr_mlflow_run_id": metadata.mlflow_run_id or "",
+    }
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
 
 
 def onnx_session(

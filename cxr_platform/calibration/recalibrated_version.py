@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cxr_platform.deployment.model_files import (
+from cxr_platform.model_version.files import (
     INT8_ONNX_FILE,
     METADATA_FILE,
     ONNX_FILE,
@@ -24,8 +24,9 @@ from cxr_platform.deployment.model_files import (
     TORCHSCRIPT_METADATA_FILE,
     ModelMetadata,
     read_onnx_metadata,
+    write_onnx_metadata,
 )
-from cxr_platform.models.evaluation import OperatingPoint
+from cxr_platform.model_version.operating_point import OperatingPoint
 
 
 def _with_operating_point(
@@ -46,7 +47,6 @@ def write_recalibrated(
     file's metadata; returns the fp32 model's new metadata."""
     import torch
 
-    from cxr_platform.deployment.export import write_onnx_metadata
 
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -14,7 +14,7 @@ import numpy as np
 
 from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
 from cxr_platform.data.preprocessing import normalize_uint8, to_square_uint8
-from cxr_platform.deployment.model_files import (
+from cxr_platform.model_version.files import (
     INT8_ONNX_FILE,
     ONNX_FILE,
     ExportError,
@@ -22,7 +22,7 @@ from cxr_platform.deployment.model_files import (
     onnx_session,
     session_metadata,
 )
-from cxr_platform.inference.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict, InputGate
+from cxr_platform.model_version.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict, InputGate
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import dagster as dg
 import httpx
 
 from cxr_platform.defs.monitoring_assets import DRIFT_SENSOR, SHADOW_SENSOR
+from cxr_platform.demo.traffic import SimulationReport, send_traffic, synthetic_traffic
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, registry_for
-from cxr_platform.monitoring.simulate import SimulationReport, send_traffic, synthetic_traffic
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import CxrSettings, settings_environment
 
