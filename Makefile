@@ -24,7 +24,10 @@ setup: $(BIN)/cxr
 demo: setup
 	$(BIN)/cxr demo
 
+# The floors and the lint first: a back-arrow or a lint error fails before the long suite runs.
 test: setup
+	$(BIN)/ruff check cxr_platform cxr_platform_tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadgroup cxr_platform_tests
 
 ui: setup

@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,14 +48,17 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from cxr_platform.data.sources import discover_images
-from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.deployment.registry import registry_for
-from cxr_platform.pacs import build_node
-from cxr_platform.pacs.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
-from cxr_platform.ports import free_port
-from cxr_platform.settings import load_settings
+# The Orthanc and DICOM fixtures live with the tests, beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_platform.data.sources import discover_images  # noqa: E402
+from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
+from cxr_platform.deployment.registry import registry_for  # noqa: E402
+from cxr_platform.pacs import build_node  # noqa: E402
+from cxr_platform.ports import free_port  # noqa: E402
+from cxr_platform.settings import load_settings  # noqa: E402
+from cxr_platform_tests.orthanc import DicomWebPeer, NodeAddress, OrthancProcess  # noqa: E402
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset  # noqa: E402
 
 MODALITY = "BENCH_MODALITY"
 STOW_KEY = "bench-stow-key"

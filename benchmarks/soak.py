@@ -40,15 +40,18 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from cxr_platform.data.sources import discover_images
-from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-from cxr_platform.deployment.registry import PRODUCTION, registry_for
-from cxr_platform.disk import MEGABYTE, folder_bytes
-from cxr_platform.pacs.sender import RESULT_SOP_CLASSES
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
-from cxr_platform.ports import free_port
-from cxr_platform.serving.process import ServiceProcess
-from cxr_platform.settings import load_settings
+# The Orthanc and DICOM fixtures live with the tests, beside this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_platform.data.sources import discover_images  # noqa: E402
+from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
+from cxr_platform.deployment.registry import PRODUCTION, registry_for  # noqa: E402
+from cxr_platform.disk import MEGABYTE, folder_bytes  # noqa: E402
+from cxr_platform.pacs.sender import RESULT_SOP_CLASSES  # noqa: E402
+from cxr_platform.ports import free_port  # noqa: E402
+from cxr_platform.serving.process import ServiceProcess  # noqa: E402
+from cxr_platform.settings import load_settings  # noqa: E402
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset  # noqa: E402
 
 NODE_AET = "CXR_AI"
 MODALITY_AET = "SOAK_MODALITY"

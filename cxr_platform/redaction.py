@@ -1,4 +1,8 @@
-"""Operational logs free of patient data.
+"""Operational logs and records free of patient data.
+
+Identifiers are kept only as a keyed hash (:func:`hash_uid`, with the deployment's salt from
+:func:`uid_salt`): the inference log stores it, and log lines name instances by its first
+characters.
 
 Our own log lines name instances by a keyed hash (:func:`uid_tag`), never by UID or header
 value. Libraries are less careful: pydicom's validation warnings and highdicom's person-name
@@ -11,15 +15,43 @@ failed, on which VR) without the value.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import re
-
-from cxr_platform.inference.log import hash_uid
+import secrets
+from pathlib import Path
 
 WITHHELD = "<value withheld>"
 # A quoted span: '...' or "..." (non-greedy, on one line). Library messages quote values this way.
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
 UID_TAG_LENGTH = 16
+
+
+def uid_salt(home: Path, configured: str | None = None) -> bytes:
+    """The deployment's secret salt: configured, or created once under the home (mode 0600)."""
+    if configured:
+        return configured.encode()
+    path = home / "uid_salt"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"uid_salt.{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)  # atomic and never overwrites a salt another process made
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+def hash_uid(uid: str | None, salt: bytes) -> str | None:
+    if not uid:
+        return None
+    return hmac.new(salt, str(uid).strip().encode(), hashlib.sha256).hexdigest()
 
 
 def withhold_values(text: str) -> str:

@@ -266,10 +266,6 @@ class DataSection(HomeLayout):
         if len(ratios) != 3 or abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) <= 0:
             raise ValueError(f"split_ratios must be 3 positive shares summing to 1, got {ratios}")
 
-    @property
-    def uses_synthetic_data(self) -> bool:
-        return self.data_dir is None
-
     def synthetic_dataset_dir(self) -> Path:
         return self.datasets_dir / f"synthetic-seed{self.seed}-p{self.synthetic_patients}"
 

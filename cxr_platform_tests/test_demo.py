@@ -60,6 +60,14 @@ def test_demo_runs_through_a_persistent_dagster_instance(demo):
             assert shown.startswith("$CXR_HOME/models/"), shown  # the same on every machine
             assert file_sha256(demo.home_file(shown)) == recorded, arch
             assert trained["best_val_auc"].value == round(trained["best_val_auc"].value, 3)
+            # Its evaluation report, after the monitoring loop (which trains and evaluates a
+            # fine-tune of the same architecture), still holds its own figures.
+            evaluated = instance.get_latest_materialization_event(
+                dg.AssetKey([arch, "evaluation_report"])
+            ).asset_materialization.metadata
+            report = json.loads(demo.home_file(evaluated["json"].value).read_text())
+            assert report["checkpoint_sha256"] == recorded, arch
+            assert round(report["splits"]["test"]["auc"], 3) == evaluated["test_auc"].value
     versions = json.loads(demo.cxr("models", "--json").stdout)
     assert {v["tags"]["cxr.arch"] for v in versions} == {"baseline_cnn", "resnet18"}
     if production != "none":  # the gate promoted: the service can start, and a Bento exists
@@ -151,6 +159,21 @@ def _value_after(text: str, label: str) -> str:
     raise AssertionError(f"no value after {label!r}")
 
 
+def test_evaluating_the_latest_model_again_leaves_every_other_report_as_it_was(demo):
+    """After the loop the latest trained model is its fine-tune; `cxr evaluate` then writes that
+    checkpoint's report in its own folder, never over the report of the model training made."""
+    folder = demo.home / "reports" / "evaluation"
+    before = {path: path.read_bytes() for path in folder.glob("*/*/evaluation.json")}
+    evaluated = demo.cxr("evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    latest = json.loads((demo.home / "models" / "latest.json").read_text())
+    own = folder / latest["model_name"] / latest["checkpoint_sha256"][:16] / "evaluation.json"
+    assert json.loads(own.read_text())["checkpoint_sha256"] == latest["checkpoint_sha256"]
+    for path, content in before.items():
+        if path != own:
+            assert path.read_bytes() == content, path
+
+
 def test_the_dagster_ui_shows_the_demo_and_launches_a_materialization(demo):
     require_chromium()
 
@@ -240,10 +263,18 @@ def test_the_dagster_ui_shows_the_demo_and_launches_a_materialization(demo):
         events = _open(driver, f"{base}/assets/{_asset_path(report_key)}?view=events", "test_auc")
         driver.save_screenshot(str(shots / "03-evaluation-report.png"))
         shown_auc = float(_value_after(events, "test_auc"))
-        report_json = demo.home / "reports" / "evaluation" / "resnet18" / "evaluation.json"
-        measured = json.loads(report_json.read_text())["splits"]["test"]["auc"]
+        with dg.DagsterInstance.from_config(str(demo.instance_dir)) as instance:
+            shown_json = (
+                instance.get_latest_materialization_event(report_key)
+                .asset_materialization.metadata["json"]
+                .value
+            )
+        assert re.fullmatch(
+            r"\$CXR_HOME/reports/evaluation/resnet18/[0-9a-f]{16}/evaluation.json", shown_json
+        )
+        measured = json.loads(demo.home_file(shown_json).read_text())["splits"]["test"]["auc"]
         assert shown_auc == round(measured, 3), (shown_auc, measured)
-        assert "$CXR_HOME/reports/evaluation/resnet18/evaluation.json" in events
+        assert shown_json in events
 
         # Launch a materialization from the UI, as a person does, and see it succeed.
         target = dg.AssetKey("data_profile")

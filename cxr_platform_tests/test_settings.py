@@ -193,7 +193,7 @@ def test_a_child_process_reads_exactly_the_parents_settings(every_setting_change
 
 
 def test_the_demos_smaller_windows_yield_to_an_explicit_setting(tmp_path, monkeypatch):
-    from cxr_platform.cli import demo_overrides
+    from cxr_platform.cli.demo import demo_overrides
 
     monkeypatch.delenv("CXR_DRIFT_WINDOW_SIZE", raising=False)
     monkeypatch.delenv("CXR_SHADOW_MIN_RECORDS", raising=False)

@@ -47,7 +47,6 @@ def write_recalibrated(
     file's metadata; returns the fp32 model's new metadata."""
     import torch
 
-
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(source, out_dir)

@@ -7,6 +7,7 @@ validation AUC becomes ``shadow``), ``production_model`` (the promotion gate dec
 """
 # No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -16,9 +17,10 @@ from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import evaluation_report_key, png_markdown, trained_model_key
 from cxr_platform.deployment import pipeline as deployment
+from cxr_platform.deployment.export import ExportedModel
 from cxr_platform.deployment.gate import GateDecision
 from cxr_platform.deployment.registry import RegistryEvent
-from cxr_platform.explain.report import explain_checkpoint
+from cxr_platform.explain.report import ExplanationReport, explain_checkpoint
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel
 from cxr_platform.sections import RegistrySection
@@ -37,20 +39,42 @@ def exported_model_key(arch: str) -> dg.AssetKey:
     return dg.AssetKey([arch, "exported_model"])
 
 
-def _per_architecture(arch: str) -> list:
-    # Both assets read the checkpoint as training wrote it and take the operating point (and,
-    # for export, the headline metrics) from the evaluation report.
-    evaluated_model_ins = {
+def _evaluated_model_ins(arch: str) -> dict[str, dg.AssetIn]:
+    """Both per-architecture assets read the checkpoint as training wrote it and take the
+    operating point (and, for export, the headline metrics) from the evaluation report."""
+    return {
         "trained_model": dg.AssetIn(trained_model_key(arch)),
         "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
         "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
     }
 
+
+def _gallery_metadata(report: ExplanationReport, home: Path) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "gallery": dg.MetadataValue.md(png_markdown(report.gallery, "Grad-CAM gallery")),
+        "randomization_mean_abs_spearman": report.randomization.mean_abs_rank_correlation,
+        "randomization_passed": report.randomization.passed,
+        "json": home_path(report.gallery.parent / "explanations.json", home),
+    }
+    if report.pointing_game is not None:
+        game = report.pointing_game
+        metadata.update(
+            {
+                "pointing_game_hit_rate": game.hit_rate,
+                "pointing_game_random_point_rate": game.random_point_hit_rate,
+                "pointing_game_p_value": game.p_value,
+                "pointing_game_n": game.n,
+            }
+        )
+    return readable(metadata)
+
+
+def _gallery_asset(arch: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=gallery_key(arch),
         group_name=EXPLAIN_GROUP,
         kinds={"pytorch"},
-        ins=evaluated_model_ins,
+        ins=_evaluated_model_ins(arch),
         check_specs=[
             dg.AssetCheckSpec(
                 "randomization_sanity",
@@ -78,23 +102,7 @@ def _per_architecture(arch: str) -> list:
             model_name=trained_model.model_name,
             seed=training.seed,
         )
-        metadata: dict[str, Any] = {
-            "gallery": dg.MetadataValue.md(png_markdown(report.gallery, "Grad-CAM gallery")),
-            "randomization_mean_abs_spearman": report.randomization.mean_abs_rank_correlation,
-            "randomization_passed": report.randomization.passed,
-            "json": home_path(report.gallery.parent / "explanations.json", training.home),
-        }
-        if report.pointing_game is not None:
-            game = report.pointing_game
-            metadata.update(
-                {
-                    "pointing_game_hit_rate": game.hit_rate,
-                    "pointing_game_random_point_rate": game.random_point_hit_rate,
-                    "pointing_game_p_value": game.p_value,
-                    "pointing_game_n": game.n,
-                }
-            )
-        yield dg.Output(report.to_dict(), metadata=readable(metadata))
+        yield dg.Output(report.to_dict(), metadata=_gallery_metadata(report, training.home))
         yield dg.AssetCheckResult(
             check_name="randomization_sanity",
             passed=report.randomization.passed,
@@ -102,11 +110,33 @@ def _per_architecture(arch: str) -> list:
             metadata=readable(report.randomization.to_dict()),
         )
 
+    return gradcam_gallery
+
+
+def _exported_model_metadata(exported: ExportedModel, home: Path) -> dict[str, Any]:
+    parity, summary = exported.parity, exported.metadata.summary()
+    return readable(
+        {
+            "onnx": home_path(exported.onnx_path, home),
+            "torchscript": home_path(exported.torchscript_path, home),
+            "onnx_max_abs_diff": parity.onnx_max_abs_diff,
+            "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
+            "threshold": exported.metadata.threshold,
+            "input_gate": dg.MetadataValue.json(
+                exported.metadata.summary().get("input_gate") or {}
+            ),
+            "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
+            "model_metadata": dg.MetadataValue.json(summary),
+        }
+    )
+
+
+def _exported_model_asset(arch: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=exported_model_key(arch),
         group_name=DEPLOY_GROUP,
         kinds={"onnx", "pytorch"},
-        ins=evaluated_model_ins,
+        ins=_evaluated_model_ins(arch),
         check_specs=[
             dg.AssetCheckSpec(
                 "parity",
@@ -130,28 +160,12 @@ def _per_architecture(arch: str) -> list:
             registry, preprocessed_cache, trained_model, evaluation_report
         )
         parity = exported.parity
-        yield dg.Output(
-            exported,
-            metadata=readable(
-                {
-                    "onnx": home_path(exported.onnx_path, registry.home),
-                    "torchscript": home_path(exported.torchscript_path, registry.home),
-                    "onnx_max_abs_diff": parity.onnx_max_abs_diff,
-                    "torchscript_max_abs_diff": parity.torchscript_max_abs_diff,
-                    "threshold": exported.metadata.threshold,
-                    "input_gate": dg.MetadataValue.json(
-                        exported.metadata.summary().get("input_gate") or {}
-                    ),
-                    "int8": dg.MetadataValue.json(exported.int8.to_dict() if exported.int8 else {}),
-                    "model_metadata": dg.MetadataValue.json(exported.metadata.summary()),
-                }
-            ),
-        )
+        yield dg.Output(exported, metadata=_exported_model_metadata(exported, registry.home))
         yield dg.AssetCheckResult(
             check_name="parity", passed=parity.passed, metadata=readable(parity.to_dict())
         )
 
-    return [gradcam_gallery, exported_model]
+    return exported_model
 
 
 def gate_checks_markdown(decision: GateDecision) -> str:
@@ -189,11 +203,16 @@ def record_registry_event(
     )
 
 
-def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
-    assets: list = []
-    for arch in archs:
-        assets += _per_architecture(arch)
+def _versions_table(archs: tuple[str, ...], versions: dict[str, str], trained: dict) -> str:
+    header = "| architecture | version | best val AUC | model card |\n| --- | ---: | ---: | --- |\n"
+    return header + "\n".join(
+        f"| {arch} | {versions[arch]} | {trained[arch].best_val_auc:.3f} "
+        f"| `cxr models --card {versions[arch]}` |"
+        for arch in archs
+    )
 
+
+def _registered_model_version_asset(archs: tuple[str, ...]) -> dg.AssetsDefinition:
     @dg.asset(
         group_name=DEPLOY_GROUP,
         kinds={"mlflow"},
@@ -227,14 +246,8 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
         )
         candidate = versions[best.arch]
         registry.set_shadow(candidate, triggered_by=trigger)
-        table = (
-            "| architecture | version | best val AUC | model card |\n| --- | ---: | ---: | --- |\n"
-        )
-        table += "\n".join(
-            f"| {arch} | {versions[arch]} | {inputs[f'trained_{arch}'].best_val_auc:.3f} "
-            f"| `cxr models --card {versions[arch]}` |"
-            for arch in archs
-        )
+        trained = {arch: inputs[f"trained_{arch}"] for arch in archs}
+        table = _versions_table(archs, versions, trained)
         return dg.Output(
             {"versions": versions, "candidate": candidate, "candidate_arch": best.arch},
             metadata={
@@ -247,6 +260,10 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
             },
         )
 
+    return registered_model_version
+
+
+def _production_model_asset() -> dg.AssetsDefinition:
     @dg.asset(
         group_name=DEPLOY_GROUP,
         kinds={"mlflow"},
@@ -307,6 +324,10 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
             metadata={"summary": decision.summary(), "failed": ", ".join(decision.failed_checks)},
         )
 
+    return production_model
+
+
+def _bento_asset() -> dg.AssetsDefinition:
     @dg.asset(
         group_name=DEPLOY_GROUP,
         kinds={"bentoml"},
@@ -337,4 +358,18 @@ def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
             },
         )
 
-    return dg.Definitions(assets=[*assets, registered_model_version, production_model, bento])
+    return bento
+
+
+def build_deployment_definitions(archs: tuple[str, ...]) -> dg.Definitions:
+    per_architecture = [
+        asset for arch in archs for asset in (_gallery_asset(arch), _exported_model_asset(arch))
+    ]
+    return dg.Definitions(
+        assets=[
+            *per_architecture,
+            _registered_model_version_asset(archs),
+            _production_model_asset(),
+            _bento_asset(),
+        ]
+    )

@@ -36,6 +36,7 @@ from cxr_platform.monitoring.finetune import (
 from cxr_platform.monitoring.shadow import evaluate_shadow
 from cxr_platform.monitoring.windows import (
     DriftCursor,
+    DriftStep,
     check_window,
     day_window,
     drift_sensor_step,
@@ -381,11 +382,41 @@ def initial_drift_cursor(instance: dg.DagsterInstance) -> DriftCursor:
     return DriftCursor(last_id=max(ends, default=0))
 
 
-def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definitions:
-    """Sensor intervals and the report's cron are fixed when the code location loads (Dagster
-    reads them from the definitions); everything else is read per run or tick."""
-    interval = monitoring.drift_check_interval_seconds
+def _drift_run_requests(window: str, step: DriftStep) -> list[dg.RunRequest]:
+    """The window's drift report, and the recalibration or fine-tune the rule asks for."""
+    assert step.result is not None
+    requests = [
+        dg.RunRequest(
+            job_name=DRIFT_CHECK_JOB,
+            partition_key=window,
+            run_key=f"drift-{window}",
+            tags={"cxr/drift_fired": str(step.result.fired).lower()},
+        )
+    ]
+    if step.recalibrate_site is not None:
+        site_config = {"site": step.recalibrate_site, "window": window}
+        requests.append(
+            dg.RunRequest(
+                job_name=RECALIBRATE_JOB,
+                run_key=f"recalibrate-{step.recalibrate_site}-{window}",
+                run_config={"ops": {"site_recalibration": {"config": site_config}}},
+                tags={"cxr/drift_window": window},
+            )
+        )
+    if step.request_finetune:
+        finetune_config = {"window": window, "reason": step.result.summary()}
+        requests.append(
+            dg.RunRequest(
+                job_name=FINE_TUNE_JOB,
+                run_key=f"fine-tune-{window}",
+                run_config={"ops": {"finetuned_model": {"config": finetune_config}}},
+                tags={"cxr/drift_window": window},
+            )
+        )
+    return requests
 
+
+def _drift_sensor(interval: int) -> dg.SensorDefinition:
     @dg.sensor(
         name=DRIFT_SENSOR,
         jobs=[drift_check_job, fine_tune_job, recalibrate_job],
@@ -407,55 +438,19 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
             cursor,
             target_sensitivity=settings.training.target_sensitivity,
         )
-        if step.result is None:
+        if step.result is None or step.window is None:
             return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.cursor.to_json())
-        window = step.window
-        assert window is not None
         context.log.info(f"{step.result.summary()}; {step.finetune_note}")
-        requests = [
-            dg.RunRequest(
-                job_name=DRIFT_CHECK_JOB,
-                partition_key=window,
-                run_key=f"drift-{window}",
-                tags={"cxr/drift_fired": str(step.result.fired).lower()},
-            )
-        ]
-        if step.recalibrate_site is not None:
-            requests.append(
-                dg.RunRequest(
-                    job_name=RECALIBRATE_JOB,
-                    run_key=f"recalibrate-{step.recalibrate_site}-{window}",
-                    run_config={
-                        "ops": {
-                            "site_recalibration": {
-                                "config": {"site": step.recalibrate_site, "window": window}
-                            }
-                        }
-                    },
-                    tags={"cxr/drift_window": window},
-                )
-            )
-        if step.request_finetune:
-            requests.append(
-                dg.RunRequest(
-                    job_name=FINE_TUNE_JOB,
-                    run_key=f"fine-tune-{window}",
-                    run_config={
-                        "ops": {
-                            "finetuned_model": {
-                                "config": {"window": window, "reason": step.result.summary()}
-                            }
-                        }
-                    },
-                    tags={"cxr/drift_window": window},
-                )
-            )
         return dg.SensorResult(
-            run_requests=requests,
-            dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request([window])],
+            run_requests=_drift_run_requests(step.window, step),
+            dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request([step.window])],
             cursor=step.cursor.to_json(),
         )
 
+    return drift_sensor
+
+
+def _shadow_sensor(interval: int) -> dg.SensorDefinition:
     @dg.sensor(
         name=SHADOW_SENSOR,
         job=evaluate_shadow_job,
@@ -481,9 +476,13 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
             cursor=step.evaluated_version,
         )
 
+    return shadow_sensor
+
+
+def _daily_drift_report(cron: str) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=DAILY_SCHEDULE,
-        cron_schedule=monitoring.drift_report_cron,
+        cron_schedule=cron,
         job=drift_check_job,
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -497,6 +496,13 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
         context.instance.add_dynamic_partitions(DRIFT_WINDOWS.name, [key])
         return dg.RunRequest(partition_key=key, run_key=f"daily-{key}")
 
+    return daily_drift_report
+
+
+def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definitions:
+    """Sensor intervals and the report's cron are fixed when the code location loads (Dagster
+    reads them from the definitions); everything else is read per run or tick."""
+    interval = monitoring.drift_check_interval_seconds
     return dg.Definitions(
         assets=[
             drift_report,
@@ -506,6 +512,6 @@ def build_monitoring_definitions(monitoring: MonitoringSection) -> dg.Definition
             site_recalibration,
         ],
         jobs=[drift_check_job, fine_tune_job, evaluate_shadow_job, recalibrate_job],
-        sensors=[drift_sensor, shadow_sensor],
-        schedules=[daily_drift_report],
+        sensors=[_drift_sensor(interval), _shadow_sensor(interval)],
+        schedules=[_daily_drift_report(monitoring.drift_report_cron)],
     )

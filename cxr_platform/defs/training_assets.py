@@ -8,6 +8,7 @@ lineage and can be re-materialized alone. Which architectures exist is ``CXR_MOD
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -17,15 +18,17 @@ from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_launch import launch_training, train_arguments
+from cxr_platform.defs.training_pipes import TrainingMessage
 from cxr_platform.models import pipeline as model_pipeline
 from cxr_platform.models.evaluation import EvaluationReport
-from cxr_platform.models.recipe import TrainConfig
 from cxr_platform.models.reporting import (
     comparison_markdown,
     report_markdown,
     subgroup_markdown,
 )
 from cxr_platform.models.zoo import architecture
+from cxr_platform.sections import TrainingSection
+from cxr_platform.settings import CxrSettings
 from cxr_platform.terminal import interactive
 
 GROUP = "training"
@@ -59,9 +62,75 @@ def evaluation_report_key(arch: str) -> dg.AssetKey:
     return dg.AssetKey([arch, "evaluation_report"])
 
 
-def _training_assets(arch: str) -> list:
-    architecture(arch)  # unknown names fail when the code location loads
+def _train(
+    context: dg.AssetExecutionContext,
+    settings: CxrSettings,
+    arch: str,
+    run_config: TrainingRunConfig,
+    cache: PreprocessedCache,
+    manifest: pd.DataFrame,
+) -> TrainingMessage:
+    """Where the settings say: in this run's process (one process or several), or `cxr train`
+    launched through Dagster Pipes."""
+    training = settings.training
+    config = model_pipeline.train_config_for(
+        training,
+        arch,
+        profile=training.profile,
+        epochs=run_config.epochs,
+        batch_size=run_config.batch_size,
+    )
+    if settings.dagster.training_launcher != "in_process":
+        arguments = train_arguments(
+            arch,
+            nproc_per_node=training.training_nproc_per_node,
+            epochs=run_config.epochs,
+            batch_size=run_config.batch_size,
+        )
+        context.log.info(f"launching `cxr {' '.join(arguments)}` through Dagster Pipes")
+        return launch_training(context, settings, arguments)
+    trained = model_pipeline.train_here(
+        training,
+        cache,
+        config,
+        profile=training.profile,
+        manifest_hash=manifest_hash(manifest),
+        dagster_run_id=context.run.run_id,
+        # A bar only where a person watches (cxr demo at a terminal); the run log gets one line
+        # per epoch wherever the run executes.
+        progress=interactive(),
+        on_epoch=context.log.info,
+    )
+    return TrainingMessage(trained, config)
 
+
+def _trained_model_metadata(settings: CxrSettings, ran: TrainingMessage) -> dict[str, Any]:
+    training, trained = settings.training, ran.trained_model
+    curves = trained.checkpoint.parent / "learning_curves.png"
+    return readable(
+        {
+            "best_val_auc": trained.best_val_auc,
+            "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            "stopped_early": trained.stopped_early,
+            "pretrained": trained.pretrained,
+            "profile": trained.profile,
+            "device": trained.device,
+            "train_images_per_s": trained.train_images_per_s,
+            "wall_seconds": trained.wall_seconds,
+            "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
+            "checkpoint": home_path(trained.checkpoint, training.home),
+            # Checkpoints are written once: later steps refuse a file that differs.
+            "checkpoint_sha256": trained.checkpoint_sha256 or "",
+            "config": dg.MetadataValue.json(ran.config.to_dict()),
+            "world_size": training.training_nproc_per_node,
+            "launcher": settings.dagster.training_launcher,
+            "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
+        }
+    )
+
+
+def _trained_model_asset(arch: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=trained_model_key(arch),
         group_name=GROUP,
@@ -81,72 +150,55 @@ def _training_assets(arch: str) -> list:
         patient_splits: pd.DataFrame,
     ) -> dg.Output[model_pipeline.TrainedModel]:
         settings = platform.settings()
-        training = settings.training
-        profile = training.profile
-        train_config = model_pipeline.train_config_for(
-            training,
-            arch,
-            profile=profile,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-        )
-        nproc = training.training_nproc_per_node
-        if settings.dagster.training_launcher != "in_process":
-            arguments = train_arguments(
-                arch, nproc_per_node=nproc, epochs=config.epochs, batch_size=config.batch_size
-            )
-            context.log.info(f"launching `cxr {' '.join(arguments)}` through Dagster Pipes")
-            trained, used = launch_training(context, settings, arguments)
-            train_config = TrainConfig.from_dict(used)
-        elif nproc > 1:
-            trained = model_pipeline.train_distributed(
-                training,
-                preprocessed_cache,
-                train_config,
-                nproc_per_node=nproc,
-                profile=profile,
-                manifest_hash=manifest_hash(patient_splits),
-                tags={"dagster.run_id": context.run.run_id},
-            )
-        else:
-            trained = model_pipeline.train_tracked(
-                training,
-                preprocessed_cache,
-                train_config,
-                profile=profile,
-                manifest_hash=manifest_hash(patient_splits),
-                dagster_run_id=context.run.run_id,
-                # A bar only where a person watches (cxr demo at a terminal); the run log gets
-                # one line per epoch wherever the run executes.
-                progress=interactive(),
-                on_epoch=context.log.info,
-            )
-        curves = trained.checkpoint.parent / "learning_curves.png"
-        return dg.Output(
-            trained,
-            metadata=readable(
-                {
-                    "best_val_auc": trained.best_val_auc,
-                    "best_epoch": trained.best_epoch,
-                    "epochs_run": trained.epochs_run,
-                    "stopped_early": trained.stopped_early,
-                    "pretrained": trained.pretrained,
-                    "profile": profile,
-                    "device": trained.device,
-                    "train_images_per_s": trained.train_images_per_s,
-                    "wall_seconds": trained.wall_seconds,
-                    "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
-                    "checkpoint": home_path(trained.checkpoint, training.home),
-                    # Checkpoints are written once: later steps refuse a file that differs.
-                    "checkpoint_sha256": trained.checkpoint_sha256 or "",
-                    "config": dg.MetadataValue.json(train_config.to_dict()),
-                    "world_size": nproc,
-                    "launcher": settings.dagster.training_launcher,
-                    "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
-                }
-            ),
-        )
+        ran = _train(context, settings, arch, config, preprocessed_cache, patient_splits)
+        return dg.Output(ran.trained_model, metadata=_trained_model_metadata(settings, ran))
 
+    return trained_model
+
+
+def _with_interval(values: dict[str, Any], name: str, split: Any) -> None:
+    values[name] = getattr(split, name.removeprefix("test_"))
+    low = getattr(split, f"{name.removeprefix('test_')}_ci_low")
+    high = getattr(split, f"{name.removeprefix('test_')}_ci_high")
+    values[f"{name}_ci"] = _interval(low, high)
+
+
+def _evaluation_metadata(
+    training: TrainingSection,
+    trained: model_pipeline.TrainedModel,
+    report: EvaluationReport,
+    files: dict[str, Path],
+) -> dict[str, Any]:
+    test = report.splits["test"]
+    plots = "\n\n".join(
+        png_markdown(files[name], name) for name in ("roc", "confusion", "reliability")
+    )
+    values: dict[str, Any] = {}
+    for name in ("test_auc", "test_sensitivity", "test_specificity", "test_ppv", "test_npv"):
+        _with_interval(values, name, test)
+    values.update(
+        {
+            "intervals_resample": f"{test.interval_unit}s ({test.n_patients or test.n})",
+            "test_ece": test.ece,
+            "threshold": report.operating_point.threshold,
+            "temperature": report.operating_point.temperature,
+            "calibration_bias": report.operating_point.bias,
+            "n_test": test.n,
+            "subgroups_flagged": len(report.flagged_subgroups),
+            "subgroups": dg.MetadataValue.md(
+                "\n".join(subgroup_markdown(report)) if report.subgroups else "none named"
+            ),
+            "report": dg.MetadataValue.md(report_markdown(report)),
+            "plots": dg.MetadataValue.md(plots),
+            "json": home_path(files["json"], training.home),
+            "checkpoint_sha256": report.checkpoint_sha256 or "",
+            "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
+        }
+    )
+    return readable(values)
+
+
+def _evaluation_report_asset(arch: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=evaluation_report_key(arch),
         group_name=GROUP,
@@ -166,46 +218,14 @@ def _training_assets(arch: str) -> list:
     ) -> dg.Output[EvaluationReport]:
         training = platform.settings().training
         report, files = model_pipeline.evaluate_trained(training, preprocessed_cache, trained_model)
-        test = report.splits["test"]
-        plots = "\n\n".join(
-            png_markdown(files[name], name) for name in ("roc", "confusion", "reliability")
-        )
         return dg.Output(
-            report,
-            metadata=readable(
-                {
-                    "test_auc": test.auc,
-                    "test_auc_ci": _interval(test.auc_ci_low, test.auc_ci_high),
-                    "test_sensitivity": test.sensitivity,
-                    "test_sensitivity_ci": _interval(
-                        test.sensitivity_ci_low, test.sensitivity_ci_high
-                    ),
-                    "test_specificity": test.specificity,
-                    "test_specificity_ci": _interval(
-                        test.specificity_ci_low, test.specificity_ci_high
-                    ),
-                    "test_ppv": test.ppv,
-                    "test_ppv_ci": _interval(test.ppv_ci_low, test.ppv_ci_high),
-                    "test_npv": test.npv,
-                    "test_npv_ci": _interval(test.npv_ci_low, test.npv_ci_high),
-                    "intervals_resample": f"{test.interval_unit}s ({test.n_patients or test.n})",
-                    "test_ece": test.ece,
-                    "threshold": report.operating_point.threshold,
-                    "temperature": report.operating_point.temperature,
-                    "calibration_bias": report.operating_point.bias,
-                    "n_test": test.n,
-                    "subgroups_flagged": len(report.flagged_subgroups),
-                    "subgroups": dg.MetadataValue.md(
-                        "\n".join(subgroup_markdown(report)) if report.subgroups else "none named"
-                    ),
-                    "report": dg.MetadataValue.md(report_markdown(report)),
-                    "plots": dg.MetadataValue.md(plots),
-                    "json": home_path(files["json"], training.home),
-                    "mlflow_run": mlflow_run_link(training, trained_model.mlflow_run_id),
-                }
-            ),
+            report, metadata=_evaluation_metadata(training, trained_model, report, files)
         )
 
+    return evaluation_report
+
+
+def _floor_checks(arch: str) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(
         asset=evaluation_report_key(arch),
         name="test_auc_floor",
@@ -238,6 +258,10 @@ def _training_assets(arch: str) -> list:
             metadata=readable({"test_sensitivity": sensitivity, "floor": floor}),
         )
 
+    return [auc_floor, sensitivity_floor]
+
+
+def _subgroup_check(arch: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=evaluation_report_key(arch),
         name="subgroup_shortfalls",
@@ -261,7 +285,17 @@ def _training_assets(arch: str) -> list:
             },
         )
 
-    return [trained_model, evaluation_report, auc_floor, sensitivity_floor, subgroup_shortfalls]
+    return subgroup_shortfalls
+
+
+def _training_assets(arch: str) -> list:
+    architecture(arch)  # unknown names fail when the code location loads
+    return [
+        _trained_model_asset(arch),
+        _evaluation_report_asset(arch),
+        *_floor_checks(arch),
+        _subgroup_check(arch),
+    ]
 
 
 def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:

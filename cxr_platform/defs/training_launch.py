@@ -4,13 +4,12 @@
 the asset turns that message into its output and metadata, as if it had trained itself."""
 
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
+from cxr_platform.defs.training_pipes import TrainingMessage
 from cxr_platform.errors import CxrError
-from cxr_platform.models.pipeline import TrainedModel
 from cxr_platform.settings import SECRET_SETTINGS, CxrSettings, env_name, settings_environment
 
 # Where the launched process finds the platform: a local interpreter, or the image's entry point.
@@ -78,7 +77,7 @@ def pod_environment(settings: CxrSettings) -> dict[str, str]:
 
 def launch_training(
     context: dg.AssetExecutionContext, settings: CxrSettings, arguments: list[str]
-) -> tuple[TrainedModel, dict[str, Any]]:
+) -> TrainingMessage:
     """Run `cxr train` where the settings say; the model it trained and the recipe it used."""
     launcher = settings.dagster.training_launcher
     if launcher == "subprocess":
@@ -100,10 +99,7 @@ def launch_training(
         )
     else:
         raise TrainingLaunchError(f"training_launcher {launcher!r} launches nothing")
-    messages: list[Mapping[str, Any]] = [
-        m for m in invocation.get_custom_messages() if isinstance(m, Mapping)
-    ]
-    reported = [m for m in messages if "trained_model" in m]
-    if not reported:
+    message = TrainingMessage.from_messages(invocation.get_custom_messages())
+    if message is None:
         raise TrainingLaunchError("`cxr train` finished without reporting a trained model")
-    return TrainedModel.from_json(reported[-1]["trained_model"]), dict(reported[-1]["config"])
+    return message

@@ -32,7 +32,6 @@ REFERENCE_FILE = "reference.csv"
 CONTENT_FEATURES = NUMERIC_FEATURES
 ACQUISITION_FEATURES = ("original_width", "original_height", "bit_depth")
 ACQUISITION_CATEGORIES = ("photometric_interpretation",)
-INPUT_FEATURES = (*CONTENT_FEATURES, *ACQUISITION_FEATURES)
 SOURCE_FORMAT = "source_format"
 PROBABILITY = "probability"
 PREDICTED = "predicted"  # the label at the version's operating threshold

@@ -11,11 +11,7 @@ busy timeout makes writers wait instead of failing); PostgreSQL needs nothing sp
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 import re
-import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -226,31 +222,6 @@ class RefusalRecord:
         values = asdict(self)
         values["detail"] = values["detail"][:512]
         return values
-
-
-def uid_salt(home: Path, configured: str | None = None) -> bytes:
-    """The deployment's secret salt: configured, or created once under the home (mode 0600)."""
-    if configured:
-        return configured.encode()
-    path = home / "uid_salt"
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"uid_salt.{os.getpid()}.tmp")
-        tmp.write_text(secrets.token_hex(32))
-        tmp.chmod(0o600)
-        try:
-            os.link(tmp, path)  # atomic and never overwrites a salt another process made
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().strip().encode()
-
-
-def hash_uid(uid: str | None, salt: bytes) -> str | None:
-    if not uid:
-        return None
-    return hmac.new(salt, str(uid).strip().encode(), hashlib.sha256).hexdigest()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -23,10 +23,11 @@ from cxr_platform.data.imaging import read_dicom_header, read_image
 from cxr_platform.data.preprocessing import to_square_uint8
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.log import InferenceLog, InferenceRecord, RefusalRecord, hash_uid
+from cxr_platform.inference.log import InferenceLog, InferenceRecord, RefusalRecord
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.model_version.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict
 from cxr_platform.model_version.predictor import Prediction, Predictor
+from cxr_platform.redaction import hash_uid
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,10 @@ from cxr_platform.models.recipe import TrainConfig, training_profile, with_epoch
 from cxr_platform.models.reporting import plot_learning_curves, write_report_files
 from cxr_platform.models.subgroups import evaluate_subgroups, subgroup_columns
 from cxr_platform.models.training import (
+    EpochRecord,
     TrainingData,
     TrainingResult,
+    epoch_lines,
     predict_logits,
     select_device,
     train,
@@ -270,6 +272,52 @@ def train_distributed(
     return trained
 
 
+def train_here(
+    training: TrainingSection,
+    cache: PreprocessedCache,
+    config: TrainConfig,
+    *,
+    profile: str,
+    manifest_hash: str | None = None,
+    dagster_run_id: str | None = None,
+    progress: bool = False,
+    resume: bool = False,
+    on_epoch: Callable[[str], None] | None = None,
+) -> TrainedModel:
+    """Train on this machine as the settings say: one process, or
+    ``training_nproc_per_node`` processes with DDP. Both report one line per epoch to
+    ``on_epoch``; a distributed run's epochs ran in worker processes, so their lines come once
+    rank 0 has returned (the workers' own output streams meanwhile)."""
+    nproc_per_node = training.training_nproc_per_node
+    if nproc_per_node == 1:
+        return train_tracked(
+            training,
+            cache,
+            config,
+            profile=profile,
+            manifest_hash=manifest_hash,
+            dagster_run_id=dagster_run_id,
+            progress=progress,
+            resume=resume,
+            on_epoch=on_epoch,
+        )
+    trained = train_distributed(
+        training,
+        cache,
+        config,
+        nproc_per_node=nproc_per_node,
+        profile=profile,
+        manifest_hash=manifest_hash,
+        resume=resume,
+        tags={"dagster.run_id": dagster_run_id} if dagster_run_id else None,
+    )
+    if on_epoch is not None:
+        records = [EpochRecord(**values) for values in trained.history]
+        for line in epoch_lines(config, records):
+            on_epoch(line)
+    return trained
+
+
 def _new_run(
     tracker: ExperimentTracker,
     config: TrainConfig,
@@ -391,8 +439,20 @@ def verified_checkpoint(trained: TrainedModel) -> Checkpoint:
     return Checkpoint.load(trained.checkpoint)
 
 
-def evaluation_dir(training: TrainingSection, model_name: str) -> Path:
-    return training.reports_dir / "evaluation" / model_name
+# The report folder is named by the checkpoint's content: no other checkpoint, and no later run of
+# the same architecture (a fine-tune, a retraining), can write over a report. 16 hex digits of the
+# sha256 keep names short and collisions out of reach.
+REPORT_KEY_LENGTH = 16
+
+
+def report_dir(training: TrainingSection, model_name: str, checkpoint_sha256: str) -> Path:
+    return training.reports_dir / "evaluation" / model_name / checkpoint_sha256[:REPORT_KEY_LENGTH]
+
+
+def evaluation_dir(training: TrainingSection, trained: TrainedModel) -> Path:
+    """Where the evaluation of exactly this checkpoint lives."""
+    sha256 = trained.checkpoint_sha256 or file_sha256(trained.checkpoint)
+    return report_dir(training, trained.model_name, sha256)
 
 
 def evaluate_trained(
@@ -400,13 +460,13 @@ def evaluate_trained(
     cache: PreprocessedCache,
     trained: TrainedModel,
     *,
-    out_dir: Path | None = None,
     n_bootstrap: int = 2000,
 ) -> tuple[EvaluationReport, dict[str, Path]]:
     """Validation fixes calibration and threshold; test is scored with both frozen.
 
     The checkpoint is only read: the operating point travels in the report, which names the
-    checkpoint it is about by its sha256.
+    checkpoint it is about by its sha256 and lives in that checkpoint's own folder
+    (:func:`evaluation_dir`). Evaluating the same checkpoint again rewrites only its own report.
     """
     checkpoint = verified_checkpoint(trained)
     if checkpoint.preprocessing != cache.preprocessing:
@@ -458,7 +518,7 @@ def evaluate_trained(
         seed=training.seed,
     )
 
-    out_dir = out_dir or evaluation_dir(training, trained.model_name)
+    out_dir = evaluation_dir(training, trained)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     files = write_report_files(report, out_dir, trained.history)
@@ -468,7 +528,7 @@ def evaluate_trained(
 
 def latest_evaluation(training: TrainingSection, trained: TrainedModel) -> EvaluationReport:
     """The evaluation ``cxr evaluate`` wrote for exactly this trained checkpoint."""
-    path = evaluation_dir(training, trained.model_name) / "evaluation.json"
+    path = evaluation_dir(training, trained) / "evaluation.json"
     if not path.exists():
         raise CxrError(f"{trained.model_name} has not been evaluated; run `cxr evaluate` first")
     report = EvaluationReport.read_json(path)

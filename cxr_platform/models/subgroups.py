@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr_platform.data.imaging import read_dicom_header
 from cxr_platform.data.labels import LABELS
+from cxr_platform.errors import ImageReadError
 from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.evaluation import (
     SplitEvaluation,
@@ -29,7 +31,6 @@ from cxr_platform.models.evaluation import (
 SOURCE_FOLDER = "source_folder"
 FILE_FAMILY = "file_family"
 PROJECTION = "projection"
-DIMENSIONS = (SOURCE_FOLDER, FILE_FAMILY, PROJECTION)
 OTHER = "(other)"  # groups too small to judge, pooled
 JUDGED_RATES = ("sensitivity", "specificity")
 
@@ -63,11 +64,9 @@ def projection(path: str) -> str | None:
     """ViewPosition of a DICOM file (PA, AP, LL, ...); None where the file does not say."""
     if Path(path).suffix.lower() not in _DICOM_SUFFIXES:
         return None
-    import pydicom
-
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
-    except Exception:  # an unreadable header names no projection; the image was read before
+        header = read_dicom_header(path)
+    except ImageReadError:  # an unreadable header names no projection; the image was read before
         return None
     value = str(header.get("ViewPosition", "") or "").strip().upper()
     return value or None

@@ -168,12 +168,7 @@ def finetune_production(
         tags=finetune_lineage(base, reason, labeled).to_tags(),
         on_epoch=on_epoch,
     )
-    report, _ = evaluate_trained(
-        training,
-        cache,
-        trained,
-        out_dir=training.reports_dir / "finetune" / trained.mlflow_run_id,
-    )
+    report, _ = evaluate_trained(training, cache, trained)
     # The result is pickled by Dagster's IO manager: keep the ids and labels, not the pixels.
     kept = replace(labeled, images=labeled.images[:0])
     return FineTuneResult(base, trained, report, kept, reason)

@@ -23,11 +23,12 @@ def build_node(
     and ledger."""
     from cxr_platform.http_keys import parse_client_keys
     from cxr_platform.inference.live import LiveModels
-    from cxr_platform.inference.log import InferenceLog, uid_salt
+    from cxr_platform.inference.log import InferenceLog
     from cxr_platform.pacs.node import DicomNode, NodeConfig, NodeConfigError, TlsConfig
     from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
     from cxr_platform.pacs.sender import Destination, DicomWebDestination
     from cxr_platform.pacs.storage import NodeStorage
+    from cxr_platform.redaction import uid_salt
 
     if dicom.dicom_destination and dicom.dicom_destination_dicomweb:
         raise NodeConfigError(

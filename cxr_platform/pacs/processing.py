@@ -1,7 +1,8 @@
 """One spooled radiograph -> prediction, inference-log row, Grad-CAM, and the result objects.
 
-Scoring goes through the HTTP service's own functions (``prepare_upload``, ``score_and_log``), so
-the node and the service cannot disagree on decoding, preprocessing, threshold or what the log
+Scoring goes through the one scoring core (:func:`~cxr_platform.inference.scoring.request_for`,
+:func:`~cxr_platform.inference.scoring.score_and_log`), as the HTTP service's does, so the node and
+the service cannot disagree on decoding, preprocessing, the input gate, threshold or what the log
 records; only the ``source`` column differs.
 """
 
@@ -214,7 +215,7 @@ class InstanceProcessor:
             prediction = outcome.released()
         except ScoringUnavailableError as exc:  # no production model yet, the log is down
             raise TransientProcessingError(str(exc)) from exc
-        production, upload, request_id = models.production, request.prepared, request.request_id
+        production, prepared, request_id = models.production, request.prepared, request.request_id
         assert production is not None
         clock = _Stopwatch(started)
         clock.lap("decode, score and log")
@@ -227,11 +228,11 @@ class InstanceProcessor:
         seg = pmap = sc = None
         if {"seg", "pmap", "sc"} & set(kinds):
             explainer = self._explainer(str(prediction.model_version), production)
-            assert upload.decoded is not None
-            heatmap, overlay_rgb = explainer.heatmap_overlay(upload.pixels, upload.decoded)
+            assert prepared.decoded is not None
+            heatmap, overlay_rgb = explainer.heatmap_overlay(prepared.pixels, prepared.decoded)
             clock.lap("Grad-CAM and overlay")
             if "seg" in kinds or "pmap" in kinds:
-                content = explainer.content_region(heatmap, upload.decoded.pixels.shape)
+                content = explainer.content_region(heatmap, prepared.decoded.pixels.shape)
                 on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
                 seg = build_seg(source, on_grid, algorithm) if "seg" in kinds else None
                 clock.lap("SEG")

@@ -3,7 +3,7 @@
 One service: the HTTP edge (API key, size limit, decoding, drift features, the inference log)
 and the ONNX Runtime sessions that follow the registry's ``production`` and ``shadow`` aliases,
 scored with adaptive (continuous) batching in this process. The logic lives in
-:mod:`cxr_platform.serving.core` and :mod:`cxr_platform.serving.batching`.
+:mod:`cxr_platform.serving.answers` and :mod:`cxr_platform.serving.batching`.
 
 Why not BentoML's ``batchable`` API: BentoML batches only calls that reach it over HTTP, so
 batching needs a second service behind the first. That hop cost 4.4 ms per request at
@@ -37,7 +37,6 @@ from cxr_platform.inference.log import (
     InferenceLogError,
     OtherSiteError,
     UnknownRequestError,
-    uid_salt,
 )
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.inference.scoring import (
@@ -51,7 +50,8 @@ from cxr_platform.inference.scoring import (
     score_and_log,
 )
 from cxr_platform.model_version.predictor import Prediction
-from cxr_platform.serving import core
+from cxr_platform.redaction import uid_salt
+from cxr_platform.serving import answers
 from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import SITE_HEADER, EdgeMiddleware, parse_site_keys
 from cxr_platform.settings import load_settings
@@ -211,7 +211,7 @@ class CxrService:
         timer.start()
 
     def _request(self, data: bytes, started: float, site: str | None) -> ScoreRequest:
-        core.check_upload_size(len(data), serving.service_max_upload_bytes)
+        answers.check_upload_size(len(data), serving.service_max_upload_bytes)
         # One snapshot from decoding to scoring: a promotion in between cannot mismatch them.
         return request_for(
             self.models.current(site),  # the site's own production version, if it has one
@@ -266,12 +266,12 @@ class CxrService:
             work = asyncio.ensure_future(handler(data, started))
             return await asyncio.shield(work)
         except (
-            core.ServingError,
+            answers.ServingError,
             ImageReadError,
             ScoringUnavailableError,
             NotAChestRadiographError,
         ) as exc:
-            status, body = core.error_response(exc)
+            status, body = answers.error_response(exc)
             rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
             if ctx is not None:
                 # An API that takes the context answers with its status, not the response's.
@@ -286,7 +286,7 @@ class CxrService:
 
         async def handler(data: bytes, started: float) -> Any:
             request, prediction = await self._predict_and_log(data, "predict", started, site)
-            return JSONResponse(core.public_prediction(prediction, request.request_id))
+            return JSONResponse(answers.public_prediction(prediction, request.request_id))
 
         return await self._guarded("predict", file, handler, ctx)
 
@@ -299,7 +299,7 @@ class CxrService:
 
         async def handler(data: bytes, started: float) -> Any:
             request, scored = await self._predict_and_log(data, "explain", started, site)
-            prediction = core.public_prediction(scored, request.request_id)
+            prediction = answers.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
             _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
             from cxr_platform.explain.gradcam import png_bytes
@@ -359,14 +359,14 @@ class CxrService:
                 )
             )
         except InferenceLogError as exc:
-            error: core.ServingError = (
-                core.UnknownRequestIdError(str(exc))
+            error: answers.ServingError = (
+                answers.UnknownRequestIdError(str(exc))
                 if isinstance(exc, UnknownRequestError)
-                else core.OtherSiteRequestError(str(exc))
+                else answers.OtherSiteRequestError(str(exc))
                 if isinstance(exc, OtherSiteError)
-                else core.ServingError(str(exc))
+                else answers.ServingError(str(exc))
             )
-            status, body = core.error_response(error)
+            status, body = answers.error_response(error)
             rejected_inputs.labels(endpoint="feedback", reason=body["error"]).inc()
             ctx.response.status_code = status
             return JSONResponse(body, status_code=status)
@@ -379,7 +379,7 @@ class CxrService:
         return {
             "registry_model_name": settings.registry.registry_model_name,
             "model_source": f"bento model {PINNED_MODEL}" if PINNED_MODEL else "registry aliases",
-            **core.serving_summary(self.models.current()),
+            **answers.serving_summary(self.models.current()),
             "service": {
                 "max_upload_bytes": serving.service_max_upload_bytes,
                 "precision": serving.service_precision,

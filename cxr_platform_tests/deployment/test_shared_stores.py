@@ -28,7 +28,6 @@ from cxr_platform.deployment.registry import (
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.locks import advisory_key, exclusive
 from cxr_platform.pacs import build_node
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec
 from cxr_platform.ports import free_port
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import CxrSettings, load_settings
@@ -36,6 +35,7 @@ from cxr_platform_tests.pacs.conftest import radiograph, wait_for
 from cxr_platform_tests.pacs.scu import send
 from cxr_platform_tests.postgres import create_database
 from cxr_platform_tests.servers import mlflow_server, s3_server
+from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
 pytestmark = pytest.mark.xdist_group("shared-stores")
 

@@ -17,10 +17,9 @@ from cxr_platform.inference.log import (
     InvalidSiteError,
     RefusalRecord,
     UnknownRequestError,
-    hash_uid,
     site_name,
-    uid_salt,
 )
+from cxr_platform.redaction import hash_uid, uid_salt
 
 
 def _record(request_id: str, probability: float = 0.7, **extra) -> InferenceRecord:

@@ -20,7 +20,7 @@ from cxr_platform.models.subgroups import (
     source_folder,
     subgroup_columns,
 )
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from cxr_platform.demo.traffic import TrafficImage, send_traffic
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
-from cxr_platform.models.pipeline import evaluation_dir
+from cxr_platform.models.pipeline import report_dir
 from cxr_platform.models.subgroups import FILE_FAMILY, file_name_family
 from cxr_platform.monitoring.windows import DriftCursor, check_window, ids_window
 from cxr_platform.serving.process import ServiceProcess
@@ -94,10 +94,12 @@ def released(kaggle_dir, tmp_path_factory):
 
 
 def test_the_evaluation_reports_each_file_name_family(released):
-    settings, *_ = released
-    report = EvaluationReport.read_json(
-        evaluation_dir(settings.training, "baseline_cnn") / "evaluation.json"
-    )
+    settings, _, instance, *_ = released
+    trained = instance.get_latest_materialization_event(
+        dg.AssetKey(["baseline_cnn", "trained_model"])
+    ).asset_materialization.metadata
+    folder = report_dir(settings.training, "baseline_cnn", trained["checkpoint_sha256"].value)
+    report = EvaluationReport.read_json(folder / "evaluation.json")
     families = {group.group for group in report.subgroups if group.dimension == FILE_FAMILY}
     assert {"IM", "person#-bacteria", "person#-virus"} <= families
     normals = next(group for group in report.subgroups if group.group == "IM")

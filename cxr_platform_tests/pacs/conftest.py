@@ -22,9 +22,9 @@ from cxr_platform.deployment.pipeline import (
 )
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.storage import encode_dataset
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
 from cxr_platform.settings import CxrSettings, load_settings
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 from ..deployment.conftest import export_for_registry
 

@@ -18,8 +18,8 @@ from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.deployment.reference import load_reference
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.monitoring.drift import acquisition_markdown, evaluate_window
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.sections import sqlite_url
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 from .conftest import wait_for
 from .scu import send

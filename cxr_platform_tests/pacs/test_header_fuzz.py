@@ -36,8 +36,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 from ..conftest import shared_kaggle_dir
 from .conftest import dciodvfy_errors

@@ -31,8 +31,8 @@ from cxr_platform.pacs import build_node
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
 from cxr_platform.pacs.storage import NodeStorage, encode_dataset
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
 from cxr_platform.ports import free_port
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 from .conftest import VARIANTS, dciodvfy_errors, radiograph, radiograph_bytes, wait_for
 from .scu import send

@@ -17,8 +17,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs import build_node
-from cxr_platform.pacs.orthanc import NodeAddress, OrthancProcess
 from cxr_platform.ports import free_port
+from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 
 from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .scu import send

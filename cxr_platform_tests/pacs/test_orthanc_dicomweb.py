@@ -13,9 +13,9 @@ import pytest
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs import build_node
-from cxr_platform.pacs.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
 from cxr_platform.ports import free_port
 from cxr_platform.sections import sqlite_url
+from cxr_platform_tests.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
 
 from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .test_orthanc import CR, DX, RESULTS, Pacs

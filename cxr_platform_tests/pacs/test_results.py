@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.explainer import content_region
 from cxr_platform.inference.live import LiveModels
-from cxr_platform.inference.log import InferenceLog, hash_uid, uid_salt
+from cxr_platform.inference.log import InferenceLog
 from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
 from cxr_platform.pacs.results import (
@@ -25,6 +25,7 @@ from cxr_platform.pacs.results import (
     heatmap_on_source_grid,
 )
 from cxr_platform.pacs.screening import screen
+from cxr_platform.redaction import hash_uid, uid_salt
 
 from .conftest import VARIANTS, dciodvfy_errors, radiograph_bytes, require_tool
 

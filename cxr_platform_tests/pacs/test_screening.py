@@ -14,7 +14,7 @@ from pydicom.uid import (
 )
 
 from cxr_platform.pacs.screening import claims_chest, screen
-from cxr_platform.pacs.synthetic_dicom import RadiographSpec, radiograph_dataset
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 OURS = "cxr_platform"
 

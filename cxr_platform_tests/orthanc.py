@@ -21,7 +21,7 @@ import httpx
 from cxr_platform.errors import CxrError
 from cxr_platform.ports import free_port
 
-DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 CONFIG_TEMPLATE = DEPLOY_DIR / "orthanc.json"
 ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai.lua"
 DICOMWEB_ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai-dicomweb.lua"

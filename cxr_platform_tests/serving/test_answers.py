@@ -28,7 +28,7 @@ from cxr_platform.inference.scoring import (
 )
 from cxr_platform.model_version.input_gate import GateVerdict
 from cxr_platform.model_version.predictor import Predictor
-from cxr_platform.serving import core
+from cxr_platform.serving import answers
 from cxr_platform.serving.batching import ContinuousBatcher
 
 from ..deployment.conftest import export_untracked
@@ -158,7 +158,7 @@ def test_each_request_is_scored_by_the_snapshot_it_was_prepared_for(predictors, 
     with pytest.raises(ScoringUnavailableError) as refused:
         nobody[0].released()
     assert refused.value.reason == NO_PRODUCTION_MODEL
-    assert core.error_response(refused.value)[0] == 503
+    assert answers.error_response(refused.value)[0] == 503
 
 
 def test_a_batch_is_logged_in_one_go_and_withheld_when_the_log_fails(
@@ -199,7 +199,7 @@ def test_a_refused_image_gets_no_diagnosis_from_either_model_and_is_logged_with_
     assert outcomes[0].shadow_gate is not None and outcomes[0].shadow_gate.accepted
     with pytest.raises(NotAChestRadiographError) as refused:
         outcomes[1].released()
-    status, body = core.error_response(refused.value)
+    status, body = answers.error_response(refused.value)
     assert status == 422 and body["error"] == "not_a_chest_radiograph"
     assert body["gate_score"] == 9.0 and body["request_id"] == "r1"
     assert list(log.records().request_id) == ["r0", "r2"]
@@ -217,19 +217,19 @@ def test_a_refused_image_gets_no_diagnosis_from_either_model_and_is_logged_with_
 
 
 def test_error_statuses_say_what_was_wrong():
-    assert core.error_response(EmptyImageError("file is empty")) == (
+    assert answers.error_response(EmptyImageError("file is empty")) == (
         400,
         {"error": "empty", "detail": "file is empty"},
     )
-    assert core.error_response(TruncatedImageError("cut"))[0] == 422
-    assert core.error_response(core.UploadTooLargeError("big"))[0] == 413
-    status, body = core.error_response(ValueError("secret internals"))
+    assert answers.error_response(TruncatedImageError("cut"))[0] == 422
+    assert answers.error_response(answers.UploadTooLargeError("big"))[0] == 413
+    status, body = answers.error_response(ValueError("secret internals"))
     assert status == 500 and "secret" not in body["detail"]
 
 
 def test_an_oversized_upload_is_refused_before_decoding():
-    with pytest.raises(core.UploadTooLargeError, match="at most 10 bytes"):
-        core.check_upload_size(len(b"x" * 11), max_bytes=10)
+    with pytest.raises(answers.UploadTooLargeError, match="at most 10 bytes"):
+        answers.check_upload_size(len(b"x" * 11), max_bytes=10)
 
 
 def test_site_keys_are_parsed_and_a_malformed_entry_never_echoes_a_key():

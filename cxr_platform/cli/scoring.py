@@ -1,0 +1,157 @@
+"""Scoring commands: ``cxr predict``, ``cxr explain`` and ``cxr serve``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cxr_platform.cli.group import cli, fail_cleanly, settings_for
+from cxr_platform.model_version.aliases import ALIASES, PRODUCTION
+from cxr_platform.sections import PRECISIONS
+from cxr_platform.settings import settings_environment
+from cxr_platform.terminal import interactive
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_ref",
+    default=PRODUCTION,
+    show_default=True,
+    help=f"{', '.join(ALIASES)} or a version number.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV file to write (default: standard output).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="int8: the statically quantized model, when the version has one.",
+)
+@click.option(
+    "--no-log",
+    is_flag=True,
+    help="Do not record the predictions in the inference log (source 'batch').",
+)
+@click.option(
+    "--site",
+    default=None,
+    help="The site the images come from, kept with each inference-log row (drift, feedback "
+    "and recalibration can then be cut per site).",
+)
+@click.pass_context
+@fail_cleanly
+def predict(
+    ctx: click.Context,
+    inputs: tuple[Path, ...],
+    model_ref: str,
+    out: Path | None,
+    batch_size: int,
+    precision: str,
+    no_log: bool,
+    site: str | None,
+) -> None:
+    """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
+
+    Columns: path,probability,label,model_version,error. A file that cannot be read gets its
+    error in its row and the run continues; the exit code is then 1. Predictions are recorded
+    in the inference log (features only, no pixels) unless --no-log."""
+    from cxr_platform.deployment.registry import registry_for
+    from cxr_platform.inference.batch import expand_inputs, predict_to_csv
+    from cxr_platform.inference.log import InferenceLog, site_name
+    from cxr_platform.model_version.predictor import Predictor
+    from cxr_platform.redaction import uid_salt
+
+    settings = settings_for(ctx)
+    site = site_name(site)  # a bad name fails before any image is read
+    files = expand_inputs(inputs)
+    registry = registry_for(settings.registry)
+    info = registry.get(model_ref)
+    predictor = Predictor(
+        registry.download(info.version),
+        model_version=info.version,
+        max_pixels=settings.serving.max_image_pixels,
+        precision=precision,
+    )
+    log = None if no_log else InferenceLog(settings.serving.inference_log_uri)
+    options = {
+        "batch_size": batch_size,
+        "log": log,
+        "uid_salt": uid_salt(settings.home),
+        "site": site,
+        "progress": interactive() and len(files) > 1,
+    }
+    if out is None:
+        summary = predict_to_csv(predictor, files, sys.stdout, **options)
+    else:
+        tmp = out.with_name(out.name + ".partial")
+        with tmp.open("w", newline="") as handle:
+            summary = predict_to_csv(predictor, files, handle, **options)
+        tmp.replace(out)
+    click.echo(
+        f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
+        f"{summary.n_failed} failed, model {predictor.model_name} version {info.version}"
+        + (f"; wrote {out}" if out else "")
+        + ("" if no_log else f"; {summary.n_logged} logged"),
+        err=True,
+    )
+    if summary.n_failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="PNG to write: the Grad-CAM overlay on the original image.",
+)
+@click.option("--model", "model_ref", default=PRODUCTION, show_default=True)
+@click.pass_context
+@fail_cleanly
+def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
+    """Grad-CAM overlay for one image, with the prediction the service would return."""
+    from cxr_platform.deployment.registry import registry_for
+    from cxr_platform.explain.gradcam import png_bytes
+    from cxr_platform.inference.explainer import Explainer
+    from cxr_platform.model_version.predictor import Predictor
+
+    registry = registry_for(settings_for(ctx).registry)
+    info = registry.get(model_ref)
+    folder = registry.download(info.version)
+    explanation = Explainer(folder, Predictor(folder, model_version=info.version)).explain(image)
+    out.write_bytes(png_bytes(explanation.overlay))
+    p = explanation.prediction
+    click.echo(
+        f"{image}: {p.label} (probability {p.probability:.3f}, threshold {p.threshold:.3f}, "
+        f"version {info.version}); overlay {out}"
+    )
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default: 3100.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on all.")
+@click.pass_context
+@fail_cleanly
+def serve(ctx: click.Context, port: int | None, host: str) -> None:
+    """Start the HTTP service (bentoml serve) on the registry's production model."""
+    from cxr_platform.serving.process import REPO_ROOT, serve_command, service_environment
+
+    settings = settings_for(ctx)
+    port = port or settings.serving.service_port
+    env = service_environment(settings_environment(settings))
+    command = serve_command(port, host)
+    click.echo(f"Serving on http://{host}:{port} (docs at /, try POST /predict with field 'file')")
+    os.chdir(REPO_ROOT)
+    os.execve(command[0], command, env)  # the service owns the terminal from here
