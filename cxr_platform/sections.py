@@ -319,12 +319,49 @@ class RegistrySection(TrackedSection):
     export_int8: bool = setting(
         True, doc="Also export an INT8 ONNX model when validation AUC drops <= 0.005."
     )
+    intended_age_years: str | None = setting(
+        None,
+        doc="The age range a version is declared for, in completed years (as 1-17), instead of "
+        "what its training data says; needs CXR_INTENDED_AGE_REASON. Recorded on the version "
+        "as declared and shown in bold on its card; the check by pixels stays.",
+    )
+    intended_age_reason: str | None = setting(
+        None, doc="The evidence for CXR_INTENDED_AGE_YEARS (a local validation, a study)."
+    )
+    out_of_population_dir: Path | None = setting(
+        None,
+        doc="Images of patients a version is not for (for a paediatric model, adults' chest "
+        "radiographs; any layout): export fits the check by pixels against them and records "
+        "how many of them it refuses, cross-validated. Unset: the check by distance only.",
+    )
     inference_log_url: str | None = _inference_log_url()
     lock_url: str | None = setting(
         None,
         doc="Database whose lock serializes promotions: PostgreSQL (an advisory lock) when "
         "promoters run on several machines; default: the inference log's database.",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        declared = (self.intended_age_years or "").strip()
+        reason = (self.intended_age_reason or "").strip()
+        if declared and not reason:
+            raise ValueError(
+                "intended_age_years needs intended_age_reason: a declared range says why"
+            )
+        if declared:
+            parts = declared.split("-")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"intended_age_years must read as 1-17, not {declared!r}")
+            if int(parts[0]) > int(parts[1]) or int(parts[1]) > 130:
+                raise ValueError(f"intended_age_years must run upwards to at most 130: {declared}")
+
+    @property
+    def declared_age_range(self) -> tuple[int, int] | None:
+        if not (self.intended_age_years or "").strip():
+            return None
+        low, high = self.intended_age_years.split("-")  # type: ignore[union-attr]
+        return int(low), int(high)
 
     @property
     def lock_uri(self) -> str:

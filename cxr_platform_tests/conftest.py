@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cxr_platform.data.cache import PreprocessedCache, build_cache
 from cxr_platform.data.preprocessing import PreprocessingConfig
@@ -30,6 +31,23 @@ def shared_kaggle_dir() -> Path:
     if override:
         return Path(override)
     return REPO_ROOT.parent / "shared" / "data" / "kaggle-chest-xray-224"
+
+
+def shared_adults_dir() -> Path:
+    """``../shared/data/adult-cxr-figure1``: adults' chest radiographs, the population the
+    paediatric model is not for. Override with CXR_SHARED_ADULTS."""
+    override = os.environ.get("CXR_SHARED_ADULTS")
+    if override:
+        return Path(override)
+    return REPO_ROOT.parent / "shared" / "data" / "adult-cxr-figure1"
+
+
+@pytest.fixture(scope="session")
+def adults_dir() -> Path:
+    path = shared_adults_dir()
+    if not (path / "images").is_dir():
+        pytest.skip(f"shared adult radiographs not present at {path}")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +79,35 @@ def learnable_cache(tmp_path_factory) -> PreprocessedCache:
     return build_cache(
         manifest, base / "cache", PreprocessingConfig(image_size=96), workers=2, progress=False
     )
+
+
+# The test population a synthetic-trained version is not for: the central part of the field
+# enlarged, so the chest fills the film the way an adult's does where a small child's shows arms
+# and belly too. It exercises the check by pixels; it is not a claim about adults.
+OTHER_POPULATION_CROP = 0.6
+
+
+def other_population_images(source: Path, out_dir: Path, limit: int = 40) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(source.rglob("*.png"))  # both classes, spread over the list
+    for path in files[:: max(1, len(files) // limit)][:limit]:
+        image = Image.open(path).convert("L")
+        width, height = image.size
+        keep_w, keep_h = int(width * OTHER_POPULATION_CROP), int(height * OTHER_POPULATION_CROP)
+        left, top = (width - keep_w) // 2, (height - keep_h) // 2
+        crop = image.crop((left, top, left + keep_w, top + keep_h)).resize((width, height))
+        crop.save(out_dir / f"{path.parent.name}-{path.name}")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def other_population(tmp_path_factory) -> Path:
+    """Images of the test population the synthetic test models are not for (another seed)."""
+    base = tmp_path_factory.mktemp("other-population")
+    root = generate_synthetic_dataset(
+        base / "source", SyntheticSpec(n_patients=24, seed=23), progress=False
+    )
+    return other_population_images(root, base / "images")
 
 
 @dataclass(frozen=True)

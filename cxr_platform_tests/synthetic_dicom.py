@@ -42,6 +42,11 @@ class RadiographSpec:
     study_instance_uid: str | None = None
     accession_number: str = "ACC0001"
     rescale: tuple[float, float] = (1.0, -1024.0)  # (slope, intercept)
+    # Who the header says the patient is: a child of four by default, as the paediatric set the
+    # synthetic images stand in for (its demo models are for ages 1-5). ``birth_date``
+    # overrides the one four years before the study; ``patient_age`` adds a PatientAge.
+    birth_date: str | None = None
+    patient_age: str | None = None
 
 
 def radiograph_dataset(pixels: np.ndarray, spec: RadiographSpec = RadiographSpec()) -> Dataset:
@@ -82,7 +87,9 @@ def radiograph_dataset(pixels: np.ndarray, spec: RadiographSpec = RadiographSpec
     ds.InstanceNumber = 1
     ds.PatientName = spec.patient_name
     ds.PatientID = spec.patient_id
-    ds.PatientBirthDate = "19700101"
+    ds.PatientBirthDate = spec.birth_date if spec.birth_date is not None else _years_before(now, 4)
+    if spec.patient_age is not None:
+        ds.PatientAge = spec.patient_age
     ds.PatientSex = "O"
     ds.Modality = spec.modality
     ds.Manufacturer = "cxr_platform test modality"
@@ -134,3 +141,11 @@ def radiograph_dataset(pixels: np.ndarray, spec: RadiographSpec = RadiographSpec
     elif spec.compression is not None:
         raise ValueError(f"compression must be None, 'jpeg-ls' or 'rle', not {spec.compression!r}")
     return ds
+
+
+def _years_before(day: datetime, years: int) -> str:
+    try:
+        earlier = day.replace(year=day.year - years)
+    except ValueError:  # 29 February
+        earlier = day.replace(year=day.year - years, day=28)
+    return earlier.strftime("%Y%m%d")

@@ -253,6 +253,46 @@ def test_export_promote_predict_and_roll_back(tiny_synthetic, tmp_path):
     bad_site = _cxr("predict", str(first_normal), "--site", "<north>", home=home)
     assert bad_site.returncode != 0 and "site names are at most 64" in bad_site.stderr
 
+    # Ages for PNG files, which carry none: the version is for children of 1-5 years.
+    second_normal = sorted((tiny_synthetic / "NORMAL").iterdir())[1]
+    ages = tmp_path / "ages.csv"
+    ages.write_text(f"path,patient_age\n{first_normal},045Y\n{second_normal},3\n")
+    aged_out = tmp_path / "aged.csv"
+    aged = _cxr(
+        "predict",
+        str(first_normal),
+        str(second_normal),
+        "--ages",
+        str(ages),
+        "--out",
+        str(aged_out),
+        "--no-log",
+        home=home,
+    )
+    assert aged.returncode == 1, aged.stderr[-2000:]  # one refused
+    by_path = pd.read_csv(aged_out).set_index("path")
+    assert by_path.loc[str(first_normal), "error"] == (
+        "outside_intended_use: patient_age: patient age 45 years (caller) is outside this "
+        "model's intended use: 1-5 years"
+    )
+    assert by_path.loc[str(second_normal), "label"] in ("NORMAL", "PNEUMONIA")
+    ages.write_text(f"path,patient_age\n{first_normal},4\n{first_normal},5\n")
+    twice = _cxr("predict", str(first_normal), "--ages", str(ages), home=home)
+    assert twice.returncode == 2 and "named twice" in twice.stderr
+    ages.write_text(f"path,patient_age\n{first_normal},old\n")
+    unreadable = _cxr("predict", str(first_normal), "--ages", str(ages), home=home)
+    assert unreadable.returncode == 2 and "line 2" in unreadable.stderr
+    too_old = _cxr(
+        "explain",
+        str(first_normal),
+        "--out",
+        str(tmp_path / "o.png"),
+        "--patient-age",
+        "70",
+        home=home,
+    )
+    assert too_old.returncode == 2 and "outside_intended_use" in too_old.stderr
+
     overlay = tmp_path / "overlay.png"
     first = sorted((tiny_synthetic / "PNEUMONIA").iterdir())[0]
     explained = _cxr("explain", str(first), "--out", str(overlay), "--model", "1", home=home)

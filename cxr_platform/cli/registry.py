@@ -122,7 +122,7 @@ def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html:
         return
     click.echo(
         f"{'version':>7}  {'aliases':<30} {'model':<14} {'test AUC':>8} {'sens':>6} {'spec':>6}"
-        f"  {'threshold':>9}  created"
+        f"  {'threshold':>9}  {'created':<16}  intended use"
     )
     for v in versions:
         release = v.release
@@ -133,8 +133,22 @@ def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html:
             f"{release.model_name or '?':<14} "
             f"{number_text(m.get('test_auc')):>8} {number_text(m.get('test_sensitivity'))} "
             f"{number_text(m.get('test_specificity'))}  {threshold:9.4f}"
-            f"  {v.created_at:%Y-%m-%d %H:%M}"
+            f"  {v.created_at:%Y-%m-%d %H:%M}  {_intended_use_text(release)}"
         )
+
+
+def _intended_use_text(release: VersionTags) -> str:
+    """Ages and projections in a few characters; a declared, widened range is marked."""
+    use = release.intended_use
+    if not use:
+        return "not stated"
+    ages = use.get("age_years")
+    parts = [f"{ages[0]}-{ages[1]} y" if ages else "ages not stated"]
+    if use.get("widened_from"):
+        parts[0] += " (declared by the site)"
+    if use.get("projections"):
+        parts.append("/".join(use["projections"]))
+    return ", ".join(parts)
 
 
 @cli.command()

@@ -49,6 +49,14 @@ from cxr_platform.terminal import interactive
     help="The site the images come from, kept with each inference-log row (drift, feedback "
     "and recalibration can then be cut per site).",
 )
+@click.option(
+    "--ages",
+    "ages_csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV of path,patient_age for images whose header says no age (PNG, JPEG): years or a "
+    "DICOM age string. An image outside the version's intended use is refused in its row.",
+)
 @click.pass_context
 @fail_cleanly
 def predict(
@@ -60,6 +68,7 @@ def predict(
     precision: str,
     no_log: bool,
     site: str | None,
+    ages_csv: Path | None,
 ) -> None:
     """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
 
@@ -67,7 +76,7 @@ def predict(
     error in its row and the run continues; the exit code is then 1. Predictions are recorded
     in the inference log (features only, no pixels) unless --no-log."""
     from cxr_platform.deployment.registry import registry_for
-    from cxr_platform.inference.batch import expand_inputs, predict_to_csv
+    from cxr_platform.inference.batch import expand_inputs, predict_to_csv, read_ages_csv
     from cxr_platform.inference.log import InferenceLog, site_name
     from cxr_platform.model_version.predictor import Predictor
     from cxr_platform.redaction import uid_salt
@@ -75,6 +84,15 @@ def predict(
     settings = settings_for(ctx)
     site = site_name(site)  # a bad name fails before any image is read
     files = expand_inputs(inputs)
+    ages = read_ages_csv(ages_csv) if ages_csv is not None else {}
+    unmatched = set(ages) - {path.resolve() for path in files}
+    if unmatched:
+        click.secho(
+            f"warning: {len(unmatched)} paths in {ages_csv} are not among the inputs "
+            f"(e.g. {sorted(unmatched)[0]})",
+            fg="yellow",
+            err=True,
+        )
     registry = registry_for(settings.registry)
     info = registry.get(model_ref)
     predictor = Predictor(
@@ -89,6 +107,7 @@ def predict(
         "log": log,
         "uid_salt": uid_salt(settings.home),
         "site": site,
+        "ages": ages,
         "progress": interactive() and len(files) > 1,
     }
     if out is None:
@@ -118,10 +137,18 @@ def predict(
     help="PNG to write: the Grad-CAM overlay on the original image.",
 )
 @click.option("--model", "model_ref", default=PRODUCTION, show_default=True)
+@click.option(
+    "--patient-age",
+    default=None,
+    help="The patient's age when the image's header says none (years or a DICOM age string).",
+)
 @click.pass_context
 @fail_cleanly
-def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
+def explain(
+    ctx: click.Context, image: Path, out: Path, model_ref: str, patient_age: str | None
+) -> None:
     """Grad-CAM overlay for one image, with the prediction the service would return."""
+    from cxr_platform.data.patient_age import InvalidAgeError, age_from_caller
     from cxr_platform.deployment.registry import registry_for
     from cxr_platform.explain.gradcam import png_bytes
     from cxr_platform.inference.explainer import Explainer
@@ -130,7 +157,12 @@ def explain(ctx: click.Context, image: Path, out: Path, model_ref: str) -> None:
     registry = registry_for(settings_for(ctx).registry)
     info = registry.get(model_ref)
     folder = registry.download(info.version)
-    explanation = Explainer(folder, Predictor(folder, model_version=info.version)).explain(image)
+    try:
+        age = age_from_caller(patient_age)
+    except InvalidAgeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--patient-age") from exc
+    explainer = Explainer(folder, Predictor(folder, model_version=info.version))
+    explanation = explainer.explain(image, patient_age=age)
     out.write_bytes(png_bytes(explanation.overlay))
     p = explanation.prediction
     click.echo(

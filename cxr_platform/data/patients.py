@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import PurePath, PurePosixPath
 
 # Order matters: NORMAL2-IM-... must be tried before the plain IM-... rule.
 _PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
@@ -21,6 +21,8 @@ _PATIENT_PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 
 FALLBACK_PREFIX = "image:"
+_DIGITS = re.compile(r"\d+")
+_SEPARATORS = re.compile(r"[-_.\s]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +46,16 @@ def patient_from_filename(name: str | PurePath) -> PatientIdentity:
                 patient = patient.upper()
             return PatientIdentity(patient, True)
     return PatientIdentity(FALLBACK_PREFIX + path.as_posix(), False)
+
+
+def file_name_family(name: str) -> str:
+    """The naming scheme a file belongs to, with its numbers taken out: ``person12_virus_3``
+    -> ``person#-virus``, ``NORMAL2-IM-1427-0001`` -> ``NORMAL#-IM``, ``IM-0115-0001`` -> ``IM``.
+
+    Datasets assembled from several sources or eras keep each source's naming, so the family is
+    often the only trace of where an image came from.
+    """
+    stem = PurePosixPath(name).name.split(".", 1)[0]
+    tokens = [_DIGITS.sub("#", token) for token in _SEPARATORS.split(stem) if token]
+    kept = [token for token in tokens if token.strip("#")]
+    return "-".join(kept) or "#"

@@ -19,7 +19,7 @@ import csv
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -233,3 +233,11 @@ def _index_dicom_uids(root: Path) -> dict[str, Path]:
         if uid:
             mapping.setdefault(uid, path)
     return mapping
+
+
+def source_folder(relative_path: str) -> str:
+    """The folder an image sits in, without its class folder (which is its label, not a
+    source): ``test/NORMAL/x.jpeg`` -> ``test``; ``NORMAL/x.png`` -> ``.``."""
+    parts = list(PurePosixPath(relative_path).parent.parts)
+    parts = [part for part in parts if part.upper() not in LABELS]
+    return "/".join(parts) or "."

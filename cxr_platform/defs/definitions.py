@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from cxr_platform.defs.batch_assets import build_batch_definitions
 from cxr_platform.defs.data_assets import build_data_definitions
 from cxr_platform.defs.deployment_assets import build_deployment_definitions
 from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
@@ -63,6 +64,7 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
         build_training_definitions(models),
         build_deployment_definitions(models),
         build_monitoring_definitions(settings.monitoring),
+        build_batch_definitions(),
         _pipeline_jobs(),
         resources,
     )

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cxr_platform.model_version.files import (
+    FEATURES_NAME,
     METADATA_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
@@ -33,8 +34,11 @@ from cxr_platform.model_version.files import (
     write_onnx_metadata,
 )
 from cxr_platform.model_version.input_gate import InputGate
+from cxr_platform.model_version.intended_use import IntendedUse
 from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.model_version.population_check import PopulationCheck
 from cxr_platform.models.checkpoint import Checkpoint
+from cxr_platform.models.zoo import WithFeatures
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ def metadata_for_checkpoint(
     git_commit: str | None,
     metrics: dict[str, float] | None = None,
     input_gate: InputGate | None = None,
+    intended_use: IntendedUse | None = None,
+    population_check: PopulationCheck | None = None,
 ) -> ModelMetadata:
     return ModelMetadata(
         model_name=model_name,
@@ -68,6 +74,9 @@ def metadata_for_checkpoint(
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
         test_time_augmentation="flip" if checkpoint.flip_averaged else "none",
         input_gate=input_gate.to_dict() if input_gate is not None else None,
+        intended_use=intended_use.to_dict() if intended_use is not None else None,
+        population_check=population_check.to_dict() if population_check is not None else None,
+        features_name=FEATURES_NAME,
     )
 
 
@@ -77,7 +86,10 @@ def _example_input(metadata: ModelMetadata, batch: int = 2) -> torch.Tensor:
 
 
 def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
-    """ONNX through the maintained ``torch.export`` based exporter, with a dynamic batch axis."""
+    """ONNX through the maintained ``torch.export`` based exporter, with a dynamic batch axis.
+
+    ``model`` returns the logit, or the logit and the penultimate features
+    (:class:`~cxr_platform.models.zoo.WithFeatures`), named as the metadata says."""
     model = model.eval().cpu()
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings():
@@ -86,7 +98,8 @@ def export_onnx(model: nn.Module, metadata: ModelMetadata, path: Path) -> Path:
             model,
             (_example_input(metadata),),
             input_names=[metadata.input_name],
-            output_names=[metadata.output_name],
+            output_names=[metadata.output_name]
+            + ([metadata.features_name] if metadata.features_name else []),
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             dynamo=True,
             verbose=False,
@@ -195,6 +208,8 @@ def export_checkpoint(
     git_commit: str | None,
     metrics: dict[str, float] | None = None,
     input_gate: InputGate | None = None,
+    intended_use: IntendedUse | None = None,
+    population_check: PopulationCheck | None = None,
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
 ) -> ExportedModel:
     """ONNX + TorchScript + state dict + metadata.json in ``out_dir``, then the parity check.
@@ -212,10 +227,15 @@ def export_checkpoint(
         git_commit=git_commit,
         metrics=metrics,
         input_gate=input_gate,
+        intended_use=intended_use,
+        population_check=population_check,
     )
     model = checkpoint.scoring_model()
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, metadata, out_dir / ONNX_FILE)
+    with_features = WithFeatures(
+        checkpoint.bare_model(), checkpoint.arch, flip=checkpoint.flip_averaged
+    )
+    export_onnx(with_features, metadata, out_dir / ONNX_FILE)
     export_torchscript(model, metadata, out_dir / TORCHSCRIPT_FILE)
     torch.save(checkpoint.model, out_dir / WEIGHTS_FILE)
     (out_dir / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")

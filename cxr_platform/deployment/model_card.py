@@ -236,6 +236,52 @@ def _limitations(facts: CardFacts) -> list[str]:
     return notes
 
 
+def _values(items: list[str] | None) -> str:
+    return "/".join(items) if items else "not stated"
+
+
+def _intended_use_lines(tags: VersionTags) -> list[str]:
+    """Who the version is for, each field with where it came from; a range a deployment
+    declared instead of its training data's in bold, with the range it replaced."""
+    use = tags.intended_use
+    if not use:
+        return [
+            "- **Population: not stated** (exported before intended use was recorded): it "
+            "answers for any image its input gate takes for a chest radiograph."
+        ]
+    ages = use.get("age_years")
+    age_text = f"{ages[0]}-{ages[1]} years (completed)" if ages else "not stated"
+    age_line = f"- Ages: {age_text} ({use.get('age_basis')})."
+    if use.get("widened_from"):
+        low, high = use["widened_from"]
+        age_line = (
+            f"- **Ages: {age_text}, {use.get('age_basis')}; the training data's range was "
+            f"{low}-{high} years.**"
+        )
+    check = tags.population_check or {}
+    outside = check.get("out_of_population") or {}
+    pixels = (
+        "else by how the image looks to the network: a population check fitted against "
+        f"{outside.get('n_images')} images of patients it is not for ({outside.get('folder')}), "
+        f"which refused {outside.get('cv_refused_rate', 0):.0%} of them held out "
+        f"({outside.get('cv_folds')}-fold, by patient) and {check.get('val_refused')} of "
+        f"{check.get('n_val')} validation images"
+        if check
+        else "**and by nothing else: no images of other patients were given at export "
+        "(CXR_OUT_OF_POPULATION_DIR), so this version has no check by pixels** and answers "
+        "for an adult whose age nobody states"
+    )
+    return [
+        f"- **Population: {use.get('population')}.**",
+        age_line,
+        f"- Projections: {_values(use.get('projections'))} ({use.get('projections_basis')}).",
+        f"- Modalities: {_values(use.get('modalities'))} ({use.get('modalities_basis')}).",
+        "- Outside it the platform gives no answer: an image is refused by the patient age its "
+        f"header (or the caller) states, {pixels}; the reason goes back in words "
+        "(`outside_intended_use`).",
+    ]
+
+
 def card_markdown(facts: CardFacts) -> str:
     """The card as Markdown (what ``cxr models --card`` prints and MLflow's UI renders)."""
     tags = facts.tags
@@ -255,6 +301,7 @@ def card_markdown(facts: CardFacts) -> str:
         ),
         "",
         "## Intended use",
+        *_intended_use_lines(tags),
         *[f"- {line}" for line in INTENDED_USE],
         "",
         "## Not intended for",
@@ -432,6 +479,14 @@ def card_summary(facts: CardFacts) -> str:
     """A few lines for the registry's version description; the card has the rest."""
     test = ((facts.evaluation or {}).get("splits") or {}).get("test")
     lines = [f"Made from: {_made_by(facts.tags)}. Data: {_data_source(facts.tags)}."]
+    use = facts.tags.intended_use
+    if use:
+        ages = use.get("age_years")
+        lines.append(
+            f"Intended use: {use.get('population')}"
+            + (f"; ages {ages[0]}-{ages[1]} years" if ages else "")
+            + ". Other patients are refused, not answered."
+        )
     if test:
         lines.append(
             "Test (95% CI): "

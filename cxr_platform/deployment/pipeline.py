@@ -25,6 +25,7 @@ from cxr_platform.deployment.gate import (
     decide,
     score_predictions,
 )
+from cxr_platform.deployment.population import intended_use_for, population_check_for
 from cxr_platform.deployment.quantize import add_int8_variant
 from cxr_platform.deployment.reference import reference_from_cache, write_reference
 from cxr_platform.deployment.registry import (
@@ -82,7 +83,7 @@ def export_trained(
 ) -> ExportedModel:
     """The files carry the evaluation's operating point and headline metrics; the report must
     be about this very checkpoint."""
-    verified_checkpoint(trained)
+    checkpoint = verified_checkpoint(trained)
     if evaluation.checkpoint_sha256 not in (None, trained.checkpoint_sha256):
         raise ExportError(
             f"the evaluation report is about another checkpoint than {trained.checkpoint}; "
@@ -102,6 +103,10 @@ def export_trained(
         git_commit=git_commit(),
         metrics=evaluation.version_metrics(),
         input_gate=gate_for(cache),
+        intended_use=intended_use_for(cache, registry_settings, trained.data_dir),
+        population_check=population_check_for(
+            checkpoint, cache, registry_settings.out_of_population_dir, seed=registry_settings.seed
+        ),
     )
     write_monitoring_reference(out_dir, cache)
     if not registry_settings.export_int8:
@@ -149,6 +154,7 @@ def register_exported(
         raise ParityError("an exported model without a training run cannot be registered")
     registry = registry_for(registry_settings)
     int8 = exported.int8
+    summary = metadata.summary()
     tags = VersionTags(
         model_name=metadata.model_name,
         arch=metadata.arch,
@@ -163,7 +169,9 @@ def register_exported(
         parity_torchscript_max_abs_diff=parity.torchscript_max_abs_diff,
         int8=None if int8 is None else ("kept" if int8.kept else "refused"),
         int8_val_auc_change=None if int8 is None else int8.val_auc_int8 - int8.val_auc_fp32,
-        input_gate=metadata.summary().get("input_gate"),
+        input_gate=summary.get("input_gate"),
+        intended_use=summary.get("intended_use"),
+        population_check=summary.get("population_check"),
         metrics=dict(metadata.metrics),
     )
     if lineage is not None:

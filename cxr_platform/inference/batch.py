@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
 
+from cxr_platform.data.patient_age import UNKNOWN, AgeReading, InvalidAgeError, age_from_caller
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.log import InferenceLog
@@ -26,6 +27,41 @@ FOLDER_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".
 
 class InputNotFoundError(CxrError):
     pass
+
+
+class AgesFileError(CxrError):
+    """An ages CSV that cannot be read as ``path,patient_age`` rows."""
+
+
+AGE_COLUMNS = ("path", "patient_age")
+
+
+def read_ages_csv(path: Path) -> dict[Path, AgeReading]:
+    """``path,patient_age`` rows -> the age of each file (resolved; a relative path is relative
+    to the CSV's folder). Ages are years or DICOM age strings; an empty age is unknown. A file
+    named twice, a missing column or an age that does not read as one is an error, not a
+    guess."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise AgesFileError(f"{path}: cannot read the ages file ({exc})") from exc
+    if not rows or not set(AGE_COLUMNS) <= columns:
+        raise AgesFileError(f"{path}: needs the columns {', '.join(AGE_COLUMNS)} and some rows")
+    ages: dict[Path, AgeReading] = {}
+    for line, row in enumerate(rows, start=2):
+        named = Path((row["path"] or "").strip())
+        if not str(named) or str(named) == ".":
+            raise AgesFileError(f"{path}, line {line}: no path")
+        target = (named if named.is_absolute() else path.parent / named).resolve()
+        if target in ages:
+            raise AgesFileError(f"{path}, line {line}: {named} is named twice")
+        try:
+            ages[target] = age_from_caller(row["patient_age"])
+        except InvalidAgeError as exc:
+            raise AgesFileError(f"{path}, line {line}: {exc}") from exc
+    return ages
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -57,6 +93,11 @@ class BatchSummary:
     n_failed: int = 0
     n_pneumonia: int = 0
     n_logged: int = 0
+    # Images the version refused, by why: not_a_chest_radiograph, outside_intended_use.
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 def _error_row(path: Path, reason: str, detail: str, model_version: str | None) -> dict[str, str]:
@@ -89,6 +130,7 @@ def predict_to_csv(
     uid_salt: bytes = b"",
     site: str | None = None,
     progress: bool = False,
+    ages: dict[Path, AgeReading] | None = None,
 ) -> BatchSummary:
     """Score through the scoring core, as the service and the DICOM node do.
 
@@ -96,9 +138,11 @@ def predict_to_csv(
     what was done. With ``log``, every prediction is also an inference-log record (source
     ``batch``), written in one transaction per batch; a batch the log refuses gets its error in
     its rows instead of predictions. ``uid_salt`` hashes DICOM UIDs as the other sources do;
-    ``site`` is where the images come from, kept in the log. ``progress`` draws a bar on
-    the terminal (``terminal.progress_stream``); the rows go wherever ``out`` is.
+    ``site`` is where the images come from, kept in the log. ``ages``: patient ages by
+    resolved file path, for images whose own header says none (PNG, JPEG). ``progress`` draws
+    a bar on the terminal (``terminal.progress_stream``); the rows go wherever ``out`` is.
     """
+    ages = ages or {}
     summary = BatchSummary()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -121,6 +165,7 @@ def predict_to_csv(
                     started=time.perf_counter(),
                     source="batch",
                     site=site,
+                    patient_age=ages.get(path.resolve(), UNKNOWN),
                 )
             except ImageReadError as exc:
                 rows[position] = _error_row(path, exc.reason, exc.detail, version)
@@ -128,6 +173,8 @@ def predict_to_csv(
         outcomes = score_and_log(log, items) if log is not None else score_items(items)
         for position, outcome in zip(requests, outcomes, strict=True):
             prediction = outcome.production
+            if outcome.refused and outcome.failure is not None:
+                summary.refused[outcome.failure] = summary.refused.get(outcome.failure, 0) + 1
             if prediction is None:
                 reason = outcome.failure or "error"
                 detail = outcome.refusal.describe() if outcome.refusal else "not scored"

@@ -7,16 +7,19 @@ with a heatmap is exactly the one served.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxr_platform.data.imaging import DecodedImage, ImageSource
+from cxr_platform.data.imaging import DecodedImage
+from cxr_platform.data.patient_age import UNKNOWN, AgeReading
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
-from cxr_platform.inference.scoring import NotAChestRadiographError
+from cxr_platform.inference.live import ServingModels
+from cxr_platform.inference.scoring import request_for, score_items
 from cxr_platform.model_version.files import WEIGHTS_FILE, ExportError
 from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.models.zoo import build_model
@@ -41,13 +44,26 @@ class Explainer:
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model.eval()
 
-    def explain(self, source: ImageSource | DecodedImage) -> Explanation:
-        """Raises :class:`NotAChestRadiographError` where the model's input gate refuses."""
-        prepared = self.predictor.prepare(source)
-        verdict = self.predictor.judge_input(prepared.decoded.pixels, prepared.pixels)
-        if not verdict.accepted:
-            raise NotAChestRadiographError(verdict)
-        prediction = self.predictor.predict_prepared(prepared.pixels[None])[0]
+    def explain(
+        self, source: str | Path | bytes, *, patient_age: AgeReading = UNKNOWN
+    ) -> Explanation:
+        """Scored through the scoring core (input gate, intended use; nothing logged), then
+        Grad-CAM. Raises :class:`~cxr_platform.inference.scoring.RefusedInputError` where the
+        version refuses the image and :class:`~cxr_platform.errors.ImageReadError` where it
+        cannot be read."""
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        request = request_for(
+            ServingModels(self.predictor, None),
+            data,
+            max_pixels=self.predictor.max_pixels,
+            uid_salt=b"",
+            started=time.perf_counter(),
+            source="explain",
+            patient_age=patient_age,
+        )
+        prediction = score_items([request])[0].released()
+        prepared = request.prepared
+        assert prepared.decoded is not None
         heatmap, blended = self.heatmap_overlay(prepared.pixels, prepared.decoded)
         return Explanation(prediction, heatmap, blended)
 

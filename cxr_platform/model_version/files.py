@@ -18,7 +18,9 @@ import onnxruntime as ort
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.intended_use import IntendedUse
 from cxr_platform.model_version.operating_point import OperatingPoint
+from cxr_platform.model_version.population_check import PopulationCheck
 
 EXPORT_FORMAT = 1
 METADATA_KEY = "cxr_metadata"
@@ -30,6 +32,7 @@ WEIGHTS_FILE = "weights.pt"  # plain state dict: Grad-CAM needs the eager model
 METADATA_FILE = "metadata.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logit"
+FEATURES_NAME = "features"  # per-stage channel statistics, the population check's input
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 
 
@@ -56,9 +59,15 @@ class ModelMetadata:
     precision: str = "fp32"  # "int8": statically quantized, calibrated on validation images
     # "flip": the graph scores the mean logit of the image and its mirror image.
     test_time_augmentation: str = "none"
-    # The input gate's parameters (inference.input_gate.InputGate.to_dict); None for versions
+    # The input gate's parameters (model_version.input_gate.InputGate.to_dict); None for versions
     # exported before the gate existed, which are served ungated.
     input_gate: dict[str, Any] | None = None
+    # What the version is for (model_version.intended_use.IntendedUse.to_dict) and the check by
+    # pixels on its ONNX graph's second output, ``features_name``. None for versions exported
+    # before intended use existed: they state none and check no population.
+    intended_use: dict[str, Any] | None = None
+    population_check: dict[str, Any] | None = None
+    features_name: str | None = None
     format: int = EXPORT_FORMAT
 
     @property
@@ -76,8 +85,12 @@ class ModelMetadata:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def use(self) -> IntendedUse | None:
+        return IntendedUse.from_dict(self.intended_use) if self.intended_use else None
+
     def summary(self) -> dict[str, Any]:
-        """For people: the gate's arrays replaced by what they amount to."""
+        """For people: the checks' arrays replaced by what they amount to."""
         values = self.to_dict()
         gate = values.pop("input_gate")
         if gate is not None:
@@ -87,6 +100,12 @@ class ModelMetadata:
                 "limits": gate.get("limits"),
                 **gate.get("fitted_on", {}),
             }
+        population = values.pop("population_check")
+        if population is not None:
+            values["population_check"] = PopulationCheck.from_dict(population).summary()
+        use = values.pop("intended_use")
+        if use is not None:
+            values["intended_use"] = IntendedUse.from_dict(use).summary()
         return values
 
     def to_json(self) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_platform.data.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageSource, read_image
+from cxr_platform.data.patient_age import AgeReading
 from cxr_platform.data.preprocessing import normalize_uint8, to_square_uint8
 from cxr_platform.model_version.files import (
     INT8_ONNX_FILE,
@@ -23,6 +24,8 @@ from cxr_platform.model_version.files import (
     session_metadata,
 )
 from cxr_platform.model_version.input_gate import ACCEPTED_WITHOUT_GATE, GateVerdict, InputGate
+from cxr_platform.model_version.intended_use import UNLIKE_POPULATION, IntendedUse
+from cxr_platform.model_version.population_check import PopulationCheck
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,20 @@ class Predictor:
         self.max_pixels = max_pixels
         gate = self.metadata.input_gate
         self.gate: InputGate | None = InputGate.from_dict(gate) if gate else None
+        self.intended_use: IntendedUse | None = self.metadata.use
+        population = self.metadata.population_check
+        outputs = [output.name for output in self.session.get_outputs()]
+        # The check needs the graph's features output; a version without it checks nothing.
+        self.population: PopulationCheck | None = (
+            PopulationCheck.from_dict(population)
+            if population and self.metadata.features_name in outputs
+            else None
+        )
+        self._features_index = (
+            outputs.index(self.metadata.features_name)
+            if self.metadata.features_name in outputs
+            else None
+        )
 
     @property
     def model_name(self) -> str:
@@ -109,14 +126,49 @@ class Predictor:
             return ACCEPTED_WITHOUT_GATE
         return self.gate.judge(original, square)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S) -> raw logits (N,)."""
+    def judge_age(self, reading: AgeReading) -> GateVerdict | None:
+        """The refusal for a stated age outside this version's intended use; None otherwise
+        (inside, unknown, or a version that states no range)."""
+        if self.intended_use is None:
+            return None
+        return self.intended_use.age_verdict(reading.years, reading.source)
+
+    def judge_population(self, features: np.ndarray | None) -> list[GateVerdict | None]:
+        """Per image, the refusal of the check by pixels, or None (inside, or no check)."""
+        if self.population is None or features is None:
+            return [None] * (0 if features is None else len(features))
+        who = self.intended_use.describe() if self.intended_use else "not stated"
+        threshold = self.population.threshold
+        return [
+            None
+            if score <= threshold
+            else GateVerdict(
+                False,
+                UNLIKE_POPULATION,
+                "the image looks like a patient this model was not made for (population "
+                f"score {score:.2f}, at most {threshold:.2f}); its intended use: {who}",
+                float(score),
+                threshold,
+            )
+            for score in self.population.scores(features)
+        ]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, S, S) -> raw logits (N,) and, where the graph has them, the penultimate
+        features (N, D), from one ONNX Runtime call."""
         images = np.asarray(images)
         size = self.preprocessing.image_size
         if images.ndim != 3 or images.shape[1:] != (size, size) or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images of shape (N, {size}, {size})")
         inputs = normalize_uint8(images, self.preprocessing)[:, None]
-        return self.session.run(None, {self.input_name: inputs})[0].reshape(-1).astype(np.float64)
+        outputs = self.session.run(None, {self.input_name: inputs})
+        logits = outputs[0].reshape(-1).astype(np.float64)
+        features = None if self._features_index is None else outputs[self._features_index]
+        return logits, features
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S) -> raw logits (N,)."""
+        return self.run(images)[0]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.calibration.probabilities(self.logits(images))
@@ -131,7 +183,16 @@ class Predictor:
         )
 
     def predict_prepared(self, images: np.ndarray) -> list[Prediction]:
-        logits = self.logits(images)
+        return self.predict_with_features(images)[0]
+
+    def predict_with_features(
+        self, images: np.ndarray
+    ) -> tuple[list[Prediction], np.ndarray | None]:
+        """Predictions, and the features the population check reads, from one model run."""
+        logits, features = self.run(images)
+        return self._predictions(logits), features
+
+    def _predictions(self, logits: np.ndarray) -> list[Prediction]:
         probabilities = self.calibration.probabilities(logits)
         names = self.metadata.class_names
         return [

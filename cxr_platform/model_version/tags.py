@@ -16,7 +16,14 @@ from typing import Any
 
 TAG_PREFIX = "cxr."
 METRIC_PREFIX = "cxr.metric."
-_JSON_FIELDS = ("preprocessing", "gate", "input_gate", "site_labels")
+_JSON_FIELDS = (
+    "preprocessing",
+    "gate",
+    "input_gate",
+    "site_labels",
+    "intended_use",
+    "population_check",
+)
 _FLOAT_FIELDS = (
     "threshold",
     "site_prevalence",
@@ -49,6 +56,9 @@ class VersionTags:
     finetune_reason: str | None = None
     labeled_examples: int | None = None
     input_gate: dict[str, Any] | None = None  # the gate's summary: threshold, validation refusal
+    # Who the version is for (IntendedUse.summary) and its check by pixels (summary).
+    intended_use: dict[str, Any] | None = None
+    population_check: dict[str, Any] | None = None
     # A recalibration for one site: the same weights as ``recalibrated_from`` with the operating
     # point refitted on that site's labels (counts per class, fit and held-out parts).
     recalibrated_from: str | None = None

@@ -9,16 +9,16 @@ end of its interval lies below the overall figure: the shortfall is then more th
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cxr_platform.data.imaging import read_dicom_header
-from cxr_platform.data.labels import LABELS
+from cxr_platform.data.patients import file_name_family
+from cxr_platform.data.sources import source_folder
 from cxr_platform.errors import ImageReadError
 from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.evaluation import (
@@ -34,30 +34,7 @@ PROJECTION = "projection"
 OTHER = "(other)"  # groups too small to judge, pooled
 JUDGED_RATES = ("sensitivity", "specificity")
 
-_DIGITS = re.compile(r"\d+")
-_SEPARATORS = re.compile(r"[-_.\s]+")
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
-
-
-def file_name_family(name: str) -> str:
-    """The naming scheme a file belongs to, with its numbers taken out: ``person12_virus_3``
-    -> ``person#-virus``, ``NORMAL2-IM-1427-0001`` -> ``NORMAL#-IM``, ``IM-0115-0001`` -> ``IM``.
-
-    Datasets assembled from several sources or eras keep each source's naming, so the family is
-    often the only trace of where an image came from.
-    """
-    stem = PurePosixPath(name).name.split(".", 1)[0]
-    tokens = [_DIGITS.sub("#", token) for token in _SEPARATORS.split(stem) if token]
-    kept = [token for token in tokens if token.strip("#")]
-    return "-".join(kept) or "#"
-
-
-def source_folder(relative_path: str) -> str:
-    """The folder an image sits in, without its class folder (which is its label, not a
-    source): ``test/NORMAL/x.jpeg`` -> ``test``; ``NORMAL/x.png`` -> ``.``."""
-    parts = list(PurePosixPath(relative_path).parent.parts)
-    parts = [part for part in parts if part.upper() not in LABELS]
-    return "/".join(parts) or "."
 
 
 def projection(path: str) -> str | None:

@@ -73,6 +73,9 @@ class ArchitectureSpec:
     head_prefix: str  # state-dict prefix of the classification head
     stem_conv: str | None  # the RGB convolution to fold when loading ImageNet weights
     gradcam_layer: str  # module path whose activations Grad-CAM weights
+    # The end of each stage, coarse to fine: the population check reads the mean and spread of
+    # each channel there (see WithFeatures).
+    population_layers: tuple[str, ...] = ()
     imagenet_weights: Callable[[], tv_models.WeightsEnum] | None = None
 
 
@@ -100,6 +103,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             head_prefix="classifier.",
             stem_conv=None,
             gradcam_layer="features.14",  # ReLU after the last convolution
+            population_layers=("features.3", "features.7", "features.11", "features.15"),
         ),
         ArchitectureSpec(
             "resnet18",
@@ -107,6 +111,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             head_prefix="fc.",
             stem_conv="conv1",
             gradcam_layer="layer4",
+            population_layers=("layer1", "layer2", "layer3", "layer4"),
             imagenet_weights=lambda: tv_models.ResNet18_Weights.IMAGENET1K_V1,
         ),
         ArchitectureSpec(
@@ -115,6 +120,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             head_prefix="fc.",
             stem_conv="conv1",
             gradcam_layer="layer4",
+            population_layers=("layer1", "layer2", "layer3", "layer4"),
             imagenet_weights=lambda: tv_models.ResNet50_Weights.IMAGENET1K_V2,
         ),
         ArchitectureSpec(
@@ -123,6 +129,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             head_prefix="classifier.",
             stem_conv="features.conv0",
             gradcam_layer="features.norm5",
+            population_layers=tuple(f"features.denseblock{block}" for block in range(1, 5)),
             imagenet_weights=lambda: tv_models.DenseNet121_Weights.IMAGENET1K_V1,
         ),
     )
@@ -270,3 +277,50 @@ class FlipAveraged(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (self.model(images) + self.model(torch.flip(images, dims=(3,)))) * 0.5
+
+
+class WithFeatures(nn.Module):
+    """The logit and the population check's features from one pass: for each stage end of
+    ``population_layers`` (coarse to fine), every channel's mean and spread over the image.
+
+    Those statistics describe how an image looks to the network at every scale: bone texture,
+    the size of structures against the field, contrast. On the real data they tell an adult's
+    chest from a small child's where the classifier's own penultimate features do not
+    (``benchmarks/population_check.py``). The exported ONNX graph returns both outputs, so the
+    check costs a few reductions in the run that scores the image. The layers are read through
+    torchvision's feature extractor (an FX graph sharing the network's weights). With ``flip``
+    (the version's test-time augmentation) both outputs are the mean of the image and its
+    mirror.
+    """
+
+    def __init__(self, model: nn.Module, arch: str, *, flip: bool = False) -> None:
+        super().__init__()
+        from torchvision.models.feature_extraction import (
+            create_feature_extractor,
+            get_graph_node_names,
+        )
+
+        self.layers = architecture(arch).population_layers
+        if not self.layers:
+            raise UnknownArchitectureError(f"{arch} names no layers for the population check")
+        _, nodes = get_graph_node_names(model.eval())
+        nodes_wanted = {layer: f"stage{index}" for index, layer in enumerate(self.layers)}
+        self.extractor = create_feature_extractor(
+            model.eval(), return_nodes={**nodes_wanted, nodes[-1]: "logit"}
+        )
+        self.flip = flip
+
+    def _read(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.extractor(images)
+        statistics = []
+        for index in range(len(self.layers)):
+            stage = outputs[f"stage{index}"]
+            statistics += [stage.mean(dim=(2, 3)), stage.std(dim=(2, 3))]
+        return outputs["logit"], torch.cat(statistics, dim=1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self._read(images)
+        if self.flip:
+            mirrored_logits, mirrored = self._read(torch.flip(images, dims=(3,)))
+            logits, features = (logits + mirrored_logits) * 0.5, (features + mirrored) * 0.5
+        return logits, features

@@ -117,6 +117,10 @@ class SiteWindow:
     refusal_drift: bool
     performance: PerformanceWindow
     estimated_prevalence: float | None = None  # EM, from the site's probabilities alone
+    # Chest radiographs refused as outside the version's intended use, counted apart from the
+    # input gate's refusals: a site sending adults to a children's model is its own finding.
+    n_outside_intended_use: int = 0
+    intended_use_drift: bool = False
 
     @property
     def refusal_rate(self) -> float:
@@ -124,8 +128,17 @@ class SiteWindow:
         return self.n_refused / total if total else 0.0
 
     @property
+    def outside_intended_use_rate(self) -> float:
+        total = self.n_outside_intended_use + self.n_records
+        return self.n_outside_intended_use / total if total else 0.0
+
+    @property
     def failed(self) -> tuple[str, ...]:
-        return self.performance.failed + (("refusals",) if self.refusal_drift else ())
+        return (
+            self.performance.failed
+            + (("refusals",) if self.refusal_drift else ())
+            + (("intended use",) if self.intended_use_drift else ())
+        )
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,8 @@ class DriftResult:
     rule: DriftRule
     n_refused: int = 0  # images the input gate refused while the window's records came in
     refusal_drift: bool = False
+    n_outside_intended_use: int = 0  # chest radiographs refused as outside the intended use
+    intended_use_drift: bool = False
     by_site: dict[str, SiteWindow] = field(default_factory=dict)  # where the log names sites
     acquisition: list[AcquisitionGroup] = field(default_factory=list)
     # Pneumonia prevalence of the window's traffic estimated without labels (EM, Saerens et
@@ -185,8 +200,13 @@ class DriftResult:
         return self.input_drift or self.prediction_drift or self.performance_drift
 
     @property
+    def outside_intended_use_rate(self) -> float:
+        total = self.n_outside_intended_use + self.n_records
+        return self.n_outside_intended_use / total if total else 0.0
+
+    @property
     def fired(self) -> bool:
-        return self.model_drift or self.refusal_drift
+        return self.model_drift or self.refusal_drift or self.intended_use_drift
 
     def summary(self) -> str:
         verdict = "DRIFT" if self.fired else "no drift"
@@ -202,9 +222,11 @@ class DriftResult:
         values.pop("snapshot")
         values["fired"] = self.fired
         values["refusal_rate"] = self.refusal_rate
+        values["outside_intended_use_rate"] = self.outside_intended_use_rate
         values["failed_sites"] = {name: list(failed) for name, failed in self.failed_sites.items()}
         for name, site in self.by_site.items():
             values["by_site"][name]["refusal_rate"] = site.refusal_rate
+            values["by_site"][name]["outside_intended_use_rate"] = site.outside_intended_use_rate
         return values
 
 
@@ -465,11 +487,15 @@ def evaluate_window(
     expected_metrics: dict[str, float] | None = None,
     n_refused: int = 0,
     refused_by_site: dict[str, int] | None = None,
+    n_outside_intended_use: int = 0,
+    outside_by_site: dict[str, int] | None = None,
 ) -> DriftResult:
     """``records`` are inference-log rows (:meth:`InferenceLog.records`). Only the rows that
     ``model_version`` scored are compared, since ``reference`` holds that version's
     probabilities; a window that spans a promotion is judged on its rows of that version.
-    ``refused_by_site``: the window's refusals per site, where the log names sites."""
+    ``refused_by_site``: the input gate's refusals in the window per site, where the log names
+    sites; ``n_outside_intended_use`` and ``outside_by_site`` the intended-use refusals,
+    judged apart."""
     rule = rule or DriftRule()
     scored = (
         records if model_version is None else records[records["model_version"] == model_version]
@@ -534,10 +560,14 @@ def evaluate_window(
     reasons += performance_reasons
     refusal_drift, refusal_reasons = _refusals(n_refused, len(records), rule)
     reasons += refusal_reasons
+    intended_use_drift, intended_use_reasons = _refusals(
+        n_outside_intended_use, len(records), rule, kind=INTENDED_USE_REFUSALS
+    )
+    reasons += intended_use_reasons
     by_site, site_reasons = _per_site(
         records,
         scored,
-        refused_by_site or {},
+        (refused_by_site or {}, outside_by_site or {}),
         expected_metrics or {},
         rule,
         reference_auc,
@@ -546,6 +576,9 @@ def evaluate_window(
     reasons += site_reasons
     site_performance = any(site.performance.failed for site in by_site.values())
     refusal_drift = refusal_drift or any(site.refusal_drift for site in by_site.values())
+    intended_use_drift = intended_use_drift or any(
+        site.intended_use_drift for site in by_site.values()
+    )
     return DriftResult(
         window=window,
         model_version=model_version,
@@ -566,6 +599,8 @@ def evaluate_window(
         rule=rule,
         n_refused=n_refused,
         refusal_drift=refusal_drift,
+        n_outside_intended_use=n_outside_intended_use,
+        intended_use_drift=intended_use_drift,
         by_site=by_site,
         acquisition=acquisition,
         estimated_prevalence=_estimated_prevalence(scored, reference_prevalence),
@@ -595,7 +630,7 @@ def _labeled(rows: pd.DataFrame) -> pd.DataFrame:
 def _per_site(
     records: pd.DataFrame,
     scored: pd.DataFrame,
-    refused_by_site: dict[str, int],
+    refused: tuple[dict[str, int], dict[str, int]],
     expected: dict[str, float],
     rule: DriftRule,
     reference_auc: float | None,
@@ -607,20 +642,27 @@ def _per_site(
     if sites is None or (sites == UNNAMED_SITE).all():
         return {}, []
     scored_sites = sites.loc[scored.index]
+    refused_by_site, outside_by_site = refused
     by_site: dict[str, SiteWindow] = {}
     reasons: list[str] = []
-    for name in sorted(set(sites) | set(refused_by_site)):
+    for name in sorted(set(sites) | set(refused_by_site) | set(outside_by_site)):
         rows = scored[scored_sites == name]
         performance, performance_reasons = _performance(
             _labeled(rows), expected, rule, reference_auc=reference_auc
         )
         n_records = int((sites == name).sum())
         n_refused = int(refused_by_site.get(name, 0))
+        n_outside = int(outside_by_site.get(name, 0))
         # A site that sent two misrouted images is not a surge: as for performance, a site's
         # refusals are judged once it sent as many images as a labeled judgment needs.
         refusal_drift, refusal_reasons = (
             _refusals(n_refused, n_records, rule)
             if n_records + n_refused >= rule.min_labeled
+            else (False, [])
+        )
+        outside_drift, outside_reasons = (
+            _refusals(n_outside, n_records, rule, kind=INTENDED_USE_REFUSALS)
+            if n_records + n_outside >= rule.min_labeled
             else (False, [])
         )
         by_site[name] = SiteWindow(
@@ -631,12 +673,30 @@ def _per_site(
             refusal_drift=refusal_drift,
             performance=performance,
             estimated_prevalence=_estimated_prevalence(rows, reference_prevalence),
+            n_outside_intended_use=n_outside,
+            intended_use_drift=outside_drift,
         )
-        reasons += [f"site {name}: {reason}" for reason in performance_reasons + refusal_reasons]
+        reasons += [
+            f"site {name}: {reason}"
+            for reason in performance_reasons + refusal_reasons + outside_reasons
+        ]
     return by_site, reasons
 
 
-def _refusals(n_refused: int, n_scored: int, rule: DriftRule) -> tuple[bool, list[str]]:
+GATE_REFUSALS = (
+    "the input gate refused {n} of {total} images",
+    "images that are not frontal chest radiographs are being routed here",
+)
+INTENDED_USE_REFUSALS = (
+    "{n} of {total} chest radiographs were outside the version's intended use",
+    "patients the model was not made for (by age or by the look of the image) are being "
+    "routed here",
+)
+
+
+def _refusals(
+    n_refused: int, n_scored: int, rule: DriftRule, *, kind: tuple[str, str] = GATE_REFUSALS
+) -> tuple[bool, list[str]]:
     total = n_refused + n_scored
     if not total:
         return False, []
@@ -646,10 +706,10 @@ def _refusals(n_refused: int, n_scored: int, rule: DriftRule) -> tuple[bool, lis
         binomtest(n_refused, total, rule.expected_refusal_rate, alternative="greater").pvalue
     )
     if rate > rule.max_refusal_rate and p_value < rule.prediction_p_value:
+        what, meaning = kind
         return True, [
-            f"the input gate refused {n_refused} of {total} images ({rate:.0%}; at most "
-            f"{rule.max_refusal_rate:.0%}, binomial p={p_value:.2g}): images that are not "
-            "frontal chest radiographs are being routed here"
+            f"{what.format(n=n_refused, total=total)} ({rate:.0%}; at most "
+            f"{rule.max_refusal_rate:.0%}, binomial p={p_value:.2g}): {meaning}"
         ]
     return False, []
 
@@ -680,14 +740,15 @@ def sites_markdown(result: DriftResult) -> str:
     if not result.by_site:
         return "The log names no sites in this window."
     lines = [
-        "| site | records | refused | positive rate | prevalence (EM) | labeled | AUC "
-        "| sensitivity | specificity | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| site | records | refused | outside intended use | positive rate | prevalence (EM) "
+        "| labeled | AUC | sensitivity | specificity | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, site in result.by_site.items():
         performance = site.performance
         lines.append(
             f"| {name} | {site.n_records} | {site.n_refused} ({site.refusal_rate:.1%}) | "
+            f"{site.n_outside_intended_use} ({site.outside_intended_use_rate:.1%}) | "
             f"{site.positive_rate:.2f} | {_figure(site.estimated_prevalence)} | "
             f"{performance.n_labeled} | "
             f"{_figure(performance.auc, performance.auc_ci)} | "

@@ -27,6 +27,7 @@ from cxr_platform.deployment.registry import (
 )
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
+from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
 from cxr_platform.monitoring.drift import (
     UNNAMED_SITE,
     DriftResult,
@@ -116,6 +117,8 @@ def check_window(
     except ModelVersionNotFoundError as exc:
         raise WindowError(f"window {key} was scored by version {model_version}: {exc}") from exc
     refused = refusals_during(monitoring, records, site=site)
+    outside = refused[refused["reason"] == OUTSIDE_INTENDED_USE]
+    gate = refused[refused["reason"] != OUTSIDE_INTENDED_USE]
     reference = load_reference(registry.download(model_version))
     if reference is None:
         raise NoReferenceError(
@@ -129,15 +132,18 @@ def check_window(
         rule=drift_rule(monitoring),
         model_version=model_version,
         expected_metrics=info.metrics,
-        n_refused=len(refused),
-        refused_by_site=refused["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
+        n_refused=len(gate),
+        refused_by_site=gate["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
+        n_outside_intended_use=len(outside),
+        outside_by_site=outside["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
     )
 
 
 def refusals_during(
     monitoring: MonitoringSection, records: pd.DataFrame, *, site: str | None = None
 ) -> pd.DataFrame:
-    """Images the gate refused between a window's first and last record (of ``site``)."""
+    """Images refused between a window's first and last record (of ``site``): by the input
+    gate, or as outside the version's intended use (``reason``)."""
     created = pd.to_datetime(records["created_at"], utc=True)
     log = InferenceLog(monitoring.inference_log_uri)
     try:
@@ -301,7 +307,10 @@ def drift_sensor_step(
     if not result.fired:
         return DriftStep(advanced, window=key, result=result, finetune_note="no drift")
     if not result.model_drift:
-        note = "only the refusal rate fired: check the routing; a fine-tune would not help"
+        note = (
+            "only refusals fired (not chest radiographs, or patients outside the intended "
+            "use): check the routing; a fine-tune would not help"
+        )
         return DriftStep(advanced, window=key, result=result, finetune_note=note)
     if result.model_version != production.version:
         note = (

@@ -447,23 +447,26 @@ class DicomNode:
         processed: Processed,
         result_uids: list[str],
     ) -> int:
-        """The input gate refused it: no diagnosis leaves; the ledger says why. The instance is
-        not kept: it was read and judged, nothing went wrong."""
-        assert processed.refusal is not None
-        why = processed.refusal.describe()
+        """Refused by the input gate, or as outside the version's intended use: no diagnosis
+        leaves; the ledger says why. The instance is not kept: it was read and judged, nothing
+        went wrong."""
+        verdict, refused_as = processed.refusal, processed.refused_as or "not_a_chest_radiograph"
+        assert verdict is not None
         self.storage.mark(
             sop_uid,
             REFUSED,
             study_instance_uid=study_uid,
             results=result_uids,
-            detail=f"not_a_chest_radiograph: {why}",
+            detail=f"{refused_as}: {verdict.describe()}",
         )
         path.unlink(missing_ok=True)
         self.counters.add("refused")
+        # The log line names the reason, never the patient's age it was judged by.
         log.warning(
-            "%s refused by the input gate (%s)%s",
+            "%s refused: %s (%s)%s",
             self._tag(sop_uid),
-            why,
+            refused_as,
+            verdict.reason,
             "; a not-analysed SR is queued" if result_uids else "",
         )
         return 1

@@ -26,13 +26,14 @@ from cxr_platform.errors import CxrError
 from cxr_platform.inference.live import LiveModels
 from cxr_platform.inference.log import InferenceLog, site_name
 from cxr_platform.inference.scoring import (
-    NOT_A_CHEST_RADIOGRAPH,
     ScoreRequest,
+    ScoringOutcome,
     ScoringUnavailableError,
     request_for,
     score_and_log,
 )
 from cxr_platform.model_version.input_gate import GateVerdict
+from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
 from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.pacs.results import (
     Algorithm,
@@ -91,6 +92,7 @@ class Processed:
     request_id: str
     seconds: float
     refusal: GateVerdict | None = None
+    refused_as: str | None = None  # not_a_chest_radiograph or outside_intended_use
     repairs: tuple[Repair, ...] = ()  # what the results could not copy from the header as it was
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
 
@@ -166,25 +168,27 @@ class InstanceProcessor:
         )
 
     def _refused(
-        self, dataset: Dataset, request: ScoreRequest, verdict: GateVerdict, started: float
+        self, dataset: Dataset, request: ScoreRequest, outcome: ScoringOutcome, started: float
     ) -> Processed:
         """No diagnosis. Where the header says the image shows the chest, the reading
-        radiologist gets a short SR saying the AI saw it and why it did not analyse it."""
-        production = request.models.production
-        assert production is not None
+        radiologist gets a short SR saying the AI saw it and why it did not analyse it: the
+        input gate's reason, or the intended use in words ("patient age 81 years is outside
+        this model's intended use: 1-5 years")."""
+        production, verdict = request.models.production, outcome.refusal
+        assert production is not None and verdict is not None
+        why = verdict.detail if outcome.failure == OUTSIDE_INTENDED_USE else verdict.describe()
         sr, repairs = None, ()
         if self.config.refusal_sr and claims_chest(dataset):
             clean = sanitize_source(dataset, uid_root=self.config.uid_root)
             repairs = clean.repairs
-            sr = build_not_analysed_sr(
-                clean.dataset, self._algorithm(production), verdict.describe()
-            )
+            sr = build_not_analysed_sr(clean.dataset, self._algorithm(production), why)
         return Processed(
             prediction=None,
             results=NodeResults(sr=sr),
             request_id=request.request_id,
             seconds=time.perf_counter() - started,
             refusal=verdict,
+            refused_as=outcome.failure,
             repairs=repairs,
         )
 
@@ -210,8 +214,9 @@ class InstanceProcessor:
                 site=site,
             )
             outcome = score_and_log(self.inference_log, [request])[0]
-            if outcome.failure == NOT_A_CHEST_RADIOGRAPH and outcome.refusal is not None:
-                return self._refused(dataset, request, outcome.refusal, started)
+            if outcome.refused:
+                assert outcome.refusal is not None
+                return self._refused(dataset, request, outcome, started)
             prediction = outcome.released()
         except ScoringUnavailableError as exc:  # no production model yet, the log is down
             raise TransientProcessingError(str(exc)) from exc

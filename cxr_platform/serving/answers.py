@@ -12,7 +12,7 @@ from typing import Any
 
 from cxr_platform.errors import CxrError, ImageReadError
 from cxr_platform.inference.live import ServingModels
-from cxr_platform.inference.scoring import NotAChestRadiographError, ScoringUnavailableError
+from cxr_platform.inference.scoring import RefusedInputError, ScoringUnavailableError
 from cxr_platform.model_version.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,11 @@ def error_response(exc: Exception) -> tuple[int, dict[str, Any]]:
         return exc.status, {"error": exc.reason, "detail": exc.detail}
     if isinstance(exc, ScoringUnavailableError):
         return 503, {"error": exc.reason, "detail": str(exc)}
-    if isinstance(exc, NotAChestRadiographError):
+    if isinstance(exc, RefusedInputError):  # not a chest radiograph, or outside intended use
         return 422, {
             "error": exc.reason,
             "detail": exc.detail,
+            "why": exc.verdict.reason,
             "gate_score": exc.verdict.score,
             "request_id": exc.request_id,
         }
@@ -111,6 +112,7 @@ def model_summary(predictor: Predictor | None) -> dict[str, Any] | None:
     if predictor is None:
         return None
     metadata = predictor.metadata
+    summary = metadata.summary()
     return {
         "model_name": predictor.model_name,
         "model_version": predictor.model_version,
@@ -125,7 +127,10 @@ def model_summary(predictor: Predictor | None) -> dict[str, Any] | None:
         "exported_at": metadata.exported_at,
         "metrics": dict(metadata.metrics),
         "precision": metadata.precision,
-        "input_gate": metadata.summary().get("input_gate"),
+        "input_gate": summary.get("input_gate"),
+        # Who the version is for; answers outside it are refused (422 outside_intended_use).
+        "intended_use": summary.get("intended_use") or "not stated (exported before it existed)",
+        "population_check": summary.get("population_check"),
     }
 
 

@@ -18,11 +18,18 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from cxr_platform.data.patient_age import InvalidAgeError, age_from_caller
 from cxr_platform.http_keys import KeyRing, parse_client_keys, presented_key, read_limited
 from cxr_platform.inference.log import InvalidSiteError, site_name
 
 UPLOAD_FIELD = "file"
 SITE_HEADER = "x-cxr-site"
+# The patient's age, when the caller knows it: a form field beside the file, or this header (for
+# gateways). The edge checks it and hands it on as the header; the field never reaches BentoML,
+# which would read a text field as JSON.
+PATIENT_AGE_FIELD = "patient_age"
+PATIENT_AGE_HEADER = "x-cxr-patient-age"
+_BOUNDARY = re.compile(rb'(?i)boundary="?([^";\s]+)"?')
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
 _NAME = re.compile(rb'(?i);\s*name="([^"]*)"')
 
@@ -91,11 +98,28 @@ class EdgeMiddleware:
             if too_large:
                 await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
                 return
-            refusal = upload_refusal(multipart_fields(body, headers.get("content-type", b"")))
+            content_type = headers.get("content-type", b"")
+            fields = multipart_fields(body, content_type)
+            if fields is not None and any(name == PATIENT_AGE_FIELD for name, _ in fields):
+                body, stated = take_form_field(body, content_type, PATIENT_AGE_FIELD)
+                fields = [field for field in fields if field[0] != PATIENT_AGE_FIELD]
+                scope = _with_header(scope, PATIENT_AGE_HEADER, stated or "")
+                scope = _with_header(scope, "content-length", str(len(body)))
+            refusal = upload_refusal(fields)
             if refusal is not None:
                 await self._reject(send, path, 400, *refusal)
                 return
             receive = _replay(body, receive)
+        age = next(
+            (v for k, v in scope.get("headers", []) if k.lower() == PATIENT_AGE_HEADER.encode()),
+            None,
+        )
+        if age is not None:
+            try:
+                age_from_caller(age.decode("latin-1"))
+            except InvalidAgeError as exc:
+                await self._reject(send, path, 400, "bad_patient_age", str(exc))
+                return
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: dict[str, bytes]) -> tuple[bool, str | None]:
@@ -128,11 +152,36 @@ def parse_site_keys(text: str | None) -> dict[str, str]:
     return parse_client_keys(text, "CXR_SERVICE_SITE_KEYS", "site")
 
 
-def _with_site(scope: Scope, site: str | None) -> Scope:
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != SITE_HEADER.encode()]
-    if site is not None:
-        headers.append((SITE_HEADER.encode(), site.encode()))
+def _with_header(scope: Scope, name: str, value: str | None) -> Scope:
+    """``scope`` with header ``name`` replaced by ``value`` (removed when None)."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != name.encode()]
+    if value is not None:
+        headers.append((name.encode(), value.encode()))
     return {**scope, "headers": headers}
+
+
+def _with_site(scope: Scope, site: str | None) -> Scope:
+    return _with_header(scope, SITE_HEADER, site)
+
+
+def take_form_field(body: bytes, content_type: bytes, name: str) -> tuple[bytes, str | None]:
+    """A multipart/form-data body without its text field ``name``, and that field's value."""
+    boundary = _BOUNDARY.search(content_type)
+    if boundary is None:
+        return body, None
+    delimiter = b"--" + boundary.group(1)
+    pieces = body.split(delimiter)
+    kept, value = [pieces[0]], None
+    for piece in pieces[1:]:
+        head, _, content = piece.partition(b"\r\n\r\n")
+        disposition = _DISPOSITION.search(head)
+        named = _NAME.search(disposition.group(0)) if disposition else None
+        is_file = disposition is not None and b"filename" in disposition.group(0).lower()
+        if named and named.group(1).decode("latin-1") == name and not is_file:
+            value = content.removesuffix(b"\r\n").decode("utf-8", "replace")
+            continue
+        kept.append(piece)
+    return delimiter.join(kept), value
 
 
 def multipart_fields(body: bytes, content_type: bytes) -> list[tuple[str, bool]] | None:

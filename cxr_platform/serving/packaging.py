@@ -21,6 +21,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cxr_platform.deployment.registry import PRODUCTION, RegistryError, registry_for
 from cxr_platform.errors import CxrError
@@ -109,6 +110,16 @@ def build_bento(registry_settings: RegistrySection, version: str | None = None) 
     )
 
 
+def _stated(values: Any) -> Any:
+    """The metadata without its empty (None) entries, which BentoML's model store refuses; the
+    model's own files, copied beside it, keep every field."""
+    if isinstance(values, dict):
+        return {key: _stated(value) for key, value in values.items() if value is not None}
+    if isinstance(values, list):
+        return [_stated(value) for value in values if value is not None]
+    return values
+
+
 def _build_in_this_process(request: dict) -> dict[str, str]:
     """Runs in the child: BENTOML_HOME is already the platform's store."""
     import bentoml
@@ -126,7 +137,7 @@ def _build_in_this_process(request: dict) -> dict[str, str]:
                 "registry_model_name": request["registry_model_name"],
                 "registry_version": request["registry_version"],
             },
-            metadata=json.loads((source / METADATA_FILE).read_text()),
+            metadata=_stated(json.loads((source / METADATA_FILE).read_text())),
         ) as model:
             for item in source.iterdir():
                 if item.is_file():

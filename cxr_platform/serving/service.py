@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cxr_platform.data.patient_age import AgeReading, age_from_caller
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.errors import ImageReadError
 from cxr_platform.inference.live import FixedModels, LiveModels
@@ -41,8 +42,8 @@ from cxr_platform.inference.log import (
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.inference.scoring import (
     LOG_UNAVAILABLE,
-    NotAChestRadiographError,
     PreparedInput,
+    RefusedInputError,
     ScoreRequest,
     ScoringOutcome,
     ScoringUnavailableError,
@@ -53,7 +54,12 @@ from cxr_platform.model_version.predictor import Prediction
 from cxr_platform.redaction import uid_salt
 from cxr_platform.serving import answers
 from cxr_platform.serving.batching import ContinuousBatcher
-from cxr_platform.serving.edge import SITE_HEADER, EdgeMiddleware, parse_site_keys
+from cxr_platform.serving.edge import (
+    PATIENT_AGE_HEADER,
+    SITE_HEADER,
+    EdgeMiddleware,
+    parse_site_keys,
+)
 from cxr_platform.settings import load_settings
 
 if TYPE_CHECKING:
@@ -210,7 +216,9 @@ class CxrService:
         timer.daemon = True
         timer.start()
 
-    def _request(self, data: bytes, started: float, site: str | None) -> ScoreRequest:
+    def _request(
+        self, data: bytes, started: float, site: str | None, age: AgeReading
+    ) -> ScoreRequest:
         answers.check_upload_size(len(data), serving.service_max_upload_bytes)
         # One snapshot from decoding to scoring: a promotion in between cannot mismatch them.
         return request_for(
@@ -221,13 +229,15 @@ class CxrService:
             started=started,
             source="http",
             site=site,
+            patient_age=age,
         )
 
     async def _predict_and_log(
-        self, data: bytes, endpoint: str, started: float, site: str | None
+        self, data: bytes, endpoint: str, started: float, ctx: bentoml.Context
     ) -> tuple[ScoreRequest, Prediction]:
         """Decode, batch-score and log; returns after the log row is written."""
-        request = await anyio.to_thread.run_sync(self._request, data, started, site)
+        site, age = _site_of(ctx), _age_of(ctx)
+        request = await anyio.to_thread.run_sync(self._request, data, started, site, age)
         outcome = await self.batcher.submit(request)
         if outcome.failure == LOG_UNAVAILABLE:
             log_failures.inc()
@@ -269,7 +279,7 @@ class CxrService:
             answers.ServingError,
             ImageReadError,
             ScoringUnavailableError,
-            NotAChestRadiographError,
+            RefusedInputError,
         ) as exc:
             status, body = answers.error_response(exc)
             rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
@@ -281,11 +291,13 @@ class CxrService:
     @bentoml.api(route="/predict")
     async def predict(self, file: Path, ctx: bentoml.Context) -> PredictionResponse:
         """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`); the sending
-        site in `X-CXR-Site` (or implied by a site's API key)."""
-        site = _site_of(ctx)
+        site in `X-CXR-Site` (or implied by a site's API key); the patient's age, when known
+        and not in a DICOM header, in the field `patient_age` or `X-CXR-Patient-Age` (years, or
+        a DICOM age string such as 004Y). An image outside the version's intended use gets 422
+        `outside_intended_use` with the reason in words."""
 
         async def handler(data: bytes, started: float) -> Any:
-            request, prediction = await self._predict_and_log(data, "predict", started, site)
+            request, prediction = await self._predict_and_log(data, "predict", started, ctx)
             return JSONResponse(answers.public_prediction(prediction, request.request_id))
 
         return await self._guarded("predict", file, handler, ctx)
@@ -295,10 +307,9 @@ class CxrService:
         """Grad-CAM overlay as PNG, the prediction in X-CXR-* headers; with
         `Accept: application/json`, JSON holding the prediction and the PNG in base64."""
         wants_json = "application/json" in ctx.request.headers.get("accept", "")
-        site = _site_of(ctx)
 
         async def handler(data: bytes, started: float) -> Any:
-            request, scored = await self._predict_and_log(data, "explain", started, site)
+            request, scored = await self._predict_and_log(data, "explain", started, ctx)
             prediction = answers.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
             _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
@@ -394,6 +405,12 @@ class CxrService:
     def close(self) -> None:
         self.models.stop()
         self.inference_log.dispose()
+
+
+def _age_of(ctx: bentoml.Context) -> AgeReading:
+    """The patient age the caller stated (form field ``patient_age`` or the header); the edge
+    already refused one that does not read as an age."""
+    return age_from_caller(ctx.request.headers.get(PATIENT_AGE_HEADER))
 
 
 def _site_of(ctx: bentoml.Context) -> str | None:

@@ -6,6 +6,8 @@ import pytest
 
 from cxr_platform.deployment.export import ExportedModel, export_checkpoint
 from cxr_platform.deployment.pipeline import gate_for, parity_inputs
+from cxr_platform.deployment.population import intended_use_for, population_check_for
+from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.pipeline import tracker_for
 from cxr_platform.settings import CxrSettings, load_settings
 from cxr_platform_tests.conftest import EvaluatedCheckpoint
@@ -24,8 +26,16 @@ def settings(tmp_path) -> CxrSettings:
 
 
 def export_for_registry(
-    settings: CxrSettings, checkpoint: EvaluatedCheckpoint, cache, out_dir: Path, name: str
+    settings: CxrSettings,
+    checkpoint: EvaluatedCheckpoint,
+    cache,
+    out_dir: Path,
+    name: str,
+    other_population: Path | None = None,
 ) -> ExportedModel:
+    """As a release exports: the input gate, the intended use of the synthetic set the cache
+    holds (children of 1-5 years, declared) and, given images of another population, the check
+    by pixels fitted against them."""
     run = tracker_for(settings.registry).start_run(run_name=name, tags={"cxr.model_name": name})
     run.finish()
     return export_checkpoint(
@@ -34,6 +44,10 @@ def export_for_registry(
         out_dir,
         parity_inputs(cache),
         input_gate=gate_for(cache),
+        intended_use=intended_use_for(cache, settings.registry, None),
+        population_check=population_check_for(
+            Checkpoint.load(checkpoint.path), cache, other_population
+        ),
         model_name=name,
         mlflow_run_id=run.run_id,
         manifest_hash="manifest-under-test",

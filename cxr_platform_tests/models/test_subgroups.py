@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr_platform.data.patients import file_name_family
 from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.evaluation import EvaluationReport, evaluate_predictions, evaluate_split
 from cxr_platform.models.reporting import report_markdown
@@ -15,7 +16,6 @@ from cxr_platform.models.subgroups import (
     PROJECTION,
     SOURCE_FOLDER,
     evaluate_subgroups,
-    file_name_family,
     projection,
     source_folder,
     subgroup_columns,

@@ -25,6 +25,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from cxr_platform.data.patients import file_name_family
 from cxr_platform.defs.definitions import RELEASE_JOB, build_definitions
 from cxr_platform.defs.monitoring_assets import (
     DRIFT_CHECK_JOB,
@@ -39,7 +40,7 @@ from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import report_dir
-from cxr_platform.models.subgroups import FILE_FAMILY, file_name_family
+from cxr_platform.models.subgroups import FILE_FAMILY
 from cxr_platform.monitoring.windows import DriftCursor, check_window, ids_window
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings
@@ -50,13 +51,34 @@ HELD_OUT_FAMILY = "NORMAL#-IM"  # NORMAL2-IM-*: a second batch of normal images
 PNEUMONIA_PATIENTS = 250
 # A small model judged on a small split: this deployment's floors, for the release and the CLI.
 FLOORS = {"min_test_auc": 0.5, "min_test_sensitivity": 0.5, "min_test_specificity": 0.0}
+# What the released model's check by pixels must do (measured: see the note of issue 40): a
+# small model on a fifth of the real data, fitted against 24 adults' patients.
+ADULTS_REFUSED = 0.8
+CHILDREN_REFUSED = 0.03
+
+
+def adult_patients(adults_dir: Path) -> dict[str, list[Path]]:
+    """Images by patient (COVID-00003a and -00003b are one person)."""
+    by_patient: dict[str, list[Path]] = {}
+    for path in sorted((adults_dir / "images").iterdir()):
+        by_patient.setdefault(path.stem.rstrip("abcdefgh"), []).append(path)
+    return by_patient
 
 
 @pytest.fixture(scope="module")
-def released(kaggle_dir, tmp_path_factory):
+def released(kaggle_dir, adults_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("other_site")
     data = base / "data"
     rng = random.Random(0)
+    # Half the adults' patients are the examples export fits the check by pixels against; the
+    # other half, never seen by it, are what the test judges.
+    patients = adult_patients(adults_dir)
+    fitted_on = set(sorted(patients)[::2])
+    outside = base / "adults-for-export"
+    outside.mkdir()
+    for patient in fitted_on:
+        for path in patients[patient]:
+            (outside / path.name).symlink_to(path)
     pneumonia = sorted((kaggle_dir / "train" / "PNEUMONIA").iterdir())
     patients = sorted({path.name.split("_")[0] for path in pneumonia})
     kept = set(rng.sample(patients, PNEUMONIA_PATIENTS))
@@ -82,6 +104,7 @@ def released(kaggle_dir, tmp_path_factory):
         device="cpu",
         models=("baseline_cnn",),
         drift_window_size=380,  # one window: both sites' traffic
+        out_of_population_dir=outside,
         **FLOORS,
     )
     instance = dg.DagsterInstance.ephemeral()
@@ -90,7 +113,8 @@ def released(kaggle_dir, tmp_path_factory):
         instance=instance, raise_on_error=False
     )
     assert result.success
-    return settings, defs, instance, held_out, unseen
+    unseen_adults = [path for p in sorted(patients) if p not in fitted_on for path in patients[p]]
+    return settings, defs, instance, held_out, unseen, unseen_adults
 
 
 def test_the_evaluation_reports_each_file_name_family(released):
@@ -108,7 +132,7 @@ def test_the_evaluation_reports_each_file_name_family(released):
 
 
 def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_path):
-    settings, defs, instance, held_out, unseen = released
+    settings, defs, instance, held_out, unseen, _ = released
     registry = registry_for(settings.registry)
     test_split = pd.read_csv(
         next((settings.data.cache_dir).glob("*/test-*.csv")), dtype={"patient_id": str}
@@ -256,3 +280,32 @@ def _cxr(*args: str, settings) -> subprocess.CompletedProcess:
         env=env,
         timeout=600,
     )
+
+
+def test_adults_without_an_age_are_refused_by_pixels_and_children_are_answered(released, tmp_path):
+    """The released model is for the Kaggle set's children (1-5 years, declared by its
+    documentation). Adults' radiographs from patients its check by pixels never saw, as PNG or
+    JPEG with no age anywhere: refused as outside the intended use. Children it never trained on
+    (the unseen pneumonia patients and the held-out family of normals): answered."""
+    settings, _, _, held_out, unseen, unseen_adults = released
+    out = tmp_path / "adults.csv"
+    adults = _cxr(
+        "predict", *map(str, unseen_adults), "--out", str(out), "--no-log", settings=settings
+    )
+    assert adults.returncode == 1, adults.stderr[-2000:]  # refusals are rows with an error
+    rows = pd.read_csv(out)
+    refused = (
+        rows["error"]
+        .fillna("")
+        .str.startswith("outside_intended_use: unlike_the_training_population")
+    )
+    assert refused.mean() >= ADULTS_REFUSED, rows["error"].tolist()
+    out = tmp_path / "children.csv"
+    children = [*unseen, *held_out]
+    _cxr("predict", *map(str, children), "--out", str(out), "--no-log", settings=settings)
+    rows = pd.read_csv(out)
+    outside = rows["error"].fillna("").str.startswith("outside_intended_use")
+    assert outside.mean() <= CHILDREN_REFUSED, rows[outside]["error"].tolist()
+    card = _cxr("models", "--card", "production", settings=settings).stdout
+    assert "**Population: children aged one to five years" in card
+    assert "Ages: 1-5 years (completed) (declared: the documentation of" in card

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -60,11 +61,15 @@ class PacsModel:
 
 
 @pytest.fixture(scope="session")
-def pacs_model(trained_checkpoint, learnable_cache, tmp_path_factory) -> PacsModel:
+def pacs_model(
+    trained_checkpoint, learnable_cache, other_population, tmp_path_factory
+) -> PacsModel:
     """A registry whose production model is the trained baseline (96 px)."""
     base = tmp_path_factory.mktemp("pacs-model")
     settings = load_settings(home=base / "home")
-    exported = export_for_registry(settings, trained_checkpoint, learnable_cache, base / "x", "cxr")
+    exported = export_for_registry(
+        settings, trained_checkpoint, learnable_cache, base / "x", "cxr", other_population
+    )
     write_monitoring_reference(exported.directory, learnable_cache)  # as a release writes it
     registered = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
     registry_for(settings.registry).promote(registered.version, triggered_by="test")
@@ -86,6 +91,15 @@ def radiograph(png: Path, spec: RadiographSpec, size: tuple[int, int] = (640, 56
 def radiograph_bytes(png: Path, spec: RadiographSpec, **kwargs) -> tuple[Dataset, bytes]:
     ds = radiograph(png, spec, **kwargs)
     return ds, encode_dataset(ds)
+
+
+def sr_comment(path: Path) -> str:
+    """The words of a not-analysed SR: why the AI did not analyse the image."""
+    sr = pydicom.dcmread(path)
+    assert sr.Modality == "SR" and "not analysed" in sr.SeriesDescription
+    texts = [str(elem.value) for elem in sr.iterall() if elem.keyword == "TextValue"]
+    (comment,) = [text for text in texts if text.startswith("Not analysed by the AI: ")]
+    return comment.removeprefix("Not analysed by the AI: ")
 
 
 def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:

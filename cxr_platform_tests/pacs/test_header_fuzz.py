@@ -148,7 +148,7 @@ def marked_source(pixels: np.ndarray, n: int) -> Dataset:
     ds.StudyDescription = f"{m} XR CHEST"
     ds.PatientComments = f"{m} comment"
     ds.OtherPatientIDs = [f"{m}OTHER"]
-    ds.PatientAge = "054Y"
+    ds.PatientAge = "004Y"  # a child, as the demo models are for
     ds.PatientSize, ds.PatientWeight = "1.75", "70"
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "RPID16", "RADLEX", "XR CHEST"

@@ -34,7 +34,14 @@ from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.ports import free_port
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
-from .conftest import VARIANTS, dciodvfy_errors, radiograph, radiograph_bytes, wait_for
+from .conftest import (
+    VARIANTS,
+    dciodvfy_errors,
+    radiograph,
+    radiograph_bytes,
+    sr_comment,
+    wait_for,
+)
 from .scu import send
 
 pytestmark = pytest.mark.xdist_group("pacs")
@@ -189,6 +196,45 @@ def test_the_pixels_decide_whatever_the_header_says(node_factory, chest_pngs, tm
     assert dciodvfy_errors(sr_path) == []
     refusals = log.refusals().iloc[refusals_before:]
     assert len(refusals) == 2 and set(refusals["source"]) == {"dicom"}
+
+
+def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_result(
+    node_factory, chest_pngs, caplog
+):
+    """The test model is for children of 1-5 years. An 81-year-old by PatientAge, a 17-year-old
+    by birth date: a not-analysed SR saying so in words, never SEG, map or SC. A child, and a
+    header whose age cannot be read (the pixels then decide), get all four results."""
+    node = node_factory()
+    node.start()
+    adult = radiograph(chest_pngs[3], RadiographSpec(patient_age="081Y", patient_id="A"))
+    teen = radiograph(chest_pngs[4], RadiographSpec(birth_date="20000101", patient_id="T"))
+    child = radiograph(chest_pngs[5], RadiographSpec(patient_age="004Y", patient_id="C"))
+    unreadable_age = radiograph(chest_pngs[6], RadiographSpec(patient_age="62", patient_id="U"))
+    sent = [adult, teen, child, unreadable_age]
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    refusals_before = len(log.refusals())
+    assert send(node.port, sent).statuses == [0, 0, 0, 0]
+    wait_for(lambda: node.counters.processed + node.counters.refused == 4, what="all four")
+
+    by_study = {study.study_uid: study.files for study in node.storage.outbox()}
+    for refused, words in (
+        (adult, "patient age 81 years (PatientAge)"),
+        (teen, "(PatientBirthDate) is outside"),
+    ):
+        assert node.storage.status(refused.SOPInstanceUID) == "refused"
+        assert node.storage.detail(refused.SOPInstanceUID).startswith("outside_intended_use: ")
+        (sr_path,) = by_study[refused.StudyInstanceUID]  # the SR only
+        comment = sr_comment(sr_path)
+        assert words in comment and comment.endswith("intended use: 1-5 years"), comment
+        assert dciodvfy_errors(sr_path) == []
+    for read in (child, unreadable_age):
+        assert node.storage.status(read.SOPInstanceUID) == "processed"
+        assert len(by_study[read.StudyInstanceUID]) == 4
+    refusals = log.refusals().iloc[refusals_before:]
+    assert list(refusals["reason"]) == ["outside_intended_use"] * 2
+    assert not any("81" in str(detail) for detail in refusals["detail"])
+    # Nor does the node's own log say the age.
+    assert not any("81 years" in record.getMessage() for record in caplog.records)
 
 
 def test_the_not_analysed_sr_can_be_turned_off(node_factory):

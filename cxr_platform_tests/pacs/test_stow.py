@@ -14,8 +14,9 @@ from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.pacs.stow import split_multipart_related
+from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
-from .conftest import VARIANTS, radiograph, wait_for
+from .conftest import VARIANTS, radiograph, sr_comment, wait_for
 
 pytestmark = pytest.mark.xdist_group("pacs")
 
@@ -74,6 +75,23 @@ def test_instances_stored_by_stow_rs_are_scored_like_c_store_ones(stow_node, che
     again = post(stow_node, [encode_dataset(good[0])], key="stow-key-5678")
     assert again.status_code == 200  # a re-sent instance is acknowledged, not scored twice
     assert stow_node.counters.duplicates == 1
+
+
+def test_stow_rs_refuses_a_patient_outside_the_intended_use_with_the_reason_in_words(
+    stow_node, chest_pngs
+):
+    adult = radiograph(chest_pngs[2], RadiographSpec(patient_age="045Y"))
+    child = radiograph(chest_pngs[3], RadiographSpec(patient_age="003Y"))
+    answer = post(stow_node, [encode_dataset(adult), encode_dataset(child)])
+    assert answer.status_code == 200, answer.text  # stored: what the node then says is a result
+    wait_for(lambda: stow_node.storage.status(str(adult.SOPInstanceUID)) == "refused")
+    wait_for(lambda: stow_node.storage.status(str(child.SOPInstanceUID)) == "processed")
+    by_study = {study.study_uid: study.files for study in stow_node.storage.outbox()}
+    (sr_path,) = by_study[adult.StudyInstanceUID]
+    assert sr_comment(sr_path) == (
+        "patient age 45 years (PatientAge) is outside this model's intended use: 1-5 years"
+    )
+    assert len(by_study[child.StudyInstanceUID]) == 4
 
 
 def test_a_study_in_the_path_must_match_the_instances(stow_node, chest_pngs):

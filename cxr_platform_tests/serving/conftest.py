@@ -42,10 +42,14 @@ class LiveService:
 
 
 @pytest.fixture(scope="module")
-def live_service(trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path_factory):
+def live_service(
+    trained_checkpoint, untrained_checkpoint, learnable_cache, other_population, tmp_path_factory
+):
     base = tmp_path_factory.mktemp("service")
     settings = load_settings(home=base / "home")
-    good = export_for_registry(settings, trained_checkpoint, learnable_cache, base / "a", "good")
+    good = export_for_registry(
+        settings, trained_checkpoint, learnable_cache, base / "a", "good", other_population
+    )
     bad = export_for_registry(settings, untrained_checkpoint, learnable_cache, base / "b", "bad")
     production = register_exported(settings.registry, good, triggered_by="test", shadow=False)
     shadow = register_exported(settings.registry, bad, triggered_by="test", shadow=True)

@@ -361,6 +361,87 @@ def test_what_is_not_a_chest_radiograph_gets_422_and_no_diagnosis(live_service, 
         assert 'reason="not_a_chest_radiograph"' in anonymous.get("/metrics").text
 
 
+def chest_dicom(seed: int, **header) -> bytes:
+    """A synthetic chest radiograph as DICOM, with header fields about the patient's age."""
+    return to_bytes(make_dicom(chest(seed, size=(240, 200)), extra=header))
+
+
+# The test models are for children of 1-5 years (declared for the synthetic set): the header,
+# or the caller, may say otherwise.
+AGE_CASES = {
+    "child by PatientAge": ({"PatientAge": "004Y"}, None),
+    "adolescent by PatientAge": ({"PatientAge": "017Y"}, "patient age 17 years (PatientAge)"),
+    "adult by PatientAge": ({"PatientAge": "081Y"}, "patient age 81 years (PatientAge)"),
+    "adult by birth date": (
+        {"PatientBirthDate": "19450301", "StudyDate": "20260301"},
+        "patient age 81 years (PatientBirthDate)",
+    ),
+    "malformed age, no birth date": ({"PatientAge": "sixty"}, None),
+    "no age at all": ({}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGE_CASES))
+def test_a_header_age_outside_the_intended_use_gets_422_with_the_reason_in_words(
+    live_service, case
+):
+    header, refused_as = AGE_CASES[case]
+    log = live_service.inference_log()
+    with live_service.client() as client:
+        response = post_image(client, chest_dicom(31, **header), name="study.dcm")
+    body = response.json()
+    if refused_as is None:  # inside, or unknown: the synthetic pixels pass the check by pixels
+        assert response.status_code == 200, body
+        return
+    assert response.status_code == 422, body
+    assert body["error"] == "outside_intended_use" and body["why"] == "patient_age"
+    assert body["detail"] == f"{refused_as} is outside this model's intended use: 1-5 years"
+    assert "probability" not in body and "label" not in body
+    refusals = log.refusals()
+    row = refusals[refusals["request_id"] == body["request_id"]].iloc[0]
+    # The log keeps no patient data: the range the age fell outside of, not the age.
+    assert row.reason == "outside_intended_use"
+    assert row.detail == (
+        "patient_age: the stated age is outside this model's intended use: 1-5 years"
+    )
+    assert row.gate_score is None or row.gate_score != row.gate_score  # None, or NaN
+
+
+def test_the_caller_states_an_age_in_a_form_field_or_a_header(live_service):
+    with live_service.client() as client:
+        child = client.post(
+            "/predict", files={"file": ("x.png", png(3))}, data={"patient_age": "4"}
+        )
+        assert child.status_code == 200, child.text
+        adult = client.post(
+            "/predict", files={"file": ("x.png", png(3))}, data={"patient_age": "045Y"}
+        )
+        assert adult.status_code == 422 and adult.json()["error"] == "outside_intended_use"
+        assert "45 years (caller)" in adult.json()["detail"]
+        by_header = post_image(client, png(3), headers={"X-CXR-Patient-Age": "81"})
+        assert by_header.status_code == 422, by_header.text
+        explained = post_image(
+            client, png(3), route="/explain", headers={"X-CXR-Patient-Age": "81"}
+        )
+        assert explained.status_code == 422 and explained.json()["why"] == "patient_age"
+        # A DICOM that says four and a caller who says 81: every stated age must be inside.
+        both = post_image(
+            client, chest_dicom(5, PatientAge="004Y"), headers={"X-CXR-Patient-Age": "81"}
+        )
+        assert both.status_code == 422
+        for wrong in ("sixty", "200", "-1"):
+            bad = client.post(
+                "/predict", files={"file": ("x.png", png(3))}, data={"patient_age": wrong}
+            )
+            assert bad.status_code == 400 and bad.json()["error"] == "bad_patient_age", wrong
+        bad_header = post_image(client, png(3), headers={"X-CXR-Patient-Age": "old"})
+        assert bad_header.status_code == 400
+        info = client.get("/model").json()["production"]
+    assert info["intended_use"]["age_years"] == [1, 5]
+    assert info["intended_use"]["age_basis"].startswith("declared: ")
+    assert info["population_check"]["n_val"] > 0
+
+
 def test_the_shadows_own_gate_verdict_is_logged_with_each_prediction(live_service):
     with live_service.client() as client:
         response = post_image(client, png(11))

@@ -1,0 +1,206 @@
+"""A version's intended use: the record (measured or declared, and what a site declared
+instead), the age check, the check by pixels, and what export writes into the files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxr_platform.data.imaging import read_image
+from cxr_platform.data.populations import KERMANY_2018, measure_population, recognise
+from cxr_platform.data.preprocessing import to_square_uint8
+from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.deployment.export import load_torchscript
+from cxr_platform.deployment.pipeline import register_exported, registry_for
+from cxr_platform.deployment.population import (
+    OutOfPopulationError,
+    fit_population_check,
+    intended_use_for,
+)
+from cxr_platform.deployment.quantize import add_int8_variant
+from cxr_platform.model_version.files import read_onnx_metadata
+from cxr_platform.model_version.intended_use import (
+    DECLARED,
+    MEASURED,
+    PATIENT_AGE,
+    Basis,
+    IntendedUse,
+    IntendedUseError,
+)
+from cxr_platform.model_version.population_check import PopulationCheck, PopulationCheckError
+from cxr_platform.model_version.predictor import Predictor
+from cxr_platform.settings import load_settings
+from cxr_platform_tests.conftest import other_population_images
+from cxr_platform_tests.deployment.conftest import export_for_registry
+from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
+
+CHILDREN = IntendedUse(
+    population="children aged one to five years",
+    age_years=(1, 5),
+    age_basis=Basis(DECLARED, "the dataset's documentation"),
+    projections=("AP",),
+    projections_basis=Basis(DECLARED, "the dataset's documentation"),
+)
+
+
+def test_ages_are_inside_in_completed_years_and_a_refusal_says_why_in_words():
+    for inside in (1.0, 3.2, 5.0, 5.99):
+        assert CHILDREN.age_verdict(inside) is None
+    assert CHILDREN.age_verdict(None) is None  # unknown is no refusal by itself
+    for outside in (0.5, 6.0, 17.0, 81.0):
+        verdict = CHILDREN.age_verdict(outside, "PatientAge")
+        assert verdict is not None and not verdict.accepted and verdict.reason == PATIENT_AGE
+    words = CHILDREN.age_verdict(81.3, "PatientAge").detail
+    assert (
+        words == "patient age 81 years (PatientAge) is outside this model's intended use: 1-5 years"
+    )
+    assert "6 months" in CHILDREN.age_verdict(0.5).detail
+
+
+def test_a_record_round_trips_and_a_declared_range_keeps_the_one_it_replaced():
+    assert IntendedUse.from_dict(json.loads(json.dumps(CHILDREN.to_dict()))) == CHILDREN
+    with pytest.raises(IntendedUseError, match="reason"):
+        CHILDREN.with_declared_ages((1, 17), "  ")
+    widened = CHILDREN.with_declared_ages((1, 17), "local validation on 400 adolescents")
+    assert widened.age_years == (1, 17) and widened.widened_from == (1, 5)
+    assert widened.age_basis.source == DECLARED and "400 adolescents" in widened.age_basis.detail
+    assert widened.age_verdict(16.0) is None and widened.age_verdict(18.0) is not None
+    assert widened.summary()["widened_from"] == [1, 5]
+    with pytest.raises(IntendedUseError):
+        IntendedUse.from_dict({"age_years": [1, 5]})  # no population
+
+
+def test_the_check_refuses_the_other_population_and_keeps_validations_99_5th_percentile():
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(8, 64))
+
+    def features(n: int, shift: float = 0.0) -> np.ndarray:
+        latent = rng.normal(size=(n, 8))
+        latent[:, :2] += shift  # another population: other values of two underlying factors
+        return latent @ mixing + rng.normal(scale=0.1, size=(n, 64))
+
+    train, val = features(600), features(400)
+    outside = features(60, shift=4.0)
+    groups = [f"patient{index // 2}" for index in range(len(outside))]
+    check = fit_population_check(train, val, outside, groups, source="others")
+    assert check.fitted_on["val_refused"] == 2  # the 99.5th percentile of 400
+    assert (check.refused(features(2000))).mean() < 0.02
+    assert check.refused(features(300, shift=4.0)).mean() > 0.95
+    held_out = check.fitted_on["out_of_population"]
+    assert held_out["n_patients"] == 30 and held_out["cv_folds"] == 5
+    assert held_out["cv_refused_rate"] > 0.9 and held_out["folder"] == "others"
+    restored = PopulationCheck.from_dict(json.loads(json.dumps(check.to_dict())))
+    assert np.allclose(restored.scores(outside), check.scores(outside), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PopulationCheckError):
+        check.scores(np.zeros((2, 3)))
+    with pytest.raises(OutOfPopulationError, match="one patient"):
+        fit_population_check(train, val, outside, ["same"] * len(outside))
+
+
+def test_the_kaggle_files_are_recognised_by_their_names_and_declare_their_population(tmp_path):
+    names = ["person12_virus_3.jpeg", "person3_bacteria_10.jpeg", "IM-0115-0001.jpeg"]
+    names += ["NORMAL2-IM-1427-0001.jpeg"]
+    measured = measure_population([tmp_path / n for n in names], [f"NORMAL/{n}" for n in names])
+    assert measured.n_dicom == 0 and measured.age_range is None
+    assert recognise(measured.file_families) is KERMANY_2018
+    assert recognise({"IM", "my-hospital"}) is None  # one foreign file: not the documented set
+    assert KERMANY_2018.age_years == (1, 5)
+
+
+def _dicom_folder(root, ages: list[int], view: str, modality: str = "DX"):
+    paths = []
+    pixels = (np.indices((96, 96)).sum(axis=0) % 255).astype(np.uint8)
+    for index, age in enumerate(ages):
+        spec = RadiographSpec(
+            modality=modality,
+            view_position=view,
+            patient_id=f"P{index}",
+            patient_age=f"{age:03d}Y",
+        )
+        path = root / f"img{index}.dcm"
+        radiograph_dataset(pixels, spec).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_ages_projections_and_modalities_are_measured_from_dicom_headers(tmp_path):
+    ages = [30 + (i % 40) for i in range(40)] + [2]  # a mistyped birth date among adults
+    paths = _dicom_folder(tmp_path, ages, "PA")
+    measured = measure_population(paths)
+    assert measured.n_dicom == len(ages) and len(measured.ages) == len(ages)
+    assert measured.age_range == (30, 68)  # the extreme one at each end left out
+    assert measured.named(measured.projections) == ("PA",)
+    assert measured.named(measured.modalities) == ("DX",)
+    assert measure_population(paths[:10]).age_range is None  # too few ages to measure a range
+
+
+def test_export_writes_the_intended_use_and_the_check_into_every_model_file(
+    trained_checkpoint, learnable_cache, other_population, tmp_path
+):
+    """As a release exports: the synthetic set declares the paediatric population it stands in
+    for; the fp32 and INT8 graphs, the TorchScript file, metadata.json and the registry tags all
+    say so, and the ONNX graph gives the check its features."""
+    settings = load_settings(home=tmp_path / "home")
+    exported = export_for_registry(
+        settings, trained_checkpoint, learnable_cache, tmp_path / "export", "cxr", other_population
+    )
+    folder = exported.directory
+    add_int8_variant(
+        folder,
+        learnable_cache.images("val", mmap=False),
+        learnable_cache.labels("val"),
+        max_auc_drop=1.0,  # kept whatever it costs: this test reads its metadata
+    )
+    expected = IntendedUse.from_dict(
+        json.loads((folder / "metadata.json").read_text())["intended_use"]
+    )
+    assert expected.age_years == (1, 5) and expected.age_basis.source == DECLARED
+    for name in ("model.onnx", "model.int8.onnx"):
+        assert read_onnx_metadata(folder / name).use == expected, name
+    _, torchscript_metadata = load_torchscript(folder / "model.torchscript.pt")
+    assert torchscript_metadata.use == expected
+    for precision in ("fp32", "int8"):
+        predictor = Predictor(folder, precision=precision)
+        assert predictor.population is not None and predictor.intended_use == expected
+        square = learnable_cache.images("test", mmap=False)[:2]
+        _, features = predictor.run(square)
+        assert features.shape == (2, predictor.population.dimensions)
+    # The check keeps the model's own population and refuses the other one, of patients (a
+    # synthetic seed) it was never fitted on.
+    predictor = Predictor(folder)
+    _, own = predictor.run(learnable_cache.images("test", mmap=False))
+    assert predictor.population.refused(own).mean() <= 0.03
+    source = generate_synthetic_dataset(
+        tmp_path / "unseen", SyntheticSpec(n_patients=12, seed=29), progress=False
+    )
+    unseen = other_population_images(source, tmp_path / "unseen-other")
+    squares = np.stack(
+        [
+            to_square_uint8(read_image(p).pixels, predictor.preprocessing)
+            for p in sorted(unseen.iterdir())
+        ]
+    )
+    _, others = predictor.run(squares)
+    assert predictor.population.refused(others).mean() >= 0.8
+    info = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
+    tags = registry_for(settings.registry).get(info.version).release
+    assert tags.intended_use["age_years"] == [1, 5]
+    assert tags.population_check["n_val"] == len(learnable_cache.labels("val"))
+
+
+def test_a_deployment_declares_another_range_only_with_its_reason(learnable_cache, tmp_path):
+    with pytest.raises(ValueError, match="reason"):
+        load_settings(home=tmp_path, intended_age_years="1-17")
+    with pytest.raises(ValueError, match="1-17"):
+        load_settings(home=tmp_path, intended_age_years="adults", intended_age_reason="x")
+    settings = load_settings(
+        home=tmp_path, intended_age_years="1-17", intended_age_reason="local study, 400 labels"
+    )
+    use = intended_use_for(learnable_cache, settings.registry, None)
+    assert use.age_years == (1, 17) and use.widened_from == (1, 5)
+    plain = intended_use_for(learnable_cache, load_settings(home=tmp_path).registry, None)
+    assert plain.age_years == (1, 5) and plain.widened_from is None
+    assert plain.age_basis.source == DECLARED and "synthetic" in plain.age_basis.detail
+    assert plain.age_basis.source != MEASURED
