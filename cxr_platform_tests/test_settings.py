@@ -40,6 +40,7 @@ SPECIAL_VALUES: dict[str, object] = {
     "dicom_allowed_aets": ("MODALITY", "ROUTER"),
     "split_ratios": (0.6, 0.2, 0.2),
     "device": "cpu",
+    "intended_age_years": "1-17",  # a range of completed years
 }
 
 

@@ -236,8 +236,8 @@ def _limitations(facts: CardFacts) -> list[str]:
     return notes
 
 
-def _values(items: list[str] | None) -> str:
-    return "/".join(items) if items else "not stated"
+def _field_line(name: str, values: list[str] | None, basis: str | None) -> str:
+    return f"- {name}: " + (f"{'/'.join(values)} ({basis})." if values else "not stated.")
 
 
 def _intended_use_lines(tags: VersionTags) -> list[str]:
@@ -274,20 +274,18 @@ def _intended_use_lines(tags: VersionTags) -> list[str]:
     return [
         f"- **Population: {use.get('population')}.**",
         age_line,
-        f"- Projections: {_values(use.get('projections'))} ({use.get('projections_basis')}).",
-        f"- Modalities: {_values(use.get('modalities'))} ({use.get('modalities_basis')}).",
+        _field_line("Projections", use.get("projections"), use.get("projections_basis")),
+        _field_line("Modalities", use.get("modalities"), use.get("modalities_basis")),
         "- Outside it the platform gives no answer: an image is refused by the patient age its "
         f"header (or the caller) states, {pixels}; the reason goes back in words "
         "(`outside_intended_use`).",
     ]
 
 
-def card_markdown(facts: CardFacts) -> str:
-    """The card as Markdown (what ``cxr models --card`` prints and MLflow's UI renders)."""
+def _header_lines(facts: CardFacts) -> list[str]:
     tags = facts.tags
-    evaluation = facts.evaluation or {}
     created = facts.created_at.strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
+    return [
         f"# Model card: {facts.registered_model} version {facts.version}",
         "",
         *_table(
@@ -306,6 +304,12 @@ def card_markdown(facts: CardFacts) -> str:
         "",
         "## Not intended for",
         *[f"- {line}" for line in NOT_INTENDED_USE],
+    ]
+
+
+def _training_lines(facts: CardFacts) -> list[str]:
+    tags, evaluation = facts.tags, facts.evaluation or {}
+    lines = [
         "",
         "## Training data and split",
         f"- Source: {_data_source(tags)}.",
@@ -329,8 +333,11 @@ def card_markdown(facts: CardFacts) -> str:
     ]
     if trained_with:
         lines += ["", "Training:", "", *_table(("parameter", "value"), trained_with)]
+    return lines
 
-    lines += ["", "## Operating point"]
+
+def _operating_point_lines(tags: VersionTags) -> list[str]:
+    lines = ["", "## Operating point"]
     lines.append(
         f"- Threshold {_number(tags.threshold, 4)} on the calibrated probability"
         + (f" ({tags.threshold_rule})" if tags.threshold_rule else "")
@@ -356,10 +363,13 @@ def card_markdown(facts: CardFacts) -> str:
                 )
                 + "."
             )
+    return lines
 
-    lines += ["", "## Performance"]
-    splits = evaluation.get("splits") or {}
-    test = splits.get("test")
+
+def _performance_lines(facts: CardFacts) -> list[str]:
+    tags, evaluation = facts.tags, facts.evaluation or {}
+    lines = ["", "## Performance"]
+    test = (evaluation.get("splits") or {}).get("test")
     if test:
         unit = test.get("interval_unit", "image")
         lines += [
@@ -390,64 +400,64 @@ def card_markdown(facts: CardFacts) -> str:
             if tags.metrics
             else ["No evaluation was recorded for this version."]
         )
+    return lines
 
+
+def _subgroup_lines(evaluation: dict[str, Any]) -> list[str]:
     subgroups = evaluation.get("subgroups") or []
-    lines += ["", "## Subgroups"]
-    if subgroups:
-        lines += [
-            "Groups the data names (source folder, file-name family, projection); 'flagged' "
-            "when a rate's whole 95% interval lies below the split's own figure.",
-            "",
-            *_table(
-                (
-                    "split",
-                    "by",
-                    "group",
-                    "images",
-                    "AUC",
-                    "sensitivity (95% CI)",
-                    "specificity (95% CI)",
-                    "flagged",
-                ),
-                _subgroup_rows(subgroups),
+    lines = ["", "## Subgroups"]
+    if not subgroups:
+        return lines + ["The data names no subgroups (one folder, one file-name family)."]
+    return lines + [
+        "Groups the data names (source folder, file-name family, projection); 'flagged' "
+        "when a rate's whole 95% interval lies below the split's own figure.",
+        "",
+        *_table(
+            (
+                "split",
+                "by",
+                "group",
+                "images",
+                "AUC",
+                "sensitivity (95% CI)",
+                "specificity (95% CI)",
+                "flagged",
             ),
-        ]
-    else:
-        lines.append("The data names no subgroups (one folder, one file-name family).")
+            _subgroup_rows(subgroups),
+        ),
+    ]
 
-    lines += ["", "## Input gate"]
-    gate = tags.input_gate
-    if gate:
-        limits = gate.get("limits") or {}
-        lines += [
-            "Images that are not chest radiographs, and inverted or degenerate ones, are refused "
-            "before scoring (HTTP 422, DICOM failure status) rather than given a probability.",
-            "",
-            *_table(
-                ("", ""),
-                [
-                    ("method", gate.get("method", "ppca-thumbnail")),
-                    ("components", gate.get("components", "?")),
-                    ("distance threshold", _number(gate.get("threshold"))),
-                    ("fitted on (train images)", gate.get("n_train", "?")),
-                    (
-                        "validation images refused",
-                        f"{gate.get('val_refused', '?')} of {gate.get('n_val', '?')}"
-                        + (
-                            f" ({100 * gate['val_refusal_rate']:.1f}%)"
-                            if gate.get("val_refusal_rate") is not None
-                            else ""
-                        ),
-                    ),
-                    *[(f"limit: {name}", value) for name, value in sorted(limits.items())],
-                ],
-            ),
-        ]
-    else:
-        lines.append("This version has no input gate.")
 
-    lines += ["", "## Known limitations", *[f"- {note}" for note in _limitations(facts)]]
+def _input_gate_lines(gate: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Input gate"]
+    if not gate:
+        return lines + ["This version has no input gate."]
+    limits = gate.get("limits") or {}
+    refused = f"{gate.get('val_refused', '?')} of {gate.get('n_val', '?')}" + (
+        f" ({100 * gate['val_refusal_rate']:.1f}%)"
+        if gate.get("val_refusal_rate") is not None
+        else ""
+    )
+    return lines + [
+        "Images that are not chest radiographs, and inverted or degenerate ones, are refused "
+        "before scoring (HTTP 422, DICOM failure status) rather than given a probability.",
+        "",
+        *_table(
+            ("", ""),
+            [
+                ("method", gate.get("method", "ppca-thumbnail")),
+                ("components", gate.get("components", "?")),
+                ("distance threshold", _number(gate.get("threshold"))),
+                ("fitted on (train images)", gate.get("n_train", "?")),
+                ("validation images refused", refused),
+                *[(f"limit: {name}", value) for name, value in sorted(limits.items())],
+            ],
+        ),
+    ]
 
+
+def _lineage_lines(facts: CardFacts) -> list[str]:
+    tags = facts.tags
     run = f"`{facts.run_id}`" if facts.run_id else "unknown"
     if facts.run_id and facts.run_link:
         run = f"[`{facts.run_id}`]({facts.run_link})"
@@ -471,7 +481,24 @@ def card_markdown(facts: CardFacts) -> str:
         )
     if tags.int8:
         lineage.append(("INT8 model", tags.int8))
-    lines += ["", "## Lineage", *_table(("", ""), lineage), ""]
+    return ["", "## Lineage", *_table(("", ""), lineage), ""]
+
+
+def card_markdown(facts: CardFacts) -> str:
+    """The card as Markdown (what ``cxr models --card`` prints and MLflow's UI renders), one
+    section after another."""
+    lines = [
+        *_header_lines(facts),
+        *_training_lines(facts),
+        *_operating_point_lines(facts.tags),
+        *_performance_lines(facts),
+        *_subgroup_lines(facts.evaluation or {}),
+        *_input_gate_lines(facts.tags.input_gate),
+        "",
+        "## Known limitations",
+        *[f"- {note}" for note in _limitations(facts)],
+        *_lineage_lines(facts),
+    ]
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ Measurements: ``benchmarks/input_gate.py`` and ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.arrays import decode_floats, encode_floats
 
 GATE_FORMAT = 1
 THUMBNAIL_SIDE = 32
@@ -134,17 +134,6 @@ def degenerate_verdict(pixels: np.ndarray, limits: DegenerateLimits) -> GateVerd
     return None
 
 
-def _encode(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _decode(text: str, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(text), dtype="<f4")
-    if array.size != int(np.prod(shape)):
-        raise InputGateError(f"input gate array of {array.size} values, expected shape {shape}")
-    return array.reshape(shape).astype(np.float32)
-
-
 @dataclass(frozen=True, eq=False)
 class InputGate:
     mean: np.ndarray  # (D,) mean training thumbnail
@@ -218,8 +207,8 @@ class InputGate:
         return {
             "format": GATE_FORMAT,
             "thumbnail_side": THUMBNAIL_SIDE,
-            "mean": _encode(self.mean),
-            "components": _encode(self.components),
+            "mean": encode_floats(self.mean),
+            "components": encode_floats(self.components),
             "n_components": int(len(self.components)),
             "variances": [float(v) for v in self.variances],
             "residual_variance": float(self.residual_variance),
@@ -236,8 +225,8 @@ class InputGate:
             dims = THUMBNAIL_SIDE * THUMBNAIL_SIDE
             k = int(values["n_components"])
             return cls(
-                mean=_decode(values["mean"], (dims,)),
-                components=_decode(values["components"], (k, dims)),
+                mean=decode_floats(values["mean"], (dims,)),
+                components=decode_floats(values["components"], (k, dims)),
                 variances=np.asarray(values["variances"], dtype=np.float32),
                 residual_variance=float(values["residual_variance"]),
                 threshold=float(values["threshold"]),

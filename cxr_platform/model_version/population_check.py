@@ -23,7 +23,6 @@ Numpy only: applying the check is one dot product.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.arrays import decode_floats, encode_floats
 
 CHECK_FORMAT = 2
 # The threshold: this quantile of the validation split's scores. A split of fewer than
@@ -46,17 +46,6 @@ SMALL_SPLIT = 400
 
 class PopulationCheckError(CxrError):
     """A population check could not be fitted or read."""
-
-
-def _encode(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _decode(text: str, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(text), dtype="<f4")
-    if array.size != int(np.prod(shape)):
-        raise PopulationCheckError(f"array of {array.size} values, expected shape {shape}")
-    return array.reshape(shape).astype(np.float32)
 
 
 def standardisation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +97,9 @@ class PopulationCheck:
         return {
             "format": CHECK_FORMAT,
             "dimensions": self.dimensions,
-            "mean": _encode(self.mean),
-            "scale": _encode(self.scale),
-            "weights": _encode(self.weights),
+            "mean": encode_floats(self.mean),
+            "scale": encode_floats(self.scale),
+            "weights": encode_floats(self.weights),
             "bias": float(self.bias),
             "threshold": float(self.threshold),
             "fitted_on": dict(self.fitted_on),
@@ -124,9 +113,9 @@ class PopulationCheck:
         try:
             dims = int(values["dimensions"])
             return cls(
-                mean=_decode(values["mean"], (dims,)),
-                scale=_decode(values["scale"], (dims,)),
-                weights=_decode(values["weights"], (dims,)),
+                mean=decode_floats(values["mean"], (dims,)),
+                scale=decode_floats(values["scale"], (dims,)),
+                weights=decode_floats(values["weights"], (dims,)),
                 bias=float(values["bias"]),
                 threshold=float(values["threshold"]),
                 fitted_on=dict(values.get("fitted_on", {})),

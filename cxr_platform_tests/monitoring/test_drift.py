@@ -169,6 +169,41 @@ def test_a_surge_of_refused_images_fires_without_asking_for_a_fine_tune(referenc
     assert surge.to_dict()["refusal_rate"] == pytest.approx((n // 3) / (n + n // 3))
 
 
+def test_patients_outside_the_intended_use_are_counted_per_site_apart_from_the_gate(
+    reference, fresh_patients
+):
+    """A site sending adults to a children's model is a routing finding of its own: its
+    intended-use refusals are judged per site, not mixed with the input gate's."""
+    window = _window(fresh_patients)
+    n = len(window)
+    window["site"] = np.where(np.arange(n) % 2 == 0, "adults-ward", "paediatrics")
+    result = evaluate_window(
+        reference,
+        window,
+        window="w",
+        model_version="3",
+        n_refused=2,
+        refused_by_site={"paediatrics": 2},
+        n_outside_intended_use=n // 3,
+        outside_by_site={"adults-ward": n // 3},
+    )
+    ward, paediatrics = result.by_site["adults-ward"], result.by_site["paediatrics"]
+    assert ward.intended_use_drift and ward.failed == ("intended use",), ward
+    assert not paediatrics.intended_use_drift and not paediatrics.refusal_drift
+    assert not ward.refusal_drift and ward.n_refused == 0  # the gate refused none of its images
+    assert result.intended_use_drift and result.fired and not result.model_drift
+    assert not result.refusal_drift
+    assert any(
+        r.startswith("site adults-ward:") and "outside the version's intended use" in r
+        for r in result.reasons
+    ), result.reasons
+    assert "| adults-ward |" in sites_markdown(result)
+    saved = result.to_dict()
+    assert saved["by_site"]["adults-ward"]["outside_intended_use_rate"] == pytest.approx(
+        (n // 3) / (ward.n_records + n // 3)
+    )
+
+
 def test_only_the_versions_rows_are_compared_and_reports_are_saved(
     reference, fresh_patients, tmp_path
 ):

@@ -51,9 +51,10 @@ HELD_OUT_FAMILY = "NORMAL#-IM"  # NORMAL2-IM-*: a second batch of normal images
 PNEUMONIA_PATIENTS = 250
 # A small model judged on a small split: this deployment's floors, for the release and the CLI.
 FLOORS = {"min_test_auc": 0.5, "min_test_sensitivity": 0.5, "min_test_specificity": 0.0}
-# What the released model's check by pixels must do (measured: see the note of issue 40): a
-# small model on a fifth of the real data, fitted against 24 adults' patients.
-ADULTS_REFUSED = 0.8
+# What the released model's check by pixels must do: a small model (96 px, the demo recipe) on
+# part of the real data, fitted against half the adults' patients. Measured when written: 12 of
+# the 15 unseen adults its input gate let through refused, 22 of 25 not answered at all.
+ADULTS_REFUSED = 0.7
 CHILDREN_REFUSED = 0.03
 
 
@@ -72,12 +73,12 @@ def released(kaggle_dir, adults_dir, tmp_path_factory):
     rng = random.Random(0)
     # Half the adults' patients are the examples export fits the check by pixels against; the
     # other half, never seen by it, are what the test judges.
-    patients = adult_patients(adults_dir)
-    fitted_on = set(sorted(patients)[::2])
+    adults = adult_patients(adults_dir)
+    fitted_on = set(sorted(adults)[::2])
     outside = base / "adults-for-export"
     outside.mkdir()
     for patient in fitted_on:
-        for path in patients[patient]:
+        for path in adults[patient]:
             (outside / path.name).symlink_to(path)
     pneumonia = sorted((kaggle_dir / "train" / "PNEUMONIA").iterdir())
     patients = sorted({path.name.split("_")[0] for path in pneumonia})
@@ -113,7 +114,7 @@ def released(kaggle_dir, adults_dir, tmp_path_factory):
         instance=instance, raise_on_error=False
     )
     assert result.success
-    unseen_adults = [path for p in sorted(patients) if p not in fitted_on for path in patients[p]]
+    unseen_adults = [path for p in sorted(adults) if p not in fitted_on for path in adults[p]]
     return settings, defs, instance, held_out, unseen, unseen_adults
 
 
@@ -293,13 +294,13 @@ def test_adults_without_an_age_are_refused_by_pixels_and_children_are_answered(r
         "predict", *map(str, unseen_adults), "--out", str(out), "--no-log", settings=settings
     )
     assert adults.returncode == 1, adults.stderr[-2000:]  # refusals are rows with an error
-    rows = pd.read_csv(out)
-    refused = (
-        rows["error"]
-        .fillna("")
-        .str.startswith("outside_intended_use: unlike_the_training_population")
-    )
-    assert refused.mean() >= ADULTS_REFUSED, rows["error"].tolist()
+    errors = pd.read_csv(out)["error"].fillna("")
+    # This small model's input gate already takes some adults for no chest radiograph at all;
+    # of those it lets through, the check by pixels must refuse most.
+    by_gate = errors.str.startswith("not_a_chest_radiograph")
+    by_check = errors.str.startswith("outside_intended_use: unlike_the_training_population")
+    assert by_check.sum() / (~by_gate).sum() >= ADULTS_REFUSED, errors.tolist()
+    assert (errors == "").mean() <= 0.2, errors.tolist()  # answered
     out = tmp_path / "children.csv"
     children = [*unseen, *held_out]
     _cxr("predict", *map(str, children), "--out", str(out), "--no-log", settings=settings)
