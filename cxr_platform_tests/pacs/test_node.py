@@ -32,6 +32,7 @@ from cxr_platform.pacs.node import NodeConfigError
 from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, DestinationError
 from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.ports import free_port
+from cxr_platform_tests.conftest import other_population_images
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 from .conftest import (
@@ -199,27 +200,32 @@ def test_the_pixels_decide_whatever_the_header_says(node_factory, chest_pngs, tm
 
 
 def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_result(
-    node_factory, chest_pngs, caplog
+    node_factory, chest_pngs, tiny_synthetic, tmp_path, caplog
 ):
     """The test model is for children of 1-5 years. An 81-year-old by PatientAge, a 17-year-old
-    by birth date: a not-analysed SR saying so in words, never SEG, map or SC. A child, and a
-    header whose age cannot be read (the pixels then decide), get all four results."""
+    by birth date, and an image of the population it is not for with no age at all (refused by
+    pixels): a not-analysed SR saying so in words, never SEG, map or SC. A child, and a header
+    whose age cannot be read (the pixels then decide), get all four results."""
     node = node_factory()
     node.start()
     adult = radiograph(chest_pngs[3], RadiographSpec(patient_age="081Y", patient_id="A"))
     teen = radiograph(chest_pngs[4], RadiographSpec(birth_date="20000101", patient_id="T"))
     child = radiograph(chest_pngs[5], RadiographSpec(patient_age="004Y", patient_id="C"))
     unreadable_age = radiograph(chest_pngs[6], RadiographSpec(patient_age="62", patient_id="U"))
-    sent = [adult, teen, child, unreadable_age]
+    # The test population the model is not for, no age in the header: the pixels decide.
+    (other,) = sorted(other_population_images(tiny_synthetic, tmp_path / "others", 1).iterdir())
+    unstated = radiograph(other, RadiographSpec(birth_date="", patient_id="O"))
+    sent = [adult, teen, child, unreadable_age, unstated]
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
     refusals_before = len(log.refusals())
-    assert send(node.port, sent).statuses == [0, 0, 0, 0]
-    wait_for(lambda: node.counters.processed + node.counters.refused == 4, what="all four")
+    assert send(node.port, sent).statuses == [0] * 5
+    wait_for(lambda: node.counters.processed + node.counters.refused == 5, what="all five")
 
     by_study = {study.study_uid: study.files for study in node.storage.outbox()}
     for refused, words in (
         (adult, "patient age 81 years (PatientAge)"),
         (teen, "(PatientBirthDate) is outside"),
+        (unstated, "looks like a patient this model was not made for"),
     ):
         assert node.storage.status(refused.SOPInstanceUID) == "refused"
         assert node.storage.detail(refused.SOPInstanceUID).startswith("outside_intended_use: ")
@@ -231,7 +237,7 @@ def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_resu
         assert node.storage.status(read.SOPInstanceUID) == "processed"
         assert len(by_study[read.StudyInstanceUID]) == 4
     refusals = log.refusals().iloc[refusals_before:]
-    assert list(refusals["reason"]) == ["outside_intended_use"] * 2
+    assert list(refusals["reason"]) == ["outside_intended_use"] * 3
     assert not any("81" in str(detail) for detail in refusals["detail"])
     # Nor does the node's own log say the age.
     assert not any("81 years" in record.getMessage() for record in caplog.records)

@@ -33,6 +33,7 @@ from cxr_platform.deployment.registry import PRODUCTION, SHADOW
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
+from ..conftest import other_population_images
 from ..data.dicom_factory import make_dicom, to_bytes
 from .conftest import MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
 
@@ -147,7 +148,12 @@ def odd_valid_inputs() -> dict[str, tuple[str, bytes]]:
     return {
         "rgb_png": ("rgb.png", encode(rgb, "PNG")),
         "rgba_png": ("rgba.png", encode(rgba, "PNG")),
-        "palette_png": ("palette.png", encode(rgb.convert("P"), "PNG")),
+        # An adaptive palette holds a grey radiograph's levels; the default web palette has six
+        # greys and dithers the rest into noise no export writes.
+        "palette_png": (
+            "palette.png",
+            encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "PNG"),
+        ),
         "16bit_png": ("sixteen.png", encode(sixteen, "PNG")),
         "jpeg_named_png": ("really_a_jpeg.png", encode(rgb, "JPEG", quality=90)),
         "12bit_dicom": ("image.dcm", to_bytes(twelve_bit)),
@@ -440,6 +446,33 @@ def test_the_caller_states_an_age_in_a_form_field_or_a_header(live_service):
     assert info["intended_use"]["age_years"] == [1, 5]
     assert info["intended_use"]["age_basis"].startswith("declared: ")
     assert info["population_check"]["n_val"] > 0
+
+
+def test_the_other_population_without_an_age_is_refused_by_pixels_not_with_an_age_stated(
+    live_service, tiny_synthetic, tmp_path
+):
+    """The test model's check by pixels was fitted against the test population it is not for
+    (see ``other_population``); these are of patients it never saw. Unless an age is stated,
+    which the check by pixels then leaves to the age check."""
+    others = sorted(other_population_images(tiny_synthetic, tmp_path / "others", 6).iterdir())
+    with live_service.client() as client:
+        answers = [post_image(client, path.read_bytes(), name=path.name) for path in others]
+        # None is answered: the check by pixels refuses them (the input gate, the odd one).
+        assert all(a.status_code == 422 for a in answers), [a.text for a in answers]
+        outside = [
+            (path, a.json())
+            for path, a in zip(others, answers, strict=True)
+            if a.json()["error"] == "outside_intended_use"
+        ]
+        assert len(outside) >= 4, [a.text for a in answers]
+        for _, body in outside:
+            assert body["why"] == "unlike_the_training_population"
+            assert "looks like a patient this model was not made for" in body["detail"]
+        first = outside[0][0]
+        stated = client.post(
+            "/predict", files={"file": (first.name, first.read_bytes())}, data={"patient_age": "4"}
+        )
+        assert stated.status_code == 200, stated.text
 
 
 def test_the_shadows_own_gate_verdict_is_logged_with_each_prediction(live_service):
