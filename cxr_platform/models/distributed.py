@@ -134,9 +134,33 @@ def launch(nproc_per_node: int, entrypoint: Callable[..., T], *args: Any) -> T:
     try:
         results = elastic_launch(config, _recorded)(entrypoint, *args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", message)
-        raise DistributedLaunchError(f"rank {rank} of {nproc_per_node} failed: {message}") from exc
+        raise DistributedLaunchError(_root_cause(exc, nproc_per_node)) from exc
     return results[0]
+
+
+# What a rank raises when another rank died under it: a consequence, never the cause.
+_LOST_A_PEER = ("connection closed by peer", "remote worker crashing", "connectfullmesh")
+
+
+def _failure_text(failure: Any) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    return str(message)
+
+
+def _root_cause(exc: Any, nproc_per_node: int) -> str:
+    """The rank whose own error started it. The launcher's first failure is by timestamps of
+    whole seconds, so a rank that died of losing its peer can tie with, and be named before,
+    the rank that raised; a peer-lost error is named only when every rank has one."""
+    texts = {rank: _failure_text(failure) for rank, failure in exc.failures.items()}
+
+    def order(rank: int) -> tuple[bool, int, int]:
+        lost = any(marker in texts[rank].lower() for marker in _LOST_A_PEER)
+        return lost, exc.failures[rank].timestamp, rank
+
+    first, *others = sorted(texts, key=order)
+    message = f"rank {first} of {nproc_per_node} failed: {texts[first]}"
+    if others:
+        message += f" (rank {', '.join(map(str, others))} failed after it)"
+    return message

@@ -163,6 +163,25 @@ def test_a_failing_rank_is_reported_with_its_error():
         launch(2, fail_on_rank_one)
 
 
+def test_the_rank_that_raised_is_named_before_the_rank_that_lost_it():
+    """Error files carry whole seconds: a rank that died of the other's exit can tie with it."""
+    from types import SimpleNamespace
+
+    from cxr_platform.models.distributed import _root_cause
+
+    lost = "RuntimeError: Gloo connectFullMesh failed: Connection closed by peer [127.0.0.1]:1"
+    failures = {
+        0: SimpleNamespace(message={"message": lost}, timestamp=100),
+        1: SimpleNamespace(message={"message": "ValueError: rank one cannot go on"}, timestamp=100),
+    }
+    assert _root_cause(SimpleNamespace(failures=failures), 2) == (
+        "rank 1 of 2 failed: ValueError: rank one cannot go on (rank 0 failed after it)"
+    )
+    # Both ranks lost a peer (the cause left no error file): the earlier is named.
+    failures[1] = SimpleNamespace(message=lost, timestamp=101)
+    assert _root_cause(SimpleNamespace(failures=failures), 2).startswith("rank 0 of 2 failed: ")
+
+
 def test_cxr_train_with_two_processes_tracks_one_run(tiny_synthetic, tmp_path):
     home = tmp_path / "home"
     env = {

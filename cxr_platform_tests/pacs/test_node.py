@@ -222,16 +222,22 @@ def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_resu
     wait_for(lambda: node.counters.processed + node.counters.refused == 5, what="all five")
 
     by_study = {study.study_uid: study.files for study in node.storage.outbox()}
-    for refused, words in (
-        (adult, "patient age 81 years (PatientAge)"),
-        (teen, "(PatientBirthDate) is outside"),
-        (unstated, "looks like a patient this model was not made for"),
+    # A refusal by age names the range; one by pixels, with no age to quote, the whole
+    # population the version was made for.
+    for refused, words, ending in (
+        (adult, "patient age 81 years (PatientAge)", "intended use: 1-5 years"),
+        (teen, "(PatientBirthDate) is outside", "intended use: 1-5 years"),
+        (
+            unstated,
+            "looks like a patient this model was not made for",
+            "ages 1-5 years; projection AP/PA",
+        ),
     ):
         assert node.storage.status(refused.SOPInstanceUID) == "refused"
         assert node.storage.detail(refused.SOPInstanceUID).startswith("outside_intended_use: ")
         (sr_path,) = by_study[refused.StudyInstanceUID]  # the SR only
         comment = sr_comment(sr_path)
-        assert words in comment and comment.endswith("intended use: 1-5 years"), comment
+        assert words in comment and comment.endswith(ending), comment
         assert dciodvfy_errors(sr_path) == []
     for read in (child, unreadable_age):
         assert node.storage.status(read.SOPInstanceUID) == "processed"
