@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -167,6 +168,15 @@ def _seed() -> Any:
 
 def _max_image_pixels() -> Any:
     return setting(100_000_000, doc="Decompression-bomb guard: larger images are refused.", ge=1)
+
+
+def _retain_inputs_max_mb() -> Any:
+    return setting(
+        2048.0,
+        doc="Byte budget (MB) of the kept inputs, labeled ones included (0: none). Past it the "
+        "oldest unlabeled inputs make room; labeled ones are never deleted by it. ~50 KB each.",
+        ge=0,
+    )
 
 
 def default_log_url(home: Path) -> str:
@@ -449,12 +459,7 @@ class ServingSection(_Scoring):
         "data (0: keep none).",
         ge=0,
     )
-    retain_inputs_max_mb: float = setting(
-        2048.0,
-        doc="Byte budget (MB) of the kept inputs, labeled ones included (0: none). Past it the "
-        "oldest unlabeled inputs make room; labeled ones are never deleted by it. ~50 KB each.",
-        ge=0,
-    )
+    retain_inputs_max_mb: float = _retain_inputs_max_mb()
 
     @property
     def service_max_upload_bytes(self) -> int:
@@ -649,6 +654,58 @@ class MonitoringSection(_Logged):
 
 
 @dataclass(frozen=True)
+class SiteTrialSection(_Scoring):
+    """A silent trial: a site's archive scored before go-live, answers sent to no one."""
+
+    site_archive_url: str | None = setting(
+        None,
+        doc="The site PACS's DICOMweb root that a silent trial searches (QIDO-RS) and "
+        "retrieves from (WADO-RS), e.g. https://pacs.example/dicom-web.",
+    )
+    site_archive_auth: str | None = setting(
+        None,
+        doc="The Authorization header value for the site archive (Basic ... or Bearer ...).",
+        secret=True,
+    )
+    site_archive_tls_ca: Path | None = setting(
+        None,
+        doc="PEM CA bundle the archive's certificate is checked against (default: the system's; "
+        "certificates are always checked).",
+    )
+    site_archive_timeout_seconds: float = setting(
+        60.0, doc="How long one archive request may take.", gt=0
+    )
+    silent_trial_site: str | None = setting(
+        None, doc="The site the Dagster job `silent_trial` scores, as the log names it."
+    )
+    silent_trial_start_date: str = setting(
+        "2025-01-01",
+        doc="The first study date the Dagster job `silent_trial` has a partition for "
+        "(YYYY-MM-DD); one partition per day up to today.",
+    )
+    silent_trial_labels: Path | None = setting(
+        None,
+        doc="The site's report labels (CSV) that the Dagster asset `silent_trial_report` joins.",
+    )
+    # The trial keeps each model input, as the service does, so that a report label makes it
+    # training data for a fine-tune; the same store and budget.
+    retain_inputs_max_mb: float = _retain_inputs_max_mb()
+
+    @property
+    def retained_budget(self) -> DiskBudget:
+        return DiskBudget.from_megabytes(self.retain_inputs_max_mb, self.min_free_disk_mb)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            date.fromisoformat(self.silent_trial_start_date)
+        except ValueError as exc:
+            raise ValueError(
+                f"silent_trial_start_date must be YYYY-MM-DD, not {self.silent_trial_start_date!r}"
+            ) from exc
+
+
+@dataclass(frozen=True)
 class DagsterSection(HomeLayout):
     """The orchestration shell: where `dagster dev` listens (its instance lives in the home)."""
 
@@ -684,5 +741,6 @@ SECTIONS: dict[str, type[HomeLayout]] = {
     "serving": ServingSection,
     "dicom": DicomSection,
     "monitoring": MonitoringSection,
+    "site_trial": SiteTrialSection,
     "dagster": DagsterSection,
 }

@@ -31,6 +31,7 @@ from cxr_platform.sections import (
     MonitoringSection,
     RegistrySection,
     ServingSection,
+    SiteTrialSection,
     TrainingSection,
 )
 
@@ -160,6 +161,10 @@ class _SettingsBase(BaseSettings):
     @property
     def monitoring(self) -> MonitoringSection:
         return self.section(MonitoringSection)
+
+    @property
+    def site_trial(self) -> SiteTrialSection:
+        return self.section(SiteTrialSection)
 
     @property
     def dagster(self) -> DagsterSection:

@@ -56,6 +56,13 @@ class DicomWebPeer:
     key: str | None = None
 
 
+def _require_dicomweb_plugin() -> None:
+    if not DICOMWEB_PLUGIN.exists():
+        raise OrthancError(
+            "Orthanc's DICOMweb plugin is not installed (Debian: apt-get install orthanc-dicomweb)"
+        )
+
+
 class OrthancProcess:
     def __init__(
         self,
@@ -68,9 +75,12 @@ class OrthancProcess:
         routing: bool = True,
         modalities: dict[str, NodeAddress] | None = None,
         dicomweb: DicomWebPeer | None = None,
+        archive_users: dict[str, str] | None = None,
     ) -> None:
         """``dicomweb``: route to the node over DICOMweb (the DICOMweb plugin and its routing
-        script) instead of C-STORE; Orthanc then also takes the results by STOW-RS."""
+        script) instead of C-STORE; Orthanc then also takes the results by STOW-RS.
+        ``archive_users``: a site archive that a silent trial searches: its DICOMweb root
+        (QIDO-RS, WADO-RS) served behind HTTP basic authentication for these users."""
         self.workdir = Path(workdir)
         self.node = node
         self.aet = aet
@@ -79,6 +89,8 @@ class OrthancProcess:
         self.routing = routing
         self.modalities = modalities or {}  # more peers allowed to C-STORE (modalities)
         self.dicomweb = dicomweb
+        self.archive_users = archive_users
+        self.auth = next(iter(archive_users.items())) if archive_users else None
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -113,11 +125,7 @@ class OrthancProcess:
             }
         )
         if self.dicomweb is not None:
-            if not DICOMWEB_PLUGIN.exists():
-                raise OrthancError(
-                    "Orthanc's DICOMweb plugin is not installed (Debian: apt-get install "
-                    "orthanc-dicomweb)"
-                )
+            _require_dicomweb_plugin()
             server = config["DicomWeb"]["Servers"][AI_DICOMWEB_SERVER]
             server["Url"] = self.dicomweb.url.rstrip("/") + "/"
             server["HttpHeaders"] = (
@@ -125,6 +133,11 @@ class OrthancProcess:
             )
             config["Plugins"] = [str(DICOMWEB_PLUGIN)]
             config["LuaScripts"] = [str(DICOMWEB_ROUTING_SCRIPT)] if self.routing else []
+        if self.archive_users:
+            _require_dicomweb_plugin()
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(self.archive_users)
         return config
 
     def start(self, timeout: float = 30.0) -> OrthancProcess:
@@ -144,7 +157,7 @@ class OrthancProcess:
             if self.process.poll() is not None:
                 raise OrthancError(f"Orthanc exited at start-up; see {self.log_path}")
             try:
-                if httpx.get(f"{self.url}/system", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/system", timeout=2, auth=self.auth).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -172,7 +185,7 @@ class OrthancProcess:
     # -- REST helpers ----------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
-        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, auth=self.auth, **kwargs)
         if response.status_code >= 400:
             raise OrthancError(f"{method} {path}: HTTP {response.status_code} {response.text}")
         return response.json() if response.content else None
@@ -193,13 +206,15 @@ class OrthancProcess:
         return instances
 
     def instance_tag(self, instance_id: str, tag: str) -> str:
-        response = httpx.get(f"{self.url}/instances/{instance_id}/content/{tag}", timeout=30)
+        response = httpx.get(
+            f"{self.url}/instances/{instance_id}/content/{tag}", timeout=30, auth=self.auth
+        )
         if response.status_code >= 400:
             raise OrthancError(f"tag {tag} of {instance_id}: HTTP {response.status_code}")
         return response.text.strip().rstrip("\x00").strip()
 
     def instance_file(self, instance_id: str) -> bytes:
-        response = httpx.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        response = httpx.get(f"{self.url}/instances/{instance_id}/file", timeout=30, auth=self.auth)
         if response.status_code >= 400:
             raise OrthancError(f"file of {instance_id}: HTTP {response.status_code}")
         return response.content

@@ -41,6 +41,7 @@ SPECIAL_VALUES: dict[str, object] = {
     "split_ratios": (0.6, 0.2, 0.2),
     "device": "cpu",
     "intended_age_years": "1-17",  # a range of completed years
+    "silent_trial_start_date": "2024-07-01",
 }
 
 

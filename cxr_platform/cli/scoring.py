@@ -20,9 +20,9 @@ from cxr_platform.terminal import interactive
 @click.option(
     "--model",
     "model_ref",
-    default=PRODUCTION,
-    show_default=True,
-    help=f"{', '.join(ALIASES)} or a version number.",
+    default=None,
+    help=f"{', '.join(ALIASES)} or a version number (default: the version the --site is "
+    f"served by, its own production-site-<S> where it has one, else {PRODUCTION}).",
 )
 @click.option(
     "--out",
@@ -62,7 +62,7 @@ from cxr_platform.terminal import interactive
 def predict(
     ctx: click.Context,
     inputs: tuple[Path, ...],
-    model_ref: str,
+    model_ref: str | None,
     out: Path | None,
     batch_size: int,
     precision: str,
@@ -94,7 +94,7 @@ def predict(
             err=True,
         )
     registry = registry_for(settings.registry)
-    info = registry.get(model_ref)
+    info = registry.get(model_ref or registry.version_for_site(site))
     predictor = Predictor(
         registry.download(info.version),
         model_version=info.version,

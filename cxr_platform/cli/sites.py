@@ -128,3 +128,97 @@ def simulate_drift(
     click.echo(f"{report.summary()} (seed {seed}, {url})")
     if report.answered == 0:
         raise CxrError(f"the service at {url} answered none of {report.sent} requests")
+
+
+@cli.command("silent-trial")
+@click.option("--site", required=True, help="The site, as the log names it.")
+@click.option(
+    "--pacs-url",
+    default=None,
+    help="The site archive's DICOMweb root (default: CXR_SITE_ARCHIVE_URL). Credentials come "
+    "from CXR_SITE_ARCHIVE_AUTH, never from the command line.",
+)
+@click.option(
+    "--from",
+    "first",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="First study date searched in the archive.",
+)
+@click.option(
+    "--to",
+    "last",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Last study date (default: the first).",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="A folder of DICOM/PNG/JPEG the site exported, instead of the archive.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The site's report labels: CSV with 'label' (NORMAL/PNEUMONIA) and one of "
+    "accession_number, study_instance_uid or path (relative to --images).",
+)
+@click.option("--model", "model_ref", default=None, help="Default: the version the site gets.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@fail_cleanly
+def silent_trial(
+    ctx: click.Context,
+    site: str,
+    pacs_url: str | None,
+    first,
+    last,
+    images: Path | None,
+    labels: Path | None,
+    model_ref: str | None,
+    as_json: bool,
+) -> None:
+    """Score SITE's own studies as it would be served, sending nothing back, and write the
+    site validation report (with --labels, against its radiology reports). Study dates run one
+    after another here; the Dagster job `silent_trial` runs them as a partitioned backfill."""
+    from cxr_platform.calibration import site_trial
+
+    settings = settings_for(ctx)
+    section = settings.site_trial
+    if (images is None) == (first is None):
+        raise click.UsageError("give either --images DIR or a date range (--from, --to)")
+    with site_trial.opened_trial(section, settings.registry, site, model_ref) as (trial, version):
+        if images is not None:
+            summaries = [site_trial.run_folder(trial, images)]
+        else:
+            archive = site_trial.archive_for(section, pacs_url)
+            days = site_trial.study_days(first.date(), (last or first).date())
+            summaries = []
+            for day in days:
+                summaries.append(site_trial.run_archive_day(trial, archive, day))
+                click.echo(_partition_line(summaries[-1]), err=True)
+        partitions = [summary.partition for summary in summaries]
+        report, folder = site_trial.site_validation_report(
+            trial, version, section.reports_dir, labels_path=labels, partitions=partitions
+        )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(
+            f"{report.images} images of {report.studies} studies at {report.site}, version "
+            f"{report.model_version}: {report.scored} scored, {sum(report.refused.values())} "
+            f"refused, {report.failed_studies} studies not retrieved; "
+            f"{report.labelled_images} labelled.\n"
+            f"Verdict: {report.verdict.replace('_', ' ')}. {report.next_step}\n"
+            f"Report: {folder / 'report.md'}"
+        )
+
+
+def _partition_line(summary) -> str:
+    return (
+        f"{summary.partition}: {summary.images} images, {summary.scored} scored, "
+        f"{summary.refused} refused, {summary.failed} failed"
+        + (f" ({summary.resumed} already scored)" if summary.resumed else "")
+    )

@@ -14,6 +14,7 @@ from cxr_platform.defs.deployment_assets import build_deployment_definitions
 from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import build_training_definitions
+from cxr_platform.defs.trial_assets import build_trial_definitions
 from cxr_platform.settings import CxrSettings, load_settings
 
 DATA_JOB = "data_pipeline"
@@ -65,6 +66,7 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
         build_deployment_definitions(models),
         build_monitoring_definitions(settings.monitoring),
         build_batch_definitions(),
+        build_trial_definitions(settings.site_trial),
         _pipeline_jobs(),
         resources,
     )

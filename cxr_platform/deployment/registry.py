@@ -547,6 +547,12 @@ class ModelRegistry:
                 {"site": site, "alias": alias},
             )
 
+    def version_for_site(self, site: str | None) -> str:
+        """The version ``site`` is served by: its own production where it has one, else
+        production."""
+        own = self.aliases().get(site_production_alias(site)) if site else None
+        return own or self.get(PRODUCTION).version
+
     def site_productions(self) -> dict[str, str]:
         """Site -> the version that site is served by, where it has its own."""
         sites = {}

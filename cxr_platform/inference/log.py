@@ -12,7 +12,7 @@ busy timeout makes writers wait instead of failing); PostgreSQL needs nothing sp
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,11 @@ from cxr_platform.data.features import ImageFeatures
 from cxr_platform.errors import CxrError
 from cxr_platform.locks import advisory_key
 
-SOURCES = ("http", "dicom", "batch")
+# What the platform was asked by a live caller, and a silent trial: a site's archive scored
+# before go-live, whose answers went to no one. Drift watches live traffic only.
+LIVE_SOURCES = ("http", "dicom", "batch")
+SILENT_TRIAL = "silent-trial"
+SOURCES = (*LIVE_SOURCES, SILENT_TRIAL)
 LABELS = ("NORMAL", "PNEUMONIA")
 
 metadata = sa.MetaData()
@@ -304,10 +308,16 @@ class InferenceLog:
         created_from: datetime | None = None,
         created_before: datetime | None = None,
         site: str | None = None,
+        sources: Sequence[str] | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         query = sa.select(refusals_table).order_by(refusals_table.c.id)
         if site is not None:
             query = query.where(refusals_table.c.site == site)
+        if sources is not None:
+            query = query.where(refusals_table.c.source.in_(list(sources)))
+        if request_ids is not None:
+            query = query.where(refusals_table.c.request_id.in_(list(request_ids)))
         if created_from is not None:
             query = query.where(refusals_table.c.created_at >= created_from)
         if created_before is not None:
@@ -349,12 +359,56 @@ class InferenceLog:
                 },
             )
 
-    def count(self, *, since_id: int = 0, shadow_version: str | None = None) -> int:
+    def label_requests(self, labels: Mapping[str, str], *, reporter: str) -> int:
+        """Labels for many requests in one transaction (a silent trial's report labels): a
+        request whose latest label is already this one is left as it is, so joining the same
+        labels again adds nothing. Returns how many labels were added."""
+        unknown = sorted(set(labels.values()) - set(LABELS))
+        if unknown:
+            raise InferenceLogError(f"feedback label must be one of {LABELS}, not {unknown[0]!r}")
+        if not labels:
+            return 0
+        latest = self.records(request_ids=list(labels))
+        current = dict(zip(latest["request_id"], latest["feedback_label"], strict=True))
+        missing = sorted(set(labels) - set(current))
+        if missing:
+            raise UnknownRequestError(f"no prediction with request id {missing[0]!r}")
+        now = datetime.now(UTC)
+        rows = [
+            {"request_id": request, "label": label, "created_at": now, "reporter": reporter}
+            for request, label in labels.items()
+            if current[request] != label
+        ]
+        if rows:
+            with self.engine.begin() as connection:
+                connection.execute(feedback_table.insert(), rows)
+        return len(rows)
+
+    def count(
+        self,
+        *,
+        since_id: int = 0,
+        shadow_version: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> int:
         query = sa.select(sa.func.count()).where(predictions_table.c.id > since_id)
+        if sources is not None:
+            query = query.where(predictions_table.c.source.in_(list(sources)))
         if shadow_version is not None:
             query = query.where(predictions_table.c.shadow_version == shadow_version)
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
+
+    def ids(self, *, since_id: int, until_id: int) -> pd.Series:
+        """The committed row ids in (since_id, until_id], of every source: where a reader of
+        one source sees a gap, this says whether a row is missing or only another source's."""
+        query = (
+            sa.select(predictions_table.c.id)
+            .where(predictions_table.c.id > since_id, predictions_table.c.id <= until_id)
+            .order_by(predictions_table.c.id)
+        )
+        with self.engine.connect() as connection:
+            return pd.Series([row.id for row in connection.execute(query)], dtype="int64")
 
     def records(
         self,
@@ -367,9 +421,12 @@ class InferenceLog:
         shadow_version: str | None = None,
         labeled_only: bool = False,
         site: str | None = None,
+        sources: Sequence[str] | None = None,
+        request_ids: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """Rows after ``since_id`` (up to ``until_id``, inclusive) in insertion order, with the
-        latest feedback label (if any) as ``feedback_label``; ``site`` cuts them to one site."""
+        latest feedback label (if any) as ``feedback_label``; ``site`` cuts them to one site,
+        ``sources`` to those sources (:data:`LIVE_SOURCES`: the traffic, no silent trial)."""
         latest_feedback = (
             sa.select(
                 feedback_table.c.request_id,
@@ -402,6 +459,10 @@ class InferenceLog:
             query = query.where(feedback.c.label.is_not(None))
         if site is not None:
             query = query.where(predictions_table.c.site == site)
+        if sources is not None:
+            query = query.where(predictions_table.c.source.in_(list(sources)))
+        if request_ids is not None:
+            query = query.where(predictions_table.c.request_id.in_(list(request_ids)))
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as connection:

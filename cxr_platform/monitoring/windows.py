@@ -26,7 +26,7 @@ from cxr_platform.deployment.registry import (
     ModelVersionNotFoundError,
 )
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.log import InferenceLog
+from cxr_platform.inference.log import LIVE_SOURCES, InferenceLog
 from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
 from cxr_platform.monitoring.drift import (
     UNNAMED_SITE,
@@ -60,10 +60,15 @@ def window_records(log: InferenceLog, key: str, *, site: str | None = None) -> p
     """A window's rows; with ``site``, only that site's."""
     if match := _IDS.match(key):
         first, last = int(match.group(1)), int(match.group(2))
-        return log.records(since_id=first - 1, until_id=last, site=site)
+        return log.records(since_id=first - 1, until_id=last, site=site, sources=LIVE_SOURCES)
     if match := _DAY.match(key):
         start = datetime.combine(date.fromisoformat(match.group(1)), datetime.min.time(), UTC)
-        return log.records(created_from=start, created_before=start + timedelta(days=1), site=site)
+        return log.records(
+            created_from=start,
+            created_before=start + timedelta(days=1),
+            site=site,
+            sources=LIVE_SOURCES,
+        )
     raise WindowError(f"{key!r} is not a drift window (ids-<first>-<last> or day-<YYYY-MM-DD>)")
 
 
@@ -151,6 +156,7 @@ def refusals_during(
             created_from=created.min().to_pydatetime(),
             created_before=created.max().to_pydatetime() + timedelta(microseconds=1),
             site=site,
+            sources=LIVE_SOURCES,
         )
     finally:
         log.dispose()
@@ -256,15 +262,17 @@ def cut_window(
     log: InferenceLog, cursor: DriftCursor, *, size: int, grace_seconds: float, now: float
 ) -> WindowCut:
     """The next ``size`` rows after the cursor, once no row below them can still commit."""
-    waiting = log.count(since_id=cursor.last_id)
+    waiting = log.count(since_id=cursor.last_id, sources=LIVE_SOURCES)
     if waiting < size:
         return WindowCut(
             cursor,
             skip_reason=f"{waiting} new inference records after id {cursor.last_id}; "
             f"a drift window needs {size}",
         )
-    rows = log.records(since_id=cursor.last_id, limit=size)
-    settled, cursor, waiting_for = _settled(cursor, rows["id"], grace_seconds, now)
+    rows = log.records(since_id=cursor.last_id, limit=size, sources=LIVE_SOURCES)
+    # A silent trial's rows are numbered among the traffic's: not missing, only not ours.
+    numbered = log.ids(since_id=cursor.last_id, until_id=int(rows["id"].iloc[-1]))
+    settled, cursor, waiting_for = _settled(cursor, numbered, grace_seconds, now)
     if not settled:
         return WindowCut(cursor, skip_reason=waiting_for)
     return WindowCut(cursor, rows=rows)

@@ -6,13 +6,19 @@ import multiprocessing
 import random
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import sqlalchemy as sa
 
 from cxr_platform.data.features import ImageFeatures, intensity_features
-from cxr_platform.inference.log import InferenceLog, InferenceRecord, predictions_table
-from cxr_platform.monitoring.windows import DriftCursor, cut_window, ids_window
+from cxr_platform.inference.log import (
+    SILENT_TRIAL,
+    InferenceLog,
+    InferenceRecord,
+    predictions_table,
+)
+from cxr_platform.monitoring.windows import DriftCursor, cut_window, ids_window, window_records
 
 
 def _record(request_id: str) -> InferenceRecord:
@@ -127,4 +133,21 @@ def test_several_writers_and_the_sensor_lose_and_repeat_nothing(postgres_databas
     with log.engine.connect() as connection:
         stored = connection.execute(sa.select(sa.func.count()).select_from(predictions_table))
         assert stored.scalar_one() == 4 * per_writer
+    log.dispose()
+
+
+def test_a_silent_trial_between_live_requests_is_neither_traffic_nor_a_gap(tmp_path):
+    """A trial's rows are numbered among the traffic's: windows leave them out, and do not wait
+    for them as for rows not yet committed."""
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    log.write([_record("live-0"), _record("live-1")])
+    log.write([replace(_record(f"trial-{i}"), source=SILENT_TRIAL) for i in range(3)])
+    log.write([_record("live-2"), _record("live-3")])
+
+    cut = cut_window(log, DriftCursor(), size=4, grace_seconds=60, now=1000.0)
+    assert cut.rows is not None, cut.skip_reason
+    assert cut.rows["request_id"].tolist() == [f"live-{i}" for i in range(4)]
+    assert window_records(log, cut.key)["request_id"].tolist() == [f"live-{i}" for i in range(4)]
+    assert cut_window(log, cut.advanced, size=1, grace_seconds=60, now=1001.0).rows is None
+    assert len(log.records()) == 7  # the trial's rows are all there, for its report
     log.dispose()

@@ -1,0 +1,129 @@
+"""Group "sites": a silent trial of the site ``CXR_SILENT_TRIAL_SITE`` over its archive
+(``CXR_SITE_ARCHIVE_URL``). ``silent_trial_partition`` is partitioned by study date, so a year
+of archive is a backfill whose runs go in parallel and whose failed days are retried alone; each
+day is idempotent. ``silent_trial_report`` writes the site validation report of every day run
+so far, joined with ``CXR_SILENT_TRIAL_LABELS`` when set."""
+# No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
+
+from datetime import date
+
+import dagster as dg
+
+from cxr_platform.calibration.site_trial import (
+    archive_for,
+    opened_trial,
+    run_archive_day,
+    site_validation_report,
+)
+from cxr_platform.defs.metadata import home_path, readable
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.sections import SiteTrialSection
+
+GROUP = "sites"
+TRIAL_JOB = "silent_trial"
+TRIAL_REPORT_JOB = "silent_trial_report"
+
+
+def _site(section: SiteTrialSection) -> str:
+    if not section.silent_trial_site:
+        raise dg.Failure("set CXR_SILENT_TRIAL_SITE to the site the trial is for")
+    return section.silent_trial_site
+
+
+def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
+    study_dates = dg.DailyPartitionsDefinition(
+        start_date=section.silent_trial_start_date, end_offset=1
+    )
+
+    @dg.asset(
+        group_name=GROUP,
+        partitions_def=study_dates,
+        kinds={"onnx"},
+        description="One study date of the site's archive scored as the site would be served "
+        "(nothing sent back): QIDO-RS finds the CR/DX studies, WADO-RS streams them, every image "
+        "an inference-log row (source silent-trial). Running a day again scores only what it "
+        "has not.",
+    )
+    def silent_trial_partition(
+        context: dg.AssetExecutionContext, platform: PlatformSettings
+    ) -> dg.MaterializeResult:
+        settings = platform.settings()
+        trial_section = settings.site_trial
+        day = date.fromisoformat(context.partition_key)
+        with opened_trial(trial_section, settings.registry, _site(trial_section)) as (
+            trial,
+            version,
+        ):
+            summary = run_archive_day(trial, archive_for(trial_section), day)
+        return dg.MaterializeResult(
+            metadata=readable({"model_version": version.version, **summary.to_dict()})
+        )
+
+    @dg.asset(
+        group_name=GROUP,
+        deps=[silent_trial_partition],
+        kinds={"markdown"},
+        description="The site validation report of the days run so far: AUC, sensitivity, "
+        "specificity, PPV, NPV with intervals by study against the report labels, refusals by "
+        "reason, subgroups, beside the version's internal test figures, and the verdict.",
+    )
+    def silent_trial_report(
+        context: dg.AssetExecutionContext, platform: PlatformSettings
+    ) -> dg.MaterializeResult:
+        settings = platform.settings()
+        trial_section = settings.site_trial
+        with opened_trial(trial_section, settings.registry, _site(trial_section)) as (
+            trial,
+            version,
+        ):
+            report, folder = site_validation_report(
+                trial,
+                version,
+                trial_section.reports_dir,
+                labels_path=trial_section.silent_trial_labels,
+            )
+        figures = "\n".join(
+            f"| {f.name} | {_text(f.site)} | {_text(f.low)}-{_text(f.high)} | "
+            f"{_text(f.internal)} | {'falls' if f.falls else ''} |"
+            for f in report.figures
+        )
+        return dg.MaterializeResult(
+            metadata=readable(
+                {
+                    "verdict": report.verdict,
+                    "next_step": report.next_step,
+                    "model_version": version.version,
+                    "studies": report.studies,
+                    "images": report.images,
+                    "scored": report.scored,
+                    "refused": report.refused,
+                    "labelled_images": report.labelled_images,
+                    "figures": dg.MetadataValue.md(
+                        "| figure | site | 95% CI | internal test | |\n"
+                        "| --- | ---: | --- | ---: | --- |\n" + figures
+                    ),
+                    "report": home_path(folder / "report.md", settings.home),
+                }
+            )
+        )
+
+    return dg.Definitions(
+        assets=[silent_trial_partition, silent_trial_report],
+        jobs=[
+            dg.define_asset_job(
+                TRIAL_JOB,
+                selection=[silent_trial_partition],
+                description="Score the site's archive by study date, sending nothing back; "
+                "backfill a range of days to run them in parallel.",
+            ),
+            dg.define_asset_job(
+                TRIAL_REPORT_JOB,
+                selection=[silent_trial_report],
+                description="The site validation report of the silent trial's days so far.",
+            ),
+        ],
+    )
+
+
+def _text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
