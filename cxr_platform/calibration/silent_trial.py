@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -214,7 +215,7 @@ class SiteTrial:
                     image.data,
                     max_pixels=self.max_pixels,
                     uid_salt=self.uid_salt,
-                    started=0.0,
+                    started=time.perf_counter(),
                     source=SILENT_TRIAL,
                     site=self.site,
                     patient_age=UNKNOWN,

@@ -5,11 +5,14 @@ day is idempotent. ``silent_trial_report`` writes the site validation report of 
 so far, joined with ``CXR_SILENT_TRIAL_LABELS`` when set."""
 # No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
 
+from contextlib import AbstractContextManager
 from datetime import date
 
 import dagster as dg
 
+from cxr_platform.calibration.silent_trial import SiteTrial
 from cxr_platform.calibration.site_trial import (
+    TrialVersion,
     archive_for,
     opened_trial,
     run_archive_day,
@@ -22,12 +25,19 @@ from cxr_platform.sections import SiteTrialSection
 GROUP = "sites"
 TRIAL_JOB = "silent_trial"
 TRIAL_REPORT_JOB = "silent_trial_report"
+# Every run that pulls from a site's archive carries this tag, so the run queue can cap how many
+# pull at once (deploy/kubernetes/dagster-values.yaml: tagConcurrencyLimits): a year's backfill
+# must not take the PACS's WADO-RS from the radiologists reading on it.
+ARCHIVE_PULL_TAG = {"cxr/site-archive": "pull"}
 
 
-def _site(section: SiteTrialSection) -> str:
+def _opened(platform: PlatformSettings) -> AbstractContextManager[tuple[SiteTrial, TrialVersion]]:
+    """The trial of the configured site, with the version it would be served by."""
+    settings = platform.settings()
+    section = settings.site_trial
     if not section.silent_trial_site:
         raise dg.Failure("set CXR_SILENT_TRIAL_SITE to the site the trial is for")
-    return section.silent_trial_site
+    return opened_trial(section, settings.registry, section.silent_trial_site)
 
 
 def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
@@ -47,14 +57,10 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
     def silent_trial_partition(
         context: dg.AssetExecutionContext, platform: PlatformSettings
     ) -> dg.MaterializeResult:
-        settings = platform.settings()
-        trial_section = settings.site_trial
+        section = platform.settings().site_trial
         day = date.fromisoformat(context.partition_key)
-        with opened_trial(trial_section, settings.registry, _site(trial_section)) as (
-            trial,
-            version,
-        ):
-            summary = run_archive_day(trial, archive_for(trial_section), day)
+        with _opened(platform) as (trial, version):
+            summary = run_archive_day(trial, archive_for(section), day)
         return dg.MaterializeResult(
             metadata=readable({"model_version": version.version, **summary.to_dict()})
         )
@@ -67,20 +73,12 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
         "specificity, PPV, NPV with intervals by study against the report labels, refusals by "
         "reason, subgroups, beside the version's internal test figures, and the verdict.",
     )
-    def silent_trial_report(
-        context: dg.AssetExecutionContext, platform: PlatformSettings
-    ) -> dg.MaterializeResult:
+    def silent_trial_report(platform: PlatformSettings) -> dg.MaterializeResult:
         settings = platform.settings()
-        trial_section = settings.site_trial
-        with opened_trial(trial_section, settings.registry, _site(trial_section)) as (
-            trial,
-            version,
-        ):
+        section = settings.site_trial
+        with _opened(platform) as (trial, version):
             report, folder = site_validation_report(
-                trial,
-                version,
-                trial_section.reports_dir,
-                labels_path=trial_section.silent_trial_labels,
+                trial, version, section.reports_dir, labels_path=section.silent_trial_labels
             )
         figures = "\n".join(
             f"| {f.name} | {_text(f.site)} | {_text(f.low)}-{_text(f.high)} | "
@@ -113,6 +111,7 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
             dg.define_asset_job(
                 TRIAL_JOB,
                 selection=[silent_trial_partition],
+                tags=ARCHIVE_PULL_TAG,
                 description="Score the site's archive by study date, sending nothing back; "
                 "backfill a range of days to run them in parallel.",
             ),

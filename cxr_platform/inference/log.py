@@ -282,6 +282,9 @@ def _add_column(table: sa.Table, column: sa.Column, dialect: sa.Dialect) -> str:
     return f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
 
 
+_IN_CHUNK = 500  # request ids per IN (...) query
+
+
 class InferenceLog:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -368,8 +371,11 @@ class InferenceLog:
             raise InferenceLogError(f"feedback label must be one of {LABELS}, not {unknown[0]!r}")
         if not labels:
             return 0
-        latest = self.records(request_ids=list(labels))
-        current = dict(zip(latest["request_id"], latest["feedback_label"], strict=True))
+        ids = list(labels)
+        current: dict[str, Any] = {}
+        for start in range(0, len(ids), _IN_CHUNK):  # a year's trial is more than SQLite binds
+            latest = self.records(request_ids=ids[start : start + _IN_CHUNK])
+            current.update(zip(latest["request_id"], latest["feedback_label"], strict=True))
         missing = sorted(set(labels) - set(current))
         if missing:
             raise UnknownRequestError(f"no prediction with request id {missing[0]!r}")

@@ -200,6 +200,19 @@ def test_the_dagster_helm_values_launch_runs_on_gpu_nodes_with_shared_postgres()
     assert importlib.util.find_spec(module) is not None
 
 
+def test_the_run_queue_caps_the_runs_that_pull_from_a_site_archive():
+    """The silent trial's job carries the tag the queue limits, by the same key and value."""
+    from cxr_platform.defs.definitions import build_definitions
+    from cxr_platform.defs.trial_assets import TRIAL_JOB
+
+    values = yaml.safe_load(HELM_VALUES.read_text())
+    queue = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    limits = {limit["key"]: limit["limit"] for limit in queue["tagConcurrencyLimits"]}
+    tags = build_definitions().resolve_job_def(TRIAL_JOB).tags
+    (key,) = [key for key in tags if key in limits]
+    assert 1 <= limits[key] < queue["maxConcurrentRuns"]
+
+
 @pytest.mark.parametrize("path", [DEPLOY / "dagster" / "dagster.yaml", HELM_VALUES])
 def test_yaml_files_parse(path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)

@@ -205,3 +205,23 @@ def test_a_log_created_before_a_new_column_is_upgraded_in_place(tmp_path):
     assert list(rows["request_id"]) == ["old-row-1", "new-row-1"]
     assert rows["sharpness"].isna().tolist() == [True, False]
     log.dispose()
+
+
+def test_labels_for_many_requests_land_once(tmp_path):
+    """A silent trial's report labels: more request ids than one SQLite statement binds, and
+    the same labels joined again add nothing."""
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    ids = [f"trial-{n:05d}" for n in range(1200)]
+    log.write([_record(request_id) for request_id in ids])
+    labels = {request_id: ("PNEUMONIA" if n % 3 else "NORMAL") for n, request_id in enumerate(ids)}
+    assert log.label_requests(labels, reporter="report labels") == 1200
+    assert log.label_requests(labels, reporter="report labels") == 0
+    changed = {ids[0]: "PNEUMONIA"}  # a corrected report: the latest label counts
+    assert log.label_requests(changed, reporter="report labels") == 1
+    rows = log.records(labeled_only=True).set_index("request_id")
+    assert len(rows) == 1200 and rows.loc[ids[0], "feedback_label"] == "PNEUMONIA"
+    with pytest.raises(UnknownRequestError):
+        log.label_requests({"never-seen": "NORMAL"}, reporter="report labels")
+    with pytest.raises(InferenceLogError, match="must be one of"):
+        log.label_requests({ids[1]: "CONSOLIDATION"}, reporter="report labels")
+    log.dispose()
