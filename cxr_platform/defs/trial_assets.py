@@ -29,6 +29,7 @@ TRIAL_REPORT_JOB = "silent_trial_report"
 # pull at once (deploy/kubernetes/dagster-values.yaml: tagConcurrencyLimits): a year's backfill
 # must not take the PACS's WADO-RS from the radiologists reading on it.
 ARCHIVE_PULL_TAG = {"cxr/site-archive": "pull"}
+DAYS_PER_RUN = 7
 
 
 def _opened(platform: PlatformSettings) -> AbstractContextManager[tuple[SiteTrial, TrialVersion]]:
@@ -48,8 +49,11 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
     @dg.asset(
         group_name=GROUP,
         partitions_def=study_dates,
+        # A mid-sized site has ~140 chest radiographs a day: a day takes less time than a run's
+        # pod takes to start, so a backfill's run takes a week of days (RESULTS.md).
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=DAYS_PER_RUN),
         kinds={"onnx"},
-        description="One study date of the site's archive scored as the site would be served "
+        description="Study dates of the site's archive scored as the site would be served "
         "(nothing sent back): QIDO-RS finds the CR/DX studies, WADO-RS streams them, every image "
         "an inference-log row (source silent-trial). Running a day again scores only what it "
         "has not.",
@@ -58,11 +62,19 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
         context: dg.AssetExecutionContext, platform: PlatformSettings
     ) -> dg.MaterializeResult:
         section = platform.settings().site_trial
-        day = date.fromisoformat(context.partition_key)
+        days = [date.fromisoformat(key) for key in context.partition_keys]
         with _opened(platform) as (trial, version):
-            summary = run_archive_day(trial, archive_for(section), day)
+            archive = archive_for(section)
+            summaries = []
+            for day in days:
+                summaries.append(run_archive_day(trial, archive, day))
+                context.log.info("%s", summaries[-1].to_dict())
+        totals = {
+            name: sum(getattr(summary, name) for summary in summaries)
+            for name in ("images", "scored", "refused", "failed", "resumed")
+        }
         return dg.MaterializeResult(
-            metadata=readable({"model_version": version.version, **summary.to_dict()})
+            metadata=readable({"model_version": version.version, "days": len(days), **totals})
         )
 
     @dg.asset(

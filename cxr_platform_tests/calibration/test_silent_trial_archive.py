@@ -203,6 +203,25 @@ def test_study_dates_run_as_dagster_partitions_idempotently_with_a_cut_study_rec
     assert set(rows["study_uid_hash"].dropna()) and rows["study_uid_hash"].nunique() == 4
     log.dispose()
 
+    # A backfill's run takes a range of days (a week at most): both days in one run, again
+    # nothing scored twice.
+    ranged = job.execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": DAY_ONE.isoformat(),
+            "dagster/asset_partition_range_end": DAY_TWO.isoformat(),
+        },
+    )
+    assert ranged.success
+    materializations = ranged.asset_materializations_for_node("silent_trial_partition")
+    assert {m.partition for m in materializations} == {DAY_ONE.isoformat(), DAY_TWO.isoformat()}
+    metadata = materializations[0].metadata
+    assert (metadata["days"].value, metadata["images"].value, metadata["resumed"].value) == (
+        2,
+        5,
+        5,
+    )
+
     report = definitions.resolve_job_def(TRIAL_REPORT_JOB).execute_in_process(instance=instance)
     assert report.success
     (materialization,) = report.asset_materializations_for_node("silent_trial_report")
