@@ -24,7 +24,7 @@ from cxr_platform.sections import SiteTrialSection
 
 GROUP = "sites"
 TRIAL_JOB = "silent_trial"
-TRIAL_REPORT_JOB = "silent_trial_report"
+TRIAL_REPORT_JOB = "report_silent_trial"  # not the asset's own name: Dagster refuses that
 # Every run that pulls from a site's archive carries this tag, so the run queue can cap how many
 # pull at once (deploy/kubernetes/dagster-values.yaml: tagConcurrencyLimits): a year's backfill
 # must not take the PACS's WADO-RS from the radiologists reading on it.

@@ -405,14 +405,17 @@ class InferenceLog:
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
-    def ids(self, *, since_id: int, until_id: int) -> pd.Series:
-        """The committed row ids in (since_id, until_id], of every source: where a reader of
-        one source sees a gap, this says whether a row is missing or only another source's."""
+    def ids(self, *, since_id: int, until_id: int | None = None) -> pd.Series:
+        """The committed row ids above ``since_id`` (up to ``until_id``), of every source: where
+        a reader of one source sees a gap, this says whether a row is missing or only another
+        source's."""
         query = (
             sa.select(predictions_table.c.id)
-            .where(predictions_table.c.id > since_id, predictions_table.c.id <= until_id)
+            .where(predictions_table.c.id > since_id)
             .order_by(predictions_table.c.id)
         )
+        if until_id is not None:
+            query = query.where(predictions_table.c.id <= until_id)
         with self.engine.connect() as connection:
             return pd.Series([row.id for row in connection.execute(query)], dtype="int64")
 

@@ -269,9 +269,13 @@ def cut_window(
             skip_reason=f"{waiting} new inference records after id {cursor.last_id}; "
             f"a drift window needs {size}",
         )
+    # A silent trial's rows are numbered among the traffic's: not missing, only not ours. The
+    # ids are read before the rows, so a row committing between the two reads is in the rows
+    # (never skipped) or in neither (a gap, waited for).
+    committed = log.ids(since_id=cursor.last_id)
     rows = log.records(since_id=cursor.last_id, limit=size, sources=LIVE_SOURCES)
-    # A silent trial's rows are numbered among the traffic's: not missing, only not ours.
-    numbered = log.ids(since_id=cursor.last_id, until_id=int(rows["id"].iloc[-1]))
+    last = int(rows["id"].iloc[-1])
+    numbered = pd.Series(sorted({*committed[committed <= last], *rows["id"]}), dtype="int64")
     settled, cursor, waiting_for = _settled(cursor, numbered, grace_seconds, now)
     if not settled:
         return WindowCut(cursor, skip_reason=waiting_for)
