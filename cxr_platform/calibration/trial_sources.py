@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -24,8 +24,6 @@ import requests
 
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.batch import expand_inputs
-
-log = logging.getLogger(__name__)
 
 # What a silent trial asks the archive for: the modalities of projection radiography. A chest
 # radiograph stored as Secondary Capture is not searched for; the input gate judges those on the
@@ -79,6 +77,14 @@ class ArchiveStudy:
     accession: str | None
 
 
+# A DICOM UID (dotted digits): the URLs requests names in its errors carry study UIDs.
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def _without_uids(exc: Exception) -> str:
+    return _UID.sub("<uid>", str(exc))
+
+
 def _http_failure(exc: Exception, what: str) -> ArchiveError:
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         status = exc.response.status_code
@@ -90,12 +96,14 @@ def _http_failure(exc: Exception, what: str) -> ArchiveError:
         return ArchiveError(f"the site archive answered {status} to {what}")
     if isinstance(exc, requests.exceptions.SSLError):
         return ArchiveUnreachableError(
-            f"the site archive's certificate was not accepted for {what}: {exc} (its CA goes "
-            "in CXR_SITE_ARCHIVE_TLS_CA)"
+            f"the site archive's certificate was not accepted for {what}: {_without_uids(exc)} "
+            "(its CA goes in CXR_SITE_ARCHIVE_TLS_CA)"
         )
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
-        return ArchiveUnreachableError(f"the site archive cannot be reached for {what}: {exc}")
-    return ArchiveError(f"{what} failed: {exc}")
+        return ArchiveUnreachableError(
+            f"the site archive cannot be reached for {what}: {_without_uids(exc)}"
+        )
+    return ArchiveError(f"{what} failed: {_without_uids(exc)}")
 
 
 class DicomWebArchive:

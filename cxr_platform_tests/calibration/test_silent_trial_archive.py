@@ -183,6 +183,12 @@ def test_study_dates_run_as_dagster_partitions_idempotently_with_a_cut_study_rec
     assert (first["images"], first["scored"], first["failed"], first["resumed"]) == (3, 3, 0, 0)
     second = day(DAY_TWO)
     assert (second["images"], second["scored"], second["failed"]) == (1, 1, 1)
+    (record,) = (settings.home / "silent_trials").rglob(f"{DAY_TWO.isoformat()}.jsonl")
+    failed = [json.loads(line) for line in record.read_text().splitlines()]
+    failed = [row for row in failed if row["outcome"] == "failed"]
+    assert [row["reason"] for row in failed] == ["retrieve_failed"]
+    assert "WADO-RS" in failed[0]["detail"]
+    assert not any(uid in record.read_text() for uid in studies.values())  # hashed, never named
     log = InferenceLog(settings.serving.inference_log_uri)
     assert len(log.records(site=SITE)) == 4
 
