@@ -173,9 +173,11 @@ class SiteTrial:
             batch.append(item)
             if len(batch) >= self.batch_size:
                 scored, already = self._score(partition, batch)
-                rows, resumed, batch = rows + scored, resumed + already, []
+                rows.extend(scored)
+                resumed, batch = resumed + already, []
         scored, already = self._score(partition, batch)
-        rows, resumed = rows + scored, resumed + already
+        rows.extend(scored)
+        resumed += already
         self._write(partition, rows)
         summary = PartitionSummary(partition, resumed=resumed)
         for row in rows:

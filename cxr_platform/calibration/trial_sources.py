@@ -193,12 +193,14 @@ class DicomWebArchive:
             if not series_uid:
                 raise ArchiveResponseError(f"{what}: an answer without SeriesInstanceUID")
             try:
-                for dataset in self.client.iter_series(
-                    study.study_uid, series_uid, media_types=_AS_STORED
+                for position, dataset in enumerate(
+                    self.client.iter_series(study.study_uid, series_uid, media_types=_AS_STORED)
                 ):
-                    yield TrialImage(
-                        _part10(dataset), str(dataset.get("SOPInstanceUID", "")), study.study_uid
-                    )
+                    # An instance without its own UID (invalid, but seen) still needs a key
+                    # no other instance has, or a rerun would take it for another.
+                    key = str(dataset.get("SOPInstanceUID", "") or "")
+                    key = key or f"{study.study_uid}/{series_uid}/{position}"
+                    yield TrialImage(_part10(dataset), key, study.study_uid)
             except Exception as exc:
                 failure = _http_failure(exc, "the instances of a series (WADO-RS)")
                 if isinstance(failure, ArchiveAuthError | ArchiveUnreachableError):
