@@ -138,8 +138,15 @@ def launch(nproc_per_node: int, entrypoint: Callable[..., T], *args: Any) -> T:
     return results[0]
 
 
-# What a rank raises when another rank died under it: a consequence, never the cause.
-_LOST_A_PEER = ("connection closed by peer", "remote worker crashing", "connectfullmesh")
+# What a rank dies of when another rank died under it, or when the launcher stopped it after
+# another failed (a signal, no error file): a consequence, never the cause.
+_LOST_A_PEER = (
+    "connection closed by peer",
+    "remote worker crashing",
+    "connectfullmesh",
+    "received by pid",  # "Signal 15 (SIGTERM) received by PID ..."
+    "to enable traceback",  # the launcher's words for a rank that wrote no error
+)
 
 
 def _failure_text(failure: Any) -> str:

@@ -177,6 +177,10 @@ def test_the_rank_that_raised_is_named_before_the_rank_that_lost_it():
     assert _root_cause(SimpleNamespace(failures=failures), 2) == (
         "rank 1 of 2 failed: ValueError: rank one cannot go on (rank 0 failed after it)"
     )
+    # A rank the launcher stopped after the other failed wrote no error of its own.
+    failures[0] = SimpleNamespace(message="Signal 15 (SIGTERM) received by PID 7", timestamp=99)
+    assert _root_cause(SimpleNamespace(failures=failures), 2).startswith("rank 1 of 2 failed")
+    failures[0] = SimpleNamespace(message={"message": lost}, timestamp=100)
     # Both ranks lost a peer (the cause left no error file): the earlier is named.
     failures[1] = SimpleNamespace(message=lost, timestamp=101)
     assert _root_cause(SimpleNamespace(failures=failures), 2).startswith("rank 0 of 2 failed: ")
