@@ -95,8 +95,8 @@ def opened_trial(
     if not site:
         raise TrialSetupError("a silent trial needs the site's name (--site)")
     registry = registry_for(registry_section)
-    version = str(registry.get(model_ref).version) if model_ref else registry.version_for_site(site)
-    info = registry.get(version)
+    info = registry.get(model_ref or registry.version_for_site(site))
+    version = info.version
     predictor = Predictor(
         registry.download(version), model_version=version, max_pixels=section.max_image_pixels
     )

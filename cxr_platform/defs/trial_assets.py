@@ -21,6 +21,7 @@ from cxr_platform.calibration.site_trial import (
 from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.sections import SiteTrialSection
+from cxr_platform.settings import CxrSettings
 
 GROUP = "sites"
 TRIAL_JOB = "silent_trial"
@@ -32,9 +33,8 @@ ARCHIVE_PULL_TAG = {"cxr/site-archive": "pull"}
 DAYS_PER_RUN = 7
 
 
-def _opened(platform: PlatformSettings) -> AbstractContextManager[tuple[SiteTrial, TrialVersion]]:
+def _opened(settings: CxrSettings) -> AbstractContextManager[tuple[SiteTrial, TrialVersion]]:
     """The trial of the configured site, with the version it would be served by."""
-    settings = platform.settings()
     section = settings.site_trial
     if not section.silent_trial_site:
         raise dg.Failure("set CXR_SILENT_TRIAL_SITE to the site the trial is for")
@@ -61,10 +61,10 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
     def silent_trial_partition(
         context: dg.AssetExecutionContext, platform: PlatformSettings
     ) -> dg.MaterializeResult:
-        section = platform.settings().site_trial
+        settings = platform.settings()
         days = [date.fromisoformat(key) for key in context.partition_keys]
-        with _opened(platform) as (trial, version):
-            archive = archive_for(section)
+        with _opened(settings) as (trial, version):
+            archive = archive_for(settings.site_trial)
             summaries = []
             for day in days:
                 summaries.append(run_archive_day(trial, archive, day))
@@ -88,7 +88,7 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
     def silent_trial_report(platform: PlatformSettings) -> dg.MaterializeResult:
         settings = platform.settings()
         section = settings.site_trial
-        with _opened(platform) as (trial, version):
+        with _opened(settings) as (trial, version):
             report, folder = site_validation_report(
                 trial, version, section.reports_dir, labels_path=section.silent_trial_labels
             )
