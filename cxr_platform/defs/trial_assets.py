@@ -31,6 +31,7 @@ TRIAL_REPORT_JOB = "report_silent_trial"  # not the asset's own name: Dagster re
 # must not take the PACS's WADO-RS from the radiologists reading on it.
 ARCHIVE_PULL_TAG = {"cxr/site-archive": "pull"}
 DAYS_PER_RUN = 7
+PARTITION_ASSET = "silent_trial_partition"
 
 
 def _opened(settings: CxrSettings) -> AbstractContextManager[tuple[SiteTrial, TrialVersion]]:
@@ -41,12 +42,9 @@ def _opened(settings: CxrSettings) -> AbstractContextManager[tuple[SiteTrial, Tr
     return opened_trial(section, settings.registry, section.silent_trial_site)
 
 
-def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
-    study_dates = dg.DailyPartitionsDefinition(
-        start_date=section.silent_trial_start_date, end_offset=1
-    )
-
+def _partition_asset(study_dates: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     @dg.asset(
+        name=PARTITION_ASSET,
         group_name=GROUP,
         partitions_def=study_dates,
         # A mid-sized site has ~140 chest radiographs a day: a day takes less time than a run's
@@ -77,52 +75,61 @@ def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
             metadata=readable({"model_version": version.version, "days": len(days), **totals})
         )
 
-    @dg.asset(
-        group_name=GROUP,
-        deps=[silent_trial_partition],
-        kinds={"markdown"},
-        description="The site validation report of the days run so far: AUC, sensitivity, "
-        "specificity, PPV, NPV with intervals by study against the report labels, refusals by "
-        "reason, subgroups, beside the version's internal test figures, and the verdict.",
-    )
-    def silent_trial_report(platform: PlatformSettings) -> dg.MaterializeResult:
-        settings = platform.settings()
-        section = settings.site_trial
-        with _opened(settings) as (trial, version):
-            report, folder = site_validation_report(
-                trial, version, section.reports_dir, labels_path=section.silent_trial_labels
-            )
-        figures = "\n".join(
-            f"| {f.name} | {_text(f.site)} | {_text(f.low)}-{_text(f.high)} | "
-            f"{_text(f.internal)} | {'falls' if f.falls else ''} |"
-            for f in report.figures
-        )
-        return dg.MaterializeResult(
-            metadata=readable(
-                {
-                    "verdict": report.verdict,
-                    "next_step": report.next_step,
-                    "model_version": version.version,
-                    "studies": report.studies,
-                    "images": report.images,
-                    "scored": report.scored,
-                    "refused": report.refused,
-                    "labelled_images": report.labelled_images,
-                    "figures": dg.MetadataValue.md(
-                        "| figure | site | 95% CI | internal test | |\n"
-                        "| --- | ---: | --- | ---: | --- |\n" + figures
-                    ),
-                    "report": home_path(folder / "report.md", settings.home),
-                }
-            )
-        )
+    return silent_trial_partition
 
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[PARTITION_ASSET],
+    kinds={"markdown"},
+    description="The site validation report of the days run so far: AUC, sensitivity, "
+    "specificity, PPV, NPV with intervals by study against the report labels, refusals by "
+    "reason, subgroups, beside the version's internal test figures, and the verdict.",
+)
+def silent_trial_report(platform: PlatformSettings) -> dg.MaterializeResult:
+    settings = platform.settings()
+    section = settings.site_trial
+    with _opened(settings) as (trial, version):
+        report, folder = site_validation_report(
+            trial, version, section.reports_dir, labels_path=section.silent_trial_labels
+        )
+    figures = "\n".join(
+        f"| {f.name} | {_text(f.site)} | {_text(f.low)}-{_text(f.high)} | "
+        f"{_text(f.internal)} | {'falls' if f.falls else ''} |"
+        for f in report.figures
+    )
+    return dg.MaterializeResult(
+        metadata=readable(
+            {
+                "verdict": report.verdict,
+                "next_step": report.next_step,
+                "model_version": version.version,
+                "studies": report.studies,
+                "images": report.images,
+                "scored": report.scored,
+                "refused": report.refused,
+                "labelled_images": report.labelled_images,
+                "figures": dg.MetadataValue.md(
+                    "| figure | site | 95% CI | internal test | |\n"
+                    "| --- | ---: | --- | ---: | --- |\n" + figures
+                ),
+                "report": home_path(folder / "report.md", settings.home),
+            }
+        )
+    )
+
+
+def build_trial_definitions(section: SiteTrialSection) -> dg.Definitions:
+    """The partitions start at ``CXR_SILENT_TRIAL_START_DATE``: read when the code loads."""
+    partitions = _partition_asset(
+        dg.DailyPartitionsDefinition(start_date=section.silent_trial_start_date, end_offset=1)
+    )
     return dg.Definitions(
-        assets=[silent_trial_partition, silent_trial_report],
+        assets=[partitions, silent_trial_report],
         jobs=[
             dg.define_asset_job(
                 TRIAL_JOB,
-                selection=[silent_trial_partition],
+                selection=[partitions],
                 tags=ARCHIVE_PULL_TAG,
                 description="Score the site's archive by study date, sending nothing back; "
                 "backfill a range of days to run them in parallel.",
