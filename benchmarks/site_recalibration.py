@@ -1,15 +1,18 @@
-"""Recalibration for a stand-in of another site: specificity at the sensitivity target before and
-after, with 50, 100 and 200 of the site's labels; and the EM prevalence estimate of unlabeled
-traffic against the truth.
+"""A site's own operating point, as the platform makes it (`calibration/site_point.py`), on
+stand-ins for another site: what the site is served after the paired gate, against what it had
+(as deployed) and against the best a threshold could do on the whole stand-in; and the label-free
+estimates of sensitivity, specificity and prevalence against the truth.
 
-Stand-ins (no second real site exists here): the production version's internal test split under
-an acquisition shift of ``monitoring/shifts.py``, and, with ``--held-out DIR``, normal images of
-a file-name family the model never saw (the same test pneumonia images beside them). Each
-stand-in's images are scored once by the exported model; the logits come back from the logged
-probabilities as the platform does it. Per label budget, ``--draws`` random draws of that many
-labels (drawn by patient) fit the operating point; it is judged on the rest of the stand-in.
+Stand-ins (no second real site exists here), each scored once by the production version:
+the internal test split as acquired and under acquisition shifts (`data/shifts.py`); its normal
+images of one file-name family (NORMAL2-IM, the family whose specificity was lowest) beside its
+pneumonia images; a prior-shifted mix (pneumonia patients dropped to a prevalence of 0.3); and,
+with ``--held-out DIR``, normal images never trained on beside the test pneumonia images.
+Per label budget, ``--draws`` draws of that many labels (whole patients) propose and judge a
+threshold; the site is then served the candidate if the gate passed it, else the current one,
+and judged on the rest of the stand-in.
 
-    .venv/bin/python benchmarks/site_recalibration.py --home HOME [--held-out DIR] [--draws 200]
+    .venv/bin/python benchmarks/site_recalibration.py --home HOME [--draws 200]
 """
 
 from __future__ import annotations
@@ -19,19 +22,23 @@ import glob
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cxr_platform.calibration.prevalence import estimate_prevalence
-from cxr_platform.calibration.refit import (
-    NotEnoughLabelsError,
-    logits_from_probabilities,
-    recalibrate,
+from cxr_platform.calibration.label_free import (
+    adjusted_count_prevalence,
+    confidence_based_estimate,
 )
+from cxr_platform.calibration.prevalence import estimate_prevalence
+from cxr_platform.calibration.refit import NotEnoughLabelsError, logits_from_probabilities
+from cxr_platform.calibration.site_point import calls, site_operating_point
 from cxr_platform.data.imaging import read_image
+from cxr_platform.data.patients import file_name_family
 from cxr_platform.data.shifts import apply_shift, encode_png
+from cxr_platform.deployment.reference import PROBABILITY, load_reference
 from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.scoring import request_for, score_items
@@ -39,7 +46,15 @@ from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.settings import load_settings
 
 BUDGETS = (50, 100, 200, 400)
-PREVALENCES = (0.1, 0.3, 0.5, 0.7)
+MARGIN = 0.02
+
+
+@dataclass
+class StandIn:
+    name: str
+    labels: np.ndarray
+    probabilities: np.ndarray
+    patients: np.ndarray
 
 
 def score(models: ServingModels, images: list[tuple[Path, int, str]], shift: str, severity: float):
@@ -62,6 +77,13 @@ def rates(labels: np.ndarray, called: np.ndarray) -> tuple[float, float]:
     return float(called[labels == 1].mean()), float((~called[labels == 0]).mean())
 
 
+def best_specificity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
+    """The most specificity any threshold gives on the whole stand-in at sensitivity >= target."""
+    positives = np.sort(probabilities[labels == 1])[::-1]
+    threshold = positives[int(np.ceil(target * len(positives))) - 1]
+    return float((probabilities[labels == 0] < threshold).mean())
+
+
 def draw_by_patient(patients: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Whole patients, in random order, until ``n`` images are taken (a site labels studies)."""
     order = rng.permutation(np.unique(patients))
@@ -75,25 +97,80 @@ def draw_by_patient(patients: np.ndarray, n: int, rng: np.random.Generator) -> n
     return np.concatenate(chosen)[:n]
 
 
-def budget_rows(name, labels, logits, patients, target, draws, rng):
-    rows = []
-    for budget in BUDGETS:
-        confident, point, refused = [], [], 0
-        for _ in range(draws):
-            fit = draw_by_patient(patients, budget, rng)
-            rest = np.setdiff1d(np.arange(len(labels)), fit)
-            try:
-                result = recalibrate(
-                    labels[fit], logits[fit], target_sensitivity=target, groups=patients[fit]
-                )
-            except NotEnoughLabelsError:
-                refused += 1
-                continue
-            probabilities = result.operating_point.probabilities(logits[rest])
-            confident.append(rates(labels[rest], probabilities >= result.operating_point.threshold))
-            point.append(rates(labels[rest], probabilities >= result.point_estimate_threshold))
-        rows.append((name, budget, draws, refused, np.array(confident), np.array(point)))
-    return rows
+def budget_row(stand_in, point, reference_positives, target, budget, draws, rng, minimum):
+    labels, patients = stand_in.labels, stand_in.patients
+    logits = logits_from_probabilities(stand_in.probabilities, point)
+    current_calls = stand_in.probabilities >= point.threshold
+    served, deployed, promoted, too_few, verdicts, needed = [], [], 0, 0, {}, []
+    for _ in range(draws):
+        drawn = draw_by_patient(patients, budget, rng)
+        rest = np.setdiff1d(np.arange(len(labels)), drawn)
+        deployed.append(rates(labels[rest], current_calls[rest]))
+        try:
+            evidence = site_operating_point(
+                labels[drawn],
+                logits[drawn],
+                patients[drawn],
+                reference_positives,
+                point,
+                target_sensitivity=target,
+                margin=MARGIN,
+                min_negatives=minimum,
+                current_calls=current_calls[drawn],
+            )
+        except NotEnoughLabelsError:
+            too_few += 1
+            served.append(rates(labels[rest], current_calls[rest]))
+            continue
+        verdict = evidence.judgement.verdict
+        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+        if evidence.judgement.labels_to_decide:
+            needed.append(sum(evidence.judgement.labels_to_decide.values()))
+        if evidence.passed:
+            promoted += 1
+            served.append(rates(labels[rest], calls(evidence.operating_point, logits[rest])))
+        else:
+            served.append(rates(labels[rest], current_calls[rest]))
+    return np.array(served), np.array(deployed), promoted, too_few, verdicts, needed
+
+
+def label_free_rows(stand_in, point, training_prevalence, rng, budget=100, draws=50):
+    """Per stand-in: truth against CBPE (the version's calibration), CBPE with Platt refitted on
+    ``budget`` labels, EM prevalence, and the adjusted count from ``budget`` labels."""
+    labels, probabilities = stand_in.labels, stand_in.probabilities
+    called = probabilities >= point.threshold
+    truth_sens, truth_spec = rates(labels, called)
+    logits = logits_from_probabilities(probabilities, point)
+    em = estimate_prevalence(probabilities, training_prevalence).prevalence
+    plain = confidence_based_estimate(
+        probabilities, point.threshold, prior=(training_prevalence, em)
+    )
+    refitted, adjusted = [], []
+    for _ in range(draws):
+        drawn = draw_by_patient(stand_in.patients, budget, rng)
+        if labels[drawn].min() == labels[drawn].max():
+            continue
+        refitted.append(
+            confidence_based_estimate(
+                probabilities,
+                point.threshold,
+                logits=logits,
+                labeled_logits=logits[drawn],
+                labels=labels[drawn],
+            )
+        )
+        adjusted.append(adjusted_count_prevalence(called, labels[drawn], called[drawn]))
+    refit_sens = np.array([e.sensitivity for e in refitted])
+    refit_spec = np.array([e.specificity for e in refitted])
+    refit_prev = np.array([e.prevalence for e in refitted])
+    adjusted = np.array([a.prevalence for a in adjusted if a.prevalence is not None])
+    return (
+        f"| {stand_in.name} | {truth_sens:.3f} / {truth_spec:.3f} / {labels.mean():.3f} | "
+        f"{plain.sensitivity:.3f} / {plain.specificity:.3f} / {plain.prevalence:.3f} | "
+        f"{refit_sens.mean():.3f} / {refit_spec.mean():.3f} / {refit_prev.mean():.3f} | "
+        f"{em:.3f} | {adjusted.mean():.3f} ({np.quantile(adjusted, 0.05):.3f}-"
+        f"{np.quantile(adjusted, 0.95):.3f}) |"
+    )
 
 
 def main() -> None:
@@ -103,108 +180,123 @@ def main() -> None:
         "--held-out", type=Path, default=None, help="normal images never trained on"
     )
     parser.add_argument("--draws", type=int, default=200)
-    parser.add_argument("--shifts", default="none:1.0,blur:0.5,blur:1.0,contrast:0.5,exposure:0.5")
+    parser.add_argument("--shifts", default="blur:0.5,blur:1.0,contrast:0.5,exposure:0.5")
+    parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     args = parser.parse_args()
     started = time.perf_counter()
     settings = load_settings(home=args.home)
     registry = registry_for(settings.registry)
     info = registry.get(PRODUCTION)
-    predictor = Predictor(registry.download(info.version), model_version=info.version)
+    folder = registry.download(info.version)
+    predictor = Predictor(folder, model_version=info.version)
     point = predictor.metadata.calibration
-    target = point.target_sensitivity or settings.training.target_sensitivity
+    target = settings.training.target_sensitivity
+    reference = load_reference(folder)
+    validation = reference[reference[PROBABILITY].notna()]
+    reference_positives = logits_from_probabilities(
+        validation.loc[validation["label"] == "PNEUMONIA", PROBABILITY].to_numpy(float), point
+    )
+    training_prevalence = float((validation["label"] == "PNEUMONIA").mean())
     models = ServingModels(predictor, None)
     index = pd.read_csv(sorted(glob.glob(str(args.home / "cache/*/test-*.csv")))[0], dtype=str)
     test = [
         (Path(p), int(label == "PNEUMONIA"), patient)
         for p, label, patient in zip(index.path, index.label, index.patient_id, strict=True)
     ]
-    stand_ins: dict[str, list] = {}
+    stand_ins: list[StandIn] = []
+
+    def add(name, images, shift="none", severity=1.0):
+        stand_ins.append(StandIn(name, *score(models, images, shift, severity)))
+
+    add("test split, as acquired", test)
     for spec in args.shifts.split(","):
         shift, severity = spec.split(":")
-        stand_ins[f"test split, {shift} {severity}"] = [test, shift, float(severity)]
+        add(f"test split, {shift} {severity}", test, shift, float(severity))
+    family = [item for item in test if item[1] == 1 or file_name_family(item[0].name) != "IM"]
+    add("NORMAL2 family + test pneumonia", family)
+    whole = stand_ins[0]
+    rng = np.random.default_rng(11)
+    # Pneumonia patients dropped, in random order, until the stand-in's prevalence is 0.3.
+    wanted = 0.3 / 0.7 * int((whole.labels == 0).sum())
+    keep_patients, kept = [], 0
+    for patient in rng.permutation(np.unique(whole.patients[whole.labels == 1])):
+        if kept >= wanted:
+            break
+        keep_patients.append(patient)
+        kept += int(((whole.patients == patient) & (whole.labels == 1)).sum())
+    mixed = (whole.labels == 0) | np.isin(whole.patients, keep_patients)
+    stand_ins.append(
+        StandIn(
+            "test split, prior shift to 0.3",
+            whole.labels[mixed],
+            whole.probabilities[mixed],
+            whole.patients[mixed],
+        )
+    )
     if args.held_out is not None:
         held = [(p, 0, f"held:{p.name}") for p in sorted(args.held_out.iterdir())]
-        pneumonia = [item for item in test if item[1] == 1]
-        stand_ins[f"held-out family {args.held_out.name} + test pneumonia"] = [
-            held + pneumonia,
-            "none",
-            1.0,
-        ]
-        stand_ins[f"held-out family {args.held_out.name} + test pneumonia, blur 0.5"] = [
-            held + pneumonia,
-            "blur",
-            0.5,
-        ]
-    rng = np.random.default_rng(7)
+        add(
+            f"held-out family {args.held_out.name} + test pneumonia",
+            held + [t for t in test if t[1]],
+        )
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
+    minimum = settings.monitoring.recalibration_min_negatives
     print(
         f"# site recalibration, {time.strftime('%Y-%m-%d')}, commit {commit}, "
         f"{platform.processor() or platform.machine()}, model {info.version} "
-        f"({predictor.model_name}), target sensitivity {target:g}, {args.draws} draws"
+        f"({predictor.model_name}), target sensitivity {target:g}, margin {MARGIN:g}, "
+        f"{args.draws} draws"
     )
     print(
-        "\n| stand-in | n (pneumonia) | before: sens / spec | labels | refused | after: "
-        "sens mean (2.5-97.5%) | share >= target | spec mean (2.5-97.5%) | point-estimate "
-        "threshold: share >= target, spec |"
+        "\n| stand-in | n (pneumonia) | as deployed: sens / spec | best threshold: spec | labels "
+        "| promoted | too few | served: sens mean / 5th pct / share >= target-0.02 | served: spec "
+        "mean / 5th pct | share of the possible gain | verdicts | labels to decide (median) |"
     )
-    print("| --- | --- | --- | ---: | ---: | --- | ---: | --- | --- |")
-    prevalence_rows = []
-    for name, (images, shift, severity) in stand_ins.items():
-        labels, probabilities, patients = score(models, images, shift, severity)
-        logits = logits_from_probabilities(probabilities, point)
-        before = rates(labels, probabilities >= point.threshold)
-        for _, budget, draws, refused, confident, pointwise in budget_rows(
-            name, labels, logits, patients, target, args.draws, rng
-        ):
-            if len(confident) == 0:
-                after = "all refused (too few positives to certify the target)"
-                print(
-                    f"| {name} | {len(labels)} ({labels.sum()}) | {before[0]:.3f} / "
-                    f"{before[1]:.3f} | {budget} | {refused}/{draws} | {after} | | | |"
-                )
-                continue
-            sens, spec = confident[:, 0], confident[:, 1]
-            print(
-                f"| {name} | {len(labels)} ({labels.sum()}) | {before[0]:.3f} / {before[1]:.3f} "
-                f"| {budget} | {refused}/{draws} | {sens.mean():.3f} "
-                f"({np.quantile(sens, 0.025):.3f}-{np.quantile(sens, 0.975):.3f}) | "
-                f"{(sens >= target).mean():.0%} | {spec.mean():.3f} "
-                f"({np.quantile(spec, 0.025):.3f}-{np.quantile(spec, 0.975):.3f}) | "
-                f"{(pointwise[:, 0] >= target).mean():.0%}, {pointwise[:, 1].mean():.3f} |"
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    for stand_in in stand_ins:
+        labels = stand_in.labels
+        before = rates(labels, stand_in.probabilities >= point.threshold)
+        best = best_specificity(labels, stand_in.probabilities, target)
+        possible = best - before[1]
+        for budget in budgets:
+            served, deployed, promoted, too_few, verdicts, needed = budget_row(
+                stand_in, point, reference_positives, target, budget, args.draws, rng, minimum
             )
-        prevalence_rows.append((name, labels, probabilities))
+            sens, spec = served[:, 0], served[:, 1]
+            gain = (
+                f"{(spec.mean() - before[1]) / possible:.0%}"
+                if possible > 0.01
+                else "none possible"
+            )
+            print(
+                f"| {stand_in.name} | {len(labels)} ({labels.sum()}) | {before[0]:.3f} / "
+                f"{before[1]:.3f} | {best:.3f} | {budget} | {promoted}/{args.draws} | "
+                f"{too_few} | {sens.mean():.3f} / {np.quantile(sens, 0.05):.3f} / "
+                f"{(sens >= target - MARGIN).mean():.0%} (as deployed "
+                f"{(deployed[:, 0] >= target - MARGIN).mean():.0%}) | {spec.mean():.3f} / "
+                f"{np.quantile(spec, 0.05):.3f} | {gain} | "
+                + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
+                + f" | {int(np.median(needed)) if needed else ''} |",
+                flush=True,
+            )
     print(
-        "\n| stand-in | true prevalence | EM estimate mean (2.5-97.5%) | positive rate at the "
-        "threshold | mean probability |"
+        "\nLabel-free, each stand-in whole: truth, then estimates as sensitivity / specificity / "
+        "prevalence at the version's threshold. CBPE uses the version's calibration moved to the EM "
+        "prevalence; CBPE "
+        "refitted uses Platt refitted on 100 labels (mean of 50 draws); EM assumes the "
+        "calibration holds; the adjusted count uses the site's confusion matrix from 100 labels "
+        "(mean, 5-95%).\n"
     )
-    print("| --- | ---: | --- | --- | --- |")
-    val = pd.read_csv(sorted(glob.glob(str(args.home / "cache/*/val-*.csv")))[0], dtype=str)
-    training_prevalence = float((val.label == "PNEUMONIA").mean())
-    for name, labels, probabilities in prevalence_rows:
-        positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-        for prevalence in PREVALENCES:
-            n_pos = min(len(positives), int(round(300 * prevalence)))
-            n_neg = min(len(negatives), int(round(n_pos * (1 - prevalence) / prevalence)))
-            estimates, rates_at, means = [], [], []
-            for _ in range(50):
-                chosen = np.r_[
-                    rng.choice(positives, n_pos, replace=False),
-                    rng.choice(negatives, n_neg, replace=False),
-                ]
-                estimates.append(
-                    estimate_prevalence(probabilities[chosen], training_prevalence).prevalence
-                )
-                rates_at.append((probabilities[chosen] >= point.threshold).mean())
-                means.append(probabilities[chosen].mean())
-            truth = n_pos / (n_pos + n_neg)
-            estimates = np.array(estimates)
-            print(
-                f"| {name} | {truth:.2f} | {estimates.mean():.3f} "
-                f"({np.quantile(estimates, 0.025):.3f}-{np.quantile(estimates, 0.975):.3f}) | "
-                f"{np.mean(rates_at):.3f} | {np.mean(means):.3f} |"
-            )
+    print(
+        "| stand-in | truth | CBPE | CBPE, Platt refitted on 100 labels | EM prevalence | "
+        "adjusted count prevalence |"
+    )
+    print("| --- | --- | --- | --- | ---: | --- |")
+    for stand_in in stand_ins:
+        print(label_free_rows(stand_in, point, training_prevalence, rng), flush=True)
     print(
         f"\nvalidation prevalence (the calibration's prior) {training_prevalence:.3f}; "
         f"{time.perf_counter() - started:.0f} s"

@@ -603,13 +603,16 @@ class MonitoringSection(_Logged):
         30, doc="Labeled records a window needs before performance is judged.", ge=2
     )
     recalibration_min_negatives: int = setting(
-        30, doc="NORMAL labels a site needs before its operating point is refitted.", ge=5
+        10,
+        doc="NORMAL labels a site needs before its operating point is proposed and judged.",
+        ge=5,
     )
-    recalibration_held_out_share: float = setting(
-        0.3,
-        doc="Share of a site's labeled studies kept out of the refit for the gate to judge.",
-        gt=0,
-        lt=1,
+    recalibration_margin: float = setting(
+        0.02,
+        doc="Sensitivity a site's new operating point may lose against the current one "
+        "(the paired gate's non-inferiority margin).",
+        ge=0,
+        lt=0.5,
     )
     drift_max_auc_drop: float = setting(
         0.10, doc="Performance drift: AUC drop below the version's test AUC.", ge=0, le=1

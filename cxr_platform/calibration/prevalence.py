@@ -47,7 +47,7 @@ def estimate_prevalence(
         raise RecalibrationError("no probabilities to estimate a prevalence from")
     prevalence = training_prevalence
     for iteration in range(1, max_iterations + 1):
-        adjusted = _reweighted(posteriors, training_prevalence, prevalence)
+        adjusted = reweighted(posteriors, training_prevalence, prevalence)
         updated = float(adjusted.mean())
         if abs(updated - prevalence) < tolerance:
             return PrevalenceEstimate(
@@ -59,7 +59,8 @@ def estimate_prevalence(
     )
 
 
-def _reweighted(posteriors: np.ndarray, old: float, new: float) -> np.ndarray:
+def reweighted(posteriors: np.ndarray, old: float, new: float) -> np.ndarray:
+    """Posteriors calibrated at prevalence ``old`` moved to prevalence ``new`` (Bayes)."""
     positive = posteriors * new / old
     negative = (1 - posteriors) * (1 - new) / (1 - old)
     return positive / (positive + negative)

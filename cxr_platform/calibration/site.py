@@ -1,15 +1,18 @@
 """A site's own operating point, from its labeled live requests, through shadow and the gate.
 
-1. The site's labeled requests scored by the version it is served by are split by study: one
-   part refits the operating point (:func:`~cxr_platform.calibration.refit.recalibrate`),
-   the other is held out for the gate.
-2. The refit is registered as a new version with the same weights (tags name the source
-   version, the site, its prevalence and the labels used) and put in shadow.
-3. The gate judges it on the held-out labels against the version the site has now: the usual
-   floors, sensitivity not shown below the target (its 95% upper bound reaches it), and, where
-   the current version already met the target, specificity at least as good. A pass makes it
-   that site's production (``production-site-<name>``); every other site keeps ``production``.
-   A refusal retires the shadow. Either way the decision is a registry event.
+1. The site's labeled requests scored by the version it is served by propose a threshold and
+   judge it paired against that version (:mod:`~cxr_platform.calibration.paired`,
+   :func:`~cxr_platform.calibration.site_point.site_operating_point`): the positives, with the
+   validation split's where one shift describes them, say where the site's sensitivity lies;
+   the negatives, which the proposal never reads, what it buys.
+2. The candidate is registered as a new version with the same weights (tags name the source
+   version, the site, its prevalence and the labels used), its drift reference the site's own
+   rows, and put in shadow.
+3. The gate decides: the usual floors, and the paired checks (specificity superior and
+   sensitivity held for a higher threshold; the current one shown below the target for a
+   lower). A pass makes it that site's production (``production-site-<name>``); every other
+   site keeps ``production``. A refusal retires the shadow and says how many more labels would
+   decide. Either way the decision is a registry event.
 
 No model runs here: the weights are unchanged, so the logged probabilities and the version's
 own calibration give back every logit.
@@ -19,30 +22,41 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
+from cxr_platform.calibration.paired import LOWER, SAME
 from cxr_platform.calibration.prevalence import (
     PrevalenceEstimate,
     estimate_prevalence,
     prior_adjusted,
 )
 from cxr_platform.calibration.recalibrated_version import write_recalibrated
-from cxr_platform.calibration.refit import (
-    NotEnoughLabelsError,
-    Recalibration,
-    logits_from_probabilities,
-    minimum_positives,
-    recalibrate,
+from cxr_platform.calibration.refit import NotEnoughLabelsError, logits_from_probabilities
+from cxr_platform.calibration.site_point import (
+    MIN_POSITIVE_STUDIES,
+    SiteEvidence,
+    calls,
+    labels_missing,
+    require_labels,
+    site_operating_point,
 )
 from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_predictions
 from cxr_platform.deployment.pipeline import gate_config_for
-from cxr_platform.deployment.reference import PROBABILITY, load_reference
+from cxr_platform.deployment.reference import (
+    ACQUISITION_FEATURES,
+    CONTENT_FEATURES,
+    PREDICTED,
+    PROBABILITY,
+    SOURCE_FORMAT,
+    SPLIT,
+    load_reference,
+    write_reference,
+)
 from cxr_platform.deployment.registry import ModelRegistry, ModelVersionInfo, registry_for
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import InferenceLog
@@ -50,7 +64,6 @@ from cxr_platform.model_version.aliases import PRODUCTION, SHADOW, site_producti
 from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
 from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.model_version.tags import VersionTags
-from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 from cxr_platform.sections import MonitoringSection, RegistrySection
 
 log = logging.getLogger(__name__)
@@ -64,6 +77,14 @@ class SiteRecalibrationError(CxrError):
     pass
 
 
+class NoBetterThresholdError(SiteRecalibrationError):
+    """The site's labels show no threshold other than the current one to be safe and better."""
+
+    def __init__(self, message: str, labels_to_decide: dict[str, int] | None) -> None:
+        super().__init__(message)
+        self.labels_to_decide = labels_to_decide
+
+
 @dataclass(frozen=True)
 class SiteRecalibrationResult:
     site: str
@@ -71,7 +92,7 @@ class SiteRecalibrationResult:
     candidate_version: str
     decision: GateDecision
     alias: str
-    recalibration: Recalibration | None = None  # refitted on the site's labels
+    evidence: SiteEvidence | None = None  # proposed and judged on the site's labels
     prevalence: PrevalenceEstimate | None = None  # or moved to its estimated prevalence
 
     @property
@@ -85,15 +106,11 @@ class SiteRecalibrationResult:
             else f"refused, version {self.candidate_version} retired: "
             + ", ".join(self.decision.failed_checks)
         )
-        if self.recalibration is not None:
-            r = self.recalibration
-            how = (
-                f"recalibrated on {r.n_positive} PNEUMONIA and {r.n_negative} NORMAL labels of "
-                f"site {self.site}; threshold {r.operating_point.threshold:.4f} holds "
-                f"sensitivity >= {r.operating_point.target_sensitivity:g} at its 95% lower "
-                f"bound ({r.sensitivity_lower_bound:.3f}) at a specificity cost of "
-                f"{r.specificity_cost:.3f} over the point estimate; gate on the held-out labels"
-            )
+        if self.evidence is not None:
+            how = describe_evidence(self.site, self.evidence)
+            needed = self.evidence.labels_to_decide
+            if not self.promoted and needed:
+                verdict += "; " + labels_to_decide_text(needed)
         else:
             assert self.prevalence is not None
             how = (
@@ -114,18 +131,43 @@ class SiteRecalibrationResult:
             "candidate_version": self.candidate_version,
             "promoted": self.promoted,
             "alias": self.alias,
-            "recalibration": None if self.recalibration is None else self.recalibration.to_dict(),
+            "evidence": None if self.evidence is None else self.evidence.to_dict(),
             "prevalence": None if self.prevalence is None else asdict(self.prevalence),
             "gate": self.decision.to_dict(),
         }
 
 
-def site_labeled_records(log_url: str, site: str, version: str) -> pd.DataFrame:
+def labels_to_decide_text(needed: dict[str, int]) -> str:
+    return (
+        "about "
+        + " and ".join(f"{count} more {name}" for name, count in needed.items() if count)
+        + " labels at the same rates would decide"
+    )
+
+
+def describe_evidence(site: str, evidence: SiteEvidence) -> str:
+    proposal, judgement = evidence.proposal, evidence.judgement
+    low_sens, high_sens = judgement.candidate_sensitivity[1:]
+    gain = judgement.specificity
+    return (
+        f"with a threshold proposed for site {site} from {evidence.n_positive} PNEUMONIA labels "
+        f"({evidence.n_positive_studies} studies; sensitivity from the "
+        f"{proposal.sensitivity_from}) and judged on them and {evidence.n_negative} NORMAL "
+        f"labels: expected sensitivity {judgement.candidate_sensitivity[0]:.3f} "
+        f"({low_sens:.3f}-{high_sens:.3f}) against {judgement.current_sensitivity[0]:.3f} now, "
+        f"specificity {gain.difference:+.3f} ({gain.low:+.3f} to {gain.high:+.3f})"
+    )
+
+
+def site_labeled_records(log_url: str, site: str, version: str | None = None) -> pd.DataFrame:
+    """The site's labeled rows (of ``version`` only, when given)."""
     inference_log = InferenceLog(log_url)
     try:
         rows = inference_log.records(site=site, labeled_only=True)
     finally:
         inference_log.dispose()
+    if version is None:
+        return rows.reset_index(drop=True)
     return rows[rows["model_version"].astype(str) == version].reset_index(drop=True)
 
 
@@ -135,62 +177,17 @@ def study_groups(rows: pd.DataFrame) -> np.ndarray:
     return studies.fillna("request:" + rows["request_id"].astype(str)).to_numpy(dtype=str)
 
 
-def split_by_study(
-    groups: np.ndarray, labels: np.ndarray, held_out_share: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (fit, held out): whole studies, drawn per class so both parts hold both."""
-    rng = np.random.default_rng(seed)
-    held: list[int] = []
-    for label in (0, 1):
-        studies = np.unique(groups[labels == label])
-        rng.shuffle(studies)
-        chosen = set(studies[: int(round(held_out_share * len(studies)))])
-        held += [i for i in np.flatnonzero(labels == label) if groups[i] in chosen]
-    held_out = np.array(sorted(held), dtype=int)
-    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
-
-
-def _upper(successes: int, trials: int) -> float:
-    return float(binomtest(successes, trials).proportion_ci(0.95, "wilson").high)
-
-
-def held_out_intervals(
-    labels: np.ndarray, scores: np.ndarray, called: np.ndarray, groups: np.ndarray
-) -> dict[str, tuple[float | None, float | None]]:
-    """95% intervals of the held-out figures, resampling whole studies."""
-    return cluster_bootstrap_intervals(
-        labels, scores, called.astype(float), 0.5, groups, n_bootstrap=1000, seed=0
-    )
-
-
-def site_checks(
-    labels: np.ndarray,
-    candidate_called: np.ndarray,
-    current_called: np.ndarray,
-    target: float,
-    grouped_upper: float | None = None,
-) -> list[GateCheck]:
-    """``grouped_upper``: the candidate sensitivity's study-resampled upper bound; the wider
-    of it and Wilson's is used, as the drift rule does."""
-    positives, negatives = labels == 1, labels == 0
-    detected = int(candidate_called[positives].sum())
-    upper = max(_upper(detected, int(positives.sum())), grouped_upper or 0.0)
-    checks = [GateCheck("site_sensitivity_not_below_target", upper >= target, upper, target)]
-    current_upper = _upper(int(current_called[positives].sum()), int(positives.sum()))
-    if current_upper >= target:
-        # The current version may already hold the target here: the candidate must then earn
-        # its place in specificity.
-        candidate_specificity = float((~candidate_called[negatives]).mean())
-        current_specificity = float((~current_called[negatives]).mean())
-        checks.append(
-            GateCheck(
-                "site_specificity_vs_current",
-                candidate_specificity >= current_specificity,
-                candidate_specificity,
-                current_specificity,
-            )
+def reference_positive_logits(folder: Path, point: OperatingPoint, version: str) -> np.ndarray:
+    """The validation positives' logits, from the drift reference stored with the version."""
+    reference = load_reference(folder)
+    scored = reference[reference[PROBABILITY].notna()] if reference is not None else None
+    if scored is None or not (scored["label"] == "PNEUMONIA").any():
+        raise SiteRecalibrationError(
+            f"version {version} has no drift reference with scored positives: how a pneumonia "
+            "case scores is unknown; export and register it again"
         )
-    return checks
+    probabilities = scored.loc[scored["label"] == "PNEUMONIA", PROBABILITY]
+    return logits_from_probabilities(probabilities.to_numpy(dtype=float), point)
 
 
 def _served_version(registry: ModelRegistry, site: str) -> str | None:
@@ -199,43 +196,36 @@ def _served_version(registry: ModelRegistry, site: str) -> str | None:
 
 
 def missing_labels(
-    monitoring: MonitoringSection,
-    registry: ModelRegistry,
-    site: str,
-    target_sensitivity: float,
-    *,
-    seed: int = 0,
+    monitoring: MonitoringSection, registry: ModelRegistry, site: str
 ) -> dict[str, int]:
-    """How many more labels of each class the site's refit part lacks (all zero: enough)."""
+    """How many more labels of each class the site needs before a threshold can be proposed
+    (all zero: enough)."""
     version = _served_version(registry, site)
-    needed = {
-        "PNEUMONIA": minimum_positives(target_sensitivity),
-        "NORMAL": monitoring.recalibration_min_negatives,
-    }
     if version is None:
-        return needed
+        return {"PNEUMONIA": MIN_POSITIVE_STUDIES, "NORMAL": monitoring.recalibration_min_negatives}
     rows = site_labeled_records(monitoring.inference_log_uri, site, version)
-    if rows.empty:
-        return needed
     labels = (rows["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int)
-    groups = study_groups(rows)
-    fit, _ = split_by_study(groups, labels, monitoring.recalibration_held_out_share, seed)
-    have = {
-        "PNEUMONIA": len(set(groups[fit][labels[fit] == 1])),
-        "NORMAL": int((labels[fit] == 0).sum()),
-    }
-    return {name: max(0, needed[name] - have[name]) for name in needed}
+    return labels_missing(labels, study_groups(rows), monitoring.recalibration_min_negatives)
 
 
-def recalibration_refused(registry: ModelRegistry, site: str) -> bool:
-    """Whether a recalibration of the version the site is served by now was refused before:
-    the gate would see the same labels fail again; a fine-tune is the next step."""
+def recalibration_refused(
+    monitoring: MonitoringSection, registry: ModelRegistry, site: str
+) -> bool:
+    """Whether a recalibration of the version the site is served by now was refused on the
+    labels it has now: the gate would see the same labels fail again. New labels since (a
+    refusal for want of evidence says how many would decide) allow another try."""
     source = _served_version(registry, site)
+    labeled = None
     for event in registry.events():
         if event.action != "refused":
             continue
         release = registry.get(event.version).release
-        if release.site == site and release.recalibrated_from == source:
+        if release.site != site or release.recalibrated_from != source:
+            continue
+        if labeled is None:
+            labeled = len(site_labeled_records(monitoring.inference_log_uri, site, source))
+        judged_on = (event.details.get("gate") or {}).get("evaluated_on", {}).get("labels")
+        if judged_on is None or labeled <= int(judged_on):
             return True
     return False
 
@@ -247,11 +237,11 @@ def recalibrate_for_site(
     *,
     target_sensitivity: float,
     triggered_by: str,
-    seed: int = 0,
 ) -> SiteRecalibrationResult:
-    """Refit, register, shadow, gate, and promote for the site or retire. Raises
-    :class:`~cxr_platform.calibration.refit.NotEnoughLabelsError` (with how many more
-    labels of each class) and :class:`SiteRecalibrationError` for what cannot be done now."""
+    """Propose, register, shadow, gate, and promote for the site or retire. Raises
+    :class:`~cxr_platform.calibration.refit.NotEnoughLabelsError` (with how many more labels
+    of each class), :class:`NoBetterThresholdError` when the labels show no threshold but the
+    current one to be safe, and :class:`SiteRecalibrationError` for what cannot be done now."""
     registry = registry_for(registry_settings)
     alias = site_production_alias(site)
     aliases = registry.aliases()
@@ -267,52 +257,54 @@ def recalibrate_for_site(
     if rows.empty:
         raise NotEnoughLabelsError(
             f"site {site} has no labeled requests scored by version {source.version}",
-            {"PNEUMONIA": 0, "NORMAL": 0},
+            {"PNEUMONIA": MIN_POSITIVE_STUDIES, "NORMAL": monitoring.recalibration_min_negatives},
         )
     folder = registry.download(source.version)
     current_point = read_onnx_metadata(folder / ONNX_FILE).calibration
     labels = (rows["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int)
     logits = logits_from_probabilities(rows["probability"].to_numpy(dtype=float), current_point)
     groups = study_groups(rows)
-    fit, held_out = split_by_study(groups, labels, monitoring.recalibration_held_out_share, seed)
-    target = target_sensitivity
+    current_called = (rows["label"] == "PNEUMONIA").to_numpy()
     try:
-        recalibration = recalibrate(
-            labels[fit],
-            logits[fit],
-            target_sensitivity=target,
-            groups=groups[fit],
+        # Labels first: what the site can do about it, before what the version lacks.
+        require_labels(labels, groups, monitoring.recalibration_min_negatives)
+        evidence = site_operating_point(
+            labels,
+            logits,
+            groups,
+            reference_positive_logits(folder, current_point, source.version),
+            current_point,
+            target_sensitivity=target_sensitivity,
+            margin=monitoring.recalibration_margin,
             min_negatives=monitoring.recalibration_min_negatives,
+            current_calls=current_called,
         )
     except NotEnoughLabelsError as exc:
-        # Say it in labels of the whole site: the held-out part is drawn from the same pool.
-        share = 1 - monitoring.recalibration_held_out_share
-        missing = {name: int(np.ceil(count / share)) for name, count in exc.missing.items()}
-        raise NotEnoughLabelsError(
-            f"site {site}: {exc} (in the {share:.0%} used for the refit; about "
-            + ", ".join(f"{n} more {name}" for name, n in missing.items() if n)
-            + " labeled requests in all)",
-            missing,
-        ) from exc
-    held_labels = labels[held_out]
-    if held_labels.min() == held_labels.max():
-        raise NotEnoughLabelsError(
-            f"site {site}: the held-out part needs both classes", {"PNEUMONIA": 1, "NORMAL": 1}
+        raise NotEnoughLabelsError(f"site {site}: {exc}", exc.missing) from exc
+    if evidence.proposal.direction == SAME:
+        needed = evidence.labels_to_decide
+        raise NoBetterThresholdError(
+            f"site {site}: no threshold but version {source.version}'s is shown safe here "
+            f"({describe_evidence(site, evidence)}); "
+            + (
+                labels_to_decide_text(needed)
+                if needed
+                else "the site's labels put the threshold where it is"
+            ),
+            needed,
         )
-    point = recalibration.operating_point
-    candidate_probabilities = point.probabilities(logits[held_out])
-    candidate_called = candidate_probabilities >= point.threshold
-    current_called = (rows["label"] == "PNEUMONIA").to_numpy()[held_out]
-    held_metrics = {
-        "test_sensitivity": float(candidate_called[held_labels == 1].mean()),
-        "test_specificity": float((~candidate_called[held_labels == 0]).mean()),
+    point = evidence.operating_point
+    candidate_called = calls(point, logits)
+    site_metrics = {
+        "test_sensitivity": float(candidate_called[labels == 1].mean()),
+        "test_specificity": float((~candidate_called[labels == 0]).mean()),
     }
     metrics = {
         key: value
         for key, value in source.metrics.items()
         if not any(key.startswith(f"test_{name}") for name in _THRESHOLD_METRICS)
     }
-    metrics.update(held_metrics)
+    metrics.update(site_metrics)
     candidate = _register_in_shadow(
         registry,
         monitoring,
@@ -323,60 +315,114 @@ def recalibrate_for_site(
         VersionTags(
             site_prevalence=float(labels.mean()),
             site_labels={
-                "fit": {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative},
-                "held_out": {
-                    "PNEUMONIA": int(held_labels.sum()),
-                    "NORMAL": int((held_labels == 0).sum()),
-                },
+                "PNEUMONIA": evidence.n_positive,
+                "NORMAL": evidence.n_negative,
                 "studies": len(np.unique(groups)),
             },
         ),
         site=site,
         triggered_by=triggered_by,
+        site_reference=site_reference(monitoring, site, source.version, current_point, point),
     )
-    candidate_score = score_predictions(
-        held_labels, candidate_probabilities, point.threshold, version=candidate.version
-    )
+    probabilities = rows["probability"].to_numpy(dtype=float)
     current_score = score_predictions(
-        held_labels,
-        rows["probability"].to_numpy(dtype=float)[held_out],
-        current_point.threshold,
-        version=source.version,
+        labels, probabilities, current_point.threshold, version=source.version
     )
-    held_groups = groups[held_out]
-    intervals = {
-        name: held_out_intervals(held_labels, logits[held_out], called, held_groups)
-        for name, called in (("candidate", candidate_called), ("current", current_called))
+    config = gate_config_for(registry_settings)
+    evaluated_on: dict[str, Any] = {
+        "site": site,
+        "labels": int(len(rows)),
+        "studies": int(len(np.unique(groups))),
+        "grouped_by": "study",
+        "paired": evidence.to_dict(),
     }
+    if current_score.specificity < config.min_specificity:
+        # The site's version is below the deployment's specificity floor already: refusing a
+        # better operating point for missing that floor would only keep the worse one. The
+        # candidate must beat the current one instead, and the shortfall is recorded.
+        evaluated_on["specificity_floor_not_met_by_current"] = {
+            "floor": config.min_specificity,
+            "current": current_score.specificity,
+        }
+        config = replace(config, min_specificity=current_score.specificity)
     decision = decide(
-        candidate_score,
-        current_score,
-        gate_config_for(registry_settings),
-        evaluated_on={
-            "site": site,
-            "held_out_labels": int(len(held_out)),
-            "held_out_studies": int(len(np.unique(held_groups))),
-            "grouped_by": "study",
-            "intervals_95": {
-                name: {metric: list(bounds) for metric, bounds in values.items()}
-                for name, values in intervals.items()
-            },
-            "recalibration": recalibration.to_dict(),
-        },
-        extra_checks=site_checks(
-            held_labels,
-            candidate_called,
-            current_called,
-            target,
-            intervals["candidate"]["sensitivity"][1],
+        score_predictions(
+            labels, point.probabilities(logits), point.threshold, version=candidate.version
         ),
+        current_score,
+        config,
+        evaluated_on=evaluated_on,
+        extra_checks=paired_checks(evidence, target_sensitivity, monitoring.recalibration_margin),
     )
-    _settle(registry, candidate.version, site, decision, triggered_by)
+    _settle(registry, candidate.version, site, decision, triggered_by, source.version)
     result = SiteRecalibrationResult(
-        site, source.version, candidate.version, decision, alias, recalibration=recalibration
+        site, source.version, candidate.version, decision, alias, evidence=evidence
     )
     log.info(result.summary())
     return result
+
+
+def paired_checks(evidence: SiteEvidence, target: float, margin: float) -> list[GateCheck]:
+    """The paired judgement as gate checks."""
+    judgement = evidence.judgement
+    if judgement.direction == LOWER:
+        return [
+            GateCheck(
+                "site_current_below_target",
+                judgement.current_sensitivity[2] < target,
+                judgement.current_sensitivity[2],
+                target,
+            )
+        ]
+    holds = judgement.verdict == "better" or not any(
+        reason.startswith("sensitivity not held") for reason in judgement.reasons
+    )
+    return [
+        GateCheck(
+            "site_specificity_superior",
+            judgement.specificity.low > 0,
+            judgement.specificity.low,
+            0.0,
+        ),
+        GateCheck(
+            "site_sensitivity_held",
+            holds and judgement.verdict != "worse",
+            judgement.candidate_sensitivity[1],
+            target - margin,
+        ),
+    ]
+
+
+def site_reference(
+    monitoring: MonitoringSection,
+    site: str,
+    version: str,
+    current: OperatingPoint,
+    candidate: OperatingPoint,
+) -> pd.DataFrame:
+    """The site's rows scored by ``version`` as the candidate's drift reference: its labeled
+    rows with their probabilities under the candidate's calibration, the rest as features only.
+    A site version is monitored against the site it was judged on, not the training site."""
+    inference_log = InferenceLog(monitoring.inference_log_uri)
+    try:
+        rows = inference_log.records(site=site)
+    finally:
+        inference_log.dispose()
+    rows = rows[rows["model_version"].astype(str) == version].reset_index(drop=True)
+    columns = [c for c in (*CONTENT_FEATURES, *ACQUISITION_FEATURES) if c in rows]
+    frame = rows[columns].astype(float)
+    frame[SOURCE_FORMAT] = rows.get(SOURCE_FORMAT)
+    frame["photometric_interpretation"] = rows.get("photometric_interpretation")
+    labeled = rows["feedback_label"].notna().to_numpy()
+    logits = logits_from_probabilities(rows["probability"].to_numpy(dtype=float), current)
+    probabilities = candidate.probabilities(logits)
+    frame[PROBABILITY] = np.where(labeled, probabilities, np.nan)
+    frame[PREDICTED] = np.where(
+        labeled, np.where(probabilities >= candidate.threshold, "PNEUMONIA", "NORMAL"), None
+    )
+    frame["label"] = rows["feedback_label"].where(labeled, None)
+    frame[SPLIT] = np.where(labeled, "val", "site")
+    return frame
 
 
 def _register_in_shadow(
@@ -390,8 +436,10 @@ def _register_in_shadow(
     *,
     site: str,
     triggered_by: str,
+    site_reference: pd.DataFrame | None = None,
 ) -> ModelVersionInfo:
-    """The source's files with ``point`` inside, as a new version in shadow."""
+    """The source's files with ``point`` inside, as a new version in shadow; with
+    ``site_reference``, that as its drift reference."""
     release = source.release
     tags = (
         VersionTags(**{name: getattr(release, name) for name in _RELEASE_FIELDS}, metrics=metrics)
@@ -409,6 +457,8 @@ def _register_in_shadow(
     with tempfile.TemporaryDirectory(dir=monitoring.home) as work:
         model_dir = Path(work) / "model"
         write_recalibrated(folder, model_dir, point, metrics)
+        if site_reference is not None:
+            write_reference(model_dir, site_reference)
         candidate = registry.register_folder(
             model_dir,
             run_id=str(source.run_id),
@@ -421,10 +471,18 @@ def _register_in_shadow(
 
 
 def _settle(
-    registry: ModelRegistry, version: str, site: str, decision: GateDecision, triggered_by: str
+    registry: ModelRegistry,
+    version: str,
+    site: str,
+    decision: GateDecision,
+    triggered_by: str,
+    replacing: str,
 ) -> None:
     if decision.passed:
-        registry.promote_for_site(version, site, triggered_by=triggered_by, gate=decision.to_dict())
+        # If the site's version moved while the gate compared, this raises and moves nothing.
+        registry.promote_for_site(
+            version, site, triggered_by=triggered_by, gate=decision.to_dict(), replacing=replacing
+        )
     else:
         registry.retire_shadow(version, triggered_by=triggered_by, gate=decision.to_dict())
 
@@ -540,7 +598,7 @@ def prior_adjust_for_site(
             ),
         ],
     )
-    _settle(registry, candidate.version, site, decision, triggered_by)
+    _settle(registry, candidate.version, site, decision, triggered_by, source.version)
     result = SiteRecalibrationResult(
         site,
         source.version,

@@ -194,6 +194,7 @@ def promote(ctx: click.Context, version: str, data_dir: Path | None) -> None:
         f"production -> version {candidate.version}"
         + (f" (previous-production: {previous})" if previous else "")
     )
+    _rejudge_sites(settings_for(ctx))
 
 
 @cli.command()
@@ -209,6 +210,21 @@ def rollback(ctx: click.Context) -> None:
     )
     _record_in_dagster(settings, event)
     click.echo(f"production -> version {event.version} (rolled back from {event.previous_version})")
+    _rejudge_sites(settings)
+
+
+def _rejudge_sites(settings) -> None:
+    """Production moved: every site's own version is judged again against it."""
+    from cxr_platform.calibration.site_follow import rejudge_site_versions
+    from cxr_platform.deployment import pipeline as deployment
+
+    for outcome in rejudge_site_versions(
+        settings.monitoring,
+        settings.registry,
+        target_sensitivity=settings.training.target_sensitivity,
+        triggered_by=deployment.cli_trigger(),
+    ):
+        click.echo(outcome.summary())
 
 
 @cli.command()

@@ -28,10 +28,11 @@ from cxr_platform.errors import CxrError
 @click.pass_context
 @fail_cleanly
 def recalibrate(ctx: click.Context, site: str, from_traffic: bool, as_json: bool) -> None:
-    """Refit the operating point for SITE from its labeled requests, register it (same
-    weights) in shadow and let the gate decide on held-out labels; a pass makes it the site's
-    own production version. Exit code 3 when the gate refuses; 2 when labels are too few (the
-    message says how many more of each class)."""
+    """Propose an operating point for SITE from its labeled requests, register it (same
+    weights) in shadow and let the paired gate judge it against the site's current version; a
+    pass makes it the site's own production version. Exit code 3 when the gate refuses; 2 when
+    labels are too few or show no better threshold (the message says how many more of each
+    class would)."""
     from cxr_platform.calibration.site import (
         prior_adjust_for_site,
         recalibrate_for_site,

@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 
+from cxr_platform.calibration.site_follow import rejudge_site_versions
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.defs.metadata import home_path, readable
 from cxr_platform.defs.resources import PlatformSettings
@@ -298,6 +299,17 @@ def _production_model_asset() -> dg.AssetsDefinition:
         decision = outcome.decision
         checks = gate_checks_markdown(decision)
         production = outcome.production_version
+        settings = platform.settings()
+        rejudged = (
+            rejudge_site_versions(
+                settings.monitoring,
+                settings.registry,
+                target_sensitivity=settings.training.target_sensitivity,
+                triggered_by=f"dagster:{context.run.run_id}",
+            )
+            if outcome.promoted
+            else []
+        )
         yield dg.Output(
             {
                 "production_version": production,
@@ -312,6 +324,7 @@ def _production_model_asset() -> dg.AssetsDefinition:
                     "promoted": outcome.promoted,
                     "decision": decision.summary(),
                     "gate": dg.MetadataValue.md(checks),
+                    "site_versions": "; ".join(r.summary() for r in rejudged) or "none",
                     **(registry_event_metadata(outcome.event) if outcome.event else {}),
                 }
             ),

@@ -37,7 +37,8 @@ from cxr_platform.monitoring.shadow import evaluate_shadow
 from cxr_platform.monitoring.windows import (
     DriftCursor,
     DriftStep,
-    check_window,
+    WindowJudgement,
+    check_window_versions,
     day_window,
     drift_sensor_step,
     previous_utc_day,
@@ -119,14 +120,21 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
 def drift_report(context: dg.AssetExecutionContext, platform: PlatformSettings):
     settings = platform.settings()
     key = context.partition_key
-    result = check_window(settings.monitoring, key, registry_for(settings.registry))
-    files = save_drift_report(result, settings.monitoring.drift_reports_dir / key)
-    context.log.info(result.summary())
+    judged = check_window_versions(settings.monitoring, key, registry_for(settings.registry))
+    result = judged.primary
+    folder = settings.monitoring.drift_reports_dir / key
+    files = save_drift_report(result, folder)
+    # Every other version that served rows of the window (a site's own, one replaced during
+    # it) has its own report beside the main one.
+    for other in judged.results[1:]:
+        save_drift_report(other, folder / f"v{other.model_version}")
+    context.log.info("; ".join(r.summary() for r in judged.results))
     return dg.Output(
-        result.to_dict(),
+        [r.to_dict() for r in judged.results],
         metadata=readable(
             {
                 **drift_metadata(result),
+                "versions": dg.MetadataValue.md(versions_markdown(judged)),
                 # Evidently's own report, with its distribution plots: open it in a browser.
                 "evidently_report": home_path(files["html"], settings.monitoring.home)
                 if "html" in files
@@ -135,6 +143,18 @@ def drift_report(context: dg.AssetExecutionContext, platform: PlatformSettings):
             }
         ),
     )
+
+
+def versions_markdown(judged: WindowJudgement) -> str:
+    lines = ["| version | records | verdict |", "| --- | ---: | --- |"]
+    for result in judged.results:
+        lines.append(
+            f"| {result.model_version} | {result.n_compared} | "
+            f"{'; '.join(result.reasons) or 'no drift'} |"
+        )
+    for version, why in judged.skipped.items():
+        lines.append(f"| {version} | | not judged: {why} |")
+    return "\n".join(lines)
 
 
 class FineTuneRunConfig(dg.Config):
@@ -246,6 +266,7 @@ def shadow_evaluation(
         settings.registry,
         preprocessed_cache,
         triggered_by=f"dagster:{context.run.run_id}",
+        target_sensitivity=settings.training.target_sensitivity,
     )
     decision = outcome.decision
     context.log.info(outcome.summary())
@@ -294,12 +315,13 @@ class SiteRecalibrationConfig(dg.Config):
             "site_gate",
             asset="site_recalibration",
             description="The recalibrated version against the site's current one on the "
-            "site's held-out labels.",
+            "site's labels, paired.",
         )
     ],
-    description="A site's own operating point: Platt calibration and the threshold refitted on "
-    "its labeled requests (sensitivity held at its 95% lower bound), registered with the same "
-    "weights, gated on the site's held-out labels, and served to that site only when it passes.",
+    description="A site's own operating point: a threshold proposed from its labeled positives "
+    "(with the validation positives where one shift describes them), registered with the same "
+    "weights, judged paired against the site's current version (specificity superior, "
+    "sensitivity held within the margin), and served to that site only when it passes.",
 )
 def site_recalibration(
     context: dg.AssetExecutionContext, config: SiteRecalibrationConfig, platform: PlatformSettings
@@ -316,7 +338,9 @@ def site_recalibration(
     except (NotEnoughLabelsError, SiteRecalibrationError) as exc:
         raise dg.Failure(description=str(exc)) from exc
     context.log.info(result.summary())
-    recalibration, decision = result.recalibration, result.decision
+    evidence, decision = result.evidence, result.decision
+    assert evidence is not None
+    judgement = evidence.judgement
     yield dg.Output(
         result.to_dict(),
         metadata=readable(
@@ -326,11 +350,18 @@ def site_recalibration(
                 "candidate_version": result.candidate_version,
                 "promoted": result.promoted,
                 "alias": result.alias,
-                "threshold": recalibration.operating_point.threshold,
-                "sensitivity_lower_bound": recalibration.sensitivity_lower_bound,
-                "specificity_cost": recalibration.specificity_cost,
+                "threshold": evidence.operating_point.threshold,
+                "direction": judgement.direction,
+                "verdict": judgement.verdict,
+                "sensitivity_from": judgement.sensitivity_from,
+                "expected_sensitivity": judgement.candidate_sensitivity[0],
+                "sensitivity_low": judgement.candidate_sensitivity[1],
+                "current_sensitivity": judgement.current_sensitivity[0],
+                "specificity_gain": judgement.specificity.difference,
+                "specificity_gain_low": judgement.specificity.low,
+                "labels_to_decide": dg.MetadataValue.json(judgement.labels_to_decide or {}),
                 "labels_used": dg.MetadataValue.json(
-                    {"PNEUMONIA": recalibration.n_positive, "NORMAL": recalibration.n_negative}
+                    {"PNEUMONIA": evidence.n_positive, "NORMAL": evidence.n_negative}
                 ),
                 "decision": decision.summary(),
                 "gate": dg.MetadataValue.md(gate_checks_markdown(decision)),
@@ -362,7 +393,8 @@ fine_tune_job = dg.define_asset_job(
 recalibrate_job = dg.define_asset_job(
     RECALIBRATE_JOB,
     selection=[site_recalibration],
-    description="Refit one site's operating point from its labels; gate it on held-out labels.",
+    description="Propose one site's operating point from its labels; judge it paired against "
+    "the version the site has.",
 )
 evaluate_shadow_job = dg.define_asset_job(
     EVALUATE_SHADOW_JOB,
@@ -390,7 +422,7 @@ def _drift_run_requests(window: str, step: DriftStep) -> list[dg.RunRequest]:
             job_name=DRIFT_CHECK_JOB,
             partition_key=window,
             run_key=f"drift-{window}",
-            tags={"cxr/drift_fired": str(step.result.fired).lower()},
+            tags={"cxr/drift_fired": str(step.fired).lower()},
         )
     ]
     if step.recalibrate_site is not None:
@@ -440,7 +472,10 @@ def _drift_sensor(interval: int) -> dg.SensorDefinition:
         )
         if step.result is None or step.window is None:
             return dg.SensorResult(skip_reason=step.skip_reason, cursor=step.cursor.to_json())
-        context.log.info(f"{step.result.summary()}; {step.finetune_note}")
+        context.log.info(
+            f"{step.result.summary()}; {step.finetune_note}"
+            + "".join(f"; version {v}: {note}" for v, note in step.version_notes.items())
+        )
         return dg.SensorResult(
             run_requests=_drift_run_requests(step.window, step),
             dynamic_partitions_requests=[DRIFT_WINDOWS.build_add_request([step.window])],

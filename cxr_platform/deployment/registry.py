@@ -111,7 +111,8 @@ class ModelVersionInfo:
 
 @dataclass(frozen=True)
 class RegistryEvent:
-    action: str  # registered | shadow | promoted | rollback | refused
+    # registered | shadow | promoted | rollback | refused | site_kept | site_retired
+    action: str
     version: str
     previous_version: str | None
     triggered_by: str
@@ -528,9 +529,13 @@ class ModelRegistry:
         *,
         triggered_by: str,
         gate: Mapping[str, Any] | None = None,
+        replacing: str | None = ANY_PRODUCTION,
     ) -> RegistryEvent:
         """Make ``ref`` the production version of one site (its own alias); every other site
-        keeps ``production``. The version must have been made for that site."""
+        keeps ``production``. The version must have been made for that site. ``replacing``: the
+        version the site was served by when the gate compared (its own or production); if
+        another promoter moved it meanwhile, nothing moves and :class:`ProductionMovedError`
+        says so."""
         alias = site_production_alias(site)
         with self._alias_lock():
             info = self.get(ref)
@@ -538,14 +543,50 @@ class ModelRegistry:
                 raise RegistryError(
                     f"version {info.version} was made for site {info.release.site!r}, not {site!r}"
                 )
+            aliases = self.aliases()
+            served = aliases.get(alias) or aliases.get(PRODUCTION)
+            if replacing != ANY_PRODUCTION and served != replacing:
+                raise ProductionMovedError(
+                    f"site {site} moved from version {replacing or '(none)'} to "
+                    f"{served or '(none)'} while the gate compared version {info.version} with it"
+                )
             return self._point_alias(
                 info.version,
                 alias,
-                self.aliases(),
+                aliases,
                 triggered_by,
                 gate,
                 {"site": site, "alias": alias},
             )
+
+    def settle_site(
+        self,
+        site: str,
+        *,
+        keep: bool,
+        production: str | None,
+        triggered_by: str,
+        evidence: Mapping[str, Any],
+    ) -> RegistryEvent:
+        """After production moved: the site keeps its own version (``site_kept``) or goes back
+        to production (``site_retired``, its alias removed). Either way an event says why."""
+        alias = site_production_alias(site)
+        with self._alias_lock():
+            version = self.aliases().get(alias)
+            if version is None:
+                raise RegistryError(f"site {site} has no production version of its own")
+            if not keep:
+                self.client.delete_registered_model_alias(self.name, alias)
+            event = RegistryEvent(
+                "site_kept" if keep else "site_retired",
+                version,
+                production,
+                triggered_by,
+                _utc_now(),
+                {"site": site, "alias": alias, **dict(evidence)},
+            )
+            self._record(event)
+            return event
 
     def version_for_site(self, site: str | None) -> str:
         """The version ``site`` is served by: its own production where it has one, else

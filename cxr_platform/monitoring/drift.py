@@ -37,7 +37,9 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
+from cxr_platform.calibration.label_free import SiteLabels, TrustedEstimate, trusted_estimate
 from cxr_platform.calibration.prevalence import estimate_prevalence
+from cxr_platform.calibration.refit import logits_from_probabilities
 from cxr_platform.deployment.reference import (
     ACQUISITION_CATEGORIES,
     ACQUISITION_FEATURES,
@@ -49,6 +51,7 @@ from cxr_platform.deployment.reference import (
     acquisition_source,
 )
 from cxr_platform.errors import CxrError
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.evaluation import cluster_bootstrap_intervals
 
 
@@ -121,6 +124,9 @@ class SiteWindow:
     # input gate's refusals: a site sending adults to a children's model is its own finding.
     n_outside_intended_use: int = 0
     intended_use_drift: bool = False
+    # Sensitivity, specificity and prevalence without the window's labels, and which estimate
+    # to believe (calibration.label_free).
+    label_free: TrustedEstimate | None = None
 
     @property
     def refusal_rate(self) -> float:
@@ -187,6 +193,7 @@ class DriftResult:
     # al. 2002), against the validation prevalence the calibration was fitted under.
     estimated_prevalence: float | None = None
     reference_prevalence: float | None = None
+    label_free: TrustedEstimate | None = None  # the whole window's, as per site
     snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
 
     @property
@@ -220,6 +227,11 @@ class DriftResult:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values.pop("snapshot")
+        values["label_free"] = None if self.label_free is None else self.label_free.to_dict()
+        for name, site in self.by_site.items():
+            values["by_site"][name]["label_free"] = (
+                None if site.label_free is None else site.label_free.to_dict()
+            )
         values["fired"] = self.fired
         values["refusal_rate"] = self.refusal_rate
         values["outside_intended_use_rate"] = self.outside_intended_use_rate
@@ -489,13 +501,17 @@ def evaluate_window(
     refused_by_site: dict[str, int] | None = None,
     n_outside_intended_use: int = 0,
     outside_by_site: dict[str, int] | None = None,
+    operating_point: OperatingPoint | None = None,
+    site_labels: dict[str, SiteLabels] | None = None,
 ) -> DriftResult:
     """``records`` are inference-log rows (:meth:`InferenceLog.records`). Only the rows that
     ``model_version`` scored are compared, since ``reference`` holds that version's
     probabilities; a window that spans a promotion is judged on its rows of that version.
     ``refused_by_site``: the input gate's refusals in the window per site, where the log names
     sites; ``n_outside_intended_use`` and ``outside_by_site`` the intended-use refusals,
-    judged apart."""
+    judged apart. ``operating_point``: the version's, for label-free estimates (none without
+    it); ``site_labels``: each site's labeled rows scored by the version, any time, which let
+    those estimates stop assuming the calibration holds."""
     rule = rule or DriftRule()
     scored = (
         records if model_version is None else records[records["model_version"] == model_version]
@@ -564,6 +580,13 @@ def evaluate_window(
         n_outside_intended_use, len(records), rule, kind=INTENDED_USE_REFUSALS
     )
     reasons += intended_use_reasons
+    estimates = _LabelFree(
+        operating_point,
+        site_labels or {},
+        calibration_suspect=input_drift or prediction_drift,
+        reference_prevalence=reference_prevalence,
+        min_labeled=rule.min_labeled,
+    )
     by_site, site_reasons = _per_site(
         records,
         scored,
@@ -572,6 +595,7 @@ def evaluate_window(
         rule,
         reference_auc,
         reference_prevalence,
+        estimates,
     )
     reasons += site_reasons
     site_performance = any(site.performance.failed for site in by_site.values())
@@ -605,6 +629,7 @@ def evaluate_window(
         acquisition=acquisition,
         estimated_prevalence=_estimated_prevalence(scored, reference_prevalence),
         reference_prevalence=reference_prevalence,
+        label_free=estimates.of(scored, None),
         snapshot=snapshot,
     )
 
@@ -623,6 +648,33 @@ def _estimated_prevalence(rows: pd.DataFrame, reference_prevalence: float | None
     return estimate.prevalence
 
 
+@dataclass(frozen=True)
+class _LabelFree:
+    """Label-free estimates for a window's rows (of one site, or all)."""
+
+    operating_point: OperatingPoint | None
+    site_labels: dict[str, SiteLabels]
+    calibration_suspect: bool
+    reference_prevalence: float | None
+    min_labeled: int
+
+    def of(self, rows: pd.DataFrame, site: str | None) -> TrustedEstimate | None:
+        if self.operating_point is None or rows.empty:
+            return None
+        probabilities = rows["probability"].to_numpy(dtype=float)
+        em = _estimated_prevalence(rows, self.reference_prevalence)
+        return trusted_estimate(
+            probabilities,
+            self.operating_point.threshold,
+            logits=logits_from_probabilities(probabilities, self.operating_point),
+            em_prevalence=em,
+            calibration_suspect=self.calibration_suspect,
+            training_prevalence=self.reference_prevalence,
+            site_labels=self.site_labels.get(site) if site is not None else None,
+            min_labeled=self.min_labeled,
+        )
+
+
 def _labeled(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["feedback_label"].notna()] if "feedback_label" in rows else rows[:0]
 
@@ -635,6 +687,7 @@ def _per_site(
     rule: DriftRule,
     reference_auc: float | None,
     reference_prevalence: float | None,
+    estimates: _LabelFree,
 ) -> tuple[dict[str, SiteWindow], list[str]]:
     """Each named site judged on its own rows, as the whole window is: a site whose
     specificity collapsed can hide in a window most of whose traffic comes from elsewhere."""
@@ -675,6 +728,7 @@ def _per_site(
             estimated_prevalence=_estimated_prevalence(rows, reference_prevalence),
             n_outside_intended_use=n_outside,
             intended_use_drift=outside_drift,
+            label_free=estimates.of(rows, name),
         )
         reasons += [
             f"site {name}: {reason}"
@@ -741,8 +795,9 @@ def sites_markdown(result: DriftResult) -> str:
         return "The log names no sites in this window."
     lines = [
         "| site | records | refused | outside intended use | positive rate | prevalence (EM) "
-        "| labeled | AUC | sensitivity | specificity | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| labeled | AUC | sensitivity | specificity | label-free sens / spec / prevalence "
+        "(trusted) | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for name, site in result.by_site.items():
         performance = site.performance
@@ -754,9 +809,23 @@ def sites_markdown(result: DriftResult) -> str:
             f"{_figure(performance.auc, performance.auc_ci)} | "
             f"{_figure(performance.sensitivity, performance.sensitivity_ci)} | "
             f"{_figure(performance.specificity, performance.specificity_ci)} | "
+            f"{_label_free_cell(site.label_free)} | "
             f"{', '.join(site.failed) or '-'} |"
         )
     return "\n".join(lines)
+
+
+def _label_free_cell(estimate: TrustedEstimate | None) -> str:
+    if estimate is None:
+        return "-"
+    if estimate.refitted is not None and estimate.adjusted is not None:
+        chosen, prevalence = estimate.refitted, estimate.adjusted.prevalence
+    else:
+        chosen, prevalence = estimate.cbpe, estimate.cbpe.prevalence
+    return (
+        f"{_figure(chosen.sensitivity)} / {_figure(chosen.specificity)} / "
+        f"{_figure(prevalence)} ({estimate.trusted})"
+    )
 
 
 def _jsonable(value: Any) -> Any:

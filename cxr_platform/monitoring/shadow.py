@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from cxr_platform.calibration.site_follow import SiteRejudgement, rejudge_site_versions
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.deployment import pipeline as deployment
 from cxr_platform.deployment.gate import GateCheck, GateDecision
@@ -94,6 +95,7 @@ class ShadowOutcome:
     live: LiveComparison
     event: RegistryEvent
     record_path: Path
+    site_versions: tuple[SiteRejudgement, ...] = ()  # re-judged after a promotion
 
     @property
     def promoted(self) -> bool:
@@ -111,6 +113,10 @@ class ShadowOutcome:
             "decision": self.decision.to_dict(),
             "live": self.live.to_dict(),
             "event": self.event.to_dict(),
+            "site_versions": [
+                {"site": r.site, "version": r.version, "kept": r.kept, "reason": r.reason}
+                for r in self.site_versions
+            ],
         }
 
 
@@ -120,6 +126,7 @@ def evaluate_shadow(
     cache: PreprocessedCache,
     *,
     triggered_by: str,
+    target_sensitivity: float = 0.95,
 ) -> ShadowOutcome:
     registry = deployment.registry_for(registry_settings)
     candidate = registry.find(SHADOW)
@@ -151,7 +158,14 @@ def evaluate_shadow(
             gate=decision.to_dict(),
             replacing=decision.evaluated_on["production_version"],
         )
+        sites = rejudge_site_versions(
+            monitoring,
+            registry_settings,
+            target_sensitivity=target_sensitivity,
+            triggered_by=triggered_by,
+        )
     else:
+        sites = []
         event = registry.retire_shadow(
             candidate.version, triggered_by=triggered_by, gate=decision.to_dict()
         )
@@ -165,6 +179,7 @@ def evaluate_shadow(
         live=live,
         event=event,
         record_path=folder / f"v{candidate.version}-{stamp}.json",
+        site_versions=tuple(sites),
     )
     outcome.record_path.write_text(json.dumps(outcome.to_dict(), indent=2) + "\n")
     return outcome

@@ -13,11 +13,13 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 
+from cxr_platform.calibration.label_free import SiteLabels
+from cxr_platform.calibration.refit import logits_from_probabilities
 from cxr_platform.deployment.reference import load_reference
 from cxr_platform.deployment.registry import (
     PRODUCTION,
@@ -27,7 +29,9 @@ from cxr_platform.deployment.registry import (
 )
 from cxr_platform.errors import CxrError
 from cxr_platform.inference.log import LIVE_SOURCES, InferenceLog
+from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
 from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.monitoring.drift import (
     UNNAMED_SITE,
     DriftResult,
@@ -98,6 +102,56 @@ def drift_rule(monitoring: MonitoringSection) -> DriftRule:
     )
 
 
+@dataclass(frozen=True)
+class WindowJudgement:
+    """Each model version's rows in a window judged against that version's own reference, most
+    rows first; versions that could not be judged, with why."""
+
+    results: tuple[DriftResult, ...]
+    skipped: dict[str, str]
+
+    @property
+    def primary(self) -> DriftResult:
+        return self.results[0]
+
+    def for_version(self, version: str) -> DriftResult | None:
+        return next((r for r in self.results if r.model_version == version), None)
+
+
+def check_window_versions(
+    monitoring: MonitoringSection,
+    key: str,
+    registry: ModelRegistry,
+    *,
+    records: pd.DataFrame | None = None,
+    site: str | None = None,
+) -> WindowJudgement:
+    """Every version that scored rows of the window, each against its own reference: a window
+    that spans a promotion, or holds a site's own version beside production, judges each.
+    ``records``: the window's rows when the caller has just read them; ``site``: only that
+    site's. Raises :class:`WindowError` when no version can be judged."""
+    if records is None:
+        records = read_window(monitoring, key, site=site)
+    if records.empty:
+        where = f" from site {site}" if site is not None else ""
+        raise WindowError(f"window {key} holds no inference records{where}")
+    counts = Counter(records["model_version"].dropna().astype(str)).most_common()
+    if not counts:
+        raise WindowError(f"window {key} has no records with a model version")
+    refused = refusals_during(monitoring, records, site=site)
+    results, skipped = [], {}
+    for version, _ in counts:
+        rows = records[records["model_version"].astype(str) == version]
+        mine = refused[refused["model_version"].astype(str) == version]
+        try:
+            results.append(_judge_version(monitoring, key, registry, version, rows, mine))
+        except WindowError as exc:
+            skipped[version] = str(exc)
+    if not results:
+        raise WindowError("; ".join(skipped.values()))
+    return WindowJudgement(tuple(results), skipped)
+
+
 def check_window(
     monitoring: MonitoringSection,
     key: str,
@@ -106,30 +160,33 @@ def check_window(
     records: pd.DataFrame | None = None,
     site: str | None = None,
 ) -> DriftResult:
-    """The window against the reference of the version that scored most of it. ``records``:
-    the window's rows when the caller has just read them; ``site``: judge only that site's."""
-    if records is None:
-        records = read_window(monitoring, key, site=site)
-    if records.empty:
-        where = f" from site {site}" if site is not None else ""
-        raise WindowError(f"window {key} holds no inference records{where}")
-    version = Counter(records["model_version"].dropna().astype(str)).most_common(1)
-    if not version:
-        raise WindowError(f"window {key} has no records with a model version")
-    model_version = version[0][0]
+    """The window's rows of the version that scored most of it, against its reference (see
+    :func:`check_window_versions` for every version's)."""
+    return check_window_versions(monitoring, key, registry, records=records, site=site).primary
+
+
+def _judge_version(
+    monitoring: MonitoringSection,
+    key: str,
+    registry: ModelRegistry,
+    model_version: str,
+    records: pd.DataFrame,
+    refused: pd.DataFrame,
+) -> DriftResult:
     try:
         info = registry.get(model_version)
     except ModelVersionNotFoundError as exc:
         raise WindowError(f"window {key} was scored by version {model_version}: {exc}") from exc
-    refused = refusals_during(monitoring, records, site=site)
     outside = refused[refused["reason"] == OUTSIDE_INTENDED_USE]
     gate = refused[refused["reason"] != OUTSIDE_INTENDED_USE]
-    reference = load_reference(registry.download(model_version))
+    folder = registry.download(model_version)
+    reference = load_reference(folder)
     if reference is None:
         raise NoReferenceError(
             f"version {model_version} has no drift reference (exported before drift "
             "monitoring); export and register the model again"
         )
+    point = read_onnx_metadata(folder / ONNX_FILE).calibration
     return evaluate_window(
         reference,
         records,
@@ -141,7 +198,36 @@ def check_window(
         refused_by_site=gate["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
         n_outside_intended_use=len(outside),
         outside_by_site=outside["site"].fillna(UNNAMED_SITE).value_counts().to_dict(),
+        operating_point=point,
+        site_labels=site_labels_for(monitoring, records, model_version, point),
     )
+
+
+def site_labels_for(
+    monitoring: MonitoringSection, records: pd.DataFrame, version: str, point: OperatingPoint
+) -> dict[str, SiteLabels]:
+    """Each named site's labeled rows scored by ``version``, from any time and any source (a
+    silent trial's labels too): what lets a window's label-free estimates stop assuming the
+    version's calibration holds at that site."""
+    sites = sorted(set(records["site"].dropna().astype(str))) if "site" in records else []
+    found: dict[str, SiteLabels] = {}
+    if not sites:
+        return found
+    log = InferenceLog(monitoring.inference_log_uri)
+    try:
+        for site in sites:
+            rows = log.records(site=site, labeled_only=True)
+            rows = rows[rows["model_version"].astype(str) == version]
+            if rows.empty:
+                continue
+            found[site] = SiteLabels(
+                logits=logits_from_probabilities(rows["probability"].to_numpy(float), point),
+                labels=(rows["feedback_label"] == "PNEUMONIA").to_numpy(dtype=int),
+                called=(rows["label"] == "PNEUMONIA").to_numpy(),
+            )
+    finally:
+        log.dispose()
+    return found
 
 
 def refusals_during(
@@ -198,6 +284,13 @@ class DriftStep:
     request_finetune: bool = False
     finetune_note: str = ""
     recalibrate_site: str | None = None  # a site to recalibrate for, tried before a fine-tune
+    # Every version judged in the window (``result`` is production's where it served some).
+    results: tuple[DriftResult, ...] = ()
+    version_notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fired(self) -> bool:
+        return any(result.fired for result in self.results or (self.result,) if result)
 
 
 def _first_missing_id(ids: pd.Series, after: int) -> int | None:
@@ -310,37 +403,65 @@ def drift_sensor_step(
             return DriftStep(cut.cursor, skip_reason=cut.skip_reason)
         rows, key, advanced = cut.rows, cut.key, cut.advanced
         try:
-            result = check_window(monitoring, key, registry, records=rows)
+            judged = check_window_versions(monitoring, key, registry, records=rows)
         except WindowError as exc:
             # Judging it again would fail the same way: skip it, say why, move on.
             return DriftStep(advanced, skip_reason=f"window {key} skipped: {exc}", window=key)
     finally:
         log.dispose()
+    served_at = {version: site for site, version in registry.site_productions().items()}
+    notes = dict(judged.skipped)
+    recalibrate = None
+    for result in judged.results:
+        version = str(result.model_version)
+        if version == production.version:
+            continue
+        if version in served_at:
+            site = served_at[version]
+            if not result.fired:
+                notes[version] = f"site {site}'s own version: no drift"
+            elif recalibrate is None and result.model_drift:
+                recalibrate = _site_to_recalibrate(monitoring, registry, result, target_sensitivity)
+                notes[version] = f"site {site}'s own version drifted: " + (
+                    "its recalibration is requested"
+                    if recalibrate
+                    else "no recalibration possible yet (labels, or refused on these labels)"
+                )
+            else:
+                notes[version] = f"site {site}'s own version: " + result.summary()
+        else:
+            notes[version] = f"version {version} no longer serves any site: not acted on"
+    result = judged.for_version(production.version) or judged.primary
+    base = DriftStep(
+        advanced,
+        window=key,
+        result=result,
+        results=judged.results,
+        version_notes=notes,
+        recalibrate_site=recalibrate,
+    )
+    if result.model_version != production.version:
+        note = f"no rows of production version {production.version} in this window: " + (
+            "; ".join(f"{v}: {n}" for v, n in notes.items()) or "nothing to act on"
+        )
+        return replace(base, finetune_note=note)
     if not result.fired:
-        return DriftStep(advanced, window=key, result=result, finetune_note="no drift")
+        return replace(base, finetune_note="no drift")
     if not result.model_drift:
         note = (
             "only refusals fired (not chest radiographs, or patients outside the intended "
             "use): check the routing; a fine-tune would not help"
         )
-        return DriftStep(advanced, window=key, result=result, finetune_note=note)
-    if result.model_version != production.version:
-        note = (
-            f"drift on version {result.model_version}, but production is now "
-            f"{production.version}: the new model gets its own windows"
-        )
-        return DriftStep(advanced, window=key, result=result, finetune_note=note)
+        return replace(base, finetune_note=note)
     if registry.find(SHADOW) is not None:
         note = "a shadow candidate is already waiting for evaluation; no second fine-tune"
-        return DriftStep(advanced, window=key, result=result, finetune_note=note)
-    site = _site_to_recalibrate(monitoring, registry, result, target_sensitivity)
+        return replace(base, finetune_note=note, recalibrate_site=None)
+    site = recalibrate or _site_to_recalibrate(monitoring, registry, result, target_sensitivity)
     if site is not None:
         note = (
             f"site {site} failed on its own labels: its recalibration is tried before a fine-tune"
         )
-        return DriftStep(
-            advanced, window=key, result=result, finetune_note=note, recalibrate_site=site
-        )
+        return replace(base, finetune_note=note, recalibrate_site=site)
     if (
         cursor.finetune_production == production.version
         and cursor.finetune_window is not None
@@ -351,14 +472,13 @@ def drift_sensor_step(
             f"{advanced.windows - cursor.finetune_window} window(s) ago (cool-down "
             f"{monitoring.finetune_cooldown_windows})"
         )
-        return DriftStep(advanced, window=key, result=result, finetune_note=note)
+        return replace(base, finetune_note=note)
     requested = replace(
         advanced, finetune_window=advanced.windows, finetune_production=production.version
     )
-    return DriftStep(
-        requested,
-        window=key,
-        result=result,
+    return replace(
+        base,
+        cursor=requested,
         request_finetune=True,
         finetune_note=f"fine-tune of production version {production.version} requested",
     )
@@ -378,9 +498,9 @@ def _site_to_recalibrate(
     for site, failed in result.failed_sites.items():
         if site == UNNAMED_SITE or not set(failed) & {"sensitivity", "specificity"}:
             continue
-        if recalibration_refused(registry, site):
+        if recalibration_refused(monitoring, registry, site):
             continue
-        if not any(missing_labels(monitoring, registry, site, target_sensitivity).values()):
+        if not any(missing_labels(monitoring, registry, site).values()):
             return site
     return None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -22,30 +21,14 @@ from cxr_platform.calibration.recalibrated_version import write_recalibrated
 from cxr_platform.calibration.report_labels import LabelsFileError, read_report_labels
 from cxr_platform.calibration.site import site_labeled_records
 from cxr_platform.calibration.site_report import TRIAL_REPORTER
-from cxr_platform.deployment.pipeline import register_exported, registry_for
+from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.inference.log import SILENT_TRIAL, InferenceLog, feedback_table
 from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
 from cxr_platform.model_version.tags import VersionTags
-from cxr_platform.settings import load_settings
 from cxr_platform_tests.conftest import CXR
-from cxr_platform_tests.deployment.conftest import export_for_registry
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
 SITE = "North General"
-
-
-@pytest.fixture()
-def site_home(tmp_path, trained_checkpoint, learnable_cache, other_population):
-    """A home whose production version is the synthetic test model (for children of 1-5)."""
-    settings = load_settings(home=tmp_path / "home")
-    exported = export_for_registry(
-        settings, trained_checkpoint, learnable_cache, tmp_path / "x", "cxr", other_population
-    )
-    info = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
-    registry_for(settings.registry).promote(info.version, triggered_by="test")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env["CXR_HOME"] = str(settings.home)
-    return settings, info, env
 
 
 def cxr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
