@@ -262,6 +262,13 @@ def main() -> None:
         best = best_specificity(labels, stand_in.probabilities, target)
         possible = best - before[1]
         for budget in budgets:
+            if budget > len(labels) / 2:
+                print(
+                    f"| {stand_in.name} | {len(labels)} ({labels.sum()}) | {before[0]:.3f} / "
+                    f"{before[1]:.3f} | {best:.3f} | {budget} | | | too few images to leave a "
+                    "rest as large as the labels | | | | |"
+                )
+                continue
             served, deployed, promoted, too_few, verdicts, needed = budget_row(
                 stand_in, point, reference_positives, target, budget, args.draws, rng, minimum
             )
@@ -283,12 +290,11 @@ def main() -> None:
                 flush=True,
             )
     print(
-        "\nLabel-free, each stand-in whole: truth, then estimates as sensitivity / specificity / "
-        "prevalence at the version's threshold. CBPE uses the version's calibration moved to the EM "
-        "prevalence; CBPE "
-        "refitted uses Platt refitted on 100 labels (mean of 50 draws); EM assumes the "
-        "calibration holds; the adjusted count uses the site's confusion matrix from 100 labels "
-        "(mean, 5-95%).\n"
+        "\nLabel-free, each stand-in whole: truth, then estimates as sensitivity / specificity "
+        "/ prevalence at the version's threshold. CBPE uses the version's calibration moved to "
+        "the EM prevalence; CBPE refitted uses Platt refitted on 100 labels (mean of 50 "
+        "draws); EM assumes the calibration holds; the adjusted count uses the site's "
+        "confusion matrix from 100 labels (mean, 5-95%).\n"
     )
     print(
         "| stand-in | truth | CBPE | CBPE, Platt refitted on 100 labels | EM prevalence | "
