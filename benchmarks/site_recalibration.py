@@ -164,12 +164,17 @@ def label_free_rows(stand_in, point, training_prevalence, rng, budget=100, draws
     refit_spec = np.array([e.specificity for e in refitted])
     refit_prev = np.array([e.prevalence for e in refitted])
     adjusted = np.array([a.prevalence for a in adjusted if a.prevalence is not None])
+    counted = (
+        f"{adjusted.mean():.3f} ({np.quantile(adjusted, 0.05):.3f}-"
+        f"{np.quantile(adjusted, 0.95):.3f})"
+        if adjusted.size
+        else "none: the labels' tpr - fpr is under 0.1 (every image called alike)"
+    )
     return (
         f"| {stand_in.name} | {truth_sens:.3f} / {truth_spec:.3f} / {labels.mean():.3f} | "
         f"{plain.sensitivity:.3f} / {plain.specificity:.3f} / {plain.prevalence:.3f} | "
         f"{refit_sens.mean():.3f} / {refit_spec.mean():.3f} / {refit_prev.mean():.3f} | "
-        f"{em:.3f} | {adjusted.mean():.3f} ({np.quantile(adjusted, 0.05):.3f}-"
-        f"{np.quantile(adjusted, 0.95):.3f}) |"
+        f"{em:.3f} | {counted} |"
     )
 
 
@@ -262,11 +267,11 @@ def main() -> None:
         best = best_specificity(labels, stand_in.probabilities, target)
         possible = best - before[1]
         for budget in budgets:
-            if budget > len(labels) / 2:
+            if budget > len(labels) * 2 / 3:
                 print(
                     f"| {stand_in.name} | {len(labels)} ({labels.sum()}) | {before[0]:.3f} / "
                     f"{before[1]:.3f} | {best:.3f} | {budget} | | | too few images to leave a "
-                    "rest as large as the labels | | | | |"
+                    "rest half as large as the labels | | | | |"
                 )
                 continue
             served, deployed, promoted, too_few, verdicts, needed = budget_row(
