@@ -16,6 +16,15 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
+from cxr_platform.calibration.refit import logits_from_probabilities
+from cxr_platform.deployment.reference import (
+    PREDICTED,
+    PROBABILITY,
+    load_reference,
+    write_reference,
+)
 from cxr_platform.model_version.files import (
     INT8_ONNX_FILE,
     METADATA_FILE,
@@ -71,4 +80,22 @@ def write_recalibrated(
             )
         tmp.replace(torchscript)
     (out_dir / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    _moved_reference(source, out_dir, operating_point)
     return metadata
+
+
+def _moved_reference(source: Path, out_dir: Path, operating_point: OperatingPoint) -> None:
+    """The drift reference's probabilities and calls in the new operating point: drift compares
+    them with what this version logs, so they must be in its calibration."""
+    reference = load_reference(out_dir)
+    if reference is None:
+        return
+    scored = reference[PROBABILITY].notna()
+    before = read_onnx_metadata(source / ONNX_FILE).calibration
+    logits = logits_from_probabilities(reference.loc[scored, PROBABILITY].to_numpy(float), before)
+    probabilities = operating_point.probabilities(logits)
+    reference.loc[scored, PROBABILITY] = probabilities
+    reference.loc[scored, PREDICTED] = np.where(
+        probabilities >= operating_point.threshold, "PNEUMONIA", "NORMAL"
+    )
+    write_reference(out_dir, reference)

@@ -224,8 +224,11 @@ def recalibration_refused(
             continue
         if labeled is None:
             labeled = len(site_labeled_records(monitoring.inference_log_uri, site, source))
-        judged_on = (event.details.get("gate") or {}).get("evaluated_on", {}).get("labels")
-        if judged_on is None or labeled <= int(judged_on):
+        # The version's tags say how many labels it was judged on (an event's details may be
+        # cut short when the gate's evidence is long).
+        used = release.site_labels or {}
+        judged_on = int(used.get("PNEUMONIA", 0)) + int(used.get("NORMAL", 0))
+        if not judged_on or labeled <= judged_on:
             return True
     return False
 

@@ -421,6 +421,12 @@ def drift_sensor_step(
             if not result.fired:
                 notes[version] = f"site {site}'s own version: no drift"
             elif recalibrate is None and result.model_drift:
+                if registry.find(SHADOW) is not None:
+                    notes[version] = (
+                        f"site {site}'s own version drifted; a shadow candidate is waiting, so "
+                        "no recalibration now (one candidate at a time)"
+                    )
+                    continue
                 recalibrate = _site_to_recalibrate(monitoring, registry, result, target_sensitivity)
                 notes[version] = f"site {site}'s own version drifted: " + (
                     "its recalibration is requested"

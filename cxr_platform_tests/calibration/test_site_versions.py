@@ -260,3 +260,27 @@ def test_site_versions_are_rejudged_when_production_moves(site_version, monitore
     events = [e for e in registry.events() if e.action in ("site_kept", "site_retired")]
     assert [e.action for e in events] == ["site_kept", "site_kept", "site_retired"]
     assert all(e.details["site"] == SITE and e.details["reason"] for e in events)
+
+
+def test_a_recalibrated_versions_reference_is_in_its_own_calibration(monitored_home, tmp_path):
+    settings, info, _ = monitored_home
+    registry = registry_for(settings.registry)
+    source = registry.download(info.version)
+    before = point_of(registry, info.version)
+    moved = replace(before, temperature=before.temperature * 2, bias=before.bias - 1.0)
+    write_recalibrated(source, tmp_path / "moved", moved, {})
+    old, new = load_reference(source), load_reference(tmp_path / "moved")
+    scored = old[PROBABILITY].notna()
+    # The same images, the same logits: only what the calibration makes of them changed (where
+    # six significant digits do not round a probability to 0 or 1 and lose its logit).
+    resolved = scored & old[PROBABILITY].between(1e-5, 1 - 1e-5)
+    assert resolved.sum() > scored.sum() / 2
+    assert np.allclose(
+        logits_from_probabilities(new.loc[resolved, PROBABILITY].to_numpy(float), moved),
+        logits_from_probabilities(old.loc[resolved, PROBABILITY].to_numpy(float), before),
+        atol=1e-2,
+    )
+    assert not np.allclose(new.loc[scored, PROBABILITY], old.loc[scored, PROBABILITY])
+    called = new.loc[scored, PROBABILITY] >= moved.threshold
+    assert (called == (new.loc[scored, "predicted"] == "PNEUMONIA")).all()
+    assert new.loc[~scored].equals(old.loc[~scored])
