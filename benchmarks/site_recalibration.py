@@ -34,6 +34,7 @@ from cxr_platform.calibration.label_free import (
 )
 from cxr_platform.calibration.prevalence import estimate_prevalence
 from cxr_platform.calibration.refit import NotEnoughLabelsError, logits_from_probabilities
+from cxr_platform.calibration.site import reference_positive_logits
 from cxr_platform.calibration.site_point import calls, site_operating_point
 from cxr_platform.data.imaging import read_image
 from cxr_platform.data.patients import file_name_family
@@ -198,9 +199,7 @@ def main() -> None:
     target = settings.training.target_sensitivity
     reference = load_reference(folder)
     validation = reference[reference[PROBABILITY].notna()]
-    reference_positives = logits_from_probabilities(
-        validation.loc[validation["label"] == "PNEUMONIA", PROBABILITY].to_numpy(float), point
-    )
+    reference_positives = reference_positive_logits(folder, point, info.version)
     training_prevalence = float((validation["label"] == "PNEUMONIA").mean())
     models = ServingModels(predictor, None)
     index = pd.read_csv(sorted(glob.glob(str(args.home / "cache/*/test-*.csv")))[0], dtype=str)

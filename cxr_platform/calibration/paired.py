@@ -320,6 +320,11 @@ class Proposal:
         return values
 
 
+# Which way a moved threshold can change each class's calls on the same scores: raising it can
+# only gain specificity (and lose sensitivity), lowering it the reverse.
+_GAINS = {RAISE: 1, LOWER: -1, SAME: 0}
+
+
 def _direction(candidate: float, current: float) -> str:
     return RAISE if candidate > current else LOWER if candidate < current else SAME
 
@@ -334,11 +339,13 @@ def propose(
     margin: float,
     groups: np.ndarray | None = None,
     scale: float = 1.0,
+    shift: PositiveShift | None = None,
 ) -> Proposal:
     """The candidate from the site's positives: where the current threshold is shown below the
     target here, the highest threshold that restores it at the low end of its interval;
     otherwise the highest threshold whose sensitivity :meth:`SiteSensitivity.holds`. The site's
-    negatives only say what it is expected to gain."""
+    negatives only say what it is expected to gain. ``shift``: the site positives' shift when
+    already estimated (asking what ``scale`` times the labels would show)."""
     labels = np.asarray(labels).astype(int).ravel()
     logits = np.asarray(logits, dtype=np.float64).ravel()
     positives, negatives = labels == 1, labels == 0
@@ -347,6 +354,7 @@ def propose(
         reference_positive_logits,
         groups=None if groups is None else np.asarray(groups)[positives],
         scale=scale,
+        shift=shift,
     )
     current = float(current_threshold)
     if model.at(current)[2] < target_sensitivity:
@@ -358,7 +366,7 @@ def propose(
         )
         threshold = current if found is None else found
     direction = _direction(threshold, current)
-    gains = {RAISE: 1, LOWER: -1, SAME: 0}[direction]
+    gains = _GAINS[direction]
     gain = paired_difference(
         logits[negatives] < threshold, logits[negatives] < current, one_way=gains
     )
@@ -432,7 +440,7 @@ def judge(
     current = logits >= current_threshold if current_calls is None else np.asarray(current_calls)
     positives, negatives = labels == 1, labels == 0
     direction = _direction(candidate_threshold, current_threshold)
-    gains = {RAISE: 1, LOWER: -1, SAME: 0}[direction]
+    gains = _GAINS[direction]
     site_groups = None if groups is None else np.asarray(groups)[positives]
     base = SiteSensitivity(logits[positives], reference_positive_logits, groups=site_groups)
 

@@ -18,6 +18,7 @@ from cxr_platform.calibration.paired import (
     SAME,
     SCALES,
     Judgement,
+    PositiveShift,
     Proposal,
     judge,
     propose,
@@ -125,7 +126,7 @@ def site_operating_point(
     require_labels(labels, groups, min_negatives)
     current_threshold = logit_threshold(current)
 
-    def proposal_at(scale: float) -> Proposal:
+    def proposal_at(scale: float, shift: PositiveShift | None = None) -> Proposal:
         return propose(
             labels,
             logits,
@@ -135,6 +136,7 @@ def site_operating_point(
             margin=margin,
             groups=groups,
             scale=scale,
+            shift=shift,
         )
 
     proposal = proposal_at(1.0)
@@ -153,7 +155,12 @@ def site_operating_point(
         current_calls=logged,
     )
     if proposal.direction == SAME:
-        judgement = replace(judgement, labels_to_decide=_labels_to_move(proposal_at, labels))
+        judgement = replace(
+            judgement,
+            labels_to_decide=_labels_to_move(
+                lambda scale: proposal_at(scale, proposal.shift), labels
+            ),
+        )
     return SiteEvidence(
         proposal,
         point,
