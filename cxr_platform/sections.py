@@ -505,9 +505,10 @@ class DicomSection(_Scoring):
     dicom_institution_name: str | None = setting(None, doc="InstitutionName in the results.")
     dicom_compress_results: tuple[str, ...] = setting(
         ("seg", "pmap"),
-        doc="Image results sent in JPEG-LS Lossless where the destination accepts it: any of "
-        "seg, pmap, sc (comma-separated; empty for none). SEG and the map shrink ~50x for ~20 ms "
-        "of CPU; the SC ~9x for ~90 ms, worth it on a slow link, not on a busy small host.",
+        doc="Image results sent losslessly compressed where the destination accepts it (SEG "
+        "and map deflated, SC in JPEG-LS): any of seg, pmap, sc (comma-separated; empty for "
+        "none). On a 2000x1700 image the SEG shrinks ~24x for ~10 ms of CPU and the map ~13x "
+        "for ~240 ms; the SC ~9x for ~90 ms, worth it on a slow link, not on a busy small host.",
     )
     dicom_retry_initial_seconds: float = setting(
         2.0, doc="First wait before resending a result.", gt=0

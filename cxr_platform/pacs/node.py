@@ -128,7 +128,7 @@ class NodeConfig:
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
-    compress_results: tuple[str, ...] = ("seg", "pmap")  # kinds sent in JPEG-LS where accepted
+    compress_results: tuple[str, ...] = ("seg", "pmap")  # kinds sent compressed where accepted
     # STOW-RS in: None keeps it off; 0 lets the system pick a port.
     dicomweb_port: int | None = None
     dicomweb_keys: dict[str, str] = field(default_factory=dict)  # key -> client name

@@ -2,9 +2,10 @@
 
 1. A Comprehensive 3D SR holding a TID 1500 measurement report: the coded finding (pneumonia
    present or absent), the calibrated probability, the algorithm and the device that made them.
-2. The Grad-CAM heatmap as a FRACTIONAL / PROBABILITY segmentation on the source image's grid.
-3. The same heatmap as a Parametric Map with a real-world value mapping, which viewers that do
-   not show fractional SEG (OHIF among them) display.
+2. Where the Grad-CAM heatmap reaches half its peak, as a BINARY segmentation on the source
+   image's grid (a region viewers outline over the image).
+3. The heatmap itself as a float Parametric Map with a real-world value mapping, which viewers
+   show as a heat overlay.
 4. A secondary capture with the heatmap and a "not for diagnostic use" caption burned in, for
    viewers that show neither.
 
@@ -43,10 +44,21 @@ SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9902
 SC_SERIES_NUMBER = 9903
 PMAP_SERIES_NUMBER = 9904
-# The Parametric Map IOD stores integers (16 bits at least); a real-world value mapping turns
-# them back into the heatmap's [0, 1]. 65535 steps are far finer than Grad-CAM's resolution.
-PMAP_STORED_MAX = 65535
+# The segmentation outlines where Grad-CAM relevance reaches half its peak (maps are scaled to
+# peak 1), the usual cut for drawing a Grad-CAM region.
+SEG_RELEVANCE_THRESHOLD = 0.5
+PMAP_LEVELS = 1024
+SEG_DISPLAY_COLOR = hd.color.CIELabColor(53.24, 80.09, 67.2)  # red, as heatmaps mark "hot"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+NOT_FOR_DIAGNOSIS_ALONE = "not for diagnosis alone"
+
+# What each result is, in the words a radiologist reads in the study browser (LO: 64 at most).
+# Grad-CAM shows where the network looked, not a probability per pixel: the heatmaps say so.
+SR_DESCRIPTION = "AI: pneumonia classification report, not for diagnosis alone"
+NOT_ANALYSED_SR_DESCRIPTION = "AI: image not analysed for pneumonia (see report)"
+SEG_DESCRIPTION = "AI: pneumonia heatmap (Grad-CAM) overlay, not for diagnosis"
+PMAP_DESCRIPTION = "AI: pneumonia heatmap (Grad-CAM), not for diagnosis alone"
+SC_DESCRIPTION = "AI: pneumonia heatmap picture, NOT FOR DIAGNOSTIC USE"
 
 
 @dataclass(frozen=True)
@@ -169,16 +181,86 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
             hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if present else ABSENT)
         ],
         measurements=[
+            # The group's algorithm identification covers this measurement too. Repeating it
+            # inside the NUM gives the NUM a content sequence, which OHIF reads as a spatial
+            # reference and, finding no SCOORD, drops the measurement from view.
             hd.sr.Measurement(
                 name=codes.DCM.Probability,
                 value=round(float(prediction.probability), 6),
                 unit=codes.UCUM.NoUnits,
-                algorithm_id=algorithm_id,
+                referenced_coordinates=[_whole_image(source)],
             )
         ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    return _sr_document(source, algorithm, uids, group, "AI pneumonia classification (SR)")
+    _add_comments(
+        group,
+        [
+            f"AI: pneumonia {'present' if present else 'absent'}",
+            f"probability {prediction.probability:.3f}, threshold {algorithm.threshold:.3f}",
+            *_algorithm_comments(algorithm),
+        ],
+    )
+    return _sr_document(source, algorithm, uids, group, SR_DESCRIPTION)
+
+
+def _whole_image(source: Dataset) -> hd.sr.CoordinatesForMeasurement:
+    """The whole of ``source`` as the image region a measurement is INFERRED FROM (TID 300): the
+    classification is about the image, not a part of it.
+
+    Said explicitly because a reading environment places a result by its region: OHIF shows an
+    SR's measurements only where one has a spatial coordinate, and draws this one as the
+    image's outline with the report's words beside it.
+    """
+    rows, columns = float(source.Rows), float(source.Columns)
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(
+            [[0.0, 0.0], [columns, 0.0], [columns, rows], [0.0, rows], [0.0, 0.0]]
+        ),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+
+
+def _without_values(report: Dataset) -> Dataset:
+    """``report`` with every NUM's value removed and qualified "Measurement not attempted"
+    (CID 42): the standard's way to say a measurement is absent, not zero. Done on the finished
+    document because highdicom only builds NUMs that have a value."""
+    pending = list(report.ContentSequence)
+    while pending:
+        item = pending.pop()
+        if item.ValueType == "NUM":
+            item.MeasuredValueSequence = []  # Type 2: present and empty when there is no value
+            item.NumericValueQualifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(codes.DCM.MeasurementNotAttempted)
+            ]
+        pending.extend(item.get("ContentSequence", []))
+    return report
+
+
+def _algorithm_comments(algorithm: Algorithm) -> list[str]:
+    return [
+        f"model {algorithm.version} ({algorithm.manufacturer} {algorithm.software_version})",
+        NOT_FOR_DIAGNOSIS_ALONE,
+    ]
+
+
+def _add_comments(group: hd.sr.MeasurementsAndQualitativeEvaluations, texts: list[str]) -> None:
+    """The report in words, as Comment items of the measurement group: what a reading
+    environment that does not render coded TID 1500 content (OHIF outside its own reports)
+    still shows a radiologist, one short line each beside the image (OHIF shows five lines).
+    The coded items stay the machine-readable result."""
+    for text in texts:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=text[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
 
 
 def _sr_document(
@@ -223,17 +305,20 @@ def build_not_analysed_sr(source: Dataset, algorithm: Algorithm, why: str) -> Da
         ),
         finding_type=PNEUMONIA,
         algorithm_id=algorithm_id,
+        # No value: the probability was not measured, and the qualifier says so (CID 42).
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=0.0,  # removed from the finished report: see _without_values
+                unit=codes.UCUM.NoUnits,
+                referenced_coordinates=[_whole_image(source)],
+            )
+        ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment,
-            value=f"Not analysed by the AI: {why}"[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
-    return _sr_document(
-        source, algorithm, uids, group, "AI pneumonia classification: image not analysed (SR)"
+    _add_comments(group, [f"Not analysed by the AI: {why}", *_algorithm_comments(algorithm)])
+    return _without_values(
+        _sr_document(source, algorithm, uids, group, NOT_ANALYSED_SR_DESCRIPTION)
     )
 
 
@@ -246,14 +331,20 @@ def heatmap_on_source_grid(heatmap: np.ndarray, rows: int, columns: int) -> np.n
 
 
 def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dataset:
-    """The heatmap as a one-frame FRACTIONAL / PROBABILITY segmentation of ``source``."""
+    """Where the heatmap is at least :data:`SEG_RELEVANCE_THRESHOLD` of its peak, as a one-frame
+    BINARY segmentation on ``source``'s grid, in the map's own frame of reference.
+
+    Binary, not FRACTIONAL: viewers draw a segment as an outlined region, and OHIF refuses a
+    fractional SEG that is not already 0-or-maximum. The continuous heatmap is the parametric
+    map's; this is the region a reader can switch on over the image.
+    """
     rows, columns = int(source.Rows), int(source.Columns)
     if heatmap.shape != (rows, columns):
         heatmap = heatmap_on_source_grid(heatmap, rows, columns)
     uids = result_uids(source, algorithm, "seg")
     description = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label="Grad-CAM pneumonia evidence",
+        segment_label=f"AI pneumonia heatmap >= {SEG_RELEVANCE_THRESHOLD:g}",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=PNEUMONIA,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -261,53 +352,44 @@ def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dat
             name=algorithm.name,
             family=codes.cid7162.ArtificialIntelligence,
             version=algorithm.version,
+            parameters={"Grad-CAM relevance threshold": f"{SEG_RELEVANCE_THRESHOLD:g}"},
         ),
+        # Without a recommended colour each viewer picks its own (OHIF warns that it did).
+        display_color=SEG_DISPLAY_COLOR,
     )
+    region = np.asarray(heatmap) >= SEG_RELEVANCE_THRESHOLD
     seg = hd.seg.Segmentation(
-        source_images=[source],
-        pixel_array=heatmap[None].astype(np.float32),
-        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        source_images=[_map_geometry(source, algorithm)],
+        pixel_array=region[None].astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
         series_instance_uid=uids.series_instance_uid,
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
-        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-        max_fractional_value=255,
-        omit_empty_frames=False,  # an all-zero map ("no evidence") is still a result
+        omit_empty_frames=False,  # an empty region ("no evidence") is still a result
         content_label="GRADCAM",
-        content_description="Grad-CAM heatmap of the pneumonia logit",
-        series_description="AI pneumonia heatmap (SEG)",
+        content_description="Grad-CAM heatmap of the pneumonia logit, thresholded",
+        series_description=SEG_DESCRIPTION,
         specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )
-    # General Image: a projection radiograph's SEG has no plane orientation, so it carries the
-    # source's row/column directions (Type 2C), empty when the source did not say.
+    # General Image: the source's row/column directions (Type 2C), empty when it did not say.
     seg.PatientOrientation = source.get("PatientOrientation") or None
     return seg
 
 
-# Patient directions (PS3.3 C.7.6.1.1.1) as unit vectors of the patient coordinate system (LPS).
-_DIRECTION_VECTORS = {
-    "L": (1.0, 0.0, 0.0),
-    "R": (-1.0, 0.0, 0.0),
-    "P": (0.0, 1.0, 0.0),
-    "A": (0.0, -1.0, 0.0),
-    "H": (0.0, 0.0, 1.0),
-    "F": (0.0, 0.0, -1.0),
-}
-
-
 def _map_geometry(source: Dataset, algorithm: Algorithm) -> Dataset:
-    """``source`` with the spatial attributes the Parametric Map IOD requires.
+    """``source`` with the spatial attributes the Parametric Map and Segmentation IODs need.
 
-    A projection radiograph has no frame of reference, and the IOD makes one mandatory. The map
-    gets its own (derived from the source instance, so a re-sent image gets the same one), in
-    plane at the origin, with rows and columns along the source's PatientOrientation where it
-    names two directions (row +x, column +y otherwise) and the source's pixel spacing (1 mm,
-    nominal, where it has none). The map has the source's rows and columns and references it
-    as its derivation source, so a viewer matches the two pixel for pixel; nothing here claims
-    more about the patient's position than the source did.
+    A projection radiograph has no frame of reference, and both IODs want one where they carry
+    plane geometry. The maps get their own (derived from the source instance, so a re-sent
+    image gets the same one), with the source's rows and columns, the source's pixel spacing
+    (1 mm, nominal, where it has none), rows along +x and columns along +y, at the origin. That
+    is exactly the plane a viewer assumes for an image without geometry, so it lays a map on
+    its source pixel for pixel (OHIF refuses a map whose plane differs as "oblique"). It claims
+    nothing about the patient: the frame of reference is the maps' own, and the source is
+    referenced as their derivation source.
     """
     geometry = Dataset()
     geometry.update(source)
@@ -315,53 +397,50 @@ def _map_geometry(source: Dataset, algorithm: Algorithm) -> Dataset:
     geometry.FrameOfReferenceUID = str(
         generate_uid(algorithm.uid_root, [str(source.SOPInstanceUID), "frame-of-reference"])
     )
-    orientation = _patient_orientation(source)
-    if orientation is not None:
-        row, column = (_DIRECTION_VECTORS[d] for d in orientation)
-    else:
-        row, column = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
-    geometry.ImageOrientationPatient = [*row, *column]
+    geometry.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     geometry.ImagePositionPatient = [0.0, 0.0, 0.0]
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing") or [1.0, 1.0]
     geometry.PixelSpacing = [float(v) for v in spacing]
     geometry.SliceThickness = 1.0  # a projection has no thickness; the macro needs a value
+    geometry.SpacingBetweenSlices = 1.0
     return geometry
 
 
 def build_pmap(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dataset:
-    """The heatmap as a DICOM Parametric Map on the source's grid: stored 0-65535, mapped back
-    to Grad-CAM relevance in [0, 1] by a real-world value mapping. Unlike a fractional SEG, OHIF
-    (3.9+) and other viewers that read parametric maps can display it."""
+    """The heatmap as a DICOM Parametric Map on the source's grid: 32-bit float Grad-CAM
+    relevance in [0, 1] in steps of 1/:data:`PMAP_LEVELS` (OHIF's parametric-map display shows
+    float maps; a 16-bit integer map loads but is not drawn), with an identity real-world value
+    mapping that names the quantity."""
     rows, columns = int(source.Rows), int(source.Columns)
     if heatmap.shape != (rows, columns):
         heatmap = heatmap_on_source_grid(heatmap, rows, columns)
-    stored = np.rint(np.clip(heatmap, 0.0, 1.0) * PMAP_STORED_MAX).astype(np.uint16)
+    # Steps of 1/1024, exact in float32: far finer than Grad-CAM's own resolution (a 7x7 or
+    # 14x14 map, resized) or a colour map's 256 levels, and they deflate ~13x where the full
+    # float values deflate ~1.5x (benchmarks/result_sizes.py).
+    levels = np.rint(np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0) * PMAP_LEVELS)
+    relevance = (levels / PMAP_LEVELS).astype(np.float32)
     uids = result_uids(source, algorithm, "pmap")
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM",
         lut_explanation="Grad-CAM relevance for pneumonia, 0 (none) to 1 (highest)",
         unit=codes.UCUM.NoUnits,
-        value_range=(0, PMAP_STORED_MAX),
-        slope=1.0 / PMAP_STORED_MAX,
+        value_range=(0.0, 1.0),
+        slope=1.0,
         intercept=0.0,
     )
     pmap = hd.pm.ParametricMap(
         source_images=[_map_geometry(source, algorithm)],
-        pixel_array=stored,
+        pixel_array=relevance,
         series_instance_uid=uids.series_instance_uid,
         series_number=PMAP_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[
-            hd.VOILUTTransformation(
-                window_center=PMAP_STORED_MAX / 2.0, window_width=float(PMAP_STORED_MAX + 1)
-            )
-        ],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label="GRADCAM",
         content_description="Grad-CAM heatmap of the pneumonia logit",
-        series_description="AI pneumonia heatmap (parametric map)",
+        series_description=PMAP_DESCRIPTION,
         specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )
@@ -411,7 +490,7 @@ def build_sc(
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=f"AI pneumonia heatmap overlay - {NOT_FOR_DIAGNOSTIC_USE}",
+        series_description=SC_DESCRIPTION,
         specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),
     )

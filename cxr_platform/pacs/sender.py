@@ -3,8 +3,9 @@ study, a file leaves the outbox only when PACS acknowledged it, and an unreachab
 retried with exponential backoff.
 
 Image results wait in the outbox uncompressed. For the kinds configured to travel compressed,
-each association proposes a JPEG-LS Lossless context beside the uncompressed ones; where the
-destination accepts it the file is compressed on the way out
+each association proposes the kind's lossless syntax (deflate for SEG and map, JPEG-LS for the
+SC) beside the uncompressed ones; where the destination accepts it the file is compressed on the
+way out
 (:mod:`~cxr_platform.pacs.compression`), elsewhere it is sent as it is."""
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from pynetdicom.sop_class import (
 
 from cxr_platform.errors import CxrError
 from cxr_platform.pacs.compression import (
-    RESULTS_TRANSFER_SYNTAX,
     SOP_CLASS_BY_KIND,
     compress_dataset,
+    compressed_syntax,
+    is_uncompressed,
 )
 from cxr_platform.pacs.statuses import STATUS_CANNOT_UNDERSTAND, STORED_STATUSES
 from cxr_platform.pacs.storage import NodeStorage, encode_dataset
@@ -151,7 +153,7 @@ class ResultSender:
         self.ae.maximum_pdu_size = 131072  # what we accept; what we send is PACS's maximum
         for sop_class in RESULT_SOP_CLASSES:
             if str(sop_class) in self.compressed_classes:
-                self.ae.add_requested_context(sop_class, [RESULTS_TRANSFER_SYNTAX])
+                self.ae.add_requested_context(sop_class, [compressed_syntax(sop_class)])
             self.ae.add_requested_context(
                 sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )
@@ -269,7 +271,7 @@ class ResultSender:
     def _stow_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
         """One STOW-RS request for the study's results. HTTP has no transfer-syntax
         negotiation: the kinds set to travel compressed always do, so an archive that cannot
-        store JPEG-LS Lossless needs CXR_DICOM_COMPRESS_RESULTS emptied."""
+        store the compressed syntaxes needs CXR_DICOM_COMPRESS_RESULTS emptied."""
         assert isinstance(self.destination, DicomWebDestination)
         sent: dict[str, Path] = {}
         parts: list[bytes] = []
@@ -323,22 +325,22 @@ class ResultSender:
             self.compressed_classes
         ):
             dataset = pydicom.dcmread(path)
-            if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+            if is_uncompressed(dataset.file_meta.TransferSyntaxUID):
                 return encode_dataset(compress_dataset(dataset))
         return path.read_bytes()
 
     def _as_accepted(self, path: Path, accepted: set[tuple[str, str]]) -> Path | pydicom.Dataset:
         """The result compressed where its kind travels compressed and the association accepted
-        JPEG-LS for its class; else the file as it waits in the outbox (uncompressed, which every
-        destination takes)."""
+        that kind's lossless syntax; else the file as it waits in the outbox (uncompressed, which
+        every destination takes)."""
         if not self.compressed_classes:
             return path
         meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
         sop_class = str(meta.MediaStorageSOPClassUID)
         if (
             sop_class not in self.compressed_classes
-            or meta.TransferSyntaxUID.is_compressed
-            or (sop_class, RESULTS_TRANSFER_SYNTAX) not in accepted
+            or not is_uncompressed(meta.TransferSyntaxUID)
+            or (sop_class, str(compressed_syntax(sop_class))) not in accepted
         ):
             return path
         return compress_dataset(pydicom.dcmread(path))

@@ -16,9 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEGLSLossless,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
@@ -193,7 +193,13 @@ def test_the_pixels_decide_whatever_the_header_says(node_factory, chest_pngs, tm
     (comment,) = [text for text in texts if text.startswith("Not analysed by the AI: ")]
     assert comment.removeprefix("Not analysed by the AI: ").split(":")[0] in REASONS
     meanings = [str(elem.value) for elem in sr.iterall() if elem.keyword == "CodeMeaning"]
-    assert "Probability" not in meanings and "Present" not in meanings, meanings
+    assert "Present" not in meanings and "Absent" not in meanings, meanings
+    # Its one number is the probability, present only to say it was not measured: no value, and
+    # the standard's qualifier for that (it anchors the report on the image in OHIF).
+    (number,) = [item for item in sr.iterall() if item.keyword == "MeasuredValueSequence"]
+    assert len(number.value) == 0
+    assert "Measurement not attempted" in meanings
+    assert not [elem for elem in sr.iterall() if elem.keyword == "NumericValue"]
     assert dciodvfy_errors(sr_path) == []
     refusals = log.refusals().iloc[refusals_before:]
     assert len(refusals) == 2 and set(refusals["source"]) == {"dicom"}
@@ -373,14 +379,15 @@ def test_tls_both_ways(node_factory, tmp_path, chest_pngs):
 
 
 def test_results_travel_compressed_where_the_destination_accepts_it(node_factory, chest_pngs):
-    """Every image kind is set to travel compressed, but the PACS here takes JPEG-LS only for
-    SEG and the parametric map: the secondary capture goes uncompressed, all of them whole."""
+    """Every image kind is set to travel compressed, but the PACS here takes compressed syntaxes
+    (deflate) only for SEG and the parametric map, and JPEG-LS for nothing: the secondary
+    capture goes uncompressed, all of them whole."""
     received: dict[str, tuple[str, np.ndarray | None]] = {}
 
     def on_store(event):
         ds = event.dataset
         ds.file_meta = event.file_meta
-        pixels = ds.pixel_array if "PixelData" in ds else None
+        pixels = ds.pixel_array if {"PixelData", "FloatPixelData"} & set(ds.dir()) else None
         received[str(ds.SOPClassUID)] = (str(event.context.transfer_syntax), pixels)
         return 0x0000
 
@@ -388,7 +395,7 @@ def test_results_travel_compressed_where_the_destination_accepts_it(node_factory
     for sop_class in RESULT_SOP_CLASSES:
         syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         if sop_class in (SegmentationStorage, ParametricMapStorage):
-            syntaxes = [JPEGLSLossless, *syntaxes]
+            syntaxes = [DeflatedExplicitVRLittleEndian, *syntaxes]
         pacs.add_supported_context(sop_class, syntaxes)
     pacs_port = free_port()
     server = pacs.start_server(
@@ -405,14 +412,14 @@ def test_results_travel_compressed_where_the_destination_accepts_it(node_factory
         wait_for(lambda: len(received) == 4, what="the results at the PACS")
     finally:
         server.shutdown()
-    assert received[str(SegmentationStorage)][0] == JPEGLSLossless
-    assert received[str(ParametricMapStorage)][0] == JPEGLSLossless
+    assert received[str(SegmentationStorage)][0] == DeflatedExplicitVRLittleEndian
+    assert received[str(ParametricMapStorage)][0] == DeflatedExplicitVRLittleEndian
     assert received[str(SecondaryCaptureImageStorage)][0] == ExplicitVRLittleEndian
     sc_pixels = received[str(SecondaryCaptureImageStorage)][1]
     assert sc_pixels.shape == (int(source.Rows), int(source.Columns), 3)
     assert (sc_pixels[: int(source.Rows) // 20] == 255).all(axis=-1).any()  # the caption
     pmap_pixels = received[str(ParametricMapStorage)][1]
-    assert pmap_pixels.dtype == np.uint16 and pmap_pixels.max() > 0
+    assert pmap_pixels.dtype == np.float32 and 0 < pmap_pixels.max() <= 1
 
 
 def test_images_wait_in_the_spool_until_a_model_is_promoted(

@@ -19,8 +19,11 @@ from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
 from cxr_platform.pacs.results import (
     ABSENT,
+    NOT_FOR_DIAGNOSIS_ALONE,
+    PMAP_LEVELS,
     PNEUMONIA,
     PRESENT,
+    SEG_RELEVANCE_THRESHOLD,
     Algorithm,
     heatmap_on_source_grid,
 )
@@ -108,19 +111,45 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
     assert "Device Observer UID" in rendered
     assert f'"Algorithm Version")="cxr v{pacs_model.version}"' in rendered
     assert f"{prediction.probability:.6f}".rstrip("0")[:6] in rendered
+    # The probability is inferred from the whole image, as a region a viewer can place.
+    (region,) = [item for item in sr.iterall() if item.keyword == "GraphicData"]
+    corners = {(x, y) for x, y in zip(region.value[::2], region.value[1::2], strict=True)}
+    assert corners == {(0, 0), (source.Columns, 0), (source.Columns, source.Rows), (0, source.Rows)}
+    # The same report in words, for a reader whose viewer does not render coded content.
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    finding_words = "present" if prediction.label == "PNEUMONIA" else "absent"
+    assert f"AI: pneumonia {finding_words}" in texts
+    assert (
+        f"probability {prediction.probability:.3f}, threshold {prediction.threshold:.3f}" in texts
+    )
+    assert any(t.startswith(f"model cxr v{pacs_model.version} (cxr_platform ") for t in texts)
+    assert NOT_FOR_DIAGNOSIS_ALONE in texts
 
-    # SEG: one fractional probability frame on the source's grid, referencing the source.
+    # What a reading environment needs to place and trust each result (IHE AIR): the
+    # algorithm's name, version and maker, the evidence it was made from, and a series
+    # description in a reader's words.
+    for kind, ds in kinds.items():
+        assert ds.Manufacturer == "cxr_platform"
+        assert ds.ManufacturerModelName == "cxr_platform pneumonia classifier (cxr)"
+        assert f"cxr v{pacs_model.version}" in list(ds.SoftwareVersions)
+        assert ds.SeriesDescription.startswith("AI: ") and len(ds.SeriesDescription) <= 64
+        assert "not for diagnos" in ds.SeriesDescription.lower(), kind
+
+    # SEG: one binary frame on the source's grid, referencing the source: where the heatmap
+    # reaches half its peak, in the colour and with the algorithm a viewer shows.
     # pydicom, not highdicom's segread: segread insists on SliceThickness in the pixel measures,
     # which a projection radiograph (DX with PixelSpacing) does not have and the IOD does not need.
     seg = pydicom.dcmread(paths["seg"])
-    assert seg.SegmentationType == "FRACTIONAL"
-    assert seg.SegmentationFractionalType == "PROBABILITY"
+    assert seg.SegmentationType == "BINARY"
     assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
     assert int(seg.NumberOfFrames) == 1
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[
         0
     ].ReferencedSOPInstanceUID == (source.SOPInstanceUID)
-    fractions = seg.pixel_array.astype(np.float32) / 255.0
+    (segment,) = seg.SegmentSequence
+    assert len(segment.RecommendedDisplayCIELabValue) == 3
+    algorithm_id = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm_id.AlgorithmVersion == f"cxr v{pacs_model.version}"
     explainer = processor._explainer(pacs_model.version, processor.models.current().production)
     prepared = explainer.predictor.prepare(data)
     heatmap, _ = explainer.heatmap_overlay(prepared.pixels, prepared.decoded)
@@ -128,20 +157,28 @@ def test_results_are_valid_dicom_and_say_what_the_model_said(
         heatmap, prepared.decoded.pixels.shape, explainer.predictor.preprocessing
     )
     expected = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
-    assert np.abs(fractions - expected).max() <= 1.0 / 255.0 + 1e-6
+    region = seg.pixel_array.astype(bool)
+    assert region.any() and not region.all()
+    assert (region == (expected >= SEG_RELEVANCE_THRESHOLD)).mean() > 0.999
+    # The SEG and the map lie in one frame of reference of their own, in the plane a viewer
+    # gives a radiograph without geometry (rows +x, columns +y).
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
 
-    # Parametric map: the same heatmap, 16-bit stored, mapped back to [0, 1] by its real-world
-    # value mapping; highdicom reads it back as a parametric map.
+    # Parametric map: the same heatmap as 32-bit float relevance in steps of 1/1024, with an
+    # identity real-world value mapping; highdicom reads it back as a parametric map.
     pmap = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(paths["pmap"]))
     assert (pmap.Rows, pmap.Columns) == (source.Rows, source.Columns)
+    assert pmap.FrameOfReferenceUID == seg.FrameOfReferenceUID
     mapping = pmap.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert (
         mapping.LUTLabel == "GRADCAM" and mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
     )
+    assert pmap.BitsAllocated == 32 and "FloatPixelData" in pmap
     relevance = pmap.pixel_array.astype(np.float64) * float(mapping.RealWorldValueSlope) + float(
         mapping.RealWorldValueIntercept
     )
-    assert np.abs(relevance - expected).max() <= 1.0 / 65535.0 + 1e-6
+    assert np.abs(relevance - expected).max() <= 0.5 / PMAP_LEVELS + 1e-6
     derivation = pmap.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
