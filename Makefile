@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CXR_HOME ?= $(CURDIR)/.cxr
 export CXR_HOME
 
-.PHONY: demo test setup ui mlflow-ui bench lint clean device-data
+.PHONY: demo test setup ui mlflow-ui viewer bench lint clean device-data
 
 # The venv is rebuilt only when pyproject.toml changes.
 $(BIN)/cxr: pyproject.toml
@@ -36,6 +36,11 @@ ui: setup
 # Runs, metrics, artifacts and the registry (with each version's model card) of the embedded store.
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CXR_HOME)/mlflow/mlflow.db --port 5000
+
+# OHIF over a running Orthanc (CXR_VIEWER_PACS_URL, default http://127.0.0.1:8042); prints a
+# study's URL. Needs nginx and npm.
+viewer: setup
+	$(BIN)/cxr viewer
 
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py

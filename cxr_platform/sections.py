@@ -738,6 +738,29 @@ class DagsterSection(HomeLayout):
     )
 
 
+@dataclass(frozen=True)
+class ViewerSection(HomeLayout):
+    """OHIF, where radiologists read the results, served on one origin with the PACS's
+    DICOMweb root (`cxr viewer` here; the viewer image in a deployment reads the same names)."""
+
+    viewer_pacs_url: str = setting(
+        "http://127.0.0.1:8042",
+        doc="The PACS (Orthanc) whose DICOMweb root, <url>/dicom-web, the viewer reads.",
+    )
+    viewer_host: str = setting("127.0.0.1", doc="Address the viewer listens on.")
+    viewer_port: int = setting(8080, doc="The viewer's port.", ge=1, le=65535)
+    viewer_cache_dir: Path = setting(
+        factory=lambda: Path.home() / ".cache" / "cxr_platform" / "ohif",
+        doc="Where the pinned, checksum-verified OHIF build is kept once fetched (shared by "
+        "every home on the machine).",
+    )
+
+    @property
+    def viewer_dir(self) -> Path:
+        """The local nginx's configuration, logs and temporary files."""
+        return self.home / "viewer"
+
+
 SECTIONS: dict[str, type[HomeLayout]] = {
     "data": DataSection,
     "training": TrainingSection,
@@ -747,4 +770,5 @@ SECTIONS: dict[str, type[HomeLayout]] = {
     "monitoring": MonitoringSection,
     "site_trial": SiteTrialSection,
     "dagster": DagsterSection,
+    "viewer": ViewerSection,
 }

@@ -33,6 +33,7 @@ from cxr_platform.sections import (
     ServingSection,
     SiteTrialSection,
     TrainingSection,
+    ViewerSection,
 )
 
 ENV_PREFIX = "CXR_"
@@ -169,6 +170,10 @@ class _SettingsBase(BaseSettings):
     @property
     def dagster(self) -> DagsterSection:
         return self.section(DagsterSection)
+
+    @property
+    def viewer(self) -> ViewerSection:
+        return self.section(ViewerSection)
 
     def effective(self) -> dict[str, dict[str, Any]]:
         """Every setting in force, by section, secrets masked (what ``cxr config`` prints)."""

@@ -36,12 +36,11 @@ def require_chromium() -> None:
         )
 
 
-def screenshot_folder() -> Path:
-    """``CXR_UI_SCREENSHOTS``, else one fixed folder under the temp dir, emptied per run."""
-    folder = Path(
-        os.environ.get("CXR_UI_SCREENSHOTS")
-        or Path(tempfile.gettempdir()) / "cxr-dagster-ui-screenshots"
-    )
+def screenshot_folder(
+    name: str = "cxr-dagster-ui-screenshots", variable: str = "CXR_UI_SCREENSHOTS"
+) -> Path:
+    """``$variable``, else one fixed folder ``name`` under the temp dir, emptied per run."""
+    folder = Path(os.environ.get(variable) or Path(tempfile.gettempdir()) / name)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder

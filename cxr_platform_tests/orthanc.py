@@ -76,11 +76,13 @@ class OrthancProcess:
         modalities: dict[str, NodeAddress] | None = None,
         dicomweb: DicomWebPeer | None = None,
         archive_users: dict[str, str] | None = None,
+        dicomweb_root: bool = False,
     ) -> None:
         """``dicomweb``: route to the node over DICOMweb (the DICOMweb plugin and its routing
         script) instead of C-STORE; Orthanc then also takes the results by STOW-RS.
         ``archive_users``: a site archive that a silent trial searches: its DICOMweb root
-        (QIDO-RS, WADO-RS) served behind HTTP basic authentication for these users."""
+        (QIDO-RS, WADO-RS) served behind HTTP basic authentication for these users.
+        ``dicomweb_root``: serve the DICOMweb root (what a viewer reads) without routing by it."""
         self.workdir = Path(workdir)
         self.node = node
         self.aet = aet
@@ -90,6 +92,7 @@ class OrthancProcess:
         self.modalities = modalities or {}  # more peers allowed to C-STORE (modalities)
         self.dicomweb = dicomweb
         self.archive_users = archive_users
+        self.dicomweb_root = dicomweb_root
         self.auth = next(iter(archive_users.items())) if archive_users else None
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
@@ -133,6 +136,9 @@ class OrthancProcess:
             )
             config["Plugins"] = [str(DICOMWEB_PLUGIN)]
             config["LuaScripts"] = [str(DICOMWEB_ROUTING_SCRIPT)] if self.routing else []
+        if self.dicomweb_root:
+            _require_dicomweb_plugin()
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
         if self.archive_users:
             _require_dicomweb_plugin()
             config["Plugins"] = [str(DICOMWEB_PLUGIN)]

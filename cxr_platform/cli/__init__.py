@@ -10,6 +10,7 @@ from cxr_platform.cli import (  # noqa: F401  (each module registers its command
     settings_command,
     sites,
     training,
+    viewer,
 )
 from cxr_platform.cli.group import cli
 

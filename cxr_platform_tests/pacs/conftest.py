@@ -102,6 +102,16 @@ def sr_comment(path: Path) -> str:
     return comment.removeprefix("Not analysed by the AI: ")
 
 
+def viewer_dist() -> Path:
+    """The pinned OHIF build, fetched and verified into the machine's cache on first use."""
+    from cxr_platform.pacs.viewer import OHIF, ohif_dist
+
+    cache = load_settings().viewer.viewer_cache_dir
+    if shutil.which("npm") is None and not (cache / OHIF.version / "dist").exists():
+        pytest.skip("npm is not installed to fetch OHIF (.ci/run installs it)")
+    return ohif_dist(cache)
+
+
 def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
