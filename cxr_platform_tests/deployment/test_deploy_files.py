@@ -30,6 +30,7 @@ COMPOSE = DEPLOY / "compose.yaml"
 KUBERNETES = DEPLOY / "kubernetes"
 MANIFESTS = sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "dagster-values.yaml")
 HELM_VALUES = KUBERNETES / "dagster-values.yaml"
+VIEWER_DOCKERFILE = DEPLOY / "viewer" / "Dockerfile"
 KUBERNETES_VERSION = "1.34.0"  # a current release; the validator ships schemas up to 1.37
 SETTINGS = {env_name(name) for name in settings_fields()}
 
@@ -60,7 +61,7 @@ def test_the_compose_stack_is_complete_and_wired_by_service_name():
     services = compose["services"]
     for name in (
         "postgres", "s3", "mlflow", "dagster-webserver", "dagster-daemon", "service",
-        "orthanc", "dicom-node",
+        "orthanc", "dicom-node", "viewer",
     ):  # fmt: skip
         assert name in services, name
     for name, service in services.items():
@@ -92,7 +93,8 @@ def test_files_the_compose_file_and_dockerfile_use_exist():
 
 
 def _deploy_texts() -> dict[str, str]:
-    paths = [COMPOSE, DEPLOY / ".env.example", DEPLOY / "Dockerfile", *KUBERNETES.glob("*.yaml")]
+    paths = [COMPOSE, DEPLOY / ".env.example", DEPLOY / "Dockerfile", VIEWER_DOCKERFILE]
+    paths += list(KUBERNETES.glob("*.yaml"))
     return {path.name: path.read_text() for path in paths}
 
 
@@ -216,3 +218,36 @@ def test_the_run_queue_caps_the_runs_that_pull_from_a_site_archive():
 @pytest.mark.parametrize("path", [DEPLOY / "dagster" / "dagster.yaml", HELM_VALUES])
 def test_yaml_files_parse(path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_the_viewer_gets_everything_its_server_block_needs_and_reads_orthanc():
+    """The nginx image fills the server template from the environment: each name it uses is set
+    by the image or by compose and Kubernetes, and its probes ask a path the template serves."""
+    from cxr_platform.pacs.viewer import server_template_text
+
+    template = server_template_text()
+    needed = set(re.findall(r"\$\{([A-Z0-9_]+)\}", template))
+    assert {"CXR_VIEWER_PACS_URL", "OHIF_ROOT", "OHIF_APP_CONFIG"} <= needed
+    dockerfile = VIEWER_DOCKERFILE.read_text()
+    env_block = dockerfile[dockerfile.rindex("ENV ") :]
+    from_image = set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", env_block))
+    assert "location = /app-config.js" in template
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    viewer = services["viewer"]
+    assert needed <= from_image | set(viewer["environment"])
+    pacs = viewer["environment"]["CXR_VIEWER_PACS_URL"]
+    assert pacs.split("//")[1].split(":")[0] == "orthanc" and "orthanc" in viewer["depends_on"]
+    assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert "/app-config.js" in " ".join(viewer["healthcheck"]["test"])
+
+    documents = _documents()
+    (container,) = documents[("Deployment", "cxr-viewer")]["spec"]["template"]["spec"]["containers"]
+    from_kubernetes = {item["name"] for item in container.get("env", [])}
+    assert needed <= from_image | from_kubernetes
+    (reference,) = [item["valueFrom"]["configMapKeyRef"] for item in container["env"]]
+    config = documents[("ConfigMap", reference["name"])]["data"]
+    assert config[reference["key"]].startswith("http")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/app-config.js"
+    service = documents[("Service", "cxr-viewer")]["spec"]
+    assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
