@@ -508,7 +508,7 @@ class DicomSection(_Scoring):
         doc="Image results sent losslessly compressed where the destination accepts it (SEG "
         "and map deflated, SC in JPEG-LS): any of seg, pmap, sc (comma-separated; empty for "
         "none). On a 2000x1700 image the SEG shrinks ~24x for ~10 ms of CPU and the map ~13x "
-        "for ~240 ms; the SC ~9x for ~90 ms, worth it on a slow link, not on a busy small host.",
+        "for ~200 ms; the SC ~9x for ~90 ms, worth it on a slow link, not on a busy small host.",
     )
     dicom_retry_initial_seconds: float = setting(
         2.0, doc="First wait before resending a result.", gt=0

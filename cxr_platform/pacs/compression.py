@@ -8,7 +8,7 @@ transfer syntax that suits its pixels.
 
 Which kinds travel compressed is a setting (``CXR_DICOM_COMPRESS_RESULTS``). Measured on a
 2000x1700 radiograph's results (benchmarks/result_sizes.py, 2 cores): SEG 0.43 MB -> 18 KB in
-10 ms, parametric map 13.6 MB -> 1.04 MB in 240 ms, the RGB secondary capture ~9x for ~90 ms on a
+10 ms, parametric map 13.6 MB -> 1.04 MB in ~200 ms, the RGB secondary capture ~9x for ~90 ms on a
 real radiograph; the default sends the first two compressed.
 """
 
