@@ -755,6 +755,14 @@ class ViewerSection(HomeLayout):
         "every home on the machine).",
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.viewer_pacs_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"viewer_pacs_url must be an http:// or https:// URL (Orthanc's root), not "
+                f"{self.viewer_pacs_url!r}"
+            )
+
     @property
     def viewer_dir(self) -> Path:
         """The local nginx's configuration, logs and temporary files."""

@@ -353,6 +353,24 @@ def test_the_report_is_listed_and_readable_beside_the_image(reading_room, pacs_m
     assert f"Probability: {float(value):.2f}" in shown  # OHIF's own rendering of the NUM
 
 
+def overlay_box(driver, area: tuple, picture: Path, timeout_s: float, what: str) -> tuple:
+    """The box of the overlay once drawn over ``area``, OHIF having refused nothing on the way;
+    its notifications are read, then kept out of the screenshot."""
+
+    def drawn() -> tuple | None:
+        assert_no_refusal(driver)
+        hide_toasts(driver)
+        return coloured_box(screenshot(driver, picture), area)
+
+    return wait_for(drawn, timeout_s, what)
+
+
+def assert_on_the_lesion(box: tuple, room: ReadingRoom, area: tuple, placement: tuple) -> None:
+    expected = _expected_lesion_box(room.lesion, placement)
+    tolerance = max(4.0, 0.01 * (area[2] - area[0]))  # 1% of the image's width on screen
+    assert np.abs(np.array(box) - expected).max() <= tolerance, (box, expected)
+
+
 def test_the_segmentation_lies_on_the_lesion(reading_room, shots):
     room = reading_room
     with chromium(1600, 1000) as driver:
@@ -361,27 +379,9 @@ def test_the_segmentation_lies_on_the_lesion(reading_room, shots):
         before = screenshot(driver, shots / "lesion-source.png")
         assert coloured_box(before, area) is None, "no overlay before the SEG is opened"
         load_series(driver, made.SEG_DESCRIPTION)
-        wait_for(lambda: _click_yes(driver), 60, "OHIF's offer to open the segmentation")
-
-        def overlay() -> tuple | None:
-            assert_no_refusal(driver)
-            hide_toasts(driver)
-            return coloured_box(screenshot(driver, shots / "lesion-seg.png"), area)
-
-        box = wait_for(overlay, 60, "the segmentation drawn over the radiograph")
-    expected = _expected_lesion_box(room.lesion, placement)
-    tolerance = max(4.0, 0.01 * (area[2] - area[0]))
-    assert np.abs(np.array(box) - expected).max() <= tolerance, (box, expected)
-
-
-def _click_yes(driver) -> bool:
-    for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Yes']"):
-        try:
-            button.click()
-            return True
-        except (StaleElementReferenceException, ElementClickInterceptedException):
-            return False
-    return False
+        wait_for(lambda: _clicked(driver, "Yes"), 60, "OHIF's offer to open the segmentation")
+        box = overlay_box(driver, area, shots / "lesion-seg.png", 60, "the SEG over the image")
+    assert_on_the_lesion(box, room, area, placement)
 
 
 def test_the_parametric_map_is_a_heat_overlay_on_the_lesion(reading_room, shots):
@@ -390,16 +390,8 @@ def test_the_parametric_map_is_a_heat_overlay_on_the_lesion(reading_room, shots)
         open_study(driver, room, room.lesion.StudyInstanceUID, [made.PMAP_DESCRIPTION])
         area, placement = _image_area(driver, room.lesion)
         load_series(driver, made.PMAP_DESCRIPTION)
-
-        def overlay() -> tuple | None:
-            assert_no_refusal(driver)
-            hide_toasts(driver)
-            return coloured_box(screenshot(driver, shots / "lesion-pmap.png"), area)
-
-        box = wait_for(overlay, 90, "the parametric map drawn over the radiograph")
-    expected = _expected_lesion_box(room.lesion, placement)
-    tolerance = max(4.0, 0.01 * (area[2] - area[0]))
-    assert np.abs(np.array(box) - expected).max() <= tolerance, (box, expected)
+        box = overlay_box(driver, area, shots / "lesion-pmap.png", 90, "the map over the image")
+    assert_on_the_lesion(box, room, area, placement)
 
 
 def test_the_node_heatmaps_open_as_overlays(reading_room, shots):
@@ -411,19 +403,11 @@ def test_the_node_heatmaps_open_as_overlays(reading_room, shots):
         open_study(driver, room, source.StudyInstanceUID, [made.PMAP_DESCRIPTION])
         area, _ = _image_area(driver, source)
         load_series(driver, made.PMAP_DESCRIPTION)
-        wait_for(
-            lambda: coloured_box(screenshot(driver, shots / "analysed-pmap.png"), area),
-            90,
-            "the node's parametric map over the radiograph",
-        )
+        overlay_box(driver, area, shots / "analysed-pmap.png", 90, "the node's map")
         open_study(driver, room, source.StudyInstanceUID, [made.SEG_DESCRIPTION])
         load_series(driver, made.SEG_DESCRIPTION)
-        wait_for(lambda: _click_yes(driver), 60, "OHIF's offer to open the segmentation")
-        wait_for(
-            lambda: coloured_box(screenshot(driver, shots / "analysed-seg.png"), area),
-            60,
-            "the node's segmentation over the radiograph",
-        )
+        wait_for(lambda: _clicked(driver, "Yes"), 60, "OHIF's offer to open the segmentation")
+        overlay_box(driver, area, shots / "analysed-seg.png", 60, "the node's segmentation")
 
 
 def test_the_secondary_capture_opens_as_an_image_with_its_caption(reading_room, shots):

@@ -143,6 +143,13 @@ def test_a_port_in_use_is_a_clear_error(orthanc_with_a_study, tmp_path):
     assert "error: nginx exited at start-up" in output and "Address already in use" in output
 
 
+def test_a_pacs_address_that_is_not_a_url_is_refused_with_its_name(tmp_path):
+    process = _viewer_process(tmp_path / "home", "--pacs-url", "pacs.example:8042")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "viewer_pacs_url must be an http:// or https:// URL" in output
+
+
 def test_site_files_hold_what_an_image_serves(tmp_path):
     viewer_dist()
     process = _viewer_process(tmp_path / "home", "--site-files", str(tmp_path / "site"))
