@@ -36,7 +36,7 @@ from cxr_platform.model_version.predictor import Prediction
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs import results as made
 from cxr_platform.pacs.storage import encode_dataset
-from cxr_platform.pacs.viewer import ViewerServer, nginx_binary
+from cxr_platform.pacs.viewer import ViewerError, ViewerServer, nginx_binary
 from cxr_platform.ports import free_port
 from cxr_platform.sections import ViewerSection
 from cxr_platform_tests.browser import chromium, require_chromium, screenshot_folder, wait_for
@@ -94,7 +94,7 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
     require_chromium()
     try:
         nginx_binary()
-    except Exception as exc:  # noqa: BLE001 - the typed error says what to install
+    except ViewerError as exc:  # it says what to install
         pytest.skip(str(exc))
     dist = viewer_dist()
     base = tmp_path_factory.mktemp("reading-room")
