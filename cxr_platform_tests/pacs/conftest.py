@@ -3,8 +3,10 @@ radiograph DICOM files built from the synthetic generator, and the external DICO
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,6 +102,18 @@ def sr_comment(path: Path) -> str:
     texts = [str(elem.value) for elem in sr.iterall() if elem.keyword == "TextValue"]
     (comment,) = [text for text in texts if text.startswith("Not analysed by the AI: ")]
     return comment.removeprefix("Not analysed by the AI: ")
+
+
+def cxr_process(home: Path, command: str, *args: str) -> subprocess.Popen:
+    """``cxr COMMAND ARGS`` as an administrator runs it: its own process, CXR_HOME set, output
+    as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxr_platform.cli", command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "CXR_HOME": str(home)},
+    )
 
 
 def viewer_dist() -> Path:

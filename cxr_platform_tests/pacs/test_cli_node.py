@@ -13,21 +13,14 @@ import pytest
 
 from cxr_platform.ports import free_port
 
-from .conftest import VARIANTS, radiograph
+from .conftest import VARIANTS, cxr_process, radiograph
 from .scu import send
 
 pytestmark = pytest.mark.xdist_group("pacs")
 
 
 def _node_process(home, *args) -> subprocess.Popen:
-    env = {**os.environ, "CXR_HOME": str(home)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cxr_platform.cli", "dicom-node", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    return cxr_process(home, "dicom-node", *args)
 
 
 def test_the_node_command_receives_and_stops_cleanly(pacs_model, chest_pngs, tmp_path):

@@ -214,6 +214,22 @@ def wait_until_drawn(driver, words: str, what: str) -> None:
         wait_for(lambda: words in drawn_text(driver), 30, f"{what} ({words!r})")
 
 
+def open_report(driver, description: str, words: str, what: str, picture: Path) -> str:
+    """Open the report listed as ``description``, wait until ``words`` are drawn (a screenshot
+    either way), and return all the words drawn over the image; OHIF refused nothing."""
+    load_series(driver, description)
+    try:
+        wait_until_drawn(driver, words, what)
+    finally:
+        screenshot(driver, picture)
+    assert_no_refusal(driver)
+    return drawn_text(driver)
+
+
+def comments_of(sr: pydicom.Dataset) -> list[str]:
+    return [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+
+
 def toasts(driver) -> list[str]:
     """OHIF's notifications (sonner toasts) now on the page."""
     return driver.execute_script(
@@ -322,7 +338,8 @@ def test_the_report_is_listed_and_readable_beside_the_image(reading_room, pacs_m
     room = reading_room
     study = room.analysed.StudyInstanceUID
     sr = room.sr_of(study)
-    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    texts = comments_of(sr)
+    finding = next(t for t in texts if t.startswith("AI: pneumonia "))
     series = [
         made.SR_DESCRIPTION,
         made.SEG_DESCRIPTION,
@@ -332,14 +349,13 @@ def test_the_report_is_listed_and_readable_beside_the_image(reading_room, pacs_m
     with chromium(1600, 1000) as driver:
         open_study(driver, room, study, series)
         screenshot(driver, shots / "analysed-study.png")
-        load_series(driver, made.SR_DESCRIPTION)
-        finding = next(t for t in texts if t.startswith("AI: pneumonia "))
-        try:
-            wait_until_drawn(driver, finding, "the report's finding in OHIF")
-        finally:
-            screenshot(driver, shots / "analysed-report.png")
-        shown = drawn_text(driver)
-        assert_no_refusal(driver)
+        shown = open_report(
+            driver,
+            made.SR_DESCRIPTION,
+            finding,
+            "the report's finding in OHIF",
+            shots / "analysed-report.png",
+        )
     # Finding, probability and operating point, model and version: as the node wrote them.
     assert finding in ("AI: pneumonia present", "AI: pneumonia absent")
     (point,) = [t for t in texts if t.startswith("probability ")]
@@ -436,21 +452,17 @@ def test_a_refused_study_shows_the_not_analysed_report_and_nothing_else(reading_
     room = reading_room
     study = room.refused.StudyInstanceUID
     sr = room.sr_of(study)
-    (why,) = [
-        str(e.value)
-        for e in sr.iterall()
-        if e.keyword == "TextValue" and str(e.value).startswith("Not analysed by the AI: ")
-    ]
+    (why,) = [t for t in comments_of(sr) if t.startswith("Not analysed by the AI: ")]
     with chromium(1600, 1000) as driver:
         open_study(driver, room, study, [made.NOT_ANALYSED_SR_DESCRIPTION])
         listed = page_text(driver)
-        load_series(driver, made.NOT_ANALYSED_SR_DESCRIPTION)
-        try:
-            wait_until_drawn(driver, why, "the reason the AI did not analyse it")
-        finally:
-            screenshot(driver, shots / "refused-report.png")
-        shown = drawn_text(driver)
-        assert_no_refusal(driver)
+        shown = open_report(
+            driver,
+            made.NOT_ANALYSED_SR_DESCRIPTION,
+            why,
+            "the reason the AI did not analyse it",
+            shots / "refused-report.png",
+        )
     for description in (made.SEG_DESCRIPTION, made.PMAP_DESCRIPTION, made.SC_DESCRIPTION):
         assert description not in listed
     assert made.SR_DESCRIPTION not in listed

@@ -3,12 +3,10 @@ tampered viewer package out (the browser test, test_viewer.py, shows what it ser
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from cxr_platform.pacs.viewer import (
 from cxr_platform.ports import free_port
 from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 
-from .conftest import VARIANTS, radiograph, viewer_dist
+from .conftest import VARIANTS, cxr_process, radiograph, viewer_dist
 
 pytestmark = pytest.mark.xdist_group("pacs")
 
@@ -80,15 +78,8 @@ def orthanc_with_a_study(tmp_path_factory, chest_pngs):
     orthanc.stop()
 
 
-def _viewer_process(home: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "CXR_HOME": str(home)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cxr_platform.cli", "viewer", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+def _viewer_process(home, *args) -> subprocess.Popen:
+    return cxr_process(home, "viewer", *args)
 
 
 def _lines_until(process: subprocess.Popen, prefix: str, timeout_s: float = 120) -> list[str]:
