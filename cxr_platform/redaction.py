@@ -29,10 +29,19 @@ _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
 UID_TAG_LENGTH = 16
 
 
+MIN_SALT_CHARACTERS = 32
+
+
 def uid_salt(home: Path, configured: str | None = None) -> bytes:
-    """The deployment's secret salt: configured, or created once under the home (mode 0600)."""
+    """The deployment's secret salt: configured (``CXR_UID_SALT``, the same on every replica),
+    or created once under the home (mode 0600), which suits one host with one home."""
     if configured:
-        return configured.encode()
+        if len(configured.strip()) < MIN_SALT_CHARACTERS:
+            raise ValueError(
+                f"CXR_UID_SALT must be at least {MIN_SALT_CHARACTERS} characters (a short key "
+                "makes the hashed UIDs guessable); make one with: openssl rand -hex 32"
+            )
+        return configured.strip().encode()
     path = home / "uid_salt"
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)

@@ -399,6 +399,13 @@ class RegistrySection(TrackedSection):
 @dataclass(frozen=True)
 class _Logged(HomeLayout):
     inference_log_url: str | None = _inference_log_url()
+    uid_salt: str | None = setting(
+        None,
+        doc="The key that hashes study and instance UIDs in the inference log and in log lines "
+        "(at least 32 characters). Set the same one on every replica and process that writes "
+        "the log, or they hash one study differently; unset, each home makes its own.",
+        secret=True,
+    )
 
     @property
     def inference_log_uri(self) -> str:

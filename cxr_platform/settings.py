@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, SecretStr, ValidationInfo, create_model, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from cxr_platform.sections import (
     SECTIONS,
@@ -98,6 +105,35 @@ SECRET_SETTINGS = frozenset(
 )
 
 
+FILE_SUFFIX = "_FILE"
+# What example files and tutorials write where a secret goes: a deployment that still holds
+# one has a credential anybody can guess, so it does not start.
+_PLACEHOLDER = re.compile(r"change[-_ ]?me|replace[-_ ]?me", re.IGNORECASE)
+
+
+class SecretFiles(PydanticBaseSettingsSource):
+    """``CXR_<SECRET>_FILE`` names a file that holds the secret (a Docker or Kubernetes secret
+    mount), so the value need not sit in the environment or on a command line."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads every secret at once
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name in sorted(SECRET_SETTINGS):
+            variable = env_name(name) + FILE_SUFFIX
+            path = os.environ.get(variable, "").strip()
+            if not path:
+                continue
+            if os.environ.get(env_name(name), "").strip():
+                raise SettingsError(f"set {env_name(name)} or {variable}, not both")
+            try:
+                found[name] = Path(path).read_text().strip()
+            except OSError as exc:
+                raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from exc
+        return found
+
+
 class _SettingsBase(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -112,11 +148,28 @@ class _SettingsBase(BaseSettings):
     @classmethod
     def _parse(cls, value: object, info: ValidationInfo) -> object:
         annotation = _FIELDS[info.field_name][0]
-        if annotation == SecretStr | None and isinstance(value, str) and not value.strip():
-            return None  # CXR_SERVICE_API_KEY= (set but empty) must not demand an empty key
+        if annotation == SecretStr | None and isinstance(value, str):
+            if not value.strip():
+                return None  # CXR_SERVICE_API_KEY= (set but empty) must not demand an empty key
+            if any(_PLACEHOLDER.search(part) for part in re.split(r"[,=\s]+", value) if part):
+                raise ValueError(
+                    f"{env_name(info.field_name)} holds a placeholder, not a secret: generate "
+                    "one (openssl rand -hex 32) and set it"
+                )
         if typing.get_origin(annotation) is Annotated and isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, SecretFiles(settings_cls), dotenv_settings)
 
     @field_validator("*", mode="after")
     @classmethod

@@ -30,6 +30,8 @@ from cxr_platform.settings import (
     settings_fields,
 )
 
+from .conftest import REPO_ROOT
+
 # Values the platform reads beyond its own checks: an architecture the zoo knows, a cron Dagster
 # accepts, result kinds the node makes.
 SPECIAL_VALUES: dict[str, object] = {
@@ -317,3 +319,57 @@ def test_cxr_config_masks_a_password_a_url_carries_and_dagster_needs_psycopg2(tm
     assert refused.returncode == 2
     assert "must name the psycopg2 driver" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_one_salt_setting_hashes_a_study_alike_in_every_home(tmp_path, monkeypatch):
+    """Replicas each have their own home (an emptyDir): with CXR_UID_SALT set alike they hash a
+    study alike, so feedback, recalibration and the silent trial group it as one study."""
+    from cxr_platform.redaction import hash_uid, uid_salt
+
+    study = "1.2.826.0.1.3680043.8.498.1"
+    salt = "0f" * 20
+    first = load_settings(home=tmp_path / "a", uid_salt=salt).serving
+    second = load_settings(home=tmp_path / "b", uid_salt=salt).dicom
+    assert hash_uid(study, uid_salt(first.home, first.uid_salt)) == hash_uid(
+        study, uid_salt(second.home, second.uid_salt)
+    )
+    # Unset, each home makes its own: the failure the setting exists for.
+    alone = [load_settings(home=tmp_path / name).serving for name in ("c", "d")]
+    assert len({hash_uid(study, uid_salt(s.home, s.uid_salt)) for s in alone}) == 2
+    with pytest.raises(ValueError, match="at least 32"):
+        uid_salt(tmp_path, "short")
+    # From a file (a mounted secret), never both ways at once.
+    secret = tmp_path / "uid_salt"
+    secret.write_text(salt + "\n")
+    monkeypatch.setenv("CXR_UID_SALT_FILE", str(secret))
+    assert load_settings(home=tmp_path / "e").monitoring.uid_salt == salt
+    monkeypatch.setenv("CXR_UID_SALT", salt)
+    with pytest.raises(Exception, match="not both"):
+        load_settings(home=tmp_path / "e")
+
+
+def test_every_writer_of_the_log_reads_the_salt_setting():
+    """Every place that makes the salt passes the configured one along with the home."""
+    import re
+
+    calls = []
+    for path in (REPO_ROOT / "cxr_platform").rglob("*.py"):
+        calls += re.findall(r"\buid_salt\(([^()]*(?:\([^()]*\))?[^()]*)\)", path.read_text())
+    made = [call for call in calls if not call.startswith("home")]  # the definition
+    assert len(made) >= 5
+    assert all(call.count(",") == 1 and "uid_salt" in call for call in made), made
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CXR_SERVICE_API_KEY", "change-me"),
+        ("CXR_DICOM_WEB_KEYS", "ORTHANC=CHANGE_ME"),
+        ("CXR_DICOM_DESTINATION_DICOMWEB_AUTH", "Bearer replace-me"),
+    ],
+)
+def test_a_placeholder_secret_is_refused_by_name(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(Exception, match=f"{variable} holds a placeholder") as refused:
+        load_settings()
+    assert value not in str(refused.value)

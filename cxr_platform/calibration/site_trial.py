@@ -106,7 +106,7 @@ def opened_trial(
             site=site,
             predictor=predictor,
             log=log,
-            uid_salt=uid_salt(section.home),
+            uid_salt=uid_salt(section.home, section.uid_salt),
             folder=trials_root(section) / site_folder_name(site) / f"v{version}",
             max_pixels=section.max_image_pixels,
             retained=RetainedInputs(section.retained_dir, section.retained_budget),

@@ -144,6 +144,23 @@ def dicom_node(
     click.echo(f"stopped: {node.counters}")
 
 
+@cli.command("dicom-echo")
+@click.option("--host", default=None, help="Where the node runs (default: this machine).")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds per network step.")
+@click.pass_context
+@fail_cleanly
+def dicom_echo(ctx: click.Context, host: str | None, timeout: float) -> None:
+    """C-ECHO the DICOM node these settings describe (its health probe); exit 1 when it fails."""
+    from cxr_platform.pacs.probe import echo_node
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the probe's answer says why
+    answer = echo_node(settings_for(ctx).dicom, host=host, timeout=timeout)
+    if not answer.ok:
+        click.echo(f"error: {answer.detail}", err=True)
+        ctx.exit(1)
+    click.echo(answer.detail)
+
+
 @cli.command("dicom-status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable counts.")
 @click.pass_context

@@ -105,7 +105,7 @@ def predict(
     options = {
         "batch_size": batch_size,
         "log": log,
-        "uid_salt": uid_salt(settings.home),
+        "uid_salt": uid_salt(settings.serving.home, settings.serving.uid_salt),
         "site": site,
         "ages": ages,
         "progress": interactive() and len(files) > 1,

@@ -59,7 +59,7 @@ def batch_predictions(
                 files,
                 handle,
                 log=log,
-                uid_salt=uid_salt(settings.home),
+                uid_salt=uid_salt(settings.serving.home, settings.serving.uid_salt),
                 site=site_name(config.site),
                 ages=read_ages_csv(Path(config.ages_csv)) if config.ages_csv else None,
             )

@@ -41,6 +41,8 @@ def training_pod_spec(settings: CxrSettings) -> dict[str, Any]:
     resources: dict[str, Any] = {"requests": {"cpu": "4", "memory": "16Gi"}}
     spec: dict[str, Any] = {
         "restart_policy": "Never",
+        # The image's user, with the shared home writable to its group.
+        "security_context": {"run_as_non_root": True, "run_as_user": 10001, "fs_group": 10001},
         "containers": [
             {
                 "env_from": [

@@ -67,7 +67,7 @@ def build_node(
     processor = InstanceProcessor(
         models,
         InferenceLog(dicom.inference_log_uri),
-        uid_salt=uid_salt(dicom.home),
+        uid_salt=uid_salt(dicom.home, dicom.uid_salt),
         model_folder=registry.download,
         config=ProcessorConfig(
             results=tuple(dicom.dicom_results),

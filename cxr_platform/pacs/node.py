@@ -48,6 +48,7 @@ from cxr_platform.pacs.screening import screen
 from cxr_platform.pacs.sender import Destination, DicomWebDestination, ResultSender
 from cxr_platform.pacs.statuses import (
     STATUS_CANNOT_UNDERSTAND,
+    STATUS_NOT_AUTHORIZED,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
 )
@@ -219,7 +220,10 @@ class DicomNode:
         # per-PDU overhead of receiving one (Orthanc's MaximumPduLength goes up to 128 KiB).
         ae.maximum_pdu_size = MAX_PDU_BYTES
         if self.config.allowed_calling_aets:
-            ae.require_calling_aet = list(self.config.allowed_calling_aets)
+            # The node's own title may call too, for Verification only (_on_store refuses its
+            # stores): that is how its health probe (`cxr dicom-echo`) passes the allow-list
+            # without borrowing a PACS's title.
+            ae.require_calling_aet = [*self.config.allowed_calling_aets, self.config.ae_title]
         ae.add_supported_context(Verification)
         # Every storage SOP class, so a router that forwards a whole study gets success for the
         # objects the node ignores (with a logged reason) instead of failed sub-operations.
@@ -236,6 +240,13 @@ class DicomNode:
 
     def _on_store(self, event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip() or None
+        if (
+            self.config.allowed_calling_aets
+            and calling == self.config.ae_title.strip()
+            and calling not in self.config.allowed_calling_aets
+        ):
+            log.warning("C-STORE under the node's own AE title refused (Verification only)")
+            return STATUS_NOT_AUTHORIZED
         try:
             dataset = event.dataset  # decoded here; its elements are checked by accept_instance
         except Exception as exc:

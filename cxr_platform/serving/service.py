@@ -177,7 +177,7 @@ class CxrService:
             on_batch=lambda size: batch_sizes.observe(size),
         )
         self.inference_log = InferenceLog(serving.inference_log_uri)
-        self.salt = uid_salt(serving.home)
+        self.salt = uid_salt(serving.home, serving.uid_salt)
         self.retained = (
             RetainedInputs(
                 serving.retained_dir,

@@ -175,6 +175,11 @@ def test_the_kubernetes_training_pod_is_a_valid_pod(tmp_path):
     (container,) = manifest["spec"]["containers"]
     assert container["command"] == ["cxr", "train", "--arch", "resnet18", "--nproc-per-node", "4"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert manifest["spec"]["securityContext"] == {
+        "fsGroup": 10001,
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+    }  # the image's user can write the shared home
     assert {"name": "CXR_TRAINING_NPROC_PER_NODE", "value": "4"} in container["env"]
     assert manifest["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "cxr-home"
     path = tmp_path / "pod.yaml"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -108,30 +109,87 @@ def test_every_platform_variable_they_set_is_a_real_setting():
             assert variable in SETTINGS, f"{name} sets {variable}, which no setting reads"
 
 
-def _without_substitutions(text: str) -> str:
-    return re.sub(r"\$\{[^}]*\}", "", text)
+_SUBSTITUTION = re.compile(r"\$\$|\$\{([A-Za-z0-9_]+)(?:(:?[-?])([^}]*))?\}")
 
 
-def test_no_secret_is_written_in_the_deployment_files():
-    compose = yaml.safe_load(COMPOSE.read_text())
-    for name, service in compose["services"].items():
-        values = {**service.get("environment", {})}
-        values.update({f"command[{i}]": v for i, v in enumerate(service.get("command", []))})
-        for key, value in values.items():
-            literal = _without_substitutions(str(value))
-            if any(word in key for word in ("PASSWORD", "SECRET", "_KEY")):
-                assert not literal.strip(), f"{name}: {key} is written, not substituted"
-            assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", literal), f"{name}: {key}"
-    assert "change-me" not in _without_substitutions(str(compose))  # comments may say it
-    # Everything compose needs from .env has a placeholder in the example.
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """What compose makes of a value: ${VAR}, ${VAR:-default}, ${VAR:?error} and $$."""
+
+    def value(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, argument = match.groups()
+        found = env.get(name)
+        if operator in (":?", "?") and not found:
+            raise LookupError(f"{name}: {argument}")
+        if operator in (":-", "-") and not found:
+            return argument
+        return found or ""
+
+    return _SUBSTITUTION.sub(value, text)
+
+
+def _example_environment() -> dict[str, str]:
     example = (DEPLOY / ".env.example").read_text()
-    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text()))
-    assert required
-    for variable in required:
-        assert re.search(rf"^{variable}=", example, re.MULTILINE), variable
+    return dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", example, re.MULTILINE))
+
+
+SECRET_NAMES = ("PASSWORD", "SECRET", "_KEY", "SALT")
+
+
+def is_secret(name: str) -> bool:
+    # An S3 access key names the account, like a user name; its secret key is the secret.
+    return any(word in name for word in SECRET_NAMES) and "ACCESS_KEY" not in name
+
+
+def test_secrets_never_reach_a_command_line_once_compose_fills_them_in():
+    """Every secret, given a distinctive value, appears only in environments (which each
+    process reads itself), never in an entrypoint, a command or a health check: those show in
+    `ps` and `docker inspect`."""
+    example = _example_environment()
+    secrets = {name for name in example if is_secret(name)}
+    assert {"POSTGRES_PASSWORD", "CXR_SERVICE_API_KEY", "CXR_UID_SALT"} <= secrets
+    env = {**example, **{name: f"sentinel-{name.lower()}-7f3a" for name in secrets}}
+    compose = yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+    for name, service in compose["services"].items():
+        shown = [service.get("entrypoint"), service.get("command")]
+        shown.append((service.get("healthcheck") or {}).get("test"))
+        text = json.dumps(shown)
+        for secret in secrets:
+            assert env[secret] not in text, f"{name}: {secret} is on a command line"
+        assert not re.search(r"://[^/\s:@\"]+:[^/\s@\"]+@", text), f"{name}: a URL holds a password"
+        for key, value in (service.get("environment") or {}).items():
+            if is_secret(key):
+                literal = str(value)
+                assert literal in env.values() or not literal, f"{name}: {key} is written"
+    assert "change-me" not in COMPOSE.read_text()
+
+
+def test_nothing_shipped_holds_a_usable_credential():
+    """The example leaves every secret empty and compose refuses to start until each is set;
+    Orthanc's configuration reads its secrets from the environment."""
+    example = _example_environment()
+    secrets = [name for name in example if is_secret(name)]
+    assert secrets and all(example[name] == "" for name in secrets)
+    text = COMPOSE.read_text()
+    for name in secrets:
+        assert re.search(rf"\$\{{{name}:\?", text), f"compose starts without {name}"
+    with pytest.raises(LookupError, match="POSTGRES_PASSWORD"):
+        interpolate(text, example)
+    orthanc = (DEPLOY / "orthanc" / "orthanc.json").read_text()
+    assert "change-me" not in orthanc and "${ORTHANC_ADMIN_PASSWORD}" in orthanc
     for manifest in MANIFESTS:
         for document in yaml.safe_load_all(manifest.read_text()):
             assert document["kind"] != "Secret", f"{manifest.name} writes a Secret"
+            # $(VAR) in a container's command or args is expanded onto the command line.
+            for container in _containers(document):
+                line = json.dumps([container.get("command"), container.get("args")])
+                assert "$(" not in line, f"{manifest.name}: {container['name']}"
+
+
+def _containers(document: dict) -> list[dict]:
+    template = document.get("spec", {}).get("template", {})
+    return list(template.get("spec", {}).get("containers", []))
 
 
 def test_the_kubernetes_manifests_validate_against_a_current_api(tmp_path):
@@ -182,14 +240,18 @@ def test_the_service_the_node_and_mlflow_are_deployed_as_each_needs():
     assert documents[("Service", "mlflow")]["spec"]["ports"][0]["port"] == 5000
 
 
-def test_the_dagster_helm_values_launch_runs_on_gpu_nodes_with_shared_postgres():
+def test_the_dagster_helm_values_run_on_ordinary_nodes_and_train_in_gpu_pods():
+    """A run orchestrates: it holds no GPU, and training leaves it for a pod of its own (the
+    launcher the ConfigMap names), which asks the GPU pool for what it needs."""
     values = yaml.safe_load(HELM_VALUES.read_text())
     launcher = values["runLauncher"]
     assert launcher["type"] == "K8sRunLauncher"
-    pod = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["podSpecConfig"]
-    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    limits = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]
-    assert limits["resources"]["limits"]["nvidia.com/gpu"] == 1
+    run = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]
+    assert "gpu" not in yaml.safe_dump(run).lower()
+    assert run["podSpecConfig"]["securityContext"]["fsGroup"] == 10001
+    config = _documents()[("ConfigMap", "cxr-platform-config")]["data"]
+    assert config["CXR_TRAINING_LAUNCHER"] == "kubernetes"
+    assert {"name": "cxr-platform-config"} in launcher["config"]["k8sRunLauncher"]["envConfigMaps"]
     assert values["postgresql"]["enabled"] is False
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     args = deployment["dagsterApiGrpcArgs"]

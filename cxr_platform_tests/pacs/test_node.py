@@ -56,6 +56,26 @@ def test_echo_and_the_calling_ae_allow_list(node_factory):
     assert not refused.established and refused.rejected
 
 
+def test_the_health_probe_passes_the_allow_list_under_the_nodes_own_title_for_echo_only(
+    node_factory, chest_pngs
+):
+    """`cxr dicom-echo` (compose's healthcheck, Kubernetes' liveness probe) calls under the
+    node's own AE title: answered for Verification, refused for storage, while a stranger is
+    still rejected and the probe fails once the node is gone."""
+    from cxr_platform.pacs.probe import echo_node
+
+    node = node_factory(dicom_allowed_aets=("ORTHANC",))
+    node.start()
+    section = replace(node_factory.settings.dicom, dicom_port=node.port, dicom_host="0.0.0.0")
+    assert echo_node(section).ok
+    own = send(node.port, [radiograph(chest_pngs[0], VARIANTS["cr-mono2-12bit"])], calling="CXR_AI")
+    assert own.statuses == [0x0124] and node.storage.spooled() == []
+    assert not send(node.port, [], calling="MODALITY").established
+    node.stop()
+    stopped = echo_node(section, timeout=2)
+    assert not stopped.ok and "not listening" in stopped.detail
+
+
 def test_an_association_to_another_called_ae_title_is_refused(node_factory):
     """A misrouted modality finds out at once instead of having its images classified here."""
     node = node_factory()

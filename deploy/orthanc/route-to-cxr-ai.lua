@@ -1,9 +1,9 @@
 -- Route chest radiographs to the cxr_platform DICOM node, and never route its results back.
 --
--- Orthanc calls OnStoredInstance for every instance it stores. Only CR and DX images (the SOP
--- classes the node classifies) are forwarded; the node's own results (SR, SEG, parametric map,
--- secondary capture, sent by the AE title below with Manufacturer "cxr_platform") are never
--- forwarded, so a result can never loop back into the AI. The node ignores non-chest and
+-- Orthanc calls OnStoredInstance for every instance it stores. Only CR, DX and secondary
+-- capture images (the SOP classes the node classifies) are forwarded; the node's own results (SR,
+-- SEG, parametric map, secondary capture, sent by the AE title below with Manufacturer
+-- "cxr_platform") are never forwarded, so a result can never loop back into the AI. The node ignores non-chest and
 -- lateral images itself, with a logged reason, so the PACS side stays simple.
 --
 -- Keep AI_MODALITY equal to the node's name under "DicomModalities" and AI_AET to its AE title.
@@ -16,6 +16,11 @@ local ROUTED_SOP_CLASSES = {
   ['1.2.840.10008.5.1.4.1.1.1'] = true,      -- Computed Radiography Image Storage
   ['1.2.840.10008.5.1.4.1.1.1.1'] = true,    -- Digital X-Ray Image Storage - For Presentation
   ['1.2.840.10008.5.1.4.1.1.1.1.1'] = true,  -- Digital X-Ray Image Storage - For Processing
+  -- Film digitisers and some archives store chest radiographs as Secondary Capture; the node
+  -- judges those by their pixels (its input gate) and ignores what is not a chest radiograph.
+  ['1.2.840.10008.5.1.4.1.1.7'] = true,      -- Secondary Capture Image Storage
+  ['1.2.840.10008.5.1.4.1.1.7.2'] = true,    -- Multi-frame Grayscale Byte Secondary Capture
+  ['1.2.840.10008.5.1.4.1.1.7.3'] = true,    -- Multi-frame Grayscale Word Secondary Capture
 }
 
 function OnStoredInstance(instanceId, tags, metadata, origin)
