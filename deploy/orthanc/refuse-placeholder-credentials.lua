@@ -2,13 +2,19 @@
 --
 -- orthanc.json reads its secrets from the environment (${ORTHANC_ADMIN_PASSWORD},
 -- ${ORTHANC_CXR_AI_KEY}); Orthanc puts an empty string where a variable is unset, which would
--- leave an account anyone can use. List this script first under "LuaScripts".
+-- leave an account anyone can use. An empty key for the node's DICOMweb server is no credential
+-- at all (the node refuses it), so only a placeholder there stops Orthanc. List this script
+-- first under "LuaScripts".
 
-local function isPlaceholder(value)
+local function credential(value)
   local text = string.lower(value or '')
   text = string.gsub(text, '^%s*bearer%s*', '')
-  text = string.gsub(text, '^%s*basic%s*', '')
-  return text == '' or string.find(text, 'change.?me') ~= nil
+  return string.gsub(text, '^%s*basic%s*', '')
+end
+
+local function isPlaceholder(value)
+  local text = credential(value)
+  return string.find(text, 'change.?me') ~= nil or string.find(text, 'replace.?me') ~= nil
 end
 
 function Initialize()
@@ -16,7 +22,7 @@ function Initialize()
   local refused = {}
   if config['AuthenticationEnabled'] ~= false then
     for user, password in pairs(config['RegisteredUsers'] or {}) do
-      if isPlaceholder(password) then
+      if credential(password) == '' or isPlaceholder(password) then
         table.insert(refused, 'RegisteredUsers/' .. user)
       end
     end
