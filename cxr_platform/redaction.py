@@ -2,15 +2,25 @@
 
 Identifiers are kept only as a keyed hash (:func:`hash_uid`, with the deployment's salt from
 :func:`uid_salt`): the inference log stores it, and log lines name instances by its first
-characters.
+characters (:func:`uid_tag`).
 
-Our own log lines name instances by a keyed hash (:func:`uid_tag`), never by UID or header
-value. Libraries are less careful: pydicom's validation warnings and highdicom's person-name
-warnings quote the offending value (``Invalid value for VR AS: '62'``, ``The string "<name>" is
-unlikely to represent the intended person name``). :func:`withhold_logged_values` routes Python
-warnings into logging and puts a filter on every root handler that replaces quoted text in
-records from other libraries with a placeholder, so the message keeps its meaning (which check
-failed, on which VR) without the value.
+What we do not write ourselves still reaches logs: pydicom's validation warnings and
+highdicom's person-name warnings quote the offending value (``Invalid value for VR AS: '62'``),
+an exception's text quotes what it failed on, and a traceback repeats it.
+:func:`withhold_logged_values` installs, once per process, a log record factory that every
+record of every logger passes through as it is made, whatever handlers the process configured
+(the CLI's, BentoML's, Dagster's):
+
+- text in quotes, in another library's message or in any exception text (our messages' own
+  arguments included), becomes a placeholder, so the line keeps its meaning (which check
+  failed, on which VR) without the value;
+- anything shaped like a DICOM UID, except the standard's own (``1.2.840.10008.*``: SOP classes,
+  transfer syntaxes), is withheld;
+- the traceback is rendered then, redacted, and the raw exception dropped from the record, so
+  no handler can render it again.
+
+Every process that handles images installs it: the ``cxr`` command (node, sender, batch
+scoring, silent trial), the HTTP service's module and the Dagster code location.
 """
 
 from __future__ import annotations
@@ -21,11 +31,19 @@ import logging
 import os
 import re
 import secrets
+import traceback
 from pathlib import Path
 
 WITHHELD = "<value withheld>"
+UID_WITHHELD = "<uid withheld>"
 # A quoted span: '...' or "..." (non-greedy, on one line). Library messages quote values this way.
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+# A UID: a root of 0, 1 or 2 and at least four more numeric components, standing alone (IP
+# addresses and version numbers have fewer, or do not start that way).
+_UID = re.compile(r"(?<![\w.])[0-2](?:\.\d+){4,}(?!\w)(?!\.\d)")
+STANDARD_UID_ROOT = "1.2.840.10008."
+_FRAME = re.compile(r'^\s*File "[^"\n]*", line \d+, in \S+$')
+REDACTING = "_cxr_redacting"
 UID_TAG_LENGTH = 16
 
 
@@ -67,6 +85,15 @@ def withhold_values(text: str) -> str:
     return _QUOTED.sub(WITHHELD, text)
 
 
+def withhold_uids(text: str) -> str:
+    return _UID.sub(lambda m: m[0] if m[0].startswith(STANDARD_UID_ROOT) else UID_WITHHELD, text)
+
+
+def redact(text: str) -> str:
+    """Quoted values and UIDs withheld: what any exception or library text becomes in a log."""
+    return withhold_uids(withhold_values(text))
+
+
 def uid_tag(uid: object, salt: bytes) -> str:
     """How log lines name a DICOM instance or study: the first characters of the same keyed
     hash the inference log stores, so an operator can find its row without the UID itself."""
@@ -74,25 +101,52 @@ def uid_tag(uid: object, salt: bytes) -> str:
     return f"uid:{hashed[:UID_TAG_LENGTH]}" if hashed else "uid:none"
 
 
-class WithholdHeaderValues(logging.Filter):
-    """Rewrites records from loggers outside ``cxr_platform`` (including ``py.warnings``)."""
+def _redact_record(record: logging.LogRecord) -> None:
+    if record.name is None:
+        # logging.makeLogRecord's blank, filled in afterwards from a record made (and so
+        # redacted) earlier, in this process or another.
+        return
+    own = record.name.startswith("cxr_platform")
+    if own and record.args:
+        # Our messages name instances by tag; values reach them through an exception's text.
+        arguments = record.args if isinstance(record.args, tuple) else (record.args,)
+        if any(isinstance(argument, BaseException) for argument in arguments):
+            record.args = tuple(
+                redact(str(a)) if isinstance(a, BaseException) else a for a in arguments
+            )
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed record: keep it, without arguments
+        message = str(record.msg)
+    record.msg = withhold_uids(message) if own else redact(message)
+    record.args = ()
+    if record.exc_info and record.exc_info[0] is not None:
+        rendered = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        # A frame's file and line are ours to read; everything else is redacted.
+        record.exc_text = "\n".join(
+            line if _FRAME.match(line) else redact(line) for line in rendered.split("\n")
+        )
+        record.exc_info = None
+    if record.stack_info:
+        record.stack_info = withhold_uids(record.stack_info)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("cxr_platform"):
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed library record: keep it, without arguments
-            message = str(record.msg)
-        record.msg, record.args = withhold_values(message), ()
-        return True
 
-
-def withhold_logged_values(root: logging.Logger | None = None) -> None:
-    """Install the filter on the root logger's handlers and send warnings through logging.
-    Idempotent; call once the process's logging is configured."""
+def withhold_logged_values() -> None:
+    """Every log record this process makes is redacted as it is made (see the module's text),
+    and Python warnings go through logging too. Idempotent."""
     logging.captureWarnings(True)
-    root = root or logging.getLogger()
-    for handler in root.handlers:
-        if not any(isinstance(f, WithholdHeaderValues) for f in handler.filters):
-            handler.addFilter(WithholdHeaderValues())
+    making = logging.getLogRecordFactory()
+    if getattr(making, REDACTING, False):
+        return
+
+    def redacted_record(*args, **kwargs) -> logging.LogRecord:
+        record = making(*args, **kwargs)
+        _redact_record(record)
+        return record
+
+    setattr(redacted_record, REDACTING, True)
+    logging.setLogRecordFactory(redacted_record)
+
+
+def redacting() -> bool:
+    return bool(getattr(logging.getLogRecordFactory(), REDACTING, False))

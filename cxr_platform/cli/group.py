@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from cxr_platform.errors import CxrError
+from cxr_platform.redaction import withhold_logged_values
 from cxr_platform.settings import CxrSettings, env_name, load_settings
 from cxr_platform.terminal import attached
 
@@ -66,6 +68,9 @@ def fail_cleanly(command):
         except ValidationError as exc:
             click.secho(f"error: {_settings_error(exc)}", fg="red", err=True)
             sys.exit(EXIT_USAGE)
+        except SettingsError as exc:  # a secret's file could not be read
+            click.secho(f"error: invalid settings: {exc}", fg="red", err=True)
+            sys.exit(EXIT_USAGE)
 
     return wrapper
 
@@ -85,6 +90,7 @@ def cli(ctx: click.Context, home: Path | None, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    withhold_logged_values()  # every command's log, the node's and the trial's included
     ctx.obj = {"home": home, "verbose": verbose}
     # Steps Dagster runs in this process have their stderr captured; bars still reach a person.
     ctx.with_resource(attached())

@@ -15,6 +15,7 @@ from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import build_training_definitions
 from cxr_platform.defs.trial_assets import build_trial_definitions
+from cxr_platform.redaction import withhold_logged_values
 from cxr_platform.settings import CxrSettings, load_settings
 
 DATA_JOB = "data_pipeline"
@@ -72,4 +73,6 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
     )
 
 
+# Run workers and the code server import this module: what their steps log is redacted as well.
+withhold_logged_values()
 defs = build_definitions()

@@ -54,7 +54,7 @@ from cxr_platform.pacs.statuses import (
 )
 from cxr_platform.pacs.storage import REFUSED, NodeStorage
 from cxr_platform.pacs.stow import StowServer, stow_app
-from cxr_platform.redaction import uid_tag, withhold_values
+from cxr_platform.redaction import redact, uid_tag
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class DicomNode:
         try:
             dataset = event.dataset  # decoded here; its elements are checked by accept_instance
         except Exception as exc:
-            log.error("C-STORE from %s: unreadable dataset: %s", calling, withhold_values(str(exc)))
+            log.error("C-STORE from %s: unreadable dataset: %s", calling, redact(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         return self.accept_instance(
             dataset,
@@ -275,7 +275,7 @@ class DicomNode:
         try:
             sop_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
         except Exception as exc:
-            log.error("%s from %s: unreadable dataset: %s", via, sender, withhold_values(str(exc)))
+            log.error("%s from %s: unreadable dataset: %s", via, sender, redact(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         self.counters.add("received")
         if not is_valid_uid(sop_uid):
@@ -324,7 +324,7 @@ class DicomNode:
         try:
             self.storage.spool(sop_uid, data, calling_ae_title=sender)
         except ValueError as exc:
-            log.error("%s from %s: %s", via, sender, withhold_values(str(exc)))
+            log.error("%s from %s: %s", via, sender, redact(str(exc)))
             return STATUS_CANNOT_UNDERSTAND
         except OSError as exc:
             log.error("%s from %s: cannot spool %s: %s", via, sender, tag, exc.strerror)
@@ -395,7 +395,7 @@ class DicomNode:
                 data, dataset, calling_ae_title=self.storage.calling_ae_title(sop_uid)
             )
         except ImageReadError as exc:
-            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {withhold_values(exc.detail)}")
+            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {redact(exc.detail)}")
             return 1
         except UnusableSourceError as exc:
             self._fail(path, sop_uid, study_uid, f"unusable header: {exc}")
@@ -406,7 +406,7 @@ class DicomNode:
             # The exception's text may quote header values: the log gets its type, a withheld
             # message and where it happened.
             where = "".join(traceback.format_tb(exc.__traceback__)[-3:])
-            reason = f"internal error: {type(exc).__name__}: {withhold_values(str(exc))}"
+            reason = f"internal error: {type(exc).__name__}: {redact(str(exc))}"
             log.error("processing %s failed: %s\n%s", self._tag(sop_uid), reason, where)
             self._fail(path, sop_uid, study_uid, reason)
             return 1

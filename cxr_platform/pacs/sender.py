@@ -37,7 +37,7 @@ from cxr_platform.pacs.compression import (
 from cxr_platform.pacs.statuses import STATUS_CANNOT_UNDERSTAND, STORED_STATUSES
 from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.pacs.stow import multipart_related
-from cxr_platform.redaction import uid_tag
+from cxr_platform.redaction import redact, uid_tag
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,12 @@ class ResultSender:
                 try:
                     status = assoc.send_c_store(self._as_accepted(path, accepted))
                 except Exception as exc:  # the file vanished, the link dropped mid-send, ...
-                    log.warning("C-STORE of %s failed: %s", path.name, exc)
+                    log.warning(
+                        "C-STORE of %s failed: %s: %s",
+                        self._tag(path),
+                        type(exc).__name__,
+                        redact(str(exc)),
+                    )
                     complete = False
                     report.retrying += 1
                     if not assoc.is_established:
@@ -247,26 +252,30 @@ class ResultSender:
                 assoc.release()
         return complete
 
+    def _tag(self, path: Path) -> str:
+        """How a log line names a result file: its file name is the result's SOP Instance UID."""
+        return uid_tag(path.stem, self.uid_salt)
+
     def _refused(self, path: Path, code: int, report: SendReport) -> None:
         """PACS said no to one result: retried a few times (a PACS being reconfigured), then
         kept aside for a person."""
         refusals = self._refusals.get(path, 0) + 1
         self._refusals[path] = refusals
         if refusals >= self.max_refusals:
-            kept = self.storage.reject_result(path)
+            self.storage.reject_result(path)
             self._refusals.pop(path, None)
             report.rejected += 1
             log.error(
-                "%s refused %s %d times (status 0x%04X); kept in %s",
+                "%s refused %s %d times (status 0x%04X); kept aside (`cxr dicom-status` lists "
+                "it, `cxr dicom-retry` sends it again)",
                 self.destination,
-                path.name,
+                self._tag(path),
                 refusals,
                 code,
-                kept,
             )
         else:
             report.retrying += 1
-            log.warning("%s refused %s (status 0x%04X)", self.destination, path.name, code)
+            log.warning("%s refused %s (status 0x%04X)", self.destination, self._tag(path), code)
 
     def _stow_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
         """One STOW-RS request for the study's results. HTTP has no transfer-syntax

@@ -51,7 +51,7 @@ from cxr_platform.inference.scoring import (
     score_and_log,
 )
 from cxr_platform.model_version.predictor import Prediction
-from cxr_platform.redaction import uid_salt
+from cxr_platform.redaction import uid_salt, withhold_logged_values
 from cxr_platform.serving import answers
 from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import (
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from cxr_platform.inference.explainer import Explainer
 
 log = logging.getLogger(__name__)
+withhold_logged_values()  # BentoML's workers import this module: their logs are redacted too
 settings = load_settings()
 serving = settings.serving
 # A Bento built by `cxr bento` names its bundled model in its build arguments (its environment
