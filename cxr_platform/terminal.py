@@ -15,6 +15,9 @@ from contextlib import contextmanager
 from typing import TextIO
 
 _attached: TextIO | None = None
+# Where a command's progress lines go when no terminal watches (CI logs, nohup, a pipe): the
+# stderr it started with, which Dagster's capture of a step's output does not take away.
+_lines: TextIO | None = None
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -42,10 +45,22 @@ def attached(stream: TextIO | None = None) -> Iterator[None]:
     files, so a step run by ``cxr demo`` at a terminal no longer sees one. A duplicate of the
     terminal's descriptor, taken before, still reaches the person watching.
     """
-    global _attached
+    global _attached, _lines
     stream = stream if stream is not None else sys.stderr
-    if _attached is not None or not interactive(stream):
+    if _attached is not None or _lines is not None:
         yield
+        return
+    if not interactive(stream):
+        try:
+            _lines = os.fdopen(os.dup(stream.fileno()), "w", buffering=1, encoding="utf-8")
+        except (AttributeError, OSError, ValueError):  # no descriptor behind it (a test's buffer)
+            yield
+            return
+        try:
+            yield
+        finally:
+            _lines.close()
+            _lines = None
         return
     duplicate = os.fdopen(os.dup(stream.fileno()), "w", buffering=1, encoding="utf-8")
     _attached = duplicate
@@ -54,6 +69,13 @@ def attached(stream: TextIO | None = None) -> Iterator[None]:
     finally:
         _attached = None
         duplicate.close()
+
+
+def progress_line(line: str) -> None:
+    """A finished step's line (an epoch), for a command whose output no terminal shows; with a
+    terminal, the bar's own line says it."""
+    if _lines is not None and _attached is None:
+        print(line, file=_lines, flush=True)
 
 
 def duration_text(seconds: float) -> str:

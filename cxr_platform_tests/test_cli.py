@@ -348,6 +348,31 @@ def test_simulate_drift_from_a_folder_too_small_for_n_says_so(tiny_synthetic, tm
     assert "5000 were asked for" in result.stderr
 
 
+EPOCH_LINE = re.compile(
+    r"baseline_cnn epoch (\d+)/(\d+) \(finetune\): train loss [\d.]+, val loss [\d.]+, "
+    r"val AUC [\d.]+.*; [\d.]+ img/s, \d+ s; (?:at most .+ left|last epoch)"
+)
+
+
+def test_demo_without_a_terminal_still_says_how_training_goes_one_line_per_epoch(
+    tiny_synthetic, tmp_path
+):
+    """CI logs and nohup: no bar, no carriage return, but each epoch's line as it finishes."""
+    env = {
+        "CXR_IMAGE_SIZE": "64",
+        "CXR_MODELS": "baseline_cnn",
+        "CXR_MIN_TEST_AUC": "0",
+        "CXR_MIN_TEST_SENSITIVITY": "0",
+        "CXR_MIN_TEST_SPECIFICITY": "0",
+    }
+    done = _cxr("demo", "--data", str(tiny_synthetic), "--no-loop", home=tmp_path / "h", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = EPOCH_LINE.findall(done.stderr)
+    assert epochs and epochs[0][0] == "1", done.stderr[-3000:]
+    assert [int(n) for n, _ in epochs] == list(range(1, len(epochs) + 1))  # each once, in order
+    assert "\r" not in done.stderr + done.stdout
+
+
 def test_demo_on_a_folder_shows_epoch_progress_on_the_terminal_and_in_the_run_log(
     tiny_synthetic, tmp_path
 ):

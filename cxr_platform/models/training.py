@@ -60,7 +60,7 @@ from cxr_platform.models.zoo import (
     backbone_parameters,
     build_model,
 )
-from cxr_platform.terminal import duration_text, progress_stream
+from cxr_platform.terminal import duration_text, progress_line, progress_stream
 
 # The recipe and checkpoint names callers have always imported from here.
 __all__ = [
@@ -567,6 +567,8 @@ def report_epoch(
     log.info(line)
     if progress:
         tqdm.write(line, file=progress_stream())
+    else:
+        progress_line(line)
     if on_epoch is not None:
         on_epoch(line)
     if metrics_sink is not None:
