@@ -113,14 +113,20 @@ def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "best validation AUC" in trained.stdout
     assert "schedule 2 full at 0.001" in trained.stdout  # a folder given: the full profile
-    # Piped, not a terminal: no bars, no carriage returns, no per-epoch chatter.
-    assert "\r" not in trained.stderr and "epoch 1/2" not in trained.stderr
+    # Piped, not a terminal: no bars, no carriage returns, one line per epoch (issue 44: a CI
+    # log or nohup.out said nothing for the whole of training).
+    assert "\r" not in trained.stderr and trained.stderr.count("epoch 1/2") == 1
 
     out = tmp_path / "metrics.json"
     evaluated = _cxr("evaluate", "--json", str(out), home=home, env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(out.read_text())
     assert {"auc", "accuracy", "sensitivity", "specificity", "threshold", "n_test"} <= set(metrics)
+    # The intervals the report has, as numbers around each figure.
+    for name in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+        low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+        assert low is None or low <= metrics[name] <= high, (name, metrics)
+    assert metrics["auc_ci_low"] is not None and metrics["interval_unit"] in ("image", "patient")
     (test_index,) = home.glob("cache/*/test-*.csv")
     manifest_test = pd.read_csv(test_index)
     assert metrics["n_test"] == len(manifest_test)

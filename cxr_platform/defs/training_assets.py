@@ -123,7 +123,7 @@ def _trained_model_metadata(settings: CxrSettings, ran: TrainingMessage) -> dict
             # Checkpoints are written once: later steps refuse a file that differs.
             "checkpoint_sha256": trained.checkpoint_sha256 or "",
             "config": dg.MetadataValue.json(ran.config.to_dict()),
-            "world_size": training.training_nproc_per_node,
+            "world_size": trained.world_size,
             "launcher": settings.dagster.training_launcher,
             "learning_curves": dg.MetadataValue.md(png_markdown(curves, "learning curves")),
         }

@@ -30,6 +30,7 @@ from cxr_platform.model_version.population_check import (
     standardisation,
     thresholded,
 )
+from cxr_platform.model_version.predictor import SYNTHETIC_DEMO_SET
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
 from cxr_platform.models.zoo import WithFeatures
@@ -270,7 +271,7 @@ def intended_use_for(
         training_source={
             **measured.source(),
             "dataset": documented.name if documented else None,
-            "data_folder": Path(data_dir).name if data_dir else "synthetic demo set",
+            "data_folder": Path(data_dir).name if data_dir else SYNTHETIC_DEMO_SET,
         },
     )
     declared = registry.declared_age_range

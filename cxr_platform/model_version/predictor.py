@@ -7,7 +7,7 @@ ONNX Runtime -> Platt calibration -> the model's own threshold.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,13 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SYNTHETIC_DEMO_SET = "synthetic demo set"  # the training folder an intended use names for it
+SYNTHETIC_ONLY = (
+    "this model version was trained on the synthetic demo images only and knows no real "
+    "radiograph; train one on real data (the README's 'A real model')"
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,18 @@ class Predictor:
         model input. Versions exported without a gate accept everything."""
         if self.gate is None:
             return ACCEPTED_WITHOUT_GATE
-        return self.gate.judge(original, square)
+        verdict = self.gate.judge(original, square)
+        if not verdict.accepted and self.trained_on_synthetic_images:
+            # A newcomer's first real radiograph meets the demo's model: say why it is refused.
+            verdict = replace(verdict, detail=f"{verdict.detail}; {SYNTHETIC_ONLY}")
+        return verdict
+
+    @property
+    def trained_on_synthetic_images(self) -> bool:
+        """The version was trained on the synthetic demo set (`cxr demo` without --data)."""
+        if self.intended_use is None:
+            return False
+        return self.intended_use.training_source.get("data_folder") == SYNTHETIC_DEMO_SET
 
     def judge_age(self, reading: AgeReading) -> GateVerdict | None:
         """The refusal for a stated age outside this version's intended use; None otherwise

@@ -81,6 +81,7 @@ class TrainedModel:
     schedule: str = ""  # the phases as run (the scratch schedule can differ from the config)
     # Taken when training wrote it; every later step checks the file against it.
     checkpoint_sha256: str | None = None
+    world_size: int = 1  # the processes that trained it, as they ran (not as configured)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -184,7 +185,15 @@ def train_tracked(
         run.finish("FAILED")
         raise
     return _finish_training(
-        training, run, config, result, out_dir, preprocessing, profile, manifest_hash
+        training,
+        run,
+        config,
+        result,
+        out_dir,
+        preprocessing,
+        profile,
+        manifest_hash,
+        world_size=ranks.world_size,
     )
 
 
@@ -360,6 +369,7 @@ def _finish_training(
     preprocessing: PreprocessingConfig,
     profile: str,
     manifest_hash: str | None,
+    world_size: int = 1,
 ) -> TrainedModel:
     # Logged only once it is known: "auto" may have fallen back to random initialisation.
     run.log_params({"pretrained_loaded": str(result.pretrained).lower()})
@@ -401,6 +411,7 @@ def _finish_training(
         data_dir=str(training.data_dir) if training.data_dir else None,
         schedule=result.schedule,
         checkpoint_sha256=file_sha256(result.best_checkpoint),
+        world_size=world_size,
         history=history,
     )
     _write_latest(training, trained)

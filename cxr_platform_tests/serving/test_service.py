@@ -353,6 +353,8 @@ def test_what_is_not_a_chest_radiograph_gets_422_and_no_diagnosis(live_service, 
             assert body["error"] == "not_a_chest_radiograph", body
             assert body["detail"] and body["request_id"]
             assert "probability" not in body and "label" not in body
+            # The test models know only synthetic images, and their refusals say so.
+            assert body["detail"].endswith("(the README's 'A real model')"), body
             if expected_reason:
                 assert body["detail"].startswith(expected_reason), body
             if body["detail"].startswith(("unlike", "upside")):
