@@ -53,13 +53,9 @@ from cxr_platform.errors import CxrError
 @click.option(
     "--destination-dicomweb",
     default=None,
-    help="Send results by STOW-RS to this DICOMweb root URL instead of C-STORE.",
-)
-@click.option(
-    "--destination-dicomweb-auth",
-    default=None,
-    help="Authorization header value for --destination-dicomweb (Bearer ... or Basic ...); "
-    "better set as CXR_DICOM_DESTINATION_DICOMWEB_AUTH, out of the process list.",
+    help="Send results by STOW-RS to this DICOMweb root URL instead of C-STORE; its "
+    "Authorization header comes from CXR_DICOM_DESTINATION_DICOMWEB_AUTH (or the file named by "
+    "CXR_DICOM_DESTINATION_DICOMWEB_AUTH_FILE), never from the command line.",
 )
 @click.option(
     "--dicomweb-port",
@@ -84,7 +80,6 @@ def dicom_node(
     tls_ca: Path | None,
     destination_tls_ca: Path | None,
     destination_dicomweb: str | None,
-    destination_dicomweb_auth: str | None,
     dicomweb_port: int | None,
 ) -> None:
     """Run the DICOM node: receive routed chest X-rays, return SR, SEG, parametric map and SC."""
@@ -113,7 +108,6 @@ def dicom_node(
         dicom_tls_ca=tls_ca,
         dicom_destination_tls_ca=destination_tls_ca,
         dicom_destination_dicomweb=destination_dicomweb,
-        dicom_destination_dicomweb_auth=destination_dicomweb_auth,
         dicom_web_port=dicomweb_port,
     )
     node = build_node(settings.dicom, registry_for(settings.registry))

@@ -17,6 +17,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.pacs import build_node
+from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.ports import free_port
 from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 
@@ -115,6 +116,17 @@ def test_an_uploaded_xray_is_routed_and_its_four_results_land_in_the_same_study(
     time.sleep(1.5)
     assert pacs.node.counters.received == 3
     assert pacs.node.counters.ignored == 0
+
+
+def test_a_chest_radiograph_stored_as_secondary_capture_is_routed_too(pacs, chest_pngs):
+    """A film digitiser's (or an archive's) secondary capture: the routing script forwards it
+    and the node judges it by its pixels, so its results come back beside it."""
+    source, _ = radiograph_bytes(chest_pngs[14], VARIANTS["cr-mono2-12bit"])
+    source.SOPClassUID = SC
+    source.file_meta.MediaStorageSOPClassUID = SC
+    source.ConversionType = "DI"  # digitised film
+    pacs.orthanc.upload(encode_dataset(source))
+    pacs.wait_for_results(source.StudyInstanceUID, [SC, *RESULTS])
 
 
 def test_a_re_uploaded_xray_adds_no_duplicate_results(pacs, chest_pngs):
