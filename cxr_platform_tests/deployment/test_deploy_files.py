@@ -313,3 +313,37 @@ def test_the_viewer_gets_everything_its_server_block_needs_and_reads_orthanc():
     assert container["readinessProbe"]["httpGet"]["path"] == "/app-config.js"
     service = documents[("Service", "cxr-viewer")]["spec"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_every_folder_a_volume_is_mounted_on_belongs_to_the_images_user():
+    """An empty named volume takes its owner from the image's folder; one the image lacks is
+    made root-owned, and uid 10001 cannot write its spool or Dagster's home there."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+)$", dockerfile, re.MULTILINE)
+    made = re.search(
+        r"useradd --uid (\d+).*?mkdir -p ([^\\&]+).*?chown -R \S+ ([^\n]+)", dockerfile, re.S
+    )
+    assert made and made.group(1) == user
+    created = made.group(2).split()
+    owned = made.group(3).split()
+    compose = yaml.safe_load(COMPOSE.read_text())
+    platform_image = compose["x-platform"]["image"]
+    targets = set()
+    for service in compose["services"].values():
+        if service.get("image") != platform_image:
+            continue
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if not source.startswith("."):  # a named volume, not a file from the repository
+                targets.add(target)
+        home = (service.get("environment") or {}).get("DAGSTER_HOME")
+        if home:
+            targets.add(home)
+    assert {"/var/lib/cxr", "/var/lib/cxr/dicom", "/opt/dagster/home"} <= targets
+    for target in targets:
+        made_there = any(path == target or path.startswith(target + "/") for path in created)
+        assert made_there, f"{target} is not made in the image"
+        assert any(target == top or target.startswith(top + "/") for top in owned), target
+    # Kubernetes: the node's claim is made writable to the image's group.
+    node = _documents()[("StatefulSet", "cxr-dicom-node")]["spec"]["template"]["spec"]
+    assert str(node["securityContext"]["fsGroup"]) == user
