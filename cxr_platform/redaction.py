@@ -11,9 +11,11 @@ an exception's text quotes what it failed on, and a traceback repeats it.
 record of every logger passes through as it is made, whatever handlers the process configured
 (the CLI's, BentoML's, Dagster's):
 
-- text in quotes, in another library's message or in any exception text (our messages' own
-  arguments included), becomes a placeholder, so the line keeps its meaning (which check
-  failed, on which VR) without the value;
+- text in quotes, in an imaging library's message (pydicom, highdicom, pynetdicom, Pillow,
+  warnings: any logger but ours and those about runs and requests, Dagster, BentoML, uvicorn,
+  MLflow) or in any exception's text (our messages' own arguments included), becomes a
+  placeholder, so the line keeps its meaning (which check failed, on which VR) without the
+  value;
 - anything shaped like a DICOM UID, except the standard's own (``1.2.840.10008.*``: SOP classes,
   transfer syntaxes), is withheld;
 - the traceback is rendered then, redacted, and the raw exception dropped from the record, so
@@ -101,12 +103,19 @@ def uid_tag(uid: object, salt: bytes) -> str:
     return f"uid:{hashed[:UID_TAG_LENGTH]}" if hashed else "uid:none"
 
 
+# Libraries whose messages are about runs and requests, not images: their quotes (an asset's
+# name, a request line) stay; UIDs in them and their exceptions' text are still withheld.
+_ABOUT_RUNS_AND_REQUESTS = (
+    "dagster", "bentoml", "uvicorn", "mlflow", "alembic", "httpx", "httpcore", "urllib3",
+)  # fmt: skip
+
+
 def _redact_record(record: logging.LogRecord) -> None:
     if record.name is None:
         # logging.makeLogRecord's blank, filled in afterwards from a record made (and so
         # redacted) earlier, in this process or another.
         return
-    own = record.name.startswith("cxr_platform")
+    own = record.name.startswith(("cxr_platform", *_ABOUT_RUNS_AND_REQUESTS))
     if own and record.args:
         # Our messages name instances by tag; values reach them through an exception's text.
         arguments = record.args if isinstance(record.args, tuple) else (record.args,)
