@@ -172,18 +172,10 @@ def untrained_checkpoint(learnable_cache, tmp_path_factory) -> EvaluatedCheckpoi
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A real PostgreSQL server on 127.0.0.1 for the whole session."""
-    import shutil
-    import tempfile
+    from cxr_platform_tests.postgres import throwaway_postgres
 
-    from cxr_platform_tests.postgres import temporary_postgres
-
-    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
-    base = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
-    try:
-        with temporary_postgres(base) as url:
-            yield url
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with throwaway_postgres() as url:
+        yield url
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,18 @@ def temporary_postgres(base: Path) -> Iterator[str]:
             _as_owner([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]),
             capture_output=True,
         )
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """:func:`temporary_postgres` in a folder of its own, removed after. Not under pytest's tmp
+    folder: that is private to root, and the server runs as postgres."""
+    base = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
+    try:
+        with temporary_postgres(base) as url:
+            yield url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def create_database(server_url: str, name: str) -> str:

@@ -354,6 +354,14 @@ def test_simulate_drift_from_a_folder_too_small_for_n_says_so(tiny_synthetic, tm
     assert "5000 were asked for" in result.stderr
 
 
+# `cxr demo` on the tiny synthetic folder: one small model, released whatever its figures.
+SMALL_DEMO = {
+    "CXR_IMAGE_SIZE": "64",
+    "CXR_MODELS": "baseline_cnn",
+    "CXR_MIN_TEST_AUC": "0",
+    "CXR_MIN_TEST_SENSITIVITY": "0",
+    "CXR_MIN_TEST_SPECIFICITY": "0",
+}
 EPOCH_LINE = re.compile(
     r"baseline_cnn epoch (\d+)/(\d+) \(finetune\): train loss [\d.]+, val loss [\d.]+, "
     r"val AUC [\d.]+.*; [\d.]+ img/s, \d+ s; (?:at most .+ left|last epoch)"
@@ -364,13 +372,7 @@ def test_demo_without_a_terminal_still_says_how_training_goes_one_line_per_epoch
     tiny_synthetic, tmp_path
 ):
     """CI logs and nohup: no bar, no carriage return, but each epoch's line as it finishes."""
-    env = {
-        "CXR_IMAGE_SIZE": "64",
-        "CXR_MODELS": "baseline_cnn",
-        "CXR_MIN_TEST_AUC": "0",
-        "CXR_MIN_TEST_SENSITIVITY": "0",
-        "CXR_MIN_TEST_SPECIFICITY": "0",
-    }
+    env = SMALL_DEMO
     done = _cxr("demo", "--data", str(tiny_synthetic), "--no-loop", home=tmp_path / "h", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = EPOCH_LINE.findall(done.stderr)
@@ -385,13 +387,7 @@ def test_demo_on_a_folder_shows_epoch_progress_on_the_terminal_and_in_the_run_lo
     import dagster as dg
 
     home = tmp_path / "home"
-    env = {
-        "CXR_IMAGE_SIZE": "64",
-        "CXR_MODELS": "baseline_cnn",
-        "CXR_MIN_TEST_AUC": "0",
-        "CXR_MIN_TEST_SENSITIVITY": "0",
-        "CXR_MIN_TEST_SPECIFICITY": "0",
-    }
+    env = SMALL_DEMO
     code, screen = _cxr_at_terminal(
         "demo", "--data", str(tiny_synthetic), "--no-loop", home=home, env=env
     )
@@ -399,10 +395,7 @@ def test_demo_on_a_folder_shows_epoch_progress_on_the_terminal_and_in_the_run_lo
     # A bar while an epoch trains (redrawn in place), then the epoch's line above it.
     assert PROGRESS_BAR.search(screen), screen[-3000:]
     assert "\r" in screen
-    epoch_line = re.compile(
-        r"baseline_cnn epoch (\d+)/(\d+) \(finetune\): train loss [\d.]+, val loss [\d.]+, "
-        r"val AUC [\d.]+.*; [\d.]+ img/s, \d+ s; (?:at most .+ left|last epoch)"
-    )
+    epoch_line = EPOCH_LINE
     on_screen = epoch_line.findall(screen)
     assert on_screen and on_screen[0][0] == "1", screen[-3000:]
 

@@ -16,11 +16,9 @@ import glob
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -35,7 +33,7 @@ from cxr_platform.settings import load_settings
 
 from ..conftest import REPO_ROOT
 from ..orthanc import DICOMWEB_PLUGIN, orthanc_binary
-from ..postgres import temporary_postgres
+from ..postgres import throwaway_postgres
 from ..servers import S3_CREDENTIALS, s3_server
 from .test_deploy_files import COMPOSE, DEPLOY, _documents, interpolate
 
@@ -334,17 +332,6 @@ def start_service(check: Check, folder: Path, request) -> Iterator[Running]:
 
 
 @contextlib.contextmanager
-def _postgres() -> Iterator[str]:
-    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
-    base = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
-    try:
-        with temporary_postgres(base) as url:
-            yield url
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def start_mlflow(check: Check, folder: Path, request) -> Iterator[Running]:
     """`mlflow server` with the command line compose gives it (Kubernetes gives the same, with
     the store's URL in MLFLOW_BACKEND_STORE_URI), on a local PostgreSQL and S3 store: only the
@@ -354,7 +341,7 @@ def start_mlflow(check: Check, folder: Path, request) -> Iterator[Running]:
     port = free_port()
     service = _compose()["services"]["mlflow"]
     with (
-        _postgres() as server,
+        throwaway_postgres() as server,
         s3_server(folder, buckets=("mlflow", "cxr-mlflow")) as s3,
     ):
         user = SECRETS["POSTGRES_USER"]
@@ -395,7 +382,7 @@ def start_postgres(check: Check, folder: Path, request) -> Iterator[Running]:
     import sqlalchemy as sa
 
     stack = contextlib.ExitStack()
-    server = stack.enter_context(_postgres())
+    server = stack.enter_context(throwaway_postgres())
     address = sa.engine.make_url(server)
     user = check.env["POSTGRES_USER"]
     engine = sa.create_engine(server, isolation_level="AUTOCOMMIT")
