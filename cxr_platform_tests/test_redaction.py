@@ -51,9 +51,14 @@ def test_library_values_uids_and_tracebacks_are_withheld_but_frames_and_standard
 
 def test_run_and_request_logs_keep_their_quotes(logged):
     logging.getLogger("dagster").info('Execution of step "train" failed.')
-    logging.getLogger("uvicorn.access").info(
-        '"POST /dicom-web/studies/%s HTTP/1.1" 200', SOURCE_UID
-    )
+    access = logging.getLogger("uvicorn.access")
+    # uvicorn, once imported and configured in this process, keeps its access log to itself.
+    propagate, level, disabled = access.propagate, access.level, access.disabled
+    access.propagate, access.level, access.disabled = True, logging.INFO, False
+    try:
+        access.info('"POST /dicom-web/studies/%s HTTP/1.1" 200', SOURCE_UID)
+    finally:
+        access.propagate, access.level, access.disabled = propagate, level, disabled
     text = logged.getvalue()
     assert 'step "train" failed' in text
     assert f'"POST /dicom-web/studies/{UID_WITHHELD} HTTP/1.1" 200' in text

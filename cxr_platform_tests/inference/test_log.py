@@ -172,7 +172,9 @@ def test_uids_are_salted_hashes_and_the_salt_is_private(tmp_path):
     assert hashed == hash_uid(uid, salt) and uid not in hashed and len(hashed) == 64
     assert hashed != hash_uid(uid, uid_salt(tmp_path / "other"))
     assert hash_uid(None, salt) is None
-    assert uid_salt(tmp_path, configured="site-secret") == b"site-secret"
+    # A configured salt wins over the home's file (and must be long enough to be a key).
+    configured = "site-secret-" + "7" * 20
+    assert uid_salt(tmp_path, configured=configured) == configured.encode()
 
 
 def test_a_log_created_before_a_new_column_is_upgraded_in_place(tmp_path):
