@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
 WITHHELD = "<value withheld>"
@@ -110,25 +111,34 @@ _ABOUT_RUNS_AND_REQUESTS = (
 )  # fmt: skip
 
 
+def _redacted_argument(argument: object) -> object:
+    if isinstance(argument, BaseException):
+        return redact(str(argument))  # an exception's text quotes what it failed on
+    if isinstance(argument, str):
+        return withhold_uids(argument)
+    return argument
+
+
 def _redact_record(record: logging.LogRecord) -> None:
     if record.name is None:
         # logging.makeLogRecord's blank, filled in afterwards from a record made (and so
         # redacted) earlier, in this process or another.
         return
-    own = record.name.startswith(("cxr_platform", *_ABOUT_RUNS_AND_REQUESTS))
-    if own and record.args:
-        # Our messages name instances by tag; values reach them through an exception's text.
-        arguments = record.args if isinstance(record.args, tuple) else (record.args,)
-        if any(isinstance(argument, BaseException) for argument in arguments):
-            record.args = tuple(
-                redact(str(a)) if isinstance(a, BaseException) else a for a in arguments
-            )
-    try:
-        message = record.getMessage()
-    except Exception:  # a malformed record: keep it, without arguments
-        message = str(record.msg)
-    record.msg = withhold_uids(message) if own else redact(message)
-    record.args = ()
+    if record.name.startswith(("cxr_platform", *_ABOUT_RUNS_AND_REQUESTS)):
+        # Redacted argument by argument: a formatter may read them (uvicorn's access log
+        # unpacks its five), so they keep their places.
+        if isinstance(record.msg, str):
+            record.msg = withhold_uids(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted_argument(a) for a in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {k: _redacted_argument(v) for k, v in record.args.items()}
+    else:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: keep it, without arguments
+            message = str(record.msg)
+        record.msg, record.args = redact(message), ()
     if record.exc_info and record.exc_info[0] is not None:
         rendered = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         # A frame's file and line are ours to read; everything else is redacted.

@@ -49,16 +49,22 @@ def test_library_values_uids_and_tracebacks_are_withheld_but_frames_and_standard
     assert f"ValueError: cannot store {WITHHELD} of study {UID_WITHHELD}" in text
 
 
-def test_run_and_request_logs_keep_their_quotes(logged):
+def test_run_and_request_logs_keep_their_quotes_and_their_arguments(logged):
+    """Dagster's and uvicorn's lines keep their quotes; uvicorn's access formatter, which
+    unpacks its five arguments, still can."""
+    import uvicorn.logging
+
     logging.getLogger("dagster").info('Execution of step "train" failed.')
-    access = logging.getLogger("uvicorn.access")
-    # uvicorn, once imported and configured in this process, keeps its access log to itself.
-    propagate, level, disabled = access.propagate, access.level, access.disabled
-    access.propagate, access.level, access.disabled = True, logging.INFO, False
+    access = logging.getLogger("uvicorn.access.redaction-test")  # not uvicorn's own handlers
+    own = io.StringIO()
+    handler = logging.StreamHandler(own)
+    handler.setFormatter(uvicorn.logging.AccessFormatter("%(request_line)s %(status_code)s"))
+    access.addHandler(handler)
+    access.propagate = False
     try:
-        access.info('"POST /dicom-web/studies/%s HTTP/1.1" 200', SOURCE_UID)
+        request = ("127.0.0.1:5", "POST", f"/dicom-web/studies/{SOURCE_UID}", "1.1", 200)
+        access.info('%s - "%s %s HTTP/%s" %d', *request)
     finally:
-        access.propagate, access.level, access.disabled = propagate, level, disabled
-    text = logged.getvalue()
-    assert 'step "train" failed' in text
-    assert f'"POST /dicom-web/studies/{UID_WITHHELD} HTTP/1.1" 200' in text
+        access.removeHandler(handler)
+    assert 'step "train" failed' in logged.getvalue()
+    assert own.getvalue().startswith(f"POST /dicom-web/studies/{UID_WITHHELD} HTTP/1.1 200")
