@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -223,20 +224,15 @@ class Running:
 Starter = Callable[[Check, Path, pytest.FixtureRequest], contextlib.AbstractContextManager[Running]]
 
 
+# Stores other containers would be: locally, the home's own (SQLite registry, log, Dagster).
+STORES_ELSEWHERE = (
+    "CXR_MLFLOW_TRACKING_URI", "CXR_INFERENCE_LOG_URL", "CXR_DAGSTER_POSTGRES_URL", "DAGSTER_HOME",
+)  # fmt: skip
+
+
 def _local_platform_env(env: dict[str, str], home: Path) -> dict[str, str]:
-    """The platform's environment from a deployment file, with the stores another container
-    would be replaced by the home's own (SQLite registry and log)."""
-    local = {
-        k: v
-        for k, v in env.items()
-        if k
-        not in (
-            "CXR_MLFLOW_TRACKING_URI",
-            "CXR_INFERENCE_LOG_URL",
-            "CXR_DAGSTER_POSTGRES_URL",
-            "DAGSTER_HOME",
-        )
-    }
+    """The platform's environment from a deployment file, its stores the home's own."""
+    local = {name: value for name, value in env.items() if name not in STORES_ELSEWHERE}
     local["CXR_HOME"] = str(home)
     return local
 
@@ -279,11 +275,11 @@ def _process(
 def _terminate(process: subprocess.Popen) -> None:
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
