@@ -125,12 +125,16 @@ class SecretFiles(PydanticBaseSettingsSource):
             path = os.environ.get(variable, "").strip()
             if not path:
                 continue
-            if os.environ.get(env_name(name), "").strip():
-                raise SettingsError(f"set {env_name(name)} or {variable}, not both")
             try:
-                found[name] = Path(path).read_text().strip()
+                value = Path(path).read_text().strip()
             except OSError as exc:
                 raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from exc
+            given = os.environ.get(env_name(name), "").strip()
+            if given and given != value:
+                # Equal is fine: a child process the platform starts inherits the _FILE
+                # variable and is handed the value it read.
+                raise SettingsError(f"{env_name(name)} and {variable} disagree: set one")
+            found[name] = value
         return found
 
 

@@ -343,8 +343,12 @@ def test_one_salt_setting_hashes_a_study_alike_in_every_home(tmp_path, monkeypat
     secret.write_text(salt + "\n")
     monkeypatch.setenv("CXR_UID_SALT_FILE", str(secret))
     assert load_settings(home=tmp_path / "e").monitoring.uid_salt == salt
+    # A child process the platform starts inherits the _FILE variable and is handed the value
+    # its parent read: the same secret twice is one secret; two different ones are refused.
     monkeypatch.setenv("CXR_UID_SALT", salt)
-    with pytest.raises(Exception, match="not both"):
+    assert load_settings(home=tmp_path / "e").monitoring.uid_salt == salt
+    monkeypatch.setenv("CXR_UID_SALT", "1e" * 20)
+    with pytest.raises(Exception, match="CXR_UID_SALT and CXR_UID_SALT_FILE disagree"):
         load_settings(home=tmp_path / "e")
 
 
