@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from selenium.common.exceptions import (
 from selenium.webdriver.common.by import By
 
 from cxr_platform.ports import free_port
+from cxr_platform_tests.servers import stop_process_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -89,13 +89,7 @@ def dagster_dev(env: dict[str, str], log: Path) -> Iterator[str]:
         wait_for(answering, 180, "dagster dev to answer")
         yield base
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
 
 
 @contextlib.contextmanager

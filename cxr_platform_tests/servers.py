@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,17 +26,32 @@ S3_CREDENTIALS = {
 }
 
 
-def _wait_until(ready, process: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+def wait_until(ready, process: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Until ``ready()`` is true; fails with the process's log when it exits or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(OSError, httpx.HTTPError):
             if ready():
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} not ready after {timeout}s:\n{log.read_text()}")
         time.sleep(0.3)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to a process started with ``start_new_session=True`` and all it started, then
+    SIGKILL after 30 s."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @contextlib.contextmanager
@@ -82,7 +98,7 @@ def s3_server(folder: Path, *, buckets: tuple[str, ...] = ()) -> Iterator[S3Stor
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with _process(command, log) as process:
         store = S3Store(f"http://127.0.0.1:{port}")
-        _wait_until(
+        wait_until(
             lambda: httpx.get(f"{store.endpoint}/moto-api/", timeout=2).status_code == 200,
             process,
             log,
@@ -110,7 +126,7 @@ def mlflow_server(
     env = {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
     with _process(command, log, env) as process:
         uri = f"http://127.0.0.1:{port}"
-        _wait_until(
+        wait_until(
             lambda: httpx.get(f"{uri}/health", timeout=2).status_code == 200,
             process,
             log,

@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from cxr_platform.settings import load_settings
 from ..conftest import REPO_ROOT
 from ..orthanc import DICOMWEB_PLUGIN, orthanc_binary
 from ..postgres import throwaway_postgres
-from ..servers import S3_CREDENTIALS, s3_server
+from ..servers import S3_CREDENTIALS, s3_server, stop_process_group, wait_until
 from .test_deploy_files import COMPOSE, DEPLOY, _documents, interpolate
 
 pytestmark = pytest.mark.xdist_group("health_checks")
@@ -237,22 +236,6 @@ def _local_platform_env(env: dict[str, str], home: Path) -> dict[str, str]:
     return local
 
 
-def _wait(
-    ready: Callable[[], bool], process: subprocess.Popen, what: str, log: Path, timeout: float = 120
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(OSError, httpx.HTTPError):
-            if ready():
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @contextlib.contextmanager
 def _process(
     argv: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT
@@ -269,18 +252,7 @@ def _process(
     try:
         yield process
     finally:
-        _terminate(process)
-
-
-def _terminate(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
 
 
 def _listening(port: int) -> bool:
@@ -300,8 +272,8 @@ def start_dicom_node(check: Check, folder: Path, request) -> Iterator[Running]:
     check.env.update({"CXR_DICOM_PORT": str(dimse), "CXR_HOME": env["CXR_HOME"]})
     log = folder / "node.log"
     with _process([sys.executable, "-m", "cxr_platform.cli", "dicom-node"], env, log) as process:
-        _wait(lambda: _listening(dimse), process, "the DICOM node", log)
-        yield Running({11112: dimse, 8443: stow}, lambda: _terminate(process))
+        wait_until(lambda: _listening(dimse), process, log, "the DICOM node", 120)
+        yield Running({11112: dimse, 8443: stow}, lambda: stop_process_group(process))
 
 
 @contextlib.contextmanager
@@ -367,8 +339,10 @@ def start_mlflow(check: Check, folder: Path, request) -> Iterator[Running]:
         log = folder / "mlflow.log"
         with _process(argv, env, log) as process:
             url = f"http://127.0.0.1:{port}/health"
-            _wait(lambda: httpx.get(url, timeout=2).status_code == 200, process, "MLflow", log, 180)
-            yield Running({5000: port}, lambda: _terminate(process))
+            wait_until(
+                lambda: httpx.get(url, timeout=2).status_code == 200, process, log, "MLflow", 180
+            )
+            yield Running({5000: port}, lambda: stop_process_group(process))
 
 
 @contextlib.contextmanager
@@ -423,8 +397,8 @@ def start_orthanc(check: Check, folder: Path, request) -> Iterator[Running]:
     path = _orthanc_config(folder, http, dicom)
     log = folder / "orthanc.log"
     with _process([orthanc_binary(), str(path)], check.env, log, cwd=folder) as process:
-        _wait(lambda: _listening(http), process, "Orthanc", log, 60)
-        yield Running({8042: http, 4242: dicom}, lambda: _terminate(process))
+        wait_until(lambda: _listening(http), process, log, "Orthanc", 60)
+        yield Running({8042: http, 4242: dicom}, lambda: stop_process_group(process))
 
 
 @contextlib.contextmanager
@@ -464,8 +438,10 @@ def start_dagster_webserver(check: Check, folder: Path, request) -> Iterator[Run
     log = folder / "dagster.log"
     with _process(argv, env, log) as process:
         url = f"http://127.0.0.1:{port}/server_info"
-        _wait(lambda: httpx.get(url, timeout=2).status_code == 200, process, "Dagster", log, 240)
-        yield Running({3000: port}, lambda: _terminate(process))
+        wait_until(
+            lambda: httpx.get(url, timeout=2).status_code == 200, process, log, "Dagster", 240
+        )
+        yield Running({3000: port}, lambda: stop_process_group(process))
 
 
 STARTERS: dict[str, Starter] = {
