@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("recipe_search.jsonl"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="another seed than the profile's (an ensemble member)"
+    )
     args = parser.parse_args()
     unknown = [name for name in args.candidates if name not in CANDIDATES]
     if unknown:
@@ -161,7 +164,11 @@ def main() -> None:
             # replace(), not profile overrides: those skip None, which switches averaging off.
             config = replace(config, **{**SEED_RECIPE, **CANDIDATES[name]})
         config = with_epochs(config, args.epochs)
-        out_dir = settings.home / "recipe_search" / args.arch / name
+        run_name = name
+        if args.seed is not None:
+            config = replace(config, seed=args.seed)
+            run_name = f"{name}-seed{args.seed}"
+        out_dir = settings.home / "recipe_search" / args.arch / run_name
         started = time.perf_counter()
         result = train(config, data, out_dir, progress=False)
         train_seconds = time.perf_counter() - started
@@ -171,7 +178,8 @@ def main() -> None:
         with args.out.open("a") as out:
             for row in rows:
                 record = {
-                    "candidate": name,
+                    "candidate": run_name,
+                    "seed": config.seed,
                     "arch": args.arch,
                     "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history),
