@@ -29,6 +29,9 @@ TRAINING_PROFILES: tuple[str, ...] = get_args(TrainingProfile)
 ProfileChoice = Literal["auto", "demo", "full"]
 PretrainedMode = Literal["auto", "required", "none"]
 PRETRAINED_MODES: tuple[str, ...] = get_args(PretrainedMode)
+# What a version's graph averages over besides the image itself.
+TestTimeAugmentation = Literal["none", "flip"]
+TEST_TIME_AUGMENTATIONS: tuple[str, ...] = get_args(TestTimeAugmentation)
 ThresholdRuleName = Literal["sensitivity_target", "youden"]
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRuleName)
 TrainingLauncher = Literal["in_process", "subprocess", "kubernetes"]
@@ -307,6 +310,24 @@ class TrainingSection(TrackedSection):
         "CPU processes sharing the cores (`cxr train --nproc-per-node`, the training assets).",
         ge=1,
     )
+    ensemble: bool = setting(
+        False,
+        doc="Also combine the trained models into one ensemble version (the `ensemble/` assets, "
+        "`cxr ensemble`): each member's calibrated logit, averaged in one graph. It competes for "
+        "shadow by validation AUC like the others; needs two models or more.",
+    )
+    ensemble_tta: TestTimeAugmentation = setting(
+        "none",
+        doc="The ensemble version's test-time augmentation: none, or flip (each image and its "
+        "mirror image, twice the inference cost).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ensemble and len(set(self.models)) < 2:
+            raise ValueError(
+                f"ensemble needs two models or more to combine; models is {list(self.models)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def test_help_for_every_command(tmp_path):
         ["profile"],
         ["split"],
         ["train"],
+        ["ensemble"],
         ["evaluate"],
         ["export"],
         ["models"],
@@ -131,6 +132,44 @@ def test_train_then_evaluate_writes_the_test_metrics(tiny_synthetic, tmp_path):
     manifest_test = pd.read_csv(test_index)
     assert metrics["n_test"] == len(manifest_test)
     assert 0.0 <= metrics["auc"] <= 1.0
+
+
+def test_ensemble_of_two_runs_then_evaluate_and_export(tiny_synthetic, tmp_path):
+    """`cxr ensemble RUN RUN` continues like a training run: evaluate, export, a version whose
+    card lists both members; runs that cannot be combined are refused with the reason."""
+    home = tmp_path / "home"
+    env = {"CXR_IMAGE_SIZE": "64", "CXR_MIN_TEST_AUC": "0", "CXR_MIN_TEST_SENSITIVITY": "0"}
+    data = ["--data", str(tiny_synthetic)]
+    runs = []
+    for _ in range(2):
+        trained = _cxr(
+            "train", *data, "--arch", "baseline_cnn", "--epochs", "1", home=home, env=env
+        )
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        runs.append(re.search(r"MLflow run (\w+)", trained.stdout).group(1))
+        if not runs[1:]:
+            unevaluated = _cxr("ensemble", runs[0], runs[0], home=home, env=env)
+            assert unevaluated.returncode == 2 and "has no evaluation" in unevaluated.stderr
+        assert _cxr("evaluate", home=home, env=env).returncode == 0
+
+    twice = _cxr("ensemble", runs[0], runs[0], home=home, env=env)
+    assert twice.returncode == 2 and "named twice" in twice.stderr, twice.stderr
+    unknown = _cxr("ensemble", runs[0], "0123456789abcdef", home=home, env=env)
+    assert unknown.returncode == 2 and "no trained model of run" in unknown.stderr
+    assert "Traceback" not in twice.stderr + unknown.stderr
+
+    combined = _cxr("ensemble", *runs, "--tta", "flip", home=home, env=env)
+    assert combined.returncode == 0, combined.stderr[-3000:]
+    assert "ensemble:baseline_cnn+baseline_cnn: validation AUC" in combined.stdout
+    assert all(f"({run})" in combined.stdout for run in runs)
+    assert _cxr("evaluate", home=home, env=env).returncode == 0
+    exported = _cxr("export", home=home, env=env)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    version = re.search(r"version (\d+) \(shadow\)", exported.stdout).group(1)
+    card = _cxr("models", "--card", version, home=home, env=env)
+    assert "## Ensemble members" in card.stdout and all(run in card.stdout for run in runs)
+    listed = json.loads(_cxr("models", "--json", home=home, env=env).stdout)
+    assert "ensemble:baseline_cnn+baseline_cnn" in json.dumps(listed)
 
 
 def test_evaluate_without_a_trained_model_says_what_to_do(tmp_path):

@@ -32,10 +32,10 @@ from cxr_platform.settings import (
 
 from .conftest import REPO_ROOT
 
-# Values the platform reads beyond its own checks: an architecture the zoo knows, a cron Dagster
+# Values the platform reads beyond its own checks: architectures the zoo knows, a cron Dagster
 # accepts, result kinds the node makes.
 SPECIAL_VALUES: dict[str, object] = {
-    "models": ("densenet121",),
+    "models": ("densenet121", "resnet50"),  # two: "ensemble" is switched on too
     "drift_report_cron": "30 5 * * *",
     "dicom_results": ("sr", "sc"),
     "dicom_compress_results": ("sc",),

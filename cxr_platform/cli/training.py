@@ -1,4 +1,4 @@
-"""Training commands: ``cxr train`` and ``cxr evaluate``."""
+"""Training commands: ``cxr train``, ``cxr ensemble`` and ``cxr evaluate``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cxr_platform.cli.group import (
     settings_for,
 )
 from cxr_platform.errors import CxrError
-from cxr_platform.sections import PRETRAINED_MODES, TRAINING_PROFILES
+from cxr_platform.sections import PRETRAINED_MODES, TEST_TIME_AUGMENTATIONS, TRAINING_PROFILES
 from cxr_platform.terminal import interactive
 
 
@@ -167,3 +167,61 @@ def evaluate(ctx: click.Context, json_path: Path | None) -> None:
     if json_path:
         json_path.write_text(json.dumps(report.headline("test"), indent=2) + "\n")
         click.echo(f"wrote {json_path}")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option(
+    "--tta",
+    "test_time_augmentation",
+    type=click.Choice(TEST_TIME_AUGMENTATIONS),
+    default=None,
+    help="Test-time augmentation inside the version's graph: flip scores each image and its "
+    "mirror image (twice the inference cost). Default: CXR_ENSEMBLE_TTA, none.",
+)
+@click.option(
+    "--name", "model_name", default="ensemble", show_default=True, help="The version's model name."
+)
+@click.pass_context
+@fail_cleanly
+def ensemble(
+    ctx: click.Context,
+    run_ids: tuple[str, ...],
+    test_time_augmentation: str | None,
+    model_name: str,
+) -> None:
+    """Combine trained and evaluated runs (their MLflow run ids) into one ensemble model.
+
+    Each member's logit goes through its own calibration and the version averages them; the
+    first run is the one Grad-CAM explains with. Then `cxr evaluate` and `cxr export`, as after
+    training."""
+    from cxr_platform.data import pipeline
+    from cxr_platform.data.splits import manifest_hash
+    from cxr_platform.models.ensemble import build_ensemble, trained_run
+
+    settings = settings_for(ctx)
+    members = [trained_run(settings.training, run_id) for run_id in run_ids]
+    settings = settings_for(ctx, data_dir=members[0].trained.data_dir)
+    manifest, cache = pipeline.prepare(settings.data, progress=interactive())
+    if any(m.trained.manifest_hash not in (None, manifest_hash(manifest)) for m in members):
+        raise CxrError(
+            "the patient split differs from the one the members were trained on "
+            "(data or split settings changed)"
+        )
+    trained = build_ensemble(
+        settings.training,
+        cache,
+        members,
+        model_name=model_name,
+        test_time_augmentation=test_time_augmentation or settings.training.ensemble_tta,
+    )
+    for figures in trained.members:
+        click.echo(
+            f"member {figures['model_name']} ({figures['mlflow_run_id']}): validation AUC "
+            f"{figures['best_val_auc']:.4f}, test AUC {figures['test_auc']:.4f}"
+        )
+    click.echo(
+        f"{trained.arch}: validation AUC {trained.best_val_auc:.4f}\n"
+        f"checkpoint {trained.checkpoint}\nMLflow run {trained.mlflow_run_id}\n"
+        "next: cxr evaluate"
+    )

@@ -336,6 +336,55 @@ def _training_lines(facts: CardFacts) -> list[str]:
     return lines
 
 
+def _member_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """An ensemble's members, each with the figures of its own evaluation (same splits)."""
+    members = (evaluation.get("training") or {}).get("members") or []
+    if not members:
+        return []
+    rows = [
+        (
+            f"{index}. {member.get('model_name')}" + (" (Grad-CAM)" if index == 1 else ""),
+            member.get("arch"),
+            f"`{member.get('mlflow_run_id')}`",
+            _number(member.get("best_val_auc")),
+            _with_interval(
+                {
+                    "auc": member.get("test_auc"),
+                    "auc_ci_low": member.get("test_auc_ci_low"),
+                    "auc_ci_high": member.get("test_auc_ci_high"),
+                },
+                "auc",
+            ),
+            _number(member.get("test_sensitivity")),
+            _number(member.get("test_specificity")),
+        )
+        for index, member in enumerate(members, start=1)
+    ]
+    return [
+        "",
+        "## Ensemble members",
+        f"This version is {len(members)} trained models in one graph: each member's logit goes "
+        "through that member's own calibration (fitted on validation), the version averages "
+        "them, and its own calibration and threshold below were then fitted on validation for "
+        "the combination. Grad-CAM heatmaps and the population check read the first member. "
+        "Each member's figures are its own evaluation's, at its own threshold, on the same test "
+        "split:",
+        "",
+        *_table(
+            (
+                "member",
+                "architecture",
+                "training run",
+                "val AUC",
+                "test AUC (95% CI)",
+                "test sensitivity",
+                "test specificity",
+            ),
+            rows,
+        ),
+    ]
+
+
 def _operating_point_lines(tags: VersionTags) -> list[str]:
     lines = ["", "## Operating point"]
     lines.append(
@@ -490,6 +539,7 @@ def card_markdown(facts: CardFacts) -> str:
     lines = [
         *_header_lines(facts),
         *_training_lines(facts),
+        *_member_lines(facts.evaluation or {}),
         *_operating_point_lines(facts.tags),
         *_performance_lines(facts),
         *_subgroup_lines(facts.evaluation or {}),

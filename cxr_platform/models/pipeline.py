@@ -83,6 +83,9 @@ class TrainedModel:
     checkpoint_sha256: str | None = None
     world_size: int = 1  # the processes that trained it, as they ran (not as configured)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # An ensemble's members with their own figures (models/ensemble.py Member.figures); [] for
+    # a model that was trained.
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         values = asdict(self)
@@ -157,7 +160,14 @@ def train_tracked(
         run = _new_run(tracker, config, profile, manifest_hash, preprocessing, dagster_run_id)
     if tags:
         run.set_tags(tags)
-    run.set_tags({"cxr.world_size": ranks.world_size})
+    run.set_tags(
+        {
+            "cxr.world_size": ranks.world_size,
+            # Which data ("": the synthetic set): what an ensemble of this run later
+            # (`cxr ensemble RUN`) is evaluated on.
+            "cxr.data_dir": str(training.data_dir) if training.data_dir else "",
+        }
+    )
     run.log_params(
         {**config.to_dict(), "preprocessing": preprocessing.to_dict(), "profile": profile}
     )
@@ -514,6 +524,7 @@ def evaluate_trained(
             "train_images_per_s": trained.train_images_per_s,
             "wall_seconds": trained.wall_seconds,
             "mlflow_run_id": trained.mlflow_run_id,
+            **({"members": trained.members} if trained.members else {}),
         },
     )
     report.checkpoint_sha256 = trained.checkpoint_sha256 or file_sha256(trained.checkpoint)

@@ -136,7 +136,74 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
+ENSEMBLE_PREFIX = "ensemble:"
+
+
+class Ensemble(nn.Module):
+    """Several trained networks as one: each member's logit through its own Platt calibration
+    (``scale * logit + offset``, the member's ``1 / temperature`` and bias), then the mean.
+
+    Averaging calibrated logits, not raw ones, keeps a member whose logits run on a wider scale
+    from outvoting the others. The calibrations are buffers, so they travel in the state dict and
+    the exported graph; built empty they are the identity, which is what a randomly initialised
+    ensemble (the Grad-CAM randomisation check) should have. Grad-CAM and the population check
+    read the first member: the one an ensemble is explained by.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise UnknownArchitectureError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("scale", torch.ones(len(members)))
+        self.register_buffer("offset", torch.zeros(len(members)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.cat([member(images) for member in self.members], dim=1)
+        return (logits * self.scale + self.offset).mean(dim=1, keepdim=True)
+
+
+def ensemble_arch(member_archs: list[str] | tuple[str, ...]) -> str:
+    """The architecture name of an ensemble of these members, the explained one first."""
+    for name in member_archs:
+        architecture(name)  # a member is a trained architecture, not another ensemble
+        if name.startswith(ENSEMBLE_PREFIX):
+            raise UnknownArchitectureError("an ensemble's member cannot be an ensemble")
+    if not member_archs:
+        raise UnknownArchitectureError("an ensemble needs at least one member")
+    return ENSEMBLE_PREFIX + "+".join(member_archs)
+
+
+def ensemble_members(arch: str) -> tuple[str, ...]:
+    """The member architectures an ensemble's name lists; () for a single network."""
+    if not arch.startswith(ENSEMBLE_PREFIX):
+        return ()
+    return tuple(arch.removeprefix(ENSEMBLE_PREFIX).split("+"))
+
+
+def _ensemble_spec(name: str) -> ArchitectureSpec:
+    member_archs = ensemble_members(name)
+    specs = [ARCHITECTURES.get(member) for member in member_archs]
+    if not member_archs or any(spec is None for spec in specs):
+        raise UnknownArchitectureError(
+            f"unknown ensemble {name!r}: members must be among {', '.join(ARCHITECTURES)}"
+        )
+    explained = specs[0]
+    assert explained is not None
+    return ArchitectureSpec(
+        name,
+        lambda: Ensemble([spec.build() for spec in specs if spec is not None]),
+        # Nothing is trained after combining: the whole ensemble would be "head".
+        head_prefix="members.",
+        stem_conv=None,
+        gradcam_layer=f"members.0.{explained.gradcam_layer}",
+        population_layers=tuple(f"members.0.{layer}" for layer in explained.population_layers),
+    )
+
+
 def architecture(name: str) -> ArchitectureSpec:
+    if name.startswith(ENSEMBLE_PREFIX):
+        return _ensemble_spec(name)
     try:
         return ARCHITECTURES[name]
     except KeyError:

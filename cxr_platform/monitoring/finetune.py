@@ -36,6 +36,7 @@ from cxr_platform.models.pipeline import (
     train_tracked,
 )
 from cxr_platform.models.training import TrainingData, select_device
+from cxr_platform.models.zoo import ensemble_members
 from cxr_platform.sections import MonitoringSection, RegistrySection, TrainingSection
 
 FINETUNE_PROFILE = "finetune"
@@ -129,6 +130,12 @@ def finetune_production(
     if not (folder / WEIGHTS_FILE).exists():
         raise FineTuneError(f"production version {base.version} has no {WEIGHTS_FILE}")
     arch = metadata["arch"]
+    if ensemble_members(arch):
+        # Tuning the members jointly through their mean would undo what made them differ.
+        raise FineTuneError(
+            f"production version {base.version} is an ensemble ({arch}); fine-tune or retrain "
+            "its members and combine them again (`cxr ensemble`)"
+        )
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     labeled = labeled_examples(monitoring, image_size=preprocessing.image_size, before=started)
 
