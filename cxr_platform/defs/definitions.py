@@ -13,7 +13,7 @@ from cxr_platform.defs.data_assets import build_data_definitions
 from cxr_platform.defs.deployment_assets import build_deployment_definitions
 from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
 from cxr_platform.defs.resources import PlatformSettings
-from cxr_platform.defs.training_assets import build_training_definitions
+from cxr_platform.defs.training_assets import build_training_definitions, model_names
 from cxr_platform.defs.trial_assets import build_trial_definitions
 from cxr_platform.redaction import withhold_logged_values
 from cxr_platform.settings import CxrSettings, load_settings
@@ -63,8 +63,8 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
     )
     return dg.Definitions.merge(
         build_data_definitions(),
-        build_training_definitions(models),
-        build_deployment_definitions(models),
+        build_training_definitions(models, settings.training.ensemble),
+        build_deployment_definitions(model_names(models, settings.training.ensemble)),
         build_monitoring_definitions(settings.monitoring),
         build_batch_definitions(),
         build_trial_definitions(settings.site_trial),

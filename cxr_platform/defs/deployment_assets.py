@@ -242,15 +242,15 @@ def _registered_model_version_asset(archs: tuple[str, ...]) -> dg.AssetsDefiniti
             )
             versions[arch] = info.version
             cards[arch] = registry.card(info.version)
-        best, _ = deployment.best_by_validation(
+        best, best_name = deployment.best_by_validation(
             [(inputs[f"trained_{arch}"], arch) for arch in archs]
         )
-        candidate = versions[best.arch]
+        candidate = versions[best_name]
         registry.set_shadow(candidate, triggered_by=trigger)
         trained = {arch: inputs[f"trained_{arch}"] for arch in archs}
         table = _versions_table(archs, versions, trained)
         return dg.Output(
-            {"versions": versions, "candidate": candidate, "candidate_arch": best.arch},
+            {"versions": versions, "candidate": candidate, "candidate_arch": best_name},
             metadata={
                 "registered_model": registry_settings.registry_model_name,
                 "shadow_version": candidate,

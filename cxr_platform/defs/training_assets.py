@@ -20,6 +20,7 @@ from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_launch import launch_training, train_arguments
 from cxr_platform.defs.training_pipes import TrainingMessage
 from cxr_platform.models import pipeline as model_pipeline
+from cxr_platform.models.ensemble import Member, build_ensemble
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.reporting import (
     comparison_markdown,
@@ -32,6 +33,8 @@ from cxr_platform.settings import CxrSettings
 from cxr_platform.terminal import interactive
 
 GROUP = "training"
+# The ensemble's asset prefix and model name: not an architecture, so no training asset has it.
+ENSEMBLE = "ensemble"
 
 
 class TrainingRunConfig(dg.Config):
@@ -288,24 +291,84 @@ def _subgroup_check(arch: str) -> dg.AssetChecksDefinition:
     return subgroup_shortfalls
 
 
-def _training_assets(arch: str) -> list:
-    architecture(arch)  # unknown names fail when the code location loads
-    return [
-        _trained_model_asset(arch),
-        _evaluation_report_asset(arch),
-        *_floor_checks(arch),
-        _subgroup_check(arch),
-    ]
+def _ensemble_asset(archs: tuple[str, ...]) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=trained_model_key(ENSEMBLE),
+        group_name=GROUP,
+        kinds={"pytorch", "mlflow"},
+        ins={
+            **{f"trained_{arch}": dg.AssetIn(trained_model_key(arch)) for arch in archs},
+            **{f"report_{arch}": dg.AssetIn(evaluation_report_key(arch)) for arch in archs},
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+        },
+        description=f"{' + '.join(archs)} as one model: each member's logit through its own "
+        "calibration, averaged in one graph (nothing retrained). Evaluated, explained, exported "
+        f"and registered like the others; Grad-CAM reads {archs[0]}.",
+    )
+    def ensemble(
+        context: dg.AssetExecutionContext,
+        platform: PlatformSettings,
+        preprocessed_cache: PreprocessedCache,
+        **inputs: Any,
+    ) -> dg.Output[model_pipeline.TrainedModel]:
+        training = platform.settings().training
+        trained = build_ensemble(
+            training,
+            preprocessed_cache,
+            [Member(inputs[f"trained_{arch}"], inputs[f"report_{arch}"]) for arch in archs],
+            model_name=ENSEMBLE,
+            test_time_augmentation=training.ensemble_tta,
+            dagster_run_id=context.run.run_id,
+        )
+        members = "\n".join(
+            f"| {m['model_name']} | {m['best_val_auc']:.4f} | {m['test_auc']:.4f} |"
+            for m in trained.members
+        )
+        return dg.Output(
+            trained,
+            metadata=readable(
+                {
+                    "arch": trained.arch,
+                    "best_val_auc": trained.best_val_auc,
+                    "test_time_augmentation": training.ensemble_tta,
+                    "members": dg.MetadataValue.md(
+                        "| member | val AUC | test AUC |\n| --- | ---: | ---: |\n" + members
+                    ),
+                    "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
+                    "checkpoint": home_path(trained.checkpoint, training.home),
+                    "checkpoint_sha256": trained.checkpoint_sha256 or "",
+                }
+            ),
+        )
+
+    return ensemble
 
 
-def build_training_definitions(archs: tuple[str, ...]) -> dg.Definitions:
-    """The assets and checks of the given architectures, plus their comparison."""
+def _evaluated_assets(name: str) -> list:
+    """The evaluation report of a trained model (or the ensemble) and its checks."""
+    return [_evaluation_report_asset(name), *_floor_checks(name), _subgroup_check(name)]
+
+
+def model_names(archs: tuple[str, ...], ensemble: bool) -> tuple[str, ...]:
+    """Every model the code location evaluates, exports and registers."""
+    return (*archs, ENSEMBLE) if ensemble else archs
+
+
+def build_training_definitions(archs: tuple[str, ...], ensemble: bool = False) -> dg.Definitions:
+    """The assets and checks of the given architectures (and their ensemble), plus their
+    comparison."""
     assets: list = []
     checks: list = []
     for arch in archs:
-        trained, report, *arch_checks = _training_assets(arch)
-        assets += [trained, report]
+        architecture(arch)  # unknown names fail when the code location loads
+        report, *arch_checks = _evaluated_assets(arch)
+        assets += [_trained_model_asset(arch), report]
         checks += arch_checks
+    if ensemble:
+        report, *ensemble_checks = _evaluated_assets(ENSEMBLE)
+        assets += [_ensemble_asset(archs), report]
+        checks += ensemble_checks
+    archs = model_names(archs, ensemble)
 
     @dg.asset(
         group_name=GROUP,
