@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from cxr_platform.disk import DiskBudget
+from cxr_platform.redaction import MIN_SALT_CHARACTERS
 
 # Named choices: the settings, the library and the CLI's options all take them from here.
 TrainingProfile = Literal["demo", "full"]
@@ -427,6 +428,18 @@ class _Logged(HomeLayout):
         "the log, or they hash one study differently; unset, each home makes its own.",
         secret=True,
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        salt = self.uid_salt
+        salt = salt.get_secret_value() if hasattr(salt, "get_secret_value") else salt
+        if salt and len(salt.strip()) < MIN_SALT_CHARACTERS:
+            # Refused when the settings are read (exit 2 with the variable's name), not at the
+            # first scored image; the value is never echoed.
+            raise ValueError(
+                f"CXR_UID_SALT must be at least {MIN_SALT_CHARACTERS} characters (a short key makes "
+                "the hashed UIDs guessable); make one with: openssl rand -hex 32"
+            )
 
     @property
     def inference_log_uri(self) -> str:

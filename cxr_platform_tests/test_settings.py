@@ -338,6 +338,13 @@ def test_one_salt_setting_hashes_a_study_alike_in_every_home(tmp_path, monkeypat
     assert len({hash_uid(study, uid_salt(s.home, s.uid_salt)) for s in alone}) == 2
     with pytest.raises(ValueError, match="at least 32"):
         uid_salt(tmp_path, "short")
+    # Refused where the settings are read: one line, exit 2, before anything is hashed with it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update({"CXR_HOME": str(tmp_path / "f"), "CXR_UID_SALT": "tooshortsecret"})
+    command = [sys.executable, "-m", "cxr_platform.cli", "config"]
+    short = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert short.returncode == 2 and "CXR_UID_SALT must be at least 32" in short.stderr
+    assert "Traceback" not in short.stderr and "tooshortsecret" not in short.stderr
     # From a file (a mounted secret), never both ways at once.
     secret = tmp_path / "uid_salt"
     secret.write_text(salt + "\n")
