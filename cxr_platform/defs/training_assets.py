@@ -1,4 +1,6 @@
-"""Group "training": per architecture, trained_model -> evaluation_report; then model_comparison.
+"""Group "training": per architecture, trained_model -> evaluation_report; with ``CXR_ENSEMBLE``,
+``ensemble/trained_model`` (every architecture's model and report in) -> its evaluation_report;
+then model_comparison.
 
 Asset keys are prefixed by architecture (``resnet18/trained_model``) so each model has its own
 lineage and can be re-materialized alone. Which architectures exist is ``CXR_MODELS``.
