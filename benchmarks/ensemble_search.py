@@ -169,15 +169,81 @@ def onnx_images_per_second(checkpoint: Checkpoint, point: OperatingPoint, batch:
         return runs * batch / (time.perf_counter() - started)
 
 
+def _ci(values: dict) -> str:
+    low, high = values["auc_ci"]
+    return f"{values['auc']:.4f} ({low:.3f}-{high:.3f})"
+
+
+def markdown_tables(result: dict) -> str:
+    """The RESULTS.md tables: one row per candidate, then the paired comparison."""
+    speed = result.get("onnx_img_per_s", {})
+    baseline_speed = next(iter(speed.values()), None)
+    lines = [
+        "| candidate | TTA | train s | ONNX img/s (x first) | val AUC | test AUC (95% CI) | "
+        "test spec @val / best | NORMAL2 AUC (95% CI) | NORMAL2 spec @val / best | "
+        "shifts mean AUC | shifts spec @val mean / min | shifts best spec mean |",
+        "|---|---|---:|---:|---:|---|---|---|---|---:|---|---:|",
+    ]
+    for row in result["rows"]:
+        sites = row["stand_ins"]
+        shifts = [v for name, v in sites.items() if name not in ("test", "NORMAL2 family")]
+        key = f"{row['candidate']}/{row['tta']}"
+        img_s = (
+            f"{speed[key]:.0f} ({speed[key] / baseline_speed:.2f}x)"
+            if key in speed and baseline_speed
+            else ""
+        )
+        test, family = sites["test"], sites["NORMAL2 family"]
+        lines.append(
+            f"| {row['candidate']} | {row['tta']} | {row['training_seconds']:.0f} | {img_s} | "
+            f"{row['val_auc']:.4f} | {_ci(test)} | "
+            f"{test['specificity']:.3f} / {test['best_specificity_at_0.95']:.3f} | "
+            f"{_ci(family)} | "
+            f"{family['specificity']:.3f} / {family['best_specificity_at_0.95']:.3f} | "
+            f"{np.mean([v['auc'] for v in shifts]):.4f} | "
+            f"{np.mean([v['specificity'] for v in shifts]):.3f} / "
+            f"{min(v['specificity'] for v in shifts):.3f} | "
+            f"{np.mean([v['best_specificity_at_0.95'] for v in shifts]):.3f} |"
+        )
+    comparison = result["comparison"]
+    lines += [
+        "",
+        f"Best by validation AUC: ensemble `{comparison['ensemble']}` against single "
+        f"`{comparison['single']}`, paired (whole patients resampled), and against the best "
+        "single model on each stand-in with that model's interval half-width:",
+        "",
+        "| stand-in | paired AUC difference (95% CI) | best single there | ensemble minus it | "
+        "its half-width |",
+        "|---|---|---|---:|---:|",
+    ]
+    for name, values in comparison["stand_ins"].items():
+        low, high = values["difference_ci"]
+        lines.append(
+            f"| {name} | {values['difference']:+.4f} ({low:+.4f} to {high:+.4f}) | "
+            f"{values['best_single_on_this_stand_in']} | "
+            f"{values['ensemble_minus_best_single_here']:+.4f} | "
+            f"{values['best_single_half_width']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--member", action="append", required=True, help="NAME=CHECKPOINT")
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--member", action="append", default=[], help="NAME=CHECKPOINT")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("ensemble_search.json"))
     parser.add_argument("--no-speed", action="store_true", help="skip the ONNX throughput")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="print the tables of a saved --out file only"
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        print(markdown_tables(json.loads(args.render.read_text())))
+        return
 
+    if args.data_dir is None or len(args.member) < 2:
+        parser.error("--data-dir and two --member checkpoints or more are needed")
     settings = load_settings(data_dir=args.data_dir)
     _, cache = prepare(settings.data, progress=False)
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
@@ -353,6 +419,7 @@ def main() -> None:
             default=float,
         )
     )
+    print(markdown_tables(json.loads(args.out.read_text())))
     print(f"wrote {args.out}")
 
 

@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("recipe_search.jsonl"))
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--seed", type=int, default=None, help="another seed than the profile's (an ensemble member)"
+        "--seed", type=int, default=None, help="another seed than the profile's (ensemble members)"
     )
     args = parser.parse_args()
     unknown = [name for name in args.candidates if name not in CANDIDATES]

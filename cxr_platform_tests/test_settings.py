@@ -44,6 +44,7 @@ SPECIAL_VALUES: dict[str, object] = {
     "device": "cpu",
     "intended_age_years": "1-17",  # a range of completed years
     "silent_trial_start_date": "2024-07-01",
+    "uid_salt": "5e" * 20,  # a key long enough to be one
 }
 
 
