@@ -179,9 +179,10 @@ def markdown_tables(result: dict) -> str:
     speed = result.get("onnx_img_per_s", {})
     baseline_speed = next(iter(speed.values()), None)
     lines = [
-        "| candidate | TTA | train s | ONNX img/s (x first) | val AUC | test AUC (95% CI) | "
-        "test spec @val / best | NORMAL2 AUC (95% CI) | NORMAL2 spec @val / best | "
-        "shifts mean AUC | shifts spec @val mean / min | shifts best spec mean |",
+        "| candidate | TTA | train s to kept epoch | ONNX img/s (x first) | val AUC | "
+        "test AUC (95% CI) | test spec @val / best | NORMAL2 AUC (95% CI) | "
+        "NORMAL2 spec @val / best | shifts mean AUC | shifts spec @val mean / min | "
+        "shifts best spec mean |",
         "|---|---|---:|---:|---:|---|---|---|---|---:|---|---:|",
     ]
     for row in result["rows"]:
