@@ -447,8 +447,8 @@ class _Logged(HomeLayout):
             # Refused when the settings are read (exit 2 with the variable's name), not at the
             # first scored image; the value is never echoed.
             raise ValueError(
-                f"CXR_UID_SALT must be at least {MIN_SALT_CHARACTERS} characters (a short key makes "
-                "the hashed UIDs guessable); make one with: openssl rand -hex 32"
+                f"CXR_UID_SALT must be at least {MIN_SALT_CHARACTERS} characters (a short key "
+                "makes the hashed UIDs guessable); make one with: openssl rand -hex 32"
             )
 
     @property

@@ -156,7 +156,9 @@ def test_ensemble_of_two_runs_then_evaluate_and_export(tiny_synthetic, tmp_path)
     assert twice.returncode == 2 and "named twice" in twice.stderr, twice.stderr
     unknown = _cxr("ensemble", runs[0], "0123456789abcdef", home=home, env=env)
     assert unknown.returncode == 2 and "no trained model of run" in unknown.stderr
-    assert "Traceback" not in twice.stderr + unknown.stderr
+    pattern = _cxr("ensemble", runs[0], "*", home=home, env=env)
+    assert pattern.returncode == 2 and "is not an MLflow run id" in pattern.stderr
+    assert "Traceback" not in twice.stderr + unknown.stderr + pattern.stderr
 
     combined = _cxr("ensemble", *runs, "--tta", "flip", home=home, env=env)
     assert combined.returncode == 0, combined.stderr[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +43,8 @@ from cxr_platform.sections import TEST_TIME_AUGMENTATIONS, TrainingSection
 log = logging.getLogger(__name__)
 
 ENSEMBLE_PROFILE = "ensemble"
+# What `cxr ensemble` accepts as a run id: it becomes part of a glob pattern and a folder name.
+RUN_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class EnsembleError(CxrError):
@@ -135,7 +138,7 @@ def combine(
     )
 
 
-def _check_members(members: Sequence[Member], cache: PreprocessedCache) -> None:
+def _check_members(members: Sequence[Member]) -> None:
     if len(members) < 2:
         raise EnsembleError("an ensemble needs at least two trained and evaluated models")
     run_ids = [m.trained.mlflow_run_id for m in members]
@@ -170,7 +173,7 @@ def build_ensemble(
     The result is a :class:`TrainedModel` like a training run's (the latest pointer included), so
     ``cxr evaluate`` and ``cxr export`` take it from there. Its ``best_val_auc`` is the combined
     AUC on validation, the figure model selection compares."""
-    _check_members(members, cache)
+    _check_members(members)
     started = time.perf_counter()
     checkpoints = [verified_checkpoint(member.trained) for member in members]
     if checkpoints[0].preprocessing != cache.preprocessing:
@@ -269,6 +272,8 @@ def _data_dir(training: TrainingSection, tags: dict[str, str]) -> str | None:
 def trained_run(training: TrainingSection, run_id: str) -> Member:
     """A finished and evaluated training run of this home, found by its MLflow run id (what
     ``cxr ensemble`` is given)."""
+    if not RUN_ID.fullmatch(run_id):
+        raise EnsembleError(f"{run_id!r} is not an MLflow run id (letters and digits)")
     found = sorted(training.models_dir.glob(f"*/{run_id}/best.pt"))
     if not found:
         raise EnsembleError(f"no trained model of run {run_id} under {training.models_dir}")
@@ -283,7 +288,10 @@ def trained_run(training: TrainingSection, run_id: str) -> Member:
             "first (`cxr evaluate` right after training it, or its evaluation_report asset)"
         )
     evaluation = EvaluationReport.read_json(report_path)
-    run = tracker_for(training).client.get_run(run_id)
+    try:
+        run = tracker_for(training).client.get_run(run_id)
+    except Exception as error:  # noqa: BLE001 - MLflow's errors for a run it does not know
+        raise EnsembleError(f"run {run_id} is not in the tracking store: {error}") from error
     tags, metrics = run.data.tags, run.data.metrics
     trained = TrainedModel(
         model_name=model_name,
