@@ -167,6 +167,7 @@ def build_ensemble(
     model_name: str = "ensemble",
     test_time_augmentation: str = "none",
     dagster_run_id: str | None = None,
+    tags: dict[str, str | None] | None = None,
 ) -> TrainedModel:
     """Combine ``members`` into one tracked checkpoint under ``models/<model_name>/<run id>``.
 
@@ -206,6 +207,8 @@ def build_ensemble(
         },
     )
     try:
+        if tags:
+            run.set_tags(tags)
         run.log_params(
             {
                 "profile": ENSEMBLE_PROFILE,
@@ -313,4 +316,3 @@ def trained_run(training: TrainingSection, run_id: str) -> Member:
         checkpoint_sha256=sha256,
     )
     return Member(trained, evaluation)
-

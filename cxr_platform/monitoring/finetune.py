@@ -2,7 +2,8 @@
 
 Starts from the production version's own weights (from the registry, not a local checkpoint),
 trains every layer at a low learning rate, then goes through the same evaluation, export and
-registration as any trained model and becomes the ``shadow`` candidate. Only feedback given
+registration as any trained model and becomes the ``shadow`` candidate. An ensemble version is
+fine-tuned member by member, each evaluated alone, and combined again. Only feedback given
 before the job started is used, so live traffic the shadow scores afterwards stays unseen
 data for the shadow evaluation.
 """
@@ -13,9 +14,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
@@ -28,6 +31,7 @@ from cxr_platform.inference.log import InferenceLog
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.model_version.files import METADATA_FILE, WEIGHTS_FILE
 from cxr_platform.model_version.tags import VersionTags
+from cxr_platform.models.ensemble import Member, build_ensemble
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import (
     TrainedModel,
@@ -130,29 +134,12 @@ def finetune_production(
     if not (folder / WEIGHTS_FILE).exists():
         raise FineTuneError(f"production version {base.version} has no {WEIGHTS_FILE}")
     arch = metadata["arch"]
-    if ensemble_members(arch):
-        # Tuning the members jointly through their mean would undo what made them differ.
-        raise FineTuneError(
-            f"production version {base.version} is an ensemble ({arch}); fine-tune or retrain "
-            "its members and combine them again (`cxr ensemble`)"
-        )
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     labeled = labeled_examples(monitoring, image_size=preprocessing.image_size, before=started)
 
     demo = training.is_demo
     epochs = monitoring.finetune_epochs or (2 if demo else 5)
-    config = train_config_for(training, arch, profile=training.profile)
-    config = replace(
-        config,
-        pretrained="none",  # the production weights replace any initialisation
-        weights_path=None,
-        initial_weights=str(folder / WEIGHTS_FILE),
-        frozen_epochs=0,
-        finetune_epochs=epochs,
-        finetune_lr=monitoring.finetune_lr or (1e-4 if demo else 1e-5),
-        patience=epochs,
-    )
-    device = select_device(config.device)
+    device = select_device(training.device)
     train_images = cache.images("train", mmap=False)
     data = TrainingData(
         train=TensorBatches(
@@ -163,22 +150,82 @@ def finetune_production(
         ),
         val=TensorBatches.from_cache(cache, "val", device=device),
     )
-    trained = train_tracked(
-        training,
-        cache,
-        config,
-        profile=FINETUNE_PROFILE,
-        manifest_hash=base.release.data_version,
-        dagster_run_id=dagster_run_id,
-        progress=progress,
-        data=data,
-        tags=finetune_lineage(base, reason, labeled).to_tags(),
-        on_epoch=on_epoch,
-    )
+    lineage = finetune_lineage(base, reason, labeled).to_tags()
+
+    def finetune(member_arch: str, weights: Path) -> TrainedModel:
+        config = train_config_for(training, member_arch, profile=training.profile)
+        config = replace(
+            config,
+            pretrained="none",  # the production weights replace any initialisation
+            weights_path=None,
+            initial_weights=str(weights),
+            frozen_epochs=0,
+            finetune_epochs=epochs,
+            finetune_lr=monitoring.finetune_lr or (1e-4 if demo else 1e-5),
+            patience=epochs,
+        )
+        return train_tracked(
+            training,
+            cache,
+            config,
+            profile=FINETUNE_PROFILE,
+            manifest_hash=base.release.data_version,
+            dagster_run_id=dagster_run_id,
+            progress=progress,
+            data=data,
+            tags=lineage,
+            on_epoch=on_epoch,
+        )
+
+    member_archs = ensemble_members(arch)
+    if not member_archs:
+        trained = finetune(arch, folder / WEIGHTS_FILE)
+    else:
+        # Each member on its own, from its production weights, with its own evaluation (its
+        # calibration), then combined again: the version stays members calibrated alone and
+        # averaged, rather than networks tuned together through their mean.
+        members = []
+        for index, weights in enumerate(
+            member_weights(folder / WEIGHTS_FILE, member_archs, training, base.version)
+        ):
+            member = finetune(member_archs[index], weights)
+            members.append(Member(member, evaluate_trained(training, cache, member)[0]))
+        trained = build_ensemble(
+            training,
+            cache,
+            members,
+            model_name=metadata.get("model_name") or "ensemble",
+            test_time_augmentation=metadata.get("test_time_augmentation") or "none",
+            dagster_run_id=dagster_run_id,
+            tags=lineage,
+        )
     report, _ = evaluate_trained(training, cache, trained)
     # The result is pickled by Dagster's IO manager: keep the ids and labels, not the pixels.
     kept = replace(labeled, images=labeled.images[:0])
     return FineTuneResult(base, trained, report, kept, reason)
+
+
+def member_weights(
+    weights: Path, member_archs: tuple[str, ...], training: TrainingSection, version: str
+) -> list[Path]:
+    """Each member's state dict from an ensemble version's weights, as files a training run can
+    start from (written once per version, under the models folder)."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    folder = training.models_dir / "ensemble-members" / f"version-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, member_arch in enumerate(member_archs):
+        prefix = f"members.{index}."
+        path = folder / f"{index}-{member_arch}.pt"
+        if not path.exists():
+            member = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if not member:
+                raise FineTuneError(f"version {version}'s weights hold no member {index}")
+            tmp = path.with_suffix(".tmp")
+            torch.save(member, tmp)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
 
 
 def finetune_lineage(base: ModelVersionInfo, reason: str, labeled: LabeledExamples) -> VersionTags:

@@ -25,6 +25,7 @@ from cxr_platform.model_version.files import METADATA_FILE, ONNX_FILE, onnx_sess
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.ensemble import EnsembleError, combine
 from cxr_platform.models.zoo import architecture, ensemble_arch
+from cxr_platform.monitoring.finetune import finetune_production, register_finetuned
 from cxr_platform.pacs import build_node
 from cxr_platform.ports import free_port
 from cxr_platform.serving.process import ServiceProcess
@@ -34,6 +35,8 @@ from cxr_platform_tests.pacs.scu import send
 from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
 API_KEY = "ensemble-test-key"
+# One worker builds the released home once for every test here.
+pytestmark = pytest.mark.xdist_group("ensemble")
 
 
 def _members(trained_checkpoint, untrained_checkpoint):
@@ -238,3 +241,25 @@ def test_the_ensemble_is_shadowed_gated_and_served_over_http_and_by_the_node(rel
         assert version in str(sr)
     finally:
         node.stop()
+
+
+def test_an_ensemble_in_production_is_fine_tuned_member_by_member(released):
+    """The monitoring loop's fine-tune: each member from its own production weights, evaluated
+    alone, then combined again into a new ensemble that becomes the shadow candidate."""
+    settings, result = released
+    registry = registry_for(settings.registry)
+    version = result.asset_value(dg.AssetKey("registered_model_version"))["versions"]["ensemble"]
+    if registry.aliases().get(PRODUCTION) != version:
+        registry.promote(version, triggered_by="test")
+    cache = result.asset_value(dg.AssetKey("preprocessed_cache"))
+    tuned = finetune_production(settings.training, settings.monitoring, registry, cache)
+    assert tuned.trained.arch == "ensemble:baseline_cnn+resnet18"
+    assert [m["arch"] for m in tuned.trained.members] == ["baseline_cnn", "resnet18"]
+    production = result.asset_value(dg.AssetKey(["ensemble", "trained_model"]))
+    # New members, trained from the production version's members.
+    assert {m["mlflow_run_id"] for m in tuned.trained.members}.isdisjoint(
+        m["mlflow_run_id"] for m in production.members
+    )
+    _, info = register_finetuned(settings.registry, cache, tuned, triggered_by="test")
+    assert registry.aliases()[SHADOW] == info.version
+    assert registry.get(info.version).tags["cxr.finetuned_from"] == version
