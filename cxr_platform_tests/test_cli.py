@@ -158,6 +158,8 @@ def test_ensemble_of_two_runs_then_evaluate_and_export(tiny_synthetic, tmp_path)
     assert unknown.returncode == 2 and "no trained model of run" in unknown.stderr
     pattern = _cxr("ensemble", runs[0], "*", home=home, env=env)
     assert pattern.returncode == 2 and "is not an MLflow run id" in pattern.stderr
+    outside = _cxr("ensemble", *runs, "--name", "../elsewhere", home=home, env=env)
+    assert outside.returncode == 2 and "is not a model name" in outside.stderr
     assert "Traceback" not in twice.stderr + unknown.stderr + pattern.stderr
 
     combined = _cxr("ensemble", *runs, "--tta", "flip", home=home, env=env)

@@ -43,7 +43,8 @@ from cxr_platform.sections import TEST_TIME_AUGMENTATIONS, TrainingSection
 log = logging.getLogger(__name__)
 
 ENSEMBLE_PROFILE = "ensemble"
-# What `cxr ensemble` accepts as a run id: it becomes part of a glob pattern and a folder name.
+# What `cxr ensemble` accepts as a run id or a model name: each becomes part of a glob pattern
+# or a folder name.
 RUN_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -174,6 +175,8 @@ def build_ensemble(
     The result is a :class:`TrainedModel` like a training run's (the latest pointer included), so
     ``cxr evaluate`` and ``cxr export`` take it from there. Its ``best_val_auc`` is the combined
     AUC on validation, the figure model selection compares."""
+    if not RUN_ID.fullmatch(model_name):
+        raise EnsembleError(f"{model_name!r} is not a model name (letters, digits, - and _)")
     _check_members(members)
     started = time.perf_counter()
     checkpoints = [verified_checkpoint(member.trained) for member in members]
