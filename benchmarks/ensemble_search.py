@@ -50,9 +50,11 @@ from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.ensemble import combine
 from cxr_platform.models.evaluation import (
     ThresholdRule,
+    best_specificity,
     cluster_bootstrap_intervals,
     fit_operating_point,
     mann_whitney_auc,
+    patient_resamples,
     threshold_metrics,
 )
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS, shifted_split
@@ -95,13 +97,6 @@ def logits_of(model, images, labels, preprocessing) -> np.ndarray:
     return predict_logits(model, batches, batch_size=64)
 
 
-def best_specificity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
-    """The most specificity any threshold gives on the whole stand-in at sensitivity >= target."""
-    positives = np.sort(scores[labels == 1])[::-1]
-    threshold = positives[int(np.ceil(target * len(positives))) - 1]
-    return float((scores[labels == 0] < threshold).mean())
-
-
 def paired_auc_difference(
     labels: np.ndarray,
     patients: np.ndarray,
@@ -111,10 +106,6 @@ def paired_auc_difference(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """AUC(first) - AUC(second), with a 95% interval resampling whole patients per class."""
-    _, group = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
-    pools = [[m for m in members if labels[m[0]] == cls] for cls in (0, 1)]
-    rng = np.random.default_rng(seed)
 
     def difference(chosen: np.ndarray) -> float:
         truth = labels[chosen]
@@ -123,15 +114,9 @@ def paired_auc_difference(
             second[chosen][pos], second[chosen][neg]
         )
 
-    draws = []
-    for _ in range(n_bootstrap):
-        chosen = np.concatenate(
-            [
-                np.concatenate([pool[i] for i in rng.integers(0, len(pool), len(pool))])
-                for pool in pools
-            ]
-        )
-        draws.append(difference(chosen))
+    draws = [
+        difference(chosen) for chosen in patient_resamples(labels, patients, n_bootstrap, seed=seed)
+    ]
     everything = np.arange(len(labels))
     return (
         difference(everything),

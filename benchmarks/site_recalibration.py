@@ -44,6 +44,7 @@ from cxr_platform.deployment.registry import PRODUCTION, registry_for
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.scoring import request_for, score_items
 from cxr_platform.model_version.predictor import Predictor
+from cxr_platform.models.evaluation import best_specificity
 from cxr_platform.settings import load_settings
 
 BUDGETS = (50, 100, 200, 400)
@@ -76,13 +77,6 @@ def score(models: ServingModels, images: list[tuple[Path, int, str]], shift: str
 
 def rates(labels: np.ndarray, called: np.ndarray) -> tuple[float, float]:
     return float(called[labels == 1].mean()), float((~called[labels == 0]).mean())
-
-
-def best_specificity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
-    """The most specificity any threshold gives on the whole stand-in at sensitivity >= target."""
-    positives = np.sort(probabilities[labels == 1])[::-1]
-    threshold = positives[int(np.ceil(target * len(positives))) - 1]
-    return float((probabilities[labels == 0] < threshold).mean())
 
 
 def draw_by_patient(patients: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

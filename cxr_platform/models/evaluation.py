@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,35 @@ def bootstrap_auc_ci(
 INTERVAL_METRICS = ("auc", "sensitivity", "specificity", "ppv", "npv")
 
 
+def patient_resamples(
+    labels: np.ndarray, groups: np.ndarray, n_bootstrap: int, *, seed: int = 0
+) -> Iterator[np.ndarray]:
+    """``n_bootstrap`` index arrays, each whole groups (patients) drawn with replacement,
+    separately per class (a group's class is that of its first image), so every replicate
+    keeps the classes the data has."""
+    labels = np.asarray(labels).astype(int).ravel()
+    _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+    by_class = {cls: [m for m in members if labels[m[0]] == cls] for cls in (0, 1)}
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bootstrap):
+        yield np.concatenate(
+            [
+                np.concatenate([pool[i] for i in rng.integers(0, len(pool), len(pool))])
+                for pool in by_class.values()
+                if pool
+            ]
+        )
+
+
+def best_specificity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The most specificity any threshold gives on these images at sensitivity >= ``target``:
+    the ceiling of the ranking, whatever threshold a version uses."""
+    positives = np.sort(scores[labels == 1])[::-1]
+    threshold = positives[int(np.ceil(target * len(positives))) - 1]
+    return float((scores[labels == 0] < threshold).mean())
+
+
 def cluster_bootstrap_intervals(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -188,19 +218,8 @@ def cluster_bootstrap_intervals(
     predicted = np.asarray(probabilities, dtype=np.float64) >= threshold
     if groups is None:
         groups = np.arange(len(labels))
-    _, group_index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
-    by_class = {cls: [m for m in members if labels[m[0]] == cls] for cls in (0, 1)}
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
-    for _ in range(n_bootstrap):
-        chosen = np.concatenate(
-            [
-                np.concatenate([pool[i] for i in rng.integers(0, len(pool), len(pool))])
-                for pool in by_class.values()
-                if pool
-            ]
-        )
+    for chosen in patient_resamples(labels, groups, n_bootstrap, seed=seed):
         truth, scored, called = labels[chosen], scores[chosen], predicted[chosen]
         positives, negatives = truth == 1, truth == 0
         if positives.any() and negatives.any():
