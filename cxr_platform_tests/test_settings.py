@@ -385,3 +385,16 @@ def test_a_placeholder_secret_is_refused_by_name(monkeypatch, variable, value):
     with pytest.raises(Exception, match=f"{variable} holds a placeholder") as refused:
         load_settings()
     assert value not in str(refused.value)
+
+
+def test_the_ensemble_is_built_on_real_data_and_left_out_of_the_demo(tmp_path):
+    """Unset, CXR_ENSEMBLE follows the profile: the release on a data folder combines its models
+    (benchmarks/RESULTS.md, issue 45), the demo keeps its few minutes; set, it decides."""
+    real = {"home": tmp_path, "data_dir": tmp_path}
+    assert load_settings(**real).training.combines_models
+    assert not load_settings(**real, models=("baseline_cnn",)).training.combines_models
+    assert not load_settings(**real, ensemble=False).training.combines_models
+    assert not load_settings(home=tmp_path).training.combines_models
+    assert load_settings(home=tmp_path, ensemble=True).training.combines_models
+    with pytest.raises(Exception, match="ensemble needs two models or more"):
+        load_settings(home=tmp_path, ensemble=True, models=("baseline_cnn",))
