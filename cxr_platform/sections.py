@@ -498,6 +498,9 @@ class ServingSection(_Scoring):
     service_max_batch_size: int = setting(
         32, doc="Most images per ONNX Runtime call (adaptive batching).", ge=1
     )
+    service_max_request_images: int = setting(
+        64, doc="Most images in one POST /predict/batch (more: 413 too_many_images).", ge=1
+    )
     serving_model: str | None = setting(
         None, doc="A BentoML model tag to serve instead of following the registry (Bentos)."
     )
@@ -537,6 +540,12 @@ class DicomSection(_Scoring):
         (), doc="Calling AE titles allowed to associate (comma-separated); empty allows any."
     )
     dicom_max_associations: int = setting(10, doc="Concurrent associations accepted.", ge=1)
+    dicom_workers: int = setting(
+        _default_workers(),
+        doc="Processes that score instances and build results (default: the cores); 0 scores "
+        "in the node's own process, on one core.",
+        ge=0,
+    )
     dicom_accept_lateral: bool = setting(
         False, doc="Also classify lateral views (the model saw frontal ones)."
     )

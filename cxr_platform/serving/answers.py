@@ -38,6 +38,11 @@ class UploadTooLargeError(ServingError):
     reason = "upload_too_large"
 
 
+class TooManyImagesError(ServingError):
+    status = 413
+    reason = "too_many_images"
+
+
 class UnknownRequestIdError(ServingError):
     status = 404
     reason = "unknown_request_id"

@@ -3,7 +3,9 @@ upload size limit, and that the upload is a file (BentoML would otherwise downlo
 its place).
 
 All are checked before BentoML parses a body, so a refused request costs no decoding and an
-oversized one is never buffered to disk.
+oversized one is never buffered to disk. An upload sent as the image itself (``Content-Type:
+application/octet-stream``, ``application/dicom``, ``image/png``, ``image/jpeg``) skips BentoML's
+form parsing and temporary file: the edge hands the body it already holds to ``raw_body_app``.
 
 The site: a site's own key (``CXR_SERVICE_SITE_KEYS``) names it, and a request with that key
 cannot claim another; a request with the service key (a gateway in front of several sites), or
@@ -29,6 +31,10 @@ SITE_HEADER = "x-cxr-site"
 # which would read a text field as JSON.
 PATIENT_AGE_FIELD = "patient_age"
 PATIENT_AGE_HEADER = "x-cxr-patient-age"
+# Bodies that are one image, as sent: decoded by content, like a multipart upload's file.
+RAW_BODY_TYPES = frozenset(
+    {b"application/octet-stream", b"application/dicom", b"image/png", b"image/jpeg"}
+)
 _BOUNDARY = re.compile(rb'(?i)boundary="?([^";\s]+)"?')
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
 _NAME = re.compile(rb'(?i);\s*name="([^"]*)"')
@@ -50,6 +56,8 @@ class EdgeMiddleware:
         protected_paths: frozenset[str],
         upload_paths: frozenset[str],
         on_reject: Callable[[str, str], None] | None = None,
+        raw_body_app: Any = None,
+        raw_body_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.keys = KeyRing(api_key, site_keys)
@@ -57,6 +65,8 @@ class EdgeMiddleware:
         self.protected_paths = protected_paths
         self.upload_paths = upload_paths
         self.on_reject = on_reject
+        self.raw_body_app = raw_body_app
+        self.raw_body_paths = raw_body_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -99,6 +109,13 @@ class EdgeMiddleware:
                 await self._reject(send, path, 413, "upload_too_large", self._too_large(None))
                 return
             content_type = headers.get("content-type", b"")
+            if (
+                self.raw_body_app is not None
+                and path in self.raw_body_paths
+                and media_type(content_type) in RAW_BODY_TYPES
+            ):
+                await self._checked_age(scope, path, send, self.raw_body_app, body, receive)
+                return
             fields = multipart_fields(body, content_type)
             if fields is not None and any(name == PATIENT_AGE_FIELD for name, _ in fields):
                 body, stated = take_form_field(body, content_type, PATIENT_AGE_FIELD)
@@ -109,7 +126,15 @@ class EdgeMiddleware:
             if refusal is not None:
                 await self._reject(send, path, 400, *refusal)
                 return
-            receive = _replay(body, receive)
+            await self._checked_age(scope, path, send, self.app, body, receive)
+            return
+        await self._checked_age(scope, path, send, self.app, None, receive)
+
+    async def _checked_age(
+        self, scope: Scope, path: str, send: Send, app: Any, body: bytes | None, receive: Receive
+    ) -> None:
+        """Refuse a stated age that does not read as one; otherwise hand the request to
+        ``app``, replaying ``body`` when the edge has read it."""
         age = next(
             (v for k, v in scope.get("headers", []) if k.lower() == PATIENT_AGE_HEADER.encode()),
             None,
@@ -120,7 +145,7 @@ class EdgeMiddleware:
             except InvalidAgeError as exc:
                 await self._reject(send, path, 400, "bad_patient_age", str(exc))
                 return
-        await self.app(scope, receive, send)
+        await app(scope, receive if body is None else _replay(body, receive), send)
 
     def _authorized(self, headers: dict[str, bytes]) -> tuple[bool, str | None]:
         """(whether the key is known, the site it belongs to: None for the service key)."""
@@ -145,6 +170,11 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def media_type(content_type: bytes) -> bytes:
+    """``image/png; charset=x`` -> ``image/png``, lower case."""
+    return content_type.split(b";", 1)[0].strip().lower()
 
 
 def parse_site_keys(text: str | None) -> dict[str, str]:

@@ -18,6 +18,7 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,6 +58,7 @@ from cxr_platform.serving.batching import ContinuousBatcher
 from cxr_platform.serving.edge import (
     PATIENT_AGE_HEADER,
     SITE_HEADER,
+    UPLOAD_FIELD,
     EdgeMiddleware,
     parse_site_keys,
 )
@@ -75,8 +77,16 @@ PINNED_MODEL: str | None = serving.serving_model or getattr(
     bentoml.use_arguments(), "model_tag", None
 )
 
-PROTECTED_ROUTES = frozenset({"/predict", "/explain", "/model", "/feedback"})
-UPLOAD_ROUTES = frozenset({"/predict", "/explain"})
+PROTECTED_ROUTES = frozenset({"/predict", "/explain", "/predict/batch", "/model", "/feedback"})
+UPLOAD_ROUTES = frozenset({"/predict", "/explain", "/predict/batch"})
+RAW_BODY_ROUTES = frozenset({"/predict", "/explain"})
+# What a client can get wrong, or a 503 worth retrying: answered with a status and a reason.
+CLIENT_ERRORS = (
+    answers.ServingError,
+    ImageReadError,
+    ScoringUnavailableError,
+    RefusedInputError,
+)
 
 rejected_inputs = bentoml.metrics.Counter(
     name="cxr_rejected_inputs",
@@ -140,8 +150,29 @@ async def model_info(request: Request) -> Response:
     return JSONResponse(await service.describe())
 
 
-# GET routes: BentoML APIs are POST-only, so read-only views are a small mounted app.
-read_only_routes = Starlette(routes=[Route("/model", model_info, methods=["GET"])])
+async def predict_batch(request: Request) -> Response:
+    service: CxrService = bentoml.get_current_service()
+    return await service.predict_batch(request)
+
+
+async def raw_body(request: Request) -> Response:
+    service: CxrService = bentoml.get_current_service()
+    return await service.raw_body(request)
+
+
+# Routes outside BentoML's typed APIs, in a small mounted app: GET views (BentoML APIs are
+# POST-only) and the batch upload, whose list of files BentoML's form parsing would write to
+# temporary files one by one.
+mounted_routes = Starlette(
+    routes=[
+        Route("/model", model_info, methods=["GET"]),
+        Route("/predict/batch", predict_batch, methods=["POST"]),
+    ]
+)
+# The edge hands it a body that is one image (octet-stream, DICOM, PNG, JPEG) for these paths.
+raw_body_routes = Starlette(
+    routes=[Route(path, raw_body, methods=["POST"]) for path in ("/predict", "/explain")]
+)
 
 
 @bentoml.service(
@@ -234,17 +265,19 @@ class CxrService:
         )
 
     async def _predict_and_log(
-        self, data: bytes, endpoint: str, started: float, ctx: bentoml.Context
+        self, data: bytes, endpoint: str, started: float, site: str | None, age: AgeReading
     ) -> tuple[ScoreRequest, Prediction]:
         """Decode, batch-score and log; returns after the log row is written."""
-        site, age = _site_of(ctx), _age_of(ctx)
         request = await anyio.to_thread.run_sync(self._request, data, started, site, age)
         outcome = await self.batcher.submit(request)
+        return request, self._released(endpoint, outcome)
+
+    def _released(self, endpoint: str, outcome: ScoringOutcome) -> Prediction:
         if outcome.failure == LOG_UNAVAILABLE:
             log_failures.inc()
         prediction = outcome.released()
         self._count(endpoint, prediction, outcome.shadow)
-        return request, prediction
+        return prediction
 
     @staticmethod
     def _count(endpoint: str, production: Prediction, shadow: Prediction | None) -> None:
@@ -260,57 +293,57 @@ class CxrService:
     # ---- the request path ------------------------------------------------------------------
 
     async def _guarded(
-        self, endpoint: str, file: Path, handler: Any, ctx: bentoml.Context | None = None
-    ) -> Any:
-        """Read the upload, then run the rest shielded from cancellation: a client that hangs
-        up after sending its image still gets its prediction logged."""
+        self,
+        endpoint: str,
+        file: Path,
+        handler: Callable[[bytes, float], Awaitable[Response]],
+        ctx: bentoml.Context,
+    ) -> Response:
+        """A multipart upload: BentoML wrote it to a temporary file, which it empties when the
+        request ends, cancelled or not, so the bytes are read before the shielded part."""
         started = time.perf_counter()
+        size = file.stat().st_size  # the edge already refused bodies over the limit
+        # A typical radiograph reads in microseconds; only big files are worth a thread.
+        if size <= 1 << 20:
+            data = file.read_bytes()
+        else:
+            data = await anyio.to_thread.run_sync(file.read_bytes)
+        response = await self._shielded(endpoint, handler(data, started))
+        # An API that takes the context answers with its status, not the response's.
+        ctx.response.status_code = response.status_code
+        return response
+
+    async def _shielded(self, endpoint: str, work: Awaitable[Response]) -> Response:
+        """Run the rest shielded from cancellation, so a client that hangs up after sending its
+        image still gets its prediction logged; a refusal becomes its status and reason."""
         try:
-            size = file.stat().st_size  # the edge already refused bodies over the limit
-            # BentoML empties the request's temporary folder when the request ends, cancelled
-            # or not, so the bytes are read before the shielded part. A typical radiograph
-            # reads in microseconds; only big files are worth a thread.
-            if size <= 1 << 20:
-                data = file.read_bytes()
-            else:
-                data = await anyio.to_thread.run_sync(file.read_bytes)
-            work = asyncio.ensure_future(handler(data, started))
-            return await asyncio.shield(work)
-        except (
-            answers.ServingError,
-            ImageReadError,
-            ScoringUnavailableError,
-            RefusedInputError,
-        ) as exc:
-            status, body = answers.error_response(exc)
-            rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
-            if ctx is not None:
-                # An API that takes the context answers with its status, not the response's.
-                ctx.response.status_code = status
+            return await asyncio.shield(asyncio.ensure_future(work))
+        except CLIENT_ERRORS as exc:
+            status, body = self._refusal(endpoint, exc)
             return JSONResponse(body, status_code=status)
 
-    @bentoml.api(route="/predict")
-    async def predict(self, file: Path, ctx: bentoml.Context) -> PredictionResponse:
-        """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`); the sending
-        site in `X-CXR-Site` (or implied by a site's API key); the patient's age, when known
-        and not in a DICOM header, in the field `patient_age` or `X-CXR-Patient-Age` (years, or
-        a DICOM age string such as 004Y). An image outside the version's intended use gets 422
-        `outside_intended_use` with the reason in words."""
+    @staticmethod
+    def _refusal(endpoint: str, exc: Exception) -> tuple[int, dict[str, Any]]:
+        status, body = answers.error_response(exc)
+        rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
+        return status, body
 
-        async def handler(data: bytes, started: float) -> Any:
-            request, prediction = await self._predict_and_log(data, "predict", started, ctx)
+    def _predict_handler(
+        self, site: str | None, age: AgeReading
+    ) -> Callable[[bytes, float], Awaitable[Response]]:
+        async def handler(data: bytes, started: float) -> Response:
+            request, prediction = await self._predict_and_log(data, "predict", started, site, age)
             return JSONResponse(answers.public_prediction(prediction, request.request_id))
 
-        return await self._guarded("predict", file, handler, ctx)
+        return handler
 
-    @bentoml.api(route="/explain")
-    async def explain(self, file: Path, ctx: bentoml.Context) -> Any:
-        """Grad-CAM overlay as PNG, the prediction in X-CXR-* headers; with
-        `Accept: application/json`, JSON holding the prediction and the PNG in base64."""
-        wants_json = "application/json" in ctx.request.headers.get("accept", "")
+    def _explain_handler(
+        self, site: str | None, age: AgeReading, accept: str
+    ) -> Callable[[bytes, float], Awaitable[Response]]:
+        wants_json = "application/json" in accept
 
-        async def handler(data: bytes, started: float) -> Any:
-            request, scored = await self._predict_and_log(data, "explain", started, ctx)
+        async def handler(data: bytes, started: float) -> Response:
+            request, scored = await self._predict_and_log(data, "explain", started, site, age)
             prediction = answers.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
             _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
@@ -326,7 +359,126 @@ class CxrService:
             }
             return Response(image, media_type="image/png", headers=headers)
 
+        return handler
+
+    @bentoml.api(route="/predict")
+    async def predict(self, file: Path, ctx: bentoml.Context) -> PredictionResponse:
+        """Classify one chest X-ray (PNG, JPEG or DICOM, multipart field `file`, or the image
+        itself as the body with `Content-Type: application/octet-stream`, `application/dicom`,
+        `image/png` or `image/jpeg`); the sending site in `X-CXR-Site` (or implied by a site's
+        API key); the patient's age, when known and not in a DICOM header, in the field
+        `patient_age` or `X-CXR-Patient-Age` (years, or a DICOM age string such as 004Y). An
+        image outside the version's intended use gets 422 `outside_intended_use` with the
+        reason in words. `POST /predict/batch` takes several images at once."""
+        headers = ctx.request.headers
+        handler = self._predict_handler(_site_in(headers), _age_in(headers))
+        return await self._guarded("predict", file, handler, ctx)  # type: ignore[return-value]
+
+    @bentoml.api(route="/explain")
+    async def explain(self, file: Path, ctx: bentoml.Context) -> Any:
+        """Grad-CAM overlay as PNG, the prediction in X-CXR-* headers; with
+        `Accept: application/json`, JSON holding the prediction and the PNG in base64. The
+        image as in /predict: multipart field `file`, or the body itself."""
+        headers = ctx.request.headers
+        handler = self._explain_handler(
+            _site_in(headers), _age_in(headers), headers.get("accept", "")
+        )
         return await self._guarded("explain", file, handler, ctx)
+
+    async def raw_body(self, request: Request) -> Response:
+        """/predict or /explain with the image as the body: the edge already holds it in
+        memory, so no form parsing and no temporary file."""
+        started = time.perf_counter()
+        data = await request.body()
+        headers = request.headers
+        site, age = _site_in(headers), _age_in(headers)
+        if request.url.path == "/explain":
+            handler = self._explain_handler(site, age, headers.get("accept", ""))
+            return await self._shielded("explain", handler(data, started))
+        return await self._shielded("predict", self._predict_handler(site, age)(data, started))
+
+    async def predict_batch(self, request: Request) -> Response:
+        """Several images in one request (multipart, each a file field `file`): one answer per
+        image, in the order sent, each with its own request id and log row, or its own refusal
+        and status. The images share the request's site and stated age."""
+        started = time.perf_counter()
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            status, body = self._refusal(
+                "predict_batch",
+                answers.ServingError(
+                    "send the images as multipart/form-data, each a file field 'file'"
+                ),
+            )
+            return JSONResponse(body, status_code=status)
+        limit = serving.service_max_request_images
+        try:
+            # Parts stay in memory up to 1 MiB each (Starlette's spooled files); the edge
+            # already held the whole body to the upload limit.
+            form = await request.form(max_files=limit + 1, max_fields=limit + 1)
+        except Exception as exc:  # python-multipart's errors name what was wrong
+            status, body = self._refusal("predict_batch", answers.ServingError(str(exc)))
+            return JSONResponse(body, status_code=status)
+        try:
+            uploads = [part for part in form.getlist(UPLOAD_FIELD) if not isinstance(part, str)]
+            if len(uploads) > limit:
+                status, body = self._refusal(
+                    "predict_batch",
+                    answers.TooManyImagesError(
+                        f"{len(uploads)} images or more; this service takes at most {limit} "
+                        "in one request"
+                    ),
+                )
+                return JSONResponse(body, status_code=status)
+            named = [(upload.filename or "", await upload.read()) for upload in uploads]
+        finally:
+            await form.close()
+        site, age = _site_in(request.headers), _age_in(request.headers)
+        work = self._score_many(named, started, site, age)
+        results = await asyncio.shield(asyncio.ensure_future(work))
+        return JSONResponse({"results": results})
+
+    async def _score_many(
+        self, named: list[tuple[str, bytes]], started: float, site: str | None, age: AgeReading
+    ) -> list[dict[str, Any]]:
+        def prepare() -> list[ScoreRequest | Exception]:
+            prepared: list[ScoreRequest | Exception] = []
+            for _, data in named:
+                try:
+                    prepared.append(self._request(data, started, site, age))
+                except CLIENT_ERRORS as exc:
+                    prepared.append(exc)
+            return prepared
+
+        # One thread hop for the batch's decoding; the images then join the batcher together,
+        # so they share ONNX Runtime calls with each other and with concurrent requests.
+        requests = await anyio.to_thread.run_sync(prepare)
+        outcomes = await asyncio.gather(
+            *(
+                self.batcher.submit(request)
+                for request in requests
+                if isinstance(request, ScoreRequest)
+            ),
+            return_exceptions=True,
+        )
+        scored = iter(outcomes)
+        results: list[dict[str, Any]] = []
+        for index, ((filename, _), request) in enumerate(zip(named, requests, strict=True)):
+            entry: dict[str, Any] = {"index": index, "filename": filename}
+            try:
+                if isinstance(request, Exception):
+                    raise request
+                outcome = next(scored)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                prediction = self._released("predict_batch", outcome)
+            except CLIENT_ERRORS as exc:
+                status, body = self._refusal("predict_batch", exc)
+                results.append({**entry, "status": status, **body})
+                continue
+            public = answers.public_prediction(prediction, request.request_id)
+            results.append({**entry, "status": 200, **public})
+        return results
 
     def _overlay(self, version: str, upload: PreparedInput) -> tuple[Any, Any]:
         # Grad-CAM needs torch and the eager model: imported on the first /explain, so the
@@ -363,7 +515,7 @@ class CxrService:
     ) -> FeedbackResponse:
         """Attach a confirmed label to an earlier prediction (for performance monitoring). A
         request that names a site (its key or X-CXR-Site) labels only that site's requests."""
-        site = _site_of(ctx)
+        site = _site_in(ctx.request.headers)
         try:
             await anyio.to_thread.run_sync(
                 lambda: self.inference_log.add_feedback(
@@ -408,15 +560,15 @@ class CxrService:
         self.inference_log.dispose()
 
 
-def _age_of(ctx: bentoml.Context) -> AgeReading:
+def _age_in(headers: Mapping[str, str]) -> AgeReading:
     """The patient age the caller stated (form field ``patient_age`` or the header); the edge
     already refused one that does not read as an age."""
-    return age_from_caller(ctx.request.headers.get(PATIENT_AGE_HEADER))
+    return age_from_caller(headers.get(PATIENT_AGE_HEADER))
 
 
-def _site_of(ctx: bentoml.Context) -> str | None:
+def _site_in(headers: Mapping[str, str]) -> str | None:
     """The site the edge resolved (it checked the name and rewrote the header)."""
-    value = ctx.request.headers.get(SITE_HEADER)
+    value = headers.get(SITE_HEADER)
     # Starlette decodes header bytes as Latin-1; the edge wrote UTF-8.
     return value.encode("latin-1").decode("utf-8") if value else None
 
@@ -429,7 +581,9 @@ CxrService.add_asgi_middleware(
     protected_paths=PROTECTED_ROUTES,
     upload_paths=UPLOAD_ROUTES,
     on_reject=lambda path, reason: rejected_inputs.labels(
-        endpoint=path.strip("/"), reason=reason
+        endpoint=path.strip("/").replace("/", "_"), reason=reason
     ).inc(),
+    raw_body_app=raw_body_routes,
+    raw_body_paths=RAW_BODY_ROUTES,
 )
-CxrService.mount_asgi_app(read_only_routes, path="/")
+CxrService.mount_asgi_app(mounted_routes, path="/")

@@ -606,6 +606,142 @@ def test_a_client_that_hangs_up_still_gets_its_prediction_logged(live_service):
     assert log.count() == before + 1
 
 
+RAW_BODY_TYPES = ("application/octet-stream", "application/dicom", "image/png")
+
+
+@pytest.mark.parametrize("content_type", RAW_BODY_TYPES)
+def test_the_image_as_the_body_gets_the_same_answer_as_an_upload(live_service, content_type):
+    image = chest_dicom(21) if content_type == "application/dicom" else png(21)
+    log = live_service.inference_log()
+    before = log.count()
+    with live_service.client() as client:
+        uploaded = post_image(client, image).json()
+        raw = client.post("/predict", content=image, headers={"content-type": content_type})
+        assert raw.status_code == 200, raw.text
+        explained = client.post(
+            "/explain",
+            content=image,
+            headers={"content-type": content_type, "accept": "application/json"},
+        )
+    body = raw.json()
+    assert body["probability"] == pytest.approx(uploaded["probability"])
+    assert body["label"] == uploaded["label"] and body["request_id"] != uploaded["request_id"]
+    assert explained.status_code == 200 and explained.json()["overlay_png_base64"]
+    assert log.count() == before + 3  # one row each
+    rows = log.records()
+    assert rows[rows.request_id == body["request_id"]].iloc[0].source == "http"
+
+
+def test_a_raw_body_is_checked_like_an_upload(live_service):
+    with live_service.client() as client:
+        octet = {"content-type": "application/octet-stream"}
+        garbage = client.post("/predict", content=b"%PDF-1.7\n" + bytes(256), headers=octet)
+        assert garbage.status_code == 415 and garbage.json()["error"] == "unrecognized_format"
+        empty = client.post("/predict", content=b"", headers=octet)
+        assert empty.status_code == 400 and empty.json()["error"] == "empty"
+        bad_age = client.post(
+            "/predict", content=png(22), headers={**octet, "x-cxr-patient-age": "sixty"}
+        )
+        assert bad_age.status_code == 400 and bad_age.json()["error"] == "bad_patient_age"
+        too_big = b"\x89PNG" + b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024 + 1024)
+        refused = client.post("/predict", content=too_big, headers=octet)
+        assert refused.status_code == 413 and refused.json()["error"] == "upload_too_large"
+        adult = client.post(
+            "/predict", content=png(23), headers={**octet, "x-cxr-patient-age": "81"}
+        )
+        assert adult.status_code == 422 and adult.json()["error"] == "outside_intended_use"
+    with live_service.client(key=None) as anonymous:
+        assert anonymous.post("/predict", content=png(22), headers=octet).status_code == 401
+
+
+def post_batch(client, images: list[tuple[str, bytes]], **kwargs):
+    return client.post(
+        "/predict/batch", files=[("file", (name, data)) for name, data in images], **kwargs
+    )
+
+
+def test_a_batch_answers_each_image_in_order_with_its_own_request_id_and_log_row(live_service):
+    images = [(f"chest-{seed}.png", png(seed)) for seed in (30, 31, 32, 33)]
+    log = live_service.inference_log()
+    before = log.count()
+    with live_service.client() as client:
+        singles = [post_image(client, data).json() for _, data in images]
+        response = post_batch(client, images, headers={"X-CXR-Site": "batch-site"})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert [r["filename"] for r in results] == [name for name, _ in images]
+    for single, answer in zip(singles, results, strict=True):
+        assert answer["status"] == 200
+        assert answer["probability"] == pytest.approx(single["probability"])
+        assert answer["label"] == single["label"]
+    ids = [r["request_id"] for r in results]
+    assert len(set(ids)) == 4 and not set(ids) & {s["request_id"] for s in singles}
+    assert log.count() == before + 8
+    rows = log.records(site="batch-site").set_index("request_id")
+    assert sorted(rows.index) == sorted(ids)
+    assert (rows.source == "http").all()
+
+
+def test_bad_input_and_refusals_in_a_batch_get_their_own_answers(live_service):
+    make_bad, bad_status, bad_reason = BAD_INPUTS["truncated_png"]
+    make_refused, _ = NOT_CHEST_RADIOGRAPHS["document"]
+    images = [
+        ("good-1.png", png(40)),
+        ("truncated.png", make_bad()),
+        ("document.png", make_refused()),
+        ("empty.png", b""),
+        ("adult.dcm", chest_dicom(41, PatientAge="081Y")),
+        ("good-2.png", png(42)),
+    ]
+    log = live_service.inference_log()
+    before, refusals_before = log.count(), len(log.refusals())
+    with live_service.client() as client:
+        response = post_batch(client, images)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [name for name, _ in images]
+    statuses = [r["status"] for r in results]
+    assert statuses == [200, bad_status, 422, 400, 422, 200]
+    assert [r.get("error") for r in results] == [
+        None,
+        bad_reason,
+        "not_a_chest_radiograph",
+        "empty",
+        "outside_intended_use",
+        None,
+    ]
+    assert "label" not in results[2] and results[2]["request_id"]
+    assert "probability" not in results[4] and "81 years" in results[4]["detail"]
+    # Two predictions logged, two refusals on record with their reasons; nothing for the
+    # images that could not be read.
+    assert log.count() == before + 2
+    refusals = log.refusals()
+    assert len(refusals) == refusals_before + 2
+    assert {results[2]["request_id"], results[4]["request_id"]} <= set(refusals.request_id)
+    with live_service.client(key=None) as anonymous:
+        metrics = anonymous.get("/metrics").text
+    assert 'endpoint="predict_batch",reason="not_a_chest_radiograph"' in metrics
+
+
+def test_a_batch_is_refused_whole_where_the_request_itself_is_wrong(live_service):
+    with live_service.client() as client:
+        octet = {"content-type": "application/octet-stream"}
+        not_a_form = client.post("/predict/batch", content=png(50), headers=octet)
+        assert not_a_form.status_code == 400 and "multipart" in not_a_form.json()["detail"]
+        other_field = client.post("/predict/batch", files=[("image", ("a.png", png(50)))])
+        assert other_field.status_code == 400
+        assert other_field.json()["error"] == "unexpected_field"
+        limit = live_service.settings.serving.service_max_request_images
+        too_many = post_batch(client, [(f"{i}.png", b"x") for i in range(limit + 1)])
+        assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_images"
+        big = b"\x89PNG" + b"\x00" * (MAX_UPLOAD_MB * 1024 * 1024)
+        over = post_batch(client, [("a.png", big), ("b.png", b"x" * 1024)])
+        assert over.status_code == 413 and over.json()["error"] == "upload_too_large"
+    with live_service.client(key=None) as anonymous:
+        assert post_batch(anonymous, [("a.png", png(50))]).status_code == 401
+
+
 def test_cxr_serve_starts_the_same_service_without_an_api_key(live_service, tmp_path):
     port = free_port()
     command = [
