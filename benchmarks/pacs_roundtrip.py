@@ -22,6 +22,7 @@ node against the same Orthanc; the last lines say where the node's time goes, pe
     CXR_HOME=<home> .venv/bin/python benchmarks/pacs_roundtrip.py [--n 50] [--rows 2000]
         [--columns 1700] [--modes sequential burst]
         [--setups sr,seg,sc:raw sr,seg,pmap,sc:seg,pmap sr,seg,pmap,sc:seg,pmap@dicomweb]
+        [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_platform.data.sources import discover_images  # noqa: E402
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
-from cxr_platform.deployment.registry import registry_for  # noqa: E402
 from cxr_platform.pacs import build_node  # noqa: E402
 from cxr_platform.ports import free_port  # noqa: E402
 from cxr_platform.settings import load_settings  # noqa: E402
@@ -180,6 +180,14 @@ def main() -> None:
         help="node setups to compare, RESULTS:COMPRESSED[@dicomweb] (the kinds sent in JPEG-LS; "
         "raw: none; @dicomweb: routed and returned by STOW-RS)",
     )
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="the node's scoring processes to compare (CXR_DICOM_WORKERS; 0: the node's own "
+        "thread); default: the setting (the cores)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -234,24 +242,25 @@ class StageTimes:
 
 
 def instrument(node, times: StageTimes) -> None:
-    """Time the node's stages without touching its code."""
-    process, put = node.processor.process, node.storage.put_result
+    """Time the node's stages without touching its code: each outcome carries its stages,
+    whether the node's own thread or a worker process scored it."""
+    finish, put = node._finish, node.storage.put_encoded
 
-    def timed_process(data, dataset=None, **kwargs):
-        result = process(data, dataset, **kwargs)
-        for stage, seconds in result.stages.items():
+    def timed_finish(path, dataset, outcome):
+        for stage, seconds in getattr(outcome, "stages", {}).items():
             times.add(stage, seconds)
-        times.add("node total", result.seconds)
-        return result
+        if hasattr(outcome, "seconds"):
+            times.add("node total", outcome.seconds)
+        return finish(path, dataset, outcome)
 
-    def timed_put(dataset):
+    def timed_put(study_uid, sop_uid, data):
         start = time.perf_counter()
-        path = put(dataset)
+        path = put(study_uid, sop_uid, data)
         times.add("write outbox (per object)", time.perf_counter() - start)
         return path
 
-    node.processor.process = timed_process
-    node.storage.put_result = timed_put
+    node._finish = timed_finish
+    node.storage.put_encoded = timed_put
     if node.sender is not None:
         send = node.sender._send_study
 
@@ -266,8 +275,10 @@ def instrument(node, times: StageTimes) -> None:
 
 def run(args: argparse.Namespace, settings, work: Path) -> None:
     setups = [NodeSetup.parse(text) for text in args.setups]
+    worker_counts = args.workers or [settings.dicom.dicom_workers]
+    runs = [(setup, workers) for workers in worker_counts for setup in setups]
     per_setup = args.n * len(args.modes)
-    datasets = make_images(per_setup * len(setups) + args.n, args.rows, args.columns, work)
+    datasets = make_images(per_setup * len(runs) + args.n, args.rows, args.columns, work)
     baseline_images = datasets[: args.n]
 
     node_port, orthanc_port, stow_port = free_port(), free_port(), free_port()
@@ -308,7 +319,8 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
         stack.enter_context(orthanc)
         if any(setup.transport == "dicomweb" for setup in setups):
             stack.enter_context(web_orthanc)
-        for setup in setups:
+        for setup, workers in runs:
+            label = f"{setup} w{workers}"
             pacs = web_orthanc if setup.transport == "dicomweb" else orthanc
             routes = (
                 {
@@ -326,10 +338,11 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                 dicom_allowed_aets=("ORTHANC",),
                 dicom_results=setup.results,
                 dicom_compress_results=setup.compress,
+                dicom_workers=workers,
                 **routes,
             )
             state = work / f"node-{len(stage_lines)}"
-            node = build_node(dicom, registry_for(settings.registry), state_dir=state)
+            node = build_node(dicom, settings.registry, state_dir=state)
             production = node.processor.models.current().production
             if production is None:
                 raise SystemExit(f"{settings.home} has no production model: run `make demo`")
@@ -338,12 +351,13 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                     f"model {production.model_name} v{production.model_version} "
                     f"({production.metadata.arch}, {production.preprocessing.image_size} px)"
                 )
-                print(f"{'setup':<22} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+                print(f"{'setup, workers':<26} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
                       f"{'p95/baseline':>13} {'images/s':>9}")  # fmt: skip
             times = StageTimes()
             instrument(node, times)
             with node:
-                time.sleep(2.0)  # the node's warm-up (Grad-CAM network) happens before traffic
+                # The node's warm-up (workers started, Grad-CAM network loaded) before traffic.
+                time.sleep(2.0 + 4.0 * workers)
                 for mode in args.modes:
                     images = datasets[offset : offset + args.n]
                     offset += args.n
@@ -352,14 +366,14 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                     )
                     p95 = percentile(latencies, 95)
                     print(
-                        f"{str(setup):<22} {mode:<11} {percentile(latencies, 50):7.3f} "
+                        f"{label:<26} {mode:<11} {percentile(latencies, 50):7.3f} "
                         f"{p95:7.3f} {max(latencies):7.3f} {p95 / store_p95:12.1f}x "
                         f"{len(images) / elapsed:9.2f}"
                     )
-            stage_lines.append(f"{setup}: {times.report()}")
+            stage_lines.append(f"{label}: {times.report()}")
             counters = node.counters
             if counters.failed or counters.processed != len(args.modes) * args.n:
-                raise SystemExit(f"{setup}: not every image was processed: {counters}")
+                raise SystemExit(f"{label}: not every image was processed: {counters}")
     modality_process.pool.shutdown()
     print("where the time goes (median ms per image; writes per object; sends per study):")
     for line in stage_lines:

@@ -86,7 +86,6 @@ def dicom_node(
     import signal
     import threading
 
-    from cxr_platform.deployment.registry import registry_for
     from cxr_platform.pacs import build_node
     from cxr_platform.redaction import withhold_logged_values
 
@@ -110,7 +109,7 @@ def dicom_node(
         dicom_destination_dicomweb=destination_dicomweb,
         dicom_web_port=dicomweb_port,
     )
-    node = build_node(settings.dicom, registry_for(settings.registry))
+    node = build_node(settings.dicom, settings.registry)
     if node.processor.models.current().production is None:
         click.secho(
             "warning: the registry has no production model yet; received images wait in the "

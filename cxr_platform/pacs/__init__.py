@@ -8,27 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr_platform.disk import DiskBudget
-from cxr_platform.sections import DicomSection
+from cxr_platform.sections import DicomSection, RegistrySection
 
 if TYPE_CHECKING:
-    from cxr_platform.deployment.registry import ModelRegistry
     from cxr_platform.pacs.node import DicomNode
 
 
 def build_node(
-    dicom: DicomSection, registry: ModelRegistry, *, state_dir: Path | None = None
+    dicom: DicomSection, registry_settings: RegistrySection, *, state_dir: Path | None = None
 ) -> DicomNode:
-    """A :class:`DicomNode` on the registry's production model, configured by ``dicom``
-    (``CXR_DICOM_*``); ``state_dir`` (default: the home's ``dicom/``) holds its spool, outbox
-    and ledger."""
+    """A :class:`DicomNode` on the production model of the registry ``registry_settings``
+    name, configured by ``dicom`` (``CXR_DICOM_*``); ``state_dir`` (default: the home's
+    ``dicom/``) holds its spool, outbox and ledger. ``CXR_DICOM_WORKERS`` processes score."""
     from cxr_platform.http_keys import parse_client_keys
-    from cxr_platform.inference.live import LiveModels
-    from cxr_platform.inference.log import InferenceLog
     from cxr_platform.pacs.node import DicomNode, NodeConfig, NodeConfigError, TlsConfig
-    from cxr_platform.pacs.processing import InstanceProcessor, ProcessorConfig
     from cxr_platform.pacs.sender import Destination, DicomWebDestination
     from cxr_platform.pacs.storage import NodeStorage
-    from cxr_platform.redaction import uid_salt
+    from cxr_platform.pacs.workers import ProcessorSpec, ScoringPool
 
     if dicom.dicom_destination and dicom.dicom_destination_dicomweb:
         raise NodeConfigError(
@@ -61,25 +57,14 @@ def build_node(
         dicomweb_keys=parse_client_keys(dicom.dicom_web_keys, "CXR_DICOM_WEB_KEYS"),
         dicomweb_max_body_bytes=int(dicom.dicom_web_max_upload_mb * 1024 * 1024),
     )
-    models = LiveModels(registry, threads=dicom.service_threads, max_pixels=dicom.max_image_pixels)
-    models.refresh()
-    models.start_polling(dicom.service_refresh_seconds)
-    processor = InstanceProcessor(
-        models,
-        InferenceLog(dicom.inference_log_uri),
-        uid_salt=uid_salt(dicom.home, dicom.uid_salt),
-        model_folder=registry.download,
-        config=ProcessorConfig(
-            results=tuple(dicom.dicom_results),
-            uid_root=dicom.dicom_uid_root,
-            institution_name=dicom.dicom_institution_name,
-            max_pixels=dicom.max_image_pixels,
-            refusal_sr=dicom.dicom_refusal_sr,
-        ),
-    )
+    spec = ProcessorSpec(dicom, registry_settings)
     storage = NodeStorage(
         state_dir or dicom.dicom_dir,
         spool_budget=DiskBudget.from_megabytes(dicom.dicom_spool_max_mb, dicom.min_free_disk_mb),
         outbox_budget=DiskBudget.from_megabytes(dicom.dicom_outbox_max_mb, dicom.min_free_disk_mb),
     )
-    return DicomNode(config, processor, storage)
+    # The node's own processor answers what the association threads need (the salt, the
+    # manufacturer it stamps); with workers, they score.
+    processor = spec.build()
+    pool = ScoringPool(spec, dicom.dicom_workers) if dicom.dicom_workers > 0 else None
+    return DicomNode(config, processor, storage, pool)

@@ -15,8 +15,9 @@ import logging
 import ssl
 import threading
 import time
-import traceback
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +41,10 @@ from pydicom.uid import (
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from cxr_platform.errors import CxrError, ImageReadError
+from cxr_platform.errors import CxrError
 from cxr_platform.http_keys import KeyRing
 from cxr_platform.pacs.processing import InstanceProcessor, Processed, TransientProcessingError
-from cxr_platform.pacs.sanitize import UnusableSourceError, is_valid_uid
+from cxr_platform.pacs.sanitize import is_valid_uid
 from cxr_platform.pacs.screening import screen
 from cxr_platform.pacs.sender import Destination, DicomWebDestination, ResultSender
 from cxr_platform.pacs.statuses import (
@@ -54,6 +55,7 @@ from cxr_platform.pacs.statuses import (
 )
 from cxr_platform.pacs.storage import REFUSED, NodeStorage
 from cxr_platform.pacs.stow import StowServer, stow_app
+from cxr_platform.pacs.workers import Failure, ScoringPool, score_spooled
 from cxr_platform.redaction import redact, uid_tag
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,14 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 MAX_PDU_BYTES = 131072
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 TRANSIENT_RETRY_SECONDS = 10.0
+MAX_WORKER_DEATHS = 3
+
+
+def _died(future: Future) -> bool:
+    """The call failed because its worker process died (or the pool was restarted under it)."""
+    if future.cancelled():
+        return True
+    return isinstance(future.exception(), BrokenProcessPool)
 
 
 class NodeConfigError(CxrError):
@@ -172,11 +182,19 @@ class NodeCounters:
 
 class DicomNode:
     def __init__(
-        self, config: NodeConfig, processor: InstanceProcessor, storage: NodeStorage
+        self,
+        config: NodeConfig,
+        processor: InstanceProcessor,
+        storage: NodeStorage,
+        pool: ScoringPool | None = None,
     ) -> None:
+        """``pool``: worker processes that score and build results; without one the node's
+        own worker thread does (one core)."""
         self.config = config
         self.processor = processor
         self.storage = storage
+        self.pool = pool
+        self._deaths: dict[str, int] = {}  # spool file name -> worker deaths while it was out
         self.counters = NodeCounters()
         self.sender = (
             ResultSender(
@@ -377,46 +395,62 @@ class DicomNode:
         self._outbox_full = shortfall
         return shortfall is not None
 
-    def _process_file(self, path: Path) -> int:
-        data = path.read_bytes()
+    def _read_spooled(self, path: Path, *, header_only: bool) -> tuple[bytes, Dataset] | None:
+        """The spool file's bytes (empty with ``header_only``) and its dataset; None when it is
+        done with: unreadable (kept aside) or already processed (removed)."""
         try:
-            # force: an instance put in the spool by hand may be a legacy file without meta
-            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+            if header_only:
+                data = b""
+                # force: an instance put in the spool by hand may be a legacy file without meta
+                dataset = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            else:
+                data = path.read_bytes()
+                dataset = pydicom.dcmread(io.BytesIO(data), force=True)
             sop_uid = str(dataset.SOPInstanceUID)
+        except FileNotFoundError:
+            return None  # finished between listing the spool and reading it
         except Exception as exc:
             self._fail(path, path.stem, None, f"unreadable spool file: {type(exc).__name__}")
-            return 1
-        study_uid = str(dataset.get("StudyInstanceUID", "") or "")
+            return None
         if self.storage.status(sop_uid) == "processed":
             path.unlink(missing_ok=True)  # re-sent while the first copy was being processed
+            return None
+        return data, dataset
+
+    def _process_file(self, path: Path) -> int:
+        read = self._read_spooled(path, header_only=False)
+        if read is None:
             return 1
-        try:
-            processed = self.processor.process(
-                data, dataset, calling_ae_title=self.storage.calling_ae_title(sop_uid)
-            )
-        except ImageReadError as exc:
-            self._fail(path, sop_uid, study_uid, f"{exc.reason}: {redact(exc.detail)}")
-            return 1
-        except UnusableSourceError as exc:
-            self._fail(path, sop_uid, study_uid, f"unusable header: {exc}")
-            return 1
-        except TransientProcessingError:
-            raise
-        except Exception as exc:  # a bug or a model failure: keep the instance for a person
-            # The exception's text may quote header values: the log gets its type, a withheld
-            # message and where it happened.
-            where = "".join(traceback.format_tb(exc.__traceback__)[-3:])
-            reason = f"internal error: {type(exc).__name__}: {redact(str(exc))}"
-            log.error("processing %s failed: %s\n%s", self._tag(sop_uid), reason, where)
-            self._fail(path, sop_uid, study_uid, reason)
-            return 1
+        data, dataset = read
+        sop_uid = str(dataset.SOPInstanceUID)
+        outcome = score_spooled(
+            self.processor, data, dataset, self.storage.calling_ae_title(sop_uid)
+        )
+        self._finish(path, dataset, outcome)
+        return 1
+
+    def _finish(self, path: Path, dataset: Dataset, outcome: Processed | Failure) -> None:
+        """Record what became of a spooled instance: results in the outbox, then the ledger,
+        then the spool file goes. Raises :class:`TransientProcessingError` for a failure worth
+        retrying (the instance stays spooled)."""
+        sop_uid = str(dataset.SOPInstanceUID)
+        study_uid = str(dataset.get("StudyInstanceUID", "") or "")
+        if isinstance(outcome, Failure):
+            if outcome.kind == "transient":
+                raise TransientProcessingError(outcome.reason)
+            self._fail(path, sop_uid, study_uid, outcome.reason)
+            return
+        processed = outcome
         self._log_repairs(sop_uid, processed)
         result_uids = []
-        for result in processed.results.datasets():
-            self.storage.put_result(result)
-            result_uids.append(str(result.SOPInstanceUID))
+        for result in processed.outbox_files():
+            self.storage.put_encoded(
+                result.study_instance_uid, result.sop_instance_uid, result.data
+            )
+            result_uids.append(result.sop_instance_uid)
         if processed.prediction is None:
-            return self._refused(path, sop_uid, study_uid, processed, result_uids)
+            self._refused(path, sop_uid, study_uid, processed, result_uids)
+            return
         repaired = sorted({repair.keyword for repair in processed.repairs})
         self.storage.mark(
             sop_uid,
@@ -440,7 +474,6 @@ class DicomNode:
             len(result_uids),
         )
         self._outbox_ready.set()
-        return 1
 
     def _log_repairs(self, sop_uid: str, processed: Processed) -> None:
         if processed.repairs:
@@ -489,6 +522,9 @@ class DicomNode:
         log.error("%s not processed (%s); kept in %s", self._tag(sop_uid), reason, kept.parent.name)
 
     def _worker_loop(self) -> None:
+        if self.pool is not None:
+            self._pool_loop()  # the workers warm up as they start
+            return
         try:
             self.processor.warm_up()
         except Exception:
@@ -502,6 +538,90 @@ class DicomNode:
                 self.process_spool()
             except Exception:
                 log.exception("spool worker pass failed")
+
+    def _pool_loop(self) -> None:
+        """Keep every worker busy with the oldest spooled instances (one more queued behind
+        each), and record each answer as it comes back."""
+        assert self.pool is not None
+        out: dict[Future[Processed | Failure], tuple[Path, Dataset]] = {}
+        capacity = 2 * self.pool.workers
+        while not self._stop.is_set():
+            if time.monotonic() >= self._paused_until and not self._outbox_is_full():
+                self._dispatch(out, capacity)
+            if not out:
+                self._work.wait(self.config.idle_poll_seconds)
+                self._work.clear()
+                continue
+            # With a worker free, look at the spool again soon: an arrival should not wait for
+            # another instance to finish.
+            timeout = self.config.idle_poll_seconds if len(out) >= capacity else 0.1
+            done, _ = wait(out, timeout=timeout, return_when=FIRST_COMPLETED)
+            if any(_died(future) for future in done):
+                # Python's pool fails every call it had out when one worker dies: collect them
+                # all, then start new workers.
+                done, _ = wait(out, timeout=60)
+                lost = [out[future][0].name for future in done if _died(future)]
+                log.error(
+                    "a scoring worker died; %d instances go out again to new workers",
+                    len(lost),
+                )
+                self.pool.restart()
+            for future in done:
+                path, dataset = out.pop(future)
+                try:
+                    self._collect(path, dataset, future)
+                except Exception:
+                    log.exception("recording %s failed", self._tag(dataset.SOPInstanceUID))
+
+    def _dispatch(
+        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]], capacity: int
+    ) -> None:
+        assert self.pool is not None
+        busy = {path for path, _ in out.values()}
+        for path in self.storage.spooled():
+            if len(out) >= capacity or self._stop.is_set():
+                return
+            if path in busy:
+                continue
+            read = self._read_spooled(path, header_only=True)
+            if read is None:
+                continue
+            _, dataset = read
+            calling = self.storage.calling_ae_title(str(dataset.SOPInstanceUID))
+            out[self.pool.submit(path, calling)] = (path, dataset)
+
+    def _collect(self, path: Path, dataset: Dataset, future: Future[Processed | Failure]) -> None:
+        if _died(future):
+            self._worker_died(path, dataset)
+            return
+        self._deaths.pop(path.name, None)
+        try:
+            self._finish(path, dataset, future.result())
+        except TransientProcessingError as exc:
+            self._paused_until = time.monotonic() + TRANSIENT_RETRY_SECONDS
+            log.warning(
+                "%d instances stay spooled (%s); retrying in %.0f s",
+                len(self.storage.spooled()),
+                exc,
+                TRANSIENT_RETRY_SECONDS,
+            )
+
+    def _worker_died(self, path: Path, dataset: Dataset) -> None:
+        """A worker died (killed, out of memory, crashed in native code) with this instance
+        out: nothing of it was recorded, so it is still in the spool and goes out again. One
+        that was out at MAX_WORKER_DEATHS deaths is kept aside for a person, so an image that
+        crashes its decoder cannot stop the node."""
+        deaths = self._deaths.get(path.name, 0) + 1
+        self._deaths[path.name] = deaths
+        if deaths < MAX_WORKER_DEATHS:
+            return
+        self._deaths.pop(path.name, None)
+        self._fail(
+            path,
+            str(dataset.SOPInstanceUID),
+            str(dataset.get("StudyInstanceUID", "") or ""),
+            f"a scoring worker died each of the {deaths} times it had this instance",
+        )
 
     def _sender_loop(self) -> None:
         assert self.sender is not None
@@ -547,6 +667,8 @@ class DicomNode:
                 " (TLS)" if tls else "",
                 "" if self.config.dicomweb_keys else "; no client keys: open to this machine only",
             )
+        if self.pool is not None:
+            self.pool.start()
         pending = len(self.storage.spooled())
         if pending:
             log.info("%d instances left in the spool by the last run will be processed", pending)
@@ -598,6 +720,8 @@ class DicomNode:
         self._threads = []
         if self.sender is not None:
             self.sender.close()
+        if self.pool is not None:
+            self.pool.close()
         self.processor.models.stop()
 
     def __enter__(self) -> DicomNode:

@@ -47,6 +47,7 @@ from cxr_platform.pacs.results import (
 )
 from cxr_platform.pacs.sanitize import Repair, sanitize_source
 from cxr_platform.pacs.screening import claims_chest
+from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.sections import RESULT_KINDS
 
 if TYPE_CHECKING:  # Grad-CAM needs torch: loaded only once a SEG or SC object is wanted
@@ -86,6 +87,15 @@ class ProcessorConfig:
 
 
 @dataclass(frozen=True)
+class EncodedResult:
+    """A result object as the outbox keeps it: Part 10 bytes under its study and its UID."""
+
+    study_instance_uid: str
+    sop_instance_uid: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Processed:
     prediction: Prediction | None  # None: the input gate refused the image
     results: NodeResults
@@ -95,6 +105,17 @@ class Processed:
     refused_as: str | None = None  # not_a_chest_radiograph or outside_intended_use
     repairs: tuple[Repair, ...] = ()  # what the results could not copy from the header as it was
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
+    # The results already encoded (by a worker process, which sends bytes, not objects).
+    encoded: tuple[EncodedResult, ...] = ()
+
+    def outbox_files(self) -> tuple[EncodedResult, ...]:
+        """Every result, encoded as it goes to the outbox."""
+        return self.encoded + tuple(
+            EncodedResult(
+                str(dataset.StudyInstanceUID), str(dataset.SOPInstanceUID), encode_dataset(dataset)
+            )
+            for dataset in self.results.datasets()
+        )
 
 
 class _Stopwatch:

@@ -232,9 +232,15 @@ class NodeStorage:
     # -- outbox ----------------------------------------------------------------------------------
 
     def put_result(self, dataset: Dataset) -> Path:
-        study = _safe_uid(dataset.StudyInstanceUID)
-        path = self.outbox_dir / study / f"{_safe_uid(dataset.SOPInstanceUID)}.dcm"
-        write_atomically(path, encode_dataset(dataset))
+        return self.put_encoded(
+            str(dataset.StudyInstanceUID), str(dataset.SOPInstanceUID), encode_dataset(dataset)
+        )
+
+    def put_encoded(self, study_instance_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        """A result already in Part 10 bytes."""
+        study = _safe_uid(study_instance_uid)
+        path = self.outbox_dir / study / f"{_safe_uid(sop_instance_uid)}.dcm"
+        write_atomically(path, data)
         return path
 
     def outbox(self) -> list[OutboxStudy]:

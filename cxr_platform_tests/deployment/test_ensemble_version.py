@@ -220,7 +220,7 @@ def test_the_ensemble_is_shadowed_gated_and_served_over_http_and_by_the_node(rel
             dicom_host="127.0.0.1",
             dicom_allowed_aets=("MODALITY",),
         ),
-        registry,
+        settings.registry,
         state_dir=settings.home / "node",
     )
     node.start()

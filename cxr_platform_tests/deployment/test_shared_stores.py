@@ -230,7 +230,7 @@ def test_the_service_the_node_and_predict_write_the_log_at_once(stores, released
             dicom_host="127.0.0.1",
             dicom_allowed_aets=("MODALITY",),
         ),
-        registry_for(settings.registry),
+        settings.registry,
         state_dir=tmp_path / "node",
     )
     service_env = {**released.env, "CXR_SERVICE_THREADS": "2"}

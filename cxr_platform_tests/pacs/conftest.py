@@ -148,7 +148,7 @@ def node_factory(pacs_model, tmp_path):
         options.update(overrides)
         node = build_node(
             replace(pacs_model.settings.dicom, **options),
-            registry_for(pacs_model.settings.registry),
+            pacs_model.settings.registry,
             state_dir=state_dir or tmp_path / "node",
         )
         nodes.append(node)

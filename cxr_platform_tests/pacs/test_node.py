@@ -24,7 +24,6 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ParametricMapStorage, SegmentationStorage
 
-from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.model_version.input_gate import REASONS
 from cxr_platform.pacs import build_node
@@ -333,7 +332,7 @@ def test_a_restart_processes_what_the_last_run_left_in_the_spool(
 def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):
     with pytest.raises(DestinationError, match="AET@HOST:PORT"):
         Destination.parse("PACS-at-host")
-    dicom, registry = pacs_model.settings.dicom, registry_for(pacs_model.settings.registry)
+    dicom, registry = pacs_model.settings.dicom, pacs_model.settings.registry
     with pytest.raises(NodeConfigError, match="AE title"):
         build_node(replace(dicom, dicom_ae_title="A" * 17), registry, state_dir=tmp_path / "n")
     with pytest.raises(NodeConfigError, match="certificate and its key"):
@@ -462,7 +461,7 @@ def test_images_wait_in_the_spool_until_a_model_is_promoted(
             dicom_host="127.0.0.1",
             service_refresh_seconds=0.5,
         ),
-        registry_for(settings.registry),
+        settings.registry,
         state_dir=tmp_path / "node",
     )
     try:

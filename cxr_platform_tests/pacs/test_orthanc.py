@@ -67,7 +67,7 @@ def pacs(pacs_model, tmp_path_factory):
         dicom_retry_initial_seconds=0.5,
         dicom_retry_max_seconds=2.0,
     )
-    node = build_node(dicom, registry_for(pacs_model.settings.registry), state_dir=base / "node")
+    node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
     node.start()
     yield Pacs(orthanc, node)
     node.stop()

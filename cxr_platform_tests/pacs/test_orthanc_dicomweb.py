@@ -10,7 +10,6 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from cxr_platform.deployment.registry import registry_for
 from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs import build_node
 from cxr_platform.ports import free_port
@@ -46,7 +45,7 @@ def dicomweb_pacs(pacs_model, tmp_path_factory):
         dicom_retry_max_seconds=2.0,
         inference_log_url=sqlite_url(base / "log.db"),
     )
-    node = build_node(dicom, registry_for(pacs_model.settings.registry), state_dir=base / "node")
+    node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
     node.start()
     yield Pacs(orthanc, node)
     node.stop()

@@ -31,7 +31,6 @@ from selenium.common.exceptions import (
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
-from cxr_platform.deployment.registry import registry_for
 from cxr_platform.model_version.predictor import Prediction
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs import results as made
@@ -117,7 +116,7 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
         dicom_retry_initial_seconds=0.5,
         dicom_retry_max_seconds=2.0,
     )
-    node = build_node(dicom, registry_for(pacs_model.settings.registry), state_dir=base / "node")
+    node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
     node.start()
     viewer = ViewerServer(
         ViewerSection(home=base, viewer_pacs_url=orthanc.url, viewer_port=free_port()),

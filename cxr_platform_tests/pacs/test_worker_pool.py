@@ -1,0 +1,107 @@
+"""The node's worker processes: every instance ends in the ledger once, whichever worker scored
+it, and a worker killed mid-image loses nothing (``kill -9``, as the kernel's OOM killer would)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import Counter
+
+import pydicom
+import pytest
+
+from cxr_platform.inference.log import InferenceLog
+
+from .conftest import VARIANTS, dciodvfy_errors, radiograph, wait_for
+from .scu import send
+
+pytestmark = pytest.mark.xdist_group("pacs")
+
+
+def _new_worker(node, known: set[int], timeout: float = 90.0) -> int:
+    """A worker process id not seen before (the pool starts them on demand)."""
+    found: list[int] = []
+
+    def appeared() -> bool:
+        found[:] = [pid for pid in node.pool.pids() if pid not in known]
+        return bool(found)
+
+    wait_for(appeared, timeout=timeout, what="a new scoring worker")
+    return found[0]
+
+
+def test_two_workers_score_a_burst_and_a_killed_worker_loses_nothing(
+    node_factory, chest_pngs, caplog
+):
+    node = node_factory(dicom_workers=2)
+    assert node.pool is not None and node.pool.workers == 2
+    node.start()
+    variants = [VARIANTS["cr-mono2-12bit"], VARIANTS["cr-jpegls"]]
+    sources = [radiograph(chest_pngs[i % len(chest_pngs)], variants[i % 2]) for i in range(16)]
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    rows_before = len(log.records(site="MODALITY"))
+    with caplog.at_level(logging.INFO, logger="cxr_platform.pacs"):
+        assert send(node.port, sources).statuses == [0x0000] * len(sources)
+        wait_for(lambda: node.counters.processed >= 1, what="the first result")
+        still_spooled = len(node.storage.spooled())
+        assert still_spooled > 0, "the burst finished before a worker could be killed"
+        victim = node.pool.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        uids = [source.SOPInstanceUID for source in sources]
+        wait_for(
+            lambda: all(node.storage.status(uid) == "processed" for uid in uids),
+            timeout=180,
+            what="every instance processed after the kill",
+        )
+    assert victim not in node.pool.pids()
+    assert "a scoring worker died" in caplog.text
+    assert node.counters.failed == 0 and node.counters.processed == len(sources)
+    assert node.storage.spooled() == [] and not any(node.storage.failed_dir.glob("*.dcm"))
+    # Four results for each instance, once each, valid; the killed worker's instance among them.
+    studies = node.storage.outbox()
+    results = [path for study in studies for path in study.files]
+    assert len(results) == 4 * len(sources)
+    referenced = Counter()
+    for path in results:
+        result = pydicom.dcmread(path)
+        if result.Modality == "SR":
+            evidence = result.CurrentRequestedProcedureEvidenceSequence[0]
+            referenced[
+                evidence.ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0]
+                .ReferencedSOPInstanceUID
+            ] += 1
+    assert referenced == Counter(uids)
+    assert dciodvfy_errors(results[0]) == []
+    # Every image was scored and logged; the one out when its worker died may be logged twice
+    # (its row was written before the kill), never missing.
+    rows = log.records(site="MODALITY")
+    assert len(rows) - rows_before >= len(sources)
+    log.dispose()
+
+
+def test_an_instance_out_at_every_worker_death_is_kept_aside_and_the_node_goes_on(
+    node_factory, chest_pngs
+):
+    """Three deaths with the same instance out (a decoder that crashes on it would do that):
+    it goes to the failed folder with the reason, and the next instance is processed."""
+    node = node_factory(dicom_workers=1)
+    node.start()
+    poisoned = radiograph(chest_pngs[0], VARIANTS["cr-mono2-12bit"])
+    assert send(node.port, [poisoned]).statuses == [0x0000]
+    seen: set[int] = set()
+    for _ in range(3):
+        worker = _new_worker(node, seen)
+        seen.add(worker)
+        os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: node.storage.status(poisoned.SOPInstanceUID) == "failed", what="quarantine")
+    assert "died each of the 3 times" in (node.storage.detail(poisoned.SOPInstanceUID) or "")
+    assert [p.stem for p in node.storage.failed_dir.glob("*.dcm")] == [poisoned.SOPInstanceUID]
+    healthy = radiograph(chest_pngs[1], VARIANTS["cr-mono2-12bit"])
+    assert send(node.port, [healthy]).statuses == [0x0000]
+    wait_for(
+        lambda: node.storage.status(healthy.SOPInstanceUID) == "processed",
+        timeout=120,
+        what="the next instance",
+    )
