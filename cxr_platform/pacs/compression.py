@@ -1,5 +1,6 @@
 """Lossless compression of the node's image results on the way to PACS, each kind in the
-transfer syntax that suits its pixels.
+transfer syntax that suits its pixels. The worker that builds a result compresses it (on its own
+core); the sender sends it as it is, or decompressed to a destination that does not take it.
 
 - The secondary capture is an 8-bit RGB picture: JPEG-LS Lossless.
 - The segmentation is 1-bit and the parametric map 32-bit float, which JPEG-LS cannot encode
@@ -18,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     JPEGLSLossless,
     ParametricMapStorage,
     SecondaryCaptureImageStorage,
@@ -69,4 +71,17 @@ def compress_dataset(dataset: Dataset) -> Dataset:
         # Lossless: the same object, so its deterministic UID stays (pydicom makes a new one by
         # default, which would duplicate the result in PACS).
         dataset.compress(syntax, generate_instance_uid=False)
+    return dataset
+
+
+def decompress_dataset(dataset: Dataset) -> Dataset:
+    """``dataset`` in Explicit VR Little Endian (in place), for a destination that takes no
+    compressed syntax; the object and its UID stay the same."""
+    syntax = dataset.file_meta.TransferSyntaxUID
+    if is_uncompressed(syntax):
+        return dataset
+    if syntax.is_deflated:
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # inflated when it was read
+    else:
+        dataset.decompress(generate_instance_uid=False)
     return dataset

@@ -35,6 +35,7 @@ from cxr_platform.inference.scoring import (
 from cxr_platform.model_version.input_gate import GateVerdict
 from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
 from cxr_platform.model_version.predictor import Prediction, Predictor
+from cxr_platform.pacs.compression import compress_dataset
 from cxr_platform.pacs.results import (
     Algorithm,
     NodeResults,
@@ -79,6 +80,7 @@ class ProcessorConfig:
     institution_name: str | None = None
     max_pixels: int = 100_000_000
     refusal_sr: bool = True  # answer a refused image that claims to be a chest with an SR
+    compress: tuple[str, ...] = ()  # image kinds kept (and sent) in their lossless syntax
 
     def __post_init__(self) -> None:
         unknown = set(self.results) - set(RESULT_KINDS)
@@ -267,6 +269,12 @@ class InstanceProcessor:
             if "sc" in kinds:
                 sc = build_sc(source, overlay_rgb, prediction, algorithm)
                 clock.lap("SC")
+        for kind, result in (("seg", seg), ("pmap", pmap), ("sc", sc)):
+            if result is not None and kind in self.config.compress:
+                # Deflate only marks the syntax (the bytes are deflated when encoded); JPEG-LS
+                # compresses the pixels here.
+                compress_dataset(result)
+        clock.lap("compress")
         return Processed(
             prediction=prediction,
             results=NodeResults(sr=sr, seg=seg, pmap=pmap, sc=sc),

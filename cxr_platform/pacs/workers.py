@@ -110,6 +110,7 @@ class ProcessorSpec:
                 institution_name=dicom.dicom_institution_name,
                 max_pixels=dicom.max_image_pixels,
                 refusal_sr=dicom.dicom_refusal_sr,
+                compress=tuple(dicom.dicom_compress_results),
             ),
         )
 
