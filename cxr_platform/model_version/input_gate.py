@@ -89,16 +89,29 @@ class GateVerdict:
 ACCEPTED_WITHOUT_GATE = GateVerdict(True, detail="this model version has no input gate")
 
 
+def shrunk(squares: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """(N, S, S) uint8 model inputs -> (N, 32, 32) uint8, each the box-filtered image."""
+    out = np.empty((len(squares), THUMBNAIL_SIDE, THUMBNAIL_SIDE), np.uint8)
+    for index, square in enumerate(squares):
+        out[index] = np.asarray(
+            Image.fromarray(np.asarray(square, dtype=np.uint8)).resize(
+                (THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX
+            )
+        )
+    return out
+
+
+def standardised(small: np.ndarray) -> np.ndarray:
+    """(N, 32, 32) shrunk images -> (N, 32*32) float32, each to mean 0 and spread 1."""
+    values = small.reshape(len(small), -1).astype(np.float32)
+    return (values - values.mean(axis=1, keepdims=True)) / (
+        values.std(axis=1, keepdims=True) + 1e-3
+    )
+
+
 def thumbnails(squares: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """(N, S, S) uint8 model inputs -> (N, 32*32) standardised float32 thumbnails."""
-    out = np.empty((len(squares), THUMBNAIL_SIDE * THUMBNAIL_SIDE), np.float32)
-    for index, square in enumerate(squares):
-        small = Image.fromarray(np.asarray(square, dtype=np.uint8)).resize(
-            (THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX
-        )
-        values = np.asarray(small, dtype=np.float32).ravel()
-        out[index] = (values - values.mean()) / (values.std() + 1e-3)
-    return out
+    return standardised(shrunk(squares))
 
 
 def degenerate_verdict(pixels: np.ndarray, limits: DegenerateLimits) -> GateVerdict | None:
@@ -146,7 +159,10 @@ class InputGate:
 
     def scores(self, squares: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Distance of each model input from the training images (about 1 for one of them)."""
-        centred = thumbnails(squares) - self.mean
+        return self._distances(thumbnails(squares))
+
+    def _distances(self, thumbs: np.ndarray) -> np.ndarray:
+        centred = thumbs - self.mean
         coefficients = centred @ self.components.T
         residual = centred - coefficients @ self.components
         inside = (coefficients**2 / self.variances).sum(axis=1)
@@ -164,10 +180,18 @@ class InputGate:
         pending = [i for i, verdict in enumerate(verdicts) if verdict is None]
         if pending:
             chosen = np.asarray(squares)[pending]
-            upright = self.scores(chosen)
-            # The two ways a film is commonly mounted wrong that keep it a plausible image.
+            # The two ways a film is commonly mounted wrong that keep it a plausible image. Where
+            # the 32x32 boxes tile the input exactly, the turned image's thumbnail is the turned
+            # thumbnail (the same pixels in each box), at a third of the cost.
+            small = shrunk(chosen)
+            if chosen.shape[1] % THUMBNAIL_SIDE == 0 and chosen.shape[2] % THUMBNAIL_SIDE == 0:
+                flipped, rotated = small[:, ::-1, :], np.rot90(small, 2, axes=(1, 2))
+            else:
+                flipped = shrunk(chosen[:, ::-1, :])
+                rotated = shrunk(np.rot90(chosen, 2, axes=(1, 2)))
+            upright = self._distances(standardised(small))
             turned = np.minimum(
-                self.scores(chosen[:, ::-1, :]), self.scores(np.rot90(chosen, 2, axes=(1, 2)))
+                self._distances(standardised(flipped)), self._distances(standardised(rotated))
             )
             for index, score, turned_score in zip(pending, upright, turned, strict=True):
                 verdicts[index] = self._distance_verdict(float(score), float(turned_score))

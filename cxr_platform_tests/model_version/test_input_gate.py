@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,30 @@ def test_fitting_needs_enough_images(learnable_cache):
     images = learnable_cache.images("train", mmap=False)
     with pytest.raises(InputGateError, match="needs more than"):
         fit_input_gate(images[:5], images[:5])
+
+
+@pytest.mark.parametrize("side", [96, 100])
+def test_the_turned_scores_are_those_of_the_turned_images_whatever_the_side(
+    fitted, test_originals, side
+):
+    """The gate turns the 32x32 thumbnail instead of the image where the boxes tile the input
+    (96 here, 224 in the full profile); either way every verdict is that of scoring the turned
+    images themselves, and the thumbnails are identical."""
+    from cxr_platform.model_version.input_gate import shrunk
+
+    gate, config = fitted
+    squares = np.stack(
+        [to_square_uint8(original, replace(config, image_size=side)) for original in test_originals]
+    )
+    flipped, rotated = squares[:, ::-1, :], np.rot90(squares, 2, axes=(1, 2))
+    if side % 32 == 0:
+        assert (shrunk(flipped) == shrunk(squares)[:, ::-1, :]).all()
+        assert (shrunk(rotated) == np.rot90(shrunk(squares), 2, axes=(1, 2))).all()
+    turned = np.minimum(gate.scores(flipped), gate.scores(rotated))
+    upright = gate.scores(squares)
+    expected = [
+        gate._distance_verdict(float(a), float(b)) for a, b in zip(upright, turned, strict=True)
+    ]
+    judged = gate.judge_many(test_originals, squares)
+    assert [v.describe() for v in judged] == [v.describe() for v in expected]
+    assert [v.score for v in judged] == pytest.approx([v.score for v in expected], abs=1e-9)
