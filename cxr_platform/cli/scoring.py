@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from cxr_platform.cli.group import cli, fail_cleanly, settings_for
+from cxr_platform.data.patient_age import AgeReading
 from cxr_platform.model_version.aliases import ALIASES, PRODUCTION
 from cxr_platform.sections import PRECISIONS
-from cxr_platform.settings import settings_environment
+from cxr_platform.settings import CxrSettings, settings_environment
 from cxr_platform.terminal import interactive
 
 
@@ -57,6 +58,13 @@ from cxr_platform.terminal import interactive
     help="CSV of path,patient_age for images whose header says no age (PNG, JPEG): years or a "
     "DICOM age string. An image outside the version's intended use is refused in its row.",
 )
+@click.option(
+    "--url",
+    default=None,
+    help="Score through the running service at this URL (POST /predict/batch, --batch-size "
+    "images a request) instead of in this process: the service's production answers and "
+    "logs, with its API key from CXR_SERVICE_API_KEY; the CSV gains request_id.",
+)
 @click.pass_context
 @fail_cleanly
 def predict(
@@ -69,6 +77,7 @@ def predict(
     no_log: bool,
     site: str | None,
     ages_csv: Path | None,
+    url: str | None,
 ) -> None:
     """Predict PNG/JPEG/DICOM files and folders with a registered model, as CSV.
 
@@ -93,6 +102,23 @@ def predict(
             fg="yellow",
             err=True,
         )
+    if url is not None:
+        chosen = [
+            name
+            for name, given in (
+                ("--model", model_ref is not None),
+                ("--precision", precision != "fp32"),
+                ("--no-log", no_log),
+            )
+            if given
+        ]
+        if chosen:
+            raise click.UsageError(
+                f"{', '.join(chosen)}: the service at --url decides the model, its precision "
+                "and its log"
+            )
+        _predict_through_service(settings, url, files, out, batch_size, site, ages)
+        return
     registry = registry_for(settings.registry)
     info = registry.get(model_ref or registry.version_for_site(site))
     predictor = Predictor(
@@ -122,6 +148,36 @@ def predict(
         f"{summary.n_failed} failed, model {predictor.model_name} version {info.version}"
         + (f"; wrote {out}" if out else "")
         + ("" if no_log else f"; {summary.n_logged} logged"),
+        err=True,
+    )
+    if summary.n_failed:
+        sys.exit(1)
+
+
+def _predict_through_service(
+    settings: CxrSettings,
+    url: str,
+    files: list[Path],
+    out: Path | None,
+    batch_size: int,
+    site: str | None,
+    ages: dict[Path, AgeReading],
+) -> None:
+    from cxr_platform.serving.client import ServiceTarget, predict_through_service
+
+    target = ServiceTarget(url, api_key=settings.serving.service_api_key, site=site)
+    options = {"batch_size": batch_size, "ages": ages, "progress": interactive() and len(files) > 1}
+    if out is None:
+        summary = predict_through_service(target, files, sys.stdout, **options)
+    else:
+        tmp = out.with_name(out.name + ".partial")
+        with tmp.open("w", newline="") as handle:
+            summary = predict_through_service(target, files, handle, **options)
+        tmp.replace(out)
+    click.echo(
+        f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
+        f"{summary.n_failed} failed, by the service at {url}"
+        + (f"; wrote {out}" if out else ""),
         err=True,
     )
     if summary.n_failed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import socket
 import sys
@@ -35,7 +36,7 @@ from cxr_platform.serving.process import ServiceProcess, free_port
 
 from ..conftest import other_population_images
 from ..data.dicom_factory import make_dicom, to_bytes
-from .conftest import MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
+from .conftest import API_KEY, MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
 
 pytestmark = pytest.mark.xdist_group("live_service")
 
@@ -740,6 +741,66 @@ def test_a_batch_is_refused_whole_where_the_request_itself_is_wrong(live_service
         assert over.status_code == 413 and over.json()["error"] == "upload_too_large"
     with live_service.client(key=None) as anonymous:
         assert post_batch(anonymous, [("a.png", png(50))]).status_code == 401
+
+
+def _cxr_predict_url(live_service, *args: str, key: str = API_KEY):
+    import subprocess
+
+    command = [str(Path(sys.executable).with_name("cxr")), "predict", *args]
+    env = {**os.environ, "CXR_HOME": str(live_service.settings.home), "CXR_SERVICE_API_KEY": key}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cxr_predict_url_scores_a_folder_through_the_running_service(live_service, tmp_path):
+    import csv
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(5):
+        (folder / f"chest-{seed}.png").write_bytes(png(60 + seed))
+    (folder / "truncated.png").write_bytes(png(66)[:400])
+    (folder / "document.png").write_bytes(_negative("document"))
+    log = live_service.inference_log()
+    before = log.count()
+    out = tmp_path / "scores.csv"
+    # Batches of 3: the answers of several requests come back in the order of the files.
+    done = _cxr_predict_url(
+        live_service, str(folder), "--url", live_service.url, "--batch-size", "3",
+        "--out", str(out), "--site", "url-site",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # two images failed
+    assert "5 predicted" in done.stderr and "2 failed" in done.stderr
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert sorted(rows) == sorted(p.name for p in folder.iterdir())
+    assert rows["truncated.png"]["error"].startswith("truncated: ")
+    assert rows["document.png"]["error"].startswith("not_a_chest_radiograph: ")
+    assert rows["document.png"]["request_id"]
+    predicted = [row for row in rows.values() if not row["error"]]
+    assert len(predicted) == 5 and all(row["request_id"] for row in predicted)
+    assert {row["model_version"] for row in predicted} == {live_service.production_version}
+    # The service logged them, under the site the command named.
+    assert log.count() == before + 5
+    logged = log.records(site="url-site").set_index("request_id")
+    for row in predicted:
+        assert logged.loc[row["request_id"]].probability == pytest.approx(
+            float(row["probability"]), abs=1e-6
+        )
+
+
+def test_cxr_predict_url_fails_clearly_when_the_service_refuses_or_is_not_there(
+    live_service, tmp_path
+):
+    image = tmp_path / "a.png"
+    image.write_bytes(png(70))
+    wrong_key = _cxr_predict_url(live_service, str(image), "--url", live_service.url, key="nope")
+    assert wrong_key.returncode == 2 and "401" in wrong_key.stderr
+    assert "Traceback" not in wrong_key.stderr
+    nowhere = _cxr_predict_url(live_service, str(image), "--url", f"http://127.0.0.1:{free_port()}")
+    assert nowhere.returncode == 2 and "cannot reach the service" in nowhere.stderr
+    mixed = _cxr_predict_url(
+        live_service, str(image), "--url", live_service.url, "--model", "1", "--no-log"
+    )
+    assert mixed.returncode == 2 and "--model, --no-log" in mixed.stderr
 
 
 def test_cxr_serve_starts_the_same_service_without_an_api_key(live_service, tmp_path):
