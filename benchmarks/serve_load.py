@@ -4,21 +4,35 @@ In one run:
   (a) raw: the production model's ONNX Runtime session in this process, on images already
       prepared (the pure model cost), and the full in-process path from file bytes (decode,
       preprocessing, ONNX Runtime) that the service wraps;
-  (b) the live service (``bentoml serve`` started here, same model): latency p50/p95/p99 at
-      concurrency 1, and throughput at concurrency 16.
+  (b) the live service (``bentoml serve`` started here, same model), by each way of sending
+      (``--modes``): ``multipart`` (POST /predict, the form upload), ``body`` (POST /predict with
+      the image as an octet-stream body) and ``batch`` (POST /predict/batch, ``--batch-images``
+      a request): latency p50/p95/p99 at concurrency 1, throughput at ``--concurrency``, and the
+      CPU the service's process spends per image above what raw ONNX Runtime needs for it (the
+      overhead, in core-ms).
+With ``--profile``, py-spy samples the service's process during each concurrent phase and the
+samples are put into stages (the model, decoding, the input gate, drift features, the log, the
+HTTP server, BentoML, ...), in core-ms per image.
+
 Ratios are service / raw. The load generator runs on the same machine and takes CPU from the
 service, so on a small machine the figures are a lower bound for the service.
 
     CXR_HOME=<home with a production model> .venv/bin/python benchmarks/serve_load.py
         [--images DIR] [--requests 200] [--concurrency 16] [--precision fp32|int8]
+        [--modes multipart body batch] [--batch-images 16] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -128,23 +142,142 @@ def process_cpu_seconds(root_pid: int) -> dict[str, float]:
     return roles
 
 
-def service_figures(
-    url: str, payloads: list[bytes], requests: int, concurrency: int, root_pid: int
-) -> dict[str, float]:
-    def post(client: httpx.Client, data: bytes) -> float:
+# Stages of the service's work, by the frames a sample's stack holds: the innermost frame that
+# matches names the stage (so PIL inside the decoder counts as decoding).
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model (ONNX Runtime)", ("onnxruntime",)),
+    ("drift features", ("cxr_platform/data/features.py",)),
+    ("input gate", ("model_version/input_gate.py",)),
+    ("preprocessing", ("data/preprocessing.py",)),
+    ("decoding", ("data/imaging.py", "data/dicom_pixels.py", "data/decoded.py")),
+    ("inference log (SQL)", ("inference/log.py",)),
+    ("inputs kept for feedback", ("inference/retained.py",)),
+    ("batcher and scoring core", ("inference/scoring.py", "serving/batching.py")),
+    ("edge middleware", ("serving/edge.py",)),
+    ("form parsing, temporary file", ("formparsers", "multipart", "tempfile")),
+    ("metrics", ("prometheus",)),
+    ("logging", ("logging/",)),
+    ("service handlers", ("serving/service.py", "serving/answers.py")),
+    ("BentoML", ("bentoml",)),
+    ("HTTP server (uvicorn)", ("uvicorn", "httptools", "h11")),
+    ("Starlette", ("starlette",)),
+    ("threads and event loop", ("anyio", "asyncio", "threading", "concurrent")),
+)
+# Leaf frames of a thread waiting for work: not CPU.
+IDLE_LEAVES = (
+    "Condition.wait",
+    "Event.wait",
+    "Runner.run (asyncio/runners.py",
+    "select (selectors",
+    "_worker (concurrent",
+)
+
+
+def stage_of(frames: list[str]) -> str | None:
+    if frames[-1].startswith(IDLE_LEAVES):
+        return None
+    for frame in reversed(frames):
+        for stage, patterns in STAGES:
+            if any(pattern in frame for pattern in patterns):
+                return stage
+    return "other"
+
+
+def profile_stages(raw_path: Path, rate: int, images: int) -> dict[str, float]:
+    """core-ms per image by stage, from py-spy's raw output (one line per distinct stack)."""
+    samples: collections.Counter[str] = collections.Counter()
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        stage = stage_of(stack.split(";"))
+        if stage is not None:
+            samples[stage] += int(count)
+    return {stage: n * 1000.0 / rate / images for stage, n in samples.most_common()}
+
+
+class Profiler:
+    """py-spy sampling one process (non-blocking: it does not pause the service)."""
+
+    RATE = 250
+
+    def __init__(self, pid: int, out: Path) -> None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.out = out
+        self.process = subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
+             "--rate", str(self.RATE), "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(1.0)  # attached before the load starts
+        if self.process.poll() is not None:
+            raise SystemExit(f"py-spy could not attach: {self.process.stderr.read().decode()}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=60)
+
+
+def api_pid(root_pid: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"cxr_pneumonia" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return root_pid
+
+
+class Sender:
+    """One way of sending images: multipart, the body, or several to a batch request."""
+
+    def __init__(self, mode: str, batch_images: int) -> None:
+        self.mode = mode
+        self.images_per_request = batch_images if mode == "batch" else 1
+
+    def post(self, client: httpx.Client, url: str, payloads: list[bytes]) -> float:
         start = time.perf_counter()
-        response = client.post(f"{url}/predict", files={"file": ("image", data)})
+        if self.mode == "multipart":
+            response = client.post(f"{url}/predict", files={"file": ("image", payloads[0])})
+        elif self.mode == "body":
+            response = client.post(
+                f"{url}/predict",
+                content=payloads[0],
+                headers={"content-type": "application/octet-stream"},
+            )
+        else:
+            files = [("file", (f"{i}", data)) for i, data in enumerate(payloads)]
+            response = client.post(f"{url}/predict/batch", files=files)
         if response.status_code != 200:
             # The gate was asked above; anything else refused here is a finding, not a crash.
             raise SystemExit(f"the service answered {response.status_code}: {response.text}")
+        if self.mode == "batch":
+            statuses = {answer["status"] for answer in response.json()["results"]}
+            if statuses != {200}:
+                raise SystemExit(f"the service refused images of a batch: {response.text}")
         return time.perf_counter() - start
 
-    with httpx.Client(timeout=60) as client:
-        for data in payloads[:10]:
-            post(client, data)
-        sequential = [post(client, payloads[i % len(payloads)]) for i in range(requests)]
 
-    counter = iter(range(requests * 2))
+def service_figures(
+    url: str,
+    payloads: list[bytes],
+    requests: int,
+    concurrency: int,
+    root_pid: int,
+    sender: Sender,
+    profile_to: Path | None,
+) -> dict[str, object]:
+    per = sender.images_per_request
+
+    def chunk(i: int) -> list[bytes]:
+        return [payloads[(i * per + k) % len(payloads)] for k in range(per)]
+
+    with httpx.Client(timeout=60) as client:
+        for i in range(10):
+            sender.post(client, url, chunk(i))
+        sequential = [sender.post(client, url, chunk(i)) for i in range(max(20, requests // per))]
+
+    counter = iter(range(max(2 * requests // per, 4 * concurrency)))
     lock = threading.Lock()
     concurrent_latencies: list[float] = []
 
@@ -155,10 +288,11 @@ def service_figures(
                     i = next(counter, None)
                 if i is None:
                     return
-                latency = post(client, payloads[i % len(payloads)])
+                latency = sender.post(client, url, chunk(i))
                 with lock:
                     concurrent_latencies.append(latency)
 
+    profiler = Profiler(api_pid(root_pid), profile_to) if profile_to else None
     cpu_before = process_cpu_seconds(root_pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -166,9 +300,13 @@ def service_figures(
             future.result()
     elapsed = time.perf_counter() - start
     cpu_after = process_cpu_seconds(root_pid)
-    n = len(concurrent_latencies)
+    images = len(concurrent_latencies) * per
+    stages = {}
+    if profiler is not None:
+        profiler.stop()
+        stages = profile_stages(profiler.out, Profiler.RATE, images)
     cpu_ms = {
-        role: (cpu_after[role] - cpu_before.get(role, 0.0)) / n * 1000.0 for role in cpu_after
+        role: (cpu_after[role] - cpu_before.get(role, 0.0)) / images * 1000.0 for role in cpu_after
     }
     p50, p95, p99 = percentiles(sequential)
     c50, c95, c99 = percentiles(concurrent_latencies)
@@ -176,11 +314,12 @@ def service_figures(
         "p50": p50,
         "p95": p95,
         "p99": p99,
-        "throughput": len(concurrent_latencies) / elapsed,
+        "throughput": images / elapsed,
         "c_p50": c50,
         "c_p95": c95,
         "c_p99": c99,
-        "cpu_ms": cpu_ms,  # type: ignore[dict-item]
+        "cpu_ms": cpu_ms,
+        "stages": stages,
     }
 
 
@@ -191,6 +330,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument(
+        "--modes", nargs="+", choices=["multipart", "body", "batch"], default=["multipart"]
+    )
+    parser.add_argument("--batch-images", type=int, default=16, help="images per batch request")
+    parser.add_argument("--profile", action="store_true", help="py-spy the service by stage")
     args = parser.parse_args()
 
     settings = load_settings()
@@ -209,6 +353,7 @@ def main() -> None:
     predictor = Predictor(
         registry.download(version), model_version=version, precision=args.precision
     )
+    arch = predictor.metadata.arch
     payloads, refused = accepted_by_the_gate(predictor, payloads)
     if not payloads:
         raise SystemExit(f"the model's input gate refuses every image in {images_dir}: {refused}")
@@ -216,6 +361,7 @@ def main() -> None:
     raw = raw_figures(predictor, payloads, batch)
     del predictor
 
+    served: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         env = {
             "CXR_HOME": str(settings.home),
@@ -227,47 +373,62 @@ def main() -> None:
             env["CXR_SERVICE_MAX_BATCH_SIZE"] = str(args.max_batch_size)
         with ServiceProcess(env=env, log_path=Path(scratch) / "service.log") as service:
             assert service.process is not None
-            served = service_figures(
-                service.url, payloads, args.requests, args.concurrency, service.process.pid
-            )
+            for mode in args.modes:
+                served[mode] = service_figures(
+                    service.url,
+                    payloads,
+                    args.requests,
+                    args.concurrency,
+                    service.process.pid,
+                    Sender(mode, args.batch_images),
+                    Path(scratch) / f"profile-{mode}.txt" if args.profile else None,
+                )
 
+    raw_cpu_ms = 1000.0 * (os.cpu_count() or 1) / raw["throughput"]
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model "
-        f"v{version} ({args.precision}); {len(payloads)} distinct images from {images_dir.name}; "
-        f"max batch {batch}"
+        f"v{version} {arch} ({args.precision}); {len(payloads)} distinct images from "
+        f"{images_dir.name}; max batch {batch}; concurrency {args.concurrency}"
     )
     if refused:
         print(f"left out, refused by the model's input gate: {refused}")
     print(
         f"raw ONNX Runtime, prepared input: {raw['latency_ms']:.1f} ms/image at batch 1, "
-        f"{raw['throughput']:.1f} img/s at its best batch size ({raw['best_batch']})"
+        f"{raw['throughput']:.1f} img/s at its best batch size ({raw['best_batch']}) = "
+        f"{raw_cpu_ms:.2f} core-ms/image"
     )
     print(
         f"raw in-process from bytes (decode+preprocess+ORT): {raw['full_latency_ms']:.1f} ms, "
         f"{raw['full_throughput']:.1f} img/s"
     )
     print(
-        f"service c=1:  p50 {served['p50']:.1f} ms  p95 {served['p95']:.1f} ms  "
-        f"p99 {served['p99']:.1f} ms"
+        "| mode | c=1 p50 ms (per request) | c=1 p50 / raw | c=N img/s | c=N / raw | "
+        "service core-ms/img | overhead core-ms/img | load generator core-ms/img |"
     )
-    print(
-        f"service c={args.concurrency}: {served['throughput']:.1f} img/s  (p50 "
-        f"{served['c_p50']:.1f} ms, p95 {served['c_p95']:.1f} ms, p99 {served['c_p99']:.1f} ms)"
-    )
-    accounting = ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(served["cpu_ms"].items()))
-    raw_cpu_ms = 1000.0 * (os.cpu_count() or 1) / raw["throughput"]
-    service_cpu_ms = sum(ms for role, ms in served["cpu_ms"].items() if role != "load generator")
-    print(
-        f"CPU per request at c={args.concurrency} (core-ms): {accounting}; raw ONNX Runtime "
-        f"needs {raw_cpu_ms:.1f} per image, so the service spends "
-        f"{raw_cpu_ms / service_cpu_ms:.0%} of its CPU in the model"
-    )
-    print(
-        f"ratios: c=1 p50 / raw latency = {served['p50'] / raw['latency_ms']:.2f}x "
-        f"(target <= 1.5x); c={args.concurrency} throughput / raw = "
-        f"{served['throughput'] / raw['throughput']:.0%} (target >= 85%); "
-        f"vs in-process from bytes = {served['throughput'] / raw['full_throughput']:.0%}"
-    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for mode, figures in served.items():
+        cpu = figures["cpu_ms"]
+        service_cpu = sum(ms for role, ms in cpu.items() if role != "load generator")
+        print(
+            f"| {mode}{f' x{args.batch_images}' if mode == 'batch' else ''} | "
+            f"{figures['p50']:.1f} | {figures['p50'] / raw['latency_ms']:.2f}x | "
+            f"{figures['throughput']:.1f} | {figures['throughput'] / raw['throughput']:.0%} | "
+            f"{service_cpu:.2f} | {service_cpu - raw_cpu_ms:.2f} | "
+            f"{cpu.get('load generator', 0.0):.2f} |"
+        )
+    if args.profile:
+        stages = sorted({stage for figures in served.values() for stage in figures["stages"]})
+        print(f"\nwhere the service's CPU goes (py-spy, core-ms per image at c={args.concurrency})")
+        print("| stage | " + " | ".join(served) + " |")
+        print("| --- |" + " --- |" * len(served))
+        rows = sorted(
+            stages, key=lambda stage: -max(f["stages"].get(stage, 0.0) for f in served.values())
+        )
+        for stage in rows:
+            cells = " | ".join(f"{f['stages'].get(stage, 0.0):.2f}" for f in served.values())
+            print(f"| {stage} | {cells} |")
+        totals = " | ".join(f"{sum(f['stages'].values()):.2f}" for f in served.values())
+        print(f"| all sampled | {totals} |")
 
 
 if __name__ == "__main__":
