@@ -67,16 +67,26 @@ class Explainer:
         heatmap, blended = self.heatmap_overlay(prepared.pixels, prepared.decoded)
         return Explanation(prediction, heatmap, blended)
 
+    def heatmap(self, pixels: np.ndarray) -> np.ndarray:
+        """Grad-CAM of an already prepared uint8 square, at the model's resolution."""
+        normalized = normalize_uint8(pixels[None], self.predictor.preprocessing)
+        return gradcam_heatmaps(self.model, self.arch, torch.from_numpy(normalized)[:, None])[0]
+
     def heatmap_overlay(
         self, pixels: np.ndarray, decoded: DecodedImage
     ) -> tuple[np.ndarray, np.ndarray]:
         """Grad-CAM of an already prepared uint8 square, and its overlay on the original image
         (for callers that scored the image elsewhere, such as the HTTP service)."""
-        normalized = normalize_uint8(pixels[None], self.predictor.preprocessing)
-        heatmap = gradcam_heatmaps(self.model, self.arch, torch.from_numpy(normalized)[:, None])[0]
+        heatmap = self.heatmap(pixels)
+        return heatmap, self.overlay(heatmap, decoded)
+
+    def overlay(self, heatmap: np.ndarray, decoded: DecodedImage) -> np.ndarray:
+        """A model-resolution ``heatmap`` (or one already on the original's grid) blended over
+        the original image, at the original's resolution."""
         original = np.clip(np.rint(decoded.pixels * 255.0), 0, 255).astype(np.uint8)
-        content = content_region(heatmap, original.shape, self.predictor.preprocessing)
-        return heatmap, overlay(original, content)
+        if heatmap.shape != original.shape:
+            heatmap = content_region(heatmap, original.shape, self.predictor.preprocessing)
+        return overlay(original, heatmap)
 
     def content_region(self, heatmap: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
         return content_region(heatmap, original_shape, self.predictor.preprocessing)

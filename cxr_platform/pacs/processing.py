@@ -256,19 +256,25 @@ class InstanceProcessor:
         seg = pmap = sc = None
         if {"seg", "pmap", "sc"} & set(kinds):
             explainer = self._explainer(str(prediction.model_version), production)
-            assert prepared.decoded is not None
-            heatmap, overlay_rgb = explainer.heatmap_overlay(prepared.pixels, prepared.decoded)
-            clock.lap("Grad-CAM and overlay")
-            if "seg" in kinds or "pmap" in kinds:
-                content = explainer.content_region(heatmap, prepared.decoded.pixels.shape)
-                on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
-                seg = build_seg(source, on_grid, algorithm) if "seg" in kinds else None
+            decoded = prepared.decoded
+            assert decoded is not None
+            # Grad-CAM at the model's resolution, brought to the source's grid once: the SEG,
+            # the map and the overlay all draw on that one upsampled map.
+            heatmap = explainer.heatmap(prepared.pixels)
+            content = explainer.content_region(heatmap, decoded.pixels.shape)
+            on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
+            clock.lap("Grad-CAM")
+            if "seg" in kinds:
+                seg = build_seg(source, on_grid, algorithm)
                 clock.lap("SEG")
-                pmap = build_pmap(source, on_grid, algorithm) if "pmap" in kinds else None
+            if "pmap" in kinds:
+                pmap = build_pmap(source, on_grid, algorithm)
                 clock.lap("parametric map")
             if "sc" in kinds:
-                sc = build_sc(source, overlay_rgb, prediction, algorithm)
-                clock.lap("SC")
+                # The decoded image has the source's grid, unless a header lied about its size.
+                grid = on_grid if on_grid.shape == decoded.pixels.shape else heatmap
+                sc = build_sc(source, explainer.overlay(grid, decoded), prediction, algorithm)
+                clock.lap("overlay and SC")
         for kind, result in (("seg", seg), ("pmap", pmap), ("sc", sc)):
             if result is not None and kind in self.config.compress:
                 # Deflate only marks the syntax (the bytes are deflated when encoded); JPEG-LS
