@@ -22,12 +22,15 @@ import io
 import os
 import sqlite3
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 
 from cxr_platform.disk import DiskBudget, folder_bytes
 
@@ -62,10 +65,31 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(descriptor)
 
 
+# zlib level for Deflated Explicit VR Little Endian. pydicom deflates at zlib's default (6); on
+# a detector-sized parametric map level 3 took 80 ms against 178 for 1.5 MB against 1.0 (of
+# 13.3 MB): the node's workers spend the CPU, a LAN carries the half megabyte.
+DEFLATE_LEVEL = 3
+
+
 def encode_dataset(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    """Part 10 bytes, in the transfer syntax the file meta names."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not syntax.is_deflated:
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, dataset.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, dataset)
+    compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = compressor.compress(body.getvalue()) + compressor.flush()
+    out.write(deflated + (b"\x00" if len(deflated) % 2 else b""))
+    return out.getvalue()
 
 
 def _safe_uid(uid: str) -> str:
