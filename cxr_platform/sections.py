@@ -546,6 +546,12 @@ class DicomSection(_Scoring):
         "in the node's own process, on one core.",
         ge=0,
     )
+    dicom_send_associations: int = setting(
+        4,
+        doc="Studies whose results go to the destination at once, each over its own "
+        "association (or STOW-RS request).",
+        ge=1,
+    )
     dicom_accept_lateral: bool = setting(
         False, doc="Also classify lateral views (the model saw frontal ones)."
     )

@@ -53,6 +53,7 @@ def build_node(
         retry_max_seconds=dicom.dicom_retry_max_seconds,
         destination_tls_ca=dicom.dicom_destination_tls_ca,
         compress_results=tuple(dicom.dicom_compress_results),
+        send_associations=dicom.dicom_send_associations,
         dicomweb_port=dicom.dicom_web_port,
         dicomweb_keys=parse_client_keys(dicom.dicom_web_keys, "CXR_DICOM_WEB_KEYS"),
         dicomweb_max_body_bytes=int(dicom.dicom_web_max_upload_mb * 1024 * 1024),

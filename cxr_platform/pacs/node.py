@@ -140,6 +140,7 @@ class NodeConfig:
     retry_max_seconds: float = 300.0
     idle_poll_seconds: float = 1.0
     compress_results: tuple[str, ...] = ("seg", "pmap")  # kinds sent compressed where accepted
+    send_associations: int = 4  # studies sent to the destination at once
     # STOW-RS in: None keeps it off; 0 lets the system pick a port.
     dicomweb_port: int | None = None
     dicomweb_keys: dict[str, str] = field(default_factory=dict)  # key -> client name
@@ -203,6 +204,7 @@ class DicomNode:
                 calling_ae_title=config.ae_title,
                 uid_salt=processor.uid_salt,
                 compress=config.compress_results,
+                associations=config.send_associations,
                 retry_initial_seconds=config.retry_initial_seconds,
                 retry_max_seconds=config.retry_max_seconds,
                 tls=client_tls_context(

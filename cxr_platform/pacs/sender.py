@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from cxr_platform.pacs.compression import (
     is_uncompressed,
 )
 from cxr_platform.pacs.statuses import STATUS_CANNOT_UNDERSTAND, STORED_STATUSES
-from cxr_platform.pacs.storage import NodeStorage, encode_dataset
+from cxr_platform.pacs.storage import NodeStorage, OutboxStudy, encode_dataset
 from cxr_platform.pacs.stow import multipart_related
 from cxr_platform.redaction import redact, uid_tag
 
@@ -123,6 +124,13 @@ class SendReport:
     unreachable: bool = False
     errors: list[str] = field(default_factory=list)
 
+    def add(self, other: SendReport) -> None:
+        self.stored += other.stored
+        self.retrying += other.retrying
+        self.rejected += other.rejected
+        self.unreachable = self.unreachable or other.unreachable
+        self.errors.extend(other.errors)
+
 
 class ResultSender:
     def __init__(
@@ -138,8 +146,17 @@ class ResultSender:
         tls: ssl.SSLContext | None = None,
         uid_salt: bytes = b"",
         compress: tuple[str, ...] = ("seg", "pmap"),
+        associations: int = 1,
     ) -> None:
+        """``associations``: studies sent at once, each over its own association (or STOW-RS
+        request); a burst otherwise waits on PACS storing one study after another."""
         self.storage = storage
+        self.associations = max(1, associations)
+        self._pool = (
+            ThreadPoolExecutor(self.associations, thread_name_prefix="cxr-dicom-send")
+            if self.associations > 1
+            else None
+        )
         self.uid_salt = uid_salt  # study UIDs in log lines are hashed as the inference log does
         self.compressed_classes = frozenset(str(SOP_CLASS_BY_KIND[kind]) for kind in compress)
         self.destination = destination
@@ -169,6 +186,8 @@ class ResultSender:
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout_seconds
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if isinstance(self.destination, DicomWebDestination):
             self.http.close()
 
@@ -186,27 +205,40 @@ class ResultSender:
     def send_due(self) -> SendReport:
         report = SendReport()
         now = time.monotonic()
+        due = []
         for study in self.storage.outbox():
             backoff = self._backoff.setdefault(study.study_uid, _Backoff())
             if backoff.next_attempt > now:
                 report.retrying += len(study.files)
-                continue
-            if self._send_study(study.study_uid, study.files, report):
-                self._backoff.pop(study.study_uid, None)
             else:
-                backoff.failures += 1
-                delay = min(
-                    self.retry_max_seconds,
-                    self.retry_initial_seconds * 2 ** (backoff.failures - 1),
-                )
-                backoff.next_attempt = time.monotonic() + delay
-                log.warning(
-                    "results of study %s not all stored in %s; retry %d in %.1f s",
-                    uid_tag(study.study_uid, self.uid_salt),
-                    self.destination,
-                    backoff.failures,
-                    delay,
-                )
+                due.append(study)
+        if self._pool is None or len(due) < 2:
+            studies = [self._send_due_study(study) for study in due]
+        else:
+            studies = list(self._pool.map(self._send_due_study, due))
+        for study_report in studies:
+            report.add(study_report)
+        return report
+
+    def _send_due_study(self, study: OutboxStudy) -> SendReport:
+        report = SendReport()
+        backoff = self._backoff[study.study_uid]
+        if self._send_study(study.study_uid, study.files, report):
+            self._backoff.pop(study.study_uid, None)
+        else:
+            backoff.failures += 1
+            delay = min(
+                self.retry_max_seconds,
+                self.retry_initial_seconds * 2 ** (backoff.failures - 1),
+            )
+            backoff.next_attempt = time.monotonic() + delay
+            log.warning(
+                "results of study %s not all stored in %s; retry %d in %.1f s",
+                uid_tag(study.study_uid, self.uid_salt),
+                self.destination,
+                backoff.failures,
+                delay,
+            )
         return report
 
     def _send_study(self, study_uid: str, files: list[Path], report: SendReport) -> bool:
