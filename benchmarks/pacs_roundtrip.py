@@ -314,7 +314,8 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     store_p50, store_p95 = percentile(store_seconds, 50), percentile(store_seconds, 95)
     print(f"baseline C-STORE into Orthanc alone: p50 {store_p50:.3f} s  p95 {store_p95:.3f} s")
     offset = args.n
-    stage_lines = []
+    stage_lines: list[str] = []
+    cpu_lines: list[str] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(orthanc)
         if any(setup.transport == "dicomweb" for setup in setups):
@@ -361,8 +362,21 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                 for mode in args.modes:
                     images = datasets[offset : offset + args.n]
                     offset += args.n
+                    cpu_before = cpu_by_role(node, pacs)
                     latencies, elapsed = measure(
                         modality_process, pacs, images, mode, len(setup.results)
+                    )
+                    cpu_after = cpu_by_role(node, pacs)
+                    cpu_ms = {
+                        role: (cpu_after[role] - cpu_before[role]) / len(images) * 1000
+                        for role in cpu_after
+                    }
+                    cpu_lines.append(
+                        f"{label} {mode}: "
+                        + ", ".join(f"{role} {ms:.0f}" for role, ms in cpu_ms.items())
+                        + f"; all {sum(cpu_ms.values()):.0f} core-ms per image, so "
+                        f"{os.cpu_count()} cores allow at most "
+                        f"{1000 * (os.cpu_count() or 1) / sum(cpu_ms.values()):.2f} images/s"
                     )
                     p95 = percentile(latencies, 95)
                     print(
@@ -378,6 +392,36 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
     print("where the time goes (median ms per image; writes per object; sends per study):")
     for line in stage_lines:
         print(f"  {line}")
+    print("CPU per image by party (core-ms, user + system):")
+    for line in cpu_lines:
+        print(f"  {line}")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (those that ended count nothing)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def cpu_by_role(node, pacs: OrthancProcess) -> dict[str, float]:
+    """CPU seconds so far of each party on this machine: PACS, the node's own process
+    (associations, spool, sender; this benchmark's polling too), its workers, the modality."""
+    workers = node.pool.pids() if node.pool is not None else []
+    others = [c.pid for c in multiprocessing.active_children() if c.pid not in workers]
+    assert pacs.process is not None
+    return {
+        "Orthanc": cpu_seconds([pacs.process.pid]),
+        "node process": cpu_seconds([os.getpid()]),
+        "node workers": cpu_seconds(workers),
+        "modality": cpu_seconds([pid for pid in others if pid is not None]),
+    }
 
 
 def measure(
