@@ -15,6 +15,7 @@ but not pydantic-settings, pydicom, MLflow or Dagster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from datetime import date
@@ -78,7 +79,19 @@ _BOUNDS = {
 
 
 def _default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a
+    container's CPU limit), which ``os.cpu_count()`` ignores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # cgroup v1, or no cgroup: the affinity is all there is
+    return max(1, cores)
 
 
 def sqlite_url(path: Path) -> str:
