@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -14,6 +16,9 @@ from cxr_platform.model_version.aliases import ALIASES, PRODUCTION
 from cxr_platform.sections import PRECISIONS
 from cxr_platform.settings import CxrSettings, settings_environment
 from cxr_platform.terminal import interactive
+
+if TYPE_CHECKING:
+    from cxr_platform.inference.batch import BatchSummary
 
 
 @cli.command()
@@ -136,13 +141,7 @@ def predict(
         "ages": ages,
         "progress": interactive() and len(files) > 1,
     }
-    if out is None:
-        summary = predict_to_csv(predictor, files, sys.stdout, **options)
-    else:
-        tmp = out.with_name(out.name + ".partial")
-        with tmp.open("w", newline="") as handle:
-            summary = predict_to_csv(predictor, files, handle, **options)
-        tmp.replace(out)
+    summary = _rows_to(out, lambda handle: predict_to_csv(predictor, files, handle, **options))
     click.echo(
         f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
         f"{summary.n_failed} failed, model {predictor.model_name} version {info.version}"
@@ -152,6 +151,18 @@ def predict(
     )
     if summary.n_failed:
         sys.exit(1)
+
+
+def _rows_to(out: Path | None, write: Callable[[TextIO], BatchSummary]) -> BatchSummary:
+    """Standard output, or ``out`` once complete (``out.partial`` until then, so a crash keeps
+    the rows written so far without passing them off as the whole)."""
+    if out is None:
+        return write(sys.stdout)
+    tmp = out.with_name(out.name + ".partial")
+    with tmp.open("w", newline="") as handle:
+        summary = write(handle)
+    tmp.replace(out)
+    return summary
 
 
 def _predict_through_service(
@@ -167,17 +178,12 @@ def _predict_through_service(
 
     target = ServiceTarget(url, api_key=settings.serving.service_api_key, site=site)
     options = {"batch_size": batch_size, "ages": ages, "progress": interactive() and len(files) > 1}
-    if out is None:
-        summary = predict_through_service(target, files, sys.stdout, **options)
-    else:
-        tmp = out.with_name(out.name + ".partial")
-        with tmp.open("w", newline="") as handle:
-            summary = predict_through_service(target, files, handle, **options)
-        tmp.replace(out)
+    summary = _rows_to(
+        out, lambda handle: predict_through_service(target, files, handle, **options)
+    )
     click.echo(
         f"{summary.n_predicted} predicted ({summary.n_pneumonia} PNEUMONIA), "
-        f"{summary.n_failed} failed, by the service at {url}"
-        + (f"; wrote {out}" if out else ""),
+        f"{summary.n_failed} failed, by the service at {url}" + (f"; wrote {out}" if out else ""),
         err=True,
     )
     if summary.n_failed:

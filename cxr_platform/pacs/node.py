@@ -367,15 +367,7 @@ class DicomNode:
             try:
                 outcome = self._process_file(path)
             except TransientProcessingError as exc:
-                # Nothing in the spool can succeed until this clears (no production model, the
-                # inference log down): wait instead of retrying on every arrival.
-                self._paused_until = time.monotonic() + TRANSIENT_RETRY_SECONDS
-                log.warning(
-                    "%d instances stay spooled (%s); retrying in %.0f s",
-                    len(self.storage.spooled()),
-                    exc,
-                    TRANSIENT_RETRY_SECONDS,
-                )
+                self._pause(exc)
                 return finished
             finished += outcome
         return finished
@@ -600,13 +592,18 @@ class DicomNode:
         try:
             self._finish(path, dataset, future.result())
         except TransientProcessingError as exc:
-            self._paused_until = time.monotonic() + TRANSIENT_RETRY_SECONDS
-            log.warning(
-                "%d instances stay spooled (%s); retrying in %.0f s",
-                len(self.storage.spooled()),
-                exc,
-                TRANSIENT_RETRY_SECONDS,
-            )
+            self._pause(exc)
+
+    def _pause(self, exc: TransientProcessingError) -> None:
+        """Nothing in the spool can succeed until this clears (no production model, the
+        inference log down): wait instead of retrying on every arrival."""
+        self._paused_until = time.monotonic() + TRANSIENT_RETRY_SECONDS
+        log.warning(
+            "%d instances stay spooled (%s); retrying in %.0f s",
+            len(self.storage.spooled()),
+            exc,
+            TRANSIENT_RETRY_SECONDS,
+        )
 
     def _worker_died(self, path: Path, dataset: Dataset) -> None:
         """A worker died (killed, out of memory, crashed in native code) with this instance
