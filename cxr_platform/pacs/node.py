@@ -82,6 +82,7 @@ MAX_PDU_BYTES = 131072
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 TRANSIENT_RETRY_SECONDS = 10.0
 MAX_WORKER_DEATHS = 3
+STOP_GRACE_SECONDS = 30.0  # what a stopping node waits for the images its workers have in hand
 
 
 def _died(future: Future) -> bool:
@@ -538,34 +539,62 @@ class DicomNode:
         each), and record each answer as it comes back."""
         assert self.pool is not None
         out: dict[Future[Processed | Failure], tuple[Path, Dataset]] = {}
-        capacity = 2 * self.pool.workers
         while not self._stop.is_set():
-            if time.monotonic() >= self._paused_until and not self._outbox_is_full():
-                self._dispatch(out, capacity)
-            if not out:
-                self._work.wait(self.config.idle_poll_seconds)
-                self._work.clear()
-                continue
-            # With a worker free, look at the spool again soon: an arrival should not wait for
-            # another instance to finish.
-            timeout = self.config.idle_poll_seconds if len(out) >= capacity else 0.1
-            done, _ = wait(out, timeout=timeout, return_when=FIRST_COMPLETED)
-            if any(_died(future) for future in done):
-                # Python's pool fails every call it had out when one worker dies: collect them
-                # all, then start new workers.
-                done, _ = wait(out, timeout=60)
-                lost = [out[future][0].name for future in done if _died(future)]
-                log.error(
-                    "a scoring worker died; %d instances go out again to new workers",
-                    len(lost),
-                )
-                self.pool.restart()
-            for future in done:
-                path, dataset = out.pop(future)
-                try:
-                    self._collect(path, dataset, future)
-                except Exception:
-                    log.exception("recording %s failed", self._tag(dataset.SOPInstanceUID))
+            try:
+                self._pool_pass(out, capacity=2 * self.pool.workers)
+            except BrokenProcessPool:  # a worker died while none of its calls was being waited on
+                self._collect_after_death(out)
+            except Exception:
+                log.exception("spool worker pass failed")
+                time.sleep(self.config.idle_poll_seconds)
+        # Stopping: the images the workers have in hand are finished and recorded, so a
+        # restart does not score (and log) them again.
+        done, _ = wait(out, timeout=STOP_GRACE_SECONDS)
+        for future in done:
+            self._record(out, future)
+
+    def _pool_pass(
+        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]], capacity: int
+    ) -> None:
+        if time.monotonic() >= self._paused_until and not self._outbox_is_full():
+            self._dispatch(out, capacity)
+        if not out:
+            self._work.wait(self.config.idle_poll_seconds)
+            self._work.clear()
+            return
+        # With a worker free, look at the spool again soon: an arrival should not wait for
+        # another instance to finish.
+        timeout = self.config.idle_poll_seconds if len(out) >= capacity else 0.1
+        done, _ = wait(out, timeout=timeout, return_when=FIRST_COMPLETED)
+        if any(_died(future) for future in done):
+            self._collect_after_death(out)
+            return
+        for future in done:
+            self._record(out, future)
+
+    def _collect_after_death(
+        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]]
+    ) -> None:
+        """Python's pool fails every call it had out when one worker dies: record what
+        finished before, count the death against the rest, then start new workers."""
+        assert self.pool is not None
+        done, _ = wait(out, timeout=60)
+        lost = sum(_died(future) for future in done)
+        log.error("a scoring worker died; %d instances go out again to new workers", lost)
+        self.pool.restart()
+        for future in done:
+            self._record(out, future)
+
+    def _record(
+        self,
+        out: dict[Future[Processed | Failure], tuple[Path, Dataset]],
+        future: Future[Processed | Failure],
+    ) -> None:
+        path, dataset = out.pop(future)
+        try:
+            self._collect(path, dataset, future)
+        except Exception:
+            log.exception("recording %s failed", self._tag(dataset.SOPInstanceUID))
 
     def _dispatch(
         self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]], capacity: int
