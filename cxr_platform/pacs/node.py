@@ -1,11 +1,14 @@
 """The DICOM node: a Storage SCP that PACS routes chest radiographs to, and that sends the
 results back.
 
-Three threads share the durable state in :class:`NodeStorage`:
+Three kinds of thread share the durable state in :class:`NodeStorage`:
 - pynetdicom's association threads screen each C-STORE and spool accepted instances before
   answering success (so a crash after "success" loses nothing);
-- one worker scores spooled instances in arrival order and writes their results to the outbox;
-- one sender empties the outbox into PACS, one association per study, with backoff.
+- one worker thread hands the oldest spooled instances to the scoring processes
+  (:mod:`~cxr_platform.pacs.workers`; or scores them itself without any) and writes what comes
+  back: results to the outbox, then the ledger, then the spool file goes;
+- the sender empties the outbox into PACS, one association per study, several studies at once,
+  with backoff.
 """
 
 from __future__ import annotations
