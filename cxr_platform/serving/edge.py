@@ -91,6 +91,7 @@ class EdgeMiddleware:
             )
             return
         scope = _with_site(scope, key_site or claimed)
+        app = self.app
         if path in self.upload_paths and scope.get("method") == "POST":
             declared = headers.get("content-length")
             if declared is not None:
@@ -114,27 +115,19 @@ class EdgeMiddleware:
                 and path in self.raw_body_paths
                 and media_type(content_type) in RAW_BODY_TYPES
             ):
-                await self._checked_age(scope, path, send, self.raw_body_app, body, receive)
-                return
-            fields = multipart_fields(body, content_type)
-            if fields is not None and any(name == PATIENT_AGE_FIELD for name, _ in fields):
-                body, stated = take_form_field(body, content_type, PATIENT_AGE_FIELD)
-                fields = [field for field in fields if field[0] != PATIENT_AGE_FIELD]
-                scope = _with_header(scope, PATIENT_AGE_HEADER, stated or "")
-                scope = _with_header(scope, "content-length", str(len(body)))
-            refusal = upload_refusal(fields)
-            if refusal is not None:
-                await self._reject(send, path, 400, *refusal)
-                return
-            await self._checked_age(scope, path, send, self.app, body, receive)
-            return
-        await self._checked_age(scope, path, send, self.app, None, receive)
-
-    async def _checked_age(
-        self, scope: Scope, path: str, send: Send, app: Any, body: bytes | None, receive: Receive
-    ) -> None:
-        """Refuse a stated age that does not read as one; otherwise hand the request to
-        ``app``, replaying ``body`` when the edge has read it."""
+                app = self.raw_body_app
+            else:
+                fields = multipart_fields(body, content_type)
+                if fields is not None and any(name == PATIENT_AGE_FIELD for name, _ in fields):
+                    body, stated = take_form_field(body, content_type, PATIENT_AGE_FIELD)
+                    fields = [field for field in fields if field[0] != PATIENT_AGE_FIELD]
+                    scope = _with_header(scope, PATIENT_AGE_HEADER, stated or "")
+                    scope = _with_header(scope, "content-length", str(len(body)))
+                refusal = upload_refusal(fields)
+                if refusal is not None:
+                    await self._reject(send, path, 400, *refusal)
+                    return
+            receive = _replay(body, receive)
         age = next(
             (v for k, v in scope.get("headers", []) if k.lower() == PATIENT_AGE_HEADER.encode()),
             None,
@@ -145,7 +138,7 @@ class EdgeMiddleware:
             except InvalidAgeError as exc:
                 await self._reject(send, path, 400, "bad_patient_age", str(exc))
                 return
-        await app(scope, receive if body is None else _replay(body, receive), send)
+        await app(scope, receive, send)
 
     def _authorized(self, headers: dict[str, bytes]) -> tuple[bool, str | None]:
         """(whether the key is known, the site it belongs to: None for the service key)."""

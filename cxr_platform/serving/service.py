@@ -171,7 +171,7 @@ mounted_routes = Starlette(
 )
 # The edge hands it a body that is one image (octet-stream, DICOM, PNG, JPEG) for these paths.
 raw_body_routes = Starlette(
-    routes=[Route(path, raw_body, methods=["POST"]) for path in ("/predict", "/explain")]
+    routes=[Route(path, raw_body, methods=["POST"]) for path in sorted(RAW_BODY_ROUTES)]
 )
 
 
@@ -319,14 +319,18 @@ class CxrService:
         try:
             return await asyncio.shield(asyncio.ensure_future(work))
         except CLIENT_ERRORS as exc:
-            status, body = self._refusal(endpoint, exc)
-            return JSONResponse(body, status_code=status)
+            return self._refused(endpoint, exc)
 
     @staticmethod
     def _refusal(endpoint: str, exc: Exception) -> tuple[int, dict[str, Any]]:
         status, body = answers.error_response(exc)
         rejected_inputs.labels(endpoint=endpoint, reason=body["error"]).inc()
         return status, body
+
+    @classmethod
+    def _refused(cls, endpoint: str, exc: Exception) -> JSONResponse:
+        status, body = cls._refusal(endpoint, exc)
+        return JSONResponse(body, status_code=status)
 
     def _predict_handler(
         self, site: str | None, age: AgeReading
@@ -404,32 +408,29 @@ class CxrService:
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
-            status, body = self._refusal(
+            return self._refused(
                 "predict_batch",
                 answers.ServingError(
                     "send the images as multipart/form-data, each a file field 'file'"
                 ),
             )
-            return JSONResponse(body, status_code=status)
         limit = serving.service_max_request_images
         try:
             # Parts stay in memory up to 1 MiB each (Starlette's spooled files); the edge
             # already held the whole body to the upload limit.
             form = await request.form(max_files=limit + 1, max_fields=limit + 1)
         except Exception as exc:  # python-multipart's errors name what was wrong
-            status, body = self._refusal("predict_batch", answers.ServingError(str(exc)))
-            return JSONResponse(body, status_code=status)
+            return self._refused("predict_batch", answers.ServingError(str(exc)))
         try:
             uploads = [part for part in form.getlist(UPLOAD_FIELD) if not isinstance(part, str)]
             if len(uploads) > limit:
-                status, body = self._refusal(
+                return self._refused(
                     "predict_batch",
                     answers.TooManyImagesError(
                         f"{len(uploads)} images or more; this service takes at most {limit} "
                         "in one request"
                     ),
                 )
-                return JSONResponse(body, status_code=status)
             named = [(upload.filename or "", await upload.read()) for upload in uploads]
         finally:
             await form.close()
@@ -530,10 +531,9 @@ class CxrService:
                 if isinstance(exc, OtherSiteError)
                 else answers.ServingError(str(exc))
             )
-            status, body = answers.error_response(error)
-            rejected_inputs.labels(endpoint="feedback", reason=body["error"]).inc()
-            ctx.response.status_code = status
-            return JSONResponse(body, status_code=status)
+            response = self._refused("feedback", error)
+            ctx.response.status_code = response.status_code
+            return response
         retained = False
         if self.retained is not None:
             retained = await anyio.to_thread.run_sync(self.retained.mark_labeled, request_id)
