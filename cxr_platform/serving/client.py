@@ -92,37 +92,38 @@ def _row(path: Path, answer: dict[str, Any]) -> dict[str, str]:
 
 def _send(client: httpx.Client, paths: list[Path], age: AgeReading) -> list[dict[str, Any]]:
     """One answer per path, in order: the service's, or the reason nothing was sent."""
-    answers: list[dict[str, Any] | None] = [None] * len(paths)
-    parts = []
+    answers: dict[int, dict[str, Any]] = {}
+    parts: list[tuple[int, str, bytes]] = []
     for index, path in enumerate(paths):
         try:
-            parts.append(("file", (path.name, path.read_bytes())))
+            parts.append((index, path.name, path.read_bytes()))
         except OSError as exc:
             answers[index] = {"status": 0, "error": "unreadable_file", "detail": str(exc)}
-    sent = [index for index, answer in enumerate(answers) if answer is None]
-    if not sent:
-        return [answer for answer in answers if answer is not None]
+    answers.update(_post(client, parts, age))
+    return [answers[index] for index in range(len(paths))]
+
+
+def _post(
+    client: httpx.Client, parts: list[tuple[int, str, bytes]], age: AgeReading
+) -> dict[int, dict[str, Any]]:
+    """The service's answer to each part, by its index; a request too big for the service is
+    split in two and each half sent again."""
+    if not parts:
+        return {}
+    files = [("file", (name, data)) for _, name, data in parts]
     try:
-        response = client.post(BATCH_ROUTE, files=parts, headers=_age_header(age))
+        response = client.post(BATCH_ROUTE, files=files, headers=_age_header(age))
     except httpx.HTTPError as exc:
         raise ServiceClientError(f"cannot reach the service at {client.base_url}: {exc}") from exc
     body = _json(response)
     if response.status_code == 200:
-        for index, answer in zip(sent, body["results"], strict=True):
-            answers[index] = answer
-        return [answer for answer in answers if answer is not None]
+        return {index: answer for (index, _, _), answer in zip(parts, body["results"], strict=True)}
     reason = body.get("error", "")
-    if reason in SPLITTABLE and len(sent) > 1:
-        half = len(sent) // 2
-        first = _send(client, [paths[i] for i in sent[:half]], age)
-        second = _send(client, [paths[i] for i in sent[half:]], age)
-        for index, answer in zip(sent, first + second, strict=True):
-            answers[index] = answer
-        return [answer for answer in answers if answer is not None]
+    if reason in SPLITTABLE and len(parts) > 1:
+        half = len(parts) // 2
+        return {**_post(client, parts[:half], age), **_post(client, parts[half:], age)}
     if reason in SPLITTABLE:  # one image alone over the limit: its row says so
-        for index in sent:
-            answers[index] = {"status": response.status_code, **body}
-        return [answer for answer in answers if answer is not None]
+        return {parts[0][0]: {"status": response.status_code, **body}}
     raise ServiceClientError(
         f"the service answered {response.status_code}: {reason or 'error'}: "
         f"{body.get('detail', response.text[:200])}"

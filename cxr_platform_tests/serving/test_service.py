@@ -787,6 +787,35 @@ def test_cxr_predict_url_scores_a_folder_through_the_running_service(live_servic
         )
 
 
+def test_cxr_predict_url_splits_a_request_over_the_upload_limit(live_service, tmp_path):
+    """Four 0.8 MB images are more than the service takes in one request (2 MB): the command
+    sends them again in halves and each gets the service's own answer; one image alone over
+    the limit gets that refusal in its row."""
+    import csv
+
+    rng = np.random.default_rng(80)
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for n in range(4):  # noise: incompressible, and no radiograph to the gate
+        noise = rng.integers(0, 256, (900, 900), dtype=np.uint8)
+        (folder / f"noise-{n}.png").write_bytes(encode(Image.fromarray(noise), "PNG"))
+    huge = rng.integers(0, 256, (1700, 1600), dtype=np.uint8)
+    (folder / "huge.png").write_bytes(encode(Image.fromarray(huge), "PNG"))
+    (folder / "chest.png").write_bytes(png(81))
+    assert sum(p.stat().st_size for p in folder.glob("noise-*")) > MAX_UPLOAD_MB * 1024 * 1024
+    assert (folder / "huge.png").stat().st_size > MAX_UPLOAD_MB * 1024 * 1024
+    out = tmp_path / "scores.csv"
+    done = _cxr_predict_url(live_service, str(folder), "--url", live_service.url, "--out", str(out))
+    assert done.returncode == 1, done.stderr
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert sorted(rows) == sorted(p.name for p in folder.iterdir())
+    for n in range(4):
+        row = rows[f"noise-{n}.png"]
+        assert row["error"].startswith("not_a_chest_radiograph: ") and row["request_id"], row
+    assert rows["huge.png"]["error"].startswith("upload_too_large: ")
+    assert rows["chest.png"]["label"] and not rows["chest.png"]["error"]
+
+
 def test_cxr_predict_url_fails_clearly_when_the_service_refuses_or_is_not_there(
     live_service, tmp_path
 ):
