@@ -78,7 +78,7 @@ _BOUNDS = {
 }
 
 
-def _default_workers() -> int:
+def usable_cores() -> int:
     """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a
     container's CPU limit), which ``os.cpu_count()`` ignores."""
     try:
@@ -284,7 +284,7 @@ class DataSection(HomeLayout):
     )
     synthetic_patients: int = setting(400, doc="Patients in the synthetic demo dataset.", ge=4)
     image_size: int = setting(224, doc="Model input side in pixels.", ge=32)
-    workers: int = setting(factory=_default_workers, doc="Processes used to decode images.", ge=1)
+    workers: int = setting(factory=usable_cores, doc="Processes used to decode images.", ge=1)
     max_image_pixels: int = _max_image_pixels()
 
     def __post_init__(self) -> None:
@@ -554,7 +554,7 @@ class DicomSection(_Scoring):
     )
     dicom_max_associations: int = setting(10, doc="Concurrent associations accepted.", ge=1)
     dicom_workers: int = setting(
-        _default_workers(),
+        usable_cores(),
         doc="Processes that score instances and build results (default: the cores); 0 scores "
         "in the node's own process, on one core.",
         ge=0,

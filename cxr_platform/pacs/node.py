@@ -88,6 +88,10 @@ MAX_WORKER_DEATHS = 3
 STOP_GRACE_SECONDS = 30.0  # what a stopping node waits for the images its workers have in hand
 
 
+# What the workers have in hand: each call, with the spool file and header it is about.
+InFlight = dict[Future[Processed | Failure], tuple[Path, Dataset]]
+
+
 def _died(future: Future) -> bool:
     """The call failed because its worker process died (or the pool was restarted under it)."""
     if future.cancelled():
@@ -541,7 +545,7 @@ class DicomNode:
         """Keep every worker busy with the oldest spooled instances (one more queued behind
         each), and record each answer as it comes back."""
         assert self.pool is not None
-        out: dict[Future[Processed | Failure], tuple[Path, Dataset]] = {}
+        out: InFlight = {}
         while not self._stop.is_set():
             try:
                 self._pool_pass(out, capacity=2 * self.pool.workers)
@@ -556,9 +560,7 @@ class DicomNode:
         for future in done:
             self._record(out, future)
 
-    def _pool_pass(
-        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]], capacity: int
-    ) -> None:
+    def _pool_pass(self, out: InFlight, capacity: int) -> None:
         if time.monotonic() >= self._paused_until and not self._outbox_is_full():
             self._dispatch(out, capacity)
         if not out:
@@ -575,9 +577,7 @@ class DicomNode:
         for future in done:
             self._record(out, future)
 
-    def _collect_after_death(
-        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]]
-    ) -> None:
+    def _collect_after_death(self, out: InFlight) -> None:
         """Python's pool fails every call it had out when one worker dies: record what
         finished before, count the death against the rest, then start new workers."""
         assert self.pool is not None
@@ -588,20 +588,14 @@ class DicomNode:
         for future in done:
             self._record(out, future)
 
-    def _record(
-        self,
-        out: dict[Future[Processed | Failure], tuple[Path, Dataset]],
-        future: Future[Processed | Failure],
-    ) -> None:
+    def _record(self, out: InFlight, future: Future[Processed | Failure]) -> None:
         path, dataset = out.pop(future)
         try:
             self._collect(path, dataset, future)
         except Exception:
             log.exception("recording %s failed", self._tag(dataset.SOPInstanceUID))
 
-    def _dispatch(
-        self, out: dict[Future[Processed | Failure], tuple[Path, Dataset]], capacity: int
-    ) -> None:
+    def _dispatch(self, out: InFlight, capacity: int) -> None:
         assert self.pool is not None
         busy = {path for path, _ in out.values()}
         for path in self.storage.spooled():

@@ -37,7 +37,7 @@ from cxr_platform.pacs.processing import (
 from cxr_platform.pacs.results import NodeResults
 from cxr_platform.pacs.sanitize import UnusableSourceError
 from cxr_platform.redaction import redact
-from cxr_platform.sections import DicomSection, RegistrySection
+from cxr_platform.sections import DicomSection, RegistrySection, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _score_in_worker(path: str, calling_ae_title: str | None) -> Processed | Fai
 
 def default_threads(workers: int) -> int:
     """Each worker's share of the cores, so the workers together do not oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, usable_cores() // max(1, workers))
 
 
 class ScoringPool:
