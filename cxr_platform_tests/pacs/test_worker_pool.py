@@ -105,3 +105,42 @@ def test_an_instance_out_at_every_worker_death_is_kept_aside_and_the_node_goes_o
         timeout=120,
         what="the next instance",
     )
+
+
+def test_a_node_stopped_mid_burst_records_what_its_workers_hold_and_a_restart_finishes(
+    node_factory, chest_pngs, tmp_path
+):
+    """Stopped while instances are spooled and out: what the workers had in hand is recorded
+    (not scored and logged again after the restart), the rest waits in the spool, and a new
+    node on the same folder finishes them; every instance is logged exactly once."""
+    from cxr_platform.redaction import hash_uid
+
+    state = tmp_path / "state"
+    node = node_factory(state_dir=state, dicom_workers=1)
+    node.start()
+    sources = [
+        radiograph(chest_pngs[i % len(chest_pngs)], VARIANTS["cr-mono2-12bit"]) for i in range(8)
+    ]
+    uids = [str(source.SOPInstanceUID) for source in sources]
+    assert send(node.port, sources).statuses == [0x0000] * len(sources)
+    wait_for(lambda: node.counters.processed >= 1, timeout=120, what="the first result")
+    node.stop()
+    statuses = [node.storage.status(uid) for uid in uids]
+    spooled = {path.stem for path in node.storage.spooled()}
+    assert all(
+        status == "processed" or uid in spooled for uid, status in zip(uids, statuses, strict=True)
+    ), (statuses, spooled)
+    assert spooled, "the burst finished before the node was stopped"
+
+    again = node_factory(state_dir=state, dicom_workers=1)
+    again.start()
+    wait_for(
+        lambda: all(again.storage.status(uid) == "processed" for uid in uids),
+        timeout=180,
+        what="the restarted node to finish the spool",
+    )
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    hashes = [hash_uid(uid, again.processor.uid_salt) for uid in uids]
+    logged = log.records()["sop_instance_uid_hash"].tolist()
+    assert [logged.count(h) for h in hashes] == [1] * len(uids)
+    log.dispose()
