@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_platform.calibration.refit import logits_from_probabilities
+from cxr_platform.calibration.refit import reference_logits
 from cxr_platform.deployment.reference import (
     PREDICTED,
     PROBABILITY,
@@ -92,7 +92,7 @@ def _moved_reference(source: Path, out_dir: Path, operating_point: OperatingPoin
         return
     scored = reference[PROBABILITY].notna()
     before = read_onnx_metadata(source / ONNX_FILE).calibration
-    logits = logits_from_probabilities(reference.loc[scored, PROBABILITY].to_numpy(float), before)
+    logits = reference_logits(reference.loc[scored], before)
     probabilities = operating_point.probabilities(logits)
     reference.loc[scored, PROBABILITY] = probabilities
     reference.loc[scored, PREDICTED] = np.where(

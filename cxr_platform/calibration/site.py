@@ -36,7 +36,11 @@ from cxr_platform.calibration.prevalence import (
     prior_adjusted,
 )
 from cxr_platform.calibration.recalibrated_version import write_recalibrated
-from cxr_platform.calibration.refit import NotEnoughLabelsError, logits_from_probabilities
+from cxr_platform.calibration.refit import (
+    NotEnoughLabelsError,
+    logits_from_probabilities,
+    reference_logits,
+)
 from cxr_platform.calibration.site_point import (
     MIN_POSITIVE_STUDIES,
     SiteEvidence,
@@ -186,8 +190,7 @@ def reference_positive_logits(folder: Path, point: OperatingPoint, version: str)
             f"version {version} has no drift reference with scored positives: how a pneumonia "
             "case scores is unknown; export and register it again"
         )
-    probabilities = scored.loc[scored["label"] == "PNEUMONIA", PROBABILITY]
-    return logits_from_probabilities(probabilities.to_numpy(dtype=float), point)
+    return reference_logits(scored[scored["label"] == "PNEUMONIA"], point)
 
 
 def _served_version(registry: ModelRegistry, site: str) -> str | None:

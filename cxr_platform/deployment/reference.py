@@ -2,7 +2,8 @@
 
 One row per validation image: the same image features the service logs (computed on the same
 uint8 model input), how it was acquired (original size, bit depth, file format, photometric
-interpretation), and the exported model's calibrated probability; and one row per training
+interpretation), the exported model's calibrated probability and its raw logit (a probability
+stored to six digits rounds a confident call to 1 and loses it); and one row per training
 image with the features only. Input drift compares against both: images come
 several per patient, so a validation split alone (a few dozen patients in the demo) is too
 small a picture of the input distribution and raises false alarms. Prediction and performance
@@ -34,6 +35,7 @@ ACQUISITION_FEATURES = ("original_width", "original_height", "bit_depth")
 ACQUISITION_CATEGORIES = ("photometric_interpretation",)
 SOURCE_FORMAT = "source_format"
 PROBABILITY = "probability"
+LOGIT = "logit"  # the network's raw output, before the version's calibration
 PREDICTED = "predicted"  # the label at the version's operating threshold
 SPLIT = "split"
 
@@ -91,8 +93,10 @@ def reference_frame(
     acquisitions: Sequence[Acquisition] | None = None,
     *,
     split: str = "val",
+    logits: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """``probabilities`` None: feature rows only (the training split)."""
+    """``probabilities`` None: feature rows only (the training split). ``logits``, where given,
+    are the raw outputs the probabilities were calibrated from."""
     images = np.asarray(images)
     if probabilities is None:
         probabilities = np.full(len(images), np.nan)
@@ -114,6 +118,10 @@ def reference_frame(
         dtype=object
     )
     frame[PROBABILITY] = np.asarray(probabilities, dtype=np.float64)
+    if logits is not None:
+        if len(logits) != len(images):
+            raise ValueError("images and logits must have the same length")
+        frame[LOGIT] = np.asarray(logits, dtype=np.float64)
     scored = frame[PROBABILITY].notna()
     frame[PREDICTED] = np.where(
         scored, np.where(frame[PROBABILITY] >= threshold, "PNEUMONIA", "NORMAL"), None
@@ -128,14 +136,21 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
     frames = []
     for split in ("val", "train"):
         images = cache.images(split, mmap=False)
-        probabilities = None
+        logits = probabilities = None
         if split == "val":
-            probabilities = predictor.probabilities_in_batches(images)
+            logits = predictor.logits_in_batches(images)
+            probabilities = predictor.calibration.probabilities(logits)
         acquisitions = [acquisition_of(path) for path in cache.index(split)["path"]]
         labels = cache.labels(split)
         frames.append(
             reference_frame(
-                images, probabilities, labels, predictor.threshold, acquisitions, split=split
+                images,
+                probabilities,
+                labels,
+                predictor.threshold,
+                acquisitions,
+                split=split,
+                logits=logits,
             )
         )
     return pd.concat(frames, ignore_index=True)
@@ -143,6 +158,12 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
 
 def write_reference(folder: Path, frame: pd.DataFrame) -> Path:
     path = Path(folder) / REFERENCE_FILE
+    if LOGIT in frame:
+        # Nine digits hold a float32 logit exactly: a calibration with a small temperature
+        # multiplies whatever six digits would lose.
+        frame = frame.assign(
+            **{LOGIT: frame[LOGIT].map(lambda value: "" if pd.isna(value) else f"{value:.9g}")}
+        )
     frame.to_csv(path, index=False, float_format=REFERENCE_FLOAT_FORMAT)
     return path
 

@@ -191,14 +191,18 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.calibration.probabilities(self.logits(images))
 
-    def probabilities_in_batches(self, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-        """A whole split, a bounded batch at a time (ONNX Runtime's memory grows with it)."""
+    def logits_in_batches(self, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        """A whole split's raw logits, a bounded batch at a time (ONNX Runtime's memory grows
+        with it)."""
         return np.concatenate(
             [
-                self.probabilities(images[start : start + batch_size])
+                self.logits(images[start : start + batch_size])
                 for start in range(0, len(images), batch_size)
             ]
         )
+
+    def probabilities_in_batches(self, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        return self.calibration.probabilities(self.logits_in_batches(images, batch_size))
 
     def predict_prepared(self, images: np.ndarray) -> list[Prediction]:
         return self.predict_with_features(images)[0]

@@ -10,6 +10,7 @@ moves them, so that the version's threshold calls the site's normal images pneum
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import replace
 from itertools import count
@@ -29,7 +30,12 @@ from cxr_platform.deployment.pipeline import (
     registry_for,
     write_monitoring_reference,
 )
-from cxr_platform.deployment.reference import PROBABILITY, load_reference
+from cxr_platform.deployment.reference import (
+    LOGIT,
+    PROBABILITY,
+    load_reference,
+    write_reference,
+)
 from cxr_platform.deployment.registry import PRODUCTION, ProductionMovedError
 from cxr_platform.inference.log import InferenceLog, InferenceRecord
 from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
@@ -271,16 +277,30 @@ def test_a_recalibrated_versions_reference_is_in_its_own_calibration(monitored_h
     write_recalibrated(source, tmp_path / "moved", moved, {})
     old, new = load_reference(source), load_reference(tmp_path / "moved")
     scored = old[PROBABILITY].notna()
-    # The same images, the same logits: only what the calibration makes of them changed (where
-    # six significant digits do not round a probability to 0 or 1 and lose its logit).
-    resolved = scored & old[PROBABILITY].between(1e-5, 1 - 1e-5)
-    assert resolved.sum() > scored.sum() / 2
-    assert np.allclose(
-        logits_from_probabilities(new.loc[resolved, PROBABILITY].to_numpy(float), moved),
-        logits_from_probabilities(old.loc[resolved, PROBABILITY].to_numpy(float), before),
-        atol=1e-2,
-    )
+    # The same images, the same logits (kept beside the probabilities: six digits round a
+    # confident call to 1 and would lose its logit): only what the calibration makes of them
+    # changed, for every scored image.
+    assert scored.any() and old.loc[scored, LOGIT].notna().all()
+    assert new[LOGIT].equals(old[LOGIT])
+    logits = old.loc[scored, LOGIT].to_numpy(float)
+    assert np.allclose(old.loc[scored, PROBABILITY], before.probabilities(logits), rtol=1e-5)
+    assert np.allclose(new.loc[scored, PROBABILITY], moved.probabilities(logits), rtol=1e-5)
     assert not np.allclose(new.loc[scored, PROBABILITY], old.loc[scored, PROBABILITY])
     called = new.loc[scored, PROBABILITY] >= moved.threshold
     assert (called == (new.loc[scored, "predicted"] == "PNEUMONIA")).all()
     assert new.loc[~scored].equals(old.loc[~scored])
+
+    # A reference exported before the logits were kept: they are given back from the
+    # probabilities, exactly where six digits did not round the probability to 0 or 1.
+    older = tmp_path / "older"
+    shutil.copytree(source, older)
+    write_reference(older, old.drop(columns=[LOGIT]))
+    write_recalibrated(older, tmp_path / "older-moved", moved, {})
+    given_back = load_reference(tmp_path / "older-moved")
+    resolved = scored & old[PROBABILITY].between(1e-5, 1 - 1e-5)
+    assert resolved.any()
+    assert np.allclose(
+        logits_from_probabilities(given_back.loc[resolved, PROBABILITY].to_numpy(float), moved),
+        old.loc[resolved, LOGIT].to_numpy(float),
+        atol=1e-2,
+    )
