@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cxr_platform.errors import CxrError
+from cxr_platform.sections import usable_cores
 
 T = TypeVar("T")
 
@@ -68,10 +69,11 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
 
 
 def share_cpu(ranks: Ranks) -> None:
-    """CPU ranks split the cores between them rather than each taking all of them."""
+    """CPU ranks split the cores this process may use (its affinity and cgroup limit, which
+    ``os.cpu_count()`` ignores) between them rather than each taking all of them."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
     if ranks.distributed:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cores() // local_world))
 
 
 def from_main(value: T, ranks: Ranks) -> T:
