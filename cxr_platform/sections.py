@@ -828,6 +828,12 @@ class ViewerSection(HomeLayout):
     )
     viewer_host: str = setting("127.0.0.1", doc="Address the viewer listens on.")
     viewer_port: int = setting(8080, doc="The viewer's port.", ge=1, le=65535)
+    viewer_tls_cert: Path | None = setting(
+        None,
+        doc="PEM certificate (chain) the viewer serves HTTPS with; needed on any address but "
+        "loopback (readers' credentials cross the network).",
+    )
+    viewer_tls_key: Path | None = setting(None, doc="The viewer certificate's PEM private key.")
     viewer_cache_dir: Path = setting(
         factory=lambda: Path.home() / ".cache" / "cxr_platform" / "ohif",
         doc="Where the pinned, checksum-verified OHIF build is kept once fetched (shared by "
@@ -841,6 +847,8 @@ class ViewerSection(HomeLayout):
                 f"viewer_pacs_url must be an http:// or https:// URL (Orthanc's root), not "
                 f"{self.viewer_pacs_url!r}"
             )
+        if (self.viewer_tls_cert is None) != (self.viewer_tls_key is None):
+            raise ValueError("viewer_tls_cert and viewer_tls_key go together: set both or neither")
 
     @property
     def viewer_dir(self) -> Path:

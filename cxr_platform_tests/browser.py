@@ -93,8 +93,11 @@ def dagster_dev(env: dict[str, str], log: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1600, height: int = 2400) -> Iterator[object]:
-    """A headless chromium; a tall window so long lists render without scrolling."""
+def chromium(
+    width: int = 1600, height: int = 2400, arguments: tuple[str, ...] = ()
+) -> Iterator[object]:
+    """A headless chromium; a tall window so long lists render without scrolling.
+    ``arguments``: more of chromium's command-line switches."""
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -106,6 +109,7 @@ def chromium(width: int = 1600, height: int = 2400) -> Iterator[object]:
         "--no-sandbox",
         "--disable-dev-shm-usage",
         f"--window-size={width},{height}",
+        *arguments,
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -25,6 +25,7 @@ DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 CONFIG_TEMPLATE = DEPLOY_DIR / "orthanc.json"
 ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai.lua"
 DICOMWEB_ROUTING_SCRIPT = DEPLOY_DIR / "route-to-cxr-ai-dicomweb.lua"
+READERS_SCRIPT = DEPLOY_DIR / "readers-read-only.lua"
 AI_MODALITY = "cxr-ai"
 AI_DICOMWEB_SERVER = "cxr-ai"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -77,12 +78,15 @@ class OrthancProcess:
         dicomweb: DicomWebPeer | None = None,
         archive_users: dict[str, str] | None = None,
         dicomweb_root: bool = False,
+        readers_read_only: bool = False,
     ) -> None:
         """``dicomweb``: route to the node over DICOMweb (the DICOMweb plugin and its routing
         script) instead of C-STORE; Orthanc then also takes the results by STOW-RS.
         ``archive_users``: a site archive that a silent trial searches: its DICOMweb root
         (QIDO-RS, WADO-RS) served behind HTTP basic authentication for these users.
-        ``dicomweb_root``: serve the DICOMweb root (what a viewer reads) without routing by it."""
+        ``dicomweb_root``: serve the DICOMweb root (what a viewer reads) without routing by it.
+        ``readers_read_only``: the shipped filter that lets every account but the administrator
+        only read (with ``archive_users``, the first of which the helpers here log in as)."""
         self.workdir = Path(workdir)
         self.node = node
         self.aet = aet
@@ -93,6 +97,7 @@ class OrthancProcess:
         self.dicomweb = dicomweb
         self.archive_users = archive_users
         self.dicomweb_root = dicomweb_root
+        self.readers_read_only = readers_read_only
         self.auth = next(iter(archive_users.items())) if archive_users else None
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "orthanc.log"
@@ -144,6 +149,8 @@ class OrthancProcess:
             config["Plugins"] = [str(DICOMWEB_PLUGIN)]
             config["AuthenticationEnabled"] = True
             config["RegisteredUsers"] = dict(self.archive_users)
+        if self.readers_read_only:
+            config["LuaScripts"] = [*config["LuaScripts"], str(READERS_SCRIPT)]
         return config
 
     def start(self, timeout: float = 30.0) -> OrthancProcess:

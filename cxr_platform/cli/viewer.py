@@ -39,7 +39,8 @@ def viewer(
     fetch_only: bool,
     site_files: Path | None,
 ) -> None:
-    """Serve OHIF over the PACS's DICOMweb root with nginx, and print the URL of a study."""
+    """Serve OHIF over the PACS's DICOMweb root with nginx, read-only, and print where to open
+    it (a study's URL on a terminal only: it names the study's UID)."""
     import signal
     import threading
 
@@ -76,8 +77,15 @@ def viewer(
                 study = server.latest_study()
             except ViewerError as exc:
                 click.echo(f"(no study listed: {exc}; open the study list in the browser)")
-        if study is not None:
+        if study is not None and sys.stdout.isatty():
             click.echo(f"study: {server.study_url(study)}")
+        elif study is not None:
+            # Output that is not a terminal ends up in a log (a service's journal, a
+            # container's): a study's address names its UID, which stays out of logs.
+            click.echo(
+                f"study list: {server.url}/ (a study's own address names its UID: it is "
+                "printed on a terminal only)"
+            )
         else:
             click.echo(f"study list: {server.url}/")
         sys.stdout.flush()

@@ -130,18 +130,51 @@ def ohif_dist(cache_dir: Path, release: OhifRelease = OHIF) -> Path:
     return dist
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 def render_server_block(viewer: ViewerSection, *, dist: Path, app_config: Path) -> str:
     """The shipped server block with its placeholders filled, as the nginx image fills them
     from the environment (``CXR_VIEWER_*`` are the viewer's settings; ``OHIF_*`` where the
-    image keeps the files); nginx's own ``$variables`` stay as they are."""
+    image keeps the files); nginx's own ``$variables`` stay as they are.
+
+    Without a certificate the TLS lines are dropped, on a loopback address only: anywhere else
+    readers would send their PACS credentials across the network in clear."""
+    cert, key = viewer.viewer_tls_cert, viewer.viewer_tls_key
+    if cert is None and viewer.viewer_host not in LOOPBACK_HOSTS:
+        raise ViewerError(
+            f"the viewer listens on {viewer.viewer_host} without TLS: readers' credentials "
+            "would cross the network in clear; set CXR_VIEWER_TLS_CERT and CXR_VIEWER_TLS_KEY "
+            "(or listen on 127.0.0.1)"
+        )
+    for name, path in (("CXR_VIEWER_TLS_CERT", cert), ("CXR_VIEWER_TLS_KEY", key)):
+        if path is not None and not Path(path).is_file():
+            raise ViewerError(f"{name}: {path} is not a file")
     values = {
         "CXR_VIEWER_HOST": viewer.viewer_host,
         "CXR_VIEWER_PORT": str(viewer.viewer_port),
         "CXR_VIEWER_PACS_URL": viewer.viewer_pacs_url.rstrip("/"),
+        "CXR_VIEWER_TLS_CERT": str(Path(cert).resolve()) if cert else "",
+        "CXR_VIEWER_TLS_KEY": str(Path(key).resolve()) if key else "",
         "OHIF_ROOT": str(dist),
         "OHIF_APP_CONFIG": str(app_config),
     }
-    return Template(server_template_text()).safe_substitute(values)
+    text = Template(server_template_text()).safe_substitute(values)
+    return text if cert is not None else _without_tls(text)
+
+
+def _without_tls(text: str) -> str:
+    """The server block for loopback without a certificate: no ``ssl_`` lines, plain
+    ``listen``."""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("ssl_"):
+            continue
+        if stripped.startswith("listen ") and stripped.endswith(" ssl;"):
+            line = line.replace(" ssl;", ";")
+        lines.append(line)
+    return "".join(lines)
 
 
 def write_site_files(folder: Path, dist: Path) -> list[Path]:
@@ -173,7 +206,7 @@ events {{ worker_connections 256; }}
 http {{
     include {mime_types};
     default_type application/octet-stream;
-    access_log {work}/access.log;
+    access_log off;  # the server block logs, in a format without identifiers
     client_body_temp_path {work}/client_body;
     proxy_temp_path {work}/proxy;
     fastcgi_temp_path {work}/fastcgi;
@@ -213,7 +246,8 @@ class ViewerServer:
     def url(self) -> str:
         host = self.viewer.viewer_host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{shown}:{self.viewer.viewer_port}"
+        scheme = "https" if self.viewer.viewer_tls_cert is not None else "http"
+        return f"{scheme}://{shown}:{self.viewer.viewer_port}"
 
     def study_url(self, study_instance_uid: str) -> str:
         return study_url(self.url, study_instance_uid)
@@ -259,7 +293,7 @@ class ViewerServer:
                 detail = error_log.read_text()[-2000:] if error_log.exists() else ""
                 raise ViewerError(f"nginx exited at start-up: {detail}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/app-config.js", timeout=2).status_code == 200:
+                if self._get("/app-config.js", timeout=2).status_code == 200:
                     return self
             time.sleep(0.1)
         self.stop()
@@ -284,11 +318,16 @@ class ViewerServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _get(self, path: str, **kwargs) -> httpx.Response:
+        # This process asking the nginx it started, on this machine: the certificate is the
+        # one it was given, whoever signed it.
+        return httpx.get(f"{self.url}{path}", verify=False, **kwargs)
+
     def latest_study(self, auth: tuple[str, str] | None = None) -> str | None:
         """The most recent study the viewer can open (QIDO-RS through the viewer's own proxy,
         so it also proves the PACS answers there), or None when PACS holds none."""
-        response = httpx.get(
-            f"{self.url}{DICOMWEB_PATH}/studies",
+        response = self._get(
+            f"{DICOMWEB_PATH}/studies",
             params={"includefield": "00080020,00080030"},
             auth=auth,
             timeout=30,

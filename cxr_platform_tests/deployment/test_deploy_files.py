@@ -138,30 +138,102 @@ SECRET_NAMES = ("PASSWORD", "SECRET", "_KEY", "SALT")
 
 
 def is_secret(name: str) -> bool:
-    # An S3 access key names the account, like a user name; its secret key is the secret.
-    return any(word in name for word in SECRET_NAMES) and "ACCESS_KEY" not in name
+    # An S3 access key names the account, like a user name; its secret key is the secret. A
+    # TLS key setting names the file that holds the key, mounted from the host or a Secret.
+    return (
+        any(word in name for word in SECRET_NAMES)
+        and "ACCESS_KEY" not in name
+        and not name.endswith("TLS_KEY")
+    )
 
 
-def test_secrets_never_reach_a_command_line_once_compose_fills_them_in():
-    """Every secret, given a distinctive value, appears only in environments (which each
-    process reads itself), never in an entrypoint, a command or a health check: those show in
-    `ps` and `docker inspect`."""
+def _filled_environment() -> tuple[dict[str, str], set[str]]:
+    """deploy/.env as an administrator fills it: every secret a distinctive value, every other
+    empty value a placeholder; and the secrets' names."""
     example = _example_environment()
     secrets = {name for name in example if is_secret(name)}
+    env = {
+        **example,
+        **{name: f"/filled/{name.lower()}" for name, value in example.items() if not value},
+        **{name: f"sentinel-{name.lower()}-7f3a" for name in secrets},
+    }
+    return env, secrets
+
+
+SHELLS = ("/bin/sh", "sh", "/bin/bash", "bash")
+
+
+def _argvs_as_run(argv: list[str], environment: dict[str, str], work: Path) -> list[list[str]]:
+    """The argument vectors the programs of a command really get. A shell's script (``sh -c``,
+    a health check's CMD-SHELL) expands variables at run time, which compose's ``$$`` defers
+    to: it is run with every word it could call as a program replaced by a stub that records
+    what it was given, in the service's environment."""
+    if len(argv) < 3 or argv[0] not in SHELLS or argv[1] != "-c":
+        return [argv]
+    script = argv[2]
+    stubs = work / "stubs"
+    stubs.mkdir(parents=True, exist_ok=True)
+    recorded = work / "argv"
+    recorded.write_text("")
+    for word in set(re.findall(r"[A-Za-z_][\w.-]*", script)):
+        stub = stubs / word
+        stub.write_text(
+            '#!/bin/sh\n{ printf "%s\\037" "${0##*/}" "$@"; echo; } >> "$ARGV_LOG"\n'
+        )
+        stub.chmod(0o755)
+    subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={**environment, "PATH": str(stubs), "ARGV_LOG": str(recorded)},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return [line.split("\x1f")[:-1] for line in recorded.read_text().splitlines()]
+
+
+def _command_lines(service: dict, work: Path) -> list[list[str]]:
+    """Every argument vector a service's container would start programs with: its entrypoint
+    and command, and its health check."""
+    environment = {str(k): str(v) for k, v in (service.get("environment") or {}).items()}
+
+    def listed(value) -> list[str]:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else [str(item) for item in value]
+
+    argvs = []
+    command = listed(service.get("entrypoint")) + listed(service.get("command"))
+    if command:
+        argvs += _argvs_as_run(command, environment, work / "command")
+    test = listed((service.get("healthcheck") or {}).get("test"))
+    if test[:1] == ["CMD-SHELL"]:
+        argvs += _argvs_as_run(["/bin/sh", "-c", test[1]], environment, work / "health")
+    elif test[:1] == ["CMD"]:
+        argvs.append(test[1:])
+    return argvs
+
+
+def test_secrets_never_reach_a_command_line_once_compose_fills_them_in(tmp_path):
+    """Every secret, given a distinctive value, appears only in environments (which each
+    process reads itself), never in the argument vector of a program a container starts (an
+    entrypoint, a command, what a shell script in either calls once it has expanded its
+    variables, a health check): those show in `ps` and `docker inspect`."""
+    env, secrets = _filled_environment()
     assert {"POSTGRES_PASSWORD", "CXR_SERVICE_API_KEY", "CXR_UID_SALT"} <= secrets
-    env = {**example, **{name: f"sentinel-{name.lower()}-7f3a" for name in secrets}}
     compose = yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+    ran_a_script = False
     for name, service in compose["services"].items():
-        shown = [service.get("entrypoint"), service.get("command")]
-        shown.append((service.get("healthcheck") or {}).get("test"))
-        text = json.dumps(shown)
+        argvs = _command_lines(service, tmp_path / name)
+        ran_a_script |= any(argv and argv[0] not in SHELLS for argv in argvs[1:])
+        text = json.dumps(argvs)
         for secret in secrets:
-            assert env[secret] not in text, f"{name}: {secret} is on a command line"
+            assert env[secret] not in text, f"{name}: {secret} is on a command line: {argvs}"
         assert not re.search(r"://[^/\s:@\"]+:[^/\s@\"]+@", text), f"{name}: a URL holds a password"
         for key, value in (service.get("environment") or {}).items():
             if is_secret(key):
                 literal = str(value)
                 assert literal in env.values() or not literal, f"{name}: {key} is written"
+    assert ran_a_script  # the health checks' shell scripts were run, not only read
     assert "change-me" not in COMPOSE.read_text()
 
 
@@ -284,12 +356,15 @@ def test_yaml_files_parse(path):
 
 def test_the_viewer_gets_everything_its_server_block_needs_and_reads_orthanc():
     """The nginx image fills the server template from the environment: each name it uses is set
-    by the image or by compose and Kubernetes, and its probes ask a path the template serves."""
+    by the image or by compose and Kubernetes, the certificate and key it serves HTTPS with are
+    mounted where those names point, and its probes ask a path the template serves, over
+    HTTPS."""
     from cxr_platform.pacs.viewer import server_template_text
 
     template = server_template_text()
     needed = set(re.findall(r"\$\{([A-Z0-9_]+)\}", template))
     assert {"CXR_VIEWER_PACS_URL", "OHIF_ROOT", "OHIF_APP_CONFIG"} <= needed
+    assert {"CXR_VIEWER_TLS_CERT", "CXR_VIEWER_TLS_KEY"} <= needed
     dockerfile = VIEWER_DOCKERFILE.read_text()
     env_block = dockerfile[dockerfile.rindex("ENV ") :]
     from_image = set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", env_block))
@@ -297,22 +372,51 @@ def test_the_viewer_gets_everything_its_server_block_needs_and_reads_orthanc():
 
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     viewer = services["viewer"]
-    assert needed <= from_image | set(viewer["environment"])
-    pacs = viewer["environment"]["CXR_VIEWER_PACS_URL"]
+    environment = viewer["environment"]
+    assert needed <= from_image | set(environment)
+    pacs = environment["CXR_VIEWER_PACS_URL"]
     assert pacs.split("//")[1].split(":")[0] == "orthanc" and "orthanc" in viewer["depends_on"]
     assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
-    assert "/app-config.js" in " ".join(viewer["healthcheck"]["test"])
+    (tls_volume,) = viewer["volumes"]
+    mounted = tls_volume.rsplit(":", 2)[1]  # source:target:ro, the source ${VAR:?message}
+    for name in ("CXR_VIEWER_TLS_CERT", "CXR_VIEWER_TLS_KEY"):
+        assert environment[name].startswith(mounted + "/"), name
+    probe = " ".join(viewer["healthcheck"]["test"])
+    assert "https://localhost:8080/app-config.js" in probe
 
     documents = _documents()
-    (container,) = documents[("Deployment", "cxr-viewer")]["spec"]["template"]["spec"]["containers"]
-    from_kubernetes = {item["name"] for item in container.get("env", [])}
-    assert needed <= from_image | from_kubernetes
-    (reference,) = [item["valueFrom"]["configMapKeyRef"] for item in container["env"]]
+    deployment = documents[("Deployment", "cxr-viewer")]["spec"]["template"]["spec"]
+    (container,) = deployment["containers"]
+    variables = {item["name"]: item for item in container.get("env", [])}
+    assert needed <= from_image | set(variables)
+    reference = variables["CXR_VIEWER_PACS_URL"]["valueFrom"]["configMapKeyRef"]
     config = documents[("ConfigMap", reference["name"])]["data"]
     assert config[reference["key"]].startswith("http")
-    assert container["readinessProbe"]["httpGet"]["path"] == "/app-config.js"
+    (mount,) = container["volumeMounts"]
+    (volume,) = deployment["volumes"]
+    assert mount["name"] == volume["name"] and volume["secret"]["secretName"] == "cxr-viewer-tls"
+    for name in ("CXR_VIEWER_TLS_CERT", "CXR_VIEWER_TLS_KEY"):
+        assert variables[name]["value"].startswith(mount["mountPath"] + "/"), name
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert probe["httpGet"]["path"] == "/app-config.js"
+        assert probe["httpGet"]["scheme"] == "HTTPS"
     service = documents[("Service", "cxr-viewer")]["spec"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    assert service["ports"][0]["port"] == 443
+
+
+def test_orthanc_ships_a_reader_account_that_only_reads():
+    """Readers log in with their own account, never the administrator's, and the shipped
+    filter is loaded (test_viewer_server.py runs it on a real Orthanc)."""
+    config = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    users = config["RegisteredUsers"]
+    assert set(users) == {"admin", "reader"}
+    assert users["reader"] == "${ORTHANC_READER_PASSWORD}" != users["admin"]
+    assert "/etc/orthanc/readers-read-only.lua" in config["LuaScripts"]
+    assert config["LuaScripts"][0].endswith("refuse-placeholder-credentials.lua")
+    orthanc = yaml.safe_load(COMPOSE.read_text())["services"]["orthanc"]
+    assert any(v.endswith(":/etc/orthanc/readers-read-only.lua:ro") for v in orthanc["volumes"])
+    assert "ORTHANC_READER_PASSWORD" in orthanc["environment"]
 
 
 def test_every_folder_a_volume_is_mounted_on_belongs_to_the_images_user():

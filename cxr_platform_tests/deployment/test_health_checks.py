@@ -47,8 +47,10 @@ SECRETS = {
     "S3_ACCESS_KEY": "cxr",
     "S3_SECRET_KEY": "s3-5e1f0c7a9b3d",
     "ORTHANC_ADMIN_PASSWORD": "orthanc-8d2e4f6a1c3b",
+    "ORTHANC_READER_PASSWORD": "orthanc-reader-3b5d7f9a",
     "CXR_SERVICE_API_KEY": "service-4a9c2e7f1b0d",
     "CXR_UID_SALT": "9f" * 32,
+    "VIEWER_TLS_DIR": "/etc/hospital/viewer-tls",  # not a secret: where its files are
 }
 KUBERNETES_SECRET = {
     "PGPASSWORD": SECRETS["POSTGRES_PASSWORD"],
@@ -92,6 +94,7 @@ class Check:
     command: tuple[str, ...] = ()
     shell: bool = False
     http_path: str | None = None
+    https: bool = False  # the probe asks over TLS (the kubelet does not verify the certificate)
     tcp: bool = False
     port: int | None = None  # the container port it asks (a request, or named in a command)
     env: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
@@ -118,7 +121,10 @@ class Check:
                 with socket.create_connection(("127.0.0.1", local), timeout=timeout):
                     return subprocess.CompletedProcess(["tcp", str(local)], 0, "open", "")
             # What the kubelet accepts: any status from 200 to 399.
-            answer = httpx.get(f"http://127.0.0.1:{local}{self.http_path}", timeout=timeout)
+            scheme = "https" if self.https else "http"
+            answer = httpx.get(
+                f"{scheme}://127.0.0.1:{local}{self.http_path}", timeout=timeout, verify=False
+            )
             ok = 200 <= answer.status_code < 400
             return subprocess.CompletedProcess(["GET"], 0 if ok else 1, str(answer.status_code), "")
         except (OSError, httpx.HTTPError) as exc:
@@ -172,7 +178,12 @@ def kubernetes_checks() -> list[Check]:
                     port = spec["httpGet"]["port"]
                     port = named[port] if isinstance(port, str) else port
                     check = Check(
-                        where, component, http_path=spec["httpGet"]["path"], port=port, env=env
+                        where,
+                        component,
+                        http_path=spec["httpGet"]["path"],
+                        https=spec["httpGet"].get("scheme") == "HTTPS",
+                        port=port,
+                        env=env,
                     )
                 else:
                     port = spec["tcpSocket"]["port"]
@@ -405,13 +416,20 @@ def start_orthanc(check: Check, folder: Path, request) -> Iterator[Running]:
 def start_viewer(check: Check, folder: Path, request) -> Iterator[Running]:
     from cxr_platform.pacs.viewer import ViewerServer
 
-    from ..pacs.conftest import viewer_dist
+    from ..pacs.conftest import self_signed, viewer_dist
 
     dist = viewer_dist()
     port = free_port()
     pacs = check.env.get("CXR_VIEWER_PACS_URL", "http://orthanc:8042")
+    # The certificate and key a deployment mounts where CXR_VIEWER_TLS_* point: one made here.
+    assert check.env["CXR_VIEWER_TLS_CERT"] and check.env["CXR_VIEWER_TLS_KEY"]
+    cert, key = self_signed(folder)
     section = replace(
-        load_settings(home=folder / "home").viewer, viewer_port=port, viewer_host="127.0.0.1"
+        load_settings(home=folder / "home").viewer,
+        viewer_port=port,
+        viewer_host="127.0.0.1",
+        viewer_tls_cert=cert,
+        viewer_tls_key=key,
     )
     # nginx resolves the PACS's name when it starts; a name only a cluster knows stands here
     # for this machine, as the viewer's own tests do.
@@ -491,15 +509,19 @@ def _eventually(
         time.sleep(1)
 
 
-def test_orthanc_refuses_to_run_without_its_admin_password(tmp_path):
-    """The shipped configuration reads the password from the environment; unset, Orthanc would
-    take an empty one, so the shipped script stops it instead."""
+@pytest.mark.parametrize("account", ["admin", "reader"])
+def test_orthanc_refuses_to_run_without_a_password(tmp_path, account):
+    """The shipped configuration reads each account's password from the environment; unset,
+    Orthanc would take an empty one, so the shipped script stops it instead, naming it."""
     if not DICOMWEB_PLUGIN.exists():
         pytest.skip("Orthanc's DICOMweb plugin is not installed (.ci/run installs it)")
     path = _orthanc_config(tmp_path, free_port(), free_port())
-    env = {k: v for k, v in os.environ.items() if k != "ORTHANC_ADMIN_PASSWORD"}
+    unset = f"ORTHANC_{account.upper()}_PASSWORD"
+    env = {**os.environ, **{k: v for k, v in SECRETS.items() if k.startswith("ORTHANC_")}}
+    env.pop(unset)
     stopped = subprocess.run(
         [orthanc_binary(), str(path)], env=env, capture_output=True, text=True, timeout=60
     )
-    assert "placeholder credential in RegisteredUsers/admin" in stopped.stderr + stopped.stdout
-    assert "Orthanc has stopped" in stopped.stderr + stopped.stdout
+    said = stopped.stderr + stopped.stdout
+    assert f"placeholder credential in RegisteredUsers/{account}" in said, said[-2000:]
+    assert "Orthanc has stopped" in said

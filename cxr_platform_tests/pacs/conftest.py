@@ -114,15 +114,17 @@ def sr_comment(path: Path) -> str:
     return comment.removeprefix("Not analysed by the AI: ")
 
 
-def cxr_process(home: Path, command: str, *args: str) -> subprocess.Popen:
-    """``cxr COMMAND ARGS`` as an administrator runs it: its own process, CXR_HOME set, output
-    as text."""
+def cxr_process(
+    home: Path, command: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``cxr COMMAND ARGS`` as an administrator runs it: its own process, CXR_HOME set (and
+    ``env``), output as text."""
     return subprocess.Popen(
         [sys.executable, "-m", "cxr_platform.cli", command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "CXR_HOME": str(home)},
+        env={**os.environ, "CXR_HOME": str(home), **(env or {})},
     )
 
 
@@ -168,3 +170,18 @@ def node_factory(pacs_model, tmp_path):
     yield make
     for node in nodes:
         node.stop()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, signed by its own key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -207,3 +207,79 @@ def test_no_process_logs_patient_data_even_when_it_fails(
         leaked = [uid for uid in uids if uid in output]
         assert not leaked, (process, leaked)
     assert "refused uid:" in outputs["dicom node and sender"]  # results named by tag
+
+
+def test_the_reading_room_logs_no_identifiers(tmp_path, chest_pngs):
+    """The viewer's nginx, asked what OHIF asks (a worklist search filtered by patient name,
+    patient id and accession number; a study's series, metadata and frames) and what it refuses
+    (STOW-RS, the DICOMweb client's peers), then with the PACS gone (an upstream error): neither
+    its access log nor its error output holds a marker or a UID."""
+    from cxr_platform.pacs.storage import encode_dataset
+    from cxr_platform.pacs.viewer import ViewerError, ViewerServer, nginx_binary
+    from cxr_platform.sections import ViewerSection
+    from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
+
+    from .conftest import self_signed, viewer_dist
+
+    try:
+        nginx_binary()
+    except ViewerError as exc:
+        pytest.skip(str(exc))
+    source = marked(chest_pngs[0], 7)
+    orthanc = OrthancProcess(
+        tmp_path / "orthanc",
+        NodeAddress(NODE_AET, "127.0.0.1", free_port()),
+        routing=False,
+        dicomweb_root=True,
+    ).start()
+    cert, key = self_signed(tmp_path)
+    viewer = ViewerServer(
+        ViewerSection(
+            home=tmp_path,
+            viewer_pacs_url=orthanc.url,
+            viewer_port=free_port(),
+            viewer_tls_cert=cert,
+            viewer_tls_key=key,
+        ),
+        tmp_path / "viewer",
+        dist=viewer_dist(),
+    ).start()
+    study, series, instance = (
+        str(source.StudyInstanceUID),
+        str(source.SeriesInstanceUID),
+        str(source.SOPInstanceUID),
+    )
+    try:
+        orthanc.upload(encode_dataset(source))
+
+        def ask(method: str, path: str, **kwargs) -> int:
+            url = f"{viewer.url}/dicom-web{path}"
+            return httpx.request(method, url, verify=False, timeout=30, **kwargs).status_code
+
+        worklist = {
+            "PatientName": f"{MARK}7*",
+            "PatientID": source.PatientID,
+            "AccessionNumber": source.AccessionNumber,
+            "StudyInstanceUID": study,
+        }
+        assert ask("GET", "/studies", params=worklist) == 200
+        assert ask("GET", f"/studies/{study}/series") == 200
+        assert ask("GET", f"/studies/{study}/series/{series}/metadata") == 200
+        frames = f"/studies/{study}/series/{series}/instances/{instance}/frames/1"
+        assert ask("GET", frames) == 200
+        assert ask("POST", f"/studies/{study}", content=b"x") == 405
+        assert ask("GET", f"/servers/{MARK}peer") == 403
+        orthanc.stop()
+        assert ask("GET", "/studies", params=worklist) == 502  # the PACS is gone
+    finally:
+        viewer.stop()
+        orthanc.stop()
+    written = {
+        path.name: path.read_text(errors="replace")
+        for path in (tmp_path / "viewer").glob("*")
+        if path.suffix in (".log", ".out")
+    }
+    assert "nginx.out" in written and "GET /dicom-web/studies 502" in written["nginx.out"]
+    for name, text in written.items():
+        for secret in (MARK, study, series, instance):
+            assert secret not in text, f"{name} holds {secret}"

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
+import re
 import ssl
-import subprocess
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -39,6 +37,7 @@ from .conftest import (
     dciodvfy_errors,
     radiograph,
     radiograph_bytes,
+    self_signed,
     sr_comment,
     wait_for,
 )
@@ -339,20 +338,6 @@ def test_bad_configuration_is_refused_with_a_reason(pacs_model, tmp_path):
         build_node(
             replace(dicom, dicom_tls_cert=tmp_path / "c.pem"), registry, state_dir=tmp_path / "n"
         )
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("openssl is needed to make the test certificate")
-    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_tls_both_ways(node_factory, tmp_path, chest_pngs):

@@ -29,8 +29,7 @@ from cxr_platform.pacs.storage import NodeStorage, encode_dataset
 from cxr_platform.pacs.stow import split_multipart_related
 from cxr_platform.ports import free_port
 
-from .conftest import VARIANTS, radiograph, wait_for
-from .test_node import self_signed
+from .conftest import VARIANTS, radiograph, self_signed, wait_for
 from .test_stow import KEYS, multipart
 
 pytestmark = pytest.mark.xdist_group("pacs")

@@ -1,6 +1,7 @@
 """What a radiologist sees: the node's results opened in OHIF (the pinned prebuilt viewer, served
 by nginx on one origin with a real Orthanc's DICOMweb root, exactly as ``cxr viewer`` and the
-deployment serve it), in headless chromium.
+deployment serve it: over TLS, read-only), in headless chromium, logged in with a reader's
+account of a PACS that asks for one (its administrator's account is another).
 
 Three studies, all in one PACS:
 - a chest radiograph the node analysed (sent to the node as a router would; the node returns its
@@ -15,11 +16,13 @@ Screenshots of every view are saved to ``$TMPDIR/cxr-ohif-screenshots`` (or
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -42,12 +45,15 @@ from cxr_platform_tests.browser import chromium, require_chromium, screenshot_fo
 from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
-from .conftest import VARIANTS, radiograph, radiograph_bytes, viewer_dist
+from .conftest import VARIANTS, radiograph, radiograph_bytes, self_signed, viewer_dist
 from .scu import send
 from .test_node import _pixels_of
 from .test_orthanc import CR, RESULTS, Pacs
 
 pytestmark = pytest.mark.xdist_group("pacs")
+
+# The PACS's accounts: the administrator uploads the studies, the radiologist reads them.
+ADMIN, READER = ("admin", "admin-secret-9c"), ("radiologist", "reader-secret-4d")
 
 # The lesion of the synthetic case, as fractions of the image: rows, then columns.
 LESION_ROWS = (0.20, 0.45)
@@ -106,6 +112,8 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
         dicom_port=orthanc_port,
         routing=False,
         dicomweb_root=True,
+        archive_users=dict([ADMIN, READER]),  # the test uploads as the administrator
+        readers_read_only=True,
     ).start()
     dicom = replace(
         pacs_model.settings.dicom,
@@ -118,8 +126,15 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
     )
     node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
     node.start()
+    cert, key = self_signed(base)
     viewer = ViewerServer(
-        ViewerSection(home=base, viewer_pacs_url=orthanc.url, viewer_port=free_port()),
+        ViewerSection(
+            home=base,
+            viewer_pacs_url=orthanc.url,
+            viewer_port=free_port(),
+            viewer_tls_cert=cert,
+            viewer_tls_key=key,
+        ),
         base / "viewer",
         dist=dist,
     ).start()
@@ -145,6 +160,19 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
         viewer.stop()
         node.stop()
         orthanc.stop()
+
+
+@contextlib.contextmanager
+def reading(width: int = 1600, height: int = 1000):
+    """Chromium as a radiologist's browser: it takes the test's self-signed certificate and
+    sends the reader's credentials with every request (as after the login prompt)."""
+    token = base64.b64encode(":".join(READER).encode()).decode()
+    with chromium(width, height, ("--ignore-certificate-errors",)) as driver:
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd(
+            "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
+        )
+        yield driver
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +373,7 @@ def test_the_report_is_listed_and_readable_beside_the_image(reading_room, pacs_m
         made.PMAP_DESCRIPTION,
         made.SC_DESCRIPTION,
     ]
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, study, series)
         screenshot(driver, shots / "analysed-study.png")
         shown = open_report(
@@ -388,7 +416,7 @@ def assert_on_the_lesion(box: tuple, room: ReadingRoom, area: tuple, placement: 
 
 def test_the_segmentation_lies_on_the_lesion(reading_room, shots):
     room = reading_room
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, room.lesion.StudyInstanceUID, [made.SEG_DESCRIPTION])
         area, placement = _image_area(driver, room.lesion)
         before = screenshot(driver, shots / "lesion-source.png")
@@ -401,7 +429,7 @@ def test_the_segmentation_lies_on_the_lesion(reading_room, shots):
 
 def test_the_parametric_map_is_a_heat_overlay_on_the_lesion(reading_room, shots):
     room = reading_room
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, room.lesion.StudyInstanceUID, [made.PMAP_DESCRIPTION])
         area, placement = _image_area(driver, room.lesion)
         load_series(driver, made.PMAP_DESCRIPTION)
@@ -414,7 +442,7 @@ def test_the_node_heatmaps_open_as_overlays(reading_room, shots):
     the radiograph they were made from."""
     room = reading_room
     source = room.analysed
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, source.StudyInstanceUID, [made.PMAP_DESCRIPTION])
         area, _ = _image_area(driver, source)
         load_series(driver, made.PMAP_DESCRIPTION)
@@ -428,7 +456,7 @@ def test_the_node_heatmaps_open_as_overlays(reading_room, shots):
 def test_the_secondary_capture_opens_as_an_image_with_its_caption(reading_room, shots):
     room = reading_room
     source = room.analysed
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, source.StudyInstanceUID, [made.SC_DESCRIPTION])
         area, placement = _image_area(driver, source)
         load_series(driver, made.SC_DESCRIPTION)
@@ -452,7 +480,7 @@ def test_a_refused_study_shows_the_not_analysed_report_and_nothing_else(reading_
     study = room.refused.StudyInstanceUID
     sr = room.sr_of(study)
     (why,) = [t for t in comments_of(sr) if t.startswith("Not analysed by the AI: ")]
-    with chromium(1600, 1000) as driver:
+    with reading() as driver:
         open_study(driver, room, study, [made.NOT_ANALYSED_SR_DESCRIPTION])
         listed = page_text(driver)
         shown = open_report(
@@ -467,3 +495,41 @@ def test_a_refused_study_shows_the_not_analysed_report_and_nothing_else(reading_
     assert made.SR_DESCRIPTION not in listed
     assert "Probability: " not in shown  # no number, not even an empty one
     assert made.NOT_FOR_DIAGNOSIS_ALONE in shown
+
+
+def test_a_reader_in_the_viewer_cannot_write_and_neither_can_the_admin_through_it(
+    reading_room, shots
+):
+    """From the reading page itself (the browser's own requests, with the reader's login):
+    STOW-RS, the DICOMweb client's peers and deleting one are refused; the administrator's
+    account through the same origin is refused them too; the study still displays."""
+    room = reading_room
+    study = room.analysed.StudyInstanceUID
+    asks = [
+        ("POST", "/dicom-web/studies"),
+        ("GET", "/dicom-web/servers"),
+        ("DELETE", "/dicom-web/servers/cxr-ai"),
+        ("PUT", f"/dicom-web/studies/{study}"),
+    ]
+    with reading() as driver:
+        open_study(driver, room, study, [made.SR_DESCRIPTION])
+        from_the_page = driver.execute_async_script(
+            """
+            const [asks, done] = arguments;
+            Promise.all(asks.map(([method, path]) =>
+                fetch(path, {method, body: method === 'GET' ? undefined : 'x'})
+                    .then(r => r.status))).then(done);
+            """,
+            asks,
+        )
+        admin = [
+            httpx.request(
+                method, f"{room.viewer.url}{path}", auth=ADMIN, content=b"x", verify=False
+            ).status_code
+            for method, path in asks
+        ]
+        open_study(driver, room, study, [made.SR_DESCRIPTION])
+        screenshot(driver, shots / "after-refused-writes.png")
+        assert "W:" in page_text(driver)
+    assert from_the_page == admin == [405, 403, 405, 405], (from_the_page, admin)
+    assert len(room.pacs.orthanc.study_instances(study)) == 5  # the source and its 4 results
