@@ -285,6 +285,18 @@ def _add_column(table: sa.Table, column: sa.Column, dialect: sa.Dialect) -> str:
 _IN_CHUNK = 500  # request ids per IN (...) query
 
 
+def _insert_new(table: sa.Table, dialect: sa.Dialect):
+    """INSERT that skips a row whose request id is there already (both dialects the log runs
+    on say it in their own words)."""
+    if dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        return table.insert()
+    return insert(table).on_conflict_do_nothing(index_elements=["request_id"])
+
+
 class InferenceLog:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -293,16 +305,19 @@ class InferenceLog:
     def write(
         self, records: Iterable[InferenceRecord], refusals: Iterable[RefusalRecord] = ()
     ) -> int:
-        """One transaction for the batch, predictions and refusals: all rows land or none."""
+        """One transaction for the batch, predictions and refusals: all rows land or none. A row
+        whose request id is logged already is that request (a DICOM instance scored again by
+        the same version: :func:`~cxr_platform.inference.scoring.instance_request_id`) and is
+        not written twice."""
         rows = [record.row() for record in records]
         refused = [refusal.row() for refusal in refusals]
         if not rows and not refused:
             return 0
         with self.engine.begin() as connection:
             if rows:
-                connection.execute(predictions_table.insert(), rows)
+                connection.execute(_insert_new(predictions_table, self.engine.dialect), rows)
             if refused:
-                connection.execute(refusals_table.insert(), refused)
+                connection.execute(_insert_new(refusals_table, self.engine.dialect), refused)
         return len(rows) + len(refused)
 
     def refusals(

@@ -9,6 +9,7 @@ production when it arrived, and its log row says so. Results are typed (:class:`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -146,6 +147,13 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def instance_request_id(sop_instance_uid_hash: str, model_version: str | None) -> str:
+    """One DICOM instance scored by one version is one request, however often it is scored:
+    a worker that died after logging it, a modality that sends it again."""
+    key = f"{sop_instance_uid_hash}:{model_version}".encode()
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """One prepared image, the snapshot it was prepared for, and what its log row needs."""
@@ -198,15 +206,23 @@ def request_for(
     source: str,
     site: str | None = None,
     patient_age: AgeReading = UNKNOWN,
+    keyed_by_instance: bool = False,
 ) -> ScoreRequest:
     """Prepare ``data`` for the production model of ``models`` (one snapshot, taken by the
-    caller). Raises :class:`ScoringUnavailableError` when there is no production model."""
+    caller). Raises :class:`ScoringUnavailableError` when there is no production model.
+    ``keyed_by_instance``: the request id is the DICOM instance's with this version
+    (:func:`instance_request_id`), so scoring it again logs nothing more."""
     if models.production is None:
         raise ScoringUnavailableError(NO_PRODUCTION_MODEL)
     prepared = prepare_input(
         data, models.production, max_pixels=max_pixels, uid_salt=uid_salt, patient_age=patient_age
     )
-    return ScoreRequest(models, prepared, new_request_id(), started, source, site)
+    request_id = (
+        instance_request_id(prepared.sop_instance_uid_hash, models.production.model_version)
+        if keyed_by_instance and prepared.sop_instance_uid_hash
+        else new_request_id()
+    )
+    return ScoreRequest(models, prepared, request_id, started, source, site)
 
 
 def _refusal_before_scoring(item: ScoreRequest) -> ScoringOutcome | None:

@@ -203,7 +203,11 @@ class DicomNode:
         self.processor = processor
         self.storage = storage
         self.pool = pool
-        self._deaths: dict[str, int] = {}  # spool file name -> worker deaths while it was out
+        # Spool file name -> worker deaths while it was the only instance out.
+        self._deaths: dict[str, int] = {}
+        # Spool files that were out, with others, when a worker died: each goes out alone before
+        # a death is charged to it (dict: in the order they were suspected).
+        self._suspects: dict[str, Path] = {}
         self.counters = NodeCounters()
         self.sender = (
             ResultSender(
@@ -578,15 +582,30 @@ class DicomNode:
             self._record(out, future)
 
     def _collect_after_death(self, out: InFlight) -> None:
-        """Python's pool fails every call it had out when one worker dies: record what
-        finished before, count the death against the rest, then start new workers."""
+        """Python's pool fails every call it had out when one worker dies, whichever instance
+        killed it: record what finished before, then start new workers. The death is charged
+        to an instance only when it was the only one out; with others, every one of them is a
+        suspect and goes out alone next (:meth:`_dispatch`), so an image that kills its worker
+        is found and only it is ever kept aside."""
         assert self.pool is not None
+        alone = len(out) == 1
         done, _ = wait(out, timeout=60)
         lost = sum(_died(future) for future in done)
-        log.error("a scoring worker died; %d instances go out again to new workers", lost)
+        log.error(
+            "a scoring worker died; %d instances go out again to new workers%s",
+            lost,
+            "" if alone else ", one at a time",
+        )
         self.pool.restart()
         for future in done:
-            self._record(out, future)
+            if _died(future):
+                path, dataset = out.pop(future)
+                if alone:
+                    self._worker_died(path, dataset)
+                else:
+                    self._suspects.setdefault(path.name, path)
+            else:
+                self._record(out, future)
 
     def _record(self, out: InFlight, future: Future[Processed | Failure]) -> None:
         path, dataset = out.pop(future)
@@ -597,6 +616,9 @@ class DicomNode:
 
     def _dispatch(self, out: InFlight, capacity: int) -> None:
         assert self.pool is not None
+        if self._suspects:
+            self._dispatch_suspect(out)
+            return
         busy = {path for path, _ in out.values()}
         for path in self.storage.spooled():
             if len(out) >= capacity or self._stop.is_set():
@@ -610,11 +632,29 @@ class DicomNode:
             calling = self.storage.calling_ae_title(str(dataset.SOPInstanceUID))
             out[self.pool.submit(path, calling)] = (path, dataset)
 
+    def _dispatch_suspect(self, out: InFlight) -> None:
+        """The oldest suspect, alone: nothing else goes out until it comes back."""
+        assert self.pool is not None
+        if out:
+            return
+        while self._suspects:
+            name, path = next(iter(self._suspects.items()))
+            read = self._read_spooled(path, header_only=True) if path.exists() else None
+            if read is None:  # no longer spooled (recorded, or set aside as unreadable)
+                del self._suspects[name]
+                continue
+            _, dataset = read
+            calling = self.storage.calling_ae_title(str(dataset.SOPInstanceUID))
+            out[self.pool.submit(path, calling)] = (path, dataset)
+            return
+
     def _collect(self, path: Path, dataset: Dataset, future: Future[Processed | Failure]) -> None:
         if _died(future):
-            self._worker_died(path, dataset)
+            # Out with others when the pool went (a node stopping): a suspect, not charged.
+            self._suspects.setdefault(path.name, path)
             return
         self._deaths.pop(path.name, None)
+        self._suspects.pop(path.name, None)
         try:
             self._finish(path, dataset, future.result())
         except TransientProcessingError as exc:
@@ -633,14 +673,16 @@ class DicomNode:
 
     def _worker_died(self, path: Path, dataset: Dataset) -> None:
         """A worker died (killed, out of memory, crashed in native code) with this instance
-        out: nothing of it was recorded, so it is still in the spool and goes out again. One
-        that was out at MAX_WORKER_DEATHS deaths is kept aside for a person, so an image that
-        crashes its decoder cannot stop the node."""
+        out alone: nothing of it was recorded, so it is still in the spool and goes out again,
+        alone. One that killed its worker MAX_WORKER_DEATHS times is kept aside for a person,
+        so an image that crashes its decoder cannot stop the node."""
         deaths = self._deaths.get(path.name, 0) + 1
         self._deaths[path.name] = deaths
+        self._suspects.setdefault(path.name, path)  # and it goes out alone again
         if deaths < MAX_WORKER_DEATHS:
             return
         self._deaths.pop(path.name, None)
+        self._suspects.pop(path.name, None)
         self._fail(
             path,
             str(dataset.SOPInstanceUID),

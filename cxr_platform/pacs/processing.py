@@ -235,6 +235,8 @@ class InstanceProcessor:
                 started=started,
                 source="dicom",
                 site=site,
+                # A worker killed after logging it, or a modality sending it again: one row.
+                keyed_by_instance=True,
             )
             outcome = score_and_log(self.inference_log, [request])[0]
             if outcome.refused:

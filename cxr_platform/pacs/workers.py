@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,6 +171,8 @@ class ScoringPool:
             raise ValueError("a scoring pool needs at least one worker")
         self.spec = spec if spec.threads else replace(spec, threads=default_threads(workers))
         self.workers = workers
+        # What a worker runs on a spool file: importable by name (workers are spawned).
+        self.task: Callable[[str, str | None], Processed | Failure] = _score_in_worker
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -183,7 +186,7 @@ class ScoringPool:
         )
 
     def submit(self, path: Path, calling_ae_title: str | None) -> Future[Processed | Failure]:
-        return self._executor.submit(_score_in_worker, str(path), calling_ae_title)
+        return self._executor.submit(self.task, str(path), calling_ae_title)
 
     def start(self) -> None:
         """Start every worker now (each loads its models and warms up), not on the first

@@ -74,11 +74,72 @@ def test_two_workers_score_a_burst_and_a_killed_worker_loses_nothing(
             ] += 1
     assert referenced == Counter(uids)
     assert dciodvfy_errors(results[0]) == []
-    # Every image was scored and logged; the one out when its worker died may be logged twice
-    # (its row was written before the kill), never missing.
-    rows = log.records(site="MODALITY")
-    assert len(rows) - rows_before >= len(sources)
+    # Every image was scored and logged once, the ones out when their worker died too (an
+    # instance scored again by the same version is the same request).
+    _assert_logged_once(node, log, uids)
+    assert len(log.records(site="MODALITY")) - rows_before == len(sources)
     log.dispose()
+
+
+def _assert_logged_once(node, log: InferenceLog, uids: list[str]) -> None:
+    from cxr_platform.redaction import hash_uid
+
+    logged = log.records()["sop_instance_uid_hash"].tolist()
+    hashes = [hash_uid(str(uid), node.processor.uid_salt) for uid in uids]
+    assert [logged.count(h) for h in hashes] == [1] * len(uids)
+
+
+def test_an_image_that_kills_its_worker_is_kept_aside_and_no_other(node_factory, chest_pngs):
+    """Two workers, eight instances, one of which kills whichever worker takes it, every time.
+    Python's pool fails every call it had out when that happens, innocent ones too: a death is
+    charged only to an instance that was out alone, so the poison ends in the failed folder and
+    each of the seven others is processed, with its four results and one log row."""
+    from .poison import POISON, score_or_die
+
+    node = node_factory(dicom_workers=2)
+    node.pool.task = score_or_die
+    node.start()
+    sources = [
+        radiograph(chest_pngs[i % len(chest_pngs)], VARIANTS["cr-mono2-12bit"]) for i in range(8)
+    ]
+    poisoned = sources[2]
+    poisoned.SeriesDescription = POISON
+    innocent = [str(source.SOPInstanceUID) for source in sources if source is not poisoned]
+    log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
+    assert send(node.port, sources).statuses == [0x0000] * len(sources)
+    wait_for(
+        lambda: node.storage.status(poisoned.SOPInstanceUID) == "failed"
+        and all(node.storage.status(uid) == "processed" for uid in innocent),
+        timeout=400,
+        what="the poison kept aside and the others processed",
+    )
+    assert "died each of the 3 times" in (node.storage.detail(poisoned.SOPInstanceUID) or "")
+    assert [p.stem for p in node.storage.failed_dir.glob("*.dcm")] == [poisoned.SOPInstanceUID]
+    assert node.counters.failed == 1 and node.counters.processed == len(innocent)
+    assert node.storage.spooled() == []
+    referenced = Counter()
+    for study in node.storage.outbox():
+        assert len(study.files) == 4  # SR, SEG, map and capture of one source each
+        for path in study.files:
+            result = pydicom.dcmread(path)
+            if result.Modality == "SR":
+                evidence = result.CurrentRequestedProcedureEvidenceSequence[0]
+                referenced[
+                    evidence.ReferencedSeriesSequence[0]
+                    .ReferencedSOPSequence[0]
+                    .ReferencedSOPInstanceUID
+                ] += 1
+    assert referenced == Counter(innocent)
+    _assert_logged_once(node, log, innocent)
+    _assert_never_logged(node, log, str(poisoned.SOPInstanceUID))
+    log.dispose()
+
+
+def _assert_never_logged(node, log: InferenceLog, uid: str) -> None:
+    from cxr_platform.redaction import hash_uid
+
+    logged = log.records()["sop_instance_uid_hash"].tolist()
+    assert logged.count(hash_uid(uid, node.processor.uid_salt)) == 0  # it died before scoring
 
 
 def test_an_instance_out_at_every_worker_death_is_kept_aside_and_the_node_goes_on(
@@ -113,8 +174,6 @@ def test_a_node_stopped_mid_burst_records_what_its_workers_hold_and_a_restart_fi
     """Stopped while instances are spooled and out: what the workers had in hand is recorded
     (not scored and logged again after the restart), the rest waits in the spool, and a new
     node on the same folder finishes them; every instance is logged exactly once."""
-    from cxr_platform.redaction import hash_uid
-
     state = tmp_path / "state"
     node = node_factory(state_dir=state, dicom_workers=1)
     node.start()
@@ -140,7 +199,5 @@ def test_a_node_stopped_mid_burst_records_what_its_workers_hold_and_a_restart_fi
         what="the restarted node to finish the spool",
     )
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
-    hashes = [hash_uid(uid, again.processor.uid_salt) for uid in uids]
-    logged = log.records()["sop_instance_uid_hash"].tolist()
-    assert [logged.count(h) for h in hashes] == [1] * len(uids)
+    _assert_logged_once(again, log, uids)
     log.dispose()
