@@ -196,6 +196,16 @@ def _retain_inputs_max_mb() -> Any:
     )
 
 
+def _retain_inputs_days() -> Any:
+    return setting(
+        30.0,
+        doc="Days each model input is kept (by the service and the silent trial) for a feedback "
+        "or report label to make it training data; unlabeled ones are deleted after (0: keep "
+        "none).",
+        ge=0,
+    )
+
+
 def default_log_url(home: Path) -> str:
     return sqlite_url(home / "inference_log.db")
 
@@ -520,12 +530,7 @@ class ServingSection(_Scoring):
     service_precision: Precision = setting(
         "fp32", doc="int8 serves the quantized variant when the export kept one."
     )
-    retain_inputs_days: float = setting(
-        30.0,
-        doc="Days the service keeps each model input for a feedback label to make it training "
-        "data (0: keep none).",
-        ge=0,
-    )
+    retain_inputs_days: float = _retain_inputs_days()
     retain_inputs_max_mb: float = _retain_inputs_max_mb()
 
     @property
@@ -771,7 +776,8 @@ class SiteTrialSection(_Scoring):
         doc="The site's report labels (CSV) that the Dagster asset `silent_trial_report` joins.",
     )
     # The trial keeps each model input, as the service does, so that a report label makes it
-    # training data for a fine-tune; the same store and budget.
+    # training data for a fine-tune; the same store, days and budget.
+    retain_inputs_days: float = _retain_inputs_days()
     retain_inputs_max_mb: float = _retain_inputs_max_mb()
 
     @property

@@ -33,6 +33,9 @@ class ReportLabel:
     column: str  # one of KEY_COLUMNS
     key_hash: str
     label: str
+    # A path key as the file gives it, to say what did not match (an accession number or a
+    # UID is an identifier and is kept hashed only).
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def read_report_labels(path: Path, uid_salt: bytes) -> ReportLabels:
             raise LabelsFileError(f"{path}, line {line}: the same {column} as line {earlier}")
         key_hash = hash_uid(value, uid_salt)
         assert key_hash is not None
-        labels.append(ReportLabel(line, column, key_hash, label))
+        labels.append(
+            ReportLabel(line, column, key_hash, label, value if column == "path" else None)
+        )
     return ReportLabels(tuple(labels), path.name)
 
 
@@ -105,6 +110,46 @@ class LabelJoin:
             "conflicting_studies": self.conflicting_studies,
             "conflicting_lines": self.conflicting_lines[:50],
         }
+
+
+class LabelsMatchNothingError(LabelsFileError):
+    """Most of a labels file's keys match no study of the trial: a mistake in how the keys are
+    written, said where it is made rather than found in the report."""
+
+
+# A labels file is refused when more than this share of its keys matches no study.
+MOST_UNMATCHED = 0.5
+_KEY_WORDS = {
+    "path": "paths are matched against each image's path relative to the folder the trial "
+    "scored (--images), with / between folders, e.g. 'pneumonia/0001.png'",
+    "accession_number": "accession numbers against the AccessionNumber of the trial's DICOM "
+    "studies",
+    "study_instance_uid": "study UIDs against the StudyInstanceUID of the trial's DICOM "
+    "studies",
+}
+
+
+def refuse_mostly_unmatched(labels: ReportLabels, join: LabelJoin) -> None:
+    """Raises :class:`LabelsMatchNothingError` when most keys match no study, naming the first
+    of them (paths as given, identifiers by their line only) and what keys are matched
+    against."""
+    unmatched = set(join.unmatched_lines)
+    if len(unmatched) <= MOST_UNMATCHED * len(labels.labels):
+        return
+    missed = [label for label in labels.labels if label.line in unmatched]
+    named = [
+        f"line {label.line}: path {label.path!r}"
+        if label.path is not None
+        else f"line {label.line}: an {label.column.replace('_', ' ')}"
+        for label in missed[:3]
+    ]
+    columns = sorted({label.column for label in missed})
+    raise LabelsMatchNothingError(
+        f"{labels.source}: {len(unmatched)} of {len(labels.labels)} labels match no study of "
+        f"the trial ({'; '.join(named)}{'; ...' if len(missed) > 3 else ''}). "
+        + "; ".join(_KEY_WORDS[column] for column in columns)
+        + ". Nothing was labelled."
+    )
 
 
 def join_by_study(labels: ReportLabels, studies_by_key: dict[str, dict[str, str]]) -> LabelJoin:

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_platform.calibration.report_labels import LabelJoin, ReportLabels, join_by_study
+from cxr_platform.calibration.report_labels import (
+    LabelJoin,
+    ReportLabels,
+    join_by_study,
+    refuse_mostly_unmatched,
+)
 from cxr_platform.calibration.silent_trial import FAILED, REFUSED, SCORED
 from cxr_platform.deployment.model_card import card_html
 from cxr_platform.inference.log import InferenceLog
@@ -65,6 +70,7 @@ def join_trial_labels(
         "path": _mapping(rows, "path"),
     }
     join = join_by_study(labels, studies_by_key)
+    refuse_mostly_unmatched(labels, join)
     scored = rows[(rows["outcome"] == SCORED) & rows["study"].isin(list(join.by_study))]
     by_request = {str(row.request_id): join.by_study[str(row.study)] for row in scored.itertuples()}
     log.label_requests(by_request, reporter=TRIAL_REPORTER)

@@ -5,6 +5,7 @@ one partition per exported folder."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.model_version.predictor import Predictor
 from cxr_platform.redaction import uid_salt
 from cxr_platform.sections import RegistrySection, SiteTrialSection
+
+log = logging.getLogger(__name__)
 
 MAX_DAYS = 3660  # ten years: a range longer than that is a typo, not an archive
 
@@ -109,11 +112,27 @@ def opened_trial(
             uid_salt=uid_salt(section.home, section.uid_salt),
             folder=trials_root(section) / site_folder_name(site) / f"v{version}",
             max_pixels=section.max_image_pixels,
-            retained=RetainedInputs(section.retained_dir, section.retained_budget),
+            retained=retained_inputs(section),
         )
         yield trial, TrialVersion(version, predictor.model_name, predictor.threshold, info.metrics)
     finally:
         log.dispose()
+
+
+def retained_inputs(section: SiteTrialSection) -> RetainedInputs | None:
+    """The kept-inputs store as the trial may use it: none with ``retain_inputs_days`` 0, and
+    what has been kept longer than that days unlabeled deleted first, as the service does."""
+    if section.retain_inputs_days <= 0:
+        return None
+    retained = RetainedInputs(section.retained_dir, section.retained_budget)
+    try:
+        removed = retained.prune(section.retain_inputs_days * 86400)
+    except OSError:
+        log.exception("could not prune retained inputs")
+    else:
+        if removed:
+            log.info("deleted %d unlabeled inputs past retention", removed)
+    return retained
 
 
 def run_archive_day(trial: SiteTrial, archive: DicomWebArchive, day: date) -> PartitionSummary:

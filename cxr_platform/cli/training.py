@@ -203,7 +203,10 @@ def ensemble(
     members = [trained_run(settings.training, run_id) for run_id in run_ids]
     settings = settings_for(ctx, data_dir=members[0].trained.data_dir)
     manifest, cache = pipeline.prepare(settings.data, progress=interactive())
-    if any(m.trained.manifest_hash not in (None, manifest_hash(manifest)) for m in members):
+    if any(
+        m.trained.manifest_hash and m.trained.manifest_hash != manifest_hash(manifest)
+        for m in members
+    ):
         raise CxrError(
             "the patient split differs from the one the members were trained on "
             "(data or split settings changed)"

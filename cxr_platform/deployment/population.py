@@ -110,13 +110,25 @@ def population_check_for(
     model = WithFeatures(checkpoint.bare_model(), checkpoint.arch, flip=checkpoint.flip_averaged)
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
     images, groups = out_of_population_images(out_of_population_dir, preprocessing)
-    train = model_features(
-        model, _subsample(cache.images("train"), MAX_FIT_IMAGES, seed), preprocessing
+    fit_on = _subsample(cache.images("train"), MAX_FIT_IMAGES, seed)
+    own = np.concatenate(
+        [
+            model_features(model, fit_on, preprocessing),
+            model_features(
+                model, acquisition_variants(fit_on, preprocessing, seed=seed), preprocessing
+            ),
+        ]
     )
     val = model_features(model, cache.images("val", mmap=False), preprocessing)
     outside = model_features(model, images, preprocessing)
     check = fit_population_check(
-        train, val, outside, groups, seed=seed, source=Path(out_of_population_dir).name
+        own,
+        val,
+        outside,
+        groups,
+        seed=seed,
+        source=Path(out_of_population_dir).name,
+        shifted_copies=len(fit_on),
     )
     log.info("population check: %s", check.summary())
     return check
@@ -175,9 +187,11 @@ def fit_population_check(
     seed: int = 0,
     source: str = "",
     c: float = DISCRIMINANT_C,
+    shifted_copies: int = 0,
 ) -> PopulationCheck:
-    """A linear score separating the training split's features from ``outside`` (the features
-    of patients the version is not for), thresholded on validation. What it refuses of such
+    """A linear score separating the training split's features (``train``: the last
+    ``shifted_copies`` of them acquisition-shifted copies) from ``outside`` (the features of
+    patients the version is not for), thresholded on validation. What it refuses of such
     patients is estimated by cross-validation, patients held out together: each fold is fitted
     without them, thresholded on validation, and judged on them."""
     from sklearn.model_selection import GroupKFold
@@ -195,6 +209,7 @@ def fit_population_check(
         fitted_on={
             **check.fitted_on,
             "n_train": int(len(train)),
+            "n_shifted_copies": int(shifted_copies),
             "out_of_population": {
                 "folder": source,
                 "n_images": int(len(outside)),

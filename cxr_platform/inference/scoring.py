@@ -331,6 +331,17 @@ def inference_record(
     )
 
 
+def recorded_refusal_detail(verdict: GateVerdict, production: Predictor) -> str:
+    """What a record (the inference log, the DICOM node's ledger) keeps of why an image was
+    refused: the verdict's own words, except that an age refusal names the range the age fell
+    outside, never the age (records keep no patient data; the radiologist's not-analysed
+    report and the caller's answer say the age)."""
+    if verdict.reason == PATIENT_AGE and production.intended_use is not None:
+        ages = production.intended_use.ages_text()
+        return f"the stated age is outside this model's intended use: {ages}"
+    return verdict.detail
+
+
 def refusal_record(outcome: ScoringOutcome, item: ScoreRequest) -> RefusalRecord:
     """The input gate's refusals keep their own reason (``too_small``, ``upside_down``, ...);
     intended-use refusals are ``outside_intended_use``, with how it was judged (by the stated
@@ -340,11 +351,7 @@ def refusal_record(outcome: ScoringOutcome, item: ScoreRequest) -> RefusalRecord
     decoded = prepared.decoded
     intended_use = outcome.failure == OUTSIDE_INTENDED_USE
     by_age = intended_use and verdict.reason == PATIENT_AGE
-    # The log keeps no patient data: an age refusal says which range it fell outside, not the age.
-    detail = verdict.detail
-    if by_age and production.intended_use is not None:
-        ages = production.intended_use.ages_text()
-        detail = f"the stated age is outside this model's intended use: {ages}"
+    detail = recorded_refusal_detail(verdict, production)
     return RefusalRecord(
         request_id=item.request_id,
         source=item.source,

@@ -145,6 +145,15 @@ def _check_members(members: Sequence[Member]) -> None:
     run_ids = [m.trained.mlflow_run_id for m in members]
     if len(set(run_ids)) != len(run_ids):
         raise EnsembleError("the same training run is named twice")
+    unrecorded = [m.trained for m in members if not m.trained.manifest_hash]
+    if unrecorded:
+        named = ", ".join(f"{t.model_name} ({t.mlflow_run_id})" for t in unrecorded)
+        raise EnsembleError(
+            f"the patient split {named} was trained on is not recorded (no "
+            "cxr.split_manifest_hash tag): the members must be shown to share one split, or "
+            "one member's validation and test images may be another's training images; train "
+            "it again with `cxr train` or the Dagster job, which record it"
+        )
     splits = {m.trained.manifest_hash for m in members}
     if len(splits) > 1:
         raise EnsembleError(

@@ -507,7 +507,7 @@ class DicomNode:
             REFUSED,
             study_instance_uid=study_uid,
             results=result_uids,
-            detail=f"{refused_as}: {verdict.describe()}",
+            detail=f"{refused_as}: {processed.recorded_refusal}",
         )
         path.unlink(missing_ok=True)
         self.counters.add("refused")

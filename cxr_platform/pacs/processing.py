@@ -29,6 +29,7 @@ from cxr_platform.inference.scoring import (
     ScoreRequest,
     ScoringOutcome,
     ScoringUnavailableError,
+    recorded_refusal_detail,
     request_for,
     score_and_log,
 )
@@ -105,6 +106,8 @@ class Processed:
     seconds: float
     refusal: GateVerdict | None = None
     refused_as: str | None = None  # not_a_chest_radiograph or outside_intended_use
+    # Why, as the ledger keeps it: an age refusal names the range, never the age.
+    recorded_refusal: str = ""
     repairs: tuple[Repair, ...] = ()  # what the results could not copy from the header as it was
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
     # The results already encoded (by a worker process, which sends bytes, not objects).
@@ -212,6 +215,7 @@ class InstanceProcessor:
             seconds=time.perf_counter() - started,
             refusal=verdict,
             refused_as=outcome.failure,
+            recorded_refusal=f"{verdict.reason}: {recorded_refusal_detail(verdict, production)}",
             repairs=repairs,
         )
 

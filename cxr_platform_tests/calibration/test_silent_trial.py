@@ -25,6 +25,7 @@ from cxr_platform.deployment.pipeline import registry_for
 from cxr_platform.inference.log import SILENT_TRIAL, InferenceLog, feedback_table
 from cxr_platform.model_version.files import ONNX_FILE, read_onnx_metadata
 from cxr_platform.model_version.tags import VersionTags
+from cxr_platform.settings import load_settings
 from cxr_platform_tests.conftest import CXR
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
@@ -142,6 +143,23 @@ def test_a_folder_trial_with_report_labels_agrees_with_the_log_and_feeds_recalib
     recalibrated = cxr(env, "recalibrate", "--site", SITE)
     assert recalibrated.returncode == 2, recalibrated.stderr
     assert "PNEUMONIA labels" in recalibrated.stderr and "needed" in recalibrated.stderr
+
+    # The same labels with absolute paths, a site's easy mistake: said on the command line, with
+    # what the keys are matched against, and nothing is labelled.
+    absolute = tmp_path / "absolute.csv"
+    with absolute.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows([str(folder / name), label] for name, label in pngs)
+    wrong = cxr(env, *args[:-1], str(absolute))
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert f"24 of 24 labels match no study of the trial (line 2: path '{folder}/" in wrong.stderr
+    assert "relative to the folder the trial scored" in wrong.stderr
+    with log.engine.connect() as connection:
+        assert (
+            connection.execute(sa.select(sa.func.count()).select_from(feedback_table)).scalar()
+            == 26
+        )
     log.dispose()
 
 
@@ -214,3 +232,25 @@ def test_a_trial_is_asked_for_with_one_source(site_home, tmp_path):
     assert backwards.returncode == 2 and "runs backwards" in backwards.stderr
     no_archive = cxr(env, "silent-trial", "--site", SITE, "--from", "2026-01-01")
     assert no_archive.returncode == 2 and "no site archive" in no_archive.stderr
+
+
+def test_a_trial_keeps_inputs_only_as_long_as_the_setting_says(tmp_path):
+    """CXR_RETAIN_INPUTS_DAYS is the trial's too: 0 keeps none; otherwise what waited longer
+    unlabeled is deleted when a trial starts, as the service deletes it daily."""
+    import os
+    import time
+
+    from cxr_platform.calibration.site_trial import retained_inputs
+
+    none = load_settings(home=tmp_path, retain_inputs_days=0).site_trial
+    assert none.retain_inputs_days == 0 and retained_inputs(none) is None
+    section = load_settings(home=tmp_path, retain_inputs_days=1).site_trial
+    store = retained_inputs(section)
+    assert store is not None
+    pixels = np.zeros((8, 8), np.uint8)
+    assert store.keep("a" * 32, pixels) and store.keep("b" * 32, pixels)
+    old = store.pending / f"{'a' * 32}.npy"
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    again = retained_inputs(section)
+    assert sorted(p.stem for p in again.pending.iterdir()) == ["b" * 32]

@@ -84,6 +84,54 @@ def test_the_ensemble_averages_its_members_calibrated_logits(
         )
 
 
+def test_members_whose_split_is_not_recorded_or_differs_are_refused(
+    trained_checkpoint, untrained_checkpoint, learnable_cache, tmp_path
+):
+    """An ensemble is judged on the members' common validation and test splits: a member that
+    does not record its patient split (the guard used to pass on that) or records another one
+    may have trained on the images the others are judged on."""
+    from types import SimpleNamespace
+
+    from cxr_platform.models.ensemble import Member, build_ensemble
+    from cxr_platform.models.pipeline import TrainedModel
+
+    def member(evaluated, run_id: str, manifest: str | None) -> Member:
+        trained = TrainedModel(
+            model_name="baseline_cnn",
+            arch="baseline_cnn",
+            checkpoint=evaluated.path,
+            mlflow_run_id=run_id,
+            profile="demo",
+            best_epoch=1,
+            best_val_auc=0.5,
+            epochs_run=1,
+            stopped_early=False,
+            pretrained=False,
+            weights_source=None,
+            device="cpu",
+            wall_seconds=1.0,
+            train_images_per_s=1.0,
+            manifest_hash=manifest,
+        )
+        evaluation = SimpleNamespace(
+            checkpoint_sha256=None, operating_point=evaluated.operating_point
+        )
+        return Member(trained, evaluation)
+
+    training = load_settings(home=tmp_path).training
+    for manifests, said in (
+        (("m1", None), "is not recorded"),
+        ((None, None), "is not recorded"),
+        (("m1", "m2"), "different patient splits"),
+    ):
+        members = [
+            member(trained_checkpoint, "run1", manifests[0]),
+            member(untrained_checkpoint, "run2", manifests[1]),
+        ]
+        with pytest.raises(EnsembleError, match=said):
+            build_ensemble(training, learnable_cache, members)
+
+
 def test_what_cannot_be_combined_is_refused_with_a_reason(trained_checkpoint, untrained_checkpoint):
     checkpoints, points = _members(trained_checkpoint, untrained_checkpoint)
     with pytest.raises(EnsembleError, match="at least two"):

@@ -16,6 +16,7 @@ from cxr_platform.deployment.export import load_torchscript
 from cxr_platform.deployment.pipeline import register_exported, registry_for
 from cxr_platform.deployment.population import (
     OutOfPopulationError,
+    acquisition_variants,
     fit_population_check,
     intended_use_for,
 )
@@ -85,8 +86,9 @@ def test_the_check_refuses_the_other_population_and_keeps_validations_99_5th_per
     outside = features(60, shift=4.0)
     groups = [f"patient{index // 2}" for index in range(len(outside))]
     check = fit_population_check(train, val, outside, groups, source="others")
-    assert check.fitted_on["val_refused"] == 2  # the 99.5th percentile of 400
-    assert (check.refused(features(2000))).mean() < 0.02
+    # Thresholded at validation's 99.5th percentile: of the same population, newly drawn, about
+    # that share is refused (validation itself is refused 2 of 400 by that very definition).
+    assert (check.refused(features(4000))).mean() < 0.015
     assert check.refused(features(300, shift=4.0)).mean() > 0.95
     held_out = check.fitted_on["out_of_population"]
     assert held_out["n_patients"] == 30 and held_out["cv_folds"] == 5
@@ -170,8 +172,15 @@ def test_export_writes_the_intended_use_and_the_check_into_every_model_file(
     # The check keeps the model's own population and refuses the other one, of patients (a
     # synthetic seed) it was never fitted on.
     predictor = Predictor(folder)
-    _, own = predictor.run(learnable_cache.images("test", mmap=False))
+    test_images = learnable_cache.images("test", mmap=False)
+    _, own = predictor.run(test_images)
     assert predictor.population.refused(own).mean() <= 0.03
+    # Fitted with an acquisition-shifted copy of each training image beside it (a noisier or
+    # blurred detector is not another kind of patient): so is the test split under the shifts.
+    fitted = predictor.population.fitted_on
+    assert fitted["n_shifted_copies"] > 0 and fitted["n_train"] == 2 * fitted["n_shifted_copies"]
+    _, shifted = predictor.run(acquisition_variants(test_images, predictor.preprocessing))
+    assert predictor.population.refused(shifted).mean() <= 0.05
     source = generate_synthetic_dataset(
         tmp_path / "unseen", SyntheticSpec(n_patients=12, seed=29), progress=False
     )

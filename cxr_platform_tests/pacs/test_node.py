@@ -258,7 +258,12 @@ def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_resu
         ),
     ):
         assert node.storage.status(refused.SOPInstanceUID) == "refused"
-        assert node.storage.detail(refused.SOPInstanceUID).startswith("outside_intended_use: ")
+        detail = node.storage.detail(refused.SOPInstanceUID)
+        assert detail.startswith("outside_intended_use: ")
+        if refused is not unstated:
+            # The ledger names the range an age fell outside, never the age (the SR says it).
+            assert "the stated age is outside this model's intended use: 1-5 years" in detail
+            assert not re.search(r"\d", detail.replace("1-5", "")), detail
         (sr_path,) = by_study[refused.StudyInstanceUID]  # the SR only
         comment = sr_comment(sr_path)
         assert words in comment and comment.endswith(ending), comment
@@ -268,7 +273,12 @@ def test_a_patient_outside_the_intended_use_gets_the_reason_in_words_and_no_resu
         assert len(by_study[read.StudyInstanceUID]) == 4
     refusals = log.refusals().iloc[refusals_before:]
     assert list(refusals["reason"]) == ["outside_intended_use"] * 3
-    assert not any("81" in str(detail) for detail in refusals["detail"])
+    # The log names the range the two stated ages fell outside, never an age.
+    by_age = [str(d) for d in refusals["detail"] if str(d).startswith("patient_age")]
+    assert (
+        by_age
+        == ["patient_age: the stated age is outside this model's intended use: 1-5 years"] * 2
+    )
     # Nor does the node's own log say the age.
     assert not any("81 years" in record.getMessage() for record in caplog.records)
 
