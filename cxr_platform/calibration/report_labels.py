@@ -124,8 +124,7 @@ _KEY_WORDS = {
     "scored (--images), with / between folders, e.g. 'pneumonia/0001.png'",
     "accession_number": "accession numbers against the AccessionNumber of the trial's DICOM "
     "studies",
-    "study_instance_uid": "study UIDs against the StudyInstanceUID of the trial's DICOM "
-    "studies",
+    "study_instance_uid": "study UIDs against the StudyInstanceUID of the trial's DICOM studies",
 }
 
 

@@ -177,9 +177,7 @@ def _argvs_as_run(argv: list[str], environment: dict[str, str], work: Path) -> l
     recorded.write_text("")
     for word in set(re.findall(r"[A-Za-z_][\w.-]*", script)):
         stub = stubs / word
-        stub.write_text(
-            '#!/bin/sh\n{ printf "%s\\037" "${0##*/}" "$@"; echo; } >> "$ARGV_LOG"\n'
-        )
+        stub.write_text('#!/bin/sh\n{ printf "%s\\037" "${0##*/}" "$@"; echo; } >> "$ARGV_LOG"\n')
         stub.chmod(0o755)
     subprocess.run(
         ["/bin/sh", "-c", script],

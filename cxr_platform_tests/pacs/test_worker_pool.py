@@ -108,8 +108,10 @@ def test_an_image_that_kills_its_worker_is_kept_aside_and_no_other(node_factory,
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
     assert send(node.port, sources).statuses == [0x0000] * len(sources)
     wait_for(
-        lambda: node.storage.status(poisoned.SOPInstanceUID) == "failed"
-        and all(node.storage.status(uid) == "processed" for uid in innocent),
+        lambda: (
+            node.storage.status(poisoned.SOPInstanceUID) == "failed"
+            and all(node.storage.status(uid) == "processed" for uid in innocent)
+        ),
         timeout=400,
         what="the poison kept aside and the others processed",
     )
