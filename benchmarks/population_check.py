@@ -47,6 +47,7 @@ from cxr_platform.deployment.population import (
     DISCRIMINANT_C,
     MAX_FIT_IMAGES,
     acquisition_variants,
+    fit_population_check,
     model_features,
 )
 from cxr_platform.deployment.registry import registry_for
@@ -236,21 +237,26 @@ def main() -> None:
             },
         }
 
-    # The check as export fits it (training sample and its variants against all adults, C as
-    # shipped), on everything paediatric, and without the variants for comparison.
-    bare = fit_score(plain["train"], plain["adults"], DISCRIMINANT_C)
-    bare_threshold = validation_threshold(bare(plain["val"]))
-    score = fit_score(features["train"], features["adults"], DISCRIMINANT_C)
-    threshold = validation_threshold(score(features["val"]))
-
-    def refused_share(images: np.ndarray) -> float:
-        return float(
-            (score(model_features(stages_model, images, preprocessing)) > threshold).mean()
-        )
-
+    # The check as export fits it, by the function export calls (deployment/population.py:
+    # the training sample and an acquisition-shifted copy of each against all adults, C as
+    # shipped, thresholded on validation), on everything paediatric; and the same function
+    # without the copies, for comparison.
+    shipped_check = fit_population_check(
+        features["train"],
+        features["val"],
+        features["adults"],
+        groups,
+        seed=settings.data.seed,
+        shifted_copies=len(variants),
+    )
+    bare_check = fit_population_check(
+        plain["train"], plain["val"], plain["adults"], groups, seed=settings.data.seed
+    )
     shipped = {
-        "val": float((score(features["val"]) > threshold).mean()),
-        "test": float((score(features["test"]) > threshold).mean()),
+        "val": float(shipped_check.refused(features["val"]).mean()),
+        "test": float(shipped_check.refused(features["test"]).mean()),
+        "cv_adults_refused": shipped_check.fitted_on["out_of_population"]["cv_refused_rate"],
+        "cv_adults_refused_without": bare_check.fitted_on["out_of_population"]["cv_refused_rate"],
         "shifts": {},
     }
     shift_rng = np.random.default_rng(0)
@@ -266,8 +272,8 @@ def main() -> None:
         )
         shifted_features = model_features(stages_model, shifted, preprocessing)
         shipped["shifts"][f"{shift} {severity}"] = {
-            "with variants": float((score(shifted_features) > threshold).mean()),
-            "without": float((bare(shifted_features) > bare_threshold).mean()),
+            "with variants": float(shipped_check.refused(shifted_features).mean()),
+            "without": float(bare_check.refused(shifted_features).mean()),
         }
     gate = fit_input_gate(fit_on, val_images)
     negatives = negative_suite(test_images[:200], seed=0)
@@ -275,7 +281,7 @@ def main() -> None:
     by_gate = np.array(
         [not v.accepted for v in gate.judge_many([n.pixels for n in negatives], squares)]
     )
-    by_check = score(model_features(stages_model, squares, preprocessing)) > threshold
+    by_check = shipped_check.refused(model_features(stages_model, squares, preprocessing))
     shipped["negatives"] = {
         "n": len(negatives),
         "gate": float(by_gate.mean()),
@@ -322,8 +328,16 @@ def report(results: dict, metadata: ModelMetadata, ages: list) -> None:
             f"{results['stages']['by_c'][str(c)]:.1%}"
         )
     shipped = results["shipped"]
-    print(f"\nas export fits it (stages and variants, C={DISCRIMINANT_C}, all adults):")
+    print(
+        f"\nas export fits it (deployment.population.fit_population_check: stages and shifted "
+        f"copies, C={DISCRIMINANT_C}, all adults):"
+    )
     print(f"  validation refused {shipped['val']:.2%}, test refused {shipped['test']:.2%}")
+    print(
+        f"  adults refused, cross-validated by patient as export records it: "
+        f"{shipped['cv_adults_refused']:.1%} (without the copies "
+        f"{shipped['cv_adults_refused_without']:.1%})"
+    )
     for shift, share in shipped["shifts"].items():
         print(
             f"  test under {shift}: {share['with variants']:.2%} refused "
