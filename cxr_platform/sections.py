@@ -694,10 +694,17 @@ class MonitoringSection(_Logged):
     )
     recalibration_margin: float = setting(
         0.02,
-        doc="Sensitivity a site's new operating point may lose against the current one "
-        "(the paired gate's non-inferiority margin).",
+        doc="How far below the target sensitivity a site's new operating point may be at the "
+        "low end of its 95% interval (the paired gate's floor is the target less this).",
         ge=0,
         lt=0.5,
+    )
+    recalibration_min_specificity_gain: float = setting(
+        0.02,
+        doc="Specificity a site's raised threshold must gain at the low end of its interval "
+        "(a change smaller than this is not worth a new version).",
+        ge=0,
+        lt=1,
     )
     drift_max_auc_drop: float = setting(
         0.10, doc="Performance drift: AUC drop below the version's test AUC.", ge=0, le=1

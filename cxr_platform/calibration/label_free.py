@@ -27,6 +27,9 @@ from cxr_platform.model_version.operating_point import calibrated_probabilities
 from cxr_platform.models.evaluation import fit_platt
 
 MIN_SEPARATION = 0.1  # tpr - fpr below this: the adjusted count divides by noise
+# Platt scaling fits two parameters: with fewer labels of a class than this, the refit follows
+# the few it has wherever they lie.
+MIN_REFIT_PER_CLASS = 10
 BOOTSTRAP = 200
 
 
@@ -148,7 +151,8 @@ class TrustedEstimate:
     em_prevalence: float | None
     adjusted: AdjustedCount | None
     refitted: PerformanceEstimate | None
-    trusted: str  # which: "cbpe", "refitted cbpe and adjusted count", or "none"
+    # which: "cbpe", "refitted cbpe and adjusted count", "refitted cbpe", or "none"
+    trusted: str
     why: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,7 +177,9 @@ class SiteLabels:
 
     @property
     def usable(self) -> bool:
-        return 0 < int(np.sum(self.labels)) < len(self.labels)
+        """Enough of each class to refit a calibration on."""
+        positives = int(np.sum(self.labels))
+        return min(positives, len(self.labels) - positives) >= MIN_REFIT_PER_CLASS
 
 
 def trusted_estimate(
@@ -188,7 +194,8 @@ def trusted_estimate(
     min_labeled: int = 30,
 ) -> TrustedEstimate:
     """CBPE (at the EM prevalence, given the prevalence the calibration was fitted under) and
-    EM always; with at least ``min_labeled`` of the site's labels the refitted CBPE and the
+    EM always; with at least ``min_labeled`` of the site's labels, ``MIN_REFIT_PER_CLASS`` of
+    each class among them, the refitted CBPE and, where the calls separate the classes, the
     adjusted count too. ``calibration_suspect``: the window's input or prediction drift fired,
     so the version's calibration may not hold."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -210,11 +217,20 @@ def trusted_estimate(
         adjusted = adjusted_count_prevalence(
             probabilities >= threshold, site_labels.labels, site_labels.called
         )
-        trusted = "refitted cbpe and adjusted count"
-        why = (
-            f"{len(site_labels.labels)} labels of this site scored by this version fix its "
-            "calibration here and its confusion matrix, which CBPE and EM cannot check"
-        )
+        if adjusted.prevalence is not None:
+            trusted = "refitted cbpe and adjusted count"
+            why = (
+                f"{len(site_labels.labels)} labels of this site scored by this version fix its "
+                "calibration here and its confusion matrix, which CBPE and EM cannot check"
+            )
+        else:
+            trusted = "refitted cbpe"
+            why = (
+                f"{len(site_labels.labels)} labels of this site scored by this version fix its "
+                f"calibration here; the adjusted count cannot be made (the version's calls "
+                f"separate the classes by {adjusted.tpr - adjusted.fpr:.2f} there, under "
+                f"{MIN_SEPARATION:g})"
+            )
     elif calibration_suspect:
         trusted = "none"
         why = (

@@ -3,16 +3,18 @@
 1. The site's labeled requests scored by the version it is served by propose a threshold and
    judge it paired against that version (:mod:`~cxr_platform.calibration.paired`,
    :func:`~cxr_platform.calibration.site_point.site_operating_point`): the positives, with the
-   validation split's where one shift describes them, say where the site's sensitivity lies;
-   the negatives, which the proposal never reads, what it buys.
+   validation split's moved by their shift where the site's lower tail does not contradict
+   them, say where the site's sensitivity lies; the negatives, which the proposal never reads,
+   what it buys.
 2. The candidate is registered as a new version with the same weights (tags name the source
    version, the site, its prevalence and the labels used), its drift reference the site's own
    rows, and put in shadow.
-3. The gate decides: the usual floors, and the paired checks (specificity superior and
-   sensitivity held for a higher threshold; the current one shown below the target for a
-   lower). A pass makes it that site's production (``production-site-<name>``); every other
-   site keeps ``production``. A refusal retires the shadow and says how many more labels would
-   decide. Either way the decision is a registry event.
+3. The gate decides: the usual floors, and the paired checks (for a higher threshold the
+   sensitivity claim, the site's own positives, and a specificity gain worth a new version;
+   for a lower one the current threshold shown below the target and the same claim). A pass
+   makes it that site's production (``production-site-<name>``); every other site keeps
+   ``production``. A refusal retires the shadow and says how many more labels would decide.
+   Either way the decision is a registry event.
 
 No model runs here: the weights are unchanged, so the logged probabilities and the version's
 own calibration give back every logit.
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr_platform.calibration.paired import LOWER, SAME
+from cxr_platform.calibration.paired import SAME, ReferencePositives
 from cxr_platform.calibration.prevalence import (
     PrevalenceEstimate,
     estimate_prevalence,
@@ -53,6 +55,7 @@ from cxr_platform.deployment.gate import GateCheck, GateDecision, decide, score_
 from cxr_platform.deployment.pipeline import gate_config_for
 from cxr_platform.deployment.reference import (
     ACQUISITION_FEATURES,
+    CASE,
     CONTENT_FEATURES,
     PREDICTED,
     PROBABILITY,
@@ -149,17 +152,31 @@ def labels_to_decide_text(needed: dict[str, int]) -> str:
     )
 
 
+def no_threshold_text(version: str, evidence: SiteEvidence) -> str:
+    """Why the current threshold stays, never calling it safe where it is shown short."""
+    current = evidence.proposal.current_expected_sensitivity
+    if evidence.proposal.current_shown_below_target:
+        return (
+            f"version {version} detects at most {current.high:.3f} here, shown below the "
+            f"target, and no lower threshold is shown to restore it"
+        )
+    return f"no threshold other than version {version}'s is shown better here"
+
+
 def describe_evidence(site: str, evidence: SiteEvidence) -> str:
     proposal, judgement = evidence.proposal, evidence.judgement
     low_sens, high_sens = judgement.candidate_sensitivity[1:]
     gain = judgement.specificity
+    tail = proposal.shift.tail
     return (
         f"with a threshold proposed for site {site} from {evidence.n_positive} PNEUMONIA labels "
         f"({evidence.n_positive_studies} studies; sensitivity from the "
-        f"{proposal.sensitivity_from}) and judged on them and {evidence.n_negative} NORMAL "
-        f"labels: expected sensitivity {judgement.candidate_sensitivity[0]:.3f} "
-        f"({low_sens:.3f}-{high_sens:.3f}) against {judgement.current_sensitivity[0]:.3f} now, "
-        f"specificity {gain.difference:+.3f} ({gain.low:+.3f} to {gain.high:+.3f})"
+        f"{proposal.sensitivity_from}: {tail.missed_now} studies missed now where the shift "
+        f"predicts {tail.expected_missed_now:.1f}, lower-tail scan p = {tail.p_value:.3f}) and "
+        f"judged on them and {evidence.n_negative} NORMAL labels: expected sensitivity "
+        f"{judgement.candidate_sensitivity[0]:.3f} ({low_sens:.3f}-{high_sens:.3f}) against "
+        f"{judgement.current_sensitivity[0]:.3f} now, specificity {gain.difference:+.3f} "
+        f"({gain.low:+.3f} to {gain.high:+.3f})"
     )
 
 
@@ -181,8 +198,11 @@ def study_groups(rows: pd.DataFrame) -> np.ndarray:
     return studies.fillna("request:" + rows["request_id"].astype(str)).to_numpy(dtype=str)
 
 
-def reference_positive_logits(folder: Path, point: OperatingPoint, version: str) -> np.ndarray:
-    """The validation positives' logits, from the drift reference stored with the version."""
+def reference_positive_logits(
+    folder: Path, point: OperatingPoint, version: str
+) -> ReferencePositives:
+    """The validation positives' logits, from the drift reference stored with the version, and
+    how many patients they are (a reference made before it kept them counts images)."""
     reference = load_reference(folder)
     scored = reference[reference[PROBABILITY].notna()] if reference is not None else None
     if scored is None or not (scored["label"] == "PNEUMONIA").any():
@@ -190,7 +210,14 @@ def reference_positive_logits(folder: Path, point: OperatingPoint, version: str)
             f"version {version} has no drift reference with scored positives: how a pneumonia "
             "case scores is unknown; export and register it again"
         )
-    return reference_logits(scored[scored["label"] == "PNEUMONIA"], point)
+    positives = scored[scored["label"] == "PNEUMONIA"]
+    logits = reference_logits(positives, point)
+    cases = (
+        positives[CASE].nunique()
+        if CASE in positives and positives[CASE].notna().all()
+        else len(positives)
+    )
+    return ReferencePositives(logits, int(cases))
 
 
 def _served_version(registry: ModelRegistry, site: str) -> str | None:
@@ -283,6 +310,7 @@ def recalibrate_for_site(
             target_sensitivity=target_sensitivity,
             margin=monitoring.recalibration_margin,
             min_negatives=monitoring.recalibration_min_negatives,
+            min_specificity_gain=monitoring.recalibration_min_specificity_gain,
             current_calls=current_called,
         )
     except NotEnoughLabelsError as exc:
@@ -290,7 +318,7 @@ def recalibrate_for_site(
     if evidence.proposal.direction == SAME:
         needed = evidence.labels_to_decide
         raise NoBetterThresholdError(
-            f"site {site}: no threshold but version {source.version}'s is shown safe here "
+            f"site {site}: {no_threshold_text(source.version, evidence)} "
             f"({describe_evidence(site, evidence)}); "
             + (
                 labels_to_decide_text(needed)
@@ -358,7 +386,7 @@ def recalibrate_for_site(
         current_score,
         config,
         evaluated_on=evaluated_on,
-        extra_checks=paired_checks(evidence, target_sensitivity, monitoring.recalibration_margin),
+        extra_checks=paired_checks(evidence),
     )
     _settle(registry, candidate.version, site, decision, triggered_by, source.version)
     result = SiteRecalibrationResult(
@@ -368,34 +396,11 @@ def recalibrate_for_site(
     return result
 
 
-def paired_checks(evidence: SiteEvidence, target: float, margin: float) -> list[GateCheck]:
-    """The paired judgement as gate checks."""
-    judgement = evidence.judgement
-    if judgement.direction == LOWER:
-        return [
-            GateCheck(
-                "site_current_below_target",
-                judgement.current_sensitivity[2] < target,
-                judgement.current_sensitivity[2],
-                target,
-            )
-        ]
-    holds = judgement.verdict == "better" or not any(
-        reason.startswith("sensitivity not held") for reason in judgement.reasons
-    )
+def paired_checks(evidence: SiteEvidence) -> list[GateCheck]:
+    """The paired judgement's checks as gate checks."""
     return [
-        GateCheck(
-            "site_specificity_superior",
-            judgement.specificity.low > 0,
-            judgement.specificity.low,
-            0.0,
-        ),
-        GateCheck(
-            "site_sensitivity_held",
-            holds and judgement.verdict != "worse",
-            judgement.candidate_sensitivity[1],
-            target - margin,
-        ),
+        GateCheck(check.name, check.passed, check.value, check.limit)
+        for check in evidence.judgement.checks
     ]
 
 

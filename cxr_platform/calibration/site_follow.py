@@ -136,6 +136,7 @@ def rejudge_site(
             current_threshold=logit_threshold(production_point),
             target_sensitivity=target_sensitivity,
             margin=monitoring.recalibration_margin,
+            min_specificity_gain=monitoring.recalibration_min_specificity_gain,
             groups=study_groups(rows)[usable],
             candidate_calls=calls(site_point, site_logits[usable]),
             current_calls=calls(production_point, site_logits[usable]),
@@ -158,10 +159,18 @@ def rejudge_site(
     site_calls = calls(site_point, site_logits[both])
     production_calls = calls(production_point, production_logits[both])
     truth = labels[both].astype(bool)
-    specificity = paired_difference(~site_calls[~truth], ~production_calls[~truth])
-    sensitivity = paired_difference(site_calls[truth], production_calls[truth])
+    studies = study_groups(rows)[both]
+    specificity = paired_difference(
+        ~site_calls[~truth],
+        ~production_calls[~truth],
+        studies=len(np.unique(studies[~truth])),
+    )
+    sensitivity = paired_difference(
+        site_calls[truth], production_calls[truth], studies=len(np.unique(studies[truth]))
+    )
     margin = monitoring.recalibration_margin
-    keep = specificity.low > 0 and sensitivity.low >= -margin
+    min_gain = monitoring.recalibration_min_specificity_gain
+    keep = specificity.low >= min_gain and sensitivity.low >= -margin
     evidence = {
         "same_weights": False,
         "paired_labels": int(both.sum()),
@@ -170,7 +179,8 @@ def rejudge_site(
     }
     why = (
         f"paired on {int(both.sum())} labels both scored: specificity "
-        f"{specificity.difference:+.3f} (lower {specificity.low:+.3f}), sensitivity "
+        f"{specificity.difference:+.3f} (lower {specificity.low:+.3f}, at least {min_gain:g} "
+        f"wanted), sensitivity "
         f"{sensitivity.difference:+.3f} (lower {sensitivity.low:+.3f}, margin {margin:g}); "
         + ("still better" if keep else "not shown better")
     )

@@ -3,8 +3,10 @@ computation ``cxr recalibrate``, the Dagster job, the re-judgement after a produ
 ``benchmarks/site_recalibration.py`` share.
 
 The proposal reads the site's positives only (where its sensitivity lies); the negatives, which
-it never reads, judge what it buys. The positives' evidence is a confidence bound that holds
-without holding any of them out, so none are: a split would only halve what they can show.
+it never reads, judge what it buys. None of the positives is held out: the sensitivity bounds
+fall as the threshold rises, so a bound that holds at each fixed threshold also holds at the
+highest threshold it allows, picked from the same positives (the argument is in
+:mod:`.paired`'s docstring); a split would only halve what they can show.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from cxr_platform.calibration.paired import (
+    MIN_SPECIFICITY_GAIN,
     SAME,
     SCALES,
     Judgement,
     PositiveShift,
     Proposal,
+    ReferencePositives,
     judge,
     propose,
 )
@@ -108,12 +112,13 @@ def site_operating_point(
     labels: np.ndarray,
     logits: np.ndarray,
     groups: np.ndarray,
-    reference_positive_logits: np.ndarray,
+    reference_positive_logits: np.ndarray | ReferencePositives,
     current: OperatingPoint,
     *,
     target_sensitivity: float,
     margin: float,
     min_negatives: int,
+    min_specificity_gain: float = MIN_SPECIFICITY_GAIN,
     current_calls: np.ndarray | None = None,
 ) -> SiteEvidence:
     """Propose a threshold from the site's positives and judge it, paired against ``current``.
@@ -150,6 +155,7 @@ def site_operating_point(
         current_threshold=current_threshold,
         target_sensitivity=target_sensitivity,
         margin=margin,
+        min_specificity_gain=min_specificity_gain,
         groups=groups,
         candidate_calls=calls(point, logits) if proposal.direction != SAME else logged,
         current_calls=logged,

@@ -319,9 +319,11 @@ class SiteRecalibrationConfig(dg.Config):
         )
     ],
     description="A site's own operating point: a threshold proposed from its labeled positives "
-    "(with the validation positives where one shift describes them), registered with the same "
-    "weights, judged paired against the site's current version (specificity superior, "
-    "sensitivity held within the margin), and served to that site only when it passes.",
+    "(with the validation positives moved by their shift where the site's lower tail does not "
+    "contradict them), registered with the same weights, judged paired against the site's "
+    "current version (sensitivity at least the floor at 95% and the target at 80%, the site's "
+    "own positives not lost beyond what that allows, a specificity gain worth a version; or the "
+    "current one shown below the target), and served to that site only when it passes.",
 )
 def site_recalibration(
     context: dg.AssetExecutionContext, config: SiteRecalibrationConfig, platform: PlatformSettings

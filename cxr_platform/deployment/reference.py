@@ -3,7 +3,8 @@
 One row per validation image: the same image features the service logs (computed on the same
 uint8 model input), how it was acquired (original size, bit depth, file format, photometric
 interpretation), the exported model's calibrated probability and its raw logit (a probability
-stored to six digits rounds a confident call to 1 and loses it); and one row per training
+stored to six digits rounds a confident call to 1 and loses it), and a case number per patient
+(a site's recalibration counts the validation positives by patient); and one row per training
 image with the features only. Input drift compares against both: images come
 several per patient, so a validation split alone (a few dozen patients in the demo) is too
 small a picture of the input distribution and raises false alarms. Prediction and performance
@@ -36,6 +37,9 @@ ACQUISITION_CATEGORIES = ("photometric_interpretation",)
 SOURCE_FORMAT = "source_format"
 PROBABILITY = "probability"
 LOGIT = "logit"  # the network's raw output, before the version's calibration
+# Which patient an image is of, as a number that means nothing outside the file (0, 1, ... in
+# order of appearance): its images are not independent, and that is all the file needs to say.
+CASE = "case"
 PREDICTED = "predicted"  # the label at the version's operating threshold
 SPLIT = "split"
 
@@ -94,9 +98,11 @@ def reference_frame(
     *,
     split: str = "val",
     logits: np.ndarray | None = None,
+    patients: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """``probabilities`` None: feature rows only (the training split). ``logits``, where given,
-    are the raw outputs the probabilities were calibrated from."""
+    are the raw outputs the probabilities were calibrated from; ``patients``, each image's
+    patient, kept as a case number only."""
     images = np.asarray(images)
     if probabilities is None:
         probabilities = np.full(len(images), np.nan)
@@ -122,6 +128,10 @@ def reference_frame(
         if len(logits) != len(images):
             raise ValueError("images and logits must have the same length")
         frame[LOGIT] = np.asarray(logits, dtype=np.float64)
+    if patients is not None:
+        if len(patients) != len(images):
+            raise ValueError("images and patients must have the same length")
+        frame[CASE] = pd.factorize(pd.Series(list(patients), dtype=str))[0]
     scored = frame[PROBABILITY].notna()
     frame[PREDICTED] = np.where(
         scored, np.where(frame[PROBABILITY] >= threshold, "PNEUMONIA", "NORMAL"), None
@@ -140,7 +150,8 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
         if split == "val":
             logits = predictor.logits_in_batches(images)
             probabilities = predictor.calibration.probabilities(logits)
-        acquisitions = [acquisition_of(path) for path in cache.index(split)["path"]]
+        index = cache.index(split)
+        acquisitions = [acquisition_of(path) for path in index["path"]]
         labels = cache.labels(split)
         frames.append(
             reference_frame(
@@ -151,6 +162,7 @@ def reference_from_cache(cache: PreprocessedCache, predictor: Predictor) -> pd.D
                 acquisitions,
                 split=split,
                 logits=logits,
+                patients=index["patient_id"].astype(str).tolist() if split == "val" else None,
             )
         )
     return pd.concat(frames, ignore_index=True)
