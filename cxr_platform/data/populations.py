@@ -11,6 +11,7 @@ X-Ray Images (Pneumonia)" set and its own synthetic demo set.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -118,17 +119,37 @@ class MeasuredPopulation:
             if count / self.n_dicom >= MIN_SHARE_TO_NAME
         )
 
-    def source(self) -> dict[str, Any]:
-        """Where the images came from, for the intended-use record (no patient data)."""
+    def source(self, documented: DocumentedPopulation | None = None) -> dict[str, Any]:
+        """Where the images came from, for the intended-use record, which travels inside every
+        model file. Folder names, file-name families and InstitutionName are a site's own words
+        (some name folders and files after patients): each is kept as :func:`withheld` unless
+        it is the ``documented`` dataset's own naming. Counts, modalities and manufacturers stay
+        as they are."""
+        known = documented.file_families if documented is not None else frozenset()
         return {
             "n_images": self.n_images,
             "n_dicom": self.n_dicom,
             "n_with_age": len(self.ages),
-            "folders": dict(self.folders),
-            "file_families": dict(self.file_families),
-            "sites": dict(self.sites),
+            "folders": _withheld_counts(self.folders, keep={"."}),
+            "file_families": _withheld_counts(self.file_families, keep=known),
+            "sites": _withheld_counts(self.sites),
             "manufacturers": dict(self.manufacturers),
         }
+
+
+def withheld(name: str) -> str:
+    """A name as a model file may keep it: a short digest, the same for the same name (so two
+    versions trained on one folder say so), saying nothing of what it was."""
+    return "sha256:" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+
+
+def _withheld_counts(counts: dict[str, int], keep: Iterable[str] = ()) -> dict[str, int]:
+    kept = set(keep)
+    out: dict[str, int] = {}
+    for name, count in counts.items():
+        key = name if name in kept else withheld(name)
+        out[key] = out.get(key, 0) + count
+    return out
 
 
 def _header_value(header: Any, keyword: str) -> str:

@@ -20,6 +20,7 @@ from cxr_platform.data.populations import (
     MeasuredPopulation,
     measure_population,
     recognise,
+    withheld,
 )
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8, to_square_uint8
 from cxr_platform.data.shifts import apply_shift
@@ -221,14 +222,18 @@ def fit_population_check(
     )
 
 
-def _population_words(
-    documented: DocumentedPopulation | None, measured: MeasuredPopulation, data_dir: str | None
-) -> str:
+def _population_words(documented: DocumentedPopulation | None, measured: MeasuredPopulation) -> str:
     if documented is not None:
         return documented.population
-    sites = ", ".join(sorted(measured.sites)) or "sites not named in the headers"
-    folder = Path(data_dir).name if data_dir else "the training folder"
-    return f"the patients of {folder} ({measured.n_images} training images; {sites})"
+    # Neither the folder's nor the institutions' names: model files travel, and a site's own
+    # names for them may name patients.
+    sites = len(measured.sites)
+    named = (
+        f"{sites} site{'' if sites == 1 else 's'} named in their headers"
+        if sites
+        else ("sites not named in the headers")
+    )
+    return f"the patients of the training images ({measured.n_images} images; {named})"
 
 
 def intended_use_for(
@@ -276,7 +281,7 @@ def intended_use_for(
         measured.modalities, documented.modalities if documented else (), "Modality"
     )
     use = IntendedUse(
-        population=_population_words(documented, measured, data_dir),
+        population=_population_words(documented, measured),
         age_years=age_years,
         age_basis=age_basis,
         projections=projections,
@@ -284,9 +289,16 @@ def intended_use_for(
         modalities=modalities,
         modalities_basis=modalities_basis,
         training_source={
-            **measured.source(),
+            **measured.source(documented),
             "dataset": documented.name if documented else None,
-            "data_folder": Path(data_dir).name if data_dir else SYNTHETIC_DEMO_SET,
+            # The folder's own name is a site's word for it: the dataset's name where it is
+            # recognised, else a digest (the synthetic demo set is named, so a served version
+            # says it knows no real radiograph).
+            "data_folder": SYNTHETIC_DEMO_SET
+            if data_dir is None
+            else documented.name
+            if documented is not None
+            else withheld(Path(data_dir).name),
         },
     )
     declared = registry.declared_age_range

@@ -213,3 +213,42 @@ def test_a_deployment_declares_another_range_only_with_its_reason(learnable_cach
     assert plain.age_years == (1, 5) and plain.widened_from is None
     assert plain.age_basis.source == DECLARED and "synthetic" in plain.age_basis.detail
     assert plain.age_basis.source != MEASURED
+
+
+def test_model_files_name_no_folder_file_or_institution_of_the_training_data(tmp_path):
+    """A site that names its folders and files after patients, and whose headers name the
+    hospital: the intended-use record, which travels inside every model file, keeps digests of
+    those names (the same for the same name), never the names."""
+    from cxr_platform.data.cache import build_cache
+    from cxr_platform.data.preprocessing import PreprocessingConfig
+    from cxr_platform.data.profile import profile_dataset
+    from cxr_platform.data.sources import discover_images
+    from cxr_platform.data.splits import make_manifest
+
+    root = tmp_path / "DOE-JANE-cohort"
+    pixels = (np.indices((96, 96)).sum(axis=0) % 255).astype(np.uint8)
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        for index in range(12):
+            spec = RadiographSpec(patient_id=f"P{label}{index}", patient_age="004Y")
+            dataset = radiograph_dataset(pixels, spec)
+            dataset.InstitutionName = "ST ELSEWHERE CHILDRENS"
+            name = f"ROE-RICHARD-{label}-{index:02d}.dcm"
+            dataset.save_as(root / label / name, enforce_file_format=True)
+    _, inspected = profile_dataset(discover_images(root), workers=1, progress=False)
+    manifest = make_manifest(inspected, ratios=(0.6, 0.2, 0.2), seed=3)
+    cache = build_cache(
+        manifest, tmp_path / "cache", PreprocessingConfig(image_size=64), workers=1, progress=False
+    )
+    settings = load_settings(home=tmp_path / "home")
+    use = intended_use_for(cache, settings.registry, str(root))
+    written = json.dumps(use.to_dict())
+    for name in ("DOE", "JANE", "ROE", "RICHARD", "ELSEWHERE", "CHILDRENS"):
+        assert name not in written.upper(), name
+    source = use.training_source
+    assert source["data_folder"].startswith("sha256:") and source["dataset"] is None
+    assert all(key.startswith("sha256:") for key in source["sites"])
+    assert sum(source["sites"].values()) == source["n_dicom"] > 0
+    assert "1 site named in their headers" in use.population
+    # The same folder trained on again says so: the same digest.
+    assert intended_use_for(cache, settings.registry, str(root)).training_source == source
