@@ -114,7 +114,6 @@ def _one_sided_z(confidence: float) -> float:
 # the error, cost a third of the specificity a site gained and bought nothing measurable.
 _CLAIM_Z = _one_sided_z(CLAIM_CONFIDENCE)
 _AIM_Z = _one_sided_z(AIM_CONFIDENCE)
-_CLAIM_Z_EACH, _AIM_Z_EACH = _CLAIM_Z, _AIM_Z
 
 
 def _wilson(successes: float, trials: float, z: float) -> tuple[float, float]:
@@ -396,9 +395,9 @@ class PositiveShift:
     """Site positives against the validation positives, in logit units."""
 
     shift: float  # Hodges-Lehmann: the median of every site-minus-validation difference
-    low: float  # one-sided at half the claim's error, and high likewise
+    low: float  # one-sided at the claim's confidence, and high likewise
     high: float
-    aim_low: float  # one-sided at half the aim's error
+    aim_low: float  # one-sided at the aim's confidence
     n_site: int
     n_site_studies: int
     n_reference: int
@@ -447,8 +446,8 @@ def positive_shift(
     studies = _study_count(groups, site.size)
     differences = np.sort((site[:, None] - reference[None, :]).ravel())
     shift = float(np.median(differences))
-    low, high = _moses(differences, studies, positives.studies, _CLAIM_Z_EACH)
-    aim_low, _ = _moses(differences, studies, positives.studies, _AIM_Z_EACH)
+    low, high = _moses(differences, studies, positives.studies, _CLAIM_Z)
+    aim_low, _ = _moses(differences, studies, positives.studies, _AIM_Z)
     return PositiveShift(
         shift,
         min(low, shift),
@@ -526,8 +525,8 @@ class SiteSensitivity:
         if self.borrowed:
             return Interval(
                 self._moved_share(self.shift.shift, threshold),
-                _wilson(self._moved_share(self.shift.low, threshold) * n, n, _CLAIM_Z_EACH)[0],
-                _wilson(self._moved_share(self.shift.high, threshold) * n, n, _CLAIM_Z_EACH)[1],
+                _wilson(self._moved_share(self.shift.low, threshold) * n, n, _CLAIM_Z)[0],
+                _wilson(self._moved_share(self.shift.high, threshold) * n, n, _CLAIM_Z)[1],
             )
         estimate = self.own(threshold)
         low, high = _wilson(estimate * self.studies, self.studies, _CLAIM_Z)
@@ -537,7 +536,7 @@ class SiteSensitivity:
         """The lower bound at the aim's confidence."""
         if self.borrowed:
             n = self.reference_cases
-            return _wilson(self._moved_share(self.shift.aim_low, threshold) * n, n, _AIM_Z_EACH)[0]
+            return _wilson(self._moved_share(self.shift.aim_low, threshold) * n, n, _AIM_Z)[0]
         return _wilson(self.own(threshold) * self.studies, self.studies, _AIM_Z)[0]
 
     def meets(self, threshold: float, target: float, margin: float, *, repair: bool) -> bool:
