@@ -185,3 +185,20 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+def tls_viewer(folder: Path, pacs_url: str):
+    """The viewer as a deployment serves it (HTTPS, a certificate made here) over ``pacs_url``,
+    started; the caller stops it."""
+    from cxr_platform.pacs.viewer import ViewerServer
+    from cxr_platform.sections import ViewerSection
+
+    cert, key = self_signed(folder)
+    section = ViewerSection(
+        home=folder,
+        viewer_pacs_url=pacs_url,
+        viewer_port=free_port(),
+        viewer_tls_cert=cert,
+        viewer_tls_key=key,
+    )
+    return ViewerServer(section, folder / "viewer", dist=viewer_dist()).start()

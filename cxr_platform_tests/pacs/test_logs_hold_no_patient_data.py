@@ -215,11 +215,10 @@ def test_the_reading_room_logs_no_identifiers(tmp_path, chest_pngs):
     (STOW-RS, the DICOMweb client's peers), then with the PACS gone (an upstream error): neither
     its access log nor its error output holds a marker or a UID."""
     from cxr_platform.pacs.storage import encode_dataset
-    from cxr_platform.pacs.viewer import ViewerError, ViewerServer, nginx_binary
-    from cxr_platform.sections import ViewerSection
+    from cxr_platform.pacs.viewer import ViewerError, nginx_binary
     from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 
-    from .conftest import self_signed, viewer_dist
+    from .conftest import tls_viewer
 
     try:
         nginx_binary()
@@ -232,18 +231,7 @@ def test_the_reading_room_logs_no_identifiers(tmp_path, chest_pngs):
         routing=False,
         dicomweb_root=True,
     ).start()
-    cert, key = self_signed(tmp_path)
-    viewer = ViewerServer(
-        ViewerSection(
-            home=tmp_path,
-            viewer_pacs_url=orthanc.url,
-            viewer_port=free_port(),
-            viewer_tls_cert=cert,
-            viewer_tls_key=key,
-        ),
-        tmp_path / "viewer",
-        dist=viewer_dist(),
-    ).start()
+    viewer = tls_viewer(tmp_path, orthanc.url)
     study, series, instance = (
         str(source.StudyInstanceUID),
         str(source.SeriesInstanceUID),

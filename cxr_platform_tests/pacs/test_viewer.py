@@ -40,12 +40,11 @@ from cxr_platform.pacs import results as made
 from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.pacs.viewer import ViewerError, ViewerServer, nginx_binary
 from cxr_platform.ports import free_port
-from cxr_platform.sections import ViewerSection
 from cxr_platform_tests.browser import chromium, require_chromium, screenshot_folder, wait_for
 from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
-from .conftest import VARIANTS, radiograph, radiograph_bytes, self_signed, viewer_dist
+from .conftest import VARIANTS, radiograph, radiograph_bytes, tls_viewer, viewer_dist
 from .scu import send
 from .test_node import _pixels_of
 from .test_orthanc import CR, RESULTS, Pacs
@@ -101,7 +100,7 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
         nginx_binary()
     except ViewerError as exc:  # it says what to install
         pytest.skip(str(exc))
-    dist = viewer_dist()
+    viewer_dist()  # fetched before the servers start: a missing npm skips, never half-starts
     base = tmp_path_factory.mktemp("reading-room")
     node_port, orthanc_port = free_port(), free_port()
     # The node is sent images by the test, as a router would; Orthanc only receives results and
@@ -126,18 +125,7 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
     )
     node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
     node.start()
-    cert, key = self_signed(base)
-    viewer = ViewerServer(
-        ViewerSection(
-            home=base,
-            viewer_pacs_url=orthanc.url,
-            viewer_port=free_port(),
-            viewer_tls_cert=cert,
-            viewer_tls_key=key,
-        ),
-        base / "viewer",
-        dist=dist,
-    ).start()
+    viewer = tls_viewer(base, orthanc.url)
     pacs = Pacs(orthanc, node)
     try:
         analysed, data = radiograph_bytes(

@@ -59,26 +59,27 @@ def test_two_workers_score_a_burst_and_a_killed_worker_loses_nothing(
     assert node.counters.failed == 0 and node.counters.processed == len(sources)
     assert node.storage.spooled() == [] and not any(node.storage.failed_dir.glob("*.dcm"))
     # Four results for each instance, once each, valid; the killed worker's instance among them.
-    studies = node.storage.outbox()
-    results = [path for study in studies for path in study.files]
+    results = [path for study in node.storage.outbox() for path in study.files]
     assert len(results) == 4 * len(sources)
-    referenced = Counter()
-    for path in results:
-        result = pydicom.dcmread(path)
-        if result.Modality == "SR":
-            evidence = result.CurrentRequestedProcedureEvidenceSequence[0]
-            referenced[
-                evidence.ReferencedSeriesSequence[0]
-                .ReferencedSOPSequence[0]
-                .ReferencedSOPInstanceUID
-            ] += 1
-    assert referenced == Counter(uids)
+    assert _reported(results) == Counter(uids)
     assert dciodvfy_errors(results[0]) == []
     # Every image was scored and logged once, the ones out when their worker died too (an
     # instance scored again by the same version is the same request).
     _assert_logged_once(node, log, uids)
     assert len(log.records(site="MODALITY")) - rows_before == len(sources)
     log.dispose()
+
+
+def _reported(results) -> Counter:
+    """How many of the results' SRs report on each source instance."""
+    reported: Counter = Counter()
+    for path in results:
+        result = pydicom.dcmread(path)
+        if result.Modality == "SR":
+            evidence = result.CurrentRequestedProcedureEvidenceSequence[0]
+            series = evidence.ReferencedSeriesSequence[0]
+            reported[series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] += 1
+    return reported
 
 
 def _assert_logged_once(node, log: InferenceLog, uids: list[str]) -> None:
@@ -119,19 +120,9 @@ def test_an_image_that_kills_its_worker_is_kept_aside_and_no_other(node_factory,
     assert [p.stem for p in node.storage.failed_dir.glob("*.dcm")] == [poisoned.SOPInstanceUID]
     assert node.counters.failed == 1 and node.counters.processed == len(innocent)
     assert node.storage.spooled() == []
-    referenced = Counter()
-    for study in node.storage.outbox():
-        assert len(study.files) == 4  # SR, SEG, map and capture of one source each
-        for path in study.files:
-            result = pydicom.dcmread(path)
-            if result.Modality == "SR":
-                evidence = result.CurrentRequestedProcedureEvidenceSequence[0]
-                referenced[
-                    evidence.ReferencedSeriesSequence[0]
-                    .ReferencedSOPSequence[0]
-                    .ReferencedSOPInstanceUID
-                ] += 1
-    assert referenced == Counter(innocent)
+    studies = node.storage.outbox()
+    assert all(len(study.files) == 4 for study in studies)  # SR, SEG, map, capture of one source
+    assert _reported(path for study in studies for path in study.files) == Counter(innocent)
     _assert_logged_once(node, log, innocent)
     _assert_never_logged(node, log, str(poisoned.SOPInstanceUID))
     log.dispose()
