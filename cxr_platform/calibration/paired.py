@@ -32,8 +32,9 @@ holds at each fixed threshold holds at the crossing picked from the data.
   below the thresholds that matter, the site's positives are no heavier-tailed than the
   validation positives moved by one shift.
 - *The site's own positives*, Wilson bounds with the positive studies as the sample size, where
-  the assumption is rejected. Valid without it, and wide: 25 studies all detected bound the
-  sensitivity at 0.90.
+  the assumption is rejected, or where the site has as many positive studies as the validation
+  positives have patients. Valid without the assumption, and wide: 25 studies all detected
+  bound the sensitivity at 0.90.
 
 **Shape checked where it matters** (:func:`tail_check`): a subgroup the model misses at the site
 (a share of its positives far below the rest) is what borrowing would hide, and hundreds of
@@ -263,7 +264,7 @@ class TailCheck:
 
     @property
     def rejected(self) -> bool:
-        return self.p_value < self.alpha or self.missed_now_p_value < self.alpha
+        return bool(self.p_value < self.alpha or self.missed_now_p_value < self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rejected": self.rejected}
@@ -506,7 +507,11 @@ class SiteSensitivity:
 
     @property
     def borrowed(self) -> bool:
-        return self.shift.borrowed
+        """The moved validation positives stand in where the tail check lets them and they are
+        more cases than the site's own positive studies; with as many of its own, the site's
+        positives say as much with no assumption. (Decided by the counts, never by which bound
+        comes out higher.)"""
+        return bool(self.shift.borrowed and self.reference_cases > self.studies)
 
     @property
     def source(self) -> str:
@@ -668,7 +673,7 @@ def propose(
         expected_sensitivity=model.at(threshold),
         current_expected_sensitivity=model.at(current),
         expected_specificity_gain=gain,
-        current_shown_below_target=below,
+        current_shown_below_target=bool(below),
     )
 
 
@@ -683,7 +688,13 @@ class PairedCheck:
     reason: str  # said when it failed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # The figures come out of numpy; a JSON record takes only Python's own types.
+        return {
+            **asdict(self),
+            "passed": bool(self.passed),
+            "value": float(self.value),
+            "limit": float(self.limit),
+        }
 
 
 @dataclass(frozen=True)
@@ -714,7 +725,7 @@ class Judgement:
 
     @property
     def current_shown_below_target(self) -> bool:
-        return self.current_sensitivity.high < self.target_sensitivity
+        return bool(self.current_sensitivity.high < self.target_sensitivity)
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -726,6 +737,7 @@ class Judgement:
         values["checks"] = [check.to_dict() for check in self.checks]
         values["reasons"] = list(self.reasons)
         values["current_shown_below_target"] = self.current_shown_below_target
+        values["passed"] = bool(self.passed)
         return values
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from cxr_platform.sections import TrackedSection
@@ -21,6 +22,7 @@ from cxr_platform.tracking import run_url
 def rounded(value: float) -> float:
     """Three decimals for rates and scores, four significant digits above one, two significant
     digits for the very small (parity differences, p-values), so none reads as zero."""
+    value = float(value)  # numpy's scalars round to themselves, which Dagster cannot store
     if not math.isfinite(value) or value == 0:
         return value
     size = abs(value)
@@ -32,6 +34,8 @@ def rounded(value: float) -> float:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, bool | dg.MetadataValue) or value is None:
         return value
     if isinstance(value, float):

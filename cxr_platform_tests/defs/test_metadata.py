@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dagster as dg
+import numpy as np
 import pytest
+from dagster_shared.serdes import serialize_value
 
 from cxr_platform.defs.definitions import build_definitions
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable, rounded
@@ -44,6 +46,23 @@ def test_readable_rounds_inside_json_and_keeps_other_values():
     assert metadata["nested"].data == {"sensitivity": 0.912}
     assert metadata["text"].md_str == "| a |"
     assert metadata["float"].value == 3.142
+
+
+def test_numpys_scalars_come_out_as_values_dagster_can_store():
+    """A figure computed with numpy (a paired difference, a check's verdict) reaches the event
+    log as Python's own number or truth value: Dagster refuses to write numpy's."""
+    metadata = readable(
+        {
+            "gain": np.float64(0.0312345),
+            "n": np.int64(7),
+            "passed": np.bool_(True),
+            "nested": {"low": np.float64(-0.01234), "rejected": np.bool_(False)},
+        }
+    )
+    assert type(metadata["gain"]) is float and metadata["gain"] == 0.031
+    assert type(metadata["n"]) is int and metadata["passed"] is True
+    assert metadata["nested"].data == {"low": -0.012, "rejected": False}
+    serialize_value(dg.AssetMaterialization("site_recalibration", metadata=metadata))
 
 
 def test_paths_are_shown_from_the_home_and_runs_link_to_an_mlflow_ui(tmp_path):

@@ -220,12 +220,15 @@ def test_another_sites_specificity_failure_is_named_with_its_site(released, tmp_
     promoted = [e for e in registry.events() if e.action == "promoted" and e.version == version]
     gate = promoted[-1].details["gate"]
     assert gate["candidate"]["specificity"] > gate["production"]["specificity"]
-    # The paired gate: specificity gained on the site's negatives, sensitivity held at the low
-    # end of its interval (the target less the margin).
+    # The paired gate: a specificity gain worth a version on the site's negatives, sensitivity
+    # held at the low end of its interval (the target less the margin) and at the target at
+    # the estimate, the site's own positives not contradicting it.
     checks = {check["name"]: check for check in gate["checks"]}
-    assert checks["site_specificity_superior"]["passed"]
-    assert checks["site_sensitivity_held"]["passed"]
-    assert checks["site_sensitivity_held"]["value"] >= 0.93
+    assert checks["site_specificity_gain"]["passed"]
+    assert checks["site_specificity_gain"]["value"] >= 0.02
+    assert checks["site_sensitivity_floor"]["passed"]
+    assert checks["site_sensitivity_floor"]["value"] >= 0.93
+    assert checks["site_sensitivity_target"]["passed"] and checks["site_own_positives"]["passed"]
     assert gate["evaluated_on"]["site"] == "other-hospital"
     judgement = gate["evaluated_on"]["paired"]["judgement"]
     assert judgement["verdict"] == "better" and judgement["specificity"]["low"] > 0
