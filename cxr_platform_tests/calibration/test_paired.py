@@ -27,6 +27,8 @@ from cxr_platform.calibration.paired import (
     SAME,
     SITE_OWN,
     TAIL_ALPHA,
+    ReferencePositives,
+    SiteSensitivity,
     judge,
     paired_difference,
     positive_shift,
@@ -209,6 +211,21 @@ def test_one_seen_case_of_the_subgroup_turns_the_borrowing_off(review_home):
     assert tail.rejected and tail.missed_now == 2 and tail.expected_missed_now < 0.5
     assert evidence.judgement.sensitivity_from == SITE_OWN
     assert not (evidence.passed and evidence.proposal.direction == RAISE)
+
+
+def test_the_validation_positives_stand_in_only_where_they_are_more_cases_than_the_sites(home):
+    """The same 80 positive studies, the same passed tail check: 600 validation patients stand
+    in for them, 60 patients' worth of the same logits do not (the site's own positives carry
+    as much, with no assumption). Which bound comes out higher never decides."""
+    _, reference = home
+    site = np.random.default_rng(31).normal(HOME_POSITIVES[0] + 0.5, HOME_POSITIVES[1], 80)
+    many = SiteSensitivity(site, ReferencePositives(reference, 600))
+    few = SiteSensitivity(site, ReferencePositives(reference, 60))
+    assert many.shift.borrowed and few.shift.borrowed
+    assert many.source == BORROWED and few.source == SITE_OWN
+    threshold = float(np.quantile(site, 0.1))
+    assert few.at(threshold).estimate == pytest.approx(few.own(threshold))
+    assert many.at(threshold).estimate != pytest.approx(many.own(threshold))
 
 
 def test_a_site_where_everything_scores_higher_gets_its_specificity_back(home):
