@@ -688,13 +688,7 @@ class PairedCheck:
     reason: str  # said when it failed
 
     def to_dict(self) -> dict[str, Any]:
-        # The figures come out of numpy; a JSON record takes only Python's own types.
-        return {
-            **asdict(self),
-            "passed": bool(self.passed),
-            "value": float(self.value),
-            "limit": float(self.limit),
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -737,7 +731,6 @@ class Judgement:
         values["checks"] = [check.to_dict() for check in self.checks]
         values["reasons"] = list(self.reasons)
         values["current_shown_below_target"] = self.current_shown_below_target
-        values["passed"] = bool(self.passed)
         return values
 
 

@@ -77,12 +77,6 @@ class GateCheck:
     value: float
     limit: float
 
-    def __post_init__(self) -> None:
-        # Checks are decided on numpy figures; the registry's JSON record takes Python's types.
-        object.__setattr__(self, "passed", bool(self.passed))
-        object.__setattr__(self, "value", float(self.value))
-        object.__setattr__(self, "limit", float(self.limit))
-
 
 @dataclass(frozen=True)
 class GateDecision:

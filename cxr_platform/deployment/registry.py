@@ -47,7 +47,7 @@ from cxr_platform.model_version.aliases import (
     site_production_alias,
 )
 from cxr_platform.model_version.files import METADATA_FILE, ONNX_FILE
-from cxr_platform.model_version.tags import VersionTags
+from cxr_platform.model_version.tags import VersionTags, record_json
 from cxr_platform.sections import RegistrySection
 from cxr_platform.tracking import run_url
 
@@ -280,12 +280,12 @@ class ModelRegistry:
 
     def _record(self, event: RegistryEvent) -> None:
         key = f"{EVENT_TAG_PREFIX}{time.time_ns() // 1000:016d}.{event.action}"
-        text = json.dumps(event.to_dict(), separators=(",", ":"))
+        text = record_json(event.to_dict(), separators=(",", ":"))
         if len(text) > MAX_TAG_LENGTH:
             # Truncated JSON would be unreadable: keep the event, drop the bulky details (the
             # full gate result is also on the model version's cxr.gate tag).
             slim = {**event.to_dict(), "details": {"truncated": True}}
-            text = json.dumps(slim, separators=(",", ":"))
+            text = record_json(slim, separators=(",", ":"))
         self.client.set_registered_model_tag(self.name, key, text)
 
     def register(

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+
 TAG_PREFIX = "cxr."
 METRIC_PREFIX = "cxr.metric."
 _JSON_FIELDS = (
@@ -32,6 +34,18 @@ _FLOAT_FIELDS = (
     "int8_val_auc_change",
 )
 _INT_FIELDS = ("labeled_examples",)
+
+
+def record_json(value: Any, **options: Any) -> str:
+    """``value`` as the JSON of a registry record. Gate figures are computed with numpy, whose
+    scalars the JSON encoder refuses: they are written as Python's own values."""
+    return json.dumps(value, default=_numpy_scalar, **options)
+
+
+def _numpy_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,7 @@ class VersionTags:
             value = getattr(self, spec.name)
             if spec.name == "metrics" or value is None:
                 continue
-            text = json.dumps(value, sort_keys=True) if spec.name in _JSON_FIELDS else str(value)
+            text = record_json(value, sort_keys=True) if spec.name in _JSON_FIELDS else str(value)
             tags[TAG_PREFIX + spec.name] = text
         for name, value in self.metrics.items():
             tags[METRIC_PREFIX + name] = repr(float(value))

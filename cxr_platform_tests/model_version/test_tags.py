@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from cxr_platform.model_version.tags import VersionTags
+import numpy as np
+import pytest
+
+from cxr_platform.model_version.tags import VersionTags, record_json
 
 
 def test_a_release_record_round_trips_through_mlflows_string_tags():
@@ -55,3 +58,35 @@ def test_updated_writes_the_other_records_fields_over_this_one():
     merged = base.updated(lineage)
     assert merged.model_name == "a" and merged.finetuned_from == "3"
     assert merged.metrics == {"test_auc": 0.9, "best_val_auc": 0.8}
+
+
+def test_a_gate_decided_on_numpy_figures_is_written_as_plain_json():
+    """The site gate's checks come out of numpy (a bool from a comparison, a float64 bound);
+    the record holds them as JSON's own values and reads them back."""
+    gate = {
+        "passed": np.bool_(True),
+        "checks": [
+            {
+                "name": "site_specificity_gain",
+                "passed": np.bool_(False),
+                "value": np.float64(0.0125),
+                "limit": 0.02,
+                "n": np.int64(26),
+            }
+        ],
+    }
+    tags = VersionTags(gate=gate).to_tags()
+    assert VersionTags.from_tags(tags).gate == {
+        "passed": True,
+        "checks": [
+            {
+                "name": "site_specificity_gain",
+                "passed": False,
+                "value": 0.0125,
+                "limit": 0.02,
+                "n": 26,
+            }
+        ],
+    }
+    with pytest.raises(TypeError, match="set"):
+        record_json({"not a record": {1, 2}})
