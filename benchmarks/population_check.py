@@ -1,353 +1,324 @@
-"""The check by pixels on real data: adults' chest radiographs against the paediatric model.
+"""The check by pixels on real data, run on the code path export ships.
 
-For a trained real-data model (the production version of a home, or --checkpoint), on the
-shared Kaggle training folder split by patient as the platform splits it:
+For a trained real-data model (the production version of a home), on the shared Kaggle training
+folder split by patient as the platform splits it, and adults' chest radiographs from one or more
+collections (default: both shared ones):
 
-  - three ways to judge an image by the network's features, each thresholded on validation
-    as export does (its 99.5th percentile), never on test:
-      distance    a PCA of the training features (Hotelling's T^2 and the residual, per degree
-                  of freedom): needs no examples of the other population;
-      penultimate a linear score on the classifier's own penultimate features, fitted against
-                  the adults;
-      stages      a linear score on every stage's channel means and spreads (what export uses);
-  - adults refused, cross-validated by patient (5 folds: each fold's score is fitted without
-    that fold's patients, thresholded on validation, and judged on them); the penalty C is
-    chosen inside each fold by the same cross-validation on the other folds (nested), so no
-    adult judges the choice that judges it;
+  - the features and the check exactly as export makes them (`population_features`, then
+    `fit_population_check`: the training sample and an acquisition-shifted copy of each against
+    every collection, the threshold on validation and its shifted copy), and the same function
+    with one ingredient taken away (no shifted training copies; no shifted validation copy) or
+    another penalty C;
+  - adults refused, judged only by fits that never saw them: cross-validated by patient (what
+    every earlier figure was), and with each whole collection left out in turn (what to expect
+    of adults from elsewhere);
   - the paediatric validation and test splits refused (target <= 1% of test), the test split
-    under the acquisition shifts the robustness benchmark uses, and the input gate's negatives
-    refused by the gate alone and by the gate and the check together.
+    under each acquisition shift of the robustness benchmark, and the input gate's negatives;
+  - the adults accepted, per collection: by the check fitted without their collection, and by
+    the shipped check, listed with what the collection's metadata says of them, and drawn as a
+    contact sheet into --pictures (never into the repository: the images are the collections').
 
-    .venv/bin/python benchmarks/population_check.py --home HOME [--adults DIR] [--data-dir DIR]
+    .venv/bin/python benchmarks/population_check.py --home HOME [--adults DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import platform
-import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold
+from PIL import Image, ImageDraw
 
-from cxr_platform.data.imaging import read_image
 from cxr_platform.data.negatives import negative_suite
 from cxr_platform.data.pipeline import prepare
-from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8, to_square_uint8
+from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
 from cxr_platform.data.shifts import apply_shift
 from cxr_platform.deployment.population import (
     DISCRIMINANT_C,
-    MAX_FIT_IMAGES,
-    acquisition_variants,
-    fit_population_check,
+    OutsideCollection,
+    PopulationFeatures,
+    held_out_refusals,
     model_features,
+    out_of_population_collections,
+    population_features,
 )
 from cxr_platform.deployment.registry import registry_for
 from cxr_platform.model_version.files import ModelMetadata
 from cxr_platform.model_version.input_gate import fit_input_gate
-from cxr_platform.model_version.population_check import standardisation, validation_threshold
+from cxr_platform.model_version.population_check import PopulationCheck
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
 from cxr_platform.models.zoo import WithFeatures, build_model
 from cxr_platform.settings import load_settings
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
-FOLDS = 5
+THUMBNAIL = 128
 
 
-def production_model(home: Path) -> tuple[torch.nn.Module, ModelMetadata, Path]:
+def production_model(home: Path) -> tuple[torch.nn.Module, ModelMetadata]:
     settings = load_settings(home=home)
     registry = registry_for(settings.registry)
-    info = registry.get("production")
-    folder = registry.download(info.version)
+    folder = registry.download(registry.get("production").version)
     metadata = ModelMetadata.from_json((folder / "metadata.json").read_text())
     model = build_model(metadata.arch, pretrained="none").model
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
-    return model.eval(), metadata, folder
+    return model.eval(), metadata
 
 
-def penultimate_features(model, arch: str, images: np.ndarray, preprocessing) -> np.ndarray:
-    """The classifier's own penultimate features (the input of its head)."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    # The node whose output the head reads: the baseline's pooling, torchvision's flatten.
-    node = "pool" if arch == "baseline_cnn" else "flatten"
-    extractor = create_feature_extractor(model, return_nodes={node: "features"})
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(images), 64):
-            batch = normalize_uint8(np.asarray(images[start : start + 64]), preprocessing)
-            out = extractor(torch.from_numpy(batch)[:, None])["features"]
-            chunks.append(torch.flatten(out, 1).numpy())
-    return np.concatenate(chunks)
-
-
-def distance_refusals(train: np.ndarray, val: np.ndarray, judged: dict[str, np.ndarray]) -> dict:
-    """The PCA distance (no examples of the other population), thresholded on validation."""
-    mean, scale = standardisation(train)
-    standard = (train - mean) / scale
-    k = 16
-    _, singular, axes = np.linalg.svd(standard, full_matrices=False)
-    components, variances = axes[:k], singular[:k] ** 2 / (len(train) - 1)
-    residual = standard - standard @ components.T @ components
-    residual_variance = (residual**2).sum() / (len(train) * (train.shape[1] - k))
-
-    def distance(x):
-        z = (x - mean) / scale
-        coefficients = z @ components.T
-        inside = (coefficients**2 / variances).sum(1) / k
-        out = ((z - coefficients @ components) ** 2).sum(1) / (
-            residual_variance * (train.shape[1] - k)
-        )
-        return np.maximum(inside, out)
-
-    threshold = validation_threshold(distance(val))
-    return {name: float((distance(x) > threshold).mean()) for name, x in judged.items()}
-
-
-def fit_score(train, outside, c):
-    mean, scale = standardisation(train)
-    features = np.concatenate([(train - mean) / scale, (outside - mean) / scale])
-    labels = np.r_[np.zeros(len(train)), np.ones(len(outside))]
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(features, labels)
-    weights, bias = model.coef_[0], model.intercept_[0]
-    return lambda x: ((x - mean) / scale) @ weights + bias
-
-
-def held_out_refusal(train, val, adults, groups, c, folds=FOLDS) -> tuple[float, list]:
-    refused, tests = [], []
-    for fit, held in GroupKFold(n_splits=folds).split(adults, groups=groups):
-        score = fit_score(train, adults[fit], c)
-        threshold = validation_threshold(score(val))
-        refused += list(score(adults[held]) > threshold)
-        tests.append((score, threshold))
-    return float(np.mean(refused)), tests
-
-
-def nested(train, val, test, adults, groups) -> dict:
-    """Outer folds judge; inner folds (on the outer fold's other patients) choose C."""
-    refused, test_refused, chosen = [], [], []
-    for fit, held in GroupKFold(n_splits=FOLDS).split(adults, groups=groups):
-        inner_groups = [groups[i] for i in fit]
-        inner = {
-            c: held_out_refusal(train, val, adults[fit], inner_groups, c, folds=4)[0]
-            for c in C_GRID
-        }
-        best = max(C_GRID, key=lambda c: (round(inner[c], 6), -c))  # ties: the stronger penalty
-        chosen.append(best)
-        score = fit_score(train, adults[fit], best)
-        threshold = validation_threshold(score(val))
-        refused += list(score(adults[held]) > threshold)
-        test_refused.append(float((score(test) > threshold).mean()))
+def figures(check: PopulationCheck) -> dict:
+    outside = check.fitted_on["out_of_population"]
     return {
-        "adults_refused": float(np.mean(refused)),
-        "test_refused_mean": float(np.mean(test_refused)),
-        "chosen_c": chosen,
+        "cv": outside["cv_refused_rate"],
+        "left_out": outside.get("left_out_refused_rate"),
+        "by_collection": {
+            entry["name"]: entry.get("refused_when_left_out") for entry in outside["collections"]
+        },
+        "threshold": check.threshold,
     }
 
 
-def adult_images(folder: Path, preprocessing) -> tuple[np.ndarray, list[str], list[int | None]]:
-    ages, patients = {}, {}
-    with (folder / "metadata.csv").open(encoding="latin-1") as handle:
-        for row in csv.DictReader(handle):
-            # COVID-00003a and -00003b are one patient (the notes say so): strip the letter.
-            patients[row["patientid"]] = re.sub(r"[a-z]$", "", row["patientid"])
-            digits = re.match(r"\d+", row.get("age") or "")
-            ages[row["patientid"]] = int(digits.group()) if digits else None
-    paths = sorted((folder / "images").iterdir())
-    squares = [to_square_uint8(read_image(path).pixels, preprocessing) for path in paths]
-    stems = [path.stem for path in paths]
-    return (
-        np.stack(squares),
-        [patients.get(stem, stem) for stem in stems],
-        [ages.get(stem) for stem in stems],
-    )
+def what_metadata_says(collection: OutsideCollection, path: Path) -> str:
+    """Age, sex, view and finding, from the row that names the file (or whose id it is)."""
+    for metadata in (path.parent / "metadata.csv", path.parent.parent / "metadata.csv"):
+        if metadata.is_file():
+            break
+    else:
+        return ""
+    raw = metadata.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    stem = path.name.split(".", 1)[0]
+    for row in csv.DictReader(io.StringIO(text)):
+        lowered = {key.strip().lower(): (value or "").strip() for key, value in row.items() if key}
+        if lowered.get("filename") == path.name or lowered.get("patientid") == stem:
+            return ", ".join(
+                f"{key} {lowered[key]}"
+                for key in ("age", "sex", "view", "finding")
+                if lowered.get(key)
+            )
+    return ""
+
+
+def contact_sheet(images: list[np.ndarray], captions: list[str], out: Path) -> None:
+    columns = min(6, max(1, len(images)))
+    rows = -(-len(images) // columns)
+    sheet = Image.new("L", (columns * THUMBNAIL, rows * (THUMBNAIL + 14)), 0)
+    draw = ImageDraw.Draw(sheet)
+    for index, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (index % columns) * THUMBNAIL, (index // columns) * (THUMBNAIL + 14)
+        sheet.paste(Image.fromarray(pixels).resize((THUMBNAIL, THUMBNAIL)), (x, y))
+        draw.text((x + 2, y + THUMBNAIL + 1), caption[:22], fill=255)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+
+
+def shifted_test(test_images: np.ndarray, preprocessing: PreprocessingConfig) -> dict:
+    rng = np.random.default_rng(0)
+    originals = [square.astype(np.float32) / 255.0 for square in test_images]
+    return {
+        f"{shift} {severity}": np.stack(
+            [
+                to_square_uint8(apply_shift(o, shift, severity=severity, rng=rng), preprocessing)
+                for o in originals
+            ]
+        )
+        for shift, severity in ROBUSTNESS_SHIFTS.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True, help="a home with a production model")
     parser.add_argument("--data-dir", type=Path, default=SHARED / "kaggle-chest-xray-224")
-    parser.add_argument("--adults", type=Path, default=SHARED / "adult-cxr-figure1")
+    parser.add_argument(
+        "--adults",
+        type=Path,
+        nargs="+",
+        default=[SHARED / "adult-cxr-figure1", SHARED / "adult-cxr-ieee8023-subset"],
+    )
+    parser.add_argument(
+        "--pictures", type=Path, default=None, help="default: HOME/benchmarks/population-check"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    pictures = args.pictures or args.home / "benchmarks" / "population-check"
 
     started = time.perf_counter()
-    model, metadata, _ = production_model(args.home)
+    model, metadata = production_model(args.home)
     settings = load_settings(home=args.home, data_dir=args.data_dir)
+    seed = settings.registry.seed
     _, cache = prepare(settings.data, progress=False)
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    rng = np.random.default_rng(settings.data.seed)
-    train_images = cache.images("train", mmap=False)
-    fit_on = train_images[np.sort(rng.choice(len(train_images), MAX_FIT_IMAGES, replace=False))]
-    val_images, test_images = cache.images("val", mmap=False), cache.images("test", mmap=False)
-    adults, groups, ages = adult_images(args.adults, preprocessing)
+    collections = out_of_population_collections(args.adults, preprocessing)
+    stages = WithFeatures(model, metadata.arch, flip=metadata.test_time_augmentation == "flip")
 
-    stages_model = WithFeatures(
-        model, metadata.arch, flip=metadata.test_time_augmentation == "flip"
-    )
-    variants = acquisition_variants(fit_on, preprocessing, seed=settings.data.seed)
-    judged = {
-        "train": fit_on,
-        "variants": variants,
-        "val": val_images,
-        "test": test_images,
-        "adults": adults,
+    # As export: population_check_for is this pair on a checkpoint's model.
+    features = population_features(stages, cache, collections, seed=seed)
+    shipped = features.fit(seed=seed)
+    ablations: dict[str, PopulationFeatures] = {
+        "without the shifted training copies": replace(
+            features, own=features.own[: features.shifted_copies], shifted_copies=0
+        ),
+        "without the shifted validation copy": replace(
+            features, shifted_val=features.shifted_val[:0]
+        ),
     }
-    plain = {name: model_features(stages_model, x, preprocessing) for name, x in judged.items()}
-    penultimate = {
-        name: penultimate_features(model, metadata.arch, x, preprocessing)
-        for name, x in judged.items()
+    checks = {"shipped": shipped} | {
+        name: chosen.fit(seed=seed) for name, chosen in ablations.items()
+    }
+    results: dict = {
+        "n": {
+            "train_sample": features.shifted_copies,
+            "val": len(features.val),
+            "collections": {c.name: [len(c.images), c.n_patients] for c in collections},
+        },
+        "checks": {name: figures(check) for name, check in checks.items()},
+        "by_c": {
+            str(c): figures(shipped if c == DISCRIMINANT_C else features.fit(seed=seed, c=c))
+            for c in C_GRID
+        },
     }
 
-    def with_variants(chosen: dict) -> dict:
-        return {**chosen, "train": np.concatenate([chosen["train"], chosen["variants"]])}
-
-    features = with_variants(plain)
-
-    results: dict = {"n": {k: int(len(v)) for k, v in plain.items()}}
-    results["n"]["adult_patients"] = len(set(groups))
-    results["distance"] = distance_refusals(
-        plain["train"],
-        plain["val"],
-        {"val": plain["val"], "test": plain["test"], "adults": plain["adults"]},
-    )
-    for name, chosen in (
-        ("penultimate", with_variants(penultimate)),
-        ("stages without variants", plain),
-        ("stages", features),
-    ):
-        results[name] = {
-            "nested": nested(
-                chosen["train"], chosen["val"], chosen["test"], chosen["adults"], groups
-            ),
-            "by_c": {
-                str(c): held_out_refusal(
-                    chosen["train"], chosen["val"], chosen["adults"], groups, c
-                )[0]
-                for c in C_GRID
-            },
-        }
-
-    # The check as export fits it, by the function export calls (deployment/population.py:
-    # the training sample and an acquisition-shifted copy of each against all adults, C as
-    # shipped, thresholded on validation), on everything paediatric; and the same function
-    # without the copies, for comparison.
-    shipped_check = fit_population_check(
-        features["train"],
-        features["val"],
-        features["adults"],
-        groups,
-        seed=settings.data.seed,
-        shifted_copies=len(variants),
-    )
-    bare_check = fit_population_check(
-        plain["train"], plain["val"], plain["adults"], groups, seed=settings.data.seed
-    )
-    shipped = {
-        "val": float(shipped_check.refused(features["val"]).mean()),
-        "test": float(shipped_check.refused(features["test"]).mean()),
-        "cv_adults_refused": shipped_check.fitted_on["out_of_population"]["cv_refused_rate"],
-        "cv_adults_refused_without": bare_check.fitted_on["out_of_population"]["cv_refused_rate"],
-        "shifts": {},
+    test_images = cache.images("test", mmap=False)
+    judged = {"val": features.val, "shifted val": features.shifted_val}
+    judged["test"] = model_features(stages, test_images, preprocessing)
+    for name, images in shifted_test(test_images, preprocessing).items():
+        judged[f"test under {name}"] = model_features(stages, images, preprocessing)
+    results["children_refused"] = {
+        name: {label: float(check.refused(x).mean()) for label, x in judged.items()}
+        for name, check in checks.items()
     }
-    shift_rng = np.random.default_rng(0)
-    originals = [square.astype(np.float32) / 255.0 for square in test_images]
-    for shift, severity in ROBUSTNESS_SHIFTS.items():
-        shifted = np.stack(
-            [
-                to_square_uint8(
-                    apply_shift(o, shift, severity=severity, rng=shift_rng), preprocessing
-                )
-                for o in originals
-            ]
-        )
-        shifted_features = model_features(stages_model, shifted, preprocessing)
-        shipped["shifts"][f"{shift} {severity}"] = {
-            "with variants": float(shipped_check.refused(shifted_features).mean()),
-            "without": float(bare_check.refused(shifted_features).mean()),
-        }
-    gate = fit_input_gate(fit_on, val_images)
+
+    fit_on = cache.images("train", mmap=False)[: features.shifted_copies]
+    gate = fit_input_gate(fit_on, cache.images("val", mmap=False))
     negatives = negative_suite(test_images[:200], seed=0)
     squares = np.stack([to_square_uint8(n.pixels, preprocessing) for n in negatives])
     by_gate = np.array(
         [not v.accepted for v in gate.judge_many([n.pixels for n in negatives], squares)]
     )
-    by_check = shipped_check.refused(model_features(stages_model, squares, preprocessing))
-    shipped["negatives"] = {
+    by_check = shipped.refused(model_features(stages, squares, preprocessing))
+    results["negatives"] = {
         "n": len(negatives),
         "gate": float(by_gate.mean()),
         "gate_and_check": float((by_gate | by_check).mean()),
     }
-    results["shipped"] = shipped
+
+    # The adults let through, one collection at a time.
+    held = held_out_refusals(
+        features.own,
+        features.val,
+        features.outside,
+        features.groups,
+        features.collections,
+        shifted_val=features.shifted_val,
+        seed=seed,
+    )
+    in_sample = shipped.refused(features.outside)
+    accepted: dict[str, list[dict]] = {}
+    start = 0
+    for collection in collections:
+        stop = start + len(collection.images)
+        left_out = (
+            held.collection_left_out[start:stop]
+            if held.collection_left_out is not None
+            else held.patient_held_out[start:stop]
+        )
+        rows, images, captions = [], [], []
+        for index in np.flatnonzero(~left_out | ~in_sample[start:stop]):
+            path = collection.paths[index]
+            rows.append(
+                {
+                    "file": path.name,
+                    "patient": collection.patients[index],
+                    "accepted_when_left_out": bool(not left_out[index]),
+                    "accepted_by_shipped": bool(not in_sample[start + index]),
+                    "metadata": what_metadata_says(collection, path),
+                }
+            )
+            images.append(collection.images[index])
+            captions.append(path.name)
+        accepted[collection.name] = rows
+        if images:
+            contact_sheet(images, captions, pictures / f"accepted-{collection.name}.png")
+        start = stop
+    results["accepted"] = accepted
+    results["pictures"] = str(pictures)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    report(results, metadata, ages)
+    report(results, metadata)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def report(results: dict, metadata: ModelMetadata, ages: list) -> None:
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def report(results: dict, metadata: ModelMetadata) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    known = [age for age in ages if age is not None]
     n = results["n"]
+    adults = "; ".join(
+        f"{name}: {images} images of {patients} patients"
+        for name, (images, patients) in n["collections"].items()
+    )
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, commit {commit}; model "
-        f"{metadata.model_name} ({metadata.arch}); kaggle-chest-xray-224: {n['train']} train "
-        f"(fit sample, and as many shifted copies) / {n['val']} val / {n['test']} test; "
-        f"adults: {n['adults']} images of "
-        f"{n['adult_patients']} patients, ages {min(known)}-{max(known)}; "
+        f"{metadata.model_name} ({metadata.arch}); kaggle-chest-xray-224: {n['train_sample']} "
+        f"training images (and as many shifted copies), {n['val']} validation; adults: {adults}; "
         f"{results['seconds']} s"
     )
+    names = list(next(iter(results["checks"].values()))["by_collection"])
     print(
-        "\n| features (linear ones fitted against the adults) | adults refused (held out) "
-        "| test refused | C chosen per fold |"
+        "\n| the check (stages, C = 0.1) | adults refused, held out by patient | adults "
+        "refused, their collection left out | "
+        + " | ".join(f"{name} left out" for name in names)
+        + " | val / shifted val refused | test refused | test under the shifts: worst |"
     )
-    print("| --- | ---: | ---: | --- |")
-    distance = results["distance"]
-    print(f"| distance (PCA, no adults) | {distance['adults']:.1%} | {distance['test']:.2%} | - |")
-    for name in ("penultimate", "stages without variants", "stages"):
-        nested = results[name]["nested"]
+    print("| --- |" + " ---: |" * (6 + len(names) - 1))
+    for name, figure in results["checks"].items():
+        children = results["children_refused"][name]
+        shifts = {k: v for k, v in children.items() if k.startswith("test under")}
+        worst = max(shifts, key=shifts.__getitem__)
         print(
-            f"| {name} (nested CV) | {nested['adults_refused']:.1%} | "
-            f"{nested['test_refused_mean']:.2%} | {', '.join(map(str, nested['chosen_c']))} |"
+            f"| {name} | {_rate(figure['cv'])} | {_rate(figure['left_out'])} | "
+            + " | ".join(_rate(figure["by_collection"][c]) for c in names)
+            + f" | {children['val']:.2%} / {children['shifted val']:.2%} | "
+            f"{children['test']:.2%} | {shifts[worst]:.2%} ({worst[len('test under ') :]}) |"
         )
-    print("\nadults refused by C (5-fold by patient), penultimate / stages:")
-    for c in C_GRID:
-        print(
-            f"  C={c}: {results['penultimate']['by_c'][str(c)]:.1%} / "
-            f"{results['stages']['by_c'][str(c)]:.1%}"
-        )
-    shipped = results["shipped"]
+    print("\nby C (shipped features): held out by patient / collection left out")
+    for c, figure in results["by_c"].items():
+        print(f"  C={c}: {_rate(figure['cv'])} / {_rate(figure['left_out'])}")
+    print("\nthe shipped check, the test split under each shift:")
+    for label, share in results["children_refused"]["shipped"].items():
+        if label.startswith("test under"):
+            print(f"  {label}: {share:.2%}")
+    negatives = results["negatives"]
     print(
-        f"\nas export fits it (deployment.population.fit_population_check: stages and shifted "
-        f"copies, C={DISCRIMINANT_C}, all adults):"
+        f"the input gate's negatives ({negatives['n']}): {negatives['gate']:.1%} refused by the "
+        f"gate, {negatives['gate_and_check']:.1%} by the gate and the check"
     )
-    print(f"  validation refused {shipped['val']:.2%}, test refused {shipped['test']:.2%}")
-    print(
-        f"  adults refused, cross-validated by patient as export records it: "
-        f"{shipped['cv_adults_refused']:.1%} (without the copies "
-        f"{shipped['cv_adults_refused_without']:.1%})"
-    )
-    for shift, share in shipped["shifts"].items():
-        print(
-            f"  test under {shift}: {share['with variants']:.2%} refused "
-            f"(fitted without the variants: {share['without']:.2%})"
-        )
-    negatives = shipped["negatives"]
-    print(
-        f"  input gate negatives ({negatives['n']}): {negatives['gate']:.1%} refused by the gate, "
-        f"{negatives['gate_and_check']:.1%} by the gate and the check"
-    )
+    print(f"\nadults accepted (pictures in {results['pictures']}):")
+    for name, rows in results["accepted"].items():
+        when_left_out = sum(row["accepted_when_left_out"] for row in rows)
+        by_shipped = sum(row["accepted_by_shipped"] for row in rows)
+        print(f"  {name}: {when_left_out} with it left out, {by_shipped} by the shipped check")
+        for row in rows:
+            marks = ("left out" if row["accepted_when_left_out"] else "") + (
+                ", shipped" if row["accepted_by_shipped"] else ""
+            )
+            print(f"    {row['file']} (patient {row['patient']}; {row['metadata']}): {marks}")
 
 
 if __name__ == "__main__":

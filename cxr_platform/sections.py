@@ -393,11 +393,13 @@ class RegistrySection(TrackedSection):
     intended_age_reason: str | None = setting(
         None, doc="The evidence for CXR_INTENDED_AGE_YEARS (a local validation, a study)."
     )
-    out_of_population_dir: Path | None = setting(
-        None,
+    out_of_population_dir: tuple[Path, ...] = setting(
+        (),
         doc="Images of patients a version is not for (for a paediatric model, adults' chest "
-        "radiographs; any layout): export fits the check by pixels against them and records "
-        "how many of them it refuses, cross-validated. Unset: the check by distance only.",
+        "radiographs), one folder per collection, several separated as PATH separates them "
+        "(or one folder whose subfolders are the collections). Export fits the check by pixels "
+        "against all of them and records how many it refuses, cross-validated by patient and "
+        "with each collection left out in turn. Unset: no check by pixels.",
     )
     inference_log_url: str | None = _inference_log_url()
     lock_url: str | None = setting(

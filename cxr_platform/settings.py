@@ -55,6 +55,10 @@ def _is_name_list(annotation: Any) -> bool:
     return annotation == tuple[str, ...]
 
 
+def _is_path_list(annotation: Any) -> bool:
+    return annotation == tuple[Path, ...]
+
+
 def _declared_fields() -> dict[str, tuple[Any, Any]]:
     """One pydantic field per distinct setting across all sections.
 
@@ -81,8 +85,9 @@ def _declared_fields() -> dict[str, tuple[Any, Any]]:
             meta = spec.metadata
             if meta.get("secret"):
                 annotation = SecretStr | None
-            elif _is_name_list(annotation):
-                # CXR_MODELS=baseline_cnn,resnet18 reads more naturally than a JSON list.
+            elif _is_name_list(annotation) or _is_path_list(annotation):
+                # CXR_MODELS=baseline_cnn,resnet18 reads more naturally than a JSON list, and
+                # folders are listed as PATH lists them (a folder's name may hold a comma).
                 annotation = Annotated[annotation, NoDecode]
             bounds = {
                 key: meta[key] for key in ("ge", "gt", "le", "lt") if meta.get(key) is not None
@@ -160,8 +165,11 @@ class _SettingsBase(BaseSettings):
                     f"{env_name(info.field_name)} holds a placeholder, not a secret: generate "
                     "one (openssl rand -hex 32) and set it"
                 )
-        if typing.get_origin(annotation) is Annotated and isinstance(value, str):
-            return tuple(name.strip() for name in value.split(",") if name.strip())
+        if typing.get_origin(annotation) is Annotated and isinstance(value, str | Path):
+            listed = typing.get_args(annotation)[0]
+            if _is_path_list(listed):
+                return tuple(Path(part) for part in str(value).split(os.pathsep) if part.strip())
+            return tuple(name.strip() for name in str(value).split(",") if name.strip())
         return value
 
     @classmethod
@@ -178,8 +186,12 @@ class _SettingsBase(BaseSettings):
     @field_validator("*", mode="after")
     @classmethod
     def _absolute_paths(cls, value: object, info: ValidationInfo) -> object:
-        if isinstance(value, Path) and _is_path(_FIELDS[info.field_name][0]):
+        annotation = _FIELDS[info.field_name][0]
+        if isinstance(value, Path) and _is_path(annotation):
             return value.expanduser().resolve()
+        annotated = typing.get_origin(annotation) is Annotated
+        if isinstance(value, tuple) and annotated and _is_path_list(typing.get_args(annotation)[0]):
+            return tuple(Path(item).expanduser().resolve() for item in value)
         return value
 
     def model_post_init(self, context: Any, /) -> None:
@@ -289,6 +301,8 @@ def _environment_value(value: object) -> str:
     if isinstance(value, tuple):
         if all(isinstance(item, str) for item in value):
             return ",".join(value)
+        if all(isinstance(item, Path) for item in value):
+            return os.pathsep.join(str(item) for item in value)
         return json.dumps(list(value))
     return str(value)
 

@@ -51,6 +51,16 @@ def adults_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def case_report_adults_dir() -> Path:
+    """``../shared/data/adult-cxr-ieee8023-subset``: a second adult collection, from other
+    hospitals and image pipelines (its ``metadata.csv`` names each file's patient)."""
+    path = REPO_ROOT.parent / "shared" / "data" / "adult-cxr-ieee8023-subset"
+    if not (path / "metadata.csv").is_file():
+        pytest.skip(f"shared adult case-report radiographs not present at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def kaggle_dir() -> Path:
     path = shared_kaggle_dir()
     if not (path / "train").is_dir():

@@ -148,6 +148,12 @@ def _intended_use_text(release: VersionTags) -> str:
         parts[0] += " (declared by the site)"
     if use.get("projections"):
         parts.append("/".join(use["projections"]))
+    outside = (release.population_check or {}).get("out_of_population") or {}
+    if outside:
+        refused = f"pixels: {outside.get('cv_refused_rate', 0):.0%} held out"
+        if "left_out_refused_rate" in outside:
+            refused += f", {outside['left_out_refused_rate']:.0%} from elsewhere"
+        parts.append(refused)
     return ", ".join(parts)
 
 

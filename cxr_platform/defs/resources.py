@@ -27,7 +27,7 @@ def _launchpad_type(annotation: Any) -> Any:
     if origin is typing.Literal:
         return str
     if origin is tuple:
-        return list[typing.get_args(annotation)[0]]
+        return list[_launchpad_type(typing.get_args(annotation)[0])]
     args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _launchpad_type(args[0])
@@ -38,7 +38,7 @@ def _launchpad_value(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple):
-        return list(value)
+        return [_launchpad_value(item) for item in value]
     return value
 
 

@@ -240,6 +240,43 @@ def _field_line(name: str, values: list[str] | None, basis: str | None) -> str:
     return f"- {name}: " + (f"{'/'.join(values)} ({basis})." if values else "not stated.")
 
 
+def population_check_words(check: dict[str, Any]) -> str:
+    """What the check by pixels was fitted against and what it refuses of such patients: held
+    out by patient, and (given several collections) with each whole collection left out, the
+    figure to expect of patients from elsewhere."""
+    outside = check.get("out_of_population") or {}
+    collections = outside.get("collections") or []
+    patients = f"{outside['n_patients']} patients" if outside.get("n_patients") else "patients"
+    words = (
+        f"a population check fitted against {outside.get('n_images')} images of {patients} "
+        f"it is not for ({outside.get('folder')}), which "
+        f"refused {outside.get('cv_refused_rate', 0):.0%} of them held out "
+        f"({outside.get('cv_folds')}-fold, by patient)"
+    )
+    if "left_out_refused_rate" in outside:
+        each = "; ".join(
+            f"{entry['name']} {entry['refused_when_left_out']:.0%} of {entry['n_images']}"
+            for entry in collections
+        )
+        words += (
+            f" and **{outside['left_out_refused_rate']:.0%} with each of its "
+            f"{len(collections)} collections left out in turn, the figure to expect of "
+            f"patients from elsewhere** ({each})"
+        )
+    else:
+        words += (
+            " (one collection only: how it does on patients from elsewhere is not measured, "
+            "and may be lower)"
+        )
+    words += f", and {check.get('val_refused')} of {check.get('n_val')} validation images"
+    if check.get("n_shifted_val"):
+        words += (
+            f" ({check.get('shifted_val_refused')} of {check['n_shifted_val']} under "
+            "acquisition shifts)"
+        )
+    return words
+
+
 def _intended_use_lines(tags: VersionTags) -> list[str]:
     """Who the version is for, each field with where it came from; a range a deployment
     declared instead of its training data's in bold, with the range it replaced."""
@@ -259,13 +296,8 @@ def _intended_use_lines(tags: VersionTags) -> list[str]:
             f"{low}-{high} years.**"
         )
     check = tags.population_check or {}
-    outside = check.get("out_of_population") or {}
     pixels = (
-        "else by how the image looks to the network: a population check fitted against "
-        f"{outside.get('n_images')} images of patients it is not for ({outside.get('folder')}), "
-        f"which refused {outside.get('cv_refused_rate', 0):.0%} of them held out "
-        f"({outside.get('cv_folds')}-fold, by patient) and {check.get('val_refused')} of "
-        f"{check.get('n_val')} validation images"
+        "else by how the image looks to the network: " + population_check_words(check)
         if check
         else "**and by nothing else: no images of other patients were given at export "
         "(CXR_OUT_OF_POPULATION_DIR), so this version has no check by pixels** and answers "

@@ -46,7 +46,9 @@ def export_for_registry(
         input_gate=gate_for(cache),
         intended_use=intended_use_for(cache, settings.registry, None),
         population_check=population_check_for(
-            Checkpoint.load(checkpoint.path), cache, other_population
+            Checkpoint.load(checkpoint.path),
+            cache,
+            (other_population,) if other_population else (),
         ),
         model_name=name,
         mlflow_run_id=run.run_id,

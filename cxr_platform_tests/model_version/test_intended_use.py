@@ -13,6 +13,7 @@ from cxr_platform.data.populations import KERMANY_2018, measure_population, reco
 from cxr_platform.data.preprocessing import to_square_uint8
 from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from cxr_platform.deployment.export import load_torchscript
+from cxr_platform.deployment.model_card import population_check_words
 from cxr_platform.deployment.pipeline import register_exported, registry_for
 from cxr_platform.deployment.population import (
     OutOfPopulationError,
@@ -85,7 +86,7 @@ def test_the_check_refuses_the_other_population_and_keeps_validations_99_5th_per
     train, val = features(600), features(400)
     outside = features(60, shift=4.0)
     groups = [f"patient{index // 2}" for index in range(len(outside))]
-    check = fit_population_check(train, val, outside, groups, source="others")
+    check = fit_population_check(train, val, outside, groups, collections=["others"] * len(outside))
     # Thresholded at validation's 99.5th percentile: of the same population, newly drawn, about
     # that share is refused (validation itself is refused 2 of 400 by that very definition).
     assert (check.refused(features(4000))).mean() < 0.015
@@ -99,6 +100,174 @@ def test_the_check_refuses_the_other_population_and_keeps_validations_99_5th_per
         check.scores(np.zeros((2, 3)))
     with pytest.raises(OutOfPopulationError, match="one patient"):
         fit_population_check(train, val, outside, ["same"] * len(outside))
+
+
+def _population_features(rng, mixing, n, shift=None):
+    latent = rng.normal(size=(n, mixing.shape[0]))
+    if shift is not None:
+        latent += shift
+    return latent @ mixing + rng.normal(scale=0.1, size=(n, mixing.shape[1]))
+
+
+def test_leaving_a_collection_out_says_what_cross_validation_inside_the_collections_hides():
+    """Two collections of the other population, each set apart from the model's own by factors
+    of its own (its hospitals, its pipeline) as much as by the patients: cross-validated by
+    patient, the check refuses nearly all of them, because every fold has seen both collections;
+    fitted on one collection and judged on the other, it does not. The figure to expect of
+    patients from elsewhere is the second."""
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(8, 64))
+    train, val = _population_features(rng, mixing, 600), _population_features(rng, mixing, 400)
+    shared, first, second = np.zeros(8), np.zeros(8), np.zeros(8)
+    shared[0] = 1.5  # what the two populations share, and only a little
+    first[1:3], second[3:5] = 5.0, 5.0  # what each collection alone has
+    outside = np.concatenate(
+        [
+            _population_features(rng, mixing, 40, shared + first),
+            _population_features(rng, mixing, 40, shared + second),
+        ]
+    )
+    names = ["first"] * 40 + ["second"] * 40
+    groups = [f"{name}/p{index // 2}" for index, name in enumerate(names)]
+    check = fit_population_check(train, val, outside, groups, collections=names)
+    record = check.fitted_on["out_of_population"]
+    assert record["cv_refused_rate"] > 0.9
+    assert record["left_out_refused_rate"] < record["cv_refused_rate"] - 0.3
+    by_name = {entry["name"]: entry for entry in record["collections"]}
+    assert set(by_name) == {"first", "second"} and by_name["first"]["n_patients"] == 20
+    for entry in by_name.values():
+        assert entry["refused_when_left_out"] < 0.7 and entry["n_images"] == 40
+    assert record["folder"] == "first + second"
+    # The card quotes the figure from elsewhere, and each collection's.
+    words = population_check_words(json.loads(json.dumps(check.summary())))
+    left_out = record["left_out_refused_rate"]
+    assert f"**{left_out:.0%} with each of its 2 collections left out in turn" in words
+    assert f"first {by_name['first']['refused_when_left_out']:.0%} of 40" in words
+    assert "80 images of 40 patients" in words
+    # One collection: no figure for a collection left out, rather than a made-up one.
+    alone = fit_population_check(train, val, outside[:40], groups[:40], collections=names[:40])
+    assert "left_out_refused_rate" not in alone.fitted_on["out_of_population"]
+    assert "not measured" in population_check_words(alone.summary())
+    with pytest.raises(OutOfPopulationError, match="patient and collection"):
+        fit_population_check(train, val, outside, groups, collections=names[:10])
+
+
+def test_the_threshold_keeps_the_validation_split_under_acquisition_shifts():
+    """A noisier detector spreads the model's own population's scores: thresholded on the
+    split alone, its copy is refused far more than one in two hundred; with the copy given, the
+    threshold is no lower than its own 99.5th percentile."""
+    rng = np.random.default_rng(2)
+    mixing = rng.normal(size=(8, 64))
+    train, val = _population_features(rng, mixing, 600), _population_features(rng, mixing, 800)
+    outside_shift, noisier = np.zeros(8), np.zeros(8)
+    outside_shift[:2], noisier[1:3] = 4.0, 1.5
+    # The same children's pictures from a noisier detector: moved partly the adults' way.
+    shifted = _population_features(rng, mixing, 800, noisier)
+    outside = _population_features(rng, mixing, 60, outside_shift)
+    groups = [f"p{index // 2}" for index in range(60)]
+    plain = fit_population_check(train, val, outside, groups)
+    assert plain.refused(shifted).mean() > 0.02
+    kept = fit_population_check(train, val, outside, groups, shifted_val=shifted)
+    assert kept.threshold >= plain.threshold
+    assert kept.refused(shifted).mean() <= 0.005 and kept.refused(val).mean() <= 0.005
+    assert kept.fitted_on["n_shifted_val"] == 800
+    assert kept.fitted_on["shifted_val_refused"] == int(kept.refused(shifted).sum())
+    assert kept.refused(outside).mean() > 0.8
+
+
+def _png(path, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(48, 48), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_collections_are_read_with_their_own_patient_ids(tmp_path):
+    from cxr_platform.data.preprocessing import PreprocessingConfig
+    from cxr_platform.deployment.population import (
+        collection_folders,
+        out_of_population_collections,
+    )
+
+    preprocessing = PreprocessingConfig(image_size=32)
+    adults = tmp_path / "adults"
+    # Laid out as the shared ieee8023 subset: a metadata.csv whose rows name each file.
+    case_reports = adults / "case-reports"
+    for index in range(6):
+        _png(case_reports / "images" / f"fig{index}.png", index)
+    (case_reports / "metadata.csv").write_text(
+        "Patientid,age,filename\n" + "".join(f"{i // 3},60,fig{i}.png\n" for i in range(6))
+    )
+    # As the Figure 1 set: ids that are the images' names, one patient's images told apart by a
+    # letter, latin-1 text; and one file no row names.
+    figure = adults / "figure"
+    for name in ("COVID-00001", "COVID-00003a", "COVID-00003b", "COVID-00010", "other"):
+        _png(figure / "images" / f"{name}.jpg", len(name))
+    (figure / "images" / "broken.png").write_bytes(b"not an image")
+    (figure / "metadata.csv").write_bytes(
+        "patientid,notes\nCOVID-00001,fi\u00e8vre\nCOVID-00003a,x\nCOVID-00003b,x\n"
+        "COVID-00010,x\n".encode("latin-1")
+    )
+    # A folder of collections is its subfolders; a collection given by its images folder
+    # keeps its own name and the metadata beside it.
+    assert collection_folders([adults]) == [case_reports, figure]
+    read = out_of_population_collections([adults], preprocessing)
+    assert [c.name for c in read] == ["case-reports", "figure"]
+    assert read[0].patients == ("0", "0", "0", "1", "1", "1")
+    assert read[0].images.shape == (6, 32, 32) and read[0].n_patients == 2
+    assert read[1].patients == (
+        "COVID-00001",
+        "COVID-00003",
+        "COVID-00003",
+        "COVID-00010",
+        "image:other.jpg",
+    )
+    (alone,) = out_of_population_collections([figure / "images", case_reports], preprocessing)[:1]
+    assert alone.name == "figure" and len(alone.images) == 5  # the unreadable file left out
+    with pytest.raises(OutOfPopulationError, match="not a folder"):
+        collection_folders([tmp_path / "missing"])
+    with pytest.raises(OutOfPopulationError, match="two collections called figure"):
+        collection_folders([figure, figure / "images"])
+    with pytest.raises(OutOfPopulationError, match="at least 10"):
+        out_of_population_collections([figure], preprocessing)
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "images" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(OutOfPopulationError, match="no readable image"):
+        out_of_population_collections([empty, case_reports], preprocessing)
+
+
+def test_the_two_shared_adult_collections_are_read_patient_by_patient(
+    adults_dir, case_report_adults_dir
+):
+    """As their READMEs count them: 117 case-report images of 78 patients by `Patientid`; the
+    Figure 1 set's 55 images, COVID-00003a and -00003b one patient's."""
+    from cxr_platform.data.preprocessing import PreprocessingConfig
+    from cxr_platform.deployment.population import out_of_population_collections
+
+    figure, case_reports = out_of_population_collections(
+        [adults_dir / "images", case_report_adults_dir], PreprocessingConfig(image_size=64)
+    )
+    assert figure.name == "adult-cxr-figure1" and len(figure.images) == 55
+    assert figure.patients[figure.paths.index(adults_dir / "images" / "COVID-00003a.jpg")] == (
+        "COVID-00003"
+    )
+    assert figure.n_patients < 55
+    assert case_reports.name == "adult-cxr-ieee8023-subset"
+    assert (len(case_reports.images), case_reports.n_patients) == (117, 78)
+
+
+def test_several_folders_are_one_setting_listed_as_path_lists_them(tmp_path):
+    import os
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    settings = load_settings(home=tmp_path, out_of_population_dir=f"{first}{os.pathsep}{second}")
+    assert settings.registry.out_of_population_dir == (first, second)
+    assert load_settings(home=tmp_path).registry.out_of_population_dir == ()
+    assert load_settings(home=tmp_path, out_of_population_dir=first).out_of_population_dir == (
+        first,
+    )
 
 
 def test_the_kaggle_files_are_recognised_by_their_names_and_declare_their_population(tmp_path):
