@@ -258,7 +258,7 @@ class _SettingsBase(BaseSettings):
                 elif isinstance(value, Path):
                     value = str(value)
                 elif isinstance(value, tuple):
-                    value = list(value)
+                    value = [str(item) if isinstance(item, Path) else item for item in value]
                 shown[name][spec.name] = value
         return shown
 

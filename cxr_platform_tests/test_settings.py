@@ -76,6 +76,8 @@ def _non_default(name: str, annotation: object, default: object, tmp: Path) -> o
         return next(choice for choice in typing.get_args(kind) if choice != default)
     if kind is Path:
         return (tmp / name).resolve()
+    if kind == tuple[Path, ...]:
+        return ((tmp / name / "first").resolve(), (tmp / name / "second").resolve())
     if kind is int:
         return 3 if default is None else int(default) + 1
     if kind is float:
@@ -91,6 +93,8 @@ def _as_environment(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
         return ",".join(value)
+    if isinstance(value, tuple) and all(isinstance(v, Path) for v in value):
+        return ":".join(map(str, value))  # as PATH lists folders
     if isinstance(value, tuple):
         return json.dumps(list(value))
     return str(value)
@@ -182,7 +186,7 @@ def test_every_setting_reaches_the_cli(every_setting_changed):
         if isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [str(item) if isinstance(item, Path) else item for item in value]  # JSON
         assert seen[name] == value, name
 
 

@@ -148,6 +148,15 @@ def test_leaving_a_collection_out_says_what_cross_validation_inside_the_collecti
     alone = fit_population_check(train, val, outside[:40], groups[:40], collections=names[:40])
     assert "left_out_refused_rate" not in alone.fitted_on["out_of_population"]
     assert "not measured" in population_check_words(alone.summary())
+    # `cxr models` gives both figures in its intended-use column.
+    from cxr_platform.cli.registry import _intended_use_text
+    from cxr_platform.model_version.tags import VersionTags
+
+    column = _intended_use_text(
+        VersionTags(intended_use=CHILDREN.summary(), population_check=check.summary())
+    )
+    cv = record["cv_refused_rate"]
+    assert column.endswith(f"pixels: {cv:.0%} held out, {left_out:.0%} from elsewhere")
     with pytest.raises(OutOfPopulationError, match="patient and collection"):
         fit_population_check(train, val, outside, groups, collections=names[:10])
 
