@@ -237,19 +237,6 @@ def out_of_population_collections(
     return collections
 
 
-def out_of_population_images(
-    folder: Path, preprocessing: PreprocessingConfig
-) -> tuple[np.ndarray, list[str]]:
-    """Every image of one collection (any layout) as model inputs, with each one's patient."""
-    collection = _read_collection(Path(folder), preprocessing)
-    if len(collection.images) < MIN_OUTSIDE_IMAGES:
-        raise OutOfPopulationError(
-            f"{folder} holds {len(collection.images)} readable images; the check needs at least "
-            f"{MIN_OUTSIDE_IMAGES} of the patients the version is not for"
-        )
-    return collection.images, list(collection.patients)
-
-
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in OUTSIDE_SUFFIXES
 
