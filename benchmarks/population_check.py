@@ -24,8 +24,6 @@ collections (default: both shared ones):
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import platform
 import subprocess
@@ -44,9 +42,9 @@ from cxr_platform.data.preprocessing import PreprocessingConfig, to_square_uint8
 from cxr_platform.data.shifts import apply_shift
 from cxr_platform.deployment.population import (
     DISCRIMINANT_C,
-    OutsideCollection,
     PopulationFeatures,
     held_out_refusals,
+    metadata_rows,
     model_features,
     out_of_population_collections,
     population_features,
@@ -86,26 +84,13 @@ def figures(check: PopulationCheck) -> dict:
     }
 
 
-def what_metadata_says(collection: OutsideCollection, path: Path) -> str:
+def what_metadata_says(rows: list[dict[str, str]], path: Path) -> str:
     """Age, sex, view and finding, from the row that names the file (or whose id it is)."""
-    for metadata in (path.parent / "metadata.csv", path.parent.parent / "metadata.csv"):
-        if metadata.is_file():
-            break
-    else:
-        return ""
-    raw = metadata.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
     stem = path.name.split(".", 1)[0]
-    for row in csv.DictReader(io.StringIO(text)):
-        lowered = {key.strip().lower(): (value or "").strip() for key, value in row.items() if key}
-        if lowered.get("filename") == path.name or lowered.get("patientid") == stem:
+    for row in rows:
+        if row.get("filename") == path.name or row.get("patientid") == stem:
             return ", ".join(
-                f"{key} {lowered[key]}"
-                for key in ("age", "sex", "view", "finding")
-                if lowered.get(key)
+                f"{key} {row[key]}" for key in ("age", "sex", "view", "finding") if row.get(key)
             )
     return ""
 
@@ -236,6 +221,7 @@ def main() -> None:
             if held.collection_left_out is not None
             else held.patient_held_out[start:stop]
         )
+        described = metadata_rows(collection.paths[0].parent)
         rows, images, captions = [], [], []
         for index in np.flatnonzero(~left_out | ~in_sample[start:stop]):
             path = collection.paths[index]
@@ -245,7 +231,7 @@ def main() -> None:
                     "patient": collection.patients[index],
                     "accepted_when_left_out": bool(not left_out[index]),
                     "accepted_by_shipped": bool(not in_sample[start + index]),
-                    "metadata": what_metadata_says(collection, path),
+                    "metadata": what_metadata_says(described, path),
                 }
             )
             images.append(collection.images[index])

@@ -265,7 +265,7 @@ def collection_patients(folder: Path, paths: Sequence[Path]) -> list[str]:
     platform's rule for file names (one patient per image when the name says nothing). Ids that
     differ only by a letter after their number (COVID-00003a, COVID-00003b) are one patient's
     images, as the collections here use them."""
-    by_file, ids = _metadata_patients(_metadata_file(Path(folder)))
+    by_file, ids = _metadata_patients(metadata_rows(folder))
     patients = []
     for path in paths:
         patient = by_file.get(path.name)
@@ -285,30 +285,38 @@ def _names_image(patient: str, stem: str) -> bool:
     return rest is not None and (rest == "" or re.fullmatch(r"[a-z]|[-_ .].*", rest) is not None)
 
 
-def _metadata_patients(metadata: Path | None) -> tuple[dict[str, str], list[str]]:
+def metadata_rows(folder: Path) -> list[dict[str, str]]:
+    """The rows of the ``metadata.csv`` of the collection ``folder`` belongs to, each column's
+    name lower-cased and every value stripped; none without such a file."""
+    metadata = _metadata_file(Path(folder))
     if metadata is None:
-        return {}, []
+        return []
     raw = metadata.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")  # adult-cxr-figure1's metadata.csv is latin-1
-    rows = list(csv.DictReader(io.StringIO(text)))
+    return [
+        {key.strip().lower(): (value or "").strip() for key, value in row.items() if key}
+        for row in csv.DictReader(io.StringIO(text))
+    ]
+
+
+def _metadata_patients(rows: list[dict[str, str]]) -> tuple[dict[str, str], list[str]]:
     if not rows:
         return {}, []
-    columns = {name.strip().lower(): name for name in rows[0] if name}
-    patient_column = next((columns[c] for c in PATIENT_COLUMNS if c in columns), None)
+    patient_column = next((c for c in PATIENT_COLUMNS if c in rows[0]), None)
     if patient_column is None:
         return {}, []
-    file_column = next((columns[c] for c in FILE_COLUMNS if c in columns), None)
+    file_column = next((c for c in FILE_COLUMNS if c in rows[0]), None)
     by_file, ids = {}, set()
     for row in rows:
-        patient = (row.get(patient_column) or "").strip()
+        patient = row.get(patient_column, "")
         if not patient:
             continue
         ids.add(patient)
-        if file_column and (row.get(file_column) or "").strip():
-            by_file[Path(row[file_column].strip()).name] = patient
+        if file_column and row.get(file_column):
+            by_file[Path(row[file_column]).name] = patient
     return by_file, sorted(ids)
 
 
