@@ -10,11 +10,16 @@ from pathlib import Path
 import pandas as pd
 
 from cxr_platform.data.cache import PreprocessedCache, build_cache
+from cxr_platform.data.lung_masks import LungMaskCache, build_mask_cache
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.profile import DataProfile, profile_dataset
 from cxr_platform.data.sources import ImageIndex, discover_images
 from cxr_platform.data.splits import CheckOutcome, make_manifest, run_split_checks
-from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.data.synthetic import (
+    LUNG_MASK_FOLDER,
+    SyntheticSpec,
+    generate_synthetic_dataset,
+)
 from cxr_platform.errors import CxrError
 from cxr_platform.sections import DataSection
 
@@ -92,3 +97,29 @@ def prepare(data: DataSection, *, progress: bool = True) -> tuple[pd.DataFrame, 
         details = "; ".join(f"{name}: {checks[name].description}" for name in failed)
         raise SplitChecksFailedError(f"split checks failed: {details}")
     return manifest, cache(manifest, data, progress=progress)
+
+
+def lung_mask_root(data: DataSection) -> Path | None:
+    """Where the lung-field masks of the data in use are (None: no segmentation version)."""
+    if data.lung_mask_dir is not None:
+        return data.lung_mask_dir
+    if data.data_dir is None:
+        return data.synthetic_dataset_dir() / LUNG_MASK_FOLDER
+    return None
+
+
+def lung_masks(
+    cache: PreprocessedCache, data: DataSection, *, progress: bool = True
+) -> LungMaskCache | None:
+    """The masks of the cache's images, row for row (None where no mask folder is configured)."""
+    root = lung_mask_root(data)
+    if root is None:
+        return None
+    return build_mask_cache(
+        {split: cache.index(split) for split in cache.splits},
+        root,
+        data.cache_dir,
+        PreprocessingConfig.from_dict(cache.preprocessing),
+        workers=data.workers,
+        progress=progress,
+    )

@@ -4,7 +4,8 @@ Images are rendered like a frontal projection radiograph (bright = attenuating):
 thorax, dark lung fields, a heart shadow over the medial left lung, spine, clavicles and ribs,
 vascular texture, exposure and noise that vary per image. Pneumonia is drawn as patchy
 opacities inside the lung fields, with a lesion mask saved per image so explanations can be
-checked against ground truth. Several images per patient share the patient's anatomy.
+checked against ground truth, and every image's lung fields are saved as a mask for the lung
+segmentation version. Several images per patient share the patient's anatomy.
 
 It is learnable but not trivial: lesions range from obvious to faint, and both classes carry
 benign soft-tissue densities (breast shadows, skin folds) that a global brightness rule cannot
@@ -31,7 +32,11 @@ from cxr_platform.data.parallel import parallel_map
 
 # Kaggle training split: 1,341 NORMAL vs 3,875 PNEUMONIA images.
 KAGGLE_NORMAL_TO_PNEUMONIA = 1341 / 3875
-GENERATOR_VERSION = 3
+# 4: lung-field masks under lung_masks/, laid out like the images.
+GENERATOR_VERSION = 4
+# Lung fields, one mask per image at <root>/lung_masks/<class>/<stem>.png, laid out like the
+# images so the segmentation version reads them as it reads any mask folder.
+LUNG_MASK_FOLDER = "lung_masks"
 COMPLETE_MARKER = "synthetic.json"
 
 
@@ -151,8 +156,8 @@ def _render(
     anatomy: _Anatomy,
     pneumonia: bool,
     lesion_strength: tuple[float, float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """One radiograph (float [0,1]) and its lesion mask (bool)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One radiograph (float [0,1]), its lesion mask and its lung fields (both bool)."""
     h, w = anatomy.height, anatomy.width
     x, y = _coords(h, w)
     shift = (float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03)))
@@ -231,7 +236,9 @@ def _render(
     image += rng.uniform(0.006, 0.02) * blur_noise
     image += rng.uniform(0.004, 0.02) * rng.standard_normal((h, w)).astype(np.float32)
     mask = lesion > 0.35 * lesion.max() if pneumonia else np.zeros((h, w), dtype=bool)
-    return np.clip(image, 0.0, 1.0).astype(np.float32), mask
+    # The lung fields as drawn: where the soft edge is past half way, the border a reader sees.
+    lung_fields = lungs > 0.5
+    return np.clip(image, 0.0, 1.0).astype(np.float32), mask, lung_fields
 
 
 def _opacities(rng, x, y, right, left, h, w, lesion_strength) -> np.ndarray:
@@ -267,7 +274,7 @@ def render_radiograph(
     the dataset draws them: what tests send where a real radiograph is needed."""
     spec = spec or SyntheticSpec()
     rng = np.random.default_rng([spec.seed, 1_000_003, seed])
-    pixels, _ = _render(rng, _anatomy(rng, spec), pneumonia, spec.lesion_strength)
+    pixels, _, _ = _render(rng, _anatomy(rng, spec), pneumonia, spec.lesion_strength)
     return pixels.astype(np.float32)
 
 
@@ -284,13 +291,15 @@ def _patient_rows(
     rows = []
     low, high = spec.images_per_patient
     for k in range(int(rng.integers(low, high + 1))):
-        pixels, mask = _render(rng, anatomy, pneumonia, spec.lesion_strength)
+        pixels, mask, lung_fields = _render(rng, anatomy, pneumonia, spec.lesion_strength)
         suffix = ".jpeg" if rng.random() < spec.jpeg_share else ".png"
         relative = Path(label) / f"{patient}-{k + 1:02d}{suffix}"
         image = Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
         image.save(root / relative, quality=92) if suffix == ".jpeg" else image.save(
             root / relative
         )
+        lung_relative = Path(LUNG_MASK_FOLDER) / label / f"{patient}-{k + 1:02d}.png"
+        Image.fromarray(lung_fields.astype(np.uint8) * 255).save(root / lung_relative)
         mask_relative = ""
         if pneumonia:
             mask_relative = (Path("masks") / f"{patient}-{k + 1:02d}.png").as_posix()
@@ -325,7 +334,12 @@ def generate_synthetic_dataset(
     tmp = root.with_name(root.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for folder in ("NORMAL", "PNEUMONIA", "masks"):
+    for folder in (
+        "NORMAL",
+        "PNEUMONIA",
+        "masks",
+        *(f"{LUNG_MASK_FOLDER}/{c}" for c in ("NORMAL", "PNEUMONIA")),
+    ):
         (tmp / folder).mkdir(parents=True)
     n_normal = spec.n_normal_patients()
     per_patient = parallel_map(
