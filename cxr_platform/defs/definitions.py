@@ -13,6 +13,7 @@ from cxr_platform.defs.data_assets import build_data_definitions
 from cxr_platform.defs.deployment_assets import build_deployment_definitions
 from cxr_platform.defs.monitoring_assets import build_monitoring_definitions
 from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.defs.segmentation_assets import build_segmentation_definitions
 from cxr_platform.defs.training_assets import build_training_definitions, model_names
 from cxr_platform.defs.trial_assets import build_trial_definitions
 from cxr_platform.redaction import withhold_logged_values
@@ -27,7 +28,7 @@ RELEASE_JOB = "train_and_release"
 
 def _pipeline_jobs() -> dg.Definitions:
     data = dg.AssetSelection.groups("data")
-    training = dg.AssetSelection.groups("training")
+    training = dg.AssetSelection.groups("training", "segmentation")
     release = dg.AssetSelection.groups("explainability", "deployment")
     return dg.Definitions(
         jobs=[
@@ -37,7 +38,8 @@ def _pipeline_jobs() -> dg.Definitions:
             dg.define_asset_job(
                 TRAINING_JOB,
                 selection=data | training,
-                description="Data, then train, evaluate and compare every configured model.",
+                description="Data, then train, evaluate and compare every configured model, and "
+                "the lung segmentation version where lung masks exist.",
             ),
             dg.define_asset_job(
                 RELEASE_JOB,
@@ -64,6 +66,7 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         build_data_definitions(),
         build_training_definitions(models, settings.training.combines_models),
+        build_segmentation_definitions(),
         build_deployment_definitions(model_names(models, settings.training.combines_models)),
         build_monitoring_definitions(settings.monitoring),
         build_batch_definitions(),

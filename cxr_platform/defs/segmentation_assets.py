@@ -1,0 +1,159 @@
+"""Group "segmentation": lung_field_masks -> lung_segmenter -> lung_segmentation_evaluation.
+
+The masks are joined to the preprocessed cache row for row, so the segmentation version trains,
+stops and is judged on the classifier's own patient split: no patient crosses between the two.
+Without a mask folder (real data and no ``CXR_LUNG_MASK_DIR``) the masks asset materializes
+nothing and the rest of the group is skipped, not failed.
+"""
+# No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
+
+import dagster as dg
+import pandas as pd
+
+from cxr_platform.data import pipeline as data_pipeline
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.lung_masks import LungMaskCache
+from cxr_platform.data.splits import manifest_hash
+from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
+from cxr_platform.defs.resources import PlatformSettings
+from cxr_platform.defs.training_assets import png_markdown
+from cxr_platform.models import segmentation_pipeline as seg
+from cxr_platform.terminal import interactive
+
+GROUP = "segmentation"
+
+
+@dg.asset(group_name=GROUP, kinds={"numpy"}, output_required=False)
+def lung_field_masks(
+    context: dg.AssetExecutionContext,
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+):
+    """Lung-field masks of the cached images, on the model's square, row for row per split."""
+    data = platform.settings().data
+    masks = data_pipeline.lung_masks(preprocessed_cache, data, progress=interactive())
+    if masks is None:
+        context.log.info(
+            "no lung mask folder for this data (CXR_LUNG_MASK_DIR): no segmentation version"
+        )
+        return
+    coverage = masks.coverage()
+    rows = "\n".join(
+        f"| {split} | {with_mask} | {n} |" for split, (with_mask, n) in coverage.items()
+    )
+    yield dg.Output(
+        masks,
+        metadata={
+            "masks_dir": home_path(masks.masks_root, data.home),
+            "coverage": dg.MetadataValue.md(
+                "| split | images with a mask | images |\n| --- | ---: | ---: |\n" + rows
+            ),
+            "images_without_mask": sum(n - with_mask for with_mask, n in coverage.values()),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"})
+def lung_segmenter(
+    context: dg.AssetExecutionContext,
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+    patient_splits: pd.DataFrame,
+    lung_field_masks: LungMaskCache,
+) -> dg.Output[seg.TrainedSegmenter]:
+    """A MONAI U-Net trained with Dice + cross-entropy on the train split's masks, stopped
+    early on the validation split's Dice; the best checkpoint, tracked in MLflow."""
+    settings = platform.settings()
+    training = settings.training
+    config = seg.segmentation_config_for(
+        training, image_size=int(preprocessed_cache.preprocessing["image_size"])
+    )
+    trained = seg.train_segmenter_tracked(
+        training,
+        preprocessed_cache,
+        lung_field_masks,
+        config,
+        manifest_hash=manifest_hash(patient_splits),
+        dagster_run_id=context.run.run_id,
+        on_epoch=context.log.info,
+    )
+    history = pd.DataFrame(trained.history)
+    return dg.Output(
+        trained,
+        metadata=readable(
+            {
+                "best_val_dice": trained.best_val_dice,
+                "best_epoch": trained.best_epoch,
+                "epochs_run": trained.epochs_run,
+                "train_images": trained.train_images,
+                "train_images_per_s": trained.train_images_per_s,
+                "wall_seconds": trained.wall_seconds,
+                "profile": trained.profile,
+                "config": dg.MetadataValue.json(config.to_dict()),
+                "history": dg.MetadataValue.md(history.to_markdown(index=False, floatfmt=".4f")),
+                "checkpoint": home_path(trained.checkpoint, training.home),
+                "checkpoint_sha256": trained.checkpoint_sha256,
+                "mlflow_run": mlflow_run_link(training, trained.mlflow_run_id),
+            }
+        ),
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "mlflow"})
+def lung_segmentation_evaluation(
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+    lung_field_masks: LungMaskCache,
+    lung_segmenter: seg.TrainedSegmenter,
+) -> dg.Output[dict]:
+    """Dice and HD95 on the test split's patients (intervals resample patients), by class and
+    file family, and the worst ten cases as a picture."""
+    training = platform.settings().training
+    evaluation = seg.evaluate_segmenter_on(
+        lung_segmenter, preprocessed_cache, lung_field_masks, training
+    )
+    summary = evaluation.report.summary
+    return dg.Output(
+        summary,
+        metadata=readable(
+            {
+                "test_dice_mean": summary["dice_mean"],
+                "test_dice_ci": dg.MetadataValue.json(summary.get("dice_mean_ci")),
+                "test_dice_p5": summary["dice_p5"],
+                "test_hd95_px_mean": summary["hd95_px_mean"],
+                "n_test": summary["images"],
+                "report": dg.MetadataValue.md(evaluation.markdown_path.read_text()),
+                "worst_cases": dg.MetadataValue.md(
+                    png_markdown(evaluation.worst_cases_path, "worst cases")
+                ),
+                "json": home_path(evaluation.json_path, training.home),
+                "mlflow_run": mlflow_run_link(training, lung_segmenter.mlflow_run_id),
+            }
+        ),
+    )
+
+
+@dg.asset_check(
+    asset=lung_segmentation_evaluation,
+    name="dice_floor",
+    blocking=True,
+    description="Mean test Dice at or above CXR_MIN_TEST_DICE (by profile: demo 0.80, full 0.95).",
+)
+def dice_floor(
+    platform: PlatformSettings, lung_segmentation_evaluation: dict
+) -> dg.AssetCheckResult:
+    training = platform.settings().training
+    floor = training.dice_floor
+    dice = float(lung_segmentation_evaluation["dice_mean"])
+    return dg.AssetCheckResult(
+        passed=dice >= floor,
+        description=f"test Dice {dice:.4f} against the floor {floor:.2f} ({training.profile})",
+        metadata={"dice_mean": dice, "floor": floor},
+    )
+
+
+def build_segmentation_definitions() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[lung_field_masks, lung_segmenter, lung_segmentation_evaluation],
+        asset_checks=[dice_floor],
+    )
