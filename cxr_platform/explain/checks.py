@@ -3,6 +3,9 @@
 - Pointing game (Zhang et al. 2016): does the heatmap's maximum fall on the lesion? Compared with
   the hit rate of a uniformly random point, which equals the share of the image the (tolerance-
   widened) lesion covers.
+- Relevance inside the lung fields: what share of a heatmap's relevance lies on the lungs (the
+  region pneumonia can be in) rather than on a shoulder, the neck or a burnt-in marker; the lungs
+  are the lung segmentation version's fields, so this check runs on every real image.
 - Model randomization (Adebayo et al. 2018): a method whose maps barely change when the trained
   weights are replaced by random ones explains the image, not the model.
 """
@@ -87,6 +90,22 @@ def pointing_game(
         random_point_hit_rate=float(np.mean(covered)),
         tolerance_px=float(tolerance_px),
     )
+
+
+def relevance_inside(heatmaps: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Per image, the share of the heatmap's relevance (its positive mass) inside the region.
+
+    ``heatmaps`` (N, H, W) and boolean ``regions`` (N, H, W) must be aligned. NaN for a map with
+    no positive relevance: it points nowhere, so it is neither inside nor outside.
+    """
+    heatmaps = np.clip(np.asarray(heatmaps, dtype=np.float64), 0.0, None)
+    regions = np.asarray(regions, dtype=bool)
+    if heatmaps.shape != regions.shape:
+        raise ValueError(f"heatmaps {heatmaps.shape} and regions {regions.shape} differ in shape")
+    total = heatmaps.reshape(len(heatmaps), -1).sum(1)
+    inside = (heatmaps * regions).reshape(len(heatmaps), -1).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cxr_platform.data.preprocessing import normalize_uint8
-from cxr_platform.explain.checks import pointing_game, randomization_check
+from cxr_platform.explain.checks import pointing_game, randomization_check, relevance_inside
 from cxr_platform.explain.gradcam import gradcam_heatmaps, gradcam_method, overlay
 from cxr_platform.explain.report import explain_checkpoint, lesion_masks
 from cxr_platform.models.training import load_checkpoint, model_from_checkpoint, set_phase
@@ -62,6 +62,22 @@ def test_pointing_game_counts_hits_and_the_random_point_baseline():
 def _trained(trained_checkpoint):
     checkpoint = load_checkpoint(trained_checkpoint.path)
     return model_from_checkpoint(checkpoint), checkpoint.preprocessing_config
+
+
+def test_relevance_inside_is_the_share_of_positive_mass_on_the_region():
+    heatmaps = np.zeros((3, 8, 8), np.float32)
+    heatmaps[0, :4] = 1.0  # half the rows
+    heatmaps[1, :2] = 3.0
+    heatmaps[1, 6:] = 1.0
+    heatmaps[1, 4] = -5.0  # negative evidence is not relevance for pneumonia
+    regions = np.zeros((3, 8, 8), bool)
+    regions[:, :2] = True
+    shares = relevance_inside(heatmaps, regions)
+    assert shares[0] == pytest.approx(0.5)
+    assert shares[1] == pytest.approx(48 / 64)
+    assert np.isnan(shares[2])  # a map that points nowhere is neither inside nor outside
+    with pytest.raises(ValueError, match="differ in shape"):
+        relevance_inside(heatmaps, regions[:, :4])
 
 
 def test_gradcam_points_at_synthetic_lesions_better_than_a_random_point(
