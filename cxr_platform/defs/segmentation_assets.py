@@ -1,4 +1,5 @@
-"""Group "segmentation": lung_field_masks -> lung_segmenter -> lung_segmentation_evaluation.
+"""Group "segmentation": lung_field_masks -> lung_segmenter -> lung_segmentation_evaluation ->
+lung_segmenter_onnx.
 
 The masks are joined to the preprocessed cache row for row, so the segmentation version trains,
 stops and is judged on the classifier's own patient split: no patient crosses between the two.
@@ -17,6 +18,11 @@ from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import png_markdown
+from cxr_platform.deployment.segmentation_export import (
+    SEGMENTER_ONNX_FILE,
+    export_segmenter_onnx,
+    segmenter_parity,
+)
 from cxr_platform.models import segmentation_pipeline as seg
 from cxr_platform.terminal import interactive
 
@@ -152,8 +158,62 @@ def dice_floor(
     )
 
 
+PARITY_IMAGES = 64
+
+
+@dg.asset(group_name=GROUP, kinds={"onnx"})
+def lung_segmenter_onnx(
+    platform: PlatformSettings,
+    preprocessed_cache: PreprocessedCache,
+    lung_segmenter: seg.TrainedSegmenter,
+    lung_segmentation_evaluation: dict,
+) -> dg.Output[dict]:
+    """The segmenter as ONNX (dynamic batch, its preprocessing, recipe, run and test Dice inside),
+    kept only when ONNX Runtime draws the same lung fields as PyTorch on test images. Runs after
+    the Dice floor has passed."""
+    training = platform.settings().training
+    model, preprocessing = seg.load_segmenter(lung_segmenter.checkpoint)
+    path = export_segmenter_onnx(
+        model,
+        preprocessing,
+        lung_segmenter.checkpoint.parent / "export" / SEGMENTER_ONNX_FILE,
+        metadata={
+            "kind": seg.CHECKPOINT_KIND,
+            "mlflow_run_id": lung_segmenter.mlflow_run_id,
+            "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
+            "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
+            "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
+        },
+    )
+    images = preprocessed_cache.images("test")[:PARITY_IMAGES]
+    parity = segmenter_parity(model, path, images, preprocessing)
+    if not parity.passed:
+        path.unlink()
+        raise dg.Failure(
+            description=f"the exported segmenter differs from PyTorch: {parity.to_dict()}",
+            metadata=readable(parity.to_dict()),
+        )
+    return dg.Output(
+        {"onnx": str(path), "parity": parity.to_dict()},
+        metadata=readable(
+            {
+                "onnx": home_path(path, training.home),
+                "parity_max_abs_logit_diff": parity.max_abs_logit_diff,
+                "parity_pixels_flipped": parity.pixels_flipped,
+                "parity_images": parity.n_images,
+                "size_kb": path.stat().st_size / 1024,
+            }
+        ),
+    )
+
+
 def build_segmentation_definitions() -> dg.Definitions:
     return dg.Definitions(
-        assets=[lung_field_masks, lung_segmenter, lung_segmentation_evaluation],
+        assets=[
+            lung_field_masks,
+            lung_segmenter,
+            lung_segmentation_evaluation,
+            lung_segmenter_onnx,
+        ],
         asset_checks=[dice_floor],
     )

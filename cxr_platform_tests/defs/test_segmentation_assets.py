@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
 from cxr_platform.defs.definitions import TRAINING_JOB, build_definitions
+from cxr_platform.deployment.segmentation_export import segmenter_metadata
 from cxr_platform.settings import load_settings
 
 UP_TO_SEGMENTATION = [
@@ -24,6 +25,7 @@ UP_TO_SEGMENTATION = [
         "lung_field_masks",
         "lung_segmenter",
         "lung_segmentation_evaluation",
+        "lung_segmenter_onnx",
     )
 ]
 
@@ -100,6 +102,14 @@ def test_masks_train_and_evaluate_a_segmentation_version_on_the_patient_split(
     assert run.data.tags["dagster.run_id"] == result.run_id
     assert run.data.metrics["test_dice_mean"] == report["summary"]["dice_mean"]
 
+    # The export draws the same lung fields as PyTorch and says what it is.
+    exported = result.output_for_node("lung_segmenter_onnx")
+    assert exported["parity"]["passed"] is True
+    carried = segmenter_metadata(exported["onnx"])
+    assert carried["mlflow_run_id"] == trained.mlflow_run_id
+    assert carried["test_dice_mean"] == report["summary"]["dice_mean"]
+    assert carried["preprocessing"]["image_size"] == 64
+
 
 def test_a_version_under_the_dice_floor_fails_its_check(tiny_synthetic, tmp_path):
     settings = _settings(
@@ -114,6 +124,8 @@ def test_a_version_under_the_dice_floor_fails_its_check(tiny_synthetic, tmp_path
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["dice_floor"].passed is False
     assert "against the floor 1.00" in checks["dice_floor"].description
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "lung_segmenter_onnx" not in materialized  # nothing under the floor is exported
 
 
 def test_without_masks_the_group_is_skipped_and_the_training_job_still_succeeds(
