@@ -201,8 +201,11 @@ def test_the_dagster_ui_shows_the_demo_and_launches_a_materialization(demo):
     release_assets = {
         key
         for key in graph.get_all_asset_keys()
-        if graph.get(key).group_name in {"data", "training", "explainability", "deployment"}
+        if graph.get(key).group_name
+        in {"data", "training", "segmentation", "explainability", "deployment"}
     }
+    # The synthetic set draws its lungs, so the demo trains and exports a segmenter too.
+    assert dg.AssetKey("lung_segmenter_onnx") in release_assets
     assert release_assets <= materialized, "the demo's release job materializes all of these"
 
     env = {**demo.env, "DAGSTER_HOME": str(demo.instance_dir)}
