@@ -16,9 +16,14 @@ collections (default: both shared ones):
     under each acquisition shift of the robustness benchmark, and the input gate's negatives;
   - the adults accepted, per collection: by the check fitted without their collection, and by
     the shipped check, listed with what the collection's metadata says of them, and drawn as a
-    contact sheet into --pictures (never into the repository: the images are the collections').
+    contact sheet into --pictures (never into the repository: the images are the collections');
+  - with ``--segmenter CHECKPOINT`` (a lung segmentation version trained on the same split):
+    whether the lung fields' geometry (`models.segmentation.LUNG_GEOMETRY`, from the fields it
+    predicts) helps, judged as the shipped check is: texture alone, texture and geometry, and
+    geometry alone, each with both held-out estimates and the children refused.
 
     .venv/bin/python benchmarks/population_check.py --home HOME [--adults DIR ...]
+        [--segmenter CHECKPOINT]
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from cxr_platform.data.shifts import apply_shift
 from cxr_platform.deployment.population import (
     DISCRIMINANT_C,
     PopulationFeatures,
+    acquisition_variants,
+    fit_sample,
     held_out_refusals,
     metadata_rows,
     model_features,
@@ -54,6 +61,8 @@ from cxr_platform.model_version.files import ModelMetadata
 from cxr_platform.model_version.input_gate import InputGate, fit_input_gate
 from cxr_platform.model_version.population_check import PopulationCheck
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
+from cxr_platform.models.segmentation import lung_field_geometry, predict_lung_logits
+from cxr_platform.models.segmentation_pipeline import load_segmenter
 from cxr_platform.models.zoo import WithFeatures, build_model
 from cxr_platform.settings import load_settings
 
@@ -122,6 +131,45 @@ def shifted_test(test_images: np.ndarray, preprocessing: PreprocessingConfig) ->
     }
 
 
+def geometry_comparison(
+    segmenter_path: Path,
+    features: PopulationFeatures,
+    images: dict[str, np.ndarray],
+    judged_texture: dict[str, np.ndarray],
+    seed: int,
+) -> dict:
+    """Texture, texture and lung geometry, geometry alone: each fitted and judged as shipped."""
+    segmenter, preprocessing = load_segmenter(segmenter_path)
+
+    def geometry(squares: np.ndarray) -> np.ndarray:
+        return lung_field_geometry(predict_lung_logits(segmenter, squares, preprocessing) > 0)
+
+    shapes = {name: geometry(squares) for name, squares in images.items()}
+    variants = {
+        "texture": lambda texture, shape: texture,
+        "texture + geometry": lambda texture, shape: np.c_[texture, shape],
+        "geometry": lambda texture, shape: shape,
+    }
+    out = {}
+    for label, combine in variants.items():
+        candidate = replace(
+            features,
+            own=combine(features.own, shapes["own"]),
+            val=combine(features.val, shapes["val"]),
+            shifted_val=combine(features.shifted_val, shapes["shifted val"]),
+            outside=combine(features.outside, shapes["outside"]),
+        )
+        check = candidate.fit(seed=seed)
+        figure = figures(check)
+        figure["children"] = {
+            name: float(check.refused(combine(texture, shapes[name])).mean())
+            for name, texture in judged_texture.items()
+            if name.startswith("test")
+        }
+        out[label] = figure
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True, help="a home with a production model")
@@ -136,6 +184,9 @@ def main() -> None:
         "--pictures", type=Path, default=None, help="default: HOME/benchmarks/population-check"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--segmenter", type=Path, default=None, help="also try the lung fields' geometry"
+    )
     args = parser.parse_args()
     pictures = args.pictures or args.home / "benchmarks" / "population-check"
 
@@ -184,6 +235,21 @@ def main() -> None:
         name: {label: float(check.refused(x).mean()) for label, x in judged.items()}
         for name, check in checks.items()
     }
+    if args.segmenter is not None:
+        fit_on = fit_sample(cache, seed)
+        val_images = cache.images("val", mmap=False)
+        images = {
+            "own": np.concatenate([fit_on, acquisition_variants(fit_on, preprocessing, seed=seed)]),
+            "val": val_images,
+            "shifted val": acquisition_variants(val_images, preprocessing, seed=seed + 1),
+            "outside": np.concatenate([c.images for c in collections]),
+            "test": test_images,
+            **{
+                f"test under {name}": x
+                for name, x in shifted_test(test_images, preprocessing).items()
+            },
+        }
+        results["geometry"] = geometry_comparison(args.segmenter, features, images, judged, seed)
 
     # The production version's own input gate, as it serves.
     gate = InputGate.from_dict(metadata.input_gate) if metadata.input_gate else None
@@ -298,6 +364,16 @@ def report(results: dict, metadata: ModelMetadata) -> None:
         f"the input gate's negatives ({negatives['n']}): {negatives['gate']:.1%} refused by the "
         f"gate, {negatives['gate_and_check']:.1%} by the gate and the check"
     )
+    if "geometry" in results:
+        print("\nthe lung fields' geometry (adults: held out by patient / collection left out):")
+        for label, figure in results["geometry"].items():
+            each = ", ".join(_rate(v) for v in figure["by_collection"].values())
+            children = figure["children"]
+            worst = max(v for k, v in children.items() if k != "test")
+            print(
+                f"  {label}: {_rate(figure['cv'])} / {_rate(figure['left_out'])} ({each}); "
+                f"children: test {children['test']:.2%}, worst shift {worst:.2%}"
+            )
     print(f"\nadults accepted (pictures in {results['pictures']}):")
     for name, rows in results["accepted"].items():
         when_left_out = sum(row["accepted_when_left_out"] for row in rows)

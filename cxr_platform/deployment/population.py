@@ -148,6 +148,12 @@ class PopulationFeatures:
         )
 
 
+def fit_sample(cache: PreprocessedCache, seed: int) -> np.ndarray:
+    """The training images the check is fitted on (at most :data:`MAX_FIT_IMAGES`), in the
+    order :func:`population_features` gives their features."""
+    return _subsample(cache.images("train"), MAX_FIT_IMAGES, seed)
+
+
 def population_features(
     model: WithFeatures,
     cache: PreprocessedCache,
@@ -159,7 +165,7 @@ def population_features(
     copy of each), the whole validation split and a shifted copy of it, and every collection;
     test is never read."""
     preprocessing = PreprocessingConfig.from_dict(cache.preprocessing)
-    fit_on = _subsample(cache.images("train"), MAX_FIT_IMAGES, seed)
+    fit_on = fit_sample(cache, seed)
     val_images = cache.images("val", mmap=False)
     return PopulationFeatures(
         own=np.concatenate(

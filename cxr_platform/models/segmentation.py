@@ -208,6 +208,54 @@ def hd95_pixels(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.nan_to_num(values, nan=diagonal, posinf=diagonal)
 
 
+# What a pair of lung fields says about the thorax it is in, each relative to the image side:
+# how much of the image is lung, the fields' extent and its aspect, where they start and end,
+# where they are centred, how the smaller field compares with the larger, and how much of the
+# span between the fields' outer edges the heart and mediastinum take in their lower third.
+LUNG_GEOMETRY = (
+    "area",
+    "height",
+    "width",
+    "aspect",
+    "top",
+    "bottom",
+    "centre_x",
+    "smaller_to_larger",
+    "lower_gap",
+)
+
+
+def lung_field_geometry(masks: np.ndarray) -> np.ndarray:
+    """bool (N, S, S) lung fields -> float32 (N, len(LUNG_GEOMETRY)); zeros where none found."""
+    from scipy import ndimage
+
+    masks = np.asarray(masks, dtype=bool)
+    side = masks.shape[-1]
+    rows_out = np.zeros((len(masks), len(LUNG_GEOMETRY)), dtype=np.float32)
+    for index, mask in enumerate(masks):
+        if not mask.any():
+            continue
+        rows, columns = np.nonzero(mask)
+        top, bottom = rows.min() / side, (rows.max() + 1) / side
+        left, right = columns.min() / side, (columns.max() + 1) / side
+        labels, count = ndimage.label(mask)
+        sizes = np.sort(ndimage.sum(mask, labels, range(1, count + 1)))[::-1]
+        lower = mask[int(rows.min() + 2 * (rows.max() - rows.min()) / 3) : rows.max() + 1]
+        occupied = lower[:, columns.min() : columns.max() + 1].any(axis=0)
+        rows_out[index] = (
+            mask.mean(),
+            bottom - top,
+            right - left,
+            (bottom - top) / (right - left),
+            top,
+            bottom,
+            (left + right) / 2,
+            sizes[1] / sizes[0] if count > 1 else 0.0,
+            1.0 - occupied.mean(),
+        )
+    return rows_out
+
+
 def _channel(masks: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
 

@@ -18,7 +18,9 @@ from cxr_platform.models.segmentation import (
     SegmentationError,
     dice_scores,
     evaluate_masks,
+    LUNG_GEOMETRY,
     hd95_pixels,
+    lung_field_geometry,
     predict_lung_logits,
     train_segmenter,
 )
@@ -71,6 +73,26 @@ def test_summaries_resample_patients_and_split_by_class():
     assert report.worst(1)["relative_path"].item() == "P/p5.png"
     with pytest.raises(SegmentationError, match="one row per image"):
         evaluate_masks(predicted[:5], truth, index)
+
+
+def test_lung_geometry_of_two_drawn_fields():
+    """Two fields, 40 rows by 20 and 10 columns, 20 columns apart, in a 100-pixel image."""
+    masks = np.zeros((2, 100, 100), bool)
+    masks[0, 30:70, 20:40] = True  # right lung
+    masks[0, 30:70, 60:70] = True  # left lung, half as wide
+    masks[0, 57:70, 60:65] = False  # its lower third cut: the mediastinum wider there
+    shape = dict(zip(LUNG_GEOMETRY, lung_field_geometry(masks)[0], strict=True))
+    assert shape["area"] == pytest.approx((800 + 400 - 65) / 10_000)
+    assert shape["height"] == pytest.approx(0.40)
+    assert shape["width"] == pytest.approx(0.50)
+    assert shape["aspect"] == pytest.approx(0.80)
+    assert (shape["top"], shape["bottom"]) == pytest.approx((0.30, 0.70))
+    assert shape["centre_x"] == pytest.approx(0.45)
+    assert shape["smaller_to_larger"] == pytest.approx(335 / 800)
+    # Lower third (rows 56-69): columns 40-64 hold no lung in row 57 onwards, but 60-64 do in
+    # row 56, so the gap is columns 40-59 of the span 20-69.
+    assert shape["lower_gap"] == pytest.approx(20 / 50)
+    assert not lung_field_geometry(masks)[1].any()  # no field found: zeros, not an error
 
 
 def test_a_config_that_cannot_be_built_is_refused():
