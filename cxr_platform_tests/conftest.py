@@ -9,34 +9,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_platform.sections import usable_cores
+import pytest
+from PIL import Image, ImageFilter
 
-
-def _share_cores_between_workers() -> None:
-    """Each of pytest-xdist's N workers gets cores/N threads for torch and OpenMP, and so do
-    the processes a test starts (they inherit the environment). Left alone, every worker's
-    torch takes every core, and OpenMP's spinning threads fight: a small U-Net's training step
-    took 0.26 s with two workers of two threads on two cores, 0.03 s with one thread each."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers < 2:
-        return
-    threads = str(max(1, usable_cores() // workers))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, threads)
-
-
-_share_cores_between_workers()
-
-import pytest  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
-
-from cxr_platform.data.cache import PreprocessedCache, build_cache  # noqa: E402
-from cxr_platform.data.preprocessing import PreprocessingConfig  # noqa: E402
-from cxr_platform.data.profile import profile_dataset  # noqa: E402
-from cxr_platform.data.sources import discover_images  # noqa: E402
-from cxr_platform.data.splits import make_manifest  # noqa: E402
-from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
-from cxr_platform.model_version.operating_point import OperatingPoint  # noqa: E402
+from cxr_platform.data.cache import PreprocessedCache, build_cache
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.data.profile import profile_dataset
+from cxr_platform.data.sources import discover_images
+from cxr_platform.data.splits import make_manifest
+from cxr_platform.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from cxr_platform.model_version.operating_point import OperatingPoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +66,23 @@ def kaggle_dir() -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"shared Kaggle data not present at {path}")
     return path
+
+
+@pytest.fixture()
+def single_torch_thread():
+    """torch on one thread for the test, as each of two xdist workers on two cores should be:
+    a small U-Net's training step took 0.26 s with two workers of two threads each, 0.03 s with
+    one. Opt-in per module (new torch-heavy tests): with one thread set for the whole suite
+    (OMP_NUM_THREADS in every worker), three older tests failed in a clean run (an averaged
+    run's AUC, an adult let through by the node and by the service); why is not yet known."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,15 @@ import json
 
 import dagster as dg
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
 from cxr_platform.defs.definitions import TRAINING_JOB, build_definitions
 from cxr_platform.deployment.segmentation_export import segmenter_metadata
 from cxr_platform.settings import load_settings
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 UP_TO_SEGMENTATION = [
     dg.AssetKey(name)

@@ -14,16 +14,18 @@ from cxr_platform.data.preprocessing import PreprocessingConfig, preprocess
 from cxr_platform.data.sources import discover_images
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
 from cxr_platform.models.segmentation import (
+    LUNG_GEOMETRY,
     SegmentationConfig,
     SegmentationError,
     dice_scores,
     evaluate_masks,
-    LUNG_GEOMETRY,
     hd95_pixels,
     lung_field_geometry,
     predict_lung_logits,
     train_segmenter,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _square(top: int, left: int, side: int = 20, size: int = 64) -> np.ndarray:
