@@ -356,15 +356,6 @@ class SegmentationReport:
             "per_image": self.per_image.to_dict(orient="records"),
         }
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SegmentationReport:
-        return cls(
-            split=values["split"],
-            per_image=pd.DataFrame(values["per_image"]),
-            summary=values["summary"],
-            by_group=values["by_group"],
-        )
-
 
 def _summary(
     frame: pd.DataFrame, *, n_bootstrap: int, seed: int, confidence: float = 0.95

@@ -82,13 +82,6 @@ class TrainedSegmenter:
     masks_dir: str
     history: list[dict[str, Any]]
 
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "checkpoint": str(self.checkpoint)}
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> TrainedSegmenter:
-        return cls(**{**values, "checkpoint": Path(values["checkpoint"])})
-
 
 def _masked(
     cache: PreprocessedCache, masks: LungMaskCache, split: str

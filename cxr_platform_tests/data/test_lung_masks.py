@@ -54,6 +54,16 @@ def _index(root, names):
     )
 
 
+def _cache(tmp_path, names, masks_folder="masks"):
+    return build_mask_cache(
+        {"train": _index(tmp_path, names)},
+        tmp_path / masks_folder,
+        tmp_path / "cache",
+        PreprocessingConfig(image_size=32),
+        progress=False,
+    )
+
+
 def _write(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -66,14 +76,7 @@ def test_masks_join_by_folder_and_stem_and_images_without_one_are_counted(tmp_pa
     lungs[10:30, 5:20] = 255
     _write(tmp_path / "masks" / "NORMAL" / "a.png", lungs)
     _write(tmp_path / "masks" / "PNEUMONIA" / "c.png", lungs)
-    split = _index(tmp_path, ["NORMAL/a.jpeg", "NORMAL/b.png", "PNEUMONIA/c.png"])
-    masks = build_mask_cache(
-        {"train": split},
-        tmp_path / "masks",
-        tmp_path / "cache",
-        PreprocessingConfig(image_size=32),
-        progress=False,
-    )
+    masks = _cache(tmp_path, ["NORMAL/a.jpeg", "NORMAL/b.png", "PNEUMONIA/c.png"])
     assert masks.coverage() == {"train": (2, 3)}
     assert masks.rows("train").tolist() == [0, 2]
     stored = masks.masks("train")
@@ -85,34 +88,16 @@ def test_a_mask_of_another_size_than_its_image_is_refused_by_name(tmp_path):
     _write(tmp_path / "images" / "NORMAL" / "a.png", np.zeros((40, 50), np.uint8))
     _write(tmp_path / "masks" / "NORMAL" / "a.png", np.zeros((50, 40), np.uint8))
     with pytest.raises(LungMaskError, match=r"a\.png: mask is 40x50 but its image is 50x40"):
-        build_mask_cache(
-            {"train": _index(tmp_path, ["NORMAL/a.png"])},
-            tmp_path / "masks",
-            tmp_path / "cache",
-            PreprocessingConfig(image_size=32),
-            progress=False,
-        )
+        _cache(tmp_path, ["NORMAL/a.png"])
 
 
 def test_a_folder_that_holds_no_mask_of_these_images_is_an_error(tmp_path):
     _write(tmp_path / "images" / "NORMAL" / "a.png", np.zeros((40, 50), np.uint8))
     (tmp_path / "masks").mkdir()
     with pytest.raises(LungMaskError, match="no image of the data folder has a mask"):
-        build_mask_cache(
-            {"train": _index(tmp_path, ["NORMAL/a.png"])},
-            tmp_path / "masks",
-            tmp_path / "cache",
-            PreprocessingConfig(image_size=32),
-            progress=False,
-        )
+        _cache(tmp_path, ["NORMAL/a.png"])
     with pytest.raises(LungMaskError, match="does not exist"):
-        build_mask_cache(
-            {"train": _index(tmp_path, ["NORMAL/a.png"])},
-            tmp_path / "missing",
-            tmp_path / "cache",
-            PreprocessingConfig(image_size=32),
-            progress=False,
-        )
+        _cache(tmp_path, ["NORMAL/a.png"], masks_folder="missing")
 
 
 @pytest.mark.real_data
