@@ -50,7 +50,7 @@ def test_two_workers_score_a_burst_and_a_killed_worker_loses_nothing(
         os.kill(victim, signal.SIGKILL)
         uids = [source.SOPInstanceUID for source in sources]
         wait_for(
-            lambda: all(node.storage.status(uid) == "processed" for uid in uids),
+            lambda: _settled(node, processed=uids),
             timeout=180,
             what="every instance processed after the kill",
         )
@@ -68,6 +68,19 @@ def test_two_workers_score_a_burst_and_a_killed_worker_loses_nothing(
     _assert_logged_once(node, log, uids)
     assert len(log.records(site="MODALITY")) - rows_before == len(sources)
     log.dispose()
+
+
+def _settled(node, processed: list[str], failed: list[str] = ()) -> bool:
+    """Every instance's outcome recorded, counted and out of the spool. The node writes the
+    status first (the durable record), then removes the spool file and counts, so a reader that
+    waited on the status alone can see the counter one short."""
+    return (
+        all(node.storage.status(uid) == "processed" for uid in processed)
+        and all(node.storage.status(uid) == "failed" for uid in failed)
+        and node.counters.processed == len(processed)
+        and node.counters.failed == len(failed)
+        and not node.storage.spooled()
+    )
 
 
 def _reported(results) -> Counter:
@@ -109,10 +122,7 @@ def test_an_image_that_kills_its_worker_is_kept_aside_and_no_other(node_factory,
     log = InferenceLog(node_factory.settings.dicom.inference_log_uri)
     assert send(node.port, sources).statuses == [0x0000] * len(sources)
     wait_for(
-        lambda: (
-            node.storage.status(poisoned.SOPInstanceUID) == "failed"
-            and all(node.storage.status(uid) == "processed" for uid in innocent)
-        ),
+        lambda: _settled(node, processed=innocent, failed=[str(poisoned.SOPInstanceUID)]),
         timeout=400,
         what="the poison kept aside and the others processed",
     )
