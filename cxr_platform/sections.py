@@ -400,6 +400,11 @@ class RegistrySection(TrackedSection):
     registry_model_name: str = setting(
         "cxr-pneumonia-classifier", doc="The registered model's name in MLflow."
     )
+    registry_lung_model_name: str = setting(
+        "cxr-lung-fields",
+        doc="The lung segmentation version's registered model in MLflow: its production "
+        "version draws the lung fields the service and the DICOM node report on.",
+    )
     min_test_specificity: float | None = setting(
         None, doc="Promotion floor on specificity; default depends on the profile.", ge=0, le=1
     )

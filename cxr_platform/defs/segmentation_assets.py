@@ -8,6 +8,9 @@ nothing and the rest of the group is skipped, not failed.
 """
 # No `from __future__ import annotations`: Dagster inspects these annotations at runtime.
 
+import json
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -15,15 +18,21 @@ from cxr_platform.data import pipeline as data_pipeline
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.lung_masks import LungMaskCache
 from cxr_platform.data.splits import manifest_hash
+from cxr_platform.defs.deployment_assets import DEPLOY_GROUP
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
 from cxr_platform.defs.training_assets import png_markdown
-from cxr_platform.deployment.segmentation_export import (
-    SEGMENTER_ONNX_FILE,
-    export_segmenter_onnx,
-    segmenter_parity,
+from cxr_platform.deployment.registry import lung_registry_for
+from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
+from cxr_platform.deployment.segmentation_release import (
+    SEGMENTER_ARCH,
+    SEGMENTER_MODEL_NAME,
+    release_segmenter,
 )
+from cxr_platform.model_version.lung_fields import SEGMENTER_ONNX_FILE, segmenter_metadata
+from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models import segmentation_pipeline as seg
+from cxr_platform.provenance import git_commit
 from cxr_platform.terminal import interactive
 
 GROUP = "segmentation"
@@ -207,6 +216,64 @@ def lung_segmenter_onnx(
     )
 
 
+@dg.asset(group_name=DEPLOY_GROUP, kinds={"mlflow"})
+def lung_fields_version(
+    context: dg.AssetExecutionContext,
+    platform: PlatformSettings,
+    patient_splits: pd.DataFrame,
+    lung_segmenter: seg.TrainedSegmenter,
+    lung_segmentation_evaluation: dict,
+    lung_segmenter_onnx: dict,
+) -> dg.Output[dict]:
+    """The exported segmenter as a version of its own registered model, with its card and test
+    report; the gate (Dice floor, parity, no loss against production on the same patients)
+    promotes it to production or records the refusal."""
+    settings = platform.settings()
+    training, registry_settings = settings.training, settings.registry
+    json_path, markdown_path = seg.report_paths(training, lung_segmenter.mlflow_run_id)
+    report = json.loads(json_path.read_text())
+    onnx_path = Path(lung_segmenter_onnx["onnx"])
+    summary = lung_segmentation_evaluation
+    release = release_segmenter(
+        lung_registry_for(registry_settings),
+        onnx_path,
+        {key: report[key] for key in ("split", "summary", "by_group")},
+        markdown_path.read_text(),
+        run_id=lung_segmenter.mlflow_run_id,
+        tags=VersionTags(
+            model_name=SEGMENTER_MODEL_NAME,
+            arch=SEGMENTER_ARCH,
+            preprocessing=segmenter_metadata(onnx_path)["preprocessing"],
+            data_version=manifest_hash(patient_splits),
+            data_dir=str(training.data_dir) if training.data_dir else None,
+            git_commit=git_commit(),
+            metrics={
+                "test_dice_mean": summary["dice_mean"],
+                "test_dice_p5": summary["dice_p5"],
+                "test_hd95_px_mean": summary["hd95_px_mean"],
+            },
+        ),
+        floor=training.dice_floor,
+        parity=lung_segmenter_onnx["parity"],
+        masks_dir=lung_segmenter.masks_dir,
+        triggered_by=f"dagster run {context.run.run_id}",
+    )
+    decision = release.decision
+    return dg.Output(
+        {"version": release.version.version, "gate": decision.to_dict()},
+        metadata=readable(
+            {
+                "registered_model": registry_settings.registry_lung_model_name,
+                "version": release.version.version,
+                "aliases": ", ".join(release.version.aliases) or "(none)",
+                "gate_passed": decision.passed,
+                "gate": dg.MetadataValue.json(decision.to_dict()),
+                "model_card": dg.MetadataValue.md(release.card),
+            }
+        ),
+    )
+
+
 def build_segmentation_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=[
@@ -214,6 +281,7 @@ def build_segmentation_definitions() -> dg.Definitions:
             lung_segmenter,
             lung_segmentation_evaluation,
             lung_segmenter_onnx,
+            lung_fields_version,
         ],
         asset_checks=[dice_floor],
     )

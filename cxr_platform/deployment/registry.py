@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +47,7 @@ from cxr_platform.model_version.aliases import (
     site_production_alias,
 )
 from cxr_platform.model_version.files import METADATA_FILE, ONNX_FILE
+from cxr_platform.model_version.lung_fields import SEGMENTER_ONNX_FILE, SEGMENTER_REPORT_FILE
 from cxr_platform.model_version.tags import VersionTags, record_json
 from cxr_platform.sections import RegistrySection
 from cxr_platform.tracking import run_url
@@ -57,6 +58,10 @@ if TYPE_CHECKING:  # the exporter needs torch; a registry client (the service, t
 DEFAULT_MODEL_NAME = "cxr-pneumonia-classifier"
 EVENT_TAG_PREFIX = "cxr.event."
 MAX_TAG_LENGTH = 5000  # MLflow's limit for model version tag values
+CLASSIFIER_DESCRIPTION = (
+    "Chest X-ray Normal vs Pneumonia (one logit). ONNX + TorchScript with preprocessing and "
+    "operating point inside."
+)
 
 
 class RegistryError(CxrError):
@@ -142,10 +147,16 @@ class ModelRegistry:
         cache_dir: Path | None = None,
         lock_url: str | None = None,
         ui_url: str | None = None,
+        files: tuple[str, ...] = (METADATA_FILE, ONNX_FILE),
+        description: str = CLASSIFIER_DESCRIPTION,
     ) -> None:
         """``lock_url``: the database whose lock serializes alias moves (PostgreSQL for
         promoters on several machines); without it, a file lock in ``cache_dir``. ``ui_url``:
-        an MLflow UI that model cards link runs to."""
+        an MLflow UI that model cards link runs to. ``files``: what every version's folder
+        holds (a download without them is refused); ``description``: the registered model's,
+        written when it is created. Both differ for the lung segmentation model."""
+        self.files = files
+        self.description = description
         self.tracking_uri = tracking_uri
         self.ui_url = ui_url
         self.name = name
@@ -160,11 +171,7 @@ class ModelRegistry:
             self.client.get_registered_model(self.name)
         except MlflowException:
             try:
-                self.client.create_registered_model(
-                    self.name,
-                    description="Chest X-ray Normal vs Pneumonia (one logit). ONNX + "
-                    "TorchScript with preprocessing and operating point inside.",
-                )
+                self.client.create_registered_model(self.name, description=self.description)
             except MlflowException:
                 # Another process created it between our check and our create.
                 self.client.get_registered_model(self.name)
@@ -255,7 +262,7 @@ class ModelRegistry:
         # numbers its versions from 1 again, and must never be served a stale local copy.
         location = hashlib.sha256(info.source.encode()).hexdigest()[:12]
         target = self.cache_dir / self.name / f"v{info.version}-{location}"
-        if (target / METADATA_FILE).exists() and (target / ONNX_FILE).exists():
+        if all((target / name).exists() for name in self.files):
             return target
         tmp = target.with_name(f"{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
         tmp.mkdir(parents=True)
@@ -265,12 +272,15 @@ class ModelRegistry:
                     artifact_uri=info.source, dst_path=str(tmp), tracking_uri=self.tracking_uri
                 )
             )
-            if not (downloaded / ONNX_FILE).exists():
-                raise RegistryError(f"version {info.version} has no {ONNX_FILE} at {info.source}")
+            missing = [name for name in self.files if not (downloaded / name).exists()]
+            if missing:
+                raise RegistryError(
+                    f"version {info.version} has no {', '.join(missing)} at {info.source}"
+                )
             try:
                 downloaded.rename(target)
             except OSError:
-                if not (target / ONNX_FILE).exists():  # not a concurrent download that won
+                if not (target / self.files[-1]).exists():  # not a concurrent download that won
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -314,8 +324,12 @@ class ModelRegistry:
         tags: VersionTags,
         triggered_by: str,
         description: str | None = None,
+        card: Callable[[CardFacts], str] = card_markdown,
+        summary: Callable[[CardFacts], str] = card_summary,
     ) -> ModelVersionInfo:
-        """A new version from a folder of model files (an export, or a recalibrated copy)."""
+        """A new version from a folder of model files (an export, or a recalibrated copy).
+        ``card`` and ``summary`` write its model card and the version description from the
+        registry's facts (the lung segmentation version's say other things than a classifier's)."""
         self._ensure_model()
         # A fresh artifact folder per export: a later re-export of the same run must never
         # change the files under an existing version.
@@ -331,7 +345,7 @@ class ModelRegistry:
             description=description,
         )
         version = str(mv.version)
-        self._write_card(self.get(version), artifact_path, description)
+        self._write_card(self.get(version), artifact_path, description, card, summary)
         self._record(
             RegistryEvent("registered", version, None, triggered_by, _utc_now(), {"run_id": run_id})
         )
@@ -370,12 +384,17 @@ class ModelRegistry:
         )
 
     def _write_card(
-        self, info: ModelVersionInfo, artifact_path: str, description: str | None
+        self,
+        info: ModelVersionInfo,
+        artifact_path: str,
+        description: str | None,
+        card: Callable[[CardFacts], str],
+        summary: Callable[[CardFacts], str],
     ) -> None:
         """The card beside the version's model files (written once, with the version), and its
         summary as the version's description, which MLflow's UI shows first."""
         facts = self.card_facts(info)
-        markdown = card_markdown(facts)
+        markdown = card(facts)
         with tempfile.TemporaryDirectory() as work:
             folder = Path(work)
             (folder / CARD_MARKDOWN).write_text(markdown)
@@ -384,11 +403,11 @@ class ModelRegistry:
             )
             assert info.run_id is not None  # register_folder always names the run
             self.client.log_artifacts(info.run_id, str(folder), artifact_path)
-        summary = card_summary(facts)
+        short = summary(facts)
         self.client.update_model_version(
             self.name,
             info.version,
-            description=_truncate(f"{description}\n\n{summary}" if description else summary),
+            description=_truncate(f"{description}\n\n{short}" if description else short),
         )
 
     def card(self, ref: str | int) -> str:
@@ -642,4 +661,24 @@ def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
         cache_dir=registry_settings.registry_cache_dir,
         lock_url=registry_settings.lock_uri,
         ui_url=registry_settings.ui_url,
+    )
+
+
+LUNG_FIELDS_DESCRIPTION = (
+    "Chest X-ray lung fields (U-Net, one logit per pixel) on the classifier's prepared square. "
+    "ONNX with its preprocessing inside; a card and the test split's report with every version."
+)
+
+
+def lung_registry_for(registry_settings: RegistrySection) -> ModelRegistry:
+    """The lung segmentation version's registered model, in the same store and cache."""
+    registry_settings.ensure_dirs()
+    return ModelRegistry(
+        registry_settings.tracking_uri,
+        name=registry_settings.registry_lung_model_name,
+        cache_dir=registry_settings.registry_cache_dir,
+        lock_url=registry_settings.lock_uri,
+        ui_url=registry_settings.ui_url,
+        files=(SEGMENTER_ONNX_FILE, SEGMENTER_REPORT_FILE),
+        description=LUNG_FIELDS_DESCRIPTION,
     )

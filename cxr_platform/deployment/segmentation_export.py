@@ -23,12 +23,13 @@ import torch
 
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.model_version.files import ExportError, onnx_session
+from cxr_platform.model_version.lung_fields import (
+    SEGMENTER_INPUT,
+    SEGMENTER_METADATA_KEY,
+    SEGMENTER_OUTPUT,
+)
 from cxr_platform.models.segmentation import LungSegmenter
 
-SEGMENTER_ONNX_FILE = "lung_segmenter.onnx"
-SEGMENTER_INPUT = "image"
-SEGMENTER_OUTPUT = "lung_logits"
-SEGMENTER_METADATA_KEY = "cxr_lung_segmenter"
 # Logits are compared at fp32: the exporter's graph and eager PyTorch differ in the order of
 # additions only. A lung/background call may flip where a logit is within that of zero.
 LOGIT_TOLERANCE = 1e-3
@@ -85,15 +86,6 @@ def export_segmenter_onnx(
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, path)
     return path
-
-
-def segmenter_metadata(path: str | Path) -> dict[str, Any]:
-    """What an exported segmenter carries (``preprocessing``, recipe, run, test Dice)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == SEGMENTER_METADATA_KEY:
-            return json.loads(entry.value)
-    raise ExportError(f"{path} is not an exported lung segmenter (no {SEGMENTER_METADATA_KEY})")
 
 
 def segmenter_parity(

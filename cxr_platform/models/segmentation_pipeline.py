@@ -310,6 +310,12 @@ def plot_worst_cases(
     return path
 
 
+def report_paths(store: TrackedSection, run_id: str, split: str = "test") -> tuple[Path, Path]:
+    """Where a segmentation run's report on ``split`` lives: its JSON and its Markdown."""
+    folder = store.reports_dir / "segmentation" / run_id
+    return folder / f"{split}.json", folder / f"{split}.md"
+
+
 def evaluate_segmenter_on(
     trained: TrainedSegmenter,
     cache: PreprocessedCache,
@@ -336,13 +342,13 @@ def evaluate_segmenter_on(
         n_bootstrap=n_bootstrap,
         seed=store.seed,
     )
-    folder = store.reports_dir / "segmentation" / trained.mlflow_run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / f"{split}.json"
+    json_path, markdown_path = report_paths(store, trained.mlflow_run_id, split)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report.to_dict(), indent=1))
-    markdown_path = folder / f"{split}.md"
     markdown_path.write_text(segmentation_markdown(report, trained))
-    worst_path = plot_worst_cases(images, truth, predicted, report, folder / f"{split}-worst.png")
+    worst_path = plot_worst_cases(
+        images, truth, predicted, report, json_path.with_name(f"{split}-worst.png")
+    )
     run = ExperimentTracker(store.tracking_uri).client
     metrics = {
         f"{split}_dice_mean": report.summary["dice_mean"],

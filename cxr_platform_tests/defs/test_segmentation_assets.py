@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cxr_platform.data.splits import manifest_hash
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
 from cxr_platform.defs.definitions import TRAINING_JOB, build_definitions
-from cxr_platform.deployment.segmentation_export import segmenter_metadata
+from cxr_platform.deployment.registry import lung_registry_for
+from cxr_platform.model_version.lung_fields import segmenter_metadata
 from cxr_platform.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -29,6 +31,7 @@ UP_TO_SEGMENTATION = [
         "lung_segmenter",
         "lung_segmentation_evaluation",
         "lung_segmenter_onnx",
+        "lung_fields_version",
     )
 ]
 
@@ -112,6 +115,17 @@ def test_masks_train_and_evaluate_a_segmentation_version_on_the_patient_split(
     assert carried["mlflow_run_id"] == trained.mlflow_run_id
     assert carried["test_dice_mean"] == report["summary"]["dice_mean"]
     assert carried["preprocessing"]["image_size"] == 64
+
+    # Registered as its own model, judged by the same floor, promoted, with its card.
+    registered = _metadata(result, "lung_fields_version")
+    assert registered["registered_model"].value == "cxr-lung-fields"
+    assert registered["aliases"].value == "production"
+    card = registered["model_card"].value
+    assert f"`{tiny_synthetic.name}` with the lung-field masks of `{LUNG_MASK_FOLDER}`" in card
+    assert f"**Dice {report['summary']['dice_mean']:.4f}**" in card
+    version = lung_registry_for(settings.registry).get("production")
+    assert version.run_id == trained.mlflow_run_id
+    assert version.release.data_version == manifest_hash(manifest)
 
 
 def test_a_version_under_the_dice_floor_fails_its_check(tiny_synthetic, tmp_path):
