@@ -267,3 +267,93 @@ def demo(tmp_path_factory) -> Demo:
     result = subprocess.run([*CXR, "demo"], capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return Demo(home, env, result)
+
+
+@dataclass(frozen=True)
+class LungFieldsExport:
+    onnx: Path
+    preprocessing: PreprocessingConfig
+    test_dice: float
+
+
+@pytest.fixture(scope="session")
+def lung_fields_export(learnable_cache, tmp_path_factory) -> LungFieldsExport:
+    """A small U-Net trained on the learnable set's own lung masks at its 96 px, on its patient
+    split, and exported: the lung fields version the service and node tests load."""
+    import torch
+
+    from cxr_platform.data.lung_masks import build_mask_cache
+    from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
+    from cxr_platform.deployment.segmentation_export import export_segmenter_onnx
+    from cxr_platform.models.segmentation import (
+        SegmentationConfig,
+        dice_scores,
+        predict_lung_logits,
+        train_segmenter,
+    )
+
+    base = tmp_path_factory.mktemp("lung_fields")
+    indexes = {split: learnable_cache.index(split) for split in learnable_cache.splits}
+    first = indexes["train"].iloc[0]
+    data_root = Path(str(first["path"])[: -len(str(first["relative_path"]))])
+    config = PreprocessingConfig.from_dict(learnable_cache.preprocessing)
+    masks = build_mask_cache(indexes, data_root / LUNG_MASK_FOLDER, base, config, progress=False)
+
+    def part(split: str):
+        return learnable_cache.images(split)[masks.rows(split)], masks.masks(split)
+
+    recipe = SegmentationConfig(
+        working_size=48, channels=(8, 16, 32), epochs=6, batch_size=16, patience=6
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one per xdist worker: two workers on two cores
+    try:
+        trained = train_segmenter(recipe, config, *part("train"), *part("val")).model
+        images, truth = part("test")
+        dice = float(dice_scores(predict_lung_logits(trained, images, config) > 0, truth).mean())
+        onnx = export_segmenter_onnx(
+            trained,
+            config,
+            base / "lung_segmenter.onnx",
+            metadata={"kind": "lung_segmentation", "test_dice_mean": dice},
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return LungFieldsExport(onnx, config, dice)
+
+
+def release_lung_fields(registry_settings, export: LungFieldsExport) -> str:
+    """``export`` registered and promoted as the lung fields version of these registry
+    settings, the way the release job does it; its version number."""
+    from mlflow.tracking import MlflowClient
+
+    from cxr_platform.deployment.registry import lung_registry_for
+    from cxr_platform.deployment.segmentation_release import release_segmenter
+    from cxr_platform.model_version.tags import VersionTags
+
+    client = MlflowClient(registry_settings.tracking_uri)
+    experiment = client.get_experiment_by_name("lung-fields-test")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment("lung-fields-test")
+    )
+    run_id = client.create_run(experiment_id).info.run_id
+    dice = export.test_dice
+    released = release_segmenter(
+        lung_registry_for(registry_settings),
+        export.onnx,
+        {"split": "test", "summary": {"dice_mean": dice}, "by_group": {}},
+        f"- **Dice {dice:.4f}** on the learnable set's test split",
+        run_id=run_id,
+        tags=VersionTags(
+            model_name="lung_unet",
+            preprocessing=export.preprocessing.to_dict(),
+            data_version="learnable",
+            metrics={"test_dice_mean": dice},
+        ),
+        floor=0.8,
+        parity={"passed": True},
+        masks_dir="lung_masks",
+        triggered_by="test",
+    )
+    assert released.decision.passed, released.decision.reasons
+    return released.version.version

@@ -14,9 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from cxr_platform.deployment.registry import PRODUCTION, SHADOW, ModelRegistry
 from cxr_platform.model_version.aliases import site_production_alias
 from cxr_platform.model_version.files import INT8_ONNX_FILE
+from cxr_platform.model_version.lung_fields import LungFieldModel, LungFields
 from cxr_platform.model_version.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,21 @@ class ServingModels:
     # Sites with their own production version (recalibrated for them): each a snapshot whose
     # production is that version, built once per refresh so requests of one site share it.
     sites: Mapping[str, ServingModels] = field(default_factory=dict)
+    # The lung segmentation version in production, where one is registered: it draws the lung
+    # fields an explanation's relevance is measured against. Shared by every site.
+    lung_fields: LungFieldModel | None = None
+
+    @property
+    def lung_fields_version(self) -> str | None:
+        return self.lung_fields.model_version if self.lung_fields else None
+
+    def fields_of(self, pixels: np.ndarray, scored_by: Predictor) -> LungFields | None:
+        """The lung fields of a square ``scored_by`` prepared, on its grid; None without a
+        lung fields version, or with one whose square is not this classifier's."""
+        lung = self.lung_fields
+        if lung is None or not lung.fits(scored_by.preprocessing):
+            return None
+        return lung.fields(pixels)[0]
 
     @property
     def versions(self) -> dict[str, str | None]:
@@ -60,8 +78,12 @@ class LiveModels:
         threads: int | None = None,
         max_pixels: int | None = None,
         precision: str = "fp32",
+        lung_registry: ModelRegistry | None = None,
     ) -> None:
+        """``lung_registry``: the lung segmentation version's registered model; its production
+        version is loaded beside the classifiers (none registered: no lung fields)."""
         self.registry = registry
+        self.lung_registry = lung_registry
         self.threads = threads
         self.max_pixels = max_pixels
         self.precision = precision
@@ -84,6 +106,25 @@ class LiveModels:
         return Predictor(
             folder, model_version=version, threads=self.threads, precision=precision, **options
         )
+
+    def _lung_fields(self, current: LungFieldModel | None) -> LungFieldModel | None:
+        """The lung segmentation version production points at now. A registry or download
+        failure keeps the one already loaded: lung fields must never stop the classifiers
+        from following their own aliases."""
+        if self.lung_registry is None:
+            return None
+        try:
+            version = self.lung_registry.aliases().get(PRODUCTION)
+            if version is None:
+                return None
+            if current is not None and current.model_version == version:
+                return current
+            return LungFieldModel(
+                self.lung_registry.download(version), model_version=version, threads=self.threads
+            )
+        except Exception:
+            log.exception("could not load the lung fields version; keeping %s", current)
+            return current
 
     def refresh(self) -> bool:
         """Load whatever the aliases point at now; True when anything changed."""
@@ -108,18 +149,26 @@ class LiveModels:
                 if version is not None and version not in loaded:
                     loaded[version] = self._load(version)
             shadow_model = loaded.get(shadow)
+            lung = self._lung_fields(old.lung_fields)
             new = ServingModels(
                 loaded.get(production),
                 shadow_model,
                 {
-                    site: ServingModels(loaded[version], shadow_model)
+                    site: ServingModels(loaded[version], shadow_model, lung_fields=lung)
                     for site, version in sorted(site_versions.items())
                 },
+                lung_fields=lung,
             )
-            if new.versions == old.versions:
+            if (new.versions, new.lung_fields_version) == (old.versions, old.lung_fields_version):
                 return False
             self._snapshot = new  # the only publication point: one atomic reference store
-            log.info("serving models %s -> %s", old.versions, new.versions)
+            log.info(
+                "serving models %s -> %s (lung fields %s -> %s)",
+                old.versions,
+                new.versions,
+                old.lung_fields_version,
+                new.lung_fields_version,
+            )
             return True
 
     def start_polling(self, interval_seconds: float) -> None:

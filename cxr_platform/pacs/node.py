@@ -465,6 +465,7 @@ class DicomNode:
             model_version=str(processed.prediction.model_version),
             results=result_uids,
             detail=f"{processed.prediction.label} p={processed.prediction.probability:.4f}"
+            + (f"; {processed.lung.describe()}" if processed.lung else "")
             + (f"; header repaired for the results: {', '.join(repaired)}" if repaired else ""),
         )
         path.unlink(missing_ok=True)

@@ -23,9 +23,10 @@ from pydicom.dataset import Dataset
 
 from cxr_platform.data.imaging import DecodedImage
 from cxr_platform.errors import CxrError
-from cxr_platform.inference.live import LiveModels
+from cxr_platform.inference.live import LiveModels, ServingModels
 from cxr_platform.inference.log import InferenceLog, site_name
 from cxr_platform.inference.scoring import (
+    PreparedInput,
     ScoreRequest,
     ScoringOutcome,
     ScoringUnavailableError,
@@ -39,6 +40,7 @@ from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.pacs.compression import compress_dataset
 from cxr_platform.pacs.results import (
     Algorithm,
+    LungFieldsOnSource,
     NodeResults,
     build_not_analysed_sr,
     build_pmap,
@@ -99,6 +101,19 @@ class EncodedResult:
 
 
 @dataclass(frozen=True)
+class LungReading:
+    """What the ledger keeps of the lung fields: which version drew them, and how much of the
+    heatmap's relevance lies inside them."""
+
+    version: str
+    relevance_in_lungs: float | None
+
+    def describe(self) -> str:
+        share = "n/a" if self.relevance_in_lungs is None else f"{self.relevance_in_lungs:.2f}"
+        return f"relevance in lungs {share} (lung fields v{self.version})"
+
+
+@dataclass(frozen=True)
 class Processed:
     prediction: Prediction | None  # None: the input gate refused the image
     results: NodeResults
@@ -112,6 +127,7 @@ class Processed:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
     # The results already encoded (by a worker process, which sends bytes, not objects).
     encoded: tuple[EncodedResult, ...] = ()
+    lung: LungReading | None = None  # where a lung fields version drew the lungs
 
     def outbox_files(self) -> tuple[EncodedResult, ...]:
         """Every result, encoded as it goes to the outbox."""
@@ -182,6 +198,25 @@ class InstanceProcessor:
             bit_depth=8,
         )
         explainer.heatmap_overlay(np.zeros((size, size), np.uint8), blank)
+
+    @staticmethod
+    def _lung_fields(
+        models: ServingModels,
+        production: Predictor,
+        explainer: Explainer,
+        prepared: PreparedInput,
+        heatmap: np.ndarray,
+        source: Dataset,
+    ) -> LungFieldsOnSource | None:
+        """The lung fields version's fields on the source's grid, brought there the way the
+        heatmap is, and the share of the heatmap's relevance inside them."""
+        fields = models.fields_of(prepared.pixels, production)
+        if fields is None or prepared.decoded is None:
+            return None
+        mask = fields.mask.astype(np.float32)
+        content = explainer.content_region(mask, prepared.decoded.pixels.shape)
+        on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns)) >= 0.5
+        return LungFieldsOnSource(on_grid, fields.version, fields.relevance_inside(heatmap))
 
     def _algorithm(self, production: Predictor) -> Algorithm:
         return Algorithm(
@@ -259,7 +294,7 @@ class InstanceProcessor:
         source = clean.dataset
         sr = build_sr(source, prediction, algorithm) if "sr" in kinds else None
         clock.lap("sanitize and SR")
-        seg = pmap = sc = None
+        seg = pmap = sc = lung = None
         if {"seg", "pmap", "sc"} & set(kinds):
             explainer = self._explainer(str(prediction.model_version), production)
             decoded = prepared.decoded
@@ -270,8 +305,11 @@ class InstanceProcessor:
             content = explainer.content_region(heatmap, decoded.pixels.shape)
             on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns))
             clock.lap("Grad-CAM")
+            lung = self._lung_fields(models, production, explainer, prepared, heatmap, source)
+            if lung is not None:
+                clock.lap("lung fields")
             if "seg" in kinds:
-                seg = build_seg(source, on_grid, algorithm)
+                seg = build_seg(source, on_grid, algorithm, lung)
                 clock.lap("SEG")
             if "pmap" in kinds:
                 pmap = build_pmap(source, on_grid, algorithm)
@@ -294,4 +332,5 @@ class InstanceProcessor:
             seconds=time.perf_counter() - started,
             stages=clock.stages,
             repairs=clean.repairs,
+            lung=None if lung is None else LungReading(lung.version, lung.relevance_in_lungs),
         )

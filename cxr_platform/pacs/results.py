@@ -49,6 +49,8 @@ PMAP_SERIES_NUMBER = 9904
 SEG_RELEVANCE_THRESHOLD = 0.5
 PMAP_LEVELS = 1024
 SEG_DISPLAY_COLOR = hd.color.CIELabColor(53.24, 80.09, 67.2)  # red, as heatmaps mark "hot"
+LUNG_SEGMENT_LABEL = "lung fields (AI)"
+LUNG_DISPLAY_COLOR = hd.color.CIELabColor(70.0, -30.0, -25.0)  # cyan: apart from the red map
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 NOT_FOR_DIAGNOSIS_ALONE = "not for diagnosis alone"
 
@@ -330,9 +332,45 @@ def heatmap_on_source_grid(heatmap: np.ndarray, rows: int, columns: int) -> np.n
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dataset:
+@dataclass(frozen=True)
+class LungFieldsOnSource:
+    """The lung segmentation version's fields of one image, on the source's grid."""
+
+    mask: np.ndarray  # bool (Rows, Columns)
+    version: str  # the lung fields version that drew them
+    relevance_in_lungs: float | None  # the share of the heatmap's relevance inside them
+
+    @property
+    def algorithm_version(self) -> str:
+        return f"lung fields v{self.version}"
+
+
+def _lung_segment(lung: LungFieldsOnSource) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=2,
+        segment_label=LUNG_SEGMENT_LABEL,
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Lung,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="cxr_platform lung fields (U-Net)",
+            family=codes.cid7162.ArtificialIntelligence,
+            version=lung.algorithm_version,
+        ),
+        display_color=LUNG_DISPLAY_COLOR,
+    )
+
+
+def build_seg(
+    source: Dataset,
+    heatmap: np.ndarray,
+    algorithm: Algorithm,
+    lung: LungFieldsOnSource | None = None,
+) -> Dataset:
     """Where the heatmap is at least :data:`SEG_RELEVANCE_THRESHOLD` of its peak, as a one-frame
-    BINARY segmentation on ``source``'s grid, in the map's own frame of reference.
+    BINARY segmentation on ``source``'s grid, in the map's own frame of reference; with the
+    lung fields where a lung segmentation version drew them, as a second segment on the same
+    frame, so a reader sees at once whether the hot region lies on the lungs.
 
     Binary, not FRACTIONAL: viewers draw a segment as an outlined region, and OHIF refuses a
     fractional SEG that is not already 0-or-maximum. The continuous heatmap is the parametric
@@ -341,6 +379,8 @@ def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dat
     rows, columns = int(source.Rows), int(source.Columns)
     if heatmap.shape != (rows, columns):
         heatmap = heatmap_on_source_grid(heatmap, rows, columns)
+    if lung is not None and lung.mask.shape != (rows, columns):
+        raise ValueError(f"lung fields {lung.mask.shape} are not on the source's grid")
     uids = result_uids(source, algorithm, "seg")
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -358,18 +398,27 @@ def build_seg(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm) -> Dat
         display_color=SEG_DISPLAY_COLOR,
     )
     region = np.asarray(heatmap) >= SEG_RELEVANCE_THRESHOLD
+    segments, pixels = [description], region[None]
+    if lung is not None:
+        # One frame, two segments that may overlap: (frames, rows, columns, segments).
+        segments.append(_lung_segment(lung))
+        pixels = np.stack([region, lung.mask], axis=-1)[None]
     seg = hd.seg.Segmentation(
         source_images=[_map_geometry(source, algorithm)],
-        pixel_array=region[None].astype(np.uint8),
+        pixel_array=pixels.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
+        segment_descriptions=segments,
         series_instance_uid=uids.series_instance_uid,
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=uids.sop_instance_uid,
         instance_number=1,
         omit_empty_frames=False,  # an empty region ("no evidence") is still a result
         content_label="GRADCAM",
-        content_description="Grad-CAM heatmap of the pneumonia logit, thresholded",
+        content_description=(
+            "Grad-CAM heatmap of the pneumonia logit, thresholded"
+            if lung is None
+            else "Grad-CAM of the pneumonia logit, thresholded; lung fields"  # LO: 64 at most
+        ),
         series_description=SEG_DESCRIPTION,
         specific_character_set=source.get("SpecificCharacterSet"),
         **algorithm.equipment(),

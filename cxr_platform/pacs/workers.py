@@ -86,7 +86,7 @@ class ProcessorSpec:
     threads: int | None = None  # ONNX Runtime and torch threads; None: the setting's
 
     def build(self) -> InstanceProcessor:
-        from cxr_platform.deployment.registry import registry_for
+        from cxr_platform.deployment.registry import lung_registry_for, registry_for
         from cxr_platform.inference.live import LiveModels
         from cxr_platform.inference.log import InferenceLog
         from cxr_platform.redaction import uid_salt
@@ -97,6 +97,7 @@ class ProcessorSpec:
             registry,
             threads=self.threads or dicom.service_threads,
             max_pixels=dicom.max_image_pixels,
+            lung_registry=lung_registry_for(self.registry),
         )
         models.refresh()
         models.start_polling(dicom.service_refresh_seconds)

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cxr_platform.data.patient_age import AgeReading, age_from_caller
-from cxr_platform.deployment.registry import registry_for
+from cxr_platform.deployment.registry import lung_registry_for, registry_for
 from cxr_platform.errors import ImageReadError
 from cxr_platform.inference.live import FixedModels, LiveModels
 from cxr_platform.inference.log import (
@@ -51,6 +51,7 @@ from cxr_platform.inference.scoring import (
     request_for,
     score_and_log,
 )
+from cxr_platform.model_version.lung_fields import LungFields
 from cxr_platform.model_version.predictor import Prediction
 from cxr_platform.redaction import uid_salt, withhold_logged_values
 from cxr_platform.serving import answers
@@ -197,6 +198,7 @@ class CxrService:
                 threads=serving.service_threads,
                 max_pixels=serving.max_image_pixels,
                 precision=serving.service_precision,
+                lung_registry=lung_registry_for(settings.registry),
             )
         try:
             self.models.refresh()
@@ -350,7 +352,13 @@ class CxrService:
             request, scored = await self._predict_and_log(data, "explain", started, site, age)
             prediction = answers.public_prediction(scored, request.request_id)
             version = str(scored.model_version)
-            _, overlay = await anyio.to_thread.run_sync(self._overlay, version, request.prepared)
+            heatmap, overlay = await anyio.to_thread.run_sync(
+                self._overlay, version, request.prepared
+            )
+            fields = await anyio.to_thread.run_sync(self._lung_fields, request)
+            if fields is not None:
+                # Where the heatmap lies: the share of its relevance inside the lung fields.
+                prediction = {**prediction, **fields.summary(heatmap)}
             from cxr_platform.explain.gradcam import png_bytes
 
             image = png_bytes(overlay)
@@ -500,6 +508,13 @@ class CxrService:
         # would see each other's activations; explanations are rare enough to take turns.
         with self._gradcam_lock:
             return explainer.heatmap_overlay(upload.pixels, upload.decoded)
+
+    @staticmethod
+    def _lung_fields(request: ScoreRequest) -> LungFields | None:
+        production = request.models.production
+        if production is None:
+            return None
+        return request.models.fields_of(request.prepared.pixels, production)
 
     def _model_folder(self, version: str) -> Path:
         if isinstance(self.models, FixedModels):  # a Bento: the bundled model is the only one

@@ -34,7 +34,7 @@ from cxr_platform.deployment.registry import PRODUCTION, SHADOW
 from cxr_platform.inference.retained import RetainedInputs
 from cxr_platform.serving.process import ServiceProcess, free_port
 
-from ..conftest import other_population_images
+from ..conftest import other_population_images, release_lung_fields
 from ..data.dicom_factory import make_dicom, to_bytes
 from .conftest import API_KEY, MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
 
@@ -282,6 +282,37 @@ def test_explain_returns_an_overlay_with_the_prediction(live_service):
     assert body["probability"] == pytest.approx(float(image.headers["x-cxr-probability"]))
     decoded = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
     assert decoded.size == overlay.size
+
+
+def test_explain_says_how_much_relevance_lies_in_the_lung_fields_once_a_version_is_promoted(
+    live_service, lung_fields_export
+):
+    with live_service.client() as client:
+        before = post_image(
+            client, png(14), route="/explain", headers={"Accept": "application/json"}
+        ).json()
+        assert "relevance_in_lungs" not in before  # no lung fields version registered yet
+        version = release_lung_fields(live_service.settings.registry, lung_fields_export)
+
+        def explained():
+            return post_image(
+                client, png(14), route="/explain", headers={"Accept": "application/json"}
+            )
+
+        deadline = time.monotonic() + 60
+        while "lung_fields_version" not in (body := explained().json()):
+            assert time.monotonic() < deadline, "the service never loaded the lung fields"
+            time.sleep(0.5)
+        as_png = post_image(client, png(14), route="/explain")
+        predicted = post_image(client, png(14)).json()
+    assert body["lung_fields_version"] == version
+    assert 0.0 <= body["relevance_in_lungs"] <= 1.0
+    assert 0.1 < body["lung_area_share"] < 0.8 and body["lung_fields_cut_by_border"] in (
+        True,
+        False,
+    )
+    assert as_png.headers["x-cxr-relevance-in-lungs"] == str(body["relevance_in_lungs"])
+    assert "relevance_in_lungs" not in predicted  # /predict does not run the segmenter
 
 
 def test_feedback_attaches_a_label_to_a_request(live_service):
