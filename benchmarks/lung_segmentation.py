@@ -7,6 +7,8 @@ patients, which it never saw. Prints train time, Dice and HD95 (overall, by clas
 family, with patient-level intervals), the worst cases, and the CPU cost of one image; then
 
   - Dice on the test split under each acquisition shift of the robustness benchmark;
+  - the "lungs in the picture" findings, with limits fitted on val's fields as the export fits
+    them: how often each flags the test split, and test images cropped or collimated;
   - with ``--classifier CHECKPOINT`` (a classifier trained on the same split, such as the main
     job's): the share of its Grad-CAM relevance inside the lung fields on every test image,
     with the predicted fields and with the reference masks, so the figure the platform can make
@@ -32,12 +34,17 @@ import torch
 
 from cxr_platform.data import pipeline as data_pipeline
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8, to_square_uint8
-from cxr_platform.data.shifts import apply_shift
+from cxr_platform.data.shifts import FIELD_SHIFT_NAMES, apply_shift
 from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
 from cxr_platform.explain.checks import relevance_inside
 from cxr_platform.explain.gradcam import heatmaps_for_uint8
 from cxr_platform.model_version.files import onnx_session
-from cxr_platform.model_version.lung_fields import SEGMENTER_INPUT
+from cxr_platform.model_version.lung_fields import (
+    FINDINGS,
+    SEGMENTER_INPUT,
+    field_measures,
+    fit_field_limits,
+)
 from cxr_platform.models import segmentation_pipeline as seg
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.robustness import ROBUSTNESS_SHIFTS
@@ -80,6 +87,42 @@ def _shifted_dice(model, images, truth, preprocessing) -> None:
         )
         dice = dice_scores(predict_lung_logits(model, shifted, preprocessing) > 0, truth)
         print(f"| {shift} | {severity} | {dice.mean():.4f} | {np.percentile(dice, 5):.4f} |")
+
+
+def _field_quality(model, cache, preprocessing) -> None:
+    """The "lungs in the picture" findings as the export fits them (on val's predicted fields),
+    judged on the test split as it is and under the two field shifts of data/shifts.py."""
+    val = np.asarray(cache.images("val"))
+    limits = fit_field_limits(
+        field_measures(predict_lung_logits(model, val, preprocessing) > 0), split="val"
+    )
+    print(f"\nfield limits fitted on val: {json.dumps(limits.to_dict())}")
+    print("| images | severity | any finding | " + " | ".join(FINDINGS) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(FINDINGS))
+    test = np.asarray(cache.images("test"))
+    rng = np.random.default_rng(0)
+    cases = [("val", None), ("test", None)]
+    cases += [(shift, severity) for shift in FIELD_SHIFT_NAMES for severity in (0.5, 1.0)]
+    for name, severity in cases:
+        images = val if name == "val" else test
+        if severity is not None:
+            images = np.stack(
+                [
+                    to_square_uint8(
+                        apply_shift(image / 255.0, name, severity=severity, rng=rng), preprocessing
+                    )
+                    for image in test
+                ]
+            )
+        measures = field_measures(predict_lung_logits(model, images, preprocessing) > 0)
+        found = [limits.findings(measures, i) for i in range(len(images))]
+        share = {key: np.mean([key in f for f in found]) for key in FINDINGS}
+        label = name if severity is None else f"test, {name}"
+        print(
+            f"| {label} | {severity or '-'} | {np.mean([bool(f) for f in found]):.3f} | "
+            + " | ".join(f"{share[key]:.3f}" for key in FINDINGS)
+            + " |"
+        )
 
 
 def _relevance(classifier_path, cache, masks, segmenter, preprocessing) -> None:
@@ -178,6 +221,7 @@ def main() -> None:
         np.asarray(masks.masks("test")),
         preprocessing,
     )
+    _field_quality(model, cache, preprocessing)
     if args.classifier is not None:
         _relevance(args.classifier, cache, masks, model, preprocessing)
 

@@ -22,7 +22,7 @@ node against the same Orthanc; the last lines say where the node's time goes, pe
     CXR_HOME=<home> .venv/bin/python benchmarks/pacs_roundtrip.py [--n 50] [--rows 2000]
         [--columns 1700] [--modes sequential burst]
         [--setups sr,seg,sc:raw sr,seg,pmap,sc:seg,pmap sr,seg,pmap,sc:seg,pmap@dicomweb]
-        [--workers 1 2]
+        [--workers 1 2] [--lung-fields with without]
 """
 
 from __future__ import annotations
@@ -188,6 +188,14 @@ def main() -> None:
         help="the node's scoring processes to compare (CXR_DICOM_WORKERS; 0: the node's own "
         "thread); default: the setting (the cores)",
     )
+    parser.add_argument(
+        "--lung-fields",
+        nargs="+",
+        choices=["with", "without"],
+        default=["with"],
+        help="with: the home's lung fields version in production draws the SEG's second segment "
+        "(as deployed); without: the node loads none. Both: the segmenter's cost in one run",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -276,7 +284,12 @@ def instrument(node, times: StageTimes) -> None:
 def run(args: argparse.Namespace, settings, work: Path) -> None:
     setups = [NodeSetup.parse(text) for text in args.setups]
     worker_counts = args.workers or [settings.dicom.dicom_workers]
-    runs = [(setup, workers) for workers in worker_counts for setup in setups]
+    runs = [
+        (setup, workers, lungs)
+        for workers in worker_counts
+        for setup in setups
+        for lungs in args.lung_fields
+    ]
     per_setup = args.n * len(args.modes)
     datasets = make_images(per_setup * len(runs) + args.n, args.rows, args.columns, work)
     baseline_images = datasets[: args.n]
@@ -320,8 +333,16 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
         stack.enter_context(orthanc)
         if any(setup.transport == "dicomweb" for setup in setups):
             stack.enter_context(web_orthanc)
-        for setup, workers in runs:
-            label = f"{setup} w{workers}"
+        for setup, workers, lungs in runs:
+            label = f"{setup} w{workers}" + (" -lungs" if lungs == "without" else "")
+            # A registered model name nobody registers: the node finds no lung fields version.
+            registry = (
+                settings.registry
+                if lungs == "with"
+                else dataclasses.replace(
+                    settings.registry, registry_lung_model_name="cxr-lung-fields-none"
+                )
+            )
             pacs = web_orthanc if setup.transport == "dicomweb" else orthanc
             routes = (
                 {
@@ -343,16 +364,20 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                 **routes,
             )
             state = work / f"node-{len(stage_lines)}"
-            node = build_node(dicom, settings.registry, state_dir=state)
-            production = node.processor.models.current().production
+            node = build_node(dicom, registry, state_dir=state)
+            current = node.processor.models.current()
+            production = current.production
             if production is None:
                 raise SystemExit(f"{settings.home} has no production model: run `make demo`")
+            if lungs == "with" and current.lung_fields is None:
+                raise SystemExit(f"{settings.home} has no lung fields version in production")
             if not stage_lines:
                 print(
                     f"model {production.model_name} v{production.model_version} "
-                    f"({production.metadata.arch}, {production.preprocessing.image_size} px)"
+                    f"({production.metadata.arch}, {production.preprocessing.image_size} px); "
+                    f"lung fields v{current.lung_fields_version or '(none)'}"
                 )
-                print(f"{'setup, workers':<26} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+                print(f"{'setup, workers':<34} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
                       f"{'p95/baseline':>13} {'images/s':>9}")  # fmt: skip
             times = StageTimes()
             instrument(node, times)
@@ -380,7 +405,7 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                     )
                     p95 = percentile(latencies, 95)
                     print(
-                        f"{label:<26} {mode:<11} {percentile(latencies, 50):7.3f} "
+                        f"{label:<34} {mode:<11} {percentile(latencies, 50):7.3f} "
                         f"{p95:7.3f} {max(latencies):7.3f} {p95 / store_p95:12.1f}x "
                         f"{len(images) / elapsed:9.2f}"
                     )

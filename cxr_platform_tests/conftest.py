@@ -285,6 +285,7 @@ def lung_fields_export(learnable_cache, tmp_path_factory) -> LungFieldsExport:
     from cxr_platform.data.lung_masks import build_mask_cache
     from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
     from cxr_platform.deployment.segmentation_export import export_segmenter_onnx
+    from cxr_platform.model_version.lung_fields import field_measures, fit_field_limits
     from cxr_platform.models.segmentation import (
         SegmentationConfig,
         dice_scores,
@@ -311,11 +312,16 @@ def lung_fields_export(learnable_cache, tmp_path_factory) -> LungFieldsExport:
         trained = train_segmenter(recipe, config, *part("train"), *part("val")).model
         images, truth = part("test")
         dice = float(dice_scores(predict_lung_logits(trained, images, config) > 0, truth).mean())
+        val_fields = predict_lung_logits(trained, learnable_cache.images("val"), config) > 0
         onnx = export_segmenter_onnx(
             trained,
             config,
             base / "lung_segmenter.onnx",
-            metadata={"kind": "lung_segmentation", "test_dice_mean": dice},
+            metadata={
+                "kind": "lung_segmentation",
+                "test_dice_mean": dice,
+                "field_limits": fit_field_limits(field_measures(val_fields)).to_dict(),
+            },
         )
     finally:
         torch.set_num_threads(threads)

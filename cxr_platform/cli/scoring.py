@@ -211,9 +211,10 @@ def explain(
 ) -> None:
     """Grad-CAM overlay for one image, with the prediction the service would return."""
     from cxr_platform.data.patient_age import InvalidAgeError, age_from_caller
-    from cxr_platform.deployment.registry import registry_for
+    from cxr_platform.deployment.registry import lung_registry_for, registry_for
     from cxr_platform.explain.gradcam import png_bytes
     from cxr_platform.inference.explainer import Explainer
+    from cxr_platform.model_version.lung_fields import FINDINGS, LungFieldModel
     from cxr_platform.model_version.predictor import Predictor
 
     registry = registry_for(settings_for(ctx).registry)
@@ -223,7 +224,16 @@ def explain(
         age = age_from_caller(patient_age)
     except InvalidAgeError as exc:
         raise click.BadParameter(str(exc), param_hint="--patient-age") from exc
-    explainer = Explainer(folder, Predictor(folder, model_version=info.version))
+    lung_registry = lung_registry_for(settings_for(ctx).registry)
+    lung_version = lung_registry.aliases().get(PRODUCTION)
+    lung_fields = (
+        LungFieldModel(lung_registry.download(lung_version), model_version=lung_version)
+        if lung_version
+        else None
+    )
+    explainer = Explainer(
+        folder, Predictor(folder, model_version=info.version), lung_fields=lung_fields
+    )
     explanation = explainer.explain(image, patient_age=age)
     out.write_bytes(png_bytes(explanation.overlay))
     p = explanation.prediction
@@ -231,6 +241,16 @@ def explain(
         f"{image}: {p.label} (probability {p.probability:.3f}, threshold {p.threshold:.3f}, "
         f"version {info.version}); overlay {out}"
     )
+    lungs = explanation.lung_summary()
+    if lungs:
+        share = lungs.get("relevance_in_lungs")
+        findings = [FINDINGS[name] for name in lungs["lung_field_findings"]]
+        click.echo(
+            f"lung fields v{lungs['lung_fields_version']}: "
+            + ("no relevance to place" if share is None else f"{share:.0%} of the heatmap")
+            + " lies on the lungs"
+            + "".join(f"; {finding}" for finding in findings)
+        )
 
 
 @cli.command()

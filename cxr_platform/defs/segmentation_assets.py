@@ -29,9 +29,15 @@ from cxr_platform.deployment.segmentation_release import (
     SEGMENTER_MODEL_NAME,
     release_segmenter,
 )
-from cxr_platform.model_version.lung_fields import SEGMENTER_ONNX_FILE, segmenter_metadata
+from cxr_platform.model_version.lung_fields import (
+    SEGMENTER_ONNX_FILE,
+    field_measures,
+    fit_field_limits,
+    segmenter_metadata,
+)
 from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models import segmentation_pipeline as seg
+from cxr_platform.models.segmentation import predict_lung_logits
 from cxr_platform.provenance import git_commit
 from cxr_platform.terminal import interactive
 
@@ -182,6 +188,10 @@ def lung_segmenter_onnx(
     the Dice floor has passed."""
     training = platform.settings().training
     model, preprocessing = seg.load_segmenter(lung_segmenter.checkpoint)
+    # When the lungs are not wholly in the picture, judged against the validation split's
+    # fields (the split that stopped training; the test split stays for judging).
+    val_fields = predict_lung_logits(model, preprocessed_cache.images("val"), preprocessing) > 0
+    limits = fit_field_limits(field_measures(val_fields), split="val")
     path = export_segmenter_onnx(
         model,
         preprocessing,
@@ -192,6 +202,7 @@ def lung_segmenter_onnx(
             "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
             "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
             "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
+            "field_limits": limits.to_dict(),
         },
     )
     images = preprocessed_cache.images("test")[:PARITY_IMAGES]
@@ -210,6 +221,7 @@ def lung_segmenter_onnx(
                 "parity_max_abs_logit_diff": parity.max_abs_logit_diff,
                 "parity_pixels_flipped": parity.pixels_flipped,
                 "parity_images": parity.n_images,
+                "field_limits": dg.MetadataValue.json(limits.to_dict()),
                 "size_kb": path.stat().st_size / 1024,
             }
         ),

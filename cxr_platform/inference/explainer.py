@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from cxr_platform.explain.gradcam import gradcam_heatmaps, overlay
 from cxr_platform.inference.live import ServingModels
 from cxr_platform.inference.scoring import request_for, score_items
 from cxr_platform.model_version.files import WEIGHTS_FILE, ExportError
+from cxr_platform.model_version.lung_fields import LungFieldModel, LungFields
 from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.models.zoo import build_model
 
@@ -30,10 +32,24 @@ class Explanation:
     prediction: Prediction
     heatmap: np.ndarray  # float32 (S, S) in [0, 1], at the model's input resolution
     overlay: np.ndarray  # RGB uint8 at the original image's resolution
+    lung_fields: LungFields | None = None  # on the heatmap's grid, where a version drew them
+
+    def lung_summary(self) -> dict[str, Any]:
+        """Where the heatmap lies and whether the lungs are in the picture; {} without fields."""
+        return self.lung_fields.summary(self.heatmap) if self.lung_fields else {}
 
 
 class Explainer:
-    def __init__(self, model_dir: str | Path, predictor: Predictor | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        predictor: Predictor | None = None,
+        *,
+        lung_fields: LungFieldModel | None = None,
+    ) -> None:
+        """``lung_fields``: a lung segmentation version whose fields each explanation is
+        measured against (``explain`` only; callers with their own snapshot use theirs)."""
+        self.lung_fields = lung_fields
         model_dir = Path(model_dir)
         weights = model_dir / WEIGHTS_FILE
         if not weights.exists():
@@ -52,8 +68,9 @@ class Explainer:
         version refuses the image and :class:`~cxr_platform.errors.ImageReadError` where it
         cannot be read."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        models = ServingModels(self.predictor, None, lung_fields=self.lung_fields)
         request = request_for(
-            ServingModels(self.predictor, None),
+            models,
             data,
             max_pixels=self.predictor.max_pixels,
             uid_salt=b"",
@@ -65,7 +82,8 @@ class Explainer:
         prepared = request.prepared
         assert prepared.decoded is not None
         heatmap, blended = self.heatmap_overlay(prepared.pixels, prepared.decoded)
-        return Explanation(prediction, heatmap, blended)
+        fields = models.fields_of(prepared.pixels, self.predictor)
+        return Explanation(prediction, heatmap, blended, fields)
 
     def heatmap(self, pixels: np.ndarray) -> np.ndarray:
         """Grad-CAM of an already prepared uint8 square, at the model's resolution."""

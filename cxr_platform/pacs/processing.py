@@ -36,6 +36,7 @@ from cxr_platform.inference.scoring import (
 )
 from cxr_platform.model_version.input_gate import GateVerdict
 from cxr_platform.model_version.intended_use import OUTSIDE_INTENDED_USE
+from cxr_platform.model_version.lung_fields import FINDINGS
 from cxr_platform.model_version.predictor import Prediction, Predictor
 from cxr_platform.pacs.compression import compress_dataset
 from cxr_platform.pacs.results import (
@@ -107,10 +108,12 @@ class LungReading:
 
     version: str
     relevance_in_lungs: float | None
+    findings: tuple[str, ...] = ()  # model_version.lung_fields.FINDINGS
 
     def describe(self) -> str:
         share = "n/a" if self.relevance_in_lungs is None else f"{self.relevance_in_lungs:.2f}"
-        return f"relevance in lungs {share} (lung fields v{self.version})"
+        found = "".join(f"; {FINDINGS[name]}" for name in self.findings)
+        return f"relevance in lungs {share} (lung fields v{self.version}){found}"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,9 @@ class InstanceProcessor:
         mask = fields.mask.astype(np.float32)
         content = explainer.content_region(mask, prepared.decoded.pixels.shape)
         on_grid = heatmap_on_source_grid(content, int(source.Rows), int(source.Columns)) >= 0.5
-        return LungFieldsOnSource(on_grid, fields.version, fields.relevance_inside(heatmap))
+        return LungFieldsOnSource(
+            on_grid, fields.version, fields.relevance_inside(heatmap), fields.findings
+        )
 
     def _algorithm(self, production: Predictor) -> Algorithm:
         return Algorithm(
@@ -292,8 +297,7 @@ class InstanceProcessor:
         kinds = self.config.results
         clean = sanitize_source(dataset, uid_root=self.config.uid_root)
         source = clean.dataset
-        sr = build_sr(source, prediction, algorithm) if "sr" in kinds else None
-        clock.lap("sanitize and SR")
+        clock.lap("sanitize")
         seg = pmap = sc = lung = None
         if {"seg", "pmap", "sc"} & set(kinds):
             explainer = self._explainer(str(prediction.model_version), production)
@@ -319,6 +323,9 @@ class InstanceProcessor:
                 grid = on_grid if on_grid.shape == decoded.pixels.shape else heatmap
                 sc = build_sc(source, explainer.overlay(grid, decoded), prediction, algorithm)
                 clock.lap("overlay and SC")
+        # After the heatmap: the report says where it lies, where lung fields were drawn.
+        sr = build_sr(source, prediction, algorithm, lung) if "sr" in kinds else None
+        clock.lap("SR")
         for kind, result in (("seg", seg), ("pmap", pmap), ("sc", sc)):
             if result is not None and kind in self.config.compress:
                 # Deflate only marks the syntax (the bytes are deflated when encoded); JPEG-LS
@@ -332,5 +339,7 @@ class InstanceProcessor:
             seconds=time.perf_counter() - started,
             stages=clock.stages,
             repairs=clean.repairs,
-            lung=None if lung is None else LungReading(lung.version, lung.relevance_in_lungs),
+            lung=None
+            if lung is None
+            else LungReading(lung.version, lung.relevance_in_lungs, lung.findings),
         )

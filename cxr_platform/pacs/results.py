@@ -162,8 +162,15 @@ def _device_observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
     )
 
 
-def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> Dataset:
-    """Comprehensive 3D SR with a TID 1500 measurement report about ``source``."""
+def build_sr(
+    source: Dataset,
+    prediction: Prediction,
+    algorithm: Algorithm,
+    lung: LungFieldsOnSource | None = None,
+) -> Dataset:
+    """Comprehensive 3D SR with a TID 1500 measurement report about ``source``; with the lung
+    fields, a line that says how much of the heatmap lies on the lungs and whether the lungs
+    are wholly in the picture."""
     uids = result_uids(source, algorithm, "sr")
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
@@ -200,6 +207,7 @@ def build_sr(source: Dataset, prediction: Prediction, algorithm: Algorithm) -> D
         [
             f"AI: pneumonia {'present' if present else 'absent'}",
             f"probability {prediction.probability:.3f}, threshold {algorithm.threshold:.3f}",
+            *([lung.comment] if lung is not None else []),
             *_algorithm_comments(algorithm),
         ],
     )
@@ -339,10 +347,21 @@ class LungFieldsOnSource:
     mask: np.ndarray  # bool (Rows, Columns)
     version: str  # the lung fields version that drew them
     relevance_in_lungs: float | None  # the share of the heatmap's relevance inside them
+    findings: tuple[str, ...] = ()  # whether the lungs are wholly in the picture
 
     @property
     def algorithm_version(self) -> str:
         return f"lung fields v{self.version}"
+
+    @property
+    def comment(self) -> str:
+        """One line for the reader: where the heatmap lies, and whether the lungs are wholly
+        in the picture."""
+        share = self.relevance_in_lungs
+        where = "heatmap: nothing to place" if share is None else f"heatmap {share:.0%} on lungs"
+        if self.findings:
+            return f"{where}; lungs not wholly in the picture ({self.algorithm_version})"
+        return f"{where} ({self.algorithm_version})"
 
 
 def _lung_segment(lung: LungFieldsOnSource) -> hd.seg.SegmentDescription:

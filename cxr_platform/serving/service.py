@@ -366,7 +366,9 @@ class CxrService:
                 body = {**prediction, "overlay_png_base64": base64.b64encode(image).decode()}
                 return JSONResponse(body)
             headers = {
-                f"X-CXR-{key.replace('_', '-').title()}": str(value)
+                f"X-CXR-{key.replace('_', '-').title()}": (
+                    ", ".join(value) if isinstance(value, list) else str(value)
+                )
                 for key, value in prediction.items()
             }
             return Response(image, media_type="image/png", headers=headers)

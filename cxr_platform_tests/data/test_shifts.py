@@ -39,6 +39,24 @@ def test_each_shift_moves_its_feature(xray):
         assert pixels.dtype == np.float32 and pixels.min() >= 0 and pixels.max() <= 1
 
 
+def test_field_shifts_take_part_of_the_picture_away(xray):
+    height, width = xray.shape
+    for seed in range(8):
+        cropped = apply_shift(xray, "crop", rng=np.random.default_rng(seed))
+        kept = cropped.shape[0] * cropped.shape[1] / (height * width)
+        assert kept == pytest.approx(0.55, abs=0.01)  # one side, 45% of it, gone
+    shuttered = apply_shift(xray, "collimation", rng=np.random.default_rng(0))
+    assert shuttered.shape == xray.shape
+    assert (shuttered[0] == 1).all() and (shuttered[-1] == 1).all()
+    assert (shuttered[:, 0] == 1).all() and (shuttered[:, -1] == 1).all()
+    centre = (slice(height // 3, 2 * height // 3), slice(width // 3, 2 * width // 3))
+    assert np.array_equal(shuttered[centre], np.clip(xray, 0, 1)[centre])
+    white = (shuttered == 1).mean()
+    assert 0.5 < white < 0.85  # 15-30% from each of four sides
+    mild = apply_shift(xray, "collimation", severity=0.3, rng=np.random.default_rng(0))
+    assert (mild == 1).mean() < white / 2
+
+
 def test_severity_scales_the_shift(xray):
     rng = np.random.default_rng(0)
     mild = _features(apply_shift(xray, "contrast", severity=0.25, rng=rng))["intensity_std"]
