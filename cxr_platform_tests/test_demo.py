@@ -13,7 +13,8 @@ import dagster as dg
 import pytest
 
 from cxr_platform.defs.definitions import build_definitions
-from cxr_platform.deployment.registry import registry_for
+from cxr_platform.deployment.registry import lung_registry_for, registry_for
+from cxr_platform.model_version.lung_fields import LungFieldModel
 from cxr_platform.models.checkpoint import file_sha256
 from cxr_platform_tests.browser import (
     chromium,
@@ -126,6 +127,23 @@ def test_every_version_the_demo_registers_has_a_model_card(demo):
         if version["tags"].get("cxr.finetuned_from"):
             continue
         assert registered[f"model_card_{arch}"].md_str == registry.card(version["version"])
+
+
+def test_the_demo_registers_a_lung_fields_version_that_explanations_measure_against(demo, tmp_path):
+    lungs = lung_registry_for(demo.settings().registry)
+    info = lungs.get("production")
+    card = lungs.card(info.version)
+    assert card.startswith(f"# Model card: {lungs.name} version {info.version}")
+    assert "the synthetic demo set" in card and "Passed: promoted to production" in card
+    carried = LungFieldModel(lungs.download(info.version), model_version=info.version)
+    assert carried.limits is not None and carried.limits.fitted_on["split"] == "val"
+
+    radiograph = sorted((demo.home / "datasets").glob("synthetic-*/NORMAL/*.png"))[0]
+    explained = demo.cxr("explain", str(radiograph), "--out", str(tmp_path / "overlay.png"))
+    assert explained.returncode == 0, explained.stderr[-2000:]
+    assert re.search(
+        rf"lung fields v{info.version}: \d+% of the heatmap lies on the lungs", explained.stdout
+    ), explained.stdout
 
 
 def _text(driver) -> str:
