@@ -331,18 +331,17 @@ def lung_fields_export(learnable_cache, tmp_path_factory) -> LungFieldsExport:
 def release_lung_fields(registry_settings, export: LungFieldsExport) -> str:
     """``export`` registered and promoted as the lung fields version of these registry
     settings, the way the release job does it; its version number."""
-    from mlflow.tracking import MlflowClient
-
     from cxr_platform.deployment.registry import lung_registry_for
     from cxr_platform.deployment.segmentation_release import release_segmenter
     from cxr_platform.model_version.tags import VersionTags
+    from cxr_platform.tracking import ExperimentTracker
 
-    client = MlflowClient(registry_settings.tracking_uri)
-    experiment = client.get_experiment_by_name("lung-fields-test")
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment("lung-fields-test")
+    tracker = ExperimentTracker(
+        registry_settings.tracking_uri,
+        experiment="lung-fields-test",
+        artifact_root=registry_settings.mlflow_dir / "artifacts",  # not the working directory
     )
-    run_id = client.create_run(experiment_id).info.run_id
+    run_id = tracker.start_run("lung fields", {}).run_id
     dice = export.test_dice
     released = release_segmenter(
         lung_registry_for(registry_settings),

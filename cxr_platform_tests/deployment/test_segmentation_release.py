@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.deployment.model_card import CARD_MARKDOWN
@@ -19,6 +18,7 @@ from cxr_platform.model_version.lung_fields import SEGMENTER_REPORT_FILE, LungFi
 from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models.segmentation import LungSegmenter, SegmentationConfig
 from cxr_platform.settings import load_settings
+from cxr_platform.tracking import ExperimentTracker
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -61,8 +61,12 @@ def _release(registry, exported, run_id, *, dice, data_version="manifest-a", flo
 
 def test_a_segmenter_is_its_own_registered_model_gated_promoted_and_loadable(exported, tmp_path):
     settings = load_settings(home=tmp_path / "home")
-    client = MlflowClient(settings.registry.tracking_uri)
-    run_id = client.create_run(client.create_experiment("segmentation")).info.run_id
+    tracker = ExperimentTracker(
+        settings.registry.tracking_uri,
+        experiment="segmentation",
+        artifact_root=settings.registry.mlflow_dir / "artifacts",  # not the working directory
+    )
+    run_id = tracker.start_run("segmenter", {}).run_id
     registry = lung_registry_for(settings.registry)
     assert registry.name == "cxr-lung-fields" != registry_for(settings.registry).name
 
