@@ -205,9 +205,11 @@ def build_sr(
     _add_comments(
         group,
         [
-            f"AI: pneumonia {'present' if present else 'absent'}",
+            # What the lung fields say rides on the finding's line: OHIF shows five lines, its
+            # own rendering of the probability among them, and about 40 characters of each.
+            f"AI: pneumonia {'present' if present else 'absent'}"
+            + (f"; {lung.comment}" if lung is not None else ""),
             f"probability {prediction.probability:.3f}, threshold {algorithm.threshold:.3f}",
-            *([lung.comment] if lung is not None else []),
             *_algorithm_comments(algorithm),
         ],
     )
@@ -355,13 +357,13 @@ class LungFieldsOnSource:
 
     @property
     def comment(self) -> str:
-        """One line for the reader: where the heatmap lies, and whether the lungs are wholly
-        in the picture."""
-        share = self.relevance_in_lungs
-        where = "heatmap: nothing to place" if share is None else f"heatmap {share:.0%} on lungs"
+        """A few words for the reader, after the finding: that the lungs are not wholly in
+        the picture where the fields say so (it matters more), else how much of the heatmap
+        lies on the lungs. The version that drew them is the SEG's second segment's."""
         if self.findings:
-            return f"{where}; lungs not wholly in the picture ({self.algorithm_version})"
-        return f"{where} ({self.algorithm_version})"
+            return "lungs not all in view"
+        share = self.relevance_in_lungs
+        return "map empty" if share is None else f"map {share:.0%} on lungs"
 
 
 def _lung_segment(lung: LungFieldsOnSource) -> hd.seg.SegmentDescription:

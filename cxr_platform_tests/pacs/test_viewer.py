@@ -4,8 +4,9 @@ deployment serve it: over TLS, read-only), in headless chromium, logged in with 
 account of a PACS that asks for one (its administrator's account is another).
 
 Three studies, all in one PACS:
-- a chest radiograph the node analysed (sent to the node as a router would; the node returns its
-  SR, SEG, parametric map and secondary capture to Orthanc);
+- a chest radiograph the node analysed (sent to the node as a router would; the node, with a lung
+  fields version in production, returns its SR, SEG with the heatmap and the lung fields,
+  parametric map and secondary capture to Orthanc);
 - a document the node refused (it returns the not-analysed SR and nothing else);
 - a synthetic case whose heatmap is a known rectangle (the "lesion"), built by the same result
   builders the node uses, so the overlays' place on screen can be checked against it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
@@ -41,6 +43,7 @@ from cxr_platform.pacs.storage import encode_dataset
 from cxr_platform.pacs.viewer import ViewerError, ViewerServer, nginx_binary
 from cxr_platform.ports import free_port
 from cxr_platform_tests.browser import chromium, require_chromium, screenshot_folder, wait_for
+from cxr_platform_tests.conftest import release_lung_fields
 from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_dataset
 
@@ -67,10 +70,25 @@ class ReadingRoom:
     refused: pydicom.Dataset
     lesion: pydicom.Dataset
 
-    def sr_of(self, study_uid: str) -> pydicom.Dataset:
+    def result_of(self, study_uid: str, sop_class: str) -> pydicom.Dataset:
         orthanc = self.pacs.orthanc
-        (sr,) = [i for i in orthanc.study_instances(study_uid) if i["SOPClassUID"] == RESULTS[0]]
-        return pydicom.dcmread(BytesIO(orthanc.instance_file(sr["ID"])))
+        (found,) = [i for i in orthanc.study_instances(study_uid) if i["SOPClassUID"] == sop_class]
+        return pydicom.dcmread(BytesIO(orthanc.instance_file(found["ID"])))
+
+    def sr_of(self, study_uid: str) -> pydicom.Dataset:
+        return self.result_of(study_uid, RESULTS[0])
+
+    def lung_fields_of(self, study_uid: str) -> np.ndarray:
+        """The lung fields segment of the study's SEG, on the source's grid."""
+        seg = self.result_of(study_uid, RESULTS[1])
+        pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+        (frame,) = [
+            i
+            for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
+            if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == 2
+        ]
+        assert seg.SegmentSequence[1].SegmentLabel == made.LUNG_SEGMENT_LABEL
+        return pixels[frame].astype(bool)
 
 
 def _lesion_case(source: pydicom.Dataset, pacs_model) -> list[pydicom.Dataset]:
@@ -94,7 +112,7 @@ def _lesion_case(source: pydicom.Dataset, pacs_model) -> list[pydicom.Dataset]:
 
 
 @pytest.fixture(scope="module")
-def reading_room(pacs_model, chest_pngs, tmp_path_factory):
+def reading_room(pacs_model, lung_fields_export, chest_pngs, tmp_path_factory):
     require_chromium()
     try:
         nginx_binary()
@@ -123,7 +141,12 @@ def reading_room(pacs_model, chest_pngs, tmp_path_factory):
         dicom_retry_initial_seconds=0.5,
         dicom_retry_max_seconds=2.0,
     )
-    node = build_node(dicom, pacs_model.settings.registry, state_dir=base / "node")
+    # With a lung fields version of its own: the SEG carries the fields beside the heatmap.
+    registry = replace(
+        pacs_model.settings.registry, registry_lung_model_name="cxr-lung-fields-viewer"
+    )
+    release_lung_fields(registry, lung_fields_export)
+    node = build_node(dicom, registry, state_dir=base / "node")
     node.start()
     viewer = tls_viewer(base, orthanc.url)
     pacs = Pacs(orthanc, node)
@@ -330,6 +353,20 @@ def coloured_box(picture: np.ndarray, area: tuple[int, int, int, int]) -> tuple 
     return x0 + columns[0], y0 + rows[0], x0 + columns[-1] + 1, y0 + rows[-1] + 1
 
 
+def cyan_box(picture: np.ndarray, area: tuple[int, int, int, int]) -> tuple | None:
+    """The bounding box of the cyan pixels inside ``area``: the lung fields segment's colour,
+    apart from the red heatmap segment and the grey radiograph."""
+    x0, y0, x1, y1 = area
+    region = picture[y0:y1, x0:x1]
+    red, green, blue = region[..., 0], region[..., 1], region[..., 2]
+    cyan = (green - red > 40) & (blue - red > 40)
+    rows = np.flatnonzero(cyan.sum(axis=1) > 5)
+    columns = np.flatnonzero(cyan.sum(axis=0) > 5)
+    if rows.size == 0 or columns.size == 0:
+        return None
+    return x0 + columns[0], y0 + rows[0], x0 + columns[-1] + 1, y0 + rows[-1] + 1
+
+
 def _image_area(driver, source: pydicom.Dataset) -> tuple[tuple[int, int, int, int], tuple]:
     left, top, scale = image_on_screen(driver, int(source.Rows), int(source.Columns))
     right, bottom = left + int(source.Columns) * scale, top + int(source.Rows) * scale
@@ -372,7 +409,8 @@ def test_the_report_is_listed_and_readable_beside_the_image(reading_room, pacs_m
             shots / "analysed-report.png",
         )
     # Finding, probability and operating point, model and version: as the node wrote them.
-    assert finding in ("AI: pneumonia present", "AI: pneumonia absent")
+    # With the lung fields, a few words on where the heatmap lies ride on the finding's line.
+    assert re.fullmatch(r"AI: pneumonia (present|absent); map \d+% on lungs", finding), finding
     (point,) = [t for t in texts if t.startswith("probability ")]
     assert point in shown and "threshold" in point
     probability = float(point.split()[1].rstrip(","))
@@ -427,18 +465,34 @@ def test_the_parametric_map_is_a_heat_overlay_on_the_lesion(reading_room, shots)
 
 def test_the_node_heatmaps_open_as_overlays(reading_room, shots):
     """The node's own SEG and parametric map (its Grad-CAM, wherever it fell) both open over
-    the radiograph they were made from."""
+    the radiograph they were made from; the SEG's lung fields segment lies where the SEG says."""
     room = reading_room
     source = room.analysed
     with reading() as driver:
         open_study(driver, room, source.StudyInstanceUID, [made.PMAP_DESCRIPTION])
-        area, _ = _image_area(driver, source)
+        area, placement = _image_area(driver, source)
         load_series(driver, made.PMAP_DESCRIPTION)
         overlay_box(driver, area, shots / "analysed-pmap.png", 90, "the node's map")
         open_study(driver, room, source.StudyInstanceUID, [made.SEG_DESCRIPTION])
         load_series(driver, made.SEG_DESCRIPTION)
         wait_for(lambda: _clicked(driver, "Yes"), 60, "OHIF's offer to open the segmentation")
         overlay_box(driver, area, shots / "analysed-seg.png", 60, "the node's segmentation")
+        # The second segment, the lung fields, drawn in its own colour where the SEG has them.
+        lungs = room.lung_fields_of(source.StudyInstanceUID)
+        drawn = cyan_box(screenshot(driver, shots / "analysed-seg.png"), area)
+    rows, columns = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
+    left, top, scale = placement
+    expected = np.array(
+        [
+            left + columns[0] * scale,
+            top + rows[0] * scale,
+            left + (columns[-1] + 1) * scale,
+            top + (rows[-1] + 1) * scale,
+        ]
+    )
+    assert drawn is not None, "no lung fields on screen"
+    tolerance = max(4.0, 0.01 * (area[2] - area[0]))
+    assert np.abs(np.array(drawn) - expected).max() <= tolerance, (drawn, expected)
 
 
 def test_the_secondary_capture_opens_as_an_image_with_its_caption(reading_room, shots):
