@@ -8,6 +8,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageFilter
@@ -274,6 +275,7 @@ class LungFieldsExport:
     onnx: Path
     preprocessing: PreprocessingConfig
     test_dice: float
+    model: Any  # the LungSegmenter the file was exported from
 
 
 @pytest.fixture(scope="session")
@@ -325,7 +327,7 @@ def lung_fields_export(learnable_cache, tmp_path_factory) -> LungFieldsExport:
         )
     finally:
         torch.set_num_threads(threads)
-    return LungFieldsExport(onnx, config, dice)
+    return LungFieldsExport(onnx, config, dice, trained)
 
 
 def release_lung_fields(registry_settings, export: LungFieldsExport) -> str:

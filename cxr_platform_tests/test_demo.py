@@ -139,6 +139,15 @@ def test_the_demo_registers_a_lung_fields_version_that_explanations_measure_agai
     assert carried.limits is not None and carried.limits.fitted_on["split"] == "val"
 
     radiograph = sorted((demo.home / "datasets").glob("synthetic-*/NORMAL/*.png"))[0]
+    # Each classifier's heatmaps measured against the fields on the test split.
+    with dg.DagsterInstance.from_config(str(demo.instance_dir)) as instance:
+        for arch in ("baseline_cnn", "resnet18"):
+            measured = instance.get_latest_materialization_event(
+                dg.AssetKey([arch, "relevance_in_lungs"])
+            ).asset_materialization.metadata
+            assert 0.0 <= measured["median_share_in_lungs"].value <= 1.0
+            assert "data:image/png;base64," in measured["least_in_lungs"].value
+
     explained = demo.cxr("explain", str(radiograph), "--out", str(tmp_path / "overlay.png"))
     assert explained.returncode == 0, explained.stderr[-2000:]
     assert re.search(

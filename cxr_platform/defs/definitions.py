@@ -66,7 +66,7 @@ def build_definitions(settings: CxrSettings | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         build_data_definitions(),
         build_training_definitions(models, settings.training.combines_models),
-        build_segmentation_definitions(),
+        build_segmentation_definitions(tuple(models)),
         build_deployment_definitions(model_names(models, settings.training.combines_models)),
         build_monitoring_definitions(settings.monitoring),
         build_batch_definitions(),

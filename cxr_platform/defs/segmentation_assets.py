@@ -21,7 +21,7 @@ from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.deployment_assets import DEPLOY_GROUP
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
-from cxr_platform.defs.training_assets import png_markdown
+from cxr_platform.defs.training_assets import png_markdown, trained_model_key
 from cxr_platform.deployment.registry import lung_registry_for
 from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
 from cxr_platform.deployment.segmentation_release import (
@@ -29,6 +29,7 @@ from cxr_platform.deployment.segmentation_release import (
     SEGMENTER_MODEL_NAME,
     release_segmenter,
 )
+from cxr_platform.explain.lung_relevance import measure_lung_relevance
 from cxr_platform.model_version.lung_fields import (
     SEGMENTER_ONNX_FILE,
     field_measures,
@@ -37,6 +38,8 @@ from cxr_platform.model_version.lung_fields import (
 )
 from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models import segmentation_pipeline as seg
+from cxr_platform.models.checkpoint import Checkpoint
+from cxr_platform.models.pipeline import TrainedModel
 from cxr_platform.models.segmentation import predict_lung_logits
 from cxr_platform.provenance import git_commit
 from cxr_platform.terminal import interactive
@@ -286,7 +289,62 @@ def lung_fields_version(
     )
 
 
-def build_segmentation_definitions() -> dg.Definitions:
+def relevance_in_lungs_key(arch: str) -> dg.AssetKey:
+    return dg.AssetKey([arch, "relevance_in_lungs"])
+
+
+def _relevance_in_lungs_asset(arch: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=relevance_in_lungs_key(arch),
+        group_name=GROUP,
+        kinds={"pytorch"},
+        ins={
+            "trained_model": dg.AssetIn(trained_model_key(arch)),
+            "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
+            "lung_segmenter": dg.AssetIn(dg.AssetKey("lung_segmenter")),
+        },
+        description=f"{arch}: the share of its Grad-CAM relevance inside the lung fields on "
+        "every test image, by class, and the images where the least lies on the lungs.",
+    )
+    def relevance_in_lungs(
+        platform: PlatformSettings,
+        trained_model: TrainedModel,
+        preprocessed_cache: PreprocessedCache,
+        lung_segmenter: seg.TrainedSegmenter,
+    ) -> dg.Output[dict]:
+        training = platform.settings().training
+        segmenter, preprocessing = seg.load_segmenter(lung_segmenter.checkpoint)
+        report = measure_lung_relevance(
+            Checkpoint.load(trained_model.checkpoint),
+            segmenter,
+            preprocessing,
+            preprocessed_cache,
+            training.reports_dir / "relevance-in-lungs" / trained_model.model_name,
+            model_name=trained_model.model_name,
+        )
+        summary = report.summary
+        return dg.Output(
+            {"summary": summary, "by_class": report.by_class},
+            metadata=readable(
+                {
+                    "median_share_in_lungs": summary.get("median"),
+                    "p10_share_in_lungs": summary.get("p10"),
+                    "mostly_outside": summary.get("mostly_outside"),
+                    "images": summary["images"],
+                    "lung_fields_run": lung_segmenter.mlflow_run_id,
+                    "report": dg.MetadataValue.md(report.markdown()),
+                    "least_in_lungs": dg.MetadataValue.md(
+                        png_markdown(report.picture, "least relevance in the lungs")
+                    ),
+                }
+            ),
+        )
+
+    return relevance_in_lungs
+
+
+def build_segmentation_definitions(archs: tuple[str, ...] = ()) -> dg.Definitions:
+    """``archs``: the classifiers whose heatmaps are measured against the lung fields."""
     return dg.Definitions(
         assets=[
             lung_field_masks,
@@ -294,6 +352,7 @@ def build_segmentation_definitions() -> dg.Definitions:
             lung_segmentation_evaluation,
             lung_segmenter_onnx,
             lung_fields_version,
+            *(_relevance_in_lungs_asset(arch) for arch in archs),
         ],
         asset_checks=[dice_floor],
     )
