@@ -103,6 +103,15 @@ def drift_metadata(result: DriftResult) -> dict[str, Any]:
             f"{site}: {', '.join(failed)}" for site, failed in result.failed_sites.items()
         )
         or "none",
+        **(
+            {
+                "explained_records": result.lung_relevance.n_explained,
+                "relevance_in_lungs_median": result.lung_relevance.median,
+                "explained_mostly_off_the_lungs": result.lung_relevance.mostly_outside,
+            }
+            if result.lung_relevance is not None
+            else {}
+        ),
         "sites": dg.MetadataValue.md(sites_markdown(result)),
         "acquisition": dg.MetadataValue.md(acquisition_markdown(result)),
         "rule": dg.MetadataValue.json(result.rule.to_dict()),

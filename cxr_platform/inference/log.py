@@ -73,6 +73,9 @@ predictions_table = sa.Table(
     sa.Column("shadow_gate", sa.String(48)),
     # Which site sent it (an HTTP header or API key, a DICOM calling AE title); nullable.
     sa.Column("site", sa.String(64), index=True),
+    # Where its explanation looked: the share of the Grad-CAM relevance inside the lung fields,
+    # written after the row when a lung fields version explained it (/explain, the node).
+    sa.Column("relevance_in_lungs", sa.Float),
 )
 
 # Images the input gate refused: no diagnosis left, so no probability to put in the records.
@@ -319,6 +322,20 @@ class InferenceLog:
             if refused:
                 connection.execute(_insert_new(refusals_table, self.engine.dialect), refused)
         return len(rows) + len(refused)
+
+    def record_lung_relevance(self, request_id: str, share: float | None) -> bool:
+        """The share of an explained request's relevance inside the lung fields, on its row
+        (written when it was scored); False when no row has that request id (the log was
+        down when it was scored)."""
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise InferenceLogError(f"a share of relevance is within [0, 1], not {share}")
+        with self.engine.begin() as connection:
+            updated = connection.execute(
+                predictions_table.update()
+                .where(predictions_table.c.request_id == request_id)
+                .values(relevance_in_lungs=share)
+            )
+        return updated.rowcount > 0
 
     def refusals(
         self,

@@ -164,6 +164,33 @@ class AcquisitionGroup:
         return self.source + (f" @ {self.site}" if self.site is not None else "")
 
 
+# An explained record is "mostly outside" when under half its relevance lies on the lungs.
+MOSTLY_OUTSIDE = 0.5
+
+
+@dataclass(frozen=True)
+class LungRelevanceWindow:
+    """Where the window's explanations looked, where a lung fields version measured it: a
+    signal to watch (a classifier that starts looking off the lungs), not yet one that fires."""
+
+    n_explained: int
+    median: float
+    mostly_outside: float  # the share of explained records with most relevance off the lungs
+
+
+def lung_relevance_of(rows: pd.DataFrame) -> LungRelevanceWindow | None:
+    if "relevance_in_lungs" not in rows:
+        return None
+    shares = pd.to_numeric(rows["relevance_in_lungs"], errors="coerce").dropna().to_numpy()
+    if len(shares) == 0:
+        return None
+    return LungRelevanceWindow(
+        n_explained=len(shares),
+        median=float(np.median(shares)),
+        mostly_outside=float((shares < MOSTLY_OUTSIDE).mean()),
+    )
+
+
 @dataclass(frozen=True)
 class DriftResult:
     window: str
@@ -194,6 +221,7 @@ class DriftResult:
     estimated_prevalence: float | None = None
     reference_prevalence: float | None = None
     label_free: TrustedEstimate | None = None  # the whole window's, as per site
+    lung_relevance: LungRelevanceWindow | None = None  # None: no explanation measured it
     snapshot: Any = field(default=None, repr=False, compare=False)  # Evidently's, for HTML
 
     @property
@@ -630,6 +658,7 @@ def evaluate_window(
         estimated_prevalence=_estimated_prevalence(scored, reference_prevalence),
         reference_prevalence=reference_prevalence,
         label_free=estimates.of(scored, None),
+        lung_relevance=lung_relevance_of(records),
         snapshot=snapshot,
     )
 

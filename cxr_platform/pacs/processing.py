@@ -223,6 +223,14 @@ class InstanceProcessor:
             on_grid, fields.version, fields.relevance_inside(heatmap), fields.findings
         )
 
+    def _record_lung_relevance(self, request_id: str, share: float | None) -> None:
+        """On the instance's log row, for monitoring. The result does not wait on it: a log
+        that fails now (it took the row a moment ago) costs the signal, not the study."""
+        try:
+            self.inference_log.record_lung_relevance(request_id, share)
+        except Exception as exc:  # the database's own errors, whatever its driver
+            log.warning("relevance in lungs not logged for %s: %s", request_id, exc)
+
     def _algorithm(self, production: Predictor) -> Algorithm:
         return Algorithm(
             model_name=production.model_name,
@@ -311,6 +319,7 @@ class InstanceProcessor:
             clock.lap("Grad-CAM")
             lung = self._lung_fields(models, production, explainer, prepared, heatmap, source)
             if lung is not None:
+                self._record_lung_relevance(request_id, lung.relevance_in_lungs)
                 clock.lap("lung fields")
             if "seg" in kinds:
                 seg = build_seg(source, on_grid, algorithm, lung)

@@ -357,8 +357,13 @@ class CxrService:
             )
             fields = await anyio.to_thread.run_sync(self._lung_fields, request)
             if fields is not None:
-                # Where the heatmap lies: the share of its relevance inside the lung fields.
-                prediction = {**prediction, **fields.summary(heatmap)}
+                # Where the heatmap lies: the share of its relevance inside the lung fields,
+                # answered and kept on the request's log row for monitoring.
+                lungs = fields.summary(heatmap)
+                prediction = {**prediction, **lungs}
+                await anyio.to_thread.run_sync(
+                    self._record_lung_relevance, request.request_id, lungs["relevance_in_lungs"]
+                )
             from cxr_platform.explain.gradcam import png_bytes
 
             image = png_bytes(overlay)
@@ -510,6 +515,13 @@ class CxrService:
         # would see each other's activations; explanations are rare enough to take turns.
         with self._gradcam_lock:
             return explainer.heatmap_overlay(upload.pixels, upload.decoded)
+
+    def _record_lung_relevance(self, request_id: str, share: float | None) -> None:
+        try:
+            self.inference_log.record_lung_relevance(request_id, share)
+        except Exception:  # the answer does not wait on a signal for monitoring
+            log_failures.inc()
+            log.exception("relevance in lungs not logged for %s", request_id)
 
     @staticmethod
     def _lung_fields(request: ScoreRequest) -> LungFields | None:

@@ -7,6 +7,7 @@ import stat
 import uuid
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxr_platform.data.features import ImageFeatures, intensity_features
@@ -67,6 +68,13 @@ def _exercise(log: InferenceLog) -> None:
         log.add_feedback("a", "maybe")
     with pytest.raises(InferenceLogError):
         _record("c", source="email")
+    # An explanation's share of relevance on the lungs, on its row after it was scored.
+    assert log.record_lung_relevance("b", 0.25) is True
+    assert log.record_lung_relevance("never-seen", 0.5) is False
+    with pytest.raises(InferenceLogError, match="within"):
+        log.record_lung_relevance("b", 1.5)
+    shares = log.records().set_index("request_id")["relevance_in_lungs"]
+    assert shares["b"] == pytest.approx(0.25) and pd.isna(shares["a"])
     _exercise_sites(log)
 
 

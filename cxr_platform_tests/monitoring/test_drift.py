@@ -23,6 +23,7 @@ from cxr_platform.deployment.reference import (
 from cxr_platform.monitoring.drift import (
     DriftError,
     DriftRule,
+    LungRelevanceWindow,
     acquisition_markdown,
     evaluate_window,
     save_drift_report,
@@ -94,6 +95,21 @@ def test_fresh_patients_from_the_same_scanner_do_not_drift(reference, fresh_pati
         float((reference["label"] == "PNEUMONIA").mean())
     )
     assert 0 < result.estimated_prevalence < 1
+
+
+def test_the_window_says_where_its_explanations_looked_without_firing(reference, fresh_patients):
+    records = _window(fresh_patients)
+    plain = evaluate_window(reference, records, window="w", model_version="3")
+    assert plain.lung_relevance is None  # nothing explained with lung fields
+    explained = records.copy()
+    explained["relevance_in_lungs"] = np.nan
+    explained.loc[explained.index[:10], "relevance_in_lungs"] = [0.1] * 4 + [0.8] * 6
+    result = evaluate_window(reference, explained, window="w", model_version="3")
+    assert result.lung_relevance == LungRelevanceWindow(
+        n_explained=10, median=0.8, mostly_outside=0.4
+    )
+    assert result.fired == plain.fired  # watched, not (yet) a reason to act
+    assert result.to_dict()["lung_relevance"]["n_explained"] == 10
 
 
 @pytest.mark.parametrize("shift", ["exposure", "resolution", "blur"])

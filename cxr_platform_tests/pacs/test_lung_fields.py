@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
+from cxr_platform.inference.log import InferenceLog
 from cxr_platform.pacs import build_node
 from cxr_platform.pacs.results import LUNG_SEGMENT_LABEL
 from cxr_platform.ports import free_port
+from cxr_platform.redaction import hash_uid
 from cxr_platform_tests.conftest import release_lung_fields
 
 from .conftest import VARIANTS, dciodvfy_errors, radiograph, wait_for
@@ -55,6 +57,12 @@ def test_the_seg_draws_the_lung_fields_beside_the_heatmap_and_the_ledger_says_wh
         detail = node.storage.detail(uid) or ""
         share = re.search(rf"relevance in lungs (\d\.\d\d) \(lung fields v{version}\)", detail)
         assert share and 0.0 <= float(share.group(1)) <= 1.0, detail
+        # On the instance's log row too, where monitoring reads it per window.
+        log = InferenceLog(dicom.inference_log_uri)
+        rows = log.records().set_index("sop_instance_uid_hash")
+        log.dispose()
+        share_logged = rows.loc[hash_uid(uid, node.processor.uid_salt), "relevance_in_lungs"]
+        assert f"relevance in lungs {share_logged:.2f}" in detail
         seg_path = next(
             path
             for study in node.storage.outbox()

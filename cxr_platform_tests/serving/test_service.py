@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
@@ -311,6 +312,12 @@ def test_explain_says_how_much_relevance_lies_in_the_lung_fields_once_a_version_
     assert as_png.headers["x-cxr-relevance-in-lungs"] == str(body["relevance_in_lungs"])
     assert as_png.headers["x-cxr-lung-field-findings"] == ""
     assert "relevance_in_lungs" not in predicted  # /predict does not run the segmenter
+    # Kept on the request's log row, where monitoring reads it per window.
+    rows = live_service.inference_log().records().set_index("request_id")
+    assert rows.loc[body["request_id"], "relevance_in_lungs"] == pytest.approx(
+        body["relevance_in_lungs"]
+    )
+    assert pd.isna(rows.loc[predicted["request_id"], "relevance_in_lungs"])
 
 
 def test_feedback_attaches_a_label_to_a_request(live_service):
