@@ -334,7 +334,7 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
         if any(setup.transport == "dicomweb" for setup in setups):
             stack.enter_context(web_orthanc)
         for setup, workers, lungs in runs:
-            label = f"{setup} w{workers}" + (" -lungs" if lungs == "without" else "")
+            label = f"{setup} w{workers}" + (" +lungs" if lungs == "with" else " -lungs")
             # A registered model name nobody registers: the node finds no lung fields version.
             registry = (
                 settings.registry
@@ -371,11 +371,12 @@ def run(args: argparse.Namespace, settings, work: Path) -> None:
                 raise SystemExit(f"{settings.home} has no production model: run `make demo`")
             if lungs == "with" and current.lung_fields is None:
                 raise SystemExit(f"{settings.home} has no lung fields version in production")
+            if lungs == "with":
+                print(f"{label}: lung fields version {current.lung_fields_version}")
             if not stage_lines:
                 print(
                     f"model {production.model_name} v{production.model_version} "
-                    f"({production.metadata.arch}, {production.preprocessing.image_size} px); "
-                    f"lung fields v{current.lung_fields_version or '(none)'}"
+                    f"({production.metadata.arch}, {production.preprocessing.image_size} px)"
                 )
                 print(f"{'setup, workers':<34} {'mode':<11} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
                       f"{'p95/baseline':>13} {'images/s':>9}")  # fmt: skip

@@ -169,8 +169,8 @@ def build_sr(
     lung: LungFieldsOnSource | None = None,
 ) -> Dataset:
     """Comprehensive 3D SR with a TID 1500 measurement report about ``source``; with the lung
-    fields, a line that says how much of the heatmap lies on the lungs and whether the lungs
-    are wholly in the picture."""
+    fields, the finding's line also says how much of the heatmap lies on the lungs, or that the
+    lungs are not all in view."""
     uids = result_uids(source, algorithm, "sr")
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
