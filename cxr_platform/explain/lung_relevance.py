@@ -15,19 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cxr_platform.data.cache import PreprocessedCache  # noqa: E402
-from cxr_platform.data.preprocessing import PreprocessingConfig  # noqa: E402
-from cxr_platform.explain.checks import relevance_inside  # noqa: E402
-from cxr_platform.explain.gradcam import heatmaps_for_uint8  # noqa: E402
-from cxr_platform.models.checkpoint import Checkpoint  # noqa: E402
-from cxr_platform.models.segmentation import LungSegmenter, predict_lung_logits  # noqa: E402
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.explain.gradcam import heatmaps_for_uint8
+from cxr_platform.model_version.lung_fields import relevance_inside
+from cxr_platform.models.checkpoint import Checkpoint
+from cxr_platform.models.reporting import image_grid, save_figure
+from cxr_platform.models.segmentation import LungSegmenter, predict_lung_logits
 
 WORST_SHOWN = 10
 
@@ -92,13 +89,8 @@ def _plot_worst(
     images: np.ndarray, heatmaps: np.ndarray, fields: np.ndarray, frame: pd.DataFrame, path: Path
 ) -> Path:
     worst = frame.dropna(subset=["relevance_in_lungs"]).nsmallest(WORST_SHOWN, "relevance_in_lungs")
-    count = max(1, len(worst))
-    columns = min(5, count)
-    rows = (count + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (position, row) in zip(axes.ravel(), worst.iterrows(), strict=False):
+    fig, axes = image_grid(len(worst), columns=min(5, max(1, len(worst))), cell=(2.4, 2.6))
+    for ax, (position, row) in zip(axes, worst.iterrows(), strict=False):
         ax.imshow(images[position], cmap="gray")
         ax.imshow(heatmaps[position], cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.contour(fields[position], levels=[0.5], colors="cyan", linewidths=1.0)
@@ -110,11 +102,7 @@ def _plot_worst(
     fig.suptitle(
         "Least relevance inside the lung fields (cyan): Grad-CAM over the image", fontsize=9
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def measure_lung_relevance(

@@ -36,6 +36,7 @@ from cxr_platform.explain.checks import (  # noqa: E402
 from cxr_platform.explain.gradcam import gradcam_method, heatmaps_for_uint8, overlay  # noqa: E402
 from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.checkpoint import Checkpoint  # noqa: E402
+from cxr_platform.models.reporting import save_figure  # noqa: E402
 from cxr_platform.models.training import predict_logits  # noqa: E402
 
 GALLERY_GROUPS = ("true positive", "false positive", "false negative", "true negative")
@@ -153,11 +154,7 @@ def plot_gallery(
             ax.imshow(overlay(images[index], heatmaps[index]))
             ax.set_title(f"{group}\np={probabilities[index]:.2f}  {names[index][:18]}", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def explain_checkpoint(

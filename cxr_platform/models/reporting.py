@@ -222,10 +222,27 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: Path, title: s
 
 
 def _save(fig, path: Path) -> Path:
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: Path, *, dpi: int) -> Path:
+    """``fig`` laid out, written to ``path`` (its folder made), and closed."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def image_grid(count: int, *, columns: int, cell: tuple[float, float]) -> tuple[Any, list]:
+    """A figure of ``count`` image cells, ``columns`` to a row, axes off; its axes in order."""
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(cell[0] * columns, cell[1] * rows), squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, list(axes.ravel())
 
 
 def write_report_files(

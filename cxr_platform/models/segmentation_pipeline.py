@@ -13,19 +13,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # headless: Dagster workers and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from cxr_platform.data.cache import PreprocessedCache  # noqa: E402
-from cxr_platform.data.lung_masks import LungMaskCache  # noqa: E402
-from cxr_platform.data.patients import file_name_family  # noqa: E402
-from cxr_platform.data.preprocessing import PreprocessingConfig  # noqa: E402
-from cxr_platform.models.checkpoint import file_sha256  # noqa: E402
-from cxr_platform.models.segmentation import (  # noqa: E402
+from cxr_platform.data.cache import PreprocessedCache
+from cxr_platform.data.lung_masks import LungMaskCache
+from cxr_platform.data.patients import file_name_family
+from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.models.checkpoint import file_sha256
+from cxr_platform.models.reporting import image_grid, save_figure
+from cxr_platform.models.segmentation import (
     LungSegmenter,
     SegmentationConfig,
     SegmentationEpoch,
@@ -35,10 +32,10 @@ from cxr_platform.models.segmentation import (  # noqa: E402
     predict_lung_logits,
     train_segmenter,
 )
-from cxr_platform.models.training import select_device  # noqa: E402
-from cxr_platform.provenance import git_commit  # noqa: E402
-from cxr_platform.sections import TrackedSection, TrainingSection  # noqa: E402
-from cxr_platform.tracking import ExperimentTracker  # noqa: E402
+from cxr_platform.models.training import select_device
+from cxr_platform.provenance import git_commit
+from cxr_platform.sections import TrackedSection, TrainingSection
+from cxr_platform.tracking import ExperimentTracker
 
 SEGMENTER_NAME = "lung_unet"
 CHECKPOINT_KIND = "lung_segmentation"
@@ -288,12 +285,8 @@ def plot_worst_cases(
     """Each of the worst cases: the image with the reference border (green) and the predicted
     one (red), so a reader sees at once whether the miss is the network's or the mask's."""
     worst = report.worst(n)
-    columns = 5
-    rows = max(1, int(np.ceil(len(worst) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (position, row) in zip(axes.ravel(), worst.iterrows(), strict=False):
+    fig, axes = image_grid(len(worst), columns=5, cell=(3.0, 3.3))
+    for ax, (position, row) in zip(axes, worst.iterrows(), strict=False):
         ax.imshow(images[position], cmap="gray", vmin=0, vmax=255)
         ax.contour(truth[position], levels=[0.5], colors="lime", linewidths=1.0)
         if predicted[position].any():
@@ -303,11 +296,7 @@ def plot_worst_cases(
             fontsize=7,
         )
     fig.suptitle("Worst by Dice: reference (green), predicted (red)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def report_paths(store: TrackedSection, run_id: str, split: str = "test") -> tuple[Path, Path]:
