@@ -36,7 +36,6 @@ from cxr_platform.data import pipeline as data_pipeline
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8, to_square_uint8
 from cxr_platform.data.shifts import FIELD_SHIFT_NAMES, apply_shift
 from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
-from cxr_platform.explain.checks import relevance_inside
 from cxr_platform.explain.gradcam import heatmaps_for_uint8
 from cxr_platform.model_version.files import onnx_session
 from cxr_platform.model_version.lung_fields import (
@@ -44,6 +43,7 @@ from cxr_platform.model_version.lung_fields import (
     SEGMENTER_INPUT,
     field_measures,
     fit_field_limits,
+    relevance_inside,
 )
 from cxr_platform.models import segmentation_pipeline as seg
 from cxr_platform.models.checkpoint import Checkpoint

@@ -92,22 +92,6 @@ def pointing_game(
     )
 
 
-def relevance_inside(heatmaps: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """Per image, the share of the heatmap's relevance (its positive mass) inside the region.
-
-    ``heatmaps`` (N, H, W) and boolean ``regions`` (N, H, W) must be aligned. NaN for a map with
-    no positive relevance: it points nowhere, so it is neither inside nor outside.
-    """
-    heatmaps = np.clip(np.asarray(heatmaps, dtype=np.float64), 0.0, None)
-    regions = np.asarray(regions, dtype=bool)
-    if heatmaps.shape != regions.shape:
-        raise ValueError(f"heatmaps {heatmaps.shape} and regions {regions.shape} differ in shape")
-    total = heatmaps.reshape(len(heatmaps), -1).sum(1)
-    inside = (heatmaps * regions).reshape(len(heatmaps), -1).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, inside / total, np.nan)
-
-
 @dataclass(frozen=True)
 class RandomizationResult:
     n: int

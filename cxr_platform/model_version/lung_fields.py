@@ -53,6 +53,22 @@ FINDINGS = {
 }
 
 
+def relevance_inside(heatmaps: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Per image, the share of the heatmap's relevance (its positive mass) inside the region.
+
+    ``heatmaps`` (N, H, W) and boolean ``regions`` (N, H, W) must be aligned. NaN for a map with
+    no positive relevance: it points nowhere, so it is neither inside nor outside.
+    """
+    heatmaps = np.clip(np.asarray(heatmaps, dtype=np.float64), 0.0, None)
+    regions = np.asarray(regions, dtype=bool)
+    if heatmaps.shape != regions.shape:
+        raise ValueError(f"heatmaps {heatmaps.shape} and regions {regions.shape} differ in shape")
+    total = heatmaps.reshape(len(heatmaps), -1).sum(1)
+    inside = (heatmaps * regions).reshape(len(heatmaps), -1).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
 def segmenter_metadata(path: str | Path) -> dict[str, Any]:
     """What an exported segmenter carries (``preprocessing``, recipe, run, test Dice, the
     limits of its fields)."""
@@ -188,11 +204,8 @@ class LungFields:
     def relevance_inside(self, heatmap: np.ndarray) -> float | None:
         """The share of a heatmap's positive relevance inside the fields (None: the map has
         none, so it points nowhere). ``heatmap`` on the same square."""
-        heatmap = np.clip(np.asarray(heatmap, dtype=np.float64), 0.0, None)
-        if heatmap.shape != self.mask.shape:
-            raise ValueError(f"heatmap {heatmap.shape} and fields {self.mask.shape} differ")
-        total = float(heatmap.sum())
-        return float((heatmap * self.mask).sum() / total) if total > 0 else None
+        share = float(relevance_inside(np.asarray(heatmap)[None], self.mask[None])[0])
+        return None if np.isnan(share) else share
 
     def summary(self, heatmap: np.ndarray | None = None) -> dict[str, Any]:
         values: dict[str, Any] = {

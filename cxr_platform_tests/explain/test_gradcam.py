@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from cxr_platform.data.preprocessing import normalize_uint8
-from cxr_platform.explain.checks import pointing_game, randomization_check, relevance_inside
+from cxr_platform.explain.checks import pointing_game, randomization_check
 from cxr_platform.explain.gradcam import gradcam_heatmaps, gradcam_method, overlay
 from cxr_platform.explain.report import explain_checkpoint, lesion_masks
+from cxr_platform.model_version.lung_fields import relevance_inside
 from cxr_platform.models.training import load_checkpoint, model_from_checkpoint, set_phase
 from cxr_platform.models.zoo import ARCHITECTURES, build_model
 

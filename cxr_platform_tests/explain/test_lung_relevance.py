@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_platform.explain.checks import relevance_inside
 from cxr_platform.explain.gradcam import heatmaps_for_uint8
 from cxr_platform.explain.lung_relevance import measure_lung_relevance
+from cxr_platform.model_version.lung_fields import relevance_inside
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.segmentation import predict_lung_logits
 
