@@ -654,13 +654,18 @@ class ModelRegistry:
 
 def registry_for(registry_settings: RegistrySection) -> ModelRegistry:
     """The registry these settings name, with its download cache under the home."""
+    return _registry_for(registry_settings, registry_settings.registry_model_name)
+
+
+def _registry_for(registry_settings: RegistrySection, name: str, **kind: Any) -> ModelRegistry:
     registry_settings.ensure_dirs()
     return ModelRegistry(
         registry_settings.tracking_uri,
-        name=registry_settings.registry_model_name,
+        name=name,
         cache_dir=registry_settings.registry_cache_dir,
         lock_url=registry_settings.lock_uri,
         ui_url=registry_settings.ui_url,
+        **kind,
     )
 
 
@@ -672,13 +677,9 @@ LUNG_FIELDS_DESCRIPTION = (
 
 def lung_registry_for(registry_settings: RegistrySection) -> ModelRegistry:
     """The lung segmentation version's registered model, in the same store and cache."""
-    registry_settings.ensure_dirs()
-    return ModelRegistry(
-        registry_settings.tracking_uri,
-        name=registry_settings.registry_lung_model_name,
-        cache_dir=registry_settings.registry_cache_dir,
-        lock_url=registry_settings.lock_uri,
-        ui_url=registry_settings.ui_url,
+    return _registry_for(
+        registry_settings,
+        registry_settings.registry_lung_model_name,
         files=(SEGMENTER_ONNX_FILE, SEGMENTER_REPORT_FILE),
         description=LUNG_FIELDS_DESCRIPTION,
     )
