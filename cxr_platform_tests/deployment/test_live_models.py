@@ -6,8 +6,12 @@ import threading
 import time
 
 from cxr_platform.deployment.pipeline import register_exported, registry_for
-from cxr_platform.deployment.registry import PRODUCTION, SHADOW
+from cxr_platform.deployment.registry import PRODUCTION, SHADOW, lung_registry_for
 from cxr_platform.inference.live import LiveModels
+from cxr_platform.model_version.lung_fields import SEGMENTER_REPORT_FILE
+from cxr_platform.model_version.tags import VersionTags
+from cxr_platform.tracking import ExperimentTracker
+from cxr_platform_tests.conftest import release_lung_fields
 
 from .conftest import export_for_registry
 
@@ -96,3 +100,47 @@ def test_polling_picks_up_a_promotion_and_survives_registry_errors(
         live.stop()
     assert calls["n"] >= 2
     assert live.current().versions == {PRODUCTION: v1.version, SHADOW: None}
+
+
+def test_a_lung_fields_version_follows_its_alias_and_a_broken_one_never_stops_the_classifiers(
+    settings, trained_checkpoint, learnable_cache, lung_fields_export, tmp_path
+):
+    """A lung fields version loads beside the classifiers; one whose files cannot be loaded is
+    logged and passed over, the classifiers still follow their aliases, and the last good lung
+    version stays in service."""
+    exported = export_for_registry(
+        settings, trained_checkpoint, learnable_cache, tmp_path / "a", "a"
+    )
+    v1 = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
+    registry = registry_for(settings.registry)
+    registry.promote(v1.version, triggered_by="test")
+    lungs = lung_registry_for(settings.registry)
+    live = LiveModels(registry, threads=1, lung_registry=lungs)
+    assert live.refresh() and live.current().lung_fields is None  # none registered yet
+
+    good = release_lung_fields(settings.registry, lung_fields_export)
+    assert live.refresh() and live.current().lung_fields_version == good
+    squares = learnable_cache.images("test", mmap=False)[:2]
+    snapshot = live.current()
+    assert snapshot.fields_of(squares[0], snapshot.production).mask.shape == squares[0].shape
+
+    # A version without its model file (a half-copied artifact store), promoted by hand.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / SEGMENTER_REPORT_FILE).write_text("{}")
+    run_id = (
+        ExperimentTracker(
+            settings.registry.tracking_uri,
+            experiment="lung-fields-test",
+            artifact_root=settings.registry.mlflow_dir / "artifacts",
+        )
+        .start_run("broken", {})
+        .run_id
+    )
+    bad = lungs.register_folder(broken, run_id=run_id, tags=VersionTags(), triggered_by="test")
+    lungs.promote(bad.version, triggered_by="test")
+    v2 = register_exported(settings.registry, exported, triggered_by="test", shadow=False)
+    registry.promote(v2.version, triggered_by="test")
+    assert live.refresh()
+    assert live.current().versions[PRODUCTION] == v2.version  # the classifier moved on
+    assert live.current().lung_fields_version == good  # the last good lung version stays
