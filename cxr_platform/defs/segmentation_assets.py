@@ -17,6 +17,7 @@ import pandas as pd
 from cxr_platform.data import pipeline as data_pipeline
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.lung_masks import LungMaskCache
+from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.deployment_assets import DEPLOY_GROUP
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
@@ -30,6 +31,7 @@ from cxr_platform.deployment.segmentation_release import (
     release_segmenter,
 )
 from cxr_platform.explain.lung_relevance import measure_lung_relevance
+from cxr_platform.model_version.files import ExportError
 from cxr_platform.model_version.lung_fields import (
     SEGMENTER_ONNX_FILE,
     field_measures,
@@ -179,6 +181,18 @@ def dice_floor(
 PARITY_IMAGES = 64
 
 
+def _exported_as(path: Path, metadata: dict, preprocessing: PreprocessingConfig) -> bool:
+    """Whether ``path`` is already the export these facts describe."""
+    if not path.exists():
+        return False
+    try:
+        carried = segmenter_metadata(path)
+    except ExportError:
+        return False
+    wanted = json.loads(json.dumps({**metadata, "preprocessing": preprocessing.to_dict()}))
+    return carried == wanted
+
+
 @dg.asset(group_name=GROUP, kinds={"onnx"})
 def lung_segmenter_onnx(
     platform: PlatformSettings,
@@ -195,19 +209,19 @@ def lung_segmenter_onnx(
     # fields (the split that stopped training; the test split stays for judging).
     val_fields = predict_lung_logits(model, preprocessed_cache.images("val"), preprocessing) > 0
     limits = fit_field_limits(field_measures(val_fields), split="val")
-    path = export_segmenter_onnx(
-        model,
-        preprocessing,
-        lung_segmenter.checkpoint.parent / "export" / SEGMENTER_ONNX_FILE,
-        metadata={
-            "kind": seg.CHECKPOINT_KIND,
-            "mlflow_run_id": lung_segmenter.mlflow_run_id,
-            "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
-            "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
-            "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
-            "field_limits": limits.to_dict(),
-        },
-    )
+    metadata = {
+        "kind": seg.CHECKPOINT_KIND,
+        "mlflow_run_id": lung_segmenter.mlflow_run_id,
+        "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
+        "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
+        "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
+        "field_limits": limits.to_dict(),
+    }
+    path = lung_segmenter.checkpoint.parent / "export" / SEGMENTER_ONNX_FILE
+    # Written once: materialized again for the same checkpoint, the export already made (and
+    # perhaps registered, or being read) stays as it is.
+    if not _exported_as(path, metadata, preprocessing):
+        path = export_segmenter_onnx(model, preprocessing, path, metadata=metadata)
     images = preprocessed_cache.images("test")[:PARITY_IMAGES]
     parity = segmenter_parity(model, path, images, preprocessing)
     if not parity.passed:

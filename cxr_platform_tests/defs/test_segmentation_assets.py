@@ -5,6 +5,7 @@ masks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -115,6 +116,20 @@ def test_masks_train_and_evaluate_a_segmentation_version_on_the_patient_split(
     assert carried["mlflow_run_id"] == trained.mlflow_run_id
     assert carried["test_dice_mean"] == report["summary"]["dice_mean"]
     assert carried["preprocessing"]["image_size"] == 64
+
+    # Written once: materialized again for the same checkpoint, the export is left as it was.
+    before = Path(exported["onnx"]).stat()
+    again = (
+        build_definitions(settings)
+        .resolve_implicit_global_asset_job_def()
+        .execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(),
+            asset_selection=[dg.AssetKey("lung_segmenter_onnx")],
+        )
+    )
+    assert again.output_for_node("lung_segmenter_onnx")["onnx"] == exported["onnx"]
+    after = Path(exported["onnx"]).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
     # Registered as its own model, judged by the same floor, promoted, with its card.
     registered = _metadata(result, "lung_fields_version")
