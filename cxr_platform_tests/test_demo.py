@@ -138,6 +138,17 @@ def test_the_demo_registers_a_lung_fields_version_that_explanations_measure_agai
     carried = LungFieldModel(lungs.download(info.version), model_version=info.version)
     assert carried.limits is not None and carried.limits.fitted_on["split"] == "val"
 
+    # `cxr models --lung-fields` lists it (and its card) beside the classifiers' list.
+    listed = demo.cxr("models", "--lung-fields")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    row = next(line for line in listed.stdout.splitlines() if line.split()[0] == info.version)
+    assert "production" in row and "passed" in row
+    assert f"{info.metrics['test_dice_mean']:.3f}" in row
+    as_json = json.loads(demo.cxr("models", "--lung-fields", "--json").stdout)
+    assert [v["name"] for v in as_json] == [lungs.name] * len(as_json)
+    assert demo.cxr("models", "--lung-fields", "--card", info.version).stdout.strip() == card
+    assert f"lung fields: version {info.version} in production" in demo.cxr("models").stdout
+
     radiograph = sorted((demo.home / "datasets").glob("synthetic-*/NORMAL/*.png"))[0]
     # Each classifier's heatmaps measured against the fields on the test split.
     with dg.DagsterInstance.from_config(str(demo.instance_dir)) as instance:

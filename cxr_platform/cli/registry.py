@@ -98,14 +98,22 @@ def export(ctx: click.Context, no_shadow: bool) -> None:
     help="Print VERSION's model card (a number or an alias) instead of the list.",
 )
 @click.option("--html", "as_html", is_flag=True, help="With --card: the card as an HTML page.")
+@click.option(
+    "--lung-fields",
+    is_flag=True,
+    help="The lung fields (segmentation) versions instead of the classifiers.",
+)
 @click.pass_context
 @fail_cleanly
-def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html: bool) -> None:
+def models(
+    ctx: click.Context, as_json: bool, card_version: str | None, as_html: bool, lung_fields: bool
+) -> None:
     """List registered model versions with their aliases and metrics, or print one's card."""
     from cxr_platform.deployment.model_card import card_html
-    from cxr_platform.deployment.registry import registry_for
+    from cxr_platform.deployment.registry import lung_registry_for, registry_for
 
-    registry = registry_for(settings_for(ctx).registry)
+    settings = settings_for(ctx).registry
+    registry = lung_registry_for(settings) if lung_fields else registry_for(settings)
     if card_version is not None:
         card = registry.card(card_version)
         version = registry.get(card_version).version
@@ -116,6 +124,9 @@ def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html:
     versions = registry.versions()
     if as_json:
         click.echo(json.dumps([v.to_dict() for v in versions], indent=2))
+        return
+    if lung_fields:
+        _list_lung_fields(registry.name, versions)
         return
     if not versions:
         click.echo(f"no versions of {registry.name} yet; run `cxr export`")
@@ -134,6 +145,39 @@ def models(ctx: click.Context, as_json: bool, card_version: str | None, as_html:
             f"{number_text(m.get('test_auc')):>8} {number_text(m.get('test_sensitivity'))} "
             f"{number_text(m.get('test_specificity'))}  {threshold:9.4f}"
             f"  {v.created_at:%Y-%m-%d %H:%M}  {_intended_use_text(release)}"
+        )
+    lungs = lung_registry_for(settings).find("production")
+    if lungs is not None:
+        click.echo(
+            f"lung fields: version {lungs.version} in production, test Dice "
+            f"{number_text(lungs.metrics.get('test_dice_mean')).strip()} "
+            "(cxr models --lung-fields)"
+        )
+
+
+def _list_lung_fields(name: str, versions) -> None:
+    if not versions:
+        click.echo(
+            f"no versions of {name} yet; materialize lung_fields_version (the release job, or "
+            "`cxr demo`)"
+        )
+        return
+    click.echo(
+        f"{'version':>7}  {'aliases':<30} {'test Dice':>9} {'p5':>6} {'HD95 px':>7}"
+        f"  {'created':<16}  gate"
+    )
+    for v in versions:
+        release = v.release
+        m = release.metrics
+        if release.refused_at:
+            gate = "refused: " + "; ".join((release.gate or {}).get("reasons", [])[:1])
+        else:
+            gate = "passed" if release.gate else "-"
+        click.echo(
+            f"{v.version:>7}  {','.join(v.aliases) or '-':<30} "
+            f"{number_text(m.get('test_dice_mean')):>9} {number_text(m.get('test_dice_p5')):>6} "
+            f"{number_text(m.get('test_hd95_px_mean')):>7}"
+            f"  {v.created_at:%Y-%m-%d %H:%M}  {gate}"
         )
 
 
