@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from PIL import Image
 
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.model_version.files import ExportError, onnx_session
@@ -177,6 +178,60 @@ def fit_field_limits(measures: FieldMeasures, *, split: str = "val") -> FieldLim
             f"balance_p{100 - OUTLIER_PERCENTILE:g}": balance_floor,
         },
     )
+
+
+# The crop keeps this share of the fields' larger side as a margin on every side: the
+# costophrenic angles and apices sit on the fields' edge, and a segmenter's edge is a few pixels
+# off. Below MIN_CROP_AREA_SHARE of the square the fields are too few to place a crop on.
+CROP_MARGIN = 0.1
+MIN_CROP_AREA_SHARE = 0.05
+
+
+def lung_crop_boxes(masks: np.ndarray, *, margin: float = CROP_MARGIN) -> np.ndarray:
+    """Per bool mask (N, S, S), the square box ``(left, top, right, bottom)`` around its fields.
+
+    The box is the fields' bounding box grown by ``margin`` of its larger side on every side,
+    then squared about its centre (so the crop does not stretch the thorax) and moved inside the
+    image. A mask covering less than ``MIN_CROP_AREA_SHARE`` of the square gets the whole square:
+    no crop is better than one placed on a few stray pixels.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3 or masks.shape[1] != masks.shape[2]:
+        raise ValueError(f"masks must be (N, S, S), not {masks.shape}")
+    size = masks.shape[1]
+    boxes = np.tile(np.array([0, 0, size, size], dtype=np.int64), (len(masks), 1))
+    for index, mask in enumerate(masks):
+        if mask.mean() < MIN_CROP_AREA_SHARE:
+            continue
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        side = max(bottom - top, right - left)
+        side = min(size, int(round(side * (1 + 2 * margin))))
+        centre_y, centre_x = (top + bottom) / 2, (left + right) / 2
+        top = int(np.clip(round(centre_y - side / 2), 0, size - side))
+        left = int(np.clip(round(centre_x - side / 2), 0, size - side))
+        boxes[index] = (left, top, left + side, top + side)
+    return boxes
+
+
+def crop_to_boxes(squares: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """uint8 squares (N, S, S), each cut to its box and brought back to S x S (bilinear)."""
+    squares = np.asarray(squares)
+    if squares.dtype != np.uint8 or squares.ndim != 3:
+        raise ValueError(f"squares must be uint8 (N, S, S), not {squares.dtype} {squares.shape}")
+    if len(boxes) != len(squares):
+        raise ValueError(f"{len(boxes)} boxes for {len(squares)} squares")
+    size = squares.shape[1]
+    out = np.empty_like(squares)
+    for index, (square, box) in enumerate(zip(squares, boxes, strict=True)):
+        if tuple(box) == (0, 0, size, size):
+            out[index] = square
+            continue
+        image = Image.fromarray(square, mode="L")
+        out[index] = np.asarray(
+            image.resize((size, size), Image.Resampling.BILINEAR, box=tuple(float(v) for v in box))
+        )
+    return out
 
 
 @dataclass(frozen=True)

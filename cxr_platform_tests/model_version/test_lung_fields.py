@@ -14,8 +14,10 @@ from cxr_platform.model_version.lung_fields import (
     LUNGS_SMALL,
     FieldLimits,
     LungFields,
+    crop_to_boxes,
     field_measures,
     fit_field_limits,
+    lung_crop_boxes,
 )
 
 SIZE = 100
@@ -91,3 +93,36 @@ def test_relevance_inside_the_fields():
     }
     with pytest.raises(ValueError, match="differ"):
         fields.relevance_inside(np.zeros((10, 10)))
+
+
+def test_the_crop_box_is_a_square_around_the_fields_with_a_margin_and_stays_in_the_image():
+    # Fields 60 rows by 70 columns: the box is 70 * 1.2 = 84 on a side, centred on them.
+    boxes = lung_crop_boxes(np.stack([_lungs(), _lungs(top=0, bottom=60, left=0, right=70)]))
+    left, top, right, bottom = boxes[0]
+    assert right - left == bottom - top == 84
+    assert (left + right) / 2 == pytest.approx(50, abs=1)
+    assert (top + bottom) / 2 == pytest.approx(50, abs=1)
+    # Fields against the top-left corner: the box keeps its size and moves inside the image.
+    assert tuple(boxes[1]) == (0, 0, 84, 84)
+
+
+def test_no_crop_without_fields_to_place_it_on():
+    few = np.zeros((SIZE, SIZE), bool)
+    few[10:12, 10:12] = True
+    assert [tuple(box) for box in lung_crop_boxes(np.stack([few, ~few & False]))] == [
+        (0, 0, SIZE, SIZE)
+    ] * 2
+
+
+def test_cropping_brings_the_box_back_to_the_full_square():
+    # A bright square inside the box fills the box's middle after the crop.
+    image = np.zeros((SIZE, SIZE), np.uint8)
+    image[40:60, 40:60] = 200
+    boxes = np.array([[25, 25, 75, 75], [0, 0, SIZE, SIZE]])
+    cropped = crop_to_boxes(np.stack([image, image]), boxes)
+    assert cropped.shape == (2, SIZE, SIZE) and cropped.dtype == np.uint8
+    assert cropped[0, 35:65, 35:65].min() > 150  # the 20-pixel square is now 40 pixels wide
+    assert cropped[0, :25].max() == 0 and cropped[0, 75:].max() == 0
+    np.testing.assert_array_equal(cropped[1], image)  # the whole square is left as it was
+    with pytest.raises(ValueError, match="boxes"):
+        crop_to_boxes(np.stack([image]), boxes)
