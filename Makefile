@@ -26,10 +26,13 @@ demo: setup
 
 # The floors and the lint first: a back-arrow or a lint error fails before the long suite runs.
 # The slowest tests are listed at the end, so the suite's time is watched where it is spent.
+# One file's tests run on one worker, so a module's fixture (a trained home, a release job) is
+# built once. (xdist's loadgroup did not group under pytest 9: it renames items through an
+# attribute pytest 9 no longer reads, so every grouped fixture was built on both workers.)
 test: setup
 	$(BIN)/ruff check cxr_platform cxr_platform_tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 cxr_platform_tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25 cxr_platform_tests
 
 ui: setup
 	DAGSTER_HOME=$(CXR_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -p 3000

@@ -10,7 +10,6 @@ import json
 import re
 
 import dagster as dg
-import pytest
 
 from cxr_platform.defs.definitions import build_definitions
 from cxr_platform.deployment.registry import lung_registry_for, registry_for
@@ -24,8 +23,6 @@ from cxr_platform_tests.browser import (
     screenshot_folder,
     wait_for,
 )
-
-pytestmark = pytest.mark.xdist_group("demo")
 
 
 def test_demo_runs_through_a_persistent_dagster_instance(demo):

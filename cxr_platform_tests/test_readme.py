@@ -32,8 +32,6 @@ import pytest
 
 from cxr_platform_tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.xdist_group("demo")
-
 README = REPO_ROOT / "README.md"
 LIMIT_S = 120
 _FENCE = re.compile(r"^```(\w*)\s*$")

@@ -35,8 +35,6 @@ from cxr_platform_tests.pacs.scu import send
 from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
 API_KEY = "ensemble-test-key"
-# One worker builds the released home once for every test here.
-pytestmark = pytest.mark.xdist_group("ensemble")
 
 
 def _members(trained_checkpoint, untrained_checkpoint):

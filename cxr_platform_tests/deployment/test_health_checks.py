@@ -37,8 +37,6 @@ from ..postgres import throwaway_postgres
 from ..servers import S3_CREDENTIALS, s3_server, stop_process_group, wait_until
 from .test_deploy_files import COMPOSE, DEPLOY, _documents, interpolate
 
-pytestmark = pytest.mark.xdist_group("health_checks")
-
 # The secrets deploy/.env would hold, and what the Secret `cxr-platform-env` holds
 # (config.yaml lists its keys), as a site sets them.
 SECRETS = {

@@ -37,8 +37,6 @@ from cxr_platform_tests.postgres import create_database
 from cxr_platform_tests.servers import mlflow_server, s3_server
 from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
-pytestmark = pytest.mark.xdist_group("shared-stores")
-
 BUCKET = "mlflow"
 
 

@@ -30,8 +30,6 @@ from cxr_platform.monitoring.windows import DriftCursor, drift_sensor_step, shad
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings
 
-pytestmark = pytest.mark.xdist_group("monitoring_loop")
-
 WINDOW = 50
 FALSE_ALARM_WINDOWS = 20
 

@@ -45,8 +45,6 @@ from cxr_platform.monitoring.windows import DriftCursor, check_window, ids_windo
 from cxr_platform.serving.process import ServiceProcess
 from cxr_platform.settings import load_settings
 
-pytestmark = pytest.mark.xdist_group("other_site")
-
 HELD_OUT_FAMILY = "NORMAL#-IM"  # NORMAL2-IM-*: a second batch of normal images
 PNEUMONIA_PATIENTS = 250
 # A small model judged on a small split: this deployment's floors, for the release and the CLI.

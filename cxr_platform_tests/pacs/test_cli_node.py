@@ -9,14 +9,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from cxr_platform.ports import free_port
 
 from .conftest import VARIANTS, cxr_process, radiograph
 from .scu import send
-
-pytestmark = pytest.mark.xdist_group("pacs")
 
 
 def _node_process(home, *args) -> subprocess.Popen:

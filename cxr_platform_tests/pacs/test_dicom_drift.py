@@ -11,7 +11,6 @@ images as the PNG files the model was trained from.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from cxr_platform.deployment.pipeline import registry_for
@@ -23,8 +22,6 @@ from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_datase
 
 from .conftest import wait_for
 from .scu import send
-
-pytestmark = pytest.mark.xdist_group("pacs")
 
 ENLARGED = 4
 

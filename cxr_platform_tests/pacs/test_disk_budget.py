@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 from pynetdicom import AE, evt
 
 from cxr_platform.disk import MEGABYTE, DiskBudget, free_bytes
@@ -19,8 +18,6 @@ from cxr_platform.ports import free_port
 
 from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .scu import send
-
-pytestmark = pytest.mark.xdist_group("pacs")
 
 
 def test_a_full_outbox_pauses_scoring_and_a_full_spool_refuses_until_pacs_is_back(

@@ -43,8 +43,6 @@ from cxr_platform_tests.synthetic_dicom import RadiographSpec, radiograph_datase
 from ..conftest import shared_kaggle_dir
 from .conftest import dciodvfy_errors
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 settings.register_profile(
     "ci", max_examples=40, deadline=None, database=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -36,8 +36,6 @@ from ..deployment.conftest import export_for_registry
 from .conftest import radiograph, wait_for
 from .scu import send
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 MARK = "ZQXMARK"
 API_KEY = "key-for-the-log-test-5d1e"
 NODE_AET = "CXR_AI"

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 
 from cxr_platform.data.synthetic import LUNG_MASK_FOLDER
@@ -22,8 +21,6 @@ from cxr_platform_tests.conftest import release_lung_fields
 
 from .conftest import VARIANTS, dciodvfy_errors, radiograph, wait_for
 from .scu import send
-
-pytestmark = pytest.mark.xdist_group("pacs")
 
 
 def _frames_by_segment(seg: pydicom.Dataset) -> dict[int, np.ndarray]:

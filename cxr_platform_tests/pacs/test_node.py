@@ -43,8 +43,6 @@ from .conftest import (
 )
 from .scu import send
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 
 def test_echo_and_the_calling_ae_allow_list(node_factory):
     node = node_factory()

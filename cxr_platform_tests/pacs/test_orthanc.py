@@ -24,8 +24,6 @@ from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .scu import send
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -19,8 +19,6 @@ from cxr_platform_tests.orthanc import DicomWebPeer, NodeAddress, OrthancProcess
 from .conftest import VARIANTS, radiograph_bytes, wait_for
 from .test_orthanc import CR, DX, RESULTS, Pacs
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 KEY = "orthanc-stow-key-0042"
 
 

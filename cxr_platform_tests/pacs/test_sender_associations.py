@@ -16,8 +16,6 @@ from cxr_platform.pacs.sender import RESULT_SOP_CLASSES, Destination, ResultSend
 from cxr_platform.pacs.storage import NodeStorage
 from cxr_platform.ports import free_port
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 
 def sr(study: str, n: int) -> Dataset:
     ds = Dataset()

@@ -18,8 +18,6 @@ from cxr_platform_tests.synthetic_dicom import RadiographSpec
 
 from .conftest import VARIANTS, radiograph, sr_comment, wait_for
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 KEYS = "orthanc=stow-key-1234,gateway=stow-key-5678"
 
 

@@ -32,8 +32,6 @@ from cxr_platform.ports import free_port
 from .conftest import VARIANTS, radiograph, self_signed, wait_for
 from .test_stow import KEYS, multipart
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 STUDY = generate_uid()[:50].rstrip(".")  # room for the results' own ".n"
 KEY = "Bearer archive-key-3c9d"
 

@@ -52,8 +52,6 @@ from .scu import send
 from .test_node import _pixels_of
 from .test_orthanc import CR, RESULTS, Pacs
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 # The PACS's accounts: the administrator uploads the studies, the radiologist reads them.
 ADMIN, READER = ("admin", "admin-secret-9c"), ("radiologist", "reader-secret-4d")
 

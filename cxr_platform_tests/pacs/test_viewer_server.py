@@ -33,8 +33,6 @@ from cxr_platform_tests.orthanc import NodeAddress, OrthancProcess
 
 from .conftest import VARIANTS, cxr_process, radiograph, self_signed, viewer_dist
 
-pytestmark = pytest.mark.xdist_group("pacs")
-
 
 def _tarball(path: Path, text: str) -> Path:
     source = path.with_suffix(".txt")

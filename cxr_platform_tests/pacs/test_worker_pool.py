@@ -9,14 +9,11 @@ import signal
 from collections import Counter
 
 import pydicom
-import pytest
 
 from cxr_platform.inference.log import InferenceLog
 
 from .conftest import VARIANTS, dciodvfy_errors, radiograph, wait_for
 from .scu import send
-
-pytestmark = pytest.mark.xdist_group("pacs")
 
 
 def _new_worker(node, known: set[int], timeout: float = 90.0) -> int:

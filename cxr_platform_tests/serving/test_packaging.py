@@ -17,8 +17,6 @@ from cxr_platform.serving.packaging import PackagingError, build_bento
 from cxr_platform.serving.process import REPO_ROOT, ServiceProcess
 from cxr_platform.settings import load_settings
 
-pytestmark = pytest.mark.xdist_group("live_service")
-
 
 def test_bento_pins_the_production_version_and_serves_without_the_registry(live_service, tmp_path):
     built = build_bento(live_service.settings.registry)

@@ -39,8 +39,6 @@ from ..conftest import other_population_images, release_lung_fields
 from ..data.dicom_factory import make_dicom, to_bytes
 from .conftest import API_KEY, MAX_UPLOAD_MB, RETAIN_INPUTS_MAX_MB, SITE_KEYS
 
-pytestmark = pytest.mark.xdist_group("live_service")
-
 
 def chest(seed: int = 0, size: tuple[int, int] = (120, 100)) -> np.ndarray:
     """A synthetic frontal chest radiograph (the kind the test models were trained on), uint8:
