@@ -143,7 +143,9 @@ def test_the_demo_registers_a_lung_fields_version_that_explanations_measure_agai
     assert f"{info.metrics['test_dice_mean']:.3f}" in row
     as_json = json.loads(demo.cxr("models", "--lung-fields", "--json").stdout)
     assert [v["name"] for v in as_json] == [lungs.name] * len(as_json)
-    assert demo.cxr("models", "--lung-fields", "--card", info.version).stdout.strip() == card
+    assert (
+        demo.cxr("models", "--lung-fields", "--card", info.version).stdout.strip() == card.strip()
+    )
     assert f"lung fields: version {info.version} in production" in demo.cxr("models").stdout
 
     radiograph = sorted((demo.home / "datasets").glob("synthetic-*/NORMAL/*.png"))[0]
