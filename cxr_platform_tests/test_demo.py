@@ -157,6 +157,7 @@ def test_the_demo_registers_a_lung_fields_version_that_explanations_measure_agai
             ).asset_materialization.metadata
             assert 0.0 <= measured["median_share_in_lungs"].value <= 1.0
             assert "data:image/png;base64," in measured["least_in_lungs"].value
+            assert "data:image/png;base64," in measured["gallery_on_lungs"].value
 
     explained = demo.cxr("explain", str(radiograph), "--out", str(tmp_path / "overlay.png"))
     assert explained.returncode == 0, explained.stderr[-2000:]

@@ -22,7 +22,11 @@ from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.deployment_assets import DEPLOY_GROUP
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
 from cxr_platform.defs.resources import PlatformSettings
-from cxr_platform.defs.training_assets import png_markdown, trained_model_key
+from cxr_platform.defs.training_assets import (
+    evaluation_report_key,
+    png_markdown,
+    trained_model_key,
+)
 from cxr_platform.deployment.registry import lung_registry_for
 from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
 from cxr_platform.deployment.segmentation_release import (
@@ -41,6 +45,7 @@ from cxr_platform.model_version.lung_fields import (
 from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models import segmentation_pipeline as seg
 from cxr_platform.models.checkpoint import Checkpoint
+from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel
 from cxr_platform.models.segmentation import predict_lung_logits
 from cxr_platform.provenance import git_commit
@@ -314,15 +319,18 @@ def _relevance_in_lungs_asset(arch: str) -> dg.AssetsDefinition:
         kinds={"pytorch"},
         ins={
             "trained_model": dg.AssetIn(trained_model_key(arch)),
+            "evaluation_report": dg.AssetIn(evaluation_report_key(arch)),
             "preprocessed_cache": dg.AssetIn(dg.AssetKey("preprocessed_cache")),
             "lung_segmenter": dg.AssetIn(dg.AssetKey("lung_segmenter")),
         },
         description=f"{arch}: the share of its Grad-CAM relevance inside the lung fields on "
-        "every test image, by class, and the images where the least lies on the lungs.",
+        "every test image, by class, the images where the least lies on the lungs, and the "
+        "Grad-CAM gallery's cases with their fields and shares.",
     )
     def relevance_in_lungs(
         platform: PlatformSettings,
         trained_model: TrainedModel,
+        evaluation_report: EvaluationReport,
         preprocessed_cache: PreprocessedCache,
         lung_segmenter: seg.TrainedSegmenter,
     ) -> dg.Output[dict]:
@@ -335,10 +343,15 @@ def _relevance_in_lungs_asset(arch: str) -> dg.AssetsDefinition:
             preprocessed_cache,
             training.reports_dir / "relevance-in-lungs" / trained_model.model_name,
             model_name=trained_model.model_name,
+            operating_point=evaluation_report.operating_point,
         )
         summary = report.summary
         return dg.Output(
-            {"summary": summary, "by_class": report.by_class},
+            {
+                "summary": summary,
+                "by_class": report.by_class,
+                "gallery_cases": report.gallery_cases,
+            },
             metadata=readable(
                 {
                     "median_share_in_lungs": summary.get("median"),
@@ -349,6 +362,9 @@ def _relevance_in_lungs_asset(arch: str) -> dg.AssetsDefinition:
                     "report": dg.MetadataValue.md(report.markdown()),
                     "least_in_lungs": dg.MetadataValue.md(
                         png_markdown(report.picture, "least relevance in the lungs")
+                    ),
+                    "gallery_on_lungs": dg.MetadataValue.md(
+                        png_markdown(report.gallery, "the Grad-CAM gallery's cases on the lungs")
                     ),
                 }
             ),

@@ -11,7 +11,7 @@ the image), which is what a reader of the evaluation looks at first.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,15 @@ import pandas as pd
 
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig
+from cxr_platform.data.transforms import TensorBatches
 from cxr_platform.explain.gradcam import heatmaps_for_uint8
+from cxr_platform.explain.report import GALLERY_PER_GROUP, plot_gallery, select_gallery_cases
 from cxr_platform.model_version.lung_fields import relevance_inside
+from cxr_platform.model_version.operating_point import OperatingPoint
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.reporting import image_grid, save_figure
 from cxr_platform.models.segmentation import LungSegmenter, predict_lung_logits
+from cxr_platform.models.training import predict_logits
 
 WORST_SHOWN = 10
 
@@ -51,6 +55,11 @@ class LungRelevance:
     by_class: dict[str, dict[str, Any]]
     per_image: pd.DataFrame  # relative_path, label, relevance_in_lungs, lung_area_share
     picture: Path
+    # The Grad-CAM gallery's cases (the most confident right and wrong calls at the operating
+    # point), each with its share on the lungs, and their picture; empty without an operating
+    # point.
+    gallery_cases: list[dict[str, Any]] = field(default_factory=list)
+    gallery: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +68,7 @@ class LungRelevance:
             "summary": self.summary,
             "by_class": self.by_class,
             "per_image": self.per_image.to_dict(orient="records"),
+            "gallery_cases": self.gallery_cases,
         }
 
     def markdown(self) -> str:
@@ -82,6 +92,21 @@ class LungRelevance:
                 f"{values['median']:.3f} | {values['p10']:.3f} | {values['mostly_outside']} | "
                 f"{values['lung_area_median']:.3f} |"
             )
+        if self.gallery_cases:
+            lines += [
+                "",
+                "The Grad-CAM gallery's cases, on the lungs:",
+                "",
+                "| outcome | image | probability | share in lungs |",
+                "| --- | --- | ---: | ---: |",
+            ]
+            for case in self.gallery_cases:
+                share = case["relevance_in_lungs"]
+                lines.append(
+                    f"| {case['group']} | {case['file']} | {case['probability']:.2f} | "
+                    + ("no relevance" if share is None else f"{share:.0%}")
+                    + " |"
+                )
         return "\n".join(lines) + "\n"
 
 
@@ -105,6 +130,53 @@ def _plot_worst(
     return save_figure(fig, path, dpi=90)
 
 
+def _gallery_on_lungs(
+    classifier: Checkpoint,
+    cache: PreprocessedCache,
+    split: str,
+    operating_point: OperatingPoint,
+    heatmaps: np.ndarray,
+    fields: np.ndarray,
+    frame: pd.DataFrame,
+    out_dir: Path,
+    model_name: str,
+) -> tuple[list[dict[str, Any]], Path]:
+    """The gallery's selection, scored as the evaluation scores (test-time augmentation too)."""
+    batches = TensorBatches.from_cache(cache, split)
+    probabilities = operating_point.probabilities(
+        predict_logits(classifier.scoring_model(), batches)
+    )
+    cases = select_gallery_cases(
+        batches.labels_np, probabilities, operating_point.threshold, GALLERY_PER_GROUP
+    )
+    chosen = sorted({int(i) for indices in cases.values() for i in indices})
+    shares = frame["relevance_in_lungs"].to_numpy()
+    names = [Path(str(p)).name for p in frame["relative_path"]]
+    picture = plot_gallery(
+        np.asarray(cache.images(split)),
+        {i: heatmaps[i] for i in chosen},
+        cases,
+        probabilities,
+        names,
+        out_dir / f"{split}-gallery-on-lungs.png",
+        f"{model_name}: the Grad-CAM gallery's cases, lung fields in cyan",
+        fields={i: fields[i] for i in chosen},
+        shares={i: float(shares[i]) for i in chosen if not np.isnan(shares[i])},
+    )
+    listed = [
+        {
+            "group": group,
+            "file": names[int(i)],
+            "probability": float(probabilities[int(i)]),
+            "label": str(frame["label"].iloc[int(i)]),
+            "relevance_in_lungs": None if np.isnan(shares[int(i)]) else float(shares[int(i)]),
+        }
+        for group, indices in cases.items()
+        for i in indices
+    ]
+    return listed, picture
+
+
 def measure_lung_relevance(
     classifier: Checkpoint,
     segmenter: LungSegmenter,
@@ -114,9 +186,12 @@ def measure_lung_relevance(
     *,
     model_name: str,
     split: str = "test",
+    operating_point: OperatingPoint | None = None,
 ) -> LungRelevance:
     """Grad-CAM of ``classifier`` and the fields of ``segmenter`` on every image of ``split``,
-    both on the cache's square; the report as JSON and Markdown, and the worst as a picture."""
+    both on the cache's square; the report as JSON and Markdown, and the worst as a picture.
+    With the ``operating_point`` its evaluation fitted, also the Grad-CAM gallery's cases (the
+    same selection as the gallery's) with their fields and shares."""
     if classifier.preprocessing_config != segmenter_preprocessing:
         raise ValueError(
             "the classifier and the segmenter prepare images differently: their maps and fields "
@@ -138,6 +213,11 @@ def measure_lung_relevance(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = _plot_worst(images, heatmaps, fields, frame, out_dir / f"{split}-least-in-lungs.png")
+    gallery_cases, gallery = [], None
+    if operating_point is not None:
+        gallery_cases, gallery = _gallery_on_lungs(
+            classifier, cache, split, operating_point, heatmaps, fields, frame, out_dir, model_name
+        )
     report = LungRelevance(
         model_name=model_name,
         split=split,
@@ -145,6 +225,8 @@ def measure_lung_relevance(
         by_class={label: _summary(part) for label, part in frame.groupby("label")},
         per_image=frame,
         picture=picture,
+        gallery_cases=gallery_cases,
+        gallery=gallery,
     )
     (out_dir / f"{split}.json").write_text(json.dumps(report.to_dict(), indent=1))
     (out_dir / f"{split}.md").write_text(report.markdown())

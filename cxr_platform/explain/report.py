@@ -81,6 +81,9 @@ class ExplanationReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+GALLERY_PER_GROUP = 4  # cases shown per outcome
+
+
 def select_gallery_cases(
     labels: np.ndarray, probabilities: np.ndarray, threshold: float, per_group: int
 ) -> dict[str, np.ndarray]:
@@ -133,12 +136,18 @@ def plot_gallery(
     names: list[str],
     path: Path,
     title: str,
+    *,
+    fields: dict[int, np.ndarray] | None = None,
+    shares: dict[int, float] | None = None,
 ) -> Path:
+    """The cases by outcome, each heatmap over its image; with ``fields`` (bool masks on the same
+    square) the lung fields are outlined in cyan and the title gives ``shares``, the relevance
+    inside them."""
     columns = max(1, max((len(v) for v in cases.values()), default=1))
     fig, axes = plt.subplots(
         len(GALLERY_GROUPS),
         columns,
-        figsize=(2.3 * columns, 2.6 * len(GALLERY_GROUPS)),
+        figsize=(2.3 * columns, (2.6 if fields is None else 2.9) * len(GALLERY_GROUPS)),
         squeeze=False,
     )
     for row, group in enumerate(GALLERY_GROUPS):
@@ -152,7 +161,12 @@ def plot_gallery(
                 continue
             index = int(chosen[col])
             ax.imshow(overlay(images[index], heatmaps[index]))
-            ax.set_title(f"{group}\np={probabilities[index]:.2f}  {names[index][:18]}", fontsize=7)
+            caption = f"{group}\np={probabilities[index]:.2f}  {names[index][:18]}"
+            if fields is not None:
+                ax.contour(fields[index], levels=[0.5], colors="cyan", linewidths=0.8)
+                share = (shares or {}).get(index)
+                caption += "\nno relevance" if share is None else f"\n{share:.0%} on the lungs"
+            ax.set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path, dpi=90)
 
@@ -164,7 +178,7 @@ def explain_checkpoint(
     out_dir: Path,
     *,
     model_name: str | None = None,
-    per_group: int = 4,
+    per_group: int = GALLERY_PER_GROUP,
     max_pointing_cases: int = 64,
     randomization_cases: int = 16,
     seed: int = 0,
