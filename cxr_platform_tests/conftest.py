@@ -258,16 +258,21 @@ class Demo:
         return Path(shown.replace("$CXR_HOME", str(self.home), 1))
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Demo:
-    """A home where `cxr demo` ran (about two minutes on two cores). Session-scoped, for the
-    modules of the xdist group "demo", which share one worker."""
-    home = tmp_path_factory.mktemp("demo") / "home"
+def run_demo(folder: Path) -> Demo:
+    """`cxr demo` into a new home under ``folder`` (about two minutes on two cores)."""
+    home = folder / "home"
     env = {**os.environ, "CXR_HOME": str(home), **DEMO_SETTINGS}
     env.pop("CXR_DATA_DIR", None)
     result = subprocess.run([*CXR, "demo"], capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return Demo(home, env, result)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Demo:
+    """A home exactly as `cxr demo` left it, for tests that only look at it. Tests that change
+    a home (register, promote, train) make their own: these may run in any order."""
+    return run_demo(tmp_path_factory.mktemp("demo"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`cxr demo` once (the ``demo`` fixture), then what its users look at afterwards: the Dagster
 instance, a model card for every version it registered, and the Dagster UI in a real browser.
 
-The tests share the demo's home and its xdist group (test_readme.py runs after them there).
+The tests share the demo's home and run in this file's order (the UI test, which launches a run,
+last); test_readme.py runs the README's commands over a demo home of its own.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxr_platform_tests.conftest import REPO_ROOT
+from cxr_platform_tests.conftest import REPO_ROOT, run_demo
 
 README = REPO_ROOT / "README.md"
 LIMIT_S = 120
@@ -111,8 +111,11 @@ def test_the_readme_parser_reads_annotations():
 
 
 @pytest.fixture(scope="module")
-def reader(demo, tiny_synthetic, tmp_path_factory) -> dict[str, object]:
-    """The reader's shell: the demo's home, their own data folder, a scratch folder."""
+def reader(tiny_synthetic, tmp_path_factory) -> dict[str, object]:
+    """The reader's shell: a home where `cxr demo` ran, their own data folder, a scratch folder.
+    The home is the reader's own, not the session's ``demo``: the README's commands register,
+    promote and train, and the demo's tests expect the home as `cxr demo` left it."""
+    demo = run_demo(tmp_path_factory.mktemp("readme-demo"))
     data = tmp_path_factory.mktemp("readme-data") / "chest_xray"
     labels = pd.read_csv(tiny_synthetic / "labels.csv")
     for row in labels.itertuples():
