@@ -8,7 +8,8 @@ is given the masks (hours on two cores); this puts a U-Net trained by an earlier
 home's validation split, exported to ONNX with parity checked on test images, judged by the
 Dice floor (with its test Dice as measured by that run) and promoted.
 
-    CXR_HOME=<home> .venv/bin/python benchmarks/register_lung_fields.py \\
+    CXR_HOME=<home> CXR_DATA_DIR=<its data folder> \\
+        .venv/bin/python benchmarks/register_lung_fields.py \\
         --segmenter <run>/best.pt --test-dice 0.952 [--floor 0.9]
 """
 
