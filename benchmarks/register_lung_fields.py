@@ -5,7 +5,8 @@ The serving benchmarks (``pacs_roundtrip.py --lung-fields``, ``explain_cost.py``
 home's production lung fields version. A real-data home's main job trains the U-Net only when it
 is given the masks (hours on two cores); this puts a U-Net trained by an earlier run (such as
 ``lung_segmentation.py``'s) beside the home's classifier instead: its field limits fitted on the
-home's validation split, exported to ONNX with parity checked on test images, judged by the
+home's validation split, exported to ONNX with parity checked on test images (the export
+asset's own ``export_lung_fields``), judged by the
 Dice floor (with its test Dice as measured by that run) and promoted.
 
     CXR_HOME=<home> CXR_DATA_DIR=<its data folder> \\
@@ -20,25 +21,18 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from cxr_platform.data.pipeline import prepare
 from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.deployment.registry import lung_registry_for
-from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
+from cxr_platform.deployment.segmentation_export import export_lung_fields
 from cxr_platform.deployment.segmentation_release import (
     SEGMENTER_ARCH,
     SEGMENTER_MODEL_NAME,
     release_segmenter,
 )
-from cxr_platform.model_version.lung_fields import (
-    SEGMENTER_ONNX_FILE,
-    field_measures,
-    fit_field_limits,
-)
+from cxr_platform.model_version.lung_fields import SEGMENTER_ONNX_FILE
 from cxr_platform.model_version.tags import VersionTags
 from cxr_platform.models import segmentation_pipeline as seg
-from cxr_platform.models.segmentation import predict_lung_logits
 from cxr_platform.provenance import git_commit
 from cxr_platform.settings import load_settings
 from cxr_platform.tracking import ExperimentTracker
@@ -56,8 +50,6 @@ def main() -> None:
     model, preprocessing = seg.load_segmenter(args.segmenter)
     if preprocessing != PreprocessingConfig.from_dict(cache.preprocessing):
         raise SystemExit("the segmenter prepares images differently from this home's cache")
-    val_fields = predict_lung_logits(model, np.asarray(cache.images("val")), preprocessing) > 0
-    limits = fit_field_limits(field_measures(val_fields), split="val")
     registry_settings = settings.registry
     tracker = ExperimentTracker(
         registry_settings.tracking_uri,
@@ -66,24 +58,23 @@ def main() -> None:
     )
     run_id = tracker.start_run("lung fields (benchmark setup)", {}).run_id
     with tempfile.TemporaryDirectory() as work:
-        onnx_path = export_segmenter_onnx(
+        exported = export_lung_fields(
             model,
             preprocessing,
+            cache,
             Path(work) / SEGMENTER_ONNX_FILE,
             metadata={
                 "kind": seg.CHECKPOINT_KIND,
                 "mlflow_run_id": run_id,
                 "checkpoint_sha256": hashlib.sha256(args.segmenter.read_bytes()).hexdigest(),
                 "test_dice_mean": args.test_dice,
-                "field_limits": limits.to_dict(),
             },
         )
-        parity = segmenter_parity(
-            model, onnx_path, np.asarray(cache.images("test")[:64]), preprocessing
-        )
+        if not exported.parity.passed:
+            raise SystemExit(f"the export differs from PyTorch: {exported.parity.to_dict()}")
         released = release_segmenter(
             lung_registry_for(registry_settings),
-            onnx_path,
+            exported.onnx,
             {"split": "test", "summary": {"dice_mean": args.test_dice}, "by_group": {}},
             f"- **Dice {args.test_dice:.4f}** on the test split, as measured by the run that "
             "trained it",
@@ -97,7 +88,7 @@ def main() -> None:
                 git_commit=git_commit(),
             ),
             floor=args.floor,
-            parity=parity.to_dict(),
+            parity=exported.parity.to_dict(),
             masks_dir="(an earlier run's)",
             triggered_by="benchmarks/register_lung_fields.py",
         )

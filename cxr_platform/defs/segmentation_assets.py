@@ -17,7 +17,6 @@ import pandas as pd
 from cxr_platform.data import pipeline as data_pipeline
 from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.lung_masks import LungMaskCache
-from cxr_platform.data.preprocessing import PreprocessingConfig
 from cxr_platform.data.splits import manifest_hash
 from cxr_platform.defs.deployment_assets import DEPLOY_GROUP
 from cxr_platform.defs.metadata import home_path, mlflow_run_link, readable
@@ -28,18 +27,15 @@ from cxr_platform.defs.training_assets import (
     trained_model_key,
 )
 from cxr_platform.deployment.registry import lung_registry_for
-from cxr_platform.deployment.segmentation_export import export_segmenter_onnx, segmenter_parity
+from cxr_platform.deployment.segmentation_export import export_lung_fields
 from cxr_platform.deployment.segmentation_release import (
     SEGMENTER_ARCH,
     SEGMENTER_MODEL_NAME,
     release_segmenter,
 )
 from cxr_platform.explain.lung_relevance import measure_lung_relevance
-from cxr_platform.model_version.files import ExportError
 from cxr_platform.model_version.lung_fields import (
     SEGMENTER_ONNX_FILE,
-    field_measures,
-    fit_field_limits,
     segmenter_metadata,
 )
 from cxr_platform.model_version.tags import VersionTags
@@ -47,7 +43,6 @@ from cxr_platform.models import segmentation_pipeline as seg
 from cxr_platform.models.checkpoint import Checkpoint
 from cxr_platform.models.evaluation import EvaluationReport
 from cxr_platform.models.pipeline import TrainedModel
-from cxr_platform.models.segmentation import predict_lung_logits
 from cxr_platform.provenance import git_commit
 from cxr_platform.terminal import interactive
 
@@ -183,21 +178,6 @@ def dice_floor(
     )
 
 
-PARITY_IMAGES = 64
-
-
-def _exported_as(path: Path, metadata: dict, preprocessing: PreprocessingConfig) -> bool:
-    """Whether ``path`` is already the export these facts describe."""
-    if not path.exists():
-        return False
-    try:
-        carried = segmenter_metadata(path)
-    except ExportError:
-        return False
-    wanted = json.loads(json.dumps({**metadata, "preprocessing": preprocessing.to_dict()}))
-    return carried == wanted
-
-
 @dg.asset(group_name=GROUP, kinds={"onnx"})
 def lung_segmenter_onnx(
     platform: PlatformSettings,
@@ -210,27 +190,21 @@ def lung_segmenter_onnx(
     the Dice floor has passed."""
     training = platform.settings().training
     model, preprocessing = seg.load_segmenter(lung_segmenter.checkpoint)
-    # When the lungs are not wholly in the picture, judged against the validation split's
-    # fields (the split that stopped training; the test split stays for judging).
-    val_fields = predict_lung_logits(model, preprocessed_cache.images("val"), preprocessing) > 0
-    limits = fit_field_limits(field_measures(val_fields), split="val")
-    metadata = {
-        "kind": seg.CHECKPOINT_KIND,
-        "mlflow_run_id": lung_segmenter.mlflow_run_id,
-        "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
-        "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
-        "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
-        "field_limits": limits.to_dict(),
-    }
-    path = lung_segmenter.checkpoint.parent / "export" / SEGMENTER_ONNX_FILE
-    # Written once: materialized again for the same checkpoint, the export already made (and
-    # perhaps registered, or being read) stays as it is.
-    if not _exported_as(path, metadata, preprocessing):
-        path = export_segmenter_onnx(model, preprocessing, path, metadata=metadata)
-    images = preprocessed_cache.images("test")[:PARITY_IMAGES]
-    parity = segmenter_parity(model, path, images, preprocessing)
+    exported = export_lung_fields(
+        model,
+        preprocessing,
+        preprocessed_cache,
+        lung_segmenter.checkpoint.parent / "export" / SEGMENTER_ONNX_FILE,
+        metadata={
+            "kind": seg.CHECKPOINT_KIND,
+            "mlflow_run_id": lung_segmenter.mlflow_run_id,
+            "checkpoint_sha256": lung_segmenter.checkpoint_sha256,
+            "test_dice_mean": lung_segmentation_evaluation["dice_mean"],
+            "test_hd95_px_mean": lung_segmentation_evaluation["hd95_px_mean"],
+        },
+    )
+    path, limits, parity = exported.onnx, exported.limits, exported.parity
     if not parity.passed:
-        path.unlink()
         raise dg.Failure(
             description=f"the exported segmenter differs from PyTorch: {parity.to_dict()}",
             metadata=readable(parity.to_dict()),

@@ -21,19 +21,25 @@ import numpy as np
 import onnx
 import torch
 
+from cxr_platform.data.cache import PreprocessedCache
 from cxr_platform.data.preprocessing import PreprocessingConfig, normalize_uint8
 from cxr_platform.model_version.files import ExportError, onnx_session
 from cxr_platform.model_version.lung_fields import (
     SEGMENTER_INPUT,
     SEGMENTER_METADATA_KEY,
     SEGMENTER_OUTPUT,
+    FieldLimits,
+    field_measures,
+    fit_field_limits,
+    segmenter_metadata,
 )
-from cxr_platform.models.segmentation import LungSegmenter
+from cxr_platform.models.segmentation import LungSegmenter, predict_lung_logits
 
 # Logits are compared at fp32: the exporter's graph and eager PyTorch differ in the order of
 # additions only. A lung/background call may flip where a logit is within that of zero.
 LOGIT_TOLERANCE = 1e-3
 MAX_PIXELS_FLIPPED = 1e-4
+PARITY_IMAGES = 64  # the first test images, compared pixel by pixel
 
 
 @dataclass(frozen=True)
@@ -112,3 +118,50 @@ def segmenter_parity(
     if pixels == 0:
         raise ExportError("no image to check the exported segmenter on")
     return SegmenterParity(len(images), worst, flipped / pixels)
+
+
+@dataclass(frozen=True)
+class ExportedSegmenter:
+    onnx: Path
+    limits: FieldLimits
+    parity: SegmenterParity
+
+
+def _exported_as(path: Path, metadata: dict[str, Any], preprocessing: PreprocessingConfig) -> bool:
+    """Whether ``path`` is already the export these facts describe."""
+    if not path.exists():
+        return False
+    try:
+        carried = segmenter_metadata(path)
+    except ExportError:
+        return False
+    wanted = json.loads(json.dumps({**metadata, "preprocessing": preprocessing.to_dict()}))
+    return carried == wanted
+
+
+def export_lung_fields(
+    model: LungSegmenter,
+    preprocessing: PreprocessingConfig,
+    cache: PreprocessedCache,
+    path: Path,
+    *,
+    metadata: dict[str, Any],
+) -> ExportedSegmenter:
+    """The segmenter as a lung fields version ships it: the limits of its fields fitted on the
+    validation split (the split that stopped training; the test split stays for judging),
+    carried in the ONNX file beside ``metadata``, and parity on the first test images.
+
+    Written once: an export these facts already describe stays as it is (it may be registered,
+    or being read). A file that fails parity is removed, so no failed export is left to ship.
+    """
+    val_fields = predict_lung_logits(model, cache.images("val"), preprocessing) > 0
+    limits = fit_field_limits(field_measures(val_fields), split="val")
+    metadata = {**metadata, "field_limits": limits.to_dict()}
+    if not _exported_as(path, metadata, preprocessing):
+        export_segmenter_onnx(model, preprocessing, path, metadata=metadata)
+    parity = segmenter_parity(
+        model, path, np.asarray(cache.images("test")[:PARITY_IMAGES]), preprocessing
+    )
+    if not parity.passed:
+        path.unlink()
+    return ExportedSegmenter(path, limits, parity)
